@@ -1,0 +1,88 @@
+"""The command line: the only module that defines flags; flags become a `Config`, user errors
+become one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from absl import app, flags
+
+from train_loop import configs, startup
+
+_DEFAULTS = configs.Config()
+
+flags.DEFINE_enum("dataset", _DEFAULTS.dataset, configs.DATASETS, "Data set to train on.")
+flags.DEFINE_string("data_dir", _DEFAULTS.data_dir,
+                    "Folder holding <dataset>.npz or the four IDX files (gzipped or not); "
+                    "searched before Keras' cache and Debian's dataset-fashion-mnist.")
+flags.DEFINE_enum("model", _DEFAULTS.model, configs.MODELS,
+                  "convnet: Conv2D(32)-Conv2D(16)-Flatten-Dense(10), the study's network; "
+                  "linear: Flatten-Dense(10).")
+flags.DEFINE_float("dropout", _DEFAULTS.dropout,
+                   "Rate of a Dropout layer after each conv layer; 0 means none.")
+flags.DEFINE_float("l1", _DEFAULTS.l1, "L1 factor on every kernel: l1 * sum(|w|).")
+flags.DEFINE_float("l2", _DEFAULTS.l2, "L2 factor on every kernel: l2 * sum(w**2).")
+flags.DEFINE_float("bias_l1", _DEFAULTS.bias_l1, "L1 factor on every bias.")
+flags.DEFINE_float("bias_l2", _DEFAULTS.bias_l2, "L2 factor on every bias.")
+flags.DEFINE_integer("epochs", _DEFAULTS.epochs, "Passes over the training split.")
+flags.DEFINE_integer("batch_size", _DEFAULTS.batch_size, "Global batch, split across replicas.")
+flags.DEFINE_enum("optimizer", _DEFAULTS.optimizer, configs.OPTIMIZERS, "Keras optimizer.")
+flags.DEFINE_float("learning_rate", _DEFAULTS.learning_rate, "The optimizer's learning rate.")
+flags.DEFINE_enum("strategy", _DEFAULTS.strategy, configs.STRATEGIES,
+                  "tf.distribute strategy; auto: mirrored over several GPUs, multi_worker "
+                  "under a TF_CONFIG of several workers, else one device.")
+flags.DEFINE_integer("cpu_replicas", _DEFAULTS.cpu_replicas,
+                     "N >= 2 splits the host CPU into N logical devices (mirrored without GPUs).")
+flags.DEFINE_string("logdir", _DEFAULTS.logdir, "Root folder; a run writes into <logdir>/<run_name>/.")
+flags.DEFINE_string("run_name", _DEFAULTS.run_name,
+                    "Run folder name; default: the model and the settings that differ from "
+                    "their defaults, e.g. convnet-l2=0.001.")
+flags.DEFINE_integer("steps_per_loop", _DEFAULTS.steps_per_loop,
+                     "Training steps run inside one tf.function call.")
+flags.DEFINE_integer("summary_every", _DEFAULTS.summary_every,
+                     "Steps between scalar summaries (also at the end of every epoch).")
+flags.DEFINE_integer("histogram_every", _DEFAULTS.histogram_every,
+                     "Steps between histogram summaries; 0: at the end of each epoch.")
+flags.DEFINE_integer("checkpoint_every", _DEFAULTS.checkpoint_every,
+                     "Steps between checkpoints; 0: at the end of each epoch.")
+flags.DEFINE_integer("seed", _DEFAULTS.seed, "Seeds weights, shuffling and dropout.")
+
+FLAGS = flags.FLAGS
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+    """absl's parsing, but a bad flag is one line and exit 2, like every other user error."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as error:
+        fail(f"{error}. Run with --helpfull to see every flag.")
+
+
+def config_from_flags() -> configs.Config:
+    """Every flag that `Config` has, by name: the two lists cannot drift apart."""
+    return configs.Config(**{field: FLAGS[field].value for field in configs.Config.__dataclass_fields__})
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        fail(f"unexpected arguments {' '.join(argv[1:])!r}: every setting is a --flag=value.")
+    try:
+        config = config_from_flags()
+        startup.start_tensorflow()
+        from train_loop.loop import train  # Deferred: --help should not wait for TensorFlow.
+
+        train(config)
+    except configs.UsageError as error:
+        fail(str(error))
+
+
+def fail(message: str) -> None:
+    """One line on stderr, exit status 2: the convention for every user error."""
+    print(f"train_loop: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run() -> None:
+    """The console script and `python -m train_loop`."""
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,112 @@
+"""The run's settings: one frozen, validated `Config` of plain types (no TensorFlow here)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+DATASETS = ("mnist", "fashion_mnist", "digits", "synthetic")
+MODELS = ("convnet", "linear")
+OPTIMIZERS = ("rmsprop", "adam", "sgd")
+STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
+
+# Settings that change what is computed, so they name the run; the rest (where and how fast)
+# may differ between a run and its resumption without changing a single number.
+_NAMING_FIELDS = (
+    "dataset", "dropout", "l1", "l2", "bias_l1", "bias_l2", "epochs",
+    "batch_size", "optimizer", "learning_rate", "seed",
+)
+
+
+class UsageError(ValueError):
+    """A user's mistake: the CLI prints its message as one line and exits with status 2."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything one run needs; built from flags by `cli`, or directly by tests and notebooks."""
+
+    dataset: str = "mnist"
+    data_dir: str = ""
+    model: str = "convnet"
+    dropout: float = 0.0
+    l1: float = 0.0
+    l2: float = 0.0
+    bias_l1: float = 0.0
+    bias_l2: float = 0.0
+    epochs: int = 1
+    batch_size: int = 32
+    optimizer: str = "rmsprop"
+    learning_rate: float = 0.001
+    strategy: str = "auto"
+    cpu_replicas: int = 0
+    logdir: str = "logdir"
+    run_name: str = ""
+    steps_per_loop: int = 100
+    summary_every: int = 100
+    histogram_every: int = 0
+    checkpoint_every: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("dataset", self.dataset, DATASETS)
+        _check_choice("model", self.model, MODELS)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("strategy", self.strategy, STRATEGIES)
+        for name in ("l1", "l2", "bias_l1", "bias_l2"):
+            _check_factor(name, getattr(self, name))
+        if not (math.isfinite(self.dropout) and 0.0 <= self.dropout < 1.0):
+            raise UsageError(
+                f"--dropout={self.dropout} must be in [0, 1): it is the fraction of "
+                "activations dropped; use 0 for no Dropout layer.")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise UsageError(
+                f"--learning_rate={self.learning_rate} must be a positive finite number, "
+                "e.g. --learning_rate=0.001.")
+        for name in ("epochs", "batch_size", "steps_per_loop", "summary_every"):
+            _check_positive(name, getattr(self, name))
+        for name in ("histogram_every", "checkpoint_every", "cpu_replicas"):
+            if getattr(self, name) < 0:
+                raise UsageError(
+                    f"--{name}={getattr(self, name)} must be 0 or more (0 means its default).")
+        if self.cpu_replicas == 1:
+            raise UsageError("--cpu_replicas=1 splits nothing: use 0 (no split) or 2 or more.")
+        if "/" in self.run_name or self.run_name in (".", ".."):
+            raise UsageError(
+                f"--run_name={self.run_name!r} must be a plain folder name, without '/'.")
+
+    @property
+    def default_run_name(self) -> str:
+        """The model plus every naming setting that differs from its default: `convnet-l2=0.001`."""
+        defaults = Config()
+        parts = [self.model]
+        for name in _NAMING_FIELDS:
+            value = getattr(self, name)
+            if value != getattr(defaults, name):
+                parts.append(f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}")
+        return "-".join(parts)
+
+    def naming_settings(self) -> dict[str, Any]:
+        """The settings a resumed run must share with the run it resumes."""
+        return {name: getattr(self, name) for name in ("model", *_NAMING_FIELDS)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UsageError(f"--{name}={value!r} is not one of {', '.join(choices)}.")
+
+
+def _check_factor(name: str, value: float) -> None:
+    if not (math.isfinite(value) and value >= 0):
+        raise UsageError(
+            f"--{name}={value} must be a finite number >= 0 (a regularization factor; "
+            "0 turns it off).")
+
+
+def _check_positive(name: str, value: int) -> None:
+    if value <= 0:
+        raise UsageError(f"--{name}={value} must be a positive integer.")

@@ -1,0 +1,258 @@
+"""`train(config)`: wires the pieces in data-flow order and runs the eager outer loop."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from train_loop import checkpoints, data, distribute, runs, steps
+from train_loop.configs import Config
+from train_loop.console import Console
+from train_loop.models import build_model, weighted_layers
+from train_loop.summaries import Summaries
+
+
+def train(config: Config) -> dict[str, Any]:
+    """Trains, evaluates after every epoch, and writes the run; resumes an interrupted one.
+
+    Returns:
+      The content of `<run>/result.json`.
+
+    Raises:
+      UsageError: bad settings, missing or corrupt data; raised before anything is written.
+    """
+    # Inputs first, so that every user error comes before a single file is written.
+    splits = data.load_splits(config)
+    steps_per_epoch = data.steps_per_epoch(splits, config.batch_size)
+    run_dir = runs.choose_run_dir(config)
+    strategy = distribute.make_strategy(config)
+
+    # All state inside the scope: Keras optimizers otherwise build their slots lazily, in a trace.
+    with strategy.scope():
+        model = build_model(config, splits.x_train.shape[1:])
+        optimizer = steps.build_optimizer(config)
+        optimizer.build(model.trainable_variables)
+    state = LoopState()
+    manager = checkpoints.make_manager(run_dir, model=model, optimizer=optimizer, **state.trackables())
+    resumed = checkpoints.restore_latest(manager)
+
+    runs.create(run_dir, config)
+    summaries = Summaries(run_dir)
+    console = Console(steps_per_epoch=steps_per_epoch, num_epochs=config.epochs)
+    if resumed:
+        console.say(f"resuming {run_dir} from step {state.step}")
+    else:
+        console.say(f"training {run_dir} on {splits.source}")
+        summaries.write_settings(os.path.basename(run_dir), _hparams(config, strategy))
+        layer_terms = _write_weight_summaries(summaries, model, 0, histograms=True)
+        summaries.write_scalars("train", 0, {"loss/regularization": sum(layer_terms.values())})
+
+    # The step, and the data it pulls from, starting where the restored state stands.
+    train_input = data.ReplicaInput(strategy, data.train_dataset_fn(
+        splits, global_batch_size=config.batch_size, seed=config.seed,
+        num_epochs=config.epochs, start_step=state.step))
+    train_loop = steps.make_train_loop(
+        strategy, steps.make_replica_step(model, optimizer, config.batch_size), train_input.next_batch)
+    iterator = train_input.iterator()
+    eval_fn, eval_batches = data.eval_dataset_fn(splits, config.batch_size)
+    eval_input = data.ReplicaInput(strategy, eval_fn)
+    eval_loop = steps.make_eval_loop(model, strategy, eval_input.next_batch)
+
+    def evaluate() -> dict[str, float]:
+        return _floats(eval_loop(eval_input.iterator(), tf.constant(eval_batches)))
+
+    run = _Run(config, steps_per_epoch, model, optimizer, manager, summaries, console, state)
+    timer = run.run_epochs(lambda num_steps: train_loop(iterator, tf.constant(num_steps)), evaluate)
+    summaries.close()
+
+    _save_model(model, run_dir)
+    result = {
+        "dataset": config.dataset,
+        "strategy": distribute.resolve_strategy_name(config.strategy),
+        "replicas": strategy.num_replicas_in_sync,
+        "steps": state.step,
+        "epochs": int(state.epoch),
+        "train": state.epoch_means(),
+        "eval": run.evaluation or evaluate(),  # Resumed past the last step: the restored weights.
+        "examples_per_second": timer.examples_per_second,
+    }
+    runs.write_json(os.path.join(run_dir, runs.RESULT_FILE), result)
+    return result
+
+
+class LoopState:
+    """The outer loop's counters, kept in variables so that checkpoints carry them.
+
+    `epoch_sums` holds the current epoch's summed measurements and its step count, so a run
+    resumed mid-epoch, or after its last checkpoint, still reports the whole epoch's means.
+    """
+
+    def __init__(self) -> None:
+        self._step = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.epoch_sums = tf.Variable(tf.zeros([len(steps.TRAIN_MEASUREMENTS) + 1], tf.float64),
+                                      trainable=False)
+
+    @property
+    def step(self) -> int:
+        return int(self._step)
+
+    def trackables(self) -> dict[str, tf.Variable]:
+        return {"step": self._step, "epoch": self.epoch, "epoch_sums": self.epoch_sums}
+
+    def advance(self, sums: dict[str, float], num_steps: int) -> None:
+        self._step.assign_add(num_steps)
+        self.epoch_sums.assign_add([*(sums[name] for name in steps.TRAIN_MEASUREMENTS), num_steps])
+
+    def epoch_means(self) -> dict[str, float]:
+        *totals, count = self.epoch_sums.numpy().tolist()
+        return {name: total / max(count, 1) for name, total in zip(steps.TRAIN_MEASUREMENTS, totals)}
+
+
+@dataclasses.dataclass
+class _Run:
+    """The eager outer loop: calls the traced loop between events, and handles each event."""
+
+    config: Config
+    steps_per_epoch: int
+    model: keras.Model
+    optimizer: keras.optimizers.Optimizer
+    manager: tf.train.CheckpointManager
+    summaries: Summaries
+    console: Console
+    state: LoopState
+    evaluation: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def run_epochs(self, train_steps: Callable[[int], dict], evaluate: Callable[[], dict]) -> _Timer:
+        """Runs until the last epoch ends; returns the throughput timer."""
+        config, state, timer, interval = self.config, self.state, _Timer(), _Interval()
+        while state.step < self.steps_per_epoch * config.epochs:
+            if state.step % self.steps_per_epoch == 0:
+                state.epoch_sums.assign(tf.zeros_like(state.epoch_sums))
+            num_steps = self._steps_to_next_event()
+            started = time.perf_counter()
+            sums = _floats(train_steps(num_steps))
+            seconds = time.perf_counter() - started
+            timer.add(num_steps * config.batch_size, seconds)
+            interval.add(sums, num_steps, num_steps * config.batch_size, seconds)
+            state.advance(sums, num_steps)
+            step, epoch_end = state.step, state.step % self.steps_per_epoch == 0
+            if step % config.summary_every == 0 or epoch_end:
+                self._write_train_summaries(step, interval.pop_means(), epoch_end)
+            if epoch_end:
+                self.evaluation = evaluate()
+                self.summaries.write_scalars("eval", step, {
+                    "loss/cross_entropy": self.evaluation["cross_entropy"],
+                    "accuracy": self.evaluation["accuracy"]})
+                state.epoch.assign_add(1)
+                self.console.epoch_done(int(state.epoch), state.epoch_means(), self.evaluation,
+                                        timer.examples_per_second)
+            if _due(step, config.checkpoint_every, epoch_end):
+                checkpoints.save(self.manager, step)
+            self.summaries.flush()
+        return timer
+
+    def _steps_to_next_event(self) -> int:
+        """Steps until the next summary, histogram, checkpoint or epoch end, at most steps_per_loop."""
+        step, config = self.state.step, self.config
+        intervals = [config.summary_every, self.steps_per_epoch]
+        intervals += [every for every in (config.histogram_every, config.checkpoint_every) if every]
+        return min(config.steps_per_loop, *(every - step % every for every in intervals))
+
+    def _write_train_summaries(self, step: int, means: dict[str, float], epoch_end: bool) -> None:
+        self.summaries.write_scalars("train", step, {
+            "loss/cross_entropy": means["cross_entropy"],
+            "loss/regularization": means["regularization"],
+            "loss/total": means["total"],
+            "accuracy": means["accuracy"],
+            "learning_rate": float(self.optimizer.learning_rate),
+            "examples_per_second": means["examples_per_second"],
+        })
+        histograms = _due(step, self.config.histogram_every, epoch_end)
+        _write_weight_summaries(self.summaries, self.model, step, histograms=histograms)
+        self.console.progress(step, {name: means[name] for name in steps.TRAIN_MEASUREMENTS})
+
+
+class _Interval:
+    """Sums since the last scalar summary, so each logged point is the mean over its interval."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, float] = {}
+        self._steps = self._examples = 0
+        self._seconds = 0.0
+
+    def add(self, sums: dict[str, float], num_steps: int, examples: int, seconds: float) -> None:
+        for name, value in sums.items():
+            self._sums[name] = self._sums.get(name, 0.0) + value
+        self._steps += num_steps
+        self._examples += examples
+        self._seconds += seconds
+
+    def pop_means(self) -> dict[str, float]:
+        """The interval's mean measurements and its throughput; starts a new interval."""
+        means = {name: value / self._steps for name, value in self._sums.items()}
+        means["examples_per_second"] = self._examples / self._seconds
+        self.__init__()
+        return means
+
+
+@dataclasses.dataclass
+class _Timer:
+    """Steady-state throughput: a process's first loop call, which traces, is left out."""
+
+    first: tuple[int, float] | None = None
+    examples: int = 0
+    seconds: float = 0.0
+
+    def add(self, examples: int, seconds: float) -> None:
+        if self.first is None:
+            self.first = (examples, seconds)
+        else:
+            self.examples += examples
+            self.seconds += seconds
+
+    @property
+    def examples_per_second(self) -> float:
+        examples, seconds = (self.examples, self.seconds) if self.seconds else (self.first or (0, 1.0))
+        return examples / seconds if seconds else 0.0
+
+
+def _due(step: int, every: int, epoch_end: bool) -> bool:
+    """Whether a periodic action runs at `step`; `every` = 0 means at the end of each epoch."""
+    return step % every == 0 if every else epoch_end
+
+
+def _write_weight_summaries(summaries: Summaries, model: keras.Model, step: int, *,
+                            histograms: bool) -> dict[str, float]:
+    """Each layer's regularization term (from the weights as they are now) and, if asked,
+    kernel and bias histograms; returns the terms."""
+    terms = {layer.name: float(tf.add_n(layer.losses)) for layer in model.layers if layer.losses}
+    summaries.write_scalars("train", step, {f"regularization/{name}": value for name, value in terms.items()})
+    if histograms:
+        summaries.write_histograms(step, {
+            f"{kind}/{layer.name}": tf.convert_to_tensor(getattr(layer, kind))
+            for layer in weighted_layers(model) for kind in ("kernel", "bias")})
+    return terms
+
+
+def _hparams(config: Config, strategy: tf.distribute.Strategy) -> dict[str, Any]:
+    settings = {key: value for key, value in config.to_dict().items()
+                if key not in ("logdir", "run_name", "data_dir")}
+    return {**settings, "replicas": strategy.num_replicas_in_sync}
+
+
+def _floats(tensors: dict[str, tf.Tensor]) -> dict[str, float]:
+    return {name: float(value) for name, value in tensors.items()}
+
+
+def _save_model(model: keras.Model, run_dir: str) -> None:
+    """`model.keras` through a temporary name, so a kill leaves no half-written model."""
+    temporary = os.path.join(run_dir, "model.tmp.keras")
+    model.save(temporary)
+    os.replace(temporary, os.path.join(run_dir, "model.keras"))

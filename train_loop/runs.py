@@ -1,0 +1,78 @@
+"""The run folder: its name, whether it resumes or starts anew, its settings and `result.json`."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from train_loop.configs import Config, UsageError
+
+RESULT_FILE = "result.json"
+SETTINGS_FILE = "settings.json"
+
+
+def choose_run_dir(config: Config) -> str:
+    """`<logdir>/<run_name>`, or `-2`, `-3`, ... past runs that finished (never overwritten).
+
+    An unfinished folder is returned as it is, to be resumed, once its saved settings are
+    checked against `config`.
+
+    Raises:
+      UsageError: the logdir cannot be written, or the unfinished run has other settings.
+    """
+    _check_writable(config.logdir)
+    base = os.path.join(config.logdir, config.run_name or config.default_run_name)
+    run_dir, number = base, 1
+    while os.path.exists(os.path.join(run_dir, RESULT_FILE)):
+        number += 1
+        run_dir = f"{base}-{number}"
+    _check_same_settings(run_dir, config)
+    return run_dir
+
+
+def _check_writable(logdir: str) -> None:
+    existing = os.path.abspath(logdir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(
+            f"--logdir={logdir!r} cannot be written ({existing} is not a writable folder): "
+            "pick another --logdir.")
+
+
+def _check_same_settings(run_dir: str, config: Config) -> None:
+    path = os.path.join(run_dir, SETTINGS_FILE)
+    if not os.path.exists(path):
+        return
+    with open(path) as stream:
+        saved = json.load(stream)
+    differ = [f"{name} (run has {saved.get(name)!r}, flags say {value!r})"
+              for name, value in config.naming_settings().items() if saved.get(name) != value]
+    if differ:
+        raise UsageError(
+            f"{run_dir} holds an unfinished run with other settings: {'; '.join(differ)}; "
+            "pass a new --run_name, or the same settings to resume it.")
+
+
+def create(run_dir: str, config: Config) -> None:
+    """Makes the folder and records the settings that a resumption must match."""
+    os.makedirs(run_dir, exist_ok=True)
+    if not os.path.exists(os.path.join(run_dir, SETTINGS_FILE)):
+        write_json(os.path.join(run_dir, SETTINGS_FILE), config.to_dict())
+
+
+def write_json(path: str, content: dict[str, Any]) -> None:
+    """Writes to a temporary name, then renames: a kill leaves the old file or the new one."""
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as stream:
+        json.dump(content, stream, indent=2)
+        stream.write("\n")
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(temporary, path)
+
+
+def read_result(run_dir: str) -> dict[str, Any]:
+    with open(os.path.join(run_dir, RESULT_FILE)) as stream:
+        return json.load(stream)

@@ -1,0 +1,54 @@
+"""TensorBoard: scalars, histograms, the HParams summary and the settings as text."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+from tensorboard.plugins.hparams import api as hparams_api
+
+
+class Summaries:
+    """Writers for `<run>/train` and `<run>/eval`, and the run's root for its settings.
+
+    Given no run folder (a worker that is not the chief), it writes nothing, so callers need no
+    special case.
+    """
+
+    def __init__(self, run_dir: str | None):
+        self._writers: dict[str, Any] = {}
+        if run_dir is not None:
+            for name in ("train", "eval", "settings"):
+                path = run_dir if name == "settings" else os.path.join(run_dir, name)
+                self._writers[name] = tf.summary.create_file_writer(path)
+
+    def write_scalars(self, writer: str, step: int, scalars: Mapping[str, float]) -> None:
+        if writer in self._writers:
+            with self._writers[writer].as_default(step=step):
+                for tag, value in scalars.items():
+                    tf.summary.scalar(tag, value)
+
+    def write_histograms(self, step: int, histograms: Mapping[str, np.ndarray]) -> None:
+        if "train" in self._writers:
+            with self._writers["train"].as_default(step=step):
+                for tag, values in histograms.items():
+                    tf.summary.histogram(tag, values)
+
+    def write_settings(self, run_name: str, settings: Mapping[str, Any]) -> None:
+        """The settings as an HParams session (compared across runs) and as a text table."""
+        if "settings" in self._writers:
+            with self._writers["settings"].as_default(step=0):
+                hparams_api.hparams(dict(settings), trial_id=run_name)
+                rows = "\n".join(f"| {key} | {value} |" for key, value in settings.items())
+                tf.summary.text("settings", f"| setting | value |\n|---|---|\n{rows}")
+
+    def flush(self) -> None:
+        for writer in self._writers.values():
+            writer.flush()
+
+    def close(self) -> None:
+        for writer in self._writers.values():
+            writer.close()
