@@ -50,6 +50,15 @@ def make_strategy(config: Config) -> tf.distribute.Strategy:
     return tf.distribute.OneDeviceStrategy((_accelerators() or ["/cpu:0"])[0])
 
 
+def check_global_batch(strategy: tf.distribute.Strategy, global_batch_size: int) -> None:
+    """Raises UsageError unless the global batch splits evenly over the replicas."""
+    replicas = strategy.num_replicas_in_sync
+    if global_batch_size % replicas:
+        raise UsageError(
+            f"--batch_size={global_batch_size} does not split evenly over {replicas} replicas: "
+            f"use a multiple of {replicas}.")
+
+
 def resolve_strategy_name(strategy: str) -> str:
     """`auto` becomes multi_worker under a TF_CONFIG of several workers, mirrored over several
     GPUs, else one_device; other names stay as they are."""

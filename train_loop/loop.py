@@ -32,6 +32,7 @@ def train(config: Config) -> dict[str, Any]:
     steps_per_epoch = data.steps_per_epoch(splits, config.batch_size)
     run_dir = runs.choose_run_dir(config)
     strategy = distribute.make_strategy(config)
+    distribute.check_global_batch(strategy, config.batch_size)
 
     # All state inside the scope: Keras optimizers otherwise build their slots lazily, in a trace.
     with strategy.scope():
@@ -50,8 +51,10 @@ def train(config: Config) -> dict[str, Any]:
     else:
         console.say(f"training {run_dir} on {splits.source}")
         summaries.write_settings(os.path.basename(run_dir), _hparams(config, strategy))
-        layer_terms = _write_weight_summaries(summaries, model, 0, histograms=True)
-        summaries.write_scalars("train", 0, {"loss/regularization": sum(layer_terms.values())})
+        # Step 0 shows the initial weights: what the regularizers start from.
+        initial_term = _write_layer_regularization(summaries, model, 0)
+        summaries.write_scalars("train", 0, {"loss/regularization": initial_term})
+        _write_histograms(summaries, model, 0)
 
     # The step, and the data it pulls from, starting where the restored state stands.
     train_input = data.ReplicaInput(strategy, data.train_dataset_fn(
@@ -142,17 +145,14 @@ class _Run:
             timer.add(num_steps * config.batch_size, seconds)
             interval.add(sums, num_steps, num_steps * config.batch_size, seconds)
             state.advance(sums, num_steps)
+
             step, epoch_end = state.step, state.step % self.steps_per_epoch == 0
             if step % config.summary_every == 0 or epoch_end:
-                self._write_train_summaries(step, interval.pop_means(), epoch_end)
+                self._write_train_summaries(step, interval.pop_means())
+            if _due(step, config.histogram_every, epoch_end):
+                _write_histograms(self.summaries, self.model, step)
             if epoch_end:
-                self.evaluation = evaluate()
-                self.summaries.write_scalars("eval", step, {
-                    "loss/cross_entropy": self.evaluation["cross_entropy"],
-                    "accuracy": self.evaluation["accuracy"]})
-                state.epoch.assign_add(1)
-                self.console.epoch_done(int(state.epoch), state.epoch_means(), self.evaluation,
-                                        timer.examples_per_second)
+                self._end_epoch(step, evaluate(), timer.examples_per_second)
             if _due(step, config.checkpoint_every, epoch_end):
                 checkpoints.save(self.manager, step)
             self.summaries.flush()
@@ -165,18 +165,25 @@ class _Run:
         intervals += [every for every in (config.histogram_every, config.checkpoint_every) if every]
         return min(config.steps_per_loop, *(every - step % every for every in intervals))
 
-    def _write_train_summaries(self, step: int, means: dict[str, float], epoch_end: bool) -> None:
+    def _write_train_summaries(self, step: int, means: dict[str, float]) -> None:
         self.summaries.write_scalars("train", step, {
             "loss/cross_entropy": means["cross_entropy"],
             "loss/regularization": means["regularization"],
             "loss/total": means["total"],
             "accuracy": means["accuracy"],
-            "learning_rate": float(self.optimizer.learning_rate),
+            "learning_rate": float(keras.ops.convert_to_numpy(self.optimizer.learning_rate)),
             "examples_per_second": means["examples_per_second"],
         })
-        histograms = _due(step, self.config.histogram_every, epoch_end)
-        _write_weight_summaries(self.summaries, self.model, step, histograms=histograms)
+        _write_layer_regularization(self.summaries, self.model, step)
         self.console.progress(step, {name: means[name] for name in steps.TRAIN_MEASUREMENTS})
+
+    def _end_epoch(self, step: int, evaluation: dict[str, float], examples_per_second: float) -> None:
+        self.evaluation = evaluation
+        self.summaries.write_scalars("eval", step, {
+            "loss/cross_entropy": evaluation["cross_entropy"], "accuracy": evaluation["accuracy"]})
+        self.state.epoch.assign_add(1)
+        self.console.epoch_done(int(self.state.epoch), self.state.epoch_means(), evaluation,
+                                examples_per_second)
 
 
 class _Interval:
@@ -228,17 +235,17 @@ def _due(step: int, every: int, epoch_end: bool) -> bool:
     return step % every == 0 if every else epoch_end
 
 
-def _write_weight_summaries(summaries: Summaries, model: keras.Model, step: int, *,
-                            histograms: bool) -> dict[str, float]:
-    """Each layer's regularization term (from the weights as they are now) and, if asked,
-    kernel and bias histograms; returns the terms."""
+def _write_layer_regularization(summaries: Summaries, model: keras.Model, step: int) -> float:
+    """Each layer's regularization term, from the weights as they are at `step`; returns their sum."""
     terms = {layer.name: float(tf.add_n(layer.losses)) for layer in model.layers if layer.losses}
     summaries.write_scalars("train", step, {f"regularization/{name}": value for name, value in terms.items()})
-    if histograms:
-        summaries.write_histograms(step, {
-            f"{kind}/{layer.name}": tf.convert_to_tensor(getattr(layer, kind))
-            for layer in weighted_layers(model) for kind in ("kernel", "bias")})
-    return terms
+    return sum(terms.values())
+
+
+def _write_histograms(summaries: Summaries, model: keras.Model, step: int) -> None:
+    summaries.write_histograms(step, {
+        f"{kind}/{layer.name}": tf.convert_to_tensor(getattr(layer, kind))
+        for layer in weighted_layers(model) for kind in ("kernel", "bias")})
 
 
 def _hparams(config: Config, strategy: tf.distribute.Strategy) -> dict[str, Any]:

@@ -1,0 +1,30 @@
+"""Test set-up: two logical CPU devices before TensorFlow starts, so mirrored runs have replicas."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+os.environ["TRAIN_LOOP_OFFLINE"] = "1"  # Tests never download.
+
+
+from train_loop import distribute  # noqa: E402
+
+distribute.split_cpu(2)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def run_cli(tmp_path):
+    """Runs `python -m train_loop` in a fresh process with `--logdir` under the test's folder."""
+
+    def run(*flags: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "train_loop", f"--logdir={tmp_path / 'logs'}", *flags]
+        return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                              env={**os.environ, **(env or {})})
+
+    return run

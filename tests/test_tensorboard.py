@@ -1,0 +1,262 @@
+"""TensorBoard's view of a real run: the CLI trains on digits, a real TensorBoard server loads the
+logdir, and its HTTP API (scalars, histograms, HParams, text) must show what the loop wrote.
+
+The server runs once per data loader: the Python one (`--load_fast=false`, loaded before it
+serves) and, where `tensorboard-data-server` is installed, the Rust one that TensorBoard uses by
+default (`--load_fast=true`, polled until every run folder is loaded).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SUMMARY_EVERY = 10
+TRAIN_FLAGS = ("--dataset=digits", "--epochs=2", "--l2=0.001", "--bias_l1=0.0001",
+               f"--summary_every={SUMMARY_EVERY}")
+LAYERS = ("conv1", "conv2", "dense")
+TRAIN_SCALARS = {"loss/cross_entropy", "loss/regularization", "loss/total", "accuracy", "learning_rate",
+                 "examples_per_second", *(f"regularization/{layer}" for layer in LAYERS)}
+EVAL_SCALARS = {"loss/cross_entropy", "accuracy"}
+HISTOGRAMS = {f"{kind}/{layer}" for layer in LAYERS for kind in ("kernel", "bias")}
+LOADERS = {
+    "python": ("--load_fast=false", "--reload_interval=0", "--reload_task=blocking"),
+    "rustboard": ("--load_fast=true", "--reload_interval=0"),
+}
+STARTUP_SECONDS = 90
+ALL_STATUSES = ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A finished run: its logdir, its folder's name (TensorBoard's run prefix), its result.json."""
+
+    logdir: str
+    name: str
+    result: dict[str, Any]
+
+    @property
+    def train(self) -> str:
+        return f"{self.name}/train"
+
+    @property
+    def eval(self) -> str:
+        return f"{self.name}/eval"
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.result["steps"] // self.result["epochs"]
+
+    def epoch_ends(self) -> list[int]:
+        return list(range(self.steps_per_epoch, self.result["steps"] + 1, self.steps_per_epoch))
+
+    def summary_steps(self) -> list[int]:
+        """Steps of the train scalars: every SUMMARY_EVERY steps and at each epoch's end."""
+        every = range(SUMMARY_EVERY, self.result["steps"] + 1, SUMMARY_EVERY)
+        return sorted({*every, *self.epoch_ends()})
+
+
+class Client:
+    """JSON over HTTP to one TensorBoard, bypassing any proxy the environment names."""
+
+    def __init__(self, base_url: str):
+        self.base_url = base_url
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def get(self, path: str, **query: str) -> Any:
+        url = f"{self.base_url}{path}"
+        if query:
+            url += "?" + urllib.parse.urlencode(query)
+        return self._json(urllib.request.Request(url))
+
+    def post(self, path: str, body: dict[str, Any]) -> Any:
+        """A JSON body: TensorBoard's HParams routes parse `request.data`, so the content type must not
+        be the form encoding urllib defaults to (werkzeug would consume the body as a form)."""
+        request = urllib.request.Request(
+            f"{self.base_url}{path}", data=json.dumps(body).encode(), method="POST",
+            headers={"Content-Type": "application/json", "X-XSRF-Protected": "1"})
+        return self._json(request)
+
+    def _json(self, request: urllib.request.Request) -> Any:
+        with self._opener.open(request, timeout=30) as response:
+            return json.load(response)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Run:
+    """Trains one small run with the CLI, as `run_cli` does, once for the whole module."""
+    logdir = str(tmp_path_factory.mktemp("tensorboard") / "logs")
+    command = [sys.executable, "-m", "train_loop", f"--logdir={logdir}", *TRAIN_FLAGS]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO,
+                          env=dict(os.environ))
+    assert done.returncode == 0, f"training failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    (name,) = os.listdir(logdir)
+    with open(os.path.join(logdir, name, "result.json")) as stream:
+        return Run(logdir, name, json.load(stream))
+
+
+@pytest.fixture(scope="module", params=sorted(LOADERS))
+def tensorboard(request, run: Run, tmp_path_factory) -> Iterator[Client]:
+    """A real TensorBoard on a free port over the run's logdir, loaded; always terminated."""
+    loader = request.param
+    if loader == "rustboard" and importlib.util.find_spec("tensorboard_data_server") is None:
+        pytest.skip("tensorboard-data-server is not installed")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    workdir = tmp_path_factory.mktemp(f"tensorboard-{loader}")
+    log_path = workdir / "tensorboard.log"
+    command = [sys.executable, "-m", "tensorboard.main", f"--logdir={run.logdir}", "--host=127.0.0.1",
+               f"--port={port}", *LOADERS[loader]]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
+                                   env=dict(os.environ))
+    try:
+        client = Client(f"http://127.0.0.1:{port}")
+        _wait_until_loaded(client, process, run, log_path)
+        yield client
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _wait_until_loaded(client: Client, process: subprocess.Popen, run: Run, log_path) -> None:
+    """Polls until the server answers and every folder holding an event file shows up as a run with
+    data (the Rust loader lists a run before its data; it commits a run's data all at once)."""
+    folders = {os.path.relpath(os.path.dirname(path), run.logdir)
+               for path in glob.glob(os.path.join(run.logdir, "**", "events.out.tfevents.*"), recursive=True)}
+    deadline, loaded = time.monotonic() + STARTUP_SECONDS, set()
+    while True:
+        if process.poll() is not None:
+            log = log_path.read_text()
+            if "Could not start data server" in log or "--load_fast=true not available" in log:
+                pytest.skip(f"TensorBoard's data server cannot run here:\n{log[-1000:]}")
+            pytest.fail(f"TensorBoard exited with {process.returncode}:\n{log[-3000:]}")
+        try:
+            loaded = set()
+            for plugin in ("scalars", "histograms", "text"):
+                loaded |= set(client.get(f"/data/plugin/{plugin}/tags"))
+            if folders <= loaded:
+                return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass  # Not listening yet.
+        if time.monotonic() > deadline:
+            pytest.fail(f"TensorBoard loaded {sorted(loaded)} of {sorted(folders)} "
+                        f"within {STARTUP_SECONDS} s:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.25)
+
+
+def _series(client: Client, run_name: str, tag: str) -> list[tuple[int, float]]:
+    """A scalar time series as (step, value); the API gives [wall_time, step, value] rows."""
+    rows = client.get("/data/plugin/scalars/scalars", run=run_name, tag=tag)
+    return [(step, value) for _, step, value in rows]
+
+
+def test_scalar_tags(tensorboard: Client, run: Run):
+    """Train has the losses, accuracy, learning rate, throughput and per-layer terms; eval the two."""
+    tags = tensorboard.get("/data/plugin/scalars/tags")
+    assert set(tags) == {run.train, run.eval}
+    assert set(tags[run.train]) == TRAIN_SCALARS
+    assert set(tags[run.eval]) == EVAL_SCALARS
+
+
+def test_histogram_tags_and_steps(tensorboard: Client, run: Run):
+    """Kernel and bias histograms of each weighted layer, at step 0 and at each epoch's end."""
+    tags = tensorboard.get("/data/plugin/histograms/tags")
+    assert set(tags) == {run.train}
+    assert set(tags[run.train]) == HISTOGRAMS
+    for tag in sorted(HISTOGRAMS):
+        rows = tensorboard.get("/data/plugin/histograms/histograms", run=run.train, tag=tag)
+        assert [step for _, step, _ in rows] == [0, *run.epoch_ends()], tag
+
+
+def test_eval_series_matches_result(tensorboard: Client, run: Run):
+    """Eval is logged at each epoch's last step; its last values are result.json's `eval`."""
+    for tag, key in (("accuracy", "accuracy"), ("loss/cross_entropy", "cross_entropy")):
+        series = _series(tensorboard, run.eval, tag)
+        assert [step for step, _ in series] == run.epoch_ends(), tag
+        assert series[-1][1] == pytest.approx(run.result["eval"][key], abs=1e-6), tag
+
+
+def test_train_series_steps_and_values(tensorboard: Client, run: Run):
+    """Train scalars at every summary step (plus step 0 for the regularization terms); the total
+    is the sum of its parts, the learning rate the flag's."""
+    steps = run.summary_steps()
+    series = {tag: _series(tensorboard, run.train, tag) for tag in sorted(TRAIN_SCALARS)}
+    for tag, points in series.items():
+        expected = [0, *steps] if tag.startswith(("regularization/", "loss/regularization")) else steps
+        assert [step for step, _ in points] == expected, tag
+    cross_entropy, regularization = dict(series["loss/cross_entropy"]), dict(series["loss/regularization"])
+    for step, total in series["loss/total"]:
+        assert total == pytest.approx(cross_entropy[step] + regularization[step], rel=1e-5), step
+    assert all(value == pytest.approx(0.001) for _, value in series["learning_rate"])
+    assert all(value > 0 for _, value in series["examples_per_second"])
+    assert all(0.0 <= value <= 1.0 for _, value in series["accuracy"])
+
+
+def test_hparams_experiment(tensorboard: Client, run: Run):
+    """The experiment lists the run's settings as hparams and its scalars as metrics."""
+    experiment = tensorboard.post("/data/plugin/hparams/experiment", {"experimentName": ""})
+    hparams = {info["name"]: info for info in experiment["hparamInfos"]}
+    assert {"l2", "l1", "bias_l1", "dataset", "batch_size", "epochs", "optimizer", "learning_rate",
+            "model", "seed", "replicas"} <= set(hparams)
+    assert not {"logdir", "run_name", "data_dir"} & set(hparams)
+    assert hparams["l2"]["domainInterval"] == {"minValue": 0.001, "maxValue": 0.001}
+    assert hparams["dataset"]["domainDiscrete"] == ["digits"]
+    metrics = {(info["name"]["group"], info["name"]["tag"]) for info in experiment["metricInfos"]}
+    assert {("eval", "accuracy"), ("eval", "loss/cross_entropy"), ("train", "loss/total"),
+            ("train", "accuracy")} <= metrics
+
+
+def test_hparams_session_group(tensorboard: Client, run: Run):
+    """The run is one session with its settings and its last eval accuracy and train total loss."""
+    hparam_names = ("l2", "dataset", "batch_size")
+    metric_names = [{"group": "eval", "tag": "accuracy"}, {"group": "train", "tag": "loss/total"}]
+    body = {
+        "experimentName": "",
+        "allowedStatuses": ALL_STATUSES,
+        "colParams": [*({"hparam": name, "includeInResult": True} for name in hparam_names),
+                      *({"metric": name, "includeInResult": True} for name in metric_names)],
+        "startIndex": 0,
+        "sliceSize": 10,
+        "includeMetrics": True,
+    }
+    response = tensorboard.post("/data/plugin/hparams/session_groups", body)
+    assert response["totalSize"] == 1
+    (group,) = response["sessionGroups"]
+    assert group["name"] == run.name
+    assert [session["name"] for session in group["sessions"]] == [run.name]
+    assert group["hparams"] == {"l2": 0.001, "dataset": "digits", "batch_size": 32}
+    metrics = {(value["name"]["group"], value["name"]["tag"]): value for value in group["metricValues"]}
+    accuracy, total = metrics["eval", "accuracy"], metrics["train", "loss/total"]
+    assert accuracy["value"] == pytest.approx(run.result["eval"]["accuracy"], abs=1e-6)
+    assert accuracy["trainingStep"] == total["trainingStep"] == run.result["steps"]
+    assert total["value"] == pytest.approx(_series(tensorboard, run.train, "loss/total")[-1][1], abs=1e-6)
+
+
+def test_settings_text(tensorboard: Client, run: Run):
+    """The settings table is a text summary of the run's root, rendered with its values."""
+    assert tensorboard.get("/data/plugin/text/tags") == {run.name: ["settings"]}
+    (entry,) = tensorboard.get("/data/plugin/text/text", run=run.name, tag="settings")
+    assert entry["step"] == 0
+    for key, value in (("l2", "0.001"), ("dataset", "digits"), ("batch_size", "32")):
+        assert f"<td>{key}</td>\n<td>{value}</td>" in entry["text"], key

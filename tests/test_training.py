@@ -1,0 +1,92 @@
+"""The step and the loop: loss components, distribution, results, resumption, saved models."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from helpers import numpy_regularization
+
+from train_loop import Config, data, models, steps
+from train_loop.loop import train
+
+REGULARIZED = [
+    dict(l2=0.001),
+    dict(l1=0.001),
+    dict(l1=0.002, l2=0.001),
+    dict(bias_l1=0.01),
+    dict(bias_l2=0.02),
+    dict(l2=0.001, bias_l1=0.003, bias_l2=0.004),
+]
+
+
+def one_step(config: Config, strategy: tf.distribute.Strategy | None = None):
+    """Builds the model in the strategy's scope and runs one real training step on digits."""
+    strategy = strategy or tf.distribute.get_strategy()
+    splits = data.load_splits(config)
+    with strategy.scope():
+        model = models.build_model(config, splits.x_train.shape[1:])
+        optimizer = steps.build_optimizer(config)
+        optimizer.build(model.trainable_variables)
+    # Biases start at zero; give them values so that the bias terms are tested too.
+    rng = np.random.default_rng(1)
+    for layer in models.weighted_layers(model):
+        layer.bias.assign(rng.normal(size=layer.bias.shape).astype(np.float32))
+    initial = numpy_regularization(model, config)
+    images, labels = splits.x_train[: config.batch_size], splits.y_train[: config.batch_size]
+    replica_step = tf.function(steps.make_replica_step(model, optimizer, config.batch_size))
+    measured = strategy.run(replica_step, args=(images, labels))
+    return initial, dict(zip(steps.TRAIN_MEASUREMENTS, np.asarray(measured).tolist()))
+
+
+def test_convnet_has_the_studys_parameter_count():
+    assert models.build_model(Config(), (28, 28, 1)).count_params() == 130_394
+    assert models.build_model(Config(model="linear"), (28, 28, 1)).count_params() == 7_850
+
+
+@pytest.mark.parametrize("settings", REGULARIZED, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+def test_step_regularization_equals_numpy_on_initial_weights(settings):
+    """The step's regularization term is Keras' definition on the weights it started from."""
+    config = Config(dataset="digits", **settings)
+    initial, measured = one_step(config)
+    assert initial > 0
+    assert measured["regularization"] == pytest.approx(initial, rel=1e-6)
+    assert measured["total"] == pytest.approx(measured["cross_entropy"] + measured["regularization"], rel=1e-6)
+
+
+def test_step_without_regularizers_has_exactly_zero():
+    initial, measured = one_step(Config(dataset="digits", dropout=0.2))
+    assert initial == 0.0 and measured["regularization"] == 0.0
+    assert measured["total"] == measured["cross_entropy"] > 0
+
+
+def test_mirrored_over_two_cpus_matches_one_device(tmp_path):
+    """Same seed and data: 2 replicas give one device's loss components, accuracy and weights."""
+    settings = dict(dataset="digits", l2=0.001, bias_l2=0.01, logdir=str(tmp_path), steps_per_loop=7)
+    one = train(Config(strategy="one_device", run_name="one", **settings))
+    two = train(Config(strategy="mirrored", cpu_replicas=2, run_name="two", **settings))
+    assert (one["replicas"], two["replicas"]) == (1, 2)
+    for split in ("train", "eval"):
+        for name, value in one[split].items():
+            assert two[split][name] == pytest.approx(value, rel=1e-5), (split, name)
+    weights = [keras.models.load_model(tmp_path / name / "model.keras").get_weights() for name in ("one", "two")]
+    for first, second in zip(*weights):
+        np.testing.assert_allclose(second, first, rtol=1e-5, atol=1e-7)
+
+
+def test_train_loop_is_traced_once_across_calls():
+    config = Config(dataset="digits", l2=0.001)
+    strategy = tf.distribute.get_strategy()
+    splits = data.load_splits(config)
+    model = models.build_model(config, splits.x_train.shape[1:])
+    optimizer = steps.build_optimizer(config)
+    optimizer.build(model.trainable_variables)
+    replica_input = data.ReplicaInput(strategy, data.train_dataset_fn(
+        splits, global_batch_size=32, seed=0, num_epochs=1, start_step=0))
+    loop = steps.make_train_loop(strategy, steps.make_replica_step(model, optimizer, 32),
+                                 replica_input.next_batch)
+    iterator = replica_input.iterator()
+    sums = [loop(iterator, tf.constant(n)) for n in (3, 5, 7)]
+    assert loop.experimental_get_tracing_count() == 1
+    assert all(np.isfinite(float(s["total"])) for s in sums)
