@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import zipfile
 import zlib
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
@@ -49,11 +50,12 @@ def load_splits(config: Config) -> Splits:
         return _digits()
     if config.dataset == "synthetic":
         return _synthetic(config.seed)
-    for folder in _search_folders(config):
+    folders = list(_search_folders(config))
+    for folder in folders:
         found = _read_folder(folder, config.dataset)
         if found is not None:
             return found
-    return _download(config.dataset)
+    return _download(config.dataset, folders)
 
 
 def _search_folders(config: Config) -> Iterator[str]:
@@ -94,17 +96,14 @@ def _existing(path: str) -> str | None:
 
 def _read_npz(path: str) -> Splits:
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        with open(path, "rb") as stream, np.load(stream, allow_pickle=False) as archive:
             missing = [key for key in _NPZ_KEYS if key not in archive.files]
-            if missing:
-                raise DataError(
-                    f"{path}: missing arrays {', '.join(missing)}; a Keras-layout npz holds "
-                    f"{', '.join(_NPZ_KEYS)}.")
-            arrays = [archive[key] for key in _NPZ_KEYS]
-    except (OSError, ValueError, zlib.error, EOFError) as error:
-        if isinstance(error, DataError):
-            raise
-        raise DataError(f"{path}: not a readable npz archive ({error}).") from None
+            arrays = [archive[key] for key in _NPZ_KEYS if key in archive.files]
+    except (OSError, ValueError, zlib.error, EOFError, zipfile.BadZipFile) as error:
+        raise DataError(f"{path}: not a readable npz archive ({error}); download it again.") from None
+    if missing:
+        raise DataError(
+            f"{path}: missing arrays {', '.join(missing)}; a Keras-layout npz holds {', '.join(_NPZ_KEYS)}.")
     return _to_splits(*arrays, source=path, names=[path] * 4)
 
 
@@ -154,11 +153,11 @@ def _scale(images: np.ndarray, maximum: float) -> np.ndarray:
     return (images.astype(np.float32) / maximum)[..., np.newaxis]
 
 
-def _download(dataset: str) -> Splits:
+def _download(dataset: str, searched: list[str]) -> Splits:
     """Keras' own download, checksum included; the last resort, and one clear line when it fails."""
-    places = "--data_dir, ~/.keras/datasets/"
+    places = ", ".join(searched)
     if dataset == "fashion_mnist":
-        places += f", {DEBIAN_FASHION_MNIST} (apt-get install dataset-fashion-mnist)"
+        places += " (apt-get install dataset-fashion-mnist fills the last)"
     hint = (f"no {dataset} data found in {places}; "
             f"put {dataset}.npz or its four IDX files in --data_dir, or use --dataset=digits "
             "(bundled, offline)")

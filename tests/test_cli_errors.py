@@ -1,0 +1,156 @@
+"""The command line's bad inputs: exit status 2, one line on stderr, and nothing written.
+
+Every case runs `python -m train_loop` as a real subprocess (conftest's `run_cli`) that stops
+before training. Most fail while the flags are parsed or checked, before TensorFlow is imported
+(a fraction of a second each); the few that need data or a strategy import TensorFlow and load
+the bundled `digits` set (about ten seconds each), so they are kept to a handful.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from train_loop import runs
+from train_loop.configs import Config
+
+DIGITS_TRAIN_EXAMPLES = 1437  # the bundled digits' fixed 80% training split
+FINISHED_RUN = "convnet-dataset=digits"  # the default run name of `--dataset=digits`
+UNFINISHED_RUN = "resume-me"
+
+
+def case(case_id: str, *flags: str, names: tuple[str, ...], existing: str = "") -> pytest.param:
+    """One bad input: its flags ('{tmp}' is the test's folder), the words its error must contain,
+    and the run folder ('finished' or 'unfinished') that exists in the logdir beforehand, if any."""
+    return pytest.param(flags, names, existing, id=case_id)
+
+
+BAD_INPUTS = [
+    # Regularization factors must be finite and >= 0.
+    case("l1-negative", "--l1=-0.1", names=("--l1=",)),
+    case("l1-nan", "--l1=nan", names=("--l1=nan",)),
+    case("l2-negative", "--l2=-1e-3", names=("--l2=",)),
+    case("l2-inf", "--l2=inf", names=("--l2=inf",)),
+    case("bias_l1-inf", "--bias_l1=inf", names=("--bias_l1=inf",)),
+    case("bias_l1-negative", "--bias_l1=-1", names=("--bias_l1=",)),
+    case("bias_l2-nan", "--bias_l2=nan", names=("--bias_l2=nan",)),
+    case("bias_l2-negative-inf", "--bias_l2=-inf", names=("--bias_l2=",)),
+    # Dropout is a fraction in [0, 1).
+    case("dropout-negative", "--dropout=-0.1", names=("--dropout=-0.1",)),
+    case("dropout-one", "--dropout=1.0", names=("--dropout=1",)),
+    # Choices.
+    case("unknown-dataset", "--dataset=cifar10", names=("--dataset=cifar10",)),
+    case("unknown-model", "--model=resnet50", names=("--model=resnet50",)),
+    case("unknown-optimizer", "--optimizer=adagrad", names=("--optimizer=adagrad",)),
+    case("unknown-strategy", "--strategy=parameter_server", names=("--strategy=parameter_server",)),
+    # Counts and rates.
+    case("batch_size-zero", "--batch_size=0", names=("--batch_size=0",)),
+    case("batch_size-negative", "--batch_size=-5", names=("--batch_size=-5",)),
+    case("batch_size-not-an-integer", "--batch_size=abc", names=("--batch_size=abc",)),
+    case("epochs-zero", "--epochs=0", names=("--epochs=0",)),
+    case("learning_rate-zero", "--learning_rate=0", names=("--learning_rate=0",)),
+    case("learning_rate-negative", "--learning_rate=-1", names=("--learning_rate=-1",)),
+    case("learning_rate-nan", "--learning_rate=nan", names=("--learning_rate=nan",)),
+    case("steps_per_loop-zero", "--steps_per_loop=0", names=("--steps_per_loop=0",)),
+    case("summary_every-zero", "--summary_every=0", names=("--summary_every=0",)),
+    case("cpu_replicas-one", "--cpu_replicas=1", names=("--cpu_replicas=1",)),
+    case("run_name-with-slash", "--run_name=a/b", names=("--run_name=", "a/b")),
+    # The command line itself.
+    case("unknown-flag", "--no_such_flag=1", names=("no_such_flag",)),
+    case("misspelled-flag", "--epoch=2", names=("'epoch'",)),
+    case("positional-argument", "--dataset=digits", "train", names=("'train'",)),
+    # Bad inputs beside a run that already finished: it must stay as it is.
+    case("l2-negative-beside-finished-run", "--dataset=digits", "--l2=-1", names=("--l2=",),
+         existing="finished"),
+    # These import TensorFlow and read data (about ten seconds each).
+    case("data_dir-missing", "--data_dir={tmp}/no-such-folder",
+         names=("--data_dir=", "{tmp}/no-such-folder")),
+    case("data_dir-is-a-file", "--data_dir={tmp}/mnist.npz", names=("--data_dir=", "{tmp}/mnist.npz")),
+    case("batch_size-above-digits-train-split", "--dataset=digits",
+         f"--batch_size={DIGITS_TRAIN_EXAMPLES + 1}", names=(f"--batch_size={DIGITS_TRAIN_EXAMPLES + 1}",)),
+    case("unfinished-run-with-other-settings", "--dataset=digits", f"--run_name={UNFINISHED_RUN}",
+         "--l2=0.01", names=(f"{{tmp}}/logs/{UNFINISHED_RUN}", "l2"), existing="unfinished"),
+]
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No TF_CONFIG (it would change the strategy), an empty KERAS_HOME, and a file for --data_dir."""
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    (tmp_path / "keras_home").mkdir()
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+    (tmp_path / "mnist.npz").write_bytes(b"not a folder")
+
+
+def make_run(logdir: Path, name: str, *, finished: bool) -> None:
+    """A run folder as training leaves it: settings, a binary checkpoint, and result.json if done."""
+    run_dir = str(logdir / name)
+    runs.create(run_dir, Config(dataset="digits"))
+    Path(run_dir, "ckpt-1.data-00000-of-00001").write_bytes(bytes(range(256)) * 4)
+    Path(run_dir, "train").mkdir()
+    Path(run_dir, "train", "events.out.tfevents.1.host").write_bytes(b"\x00\x01event\xff")
+    if finished:
+        runs.write_json(os.path.join(run_dir, runs.RESULT_FILE), {"dataset": "digits", "steps": 44})
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every entry under `root`: its mode (kind included), modification time and, for files, bytes."""
+    entries = {}
+    for path in sorted(root.rglob("*")):
+        info = path.lstat()
+        content = path.read_bytes() if path.is_file() else None
+        entries[str(path.relative_to(root))] = (info.st_mode, info.st_mtime_ns, content)
+    return entries
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, names: tuple[str, ...]) -> None:
+    """Exit status 2 and exactly one `train_loop: error:` line naming the culprit; no traceback."""
+    report = f"status {result.returncode}\nstdout:\n{result.stdout[-2000:]}\nstderr:\n{result.stderr[-3000:]}"
+    assert result.returncode == 2, report
+    assert "Traceback" not in result.stderr, report
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].strip(), report
+    assert lines[0].startswith("train_loop: error: "), report
+    for name in names:
+        assert name in lines[0], f"{name!r} missing from: {lines[0]}"
+    assert result.stdout == "", report
+
+
+@pytest.mark.parametrize(("flags", "names", "existing"), BAD_INPUTS)
+def test_bad_input_is_one_line_and_writes_nothing(
+        run_cli, tmp_path: Path, flags: tuple[str, ...], names: tuple[str, ...], existing: str) -> None:
+    """Each bad input exits 2 with one error line naming its flag or file; the logdir is untouched."""
+    logdir = tmp_path / "logs"
+    if existing:
+        make_run(logdir, FINISHED_RUN if existing == "finished" else UNFINISHED_RUN,
+                 finished=existing == "finished")
+    before = snapshot(logdir) if existing else None
+
+    result = run_cli(*(flag.format(tmp=tmp_path) for flag in flags), timeout=180)
+
+    assert_one_line_error(result, tuple(name.format(tmp=tmp_path) for name in names))
+    if existing:
+        assert snapshot(logdir) == before
+    else:
+        assert not logdir.exists()
+
+
+def test_finished_run_is_unchanged_byte_for_byte(run_cli, tmp_path: Path) -> None:
+    """A bad input that gets past the run folder's choice (a finished run means `-2`) writes nothing.
+
+    --strategy=multi_worker without TF_CONFIG fails after the data is read and the run folder is
+    chosen, the last check before anything is written: neither the finished run nor its `-2`
+    successor may be touched or made.
+    """
+    logdir = tmp_path / "logs"
+    make_run(logdir, FINISHED_RUN, finished=True)
+    before = snapshot(logdir)
+
+    result = run_cli("--dataset=digits", "--strategy=multi_worker", timeout=180)
+
+    assert_one_line_error(result, ("--strategy=multi_worker", "TF_CONFIG"))
+    assert snapshot(logdir) == before
+    assert sorted(os.listdir(logdir)) == [FINISHED_RUN]

@@ -1,0 +1,440 @@
+"""`train_loop.data`: finding and reading the data sets, their errors, and the `tf.data` pipelines.
+
+Every file here is a real file written into pytest's `tmp_path` (npz with NumPy, IDX with `struct`
+and `gzip` following the IDX layout); nothing is mocked. `KERAS_HOME` points at an empty folder of
+the test's own, so a cache in the user's home never leaks in, and `TRAIN_LOOP_OFFLINE` (set by
+conftest) keeps Keras' download out of reach.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from train_loop import data
+from train_loop.configs import Config, UsageError
+
+IMAGES_MAGIC, LABELS_MAGIC = 0x00000803, 0x00000801
+TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS = data.IDX_FILES
+KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+@pytest.fixture(autouse=True)
+def keras_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty `KERAS_HOME` of the test's own; `datasets/` inside it is where Keras caches data."""
+    home = tmp_path / "keras_home"
+    home.mkdir()
+    monkeypatch.setenv("KERAS_HOME", str(home))
+    return home
+
+
+def make_arrays(seed: int = 0, n_train: int = 64, n_test: int = 16) -> dict[str, np.ndarray]:
+    """Small MNIST-shaped uint8 splits, different for every seed."""
+    rng = np.random.default_rng(seed)
+    return {
+        "x_train": rng.integers(0, 256, size=(n_train, 28, 28), dtype=np.uint8),
+        "y_train": rng.integers(0, 10, size=n_train, dtype=np.uint8),
+        "x_test": rng.integers(0, 256, size=(n_test, 28, 28), dtype=np.uint8),
+        "y_test": rng.integers(0, 10, size=n_test, dtype=np.uint8),
+    }
+
+
+def write_npz(folder: Path, arrays: dict[str, np.ndarray], name: str = "mnist.npz") -> Path:
+    """A Keras-layout npz (the keys of `arrays`) in `folder`, made if need be."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    np.savez(path, **arrays)
+    return path
+
+
+def write_idx(path: Path, array: np.ndarray, *, gz: bool = False, magic: int | None = None) -> Path:
+    """One IDX file: big-endian uint32 magic, one big-endian uint32 per dimension, then the bytes."""
+    if magic is None:
+        magic = IMAGES_MAGIC if array.ndim == 3 else LABELS_MAGIC
+    content = struct.pack(">I", magic) + struct.pack(f">{array.ndim}I", *array.shape)
+    content += np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        with gzip.open(path, "wb") as stream:
+            stream.write(content)
+    else:
+        path.write_bytes(content)
+    return path
+
+
+def write_idx_set(folder: Path, arrays: dict[str, np.ndarray], *, gz: bool = False) -> dict[str, Path]:
+    """The four IDX files of `arrays` in `folder`; returns their paths by npz key."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = zip(KEYS, data.IDX_FILES, strict=True)
+    return {key: write_idx(folder / name, arrays[key], gz=gz) for key, name in names}
+
+
+def assert_splits_hold(splits: data.Splits, arrays: dict[str, np.ndarray]) -> None:
+    """Images as float32 uint8/255 with a channel axis, labels as int32, exactly as written."""
+    for images_key, labels_key in (("x_train", "y_train"), ("x_test", "y_test")):
+        images, labels = getattr(splits, images_key), getattr(splits, labels_key)
+        written_images, written_labels = arrays[images_key], arrays[labels_key]
+        assert images.shape == (len(written_images), 28, 28, 1)
+        assert images.dtype == np.float32
+        assert 0.0 <= images.min() and images.max() <= 1.0
+        np.testing.assert_array_equal(images[..., 0], written_images.astype(np.float32) / np.float32(255))
+        np.testing.assert_array_equal(np.rint(images[..., 0] * 255).astype(np.uint8), written_images)
+        assert labels.dtype == np.int32
+        np.testing.assert_array_equal(labels, written_labels.astype(np.int32))
+
+
+# Reading the formats.
+
+
+def test_reads_keras_layout_npz(tmp_path: Path) -> None:
+    """mnist.npz in --data_dir: shapes, dtypes, scaling, labels, and `source` naming the file."""
+    arrays = make_arrays()
+    path = write_npz(tmp_path / "data", arrays)
+
+    splits = data.load_splits(Config(dataset="mnist", data_dir=str(tmp_path / "data")))
+
+    assert splits.x_train.shape == (64, 28, 28, 1) and splits.x_test.shape == (16, 28, 28, 1)
+    assert_splits_hold(splits, arrays)
+    assert splits.source == str(path)
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gzipped"])
+def test_reads_four_idx_files(tmp_path: Path, gz: bool) -> None:
+    """The four IDX files, plain or gzipped, come back as the arrays that were written."""
+    arrays = make_arrays(seed=1)
+    write_idx_set(tmp_path / "data", arrays, gz=gz)
+
+    splits = data.load_splits(Config(dataset="mnist", data_dir=str(tmp_path / "data")))
+
+    assert_splits_hold(splits, arrays)
+    assert splits.source == str(tmp_path / "data")
+
+
+# Where the data is looked for.
+
+
+def test_data_dir_wins_over_keras_home(tmp_path: Path, keras_home: Path) -> None:
+    """--data_dir is read before KERAS_HOME/datasets when both hold the data set."""
+    mine, cached = make_arrays(seed=1), make_arrays(seed=2)
+    path = write_npz(tmp_path / "data", mine)
+    write_npz(keras_home / "datasets", cached)
+
+    splits = data.load_splits(Config(dataset="mnist", data_dir=str(tmp_path / "data")))
+
+    assert_splits_hold(splits, mine)
+    assert splits.source == str(path)
+
+
+def test_keras_home_used_without_data_dir(keras_home: Path) -> None:
+    """With --data_dir empty, KERAS_HOME/datasets/mnist.npz (Keras' own cache) is read."""
+    cached = make_arrays(seed=2)
+    path = write_npz(keras_home / "datasets", cached)
+
+    splits = data.load_splits(Config(dataset="mnist"))
+
+    assert_splits_hold(splits, cached)
+    assert splits.source == str(path)
+
+
+def test_fashion_mnist_from_keras_cache_folder(keras_home: Path) -> None:
+    """Keras caches Fashion-MNIST as gzipped IDX files in datasets/fashion-mnist/: they are read."""
+    cached = make_arrays(seed=3)
+    folder = keras_home / "datasets" / "fashion-mnist"
+    write_idx_set(folder, cached, gz=True)
+
+    splits = data.load_splits(Config(dataset="fashion_mnist"))
+
+    assert_splits_hold(splits, cached)
+    assert splits.source == str(folder)
+
+
+@pytest.mark.skipif(not os.path.isdir(data.DEBIAN_FASHION_MNIST),
+                    reason=f"{data.DEBIAN_FASHION_MNIST} missing (apt-get install dataset-fashion-mnist)")
+def test_fashion_mnist_from_debian_folder() -> None:
+    """With an empty KERAS_HOME, Debian's dataset-fashion-mnist folder is found and read whole."""
+    splits = data.load_splits(Config(dataset="fashion_mnist"))
+
+    assert splits.source == data.DEBIAN_FASHION_MNIST
+    assert splits.x_train.shape == (60_000, 28, 28, 1) and splits.x_test.shape == (10_000, 28, 28, 1)
+    assert splits.y_train.shape == (60_000,) and splits.y_test.shape == (10_000,)
+    assert splits.x_train.dtype == np.float32 and splits.y_train.dtype == np.int32
+    assert 0.0 <= splits.x_train.min() and splits.x_train.max() <= 1.0
+    assert set(np.unique(splits.y_train)) == set(range(10))
+
+
+def test_nothing_found_offline_points_to_digits(tmp_path: Path) -> None:
+    """No data anywhere and downloading off: one DataError that suggests --dataset=digits."""
+    assert os.environ.get(data.OFFLINE_ENV)  # conftest's promise that nothing downloads
+    empty = tmp_path / "empty"
+    empty.mkdir()
+
+    with pytest.raises(data.DataError, match="--dataset=digits"):
+        data.load_splits(Config(dataset="mnist", data_dir=str(empty)))
+
+
+def test_nothing_found_names_the_keras_home_searched(tmp_path: Path, keras_home: Path) -> None:
+    """The 'not found' message names the cache folder actually searched, $KERAS_HOME/datasets."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+
+    with pytest.raises(data.DataError) as caught:
+        data.load_splits(Config(dataset="mnist", data_dir=str(empty)))
+    assert str(keras_home / "datasets") in str(caught.value)
+
+
+def test_missing_data_dir_is_named(tmp_path: Path) -> None:
+    """A --data_dir that does not exist is a DataError naming it, not a silent fall-through."""
+    missing = tmp_path / "no-such-folder"
+
+    with pytest.raises(data.DataError, match="--data_dir") as caught:
+        data.load_splits(Config(dataset="mnist", data_dir=str(missing)))
+    assert str(missing) in str(caught.value)
+
+
+# Corrupt inputs: each writes a broken data set into `folder` and returns the file to be named.
+
+
+def _bad_magic(folder: Path) -> tuple[Path, str]:
+    paths = write_idx_set(folder, make_arrays())
+    write_idx(paths["x_test"], make_arrays()["x_test"], magic=0x00000802)
+    return paths["x_test"], "magic"
+
+
+def _counts_disagree(folder: Path) -> tuple[Path, str]:
+    arrays = make_arrays()
+    arrays["y_train"] = arrays["y_train"][:-1]
+    paths = write_idx_set(folder, arrays)
+    return paths["y_train"], "63 labels for 64 images"
+
+
+def _truncated_gzip(folder: Path) -> tuple[Path, str]:
+    paths = write_idx_set(folder, make_arrays(), gz=True)
+    content = paths["x_train"].read_bytes()
+    paths["x_train"].write_bytes(content[: len(content) // 2])
+    return paths["x_train"], ""
+
+
+def _truncated_plain_idx(folder: Path) -> tuple[Path, str]:
+    paths = write_idx_set(folder, make_arrays())
+    content = paths["x_test"].read_bytes()
+    paths["x_test"].write_bytes(content[:-100])
+    return paths["x_test"], "truncated"
+
+
+def _npz_missing_key(folder: Path) -> tuple[Path, str]:
+    arrays = make_arrays()
+    del arrays["y_test"]
+    return write_npz(folder, arrays), "y_test"
+
+
+def _idx_label_out_of_range(folder: Path) -> tuple[Path, str]:
+    arrays = make_arrays()
+    arrays["y_train"][5] = 10
+    paths = write_idx_set(folder, arrays)
+    return paths["y_train"], "0..9"
+
+
+def _npz_negative_label(folder: Path) -> tuple[Path, str]:
+    arrays = make_arrays()
+    arrays["y_test"] = arrays["y_test"].astype(np.int64)
+    arrays["y_test"][0] = -1
+    return write_npz(folder, arrays), "0..9"
+
+
+def _idx_wrong_image_shape(folder: Path) -> tuple[Path, str]:
+    arrays = make_arrays()
+    arrays["x_train"] = arrays["x_train"][:, :, :27]
+    paths = write_idx_set(folder, arrays)
+    return paths["x_train"], "(64, 28, 27)"
+
+
+def _npz_flat_images(folder: Path) -> tuple[Path, str]:
+    arrays = make_arrays()
+    arrays["x_test"] = arrays["x_test"].reshape(16, 784)
+    return write_npz(folder, arrays), "(16, 784)"
+
+
+@pytest.mark.parametrize("corrupt", [
+    _bad_magic, _counts_disagree, _truncated_gzip, _truncated_plain_idx, _npz_missing_key,
+    _idx_label_out_of_range, _npz_negative_label, _idx_wrong_image_shape, _npz_flat_images,
+], ids=lambda corrupt: corrupt.__name__.lstrip("_"))
+def test_corrupt_input_is_a_data_error_naming_the_file(
+        tmp_path: Path, corrupt: Callable[[Path], tuple[Path, str]]) -> None:
+    """Every broken file raises DataError (one line for the CLI) whose message names its path."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    offending, detail = corrupt(folder)
+
+    with pytest.raises(data.DataError) as caught:
+        data.load_splits(Config(dataset="mnist", data_dir=str(folder)))
+    message = str(caught.value)
+    assert str(offending) in message
+    assert detail in message
+    assert "\n" not in message
+
+
+def test_truncated_npz_is_a_data_error_naming_the_file(tmp_path: Path) -> None:
+    """An npz cut in half (an interrupted download) is a DataError naming it, like the IDX cases."""
+    path = write_npz(tmp_path / "data", make_arrays())
+    content = path.read_bytes()
+    path.write_bytes(content[: len(content) // 2])
+
+    with pytest.raises(data.DataError) as caught:
+        data.load_splits(Config(dataset="mnist", data_dir=str(tmp_path / "data")))
+    assert str(path) in str(caught.value)
+
+
+# The bundled and generated data sets.
+
+
+def test_digits_split_is_whole_and_fixed() -> None:
+    """digits: all 1,797 8x8 images, split 1,437/360, scaled to [0, 1], the same split every call."""
+    first = data.load_splits(Config(dataset="digits"))
+    second = data.load_splits(Config(dataset="digits", seed=7))  # the split does not follow --seed
+
+    assert len(first.x_train) + len(first.x_test) == 1797
+    assert (len(first.x_train), len(first.x_test)) == (1437, 360)
+    for images, labels in ((first.x_train, first.y_train), (first.x_test, first.y_test)):
+        assert images.shape[1:] == (8, 8, 1) and images.dtype == np.float32
+        assert images.min() == 0.0 and images.max() == 1.0
+        assert labels.dtype == np.int32 and labels.shape == (len(images),)
+        assert set(np.unique(labels)) == set(range(10))
+    for name in KEYS:
+        np.testing.assert_array_equal(getattr(first, name), getattr(second, name))
+
+
+def test_synthetic_is_mnist_shaped_and_seeded() -> None:
+    """synthetic: 60,000/10,000 MNIST-shaped examples, identical for one seed, different for another."""
+    first = data.load_splits(Config(dataset="synthetic", seed=3))
+    again = data.load_splits(Config(dataset="synthetic", seed=3))
+    other = data.load_splits(Config(dataset="synthetic", seed=4))
+
+    assert first.x_train.shape == (60_000, 28, 28, 1) and first.x_test.shape == (10_000, 28, 28, 1)
+    assert first.x_train.dtype == np.float32 and first.y_train.dtype == np.int32
+    assert 0.0 <= first.x_train.min() and first.x_train.max() <= 1.0
+    assert 0 <= first.y_train.min() and first.y_train.max() <= 9
+    for name in KEYS:
+        np.testing.assert_array_equal(getattr(first, name), getattr(again, name))
+    assert not np.array_equal(first.x_train, other.x_train)
+    assert not np.array_equal(first.y_test, other.y_test)
+
+
+# Steps and pipelines, on tiny splits whose labels are the examples' indices.
+
+
+def index_splits(n_train: int, n_test: int) -> data.Splits:
+    """Example i has label i and every pixel i: a batch shows which examples it holds."""
+
+    def split(count: int) -> tuple[np.ndarray, np.ndarray]:
+        indices = np.arange(count, dtype=np.int32)
+        images = np.broadcast_to(indices.astype(np.float32)[:, None, None, None], (count, 2, 2, 1))
+        return images.copy(), indices
+
+    (x_train, y_train), (x_test, y_test) = split(n_train), split(n_test)
+    return data.Splits(x_train, y_train, x_test, y_test, "indices")
+
+
+def test_steps_per_epoch_drops_the_remainder_and_rejects_huge_batches() -> None:
+    """Whole batches only; a batch larger than the training split is a UsageError naming the flag."""
+    splits = index_splits(10, 4)
+
+    assert data.steps_per_epoch(splits, 3) == 3
+    assert data.steps_per_epoch(splits, 10) == 1
+    with pytest.raises(UsageError, match="--batch_size=11"):
+        data.steps_per_epoch(splits, 11)
+
+
+def train_stream(splits: data.Splits, *, batch: int, seed: int = 0, epochs: int = 3, start_step: int = 0,
+                 context: tf.distribute.InputContext | None = None) -> list[np.ndarray]:
+    """The training pipeline's batches as arrays of example indices, checking images match labels."""
+    dataset_fn = data.train_dataset_fn(
+        splits, global_batch_size=batch, seed=seed, num_epochs=epochs, start_step=start_step)
+    batches = []
+    for images, labels in dataset_fn(context or tf.distribute.InputContext()):
+        labels = labels.numpy()
+        np.testing.assert_array_equal(images.numpy()[:, 0, 0, 0], labels.astype(np.float32))
+        batches.append(labels)
+    return batches
+
+
+@pytest.mark.parametrize("n_train", [24, 22], ids=["whole", "remainder"])
+def test_each_epoch_visits_its_examples_once(n_train: int) -> None:
+    """Every epoch is steps*batch distinct examples (all of them when the batch divides the split)."""
+    splits, batch = index_splits(n_train, 4), 4
+    steps = data.steps_per_epoch(splits, batch)
+
+    stream = train_stream(splits, batch=batch, epochs=3)
+
+    assert len(stream) == 3 * steps
+    assert all(labels.shape == (batch,) for labels in stream)
+    epochs = [np.concatenate(stream[epoch * steps:(epoch + 1) * steps]) for epoch in range(3)]
+    for order in epochs:
+        assert len(set(order.tolist())) == steps * batch
+        assert 0 <= order.min() and order.max() < n_train
+        if n_train % batch == 0:
+            assert sorted(order.tolist()) == list(range(n_train))
+    assert not np.array_equal(epochs[0], epochs[1])
+    assert not np.array_equal(epochs[1], epochs[2])
+    assert not np.array_equal(epochs[0], epochs[2])
+
+
+def test_shuffle_follows_the_seed() -> None:
+    """The same seed gives the same stream of batches; another seed another one."""
+    splits = index_splits(24, 4)
+
+    first = train_stream(splits, batch=4, seed=5)
+    again = train_stream(splits, batch=4, seed=5)
+    other = train_stream(splits, batch=4, seed=6)
+
+    assert len(first) == len(again) and all(map(np.array_equal, first, again))
+    assert not all(map(np.array_equal, first, other))
+
+
+def test_resuming_at_any_step_yields_the_tail_of_the_stream() -> None:
+    """start_step=k gives exactly the batches an uninterrupted run sees from step k on."""
+    splits, batch = index_splits(22, 4), 4  # 5 steps per epoch, 2 examples dropped each epoch
+    full = train_stream(splits, batch=batch, seed=1, epochs=3)
+
+    for start_step in range(len(full) + 1):  # mid-epoch, epoch boundaries and the very end
+        resumed = train_stream(splits, batch=batch, seed=1, epochs=3, start_step=start_step)
+        assert len(resumed) == len(full) - start_step, start_step
+        assert all(map(np.array_equal, resumed, full[start_step:])), start_step
+
+
+def test_replica_batches_make_up_the_global_batch() -> None:
+    """With two replicas on one pipeline, consecutive per-replica batches join into the global ones."""
+    splits = index_splits(24, 4)
+    global_batches = train_stream(splits, batch=4, seed=2)
+
+    per_replica = train_stream(splits, batch=4, seed=2,
+                               context=tf.distribute.InputContext(num_replicas_in_sync=2))
+
+    assert all(labels.shape == (2,) for labels in per_replica)
+    joined = [np.concatenate(per_replica[i:i + 2]) for i in range(0, len(per_replica), 2)]
+    assert len(joined) == len(global_batches) and all(map(np.array_equal, joined, global_batches))
+
+
+@pytest.mark.parametrize("n_test", [10, 8], ids=["padded", "whole"])
+def test_eval_covers_the_test_split_once_and_pads_with_zero_weight(n_test: int) -> None:
+    """Every test example once with weight 1; padding up to whole batches has weight 0."""
+    splits, batch = index_splits(8, n_test), 4
+    dataset_fn, num_batches = data.eval_dataset_fn(splits, batch)
+
+    batches = [tuple(part.numpy() for part in parts) for parts in dataset_fn(tf.distribute.InputContext())]
+
+    assert num_batches == -(-n_test // batch) and len(batches) == num_batches
+    images = np.concatenate([images for images, _, _ in batches])
+    labels = np.concatenate([labels for _, labels, _ in batches])
+    weights = np.concatenate([weights for _, _, weights in batches])
+    assert all(parts[0].shape == (batch, 2, 2, 1) for parts in batches)
+    np.testing.assert_array_equal(images[:, 0, 0, 0], labels.astype(np.float32))
+    assert set(weights.tolist()) <= {0.0, 1.0}
+    assert sorted(labels[weights == 1].tolist()) == list(range(n_test))
+    assert int((weights == 0).sum()) == num_batches * batch - n_test
