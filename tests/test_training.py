@@ -35,8 +35,9 @@ def one_step(config: Config, strategy: tf.distribute.Strategy | None = None):
         layer.bias.assign(rng.normal(size=layer.bias.shape).astype(np.float32))
     initial = numpy_regularization(model, config)
     images, labels = splits.x_train[: config.batch_size], splits.y_train[: config.batch_size]
-    replica_step = tf.function(steps.make_replica_step(model, optimizer, config.batch_size))
-    measured = strategy.run(replica_step, args=(images, labels))
+    gradients = steps.make_replica_gradients(model, config.batch_size)
+    train_step = tf.function(steps.make_train_step(strategy, model, optimizer, gradients))
+    measured = train_step((images, labels))
     return initial, dict(zip(steps.TRAIN_MEASUREMENTS, np.asarray(measured).tolist()))
 
 
@@ -84,9 +85,52 @@ def test_train_loop_is_traced_once_across_calls():
     optimizer.build(model.trainable_variables)
     replica_input = data.ReplicaInput(strategy, data.train_dataset_fn(
         splits, global_batch_size=32, seed=0, num_epochs=1, start_step=0))
-    loop = steps.make_train_loop(strategy, steps.make_replica_step(model, optimizer, 32),
-                                 replica_input.next_batch)
+    train_step = steps.make_train_step(strategy, model, optimizer, steps.make_replica_gradients(model, 32))
+    loop = steps.make_train_loop(train_step, replica_input.next_batch)
     iterator = replica_input.iterator()
     sums = [loop(iterator, tf.constant(n)) for n in (3, 5, 7)]
     assert loop.experimental_get_tracing_count() == 1
     assert all(np.isfinite(float(s["total"])) for s in sums)
+
+
+def scaled_step(initial_scale: float, strategy: tf.distribute.Strategy):
+    """A mixed_float16 model and one loss-scaled step on a digits batch; returns what changed."""
+    config = Config(dataset="digits", precision="mixed_float16", l2=0.001)
+    splits = data.load_splits(config)
+    with strategy.scope():
+        model = models.build_model(config, splits.x_train.shape[1:])
+        optimizer = steps.build_optimizer(config)
+        optimizer.build(model.trainable_variables)
+        loss_scale = steps.LossScale(initial=initial_scale)
+    before = [w.copy() for w in model.get_weights()]
+    gradients = steps.make_replica_gradients(model, 32, loss_scale=loss_scale)
+    train_step = tf.function(steps.make_train_step(strategy, model, optimizer, gradients, loss_scale=loss_scale))
+    measured = train_step((splits.x_train[:32], splits.y_train[:32]))
+    changed = any(not np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+    return float(loss_scale.scale.numpy()), int(loss_scale.good_steps.numpy()), changed, np.asarray(measured)
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_float16_loss_scaling_skips_overflowing_steps_and_halves_the_scale(replicas):
+    strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(replicas)])
+    scale, good_steps, changed, measured = scaled_step(3e38, strategy)  # total * scale overflows float32
+    assert (scale, good_steps, changed) == (pytest.approx(1.5e38), 0, False)
+    assert np.all(np.isfinite(measured)), "the logged losses are unscaled and finite"
+    scale, good_steps, changed, _ = scaled_step(2.0**10, strategy)
+    assert (scale, good_steps, changed) == (2.0**10, 1, True)
+
+
+def test_mixed_precision_keeps_float32_weights_logits_and_losses():
+    config = Config(dataset="digits", precision="mixed_bfloat16", l2=0.001)
+    model = models.build_model(config, (8, 8, 1))
+    assert {weight.dtype for weight in model.weights} == {"float32"}
+    assert model.layers[0].compute_dtype == "bfloat16"
+    _, measured = one_step(config)
+    assert measured["regularization"] > 0 and np.isfinite(measured["total"])
+
+
+@pytest.mark.parametrize("settings", [dict(jit_compile=True), dict(precision="mixed_float16")], ids=str)
+def test_mirrored_runs_with_xla_and_float16(tmp_path, settings):
+    """Both put control flow or a compiled function around the step: they must work under replicas."""
+    result = train(Config(dataset="digits", strategy="mirrored", cpu_replicas=2, logdir=str(tmp_path), **settings))
+    assert result["replicas"] == 2 and result["eval"]["accuracy"] > 0.5

@@ -47,6 +47,12 @@ flags.DEFINE_integer("histogram_every", _DEFAULTS.histogram_every,
 flags.DEFINE_integer("checkpoint_every", _DEFAULTS.checkpoint_every,
                      "Steps between checkpoints; 0: at the end of each epoch.")
 flags.DEFINE_integer("seed", _DEFAULTS.seed, "Seeds weights, shuffling and dropout.")
+flags.DEFINE_enum("precision", _DEFAULTS.precision, configs.PRECISIONS,
+                  "float32; mixed_bfloat16 (CPUs with AMX or AVX-512 bf16, TPUs); mixed_float16 "
+                  "(GPUs; the loss is scaled by hand). Weights, logits and losses stay float32.")
+flags.DEFINE_bool("jit_compile", _DEFAULTS.jit_compile,
+                  "Compile the per-replica step with XLA (not the loop around it, which reads the "
+                  "input iterator).")
 
 FLAGS = flags.FLAGS
 

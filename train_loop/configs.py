@@ -10,12 +10,13 @@ DATASETS = ("mnist", "fashion_mnist", "digits", "synthetic")
 MODELS = ("convnet", "linear")
 OPTIMIZERS = ("rmsprop", "adam", "sgd")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 
 # Settings that change what is computed, so they name the run; the rest (where and how fast)
 # may differ between a run and its resumption without changing a single number.
 _NAMING_FIELDS = (
     "dataset", "dropout", "l1", "l2", "bias_l1", "bias_l2", "epochs",
-    "batch_size", "optimizer", "learning_rate", "seed",
+    "batch_size", "optimizer", "learning_rate", "seed", "precision",
 )
 
 
@@ -48,12 +49,15 @@ class Config:
     histogram_every: int = 0
     checkpoint_every: int = 0
     seed: int = 0
+    jit_compile: bool = False
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
         _check_choice("dataset", self.dataset, DATASETS)
         _check_choice("model", self.model, MODELS)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("strategy", self.strategy, STRATEGIES)
+        _check_choice("precision", self.precision, PRECISIONS)
         for name in ("l1", "l2", "bias_l1", "bias_l2"):
             _check_factor(name, getattr(self, name))
         if not (math.isfinite(self.dropout) and 0.0 <= self.dropout < 1.0):

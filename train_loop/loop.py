@@ -39,8 +39,10 @@ def train(config: Config) -> dict[str, Any]:
         model = build_model(config, splits.x_train.shape[1:])
         optimizer = steps.build_optimizer(config)
         optimizer.build(model.trainable_variables)
+        loss_scale = steps.LossScale() if config.precision == "mixed_float16" else None
     state = LoopState()
-    manager = checkpoints.make_manager(run_dir, model=model, optimizer=optimizer, **state.trackables())
+    scaling = {"loss_scale": loss_scale.scale} if loss_scale else {}
+    manager = checkpoints.make_manager(run_dir, model=model, optimizer=optimizer, **state.trackables(), **scaling)
     resumed = checkpoints.restore_latest(manager)
 
     runs.create(run_dir, config)
@@ -60,8 +62,10 @@ def train(config: Config) -> dict[str, Any]:
     train_input = data.ReplicaInput(strategy, data.train_dataset_fn(
         splits, global_batch_size=config.batch_size, seed=config.seed,
         num_epochs=config.epochs, start_step=state.step))
-    train_loop = steps.make_train_loop(
-        strategy, steps.make_replica_step(model, optimizer, config.batch_size), train_input.next_batch)
+    replica_gradients = steps.make_replica_gradients(
+        model, config.batch_size, loss_scale=loss_scale, jit_compile=config.jit_compile)
+    train_step = steps.make_train_step(strategy, model, optimizer, replica_gradients, loss_scale=loss_scale)
+    train_loop = steps.make_train_loop(train_step, train_input.next_batch)
     iterator = train_input.iterator()
     eval_fn, eval_batches = data.eval_dataset_fn(splits, config.batch_size)
     eval_input = data.ReplicaInput(strategy, eval_fn)
@@ -70,7 +74,7 @@ def train(config: Config) -> dict[str, Any]:
     def evaluate() -> dict[str, float]:
         return _floats(eval_loop(eval_input.iterator(), tf.constant(eval_batches)))
 
-    run = _Run(config, steps_per_epoch, model, optimizer, manager, summaries, console, state)
+    run = _Run(config, steps_per_epoch, model, optimizer, manager, summaries, console, state, loss_scale)
     timer = run.run_epochs(lambda num_steps: train_loop(iterator, tf.constant(num_steps)), evaluate)
     summaries.close()
 
@@ -130,6 +134,7 @@ class _Run:
     summaries: Summaries
     console: Console
     state: LoopState
+    loss_scale: steps.LossScale | None
     evaluation: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def run_epochs(self, train_steps: Callable[[int], dict], evaluate: Callable[[], dict]) -> _Timer:
@@ -173,6 +178,7 @@ class _Run:
             "accuracy": means["accuracy"],
             "learning_rate": float(keras.ops.convert_to_numpy(self.optimizer.learning_rate)),
             "examples_per_second": means["examples_per_second"],
+            **({"loss_scale": float(self.loss_scale.scale.numpy())} if self.loss_scale else {}),
         })
         _write_layer_regularization(self.summaries, self.model, step)
         self.console.progress(step, {name: means[name] for name in steps.TRAIN_MEASUREMENTS})

@@ -13,18 +13,18 @@ def build_model(config: Config, input_shape: tuple[int, ...]) -> keras.Model:
     Layers have fixed names (`conv1`, `conv2`, `dense`) because TensorBoard tags and checkpoints
     are keyed by them; weights and dropout are seeded from `config.seed`.
     """
-    seed = config.seed
+    seed, dtype = config.seed, config.precision  # A Keras policy name: float32 master weights.
     layers: list = [keras.Input(shape=input_shape)]
     if config.model == "convnet":
         for index, filters in enumerate((32, 16), start=1):
             layers.append(keras.layers.Conv2D(
-                filters, 3, padding="same", activation="relu", name=f"conv{index}",
+                filters, 3, padding="same", activation="relu", name=f"conv{index}", dtype=dtype,
                 **_weights(config, seed + index)))
             if config.dropout:
                 layers.append(keras.layers.Dropout(
-                    config.dropout, seed=seed + 10 + index, name=f"dropout{index}"))
-    layers.append(keras.layers.Flatten(name="flatten"))
-    layers.append(keras.layers.Dense(10, name="dense", **_weights(config, seed + 3)))
+                    config.dropout, seed=seed + 10 + index, name=f"dropout{index}", dtype=dtype))
+    layers.append(keras.layers.Flatten(name="flatten", dtype=dtype))
+    layers.append(keras.layers.Dense(10, name="dense", dtype=dtype, **_weights(config, seed + 3)))
     return keras.Sequential(layers, name=config.model)
 
 

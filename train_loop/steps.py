@@ -1,8 +1,9 @@
 """The training step: the per-replica update, and its traced wrappers for training and evaluation.
 
-Three layers, as in Orbit and Sonnet: `make_replica_step` is plain math under a GradientTape;
-`make_train_loop` traces `strategy.run` over `num_steps` batches in one `tf.function` call;
-the eager outer loop in `loop.py` owns timing, summaries and checkpoints.
+Three layers, as in Orbit and Sonnet: `make_replica_gradients` is plain math under a
+GradientTape; `make_train_step` applies it on every replica through `strategy.run`, and
+`make_train_loop` traces `num_steps` of those in one `tf.function` call; the eager outer loop
+in `loop.py` owns timing, summaries and checkpoints.
 """
 
 from __future__ import annotations
@@ -29,35 +30,103 @@ def build_optimizer(config: Config) -> keras.optimizers.Optimizer:
     return optimizers[config.optimizer](learning_rate=config.learning_rate)
 
 
-def make_replica_step(
-    model: keras.Model, optimizer: keras.optimizers.Optimizer, global_batch_size: int,
-) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
-    """One update on one replica's slice of the batch.
+class LossScale:
+    """Dynamic loss scaling for float16, by hand: the scale halves after a step whose gradients
+    overflow (that step is skipped) and doubles after `growth_interval` finite steps in a row.
+
+    Create it inside `strategy.scope()`; every replica updates it with the same values.
+    """
+
+    def __init__(self, initial: float = 2.0**15, growth_interval: int = 2000):
+        only_first = tf.VariableAggregation.ONLY_FIRST_REPLICA
+        self.scale = tf.Variable(initial, trainable=False, aggregation=only_first)
+        self.good_steps = tf.Variable(0, dtype=tf.int64, trainable=False, aggregation=only_first)
+        self.growth_interval = growth_interval
+
+    def update(self, finite: tf.Tensor) -> None:
+        grow = tf.logical_and(finite, self.good_steps + 1 >= self.growth_interval)
+        self.good_steps.assign(tf.where(finite & ~grow, self.good_steps + 1, tf.constant(0, tf.int64)))
+        self.scale.assign(tf.where(grow, self.scale * 2, tf.where(finite, self.scale, self.scale / 2)))
+
+
+def make_replica_gradients(
+    model: keras.Model, global_batch_size: int, *,
+    loss_scale: LossScale | None = None, jit_compile: bool = False,
+) -> Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, list[tf.Tensor]]]:
+    """The math of one update on one replica's slice of the batch: loss components and gradients.
 
     The cross-entropy and the regularization are computed apart and added by hand, so each can
     be logged; both are this replica's share, and summing over replicas gives the batch's value.
+    With `jit_compile` XLA compiles this function alone: it holds no iterator (XLA has no
+    IteratorGetNext) and no cross-replica synchronization (the optimizer's lives outside it).
 
     Returns:
-      A function of (images, labels) giving the stacked `TRAIN_MEASUREMENTS` for this replica.
+      A function of (images, labels) giving the stacked `TRAIN_MEASUREMENTS` and the (unscaled)
+      gradients of the total with respect to `model.trainable_variables`.
     """
+    variables = model.trainable_variables
 
-    def replica_step(images: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+    def replica_gradients(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, list[tf.Tensor]]:
         with tf.GradientTape() as tape:
-            logits = model(images, training=True)
+            # Mixed precision computes in 16 bits; the losses are taken from float32 logits.
+            logits = tf.cast(model(images, training=True), tf.float32)
             cross_entropy = losses.cross_entropy(labels, logits, global_batch_size)
             regularization = losses.regularization(model)
             total = cross_entropy + regularization
-        gradients = tape.gradient(total, model.trainable_variables)
-        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+            scaled = total if loss_scale is None else total * loss_scale.scale
+        gradients = tape.gradient(scaled, variables)
+        if loss_scale is not None:
+            gradients = [gradient / loss_scale.scale for gradient in gradients]
         accuracy = losses.correct_share(labels, logits, global_batch_size)
-        return tf.stack([cross_entropy, regularization, total, accuracy])
+        return tf.stack([cross_entropy, regularization, total, accuracy]), gradients
 
-    return replica_step
+    return tf.function(replica_gradients, jit_compile=True) if jit_compile else replica_gradients
+
+
+def make_train_step(
+    strategy: tf.distribute.Strategy, model: keras.Model, optimizer: keras.optimizers.Optimizer,
+    replica_gradients: Callable[..., tuple[tf.Tensor, list[tf.Tensor]]], *,
+    loss_scale: LossScale | None = None,
+) -> Callable[[tuple], tf.Tensor]:
+    """One update over all replicas, for use inside the traced loop.
+
+    Returns:
+      A function of every replica's batch giving the measurements summed over replicas.
+    """
+    variables = model.trainable_variables
+
+    def replica_step(images: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+        measurements, gradients = replica_gradients(images, labels)
+        optimizer.apply_gradients(zip(gradients, variables))
+        return measurements
+
+    def train_step(batch: tuple) -> tf.Tensor:
+        return strategy.reduce(_SUM, strategy.run(replica_step, args=batch), axis=None)
+
+    def scaled_train_step(batch: tuple) -> tf.Tensor:
+        measurements, gradients = strategy.run(replica_gradients, args=batch)
+        overflows = strategy.reduce(_SUM, strategy.run(_count_non_finite, args=(gradients,)), axis=None)
+        finite = overflows == 0
+
+        def apply() -> tf.Tensor:
+            strategy.run(lambda grads: optimizer.apply_gradients(zip(grads, variables)), args=(gradients,))
+            return tf.constant(True)
+
+        # Decided across replicas, as Keras' LossScaleOptimizer does: a branch that holds the
+        # optimizer's cross-replica sum cannot sit inside one replica's control flow.
+        tf.cond(finite, apply, lambda: tf.constant(False))
+        loss_scale.update(finite)
+        return strategy.reduce(_SUM, measurements, axis=None)
+
+    return train_step if loss_scale is None else scaled_train_step
+
+
+def _count_non_finite(gradients: list[tf.Tensor]) -> tf.Tensor:
+    return tf.add_n([tf.reduce_sum(tf.cast(~tf.math.is_finite(g), tf.float32)) for g in gradients])
 
 
 def make_train_loop(
-    strategy: tf.distribute.Strategy, replica_step: Callable[..., tf.Tensor],
-    next_batch: Callable[[object], tuple],
+    train_step: Callable[[tuple], tf.Tensor], next_batch: Callable[[object], tuple],
 ) -> Callable[[object, tf.Tensor], dict[str, tf.Tensor]]:
     """`train_loop(iterator, num_steps)`: `num_steps` updates in one traced call.
 
@@ -70,8 +139,7 @@ def make_train_loop(
     def train_loop(iterator, num_steps: tf.Tensor) -> dict[str, tf.Tensor]:
         sums = tf.zeros([len(TRAIN_MEASUREMENTS)])
         for _ in tf.range(num_steps):
-            per_replica = strategy.run(replica_step, args=next_batch(iterator))
-            sums += strategy.reduce(_SUM, per_replica, axis=None)
+            sums += train_step(next_batch(iterator))
         return dict(zip(TRAIN_MEASUREMENTS, tf.unstack(sums)))
 
     return train_loop
