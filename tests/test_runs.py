@@ -36,6 +36,7 @@ def test_digits_reaches_90_percent_in_three_epochs(run_cli, tmp_path):
     assert result["train"]["total"] == pytest.approx(
         result["train"]["cross_entropy"] + result["train"]["regularization"], rel=1e-6)
     assert "epoch 3/3: train cross_entropy" in finished.stdout
+    assert finished.stderr == "", "TensorFlow's start-up noise reached the user"
 
 
 def test_logged_step_zero_regularization_is_the_initial_weights(run_cli, tmp_path):

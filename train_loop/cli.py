@@ -52,7 +52,7 @@ flags.DEFINE_enum("precision", _DEFAULTS.precision, configs.PRECISIONS,
                   "(GPUs; the loss is scaled by hand). Weights, logits and losses stay float32.")
 flags.DEFINE_bool("jit_compile", _DEFAULTS.jit_compile,
                   "Compile the per-replica step with XLA (not the loop around it, which reads the "
-                  "input iterator).")
+                  "input iterator); --nojit_compile turns it off.")
 
 FLAGS = flags.FLAGS
 
@@ -75,7 +75,7 @@ def main(argv: Sequence[str]) -> None:
         fail(f"unexpected arguments {' '.join(argv[1:])!r}: every setting is a --flag=value.")
     try:
         config = config_from_flags()
-        startup.start_tensorflow()
+        startup.start_tensorflow(config.cpu_replicas)
         from train_loop.loop import train  # Deferred: --help should not wait for TensorFlow.
 
         train(config)

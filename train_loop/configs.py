@@ -49,7 +49,7 @@ class Config:
     histogram_every: int = 0
     checkpoint_every: int = 0
     seed: int = 0
-    jit_compile: bool = False
+    jit_compile: bool = True
     precision: str = "float32"
 
     def __post_init__(self) -> None:

@@ -27,6 +27,7 @@ def train(config: Config) -> dict[str, Any]:
     Raises:
       UsageError: bad settings, missing or corrupt data; raised before anything is written.
     """
+    started = time.perf_counter()
     # Inputs first, so that every user error comes before a single file is written.
     splits = data.load_splits(config)
     steps_per_epoch = data.steps_per_epoch(splits, config.batch_size)
@@ -88,6 +89,8 @@ def train(config: Config) -> dict[str, Any]:
         "train": state.epoch_means(),
         "eval": run.evaluation or evaluate(),  # Resumed past the last step: the restored weights.
         "examples_per_second": timer.examples_per_second,
+        # From train() to the end of the first loop call: data, model, tracing, compiling.
+        "seconds_to_first_step": timer.first_done_at - started if timer.first else None,
     }
     runs.write_json(os.path.join(run_dir, runs.RESULT_FILE), result)
     return result
@@ -146,9 +149,7 @@ class _Run:
             num_steps = self._steps_to_next_event()
             started = time.perf_counter()
             sums = _floats(train_steps(num_steps))
-            seconds = time.perf_counter() - started
-            timer.add(num_steps * config.batch_size, seconds)
-            interval.add(sums, num_steps, num_steps * config.batch_size, seconds)
+            interval.add(sums, num_steps, num_steps * config.batch_size, time.perf_counter() - started)
             state.advance(sums, num_steps)
 
             step, epoch_end = state.step, state.step % self.steps_per_epoch == 0
@@ -156,6 +157,8 @@ class _Run:
                 self._write_train_summaries(step, interval.pop_means())
             if _due(step, config.histogram_every, epoch_end):
                 _write_histograms(self.summaries, self.model, step)
+            # Training time counts the steps and their summaries; evaluation and checkpoints not.
+            timer.add(num_steps * config.batch_size, started, time.perf_counter())
             if epoch_end:
                 self._end_epoch(step, evaluate(), timer.examples_per_second)
             if _due(step, config.checkpoint_every, epoch_end):
@@ -220,15 +223,16 @@ class _Timer:
     """Steady-state throughput: a process's first loop call, which traces, is left out."""
 
     first: tuple[int, float] | None = None
+    first_done_at: float = 0.0
     examples: int = 0
     seconds: float = 0.0
 
-    def add(self, examples: int, seconds: float) -> None:
+    def add(self, examples: int, started: float, ended: float) -> None:
         if self.first is None:
-            self.first = (examples, seconds)
+            self.first, self.first_done_at = (examples, ended - started), ended
         else:
             self.examples += examples
-            self.seconds += seconds
+            self.seconds += ended - started
 
     @property
     def examples_per_second(self) -> float:

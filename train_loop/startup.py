@@ -12,26 +12,31 @@ from collections.abc import Iterator
 
 from absl import logging as absl_logging
 
-# Lines TensorFlow prints at every start on a machine without CUDA or with a generic build:
-# informational, or about hardware the user does not have. Anything else is passed through.
+# What TensorFlow prints at every start: INFO lines (its logging prints them before it reads
+# TF_CPP_MIN_LOG_LEVEL), and the CUDA probe's complaint on machines without a GPU driver.
+# Anything else, warnings included, is passed through.
 _NOISE = re.compile(
-    r"All log messages before absl::InitializeLog|cudart_stub\.cc|cuda_platform\.cc.*cuInit"
-    r"|cpu_feature_guard\.cc|To enable the following instructions|oneDNN custom operations"
-    r"|Unable to register cu(DNN|FFT|BLAS) factory|computation_placer|TF-TRT Warning"
-    r"|rebuild TensorFlow with the appropriate compiler flags|cuda_(dnn|fft|blas)\.cc")
+    r"^I\d{4} |All log messages before absl::InitializeLog|cuda_platform\.cc.*cuInit"
+    r"|To enable the following instructions|rebuild TensorFlow with the appropriate compiler flags")
 
 
-def start_tensorflow() -> None:
+def start_tensorflow(cpu_replicas: int = 0) -> None:
     """Imports TensorFlow and lists its devices with the start-up noise filtered out of stderr.
 
-    `TF_CPP_MIN_LOG_LEVEL=1` hides TensorFlow's INFO lines only; the lines printed before its
-    logging is set up, and the CUDA probe's error on machines without a GPU, need filtering.
+    It starts TensorFlow's devices, so the CPU is split into `cpu_replicas` logical devices
+    here (N >= 2), while that is still possible.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     with _filtered_stderr():
         import tensorflow as tf
 
         tf.config.list_physical_devices()
+        if cpu_replicas:
+            from train_loop.distribute import split_cpu
+
+            split_cpu(cpu_replicas)
+        # XLA announces itself at its first compile; a trivial one here keeps that out of training.
+        tf.function(lambda: tf.constant(1.0) + 1.0, jit_compile=True)()
     # TensorFlow's Python INFO lines ("Sharding callback duration") are progress noise too.
     logging.getLogger("tensorflow").setLevel(logging.WARNING)
     absl_logging.set_verbosity(absl_logging.WARNING)

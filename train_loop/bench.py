@@ -1,0 +1,288 @@
+"""`python -m train_loop.bench`: train_loop against Keras `model.fit`, side by side, with a roofline.
+
+Each contender trains the study's convnet (L2 0.001) on the same data, batch and optimizer in a
+process of its own, one after another, and reports its steady-state speed (the first call,
+which traces, left out) and its peak resident memory. The chip's peak is measured in the same
+run with a large matmul, so utilization = achieved FLOP/s / measured peak.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+from absl import app, flags
+
+_STARTED = time.perf_counter()  # As near the process's start as this module gets.
+
+_DATASET = flags.DEFINE_enum("dataset", "fashion_mnist", ["fashion_mnist", "synthetic"],
+                             "Data to train on; synthetic is used when Fashion-MNIST is missing.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Global batch size.", lower_bound=1)
+_PRECISION = flags.DEFINE_enum("precision", "float32", ["float32", "mixed_bfloat16", "mixed_float16"],
+                               "Precision of every contender.")
+_STEPS = flags.DEFINE_integer("steps", 600, "Training steps each contender times.", lower_bound=20)
+_QUICK = flags.DEFINE_bool("quick", False, "A smoke run under a minute: few steps, no whole-run timing.")
+_WHOLE_RUN = flags.DEFINE_bool("whole_run", True, "Also time the study's whole one-epoch L2 run both ways.")
+_WORKER = flags.DEFINE_string("worker", "", "Internal: run one contender and print its JSON.")
+_DATA_DIR = flags.DEFINE_string("data_dir", "", "Internal: the folder holding the benchmark's npz.")
+
+CONTENDERS = {
+    "keras_fit": "Keras 3 compile + fit",
+    "train_loop_1": "train_loop, 1 step per call",
+    "train_loop": "train_loop, defaults",
+    "train_loop_cached": "train_loop step, cached batch",
+    "train_loop_quiet": "train_loop, no periodic summaries",
+}
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    if _WORKER.value:
+        print(json.dumps(_run_worker(_WORKER.value)))
+        return
+    from train_loop import startup
+
+    startup.start_tensorflow()
+    steps = 100 if _QUICK.value else _STEPS.value
+    # --quick times the three contenders the comparison needs; the two diagnostics are skipped.
+    contenders = list(CONTENDERS)[:3] if _QUICK.value else list(CONTENDERS)
+    with tempfile.TemporaryDirectory() as folder:
+        dataset = _write_subset(folder, steps)
+        figures: dict[str, Any] = {"dataset": dataset, "batch_size": _BATCH_SIZE.value,
+                                   "precision": _PRECISION.value, "steps": steps}
+        for name in contenders:
+            figures[name] = _spawn(name, folder)
+        if _WHOLE_RUN.value and not _QUICK.value and dataset == "fashion_mnist":
+            figures["whole_run_seconds"] = {name: _time_whole_run(name, folder) for name in ("keras", "train_loop")}
+    figures.update(_roofline(figures))
+    _print_table(figures)
+    print(json.dumps(figures))
+
+
+def _write_subset(folder: str, steps: int) -> str:
+    """The first `steps + warm-up` batches of the data set as an npz, so every contender sees the same."""
+    import numpy as np
+
+    from train_loop import data
+    from train_loop.configs import Config
+
+    try:
+        splits = data.load_splits(Config(dataset=_DATASET.value))
+        dataset = _DATASET.value
+    except data.DataError:
+        splits, dataset = data.load_splits(Config(dataset="synthetic")), "synthetic"
+    count = (steps + 20) * _BATCH_SIZE.value
+    to_bytes = [(array[..., 0] * 255).round().astype(np.uint8) for array in (splits.x_train, splits.x_test)]
+    np.savez(os.path.join(folder, "fashion_mnist.npz"), x_train=np.resize(to_bytes[0], (count, 28, 28)),
+             y_train=np.resize(splits.y_train, count), x_test=to_bytes[1][:1000], y_test=splits.y_test[:1000])
+    return dataset
+
+
+def _spawn(worker: str, folder: str) -> dict[str, Any]:
+    command = [sys.executable, "-m", "train_loop.bench", f"--worker={worker}", f"--data_dir={folder}",
+               f"--batch_size={_BATCH_SIZE.value}", f"--precision={_PRECISION.value}"]
+    finished = subprocess.run(command, capture_output=True, text=True, check=False)
+    if finished.returncode:
+        raise SystemExit(f"bench: {worker} failed:\n{finished.stderr[-3000:]}")
+    return json.loads(finished.stdout.strip().splitlines()[-1])
+
+
+def _config(folder: str, **settings: Any):
+    from train_loop.configs import Config
+
+    return Config(dataset="fashion_mnist", data_dir=folder, l2=0.001, batch_size=_BATCH_SIZE.value,
+                  precision=_PRECISION.value, logdir=os.path.join(folder, "logs"), **settings)
+
+
+def _run_worker(worker: str) -> dict[str, Any]:
+    """One contender in this process: its steady-state speed and this process's peak memory."""
+    from train_loop import startup
+
+    startup.start_tensorflow()
+    folder, figures = _DATA_DIR.value, {}
+    if worker == "keras_fit":
+        speed = _keras_fit_speed(_config(folder))
+    elif worker == "train_loop_cached":
+        speed = _cached_batch_speed(_config(folder))
+    else:
+        from train_loop.loop import train
+
+        settings = {"train_loop_1": {"steps_per_loop": 1}, "train_loop": {},
+                    "train_loop_quiet": {"summary_every": 10**9}}[worker]
+        imported = time.perf_counter() - _STARTED
+        result = train(_config(folder, run_name=worker, **settings))
+        figures["seconds_to_first_step"] = imported + result["seconds_to_first_step"]
+        speed = result["examples_per_second"]
+    figures["examples_per_second"] = speed
+    figures["peak_rss_bytes"] = _peak_rss_bytes()
+    return figures
+
+
+def _peak_rss_bytes() -> int:
+    """This process's high-water mark (VmHWM); getrusage would report the parent's, kept over exec."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
+def _keras_fit_speed(config) -> float:
+    """What a Keras user runs instead: compile + fit on the same model, data and optimizer."""
+    import keras
+
+    from train_loop import data, models, steps
+
+    splits = data.load_splits(config)
+    model = models.build_model(config, splits.x_train.shape[1:])
+    model.compile(optimizer=steps.build_optimizer(config), metrics=["accuracy"],
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    warm = 20 * config.batch_size
+    model.fit(splits.x_train[:warm], splits.y_train[:warm], batch_size=config.batch_size, verbose=0)
+    started = time.perf_counter()
+    model.fit(splits.x_train[warm:], splits.y_train[warm:], batch_size=config.batch_size, verbose=0, shuffle=False)
+    return (len(splits.x_train) - warm) / (time.perf_counter() - started)
+
+
+def _cached_batch_speed(config) -> float:
+    """train_loop's step fed one cached batch: the speed with the input pipeline taken away."""
+    import tensorflow as tf
+
+    from train_loop import data, models, steps
+
+    splits = data.load_splits(config)
+    strategy = tf.distribute.get_strategy()
+    model = models.build_model(config, splits.x_train.shape[1:])
+    optimizer = steps.build_optimizer(config)
+    optimizer.build(model.trainable_variables)
+    batch = (tf.constant(splits.x_train[: config.batch_size]), tf.constant(splits.y_train[: config.batch_size]))
+    gradients = steps.make_replica_gradients(model, config.batch_size, jit_compile=config.jit_compile)
+    loop = steps.make_train_loop(steps.make_train_step(strategy, model, optimizer, gradients), lambda _: batch)
+    num_steps = len(splits.x_train) // config.batch_size - 20
+    loop(None, tf.constant(20))
+    started = time.perf_counter()
+    float(loop(None, tf.constant(num_steps))["total"])
+    return num_steps * config.batch_size / (time.perf_counter() - started)
+
+
+def _time_whole_run(kind: str, folder: str) -> float:
+    """Start to evaluated model, as a user times it: the study's one-epoch L2 run on Fashion-MNIST."""
+    if kind == "train_loop":
+        command = [sys.executable, "-m", "train_loop", "--dataset=fashion_mnist", "--l2=0.001",
+                   f"--logdir={os.path.join(folder, 'whole')}"]
+    else:
+        command = [sys.executable, "-c", _KERAS_SCRIPT]
+    started = time.perf_counter()
+    subprocess.run(command, capture_output=True, check=True)
+    return time.perf_counter() - started
+
+
+# The study's script as a Keras user writes it (data read by train_loop's reader, since Keras'
+# own loader downloads): compile, fit one epoch, evaluate.
+_KERAS_SCRIPT = """
+import os
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+import keras
+from train_loop import data, models
+from train_loop.configs import Config
+config = Config(dataset="fashion_mnist", l2=0.001)
+splits = data.load_splits(config)
+model = models.build_model(config, (28, 28, 1))
+model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+model.fit(splits.x_train, splits.y_train, epochs=1, verbose=0)
+model.evaluate(splits.x_test, splits.y_test, verbose=0)
+"""
+
+
+def _training_flops_per_example(input_shape: tuple[int, ...] = (28, 28, 1)) -> int:
+    """Forward plus backward FLOPs of the convnet, from its layer shapes.
+
+    Forward: 2 FLOPs per multiply-add. Backward: the gradient of the weights costs as much again,
+    and the gradient of the layer's input too, except for the first layer, whose input needs none.
+    """
+    height, width, channels = input_shape
+    layers = [height * width * channels * 32 * 9, height * width * 32 * 16 * 9, height * width * 16 * 10]
+    forward = [2 * multiply_adds for multiply_adds in layers]
+    return sum(forward) + sum(2 * flops for flops in forward) - forward[0]
+
+
+def _roofline(figures: dict[str, Any]) -> dict[str, Any]:
+    """Achieved FLOP/s of the default train_loop, the measured matmul peaks, and their ratio."""
+    import tensorflow as tf
+
+    flops = _training_flops_per_example()
+    achieved = flops * figures["train_loop"]["examples_per_second"]
+    size = 1024 if _QUICK.value else 4096
+    peaks = {"float32": _matmul_peak(tf.float32, size)}
+    if _has_bfloat16_matmul(tf):
+        peaks["bfloat16"] = _matmul_peak(tf.bfloat16, size)
+    compute = "bfloat16" if _PRECISION.value == "mixed_bfloat16" and "bfloat16" in peaks else "float32"
+    return {"training_flops_per_example": flops, "achieved_flops_per_second": achieved,
+            "peak_flops_per_second": peaks, "utilization": achieved / peaks[compute]}
+
+
+def _matmul_peak(dtype, size: int, repeats: int = 10) -> float:
+    import tensorflow as tf
+
+    a = tf.random.uniform([size, size], dtype=tf.float32)
+    a = tf.cast(a, dtype)
+
+    @tf.function(jit_compile=True)
+    def chain(x):
+        for _ in range(repeats):
+            x = tf.matmul(x, a) * 1e-3
+        return x
+
+    float(tf.reduce_sum(tf.cast(chain(a), tf.float32)))
+    started = time.perf_counter()
+    float(tf.reduce_sum(tf.cast(chain(a), tf.float32)))
+    return 2 * size**3 * repeats / (time.perf_counter() - started)
+
+
+def _has_bfloat16_matmul(tf) -> bool:
+    """True where bfloat16 matmuls run natively: a GPU or TPU, or a CPU with AMX or AVX-512 bf16."""
+    if tf.config.list_physical_devices("GPU"):
+        return True
+    try:
+        with open("/proc/cpuinfo") as stream:
+            cpu_flags = stream.read()
+    except OSError:
+        return False
+    return "amx_bf16" in cpu_flags or "avx512_bf16" in cpu_flags
+
+
+def _print_table(figures: dict[str, Any]) -> None:
+    keras_speed = figures["keras_fit"]["examples_per_second"]
+    print(f"\n{figures['dataset']}, batch {figures['batch_size']}, {figures['precision']}, "
+          f"{figures['steps']} timed steps each")
+    print(f"| {'contender':34} | examples/s | vs Keras fit | peak RSS |")
+    print(f"|{'-' * 36}|-----------:|-------------:|---------:|")
+    for name, title in CONTENDERS.items():
+        if name not in figures:
+            continue
+        speed = figures[name]["examples_per_second"]
+        print(f"| {title:34} | {speed:10,.0f} | {speed / keras_speed:11.2f}x | "
+              f"{figures[name]['peak_rss_bytes'] / 2**30:6.2f} GB |")
+    default = figures["train_loop"]["examples_per_second"]
+    print(f"time to the first training step (process start, imports, data, tracing): "
+          f"{figures['train_loop']['seconds_to_first_step']:.1f} s")
+    if "train_loop_quiet" in figures:
+        quiet = figures["train_loop_quiet"]["examples_per_second"]
+        cached = figures["train_loop_cached"]["examples_per_second"]
+        print(f"summaries + histograms cost {100 * (quiet / default - 1):.1f}% of training time; "
+              f"the input pipeline {100 * (cached / default - 1):.1f}%")
+    print(f"training FLOPs per example {figures['training_flops_per_example'] / 1e6:.1f} M; achieved "
+          f"{figures['achieved_flops_per_second'] / 1e9:.1f} GFLOP/s; measured matmul peak "
+          + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in figures["peak_flops_per_second"].items())
+          + f"; utilization {100 * figures['utilization']:.0f}%")
+    if "whole_run_seconds" in figures:
+        whole = figures["whole_run_seconds"]
+        print(f"whole one-epoch L2 run: Keras script {whole['keras']:.1f} s, python -m train_loop "
+              f"{whole['train_loop']:.1f} s ({whole['keras'] / whole['train_loop']:.2f}x)")
+
+
+if __name__ == "__main__":
+    app.run(main)
