@@ -104,7 +104,8 @@ def make_train_step(
         return strategy.reduce(_SUM, strategy.run(replica_step, args=batch), axis=None)
 
     def scaled_train_step(batch: tuple) -> tf.Tensor:
-        measurements, gradients = strategy.run(replica_gradients, args=batch)
+        # Called from a plain function, so that XLA's compiled function runs on each replica's device.
+        measurements, gradients = strategy.run(lambda *replica_batch: replica_gradients(*replica_batch), args=batch)
         overflows = strategy.reduce(_SUM, strategy.run(_count_non_finite, args=(gradients,)), axis=None)
         finite = overflows == 0
 
