@@ -89,7 +89,7 @@ def train(config: Config) -> dict[str, Any]:
         "train": state.epoch_means(),
         "eval": run.evaluation or evaluate(),  # Resumed past the last step: the restored weights.
         "examples_per_second": timer.examples_per_second,
-        # From train() to the end of the first loop call: data, model, tracing, compiling.
+        # From train() to the end of the first step: data, model, tracing, compiling.
         "seconds_to_first_step": timer.first_done_at - started if timer.first else None,
     }
     runs.write_json(os.path.join(run_dir, runs.RESULT_FILE), result)
@@ -146,7 +146,8 @@ class _Run:
         while state.step < self.steps_per_epoch * config.epochs:
             if state.step % self.steps_per_epoch == 0:
                 state.epoch_sums.assign(tf.zeros_like(state.epoch_sums))
-            num_steps = self._steps_to_next_event()
+            # The first call of a process traces and compiles: one step, so that it is timed apart.
+            num_steps = 1 if timer.first is None else self._steps_to_next_event()
             started = time.perf_counter()
             sums = _floats(train_steps(num_steps))
             interval.add(sums, num_steps, num_steps * config.batch_size, time.perf_counter() - started)
