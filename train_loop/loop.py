@@ -42,7 +42,7 @@ def train(config: Config) -> dict[str, Any]:
         optimizer.build(model.trainable_variables)
         loss_scale = steps.LossScale() if config.precision == "mixed_float16" else None
     state = LoopState()
-    scaling = {"loss_scale": loss_scale.scale} if loss_scale else {}
+    scaling = {"loss_scale": loss_scale} if loss_scale else {}
     manager = checkpoints.make_manager(run_dir, model=model, optimizer=optimizer, **state.trackables(), **scaling)
     resumed = checkpoints.restore_latest(manager)
 
@@ -200,6 +200,9 @@ class _Interval:
     """Sums since the last scalar summary, so each logged point is the mean over its interval."""
 
     def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
         self._sums: dict[str, float] = {}
         self._steps = self._examples = 0
         self._seconds = 0.0
@@ -215,7 +218,7 @@ class _Interval:
         """The interval's mean measurements and its throughput; starts a new interval."""
         means = {name: value / self._steps for name, value in self._sums.items()}
         means["examples_per_second"] = self._examples / self._seconds
-        self.__init__()
+        self._reset()
         return means
 
 

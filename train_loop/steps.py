@@ -30,7 +30,7 @@ def build_optimizer(config: Config) -> keras.optimizers.Optimizer:
     return optimizers[config.optimizer](learning_rate=config.learning_rate)
 
 
-class LossScale:
+class LossScale(tf.Module):
     """Dynamic loss scaling for float16, by hand: the scale halves after a step whose gradients
     overflow (that step is skipped) and doubles after `growth_interval` finite steps in a row.
 
@@ -38,6 +38,7 @@ class LossScale:
     """
 
     def __init__(self, initial: float = 2.0**15, growth_interval: int = 2000):
+        super().__init__(name="loss_scale")
         only_first = tf.VariableAggregation.ONLY_FIRST_REPLICA
         self.scale = tf.Variable(initial, trainable=False, aggregation=only_first)
         self.good_steps = tf.Variable(0, dtype=tf.int64, trainable=False, aggregation=only_first)
