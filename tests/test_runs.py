@@ -12,6 +12,7 @@ import time
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from helpers import numpy_regularization, scalar_series
 
 from train_loop import Config, data, models
@@ -121,3 +122,18 @@ def test_resuming_with_other_settings_is_refused(run_cli, tmp_path):
     assert refused.returncode == 2
     assert refused.stderr.count("\n") == 1 and "l2" in refused.stderr and "--run_name" in refused.stderr
     assert sorted(path.name for path in run_dir.iterdir()) == ["settings.json"]
+
+
+def test_a_diverging_run_stops_with_status_3_and_keeps_finite_checkpoints(run_cli, tmp_path):
+    finished = run_cli("--dataset=digits", "--epochs=3", "--optimizer=sgd", "--learning_rate=1e12",
+                       "--run_name=r", "--checkpoint_every=2", "--steps_per_loop=2", "--summary_every=2")
+    assert finished.returncode == 3, finished.stderr
+    assert finished.stderr.count("\n") == 1 and "diverged" in finished.stderr and "nan" in finished.stderr
+    checkpoints = tmp_path / "logs" / "r" / "checkpoints"
+    assert not (tmp_path / "logs" / "r" / "result.json").exists()
+    for index in checkpoints.glob("*.index"):
+        reader = tf.train.load_checkpoint(str(index)[: -len(".index")])
+        for name in reader.get_variable_to_shape_map():
+            value = reader.get_tensor(name)
+            if np.issubdtype(np.asarray(value).dtype, np.floating):
+                assert np.all(np.isfinite(value)), name

@@ -55,6 +55,7 @@ flags.DEFINE_bool("jit_compile", _DEFAULTS.jit_compile,
                   "input iterator); --nojit_compile turns it off.")
 
 FLAGS = flags.FLAGS
+DIVERGED = 3  # Exit status of a run stopped because a loss component turned non-finite.
 
 
 def parse_flags(argv: Sequence[str]) -> list[str]:
@@ -76,9 +77,13 @@ def main(argv: Sequence[str]) -> None:
     try:
         config = config_from_flags()
         startup.start_tensorflow(config.cpu_replicas)
-        from train_loop.loop import train  # Deferred: --help should not wait for TensorFlow.
+        from train_loop import loop  # Deferred: --help should not wait for TensorFlow.
 
-        train(config)
+        try:
+            loop.train(config)
+        except loop.DivergedError as error:
+            print(f"train_loop: error: {error}", file=sys.stderr)
+            sys.exit(DIVERGED)
     except configs.UsageError as error:
         fail(str(error))
 

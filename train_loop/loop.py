@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from collections.abc import Callable
@@ -96,6 +97,18 @@ def train(config: Config) -> dict[str, Any]:
     return result
 
 
+class DivergedError(RuntimeError):
+    """A loss component turned non-finite; nothing after the last finite checkpoint is saved."""
+
+
+def _check_finite(sums: dict[str, float], step: int, num_steps: int) -> None:
+    for name in ("cross_entropy", "regularization"):
+        if not math.isfinite(sums[name]):
+            raise DivergedError(
+                f"training diverged: {name} became {sums[name]} between steps {step + 1} and "
+                f"{step + num_steps}; nothing past step {step} was saved. Lower --learning_rate.")
+
+
 class LoopState:
     """The outer loop's counters, kept in variables so that checkpoints carry them.
 
@@ -151,6 +164,7 @@ class _Run:
             started = time.perf_counter()
             sums = _floats(train_steps(num_steps))
             interval.add(sums, num_steps, num_steps * config.batch_size, time.perf_counter() - started)
+            _check_finite(sums, state.step, num_steps)
             state.advance(sums, num_steps)
 
             step, epoch_end = state.step, state.step % self.steps_per_epoch == 0
