@@ -14,8 +14,11 @@ def cross_entropy(labels: tf.Tensor, logits: tf.Tensor, global_batch_size: int) 
     its run-time asserts on `global_batch_size`, a Python constant here, which XLA drops with a
     warning at every compile.
     """
-    per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
-    return tf.reduce_sum(per_example) / global_batch_size
+    return tf.reduce_sum(per_example_cross_entropy(labels, logits)) / global_batch_size
+
+
+def per_example_cross_entropy(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
 
 
 def regularization(model: keras.Model) -> tf.Tensor:
@@ -31,5 +34,9 @@ def regularization(model: keras.Model) -> tf.Tensor:
 
 def correct_share(labels: tf.Tensor, logits: tf.Tensor, global_batch_size: int) -> tf.Tensor:
     """This replica's correct predictions over the global batch: accuracy once summed over replicas."""
-    correct = tf.equal(tf.argmax(logits, axis=-1, output_type=labels.dtype), labels)
-    return tf.reduce_sum(tf.cast(correct, tf.float32)) / global_batch_size
+    return tf.reduce_sum(correct(labels, logits)) / global_batch_size
+
+
+def correct(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
+    """1.0 where the highest logit is the label, else 0.0, per example."""
+    return tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=labels.dtype), labels), tf.float32)

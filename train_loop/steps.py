@@ -157,8 +157,8 @@ def make_eval_loop(
 
     def replica_eval(images: tf.Tensor, labels: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
         logits = tf.cast(model(images, training=False), tf.float32)
-        per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
-        correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=labels.dtype), labels), tf.float32)
+        per_example = losses.per_example_cross_entropy(labels, logits)
+        correct = losses.correct(labels, logits)
         return tf.stack([tf.reduce_sum(per_example * weights), tf.reduce_sum(correct * weights),
                          tf.reduce_sum(weights)])
 
