@@ -58,6 +58,9 @@ BAD_INPUTS = [
     case("summary_every-zero", "--summary_every=0", names=("--summary_every=0",)),
     case("cpu_replicas-one", "--cpu_replicas=1", names=("--cpu_replicas=1",)),
     case("run_name-with-slash", "--run_name=a/b", names=("--run_name=", "a/b")),
+    case("profile_steps-one-number", "--profile_steps=5", names=("--profile_steps='5'",)),
+    case("profile_steps-reversed", "--profile_steps=10,5", names=("--profile_steps='10,5'",)),
+    case("profile_steps-not-numbers", "--profile_steps=a,b", names=("--profile_steps='a,b'",)),
     # The command line itself.
     case("unknown-flag", "--no_such_flag=1", names=("no_such_flag",)),
     case("misspelled-flag", "--epoch=2", names=("'epoch'",)),

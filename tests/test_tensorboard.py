@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -31,7 +32,10 @@ TRAIN_FLAGS = ("--dataset=digits", "--epochs=2", "--l2=0.001", "--bias_l1=0.0001
                f"--summary_every={SUMMARY_EVERY}")
 LAYERS = ("conv1", "conv2", "dense")
 TRAIN_SCALARS = {"loss/cross_entropy", "loss/regularization", "loss/total", "accuracy", "learning_rate",
-                 "examples_per_second", *(f"regularization/{layer}" for layer in LAYERS)}
+                 "examples_per_second", "gradient_norm",
+                 *(f"{kind}/{layer}" for layer in LAYERS
+                   for kind in ("regularization", "weight_norm", "gradient_norm"))}
+INITIAL_SCALARS = ("regularization/", "loss/regularization", "weight_norm/")  # also logged at step 0
 EVAL_SCALARS = {"loss/cross_entropy", "accuracy"}
 HISTOGRAMS = {f"{kind}/{layer}" for layer in LAYERS for kind in ("kernel", "bias")}
 LOADERS = {
@@ -91,6 +95,11 @@ class Client:
             f"{self.base_url}{path}", data=json.dumps(body).encode(), method="POST",
             headers={"Content-Type": "application/json", "X-XSRF-Protected": "1"})
         return self._json(request)
+
+    def get_bytes(self, path_and_query: str) -> tuple[str, bytes]:
+        """The content type and body of a non-JSON route (an image)."""
+        with self._opener.open(f"{self.base_url}{path_and_query}", timeout=30) as response:
+            return response.headers.get_content_type(), response.read()
 
     def _json(self, request: urllib.request.Request) -> Any:
         with self._opener.open(request, timeout=30) as response:
@@ -189,6 +198,17 @@ def test_histogram_tags_and_steps(tensorboard: Client, run: Run):
         assert [step for _, step, _ in rows] == [0, *run.epoch_ends()], tag
 
 
+def test_confusion_matrix_image_at_each_evaluation(tensorboard: Client, run: Run):
+    """The images dashboard has eval's confusion matrix at every epoch's end, served as a PNG."""
+    tags = tensorboard.get("/data/plugin/images/tags")
+    assert set(tags) == {run.eval} and set(tags[run.eval]) == {"confusion_matrix"}
+    rows = tensorboard.get("/data/plugin/images/images", run=run.eval, tag="confusion_matrix", sample="0")
+    assert [row["step"] for row in rows] == run.epoch_ends()
+    content_type, png = tensorboard.get_bytes(f"/data/plugin/images/individualImage?{rows[-1]['query']}")
+    assert content_type == "image/png" and png.startswith(b"\x89PNG\r\n\x1a\n")
+    assert struct.unpack(">II", png[16:24]) == (160, 160)  # The IHDR chunk's width and height.
+
+
 def test_eval_series_matches_result(tensorboard: Client, run: Run):
     """Eval is logged at each epoch's last step; its last values are result.json's `eval`."""
     for tag, key in (("accuracy", "accuracy"), ("loss/cross_entropy", "cross_entropy")):
@@ -203,7 +223,7 @@ def test_train_series_steps_and_values(tensorboard: Client, run: Run):
     steps = run.summary_steps()
     series = {tag: _series(tensorboard, run.train, tag) for tag in sorted(TRAIN_SCALARS)}
     for tag, points in series.items():
-        expected = [0, *steps] if tag.startswith(("regularization/", "loss/regularization")) else steps
+        expected = [0, *steps] if tag.startswith(INITIAL_SCALARS) else steps
         assert [step for step, _ in points] == expected, tag
     cross_entropy, regularization = dict(series["loss/cross_entropy"]), dict(series["loss/regularization"])
     for step, total in series["loss/total"]:

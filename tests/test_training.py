@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import numpy_regularization
+from helpers import numpy_regularization, scalar_series
 
 from train_loop import Config, data, models, steps
 from train_loop.loop import train
@@ -38,7 +38,7 @@ def one_step(config: Config, strategy: tf.distribute.Strategy | None = None):
     gradients = steps.make_replica_gradients(model, config.batch_size)
     train_step = tf.function(steps.make_train_step(strategy, model, optimizer, gradients))
     measured = train_step((images, labels))
-    return initial, dict(zip(steps.TRAIN_MEASUREMENTS, np.asarray(measured).tolist()))
+    return initial, dict(zip(steps.measurement_names(model), np.asarray(measured).tolist()))
 
 
 def test_convnet_has_the_studys_parameter_count():
@@ -64,13 +64,18 @@ def test_step_without_regularizers_has_exactly_zero():
 
 def test_mirrored_over_two_cpus_matches_one_device(tmp_path):
     """Same seed and data: 2 replicas give one device's loss components, accuracy and weights."""
-    settings = dict(dataset="digits", l2=0.001, bias_l2=0.01, logdir=str(tmp_path), steps_per_loop=7)
+    settings = dict(dataset="digits", l2=0.001, bias_l2=0.01, logdir=str(tmp_path), steps_per_loop=7,
+                    summary_every=11)
     one = train(Config(strategy="one_device", run_name="one", **settings))
     two = train(Config(strategy="mirrored", cpu_replicas=2, run_name="two", **settings))
     assert (one["replicas"], two["replicas"]) == (1, 2)
     for split in ("train", "eval"):
         for name, value in one[split].items():
             assert two[split][name] == pytest.approx(value, rel=1e-5), (split, name)
+    for tag in ("gradient_norm", "gradient_norm/conv1", "weight_norm/dense"):
+        one_series, two_series = (scalar_series(str(tmp_path / name), "train", tag) for name in ("one", "two"))
+        assert list(two_series) == list(one_series) and len(one_series) > 1, tag
+        np.testing.assert_allclose(list(two_series.values()), list(one_series.values()), rtol=1e-5, err_msg=tag)
     weights = [keras.models.load_model(tmp_path / name / "model.keras").get_weights() for name in ("one", "two")]
     for first, second in zip(*weights):
         np.testing.assert_allclose(second, first, rtol=1e-5, atol=1e-7)
@@ -86,7 +91,7 @@ def test_train_loop_is_traced_once_across_calls():
     replica_input = data.ReplicaInput(strategy, data.train_dataset_fn(
         splits, global_batch_size=32, seed=0, num_epochs=1, start_step=0))
     train_step = steps.make_train_step(strategy, model, optimizer, steps.make_replica_gradients(model, 32))
-    loop = steps.make_train_loop(train_step, replica_input.next_batch)
+    loop = steps.make_train_loop(train_step, steps.measurement_names(model), replica_input.next_batch)
     iterator = replica_input.iterator()
     sums = [loop(iterator, tf.constant(n)) for n in (3, 5, 7)]
     assert loop.experimental_get_tracing_count() == 1

@@ -51,6 +51,7 @@ class Config:
     seed: int = 0
     jit_compile: bool = True
     precision: str = "float32"
+    profile_steps: str = ""
 
     def __post_init__(self) -> None:
         _check_choice("dataset", self.dataset, DATASETS)
@@ -76,6 +77,7 @@ class Config:
                     f"--{name}={getattr(self, name)} must be 0 or more (0 means its default).")
         if self.cpu_replicas == 1:
             raise UsageError("--cpu_replicas=1 splits nothing: use 0 (no split) or 2 or more.")
+        _parse_profile_steps(self.profile_steps)
         if "/" in self.run_name or self.run_name in (".", ".."):
             raise UsageError(
                 f"--run_name={self.run_name!r} must be a plain folder name, without '/'.")
@@ -91,12 +93,30 @@ class Config:
                 parts.append(f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}")
         return "-".join(parts)
 
+    @property
+    def profile_range(self) -> tuple[int, int] | None:
+        """`--profile_steps=START,END` as (START, END), or None when not profiling."""
+        return _parse_profile_steps(self.profile_steps)
+
     def naming_settings(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run it resumes."""
         return {name: getattr(self, name) for name in ("model", *_NAMING_FIELDS)}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _parse_profile_steps(text: str) -> tuple[int, int] | None:
+    if not text:
+        return None
+    try:
+        start, end = (int(part) for part in text.split(","))
+    except ValueError:
+        start = end = -1
+    if not 0 <= start < end:
+        raise UsageError(
+            f"--profile_steps={text!r} must be START,END with 0 <= START < END, e.g. --profile_steps=100,110.")
+    return start, end
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -10,12 +10,14 @@ from collections.abc import Callable
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from train_loop import checkpoints, data, distribute, runs, steps
 from train_loop.configs import Config
 from train_loop.console import Console
 from train_loop.models import build_model, weighted_layers
+from train_loop.profiling import StepProfiler
 from train_loop.summaries import Summaries
 
 
@@ -31,6 +33,7 @@ def train(config: Config) -> dict[str, Any]:
     started = time.perf_counter()
     # Inputs first, so that every user error comes before a single file is written.
     splits = data.load_splits(config)
+    profile_steps = config.profile_range
     steps_per_epoch = data.steps_per_epoch(splits, config.batch_size)
     run_dir = runs.choose_run_dir(config)
     strategy = distribute.make_strategy(config)
@@ -56,7 +59,7 @@ def train(config: Config) -> dict[str, Any]:
         console.say(f"training {run_dir} on {splits.source}")
         summaries.write_settings(os.path.basename(run_dir), _hparams(config, strategy))
         # Step 0 shows the initial weights: what the regularizers start from.
-        initial_term = _write_layer_regularization(summaries, model, 0)
+        initial_term = _write_layer_scalars(summaries, model, 0)
         summaries.write_scalars("train", 0, {"loss/regularization": initial_term})
         _write_histograms(summaries, model, 0)
 
@@ -67,18 +70,22 @@ def train(config: Config) -> dict[str, Any]:
     replica_gradients = steps.make_replica_gradients(
         model, config.batch_size, loss_scale=loss_scale, jit_compile=config.jit_compile)
     train_step = steps.make_train_step(strategy, model, optimizer, replica_gradients, loss_scale=loss_scale)
-    train_loop = steps.make_train_loop(train_step, train_input.next_batch)
+    train_loop = steps.make_train_loop(train_step, steps.measurement_names(model), train_input.next_batch)
     iterator = train_input.iterator()
     eval_fn, eval_batches = data.eval_dataset_fn(splits, config.batch_size)
     eval_input = data.ReplicaInput(strategy, eval_fn)
     eval_loop = steps.make_eval_loop(model, strategy, eval_input.next_batch)
 
-    def evaluate() -> dict[str, float]:
-        return _floats(eval_loop(eval_input.iterator(), tf.constant(eval_batches)))
+    def evaluate() -> Evaluation:
+        measured = eval_loop(eval_input.iterator(), tf.constant(eval_batches))
+        return Evaluation({name: float(measured[name]) for name in ("cross_entropy", "accuracy")},
+                          measured["confusion_matrix"].numpy())
 
-    run = _Run(config, steps_per_epoch, model, optimizer, manager, summaries, console, state, loss_scale)
+    profiler = StepProfiler(profile_steps, os.path.join(run_dir, "train"))
+    run = _Run(config, steps_per_epoch, model, optimizer, manager, summaries, console, state, loss_scale, profiler)
     timer = run.run_epochs(lambda num_steps: train_loop(iterator, tf.constant(num_steps)), evaluate)
     summaries.close()
+    evaluation = run.evaluation or evaluate()  # Resumed past the last step: the restored weights.
 
     _save_model(model, run_dir)
     result = {
@@ -88,7 +95,9 @@ def train(config: Config) -> dict[str, Any]:
         "steps": state.step,
         "epochs": int(state.epoch),
         "train": state.epoch_means(),
-        "eval": run.evaluation or evaluate(),  # Resumed past the last step: the restored weights.
+        "eval": evaluation.metrics,
+        # Rows: true label, columns: predicted label, over the test split.
+        "confusion_matrix": evaluation.confusion_matrix.tolist(),
         "examples_per_second": timer.examples_per_second,
         # From train() to the end of the first step: data, model, tracing, compiling.
         "seconds_to_first_step": timer.first_done_at - started if timer.first else None,
@@ -101,8 +110,16 @@ class DivergedError(RuntimeError):
     """A loss component turned non-finite; nothing after the last finite checkpoint is saved."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """One pass over the test split: cross-entropy and accuracy, and the confusion matrix."""
+
+    metrics: dict[str, float]
+    confusion_matrix: np.ndarray
+
+
 def _check_finite(sums: dict[str, float], step: int, num_steps: int) -> None:
-    for name in ("cross_entropy", "regularization"):
+    for name in ("cross_entropy", "regularization", "gradient_norm"):
         if not math.isfinite(sums[name]):
             raise DivergedError(
                 f"training diverged: {name} became {sums[name]} between steps {step + 1} and "
@@ -151,9 +168,10 @@ class _Run:
     console: Console
     state: LoopState
     loss_scale: steps.LossScale | None
-    evaluation: dict[str, float] = dataclasses.field(default_factory=dict)
+    profiler: StepProfiler
+    evaluation: Evaluation | None = None
 
-    def run_epochs(self, train_steps: Callable[[int], dict], evaluate: Callable[[], dict]) -> _Timer:
+    def run_epochs(self, train_steps: Callable[[int], dict], evaluate: Callable[[], Evaluation]) -> _Timer:
         """Runs until the last epoch ends; returns the throughput timer."""
         config, state, timer, interval = self.config, self.state, _Timer(), _Interval()
         while state.step < self.steps_per_epoch * config.epochs:
@@ -161,6 +179,7 @@ class _Run:
                 state.epoch_sums.assign(tf.zeros_like(state.epoch_sums))
             # The first call of a process traces and compiles: one step, so that it is timed apart.
             num_steps = 1 if timer.first is None else self._steps_to_next_event()
+            self.profiler.before(state.step)
             started = time.perf_counter()
             sums = _floats(train_steps(num_steps))
             interval.add(sums, num_steps, num_steps * config.batch_size, time.perf_counter() - started)
@@ -168,6 +187,7 @@ class _Run:
             state.advance(sums, num_steps)
 
             step, epoch_end = state.step, state.step % self.steps_per_epoch == 0
+            self.profiler.after(step, last=step == self.steps_per_epoch * config.epochs)
             if step % config.summary_every == 0 or epoch_end:
                 self._write_train_summaries(step, interval.pop_means())
             if _due(step, config.histogram_every, epoch_end):
@@ -186,7 +206,8 @@ class _Run:
         step, config = self.state.step, self.config
         intervals = [config.summary_every, self.steps_per_epoch]
         intervals += [every for every in (config.histogram_every, config.checkpoint_every) if every]
-        return min(config.steps_per_loop, *(every - step % every for every in intervals))
+        boundaries = [boundary - step for boundary in self.profiler.boundaries() if boundary > step]
+        return min(config.steps_per_loop, *(every - step % every for every in intervals), *boundaries)
 
     def _write_train_summaries(self, step: int, means: dict[str, float]) -> None:
         self.summaries.write_scalars("train", step, {
@@ -196,17 +217,19 @@ class _Run:
             "accuracy": means["accuracy"],
             "learning_rate": float(keras.ops.convert_to_numpy(self.optimizer.learning_rate)),
             "examples_per_second": means["examples_per_second"],
+            **{name: value for name, value in means.items() if name.startswith("gradient_norm")},
             **({"loss_scale": float(self.loss_scale.scale.numpy())} if self.loss_scale else {}),
         })
-        _write_layer_regularization(self.summaries, self.model, step)
+        _write_layer_scalars(self.summaries, self.model, step)
         self.console.progress(step, {name: means[name] for name in steps.TRAIN_MEASUREMENTS})
 
-    def _end_epoch(self, step: int, evaluation: dict[str, float], examples_per_second: float) -> None:
+    def _end_epoch(self, step: int, evaluation: Evaluation, examples_per_second: float) -> None:
         self.evaluation = evaluation
         self.summaries.write_scalars("eval", step, {
-            "loss/cross_entropy": evaluation["cross_entropy"], "accuracy": evaluation["accuracy"]})
+            "loss/cross_entropy": evaluation.metrics["cross_entropy"], "accuracy": evaluation.metrics["accuracy"]})
+        self.summaries.write_confusion_matrix(step, evaluation.confusion_matrix)
         self.state.epoch.assign_add(1)
-        self.console.epoch_done(int(self.state.epoch), self.state.epoch_means(), evaluation,
+        self.console.epoch_done(int(self.state.epoch), self.state.epoch_means(), evaluation.metrics,
                                 examples_per_second)
 
 
@@ -263,10 +286,14 @@ def _due(step: int, every: int, epoch_end: bool) -> bool:
     return step % every == 0 if every else epoch_end
 
 
-def _write_layer_regularization(summaries: Summaries, model: keras.Model, step: int) -> float:
-    """Each layer's regularization term, from the weights as they are at `step`; returns their sum."""
+def _write_layer_scalars(summaries: Summaries, model: keras.Model, step: int) -> float:
+    """Each layer's regularization term and kernel L2 norm, from the weights as they are at
+    `step`; returns the terms' sum."""
     terms = {layer.name: float(tf.add_n(layer.losses)) for layer in model.layers if layer.losses}
-    summaries.write_scalars("train", step, {f"regularization/{name}": value for name, value in terms.items()})
+    summaries.write_scalars("train", step, {
+        **{f"regularization/{name}": value for name, value in terms.items()},
+        **{f"weight_norm/{layer.name}": float(tf.norm(layer.kernel)) for layer in weighted_layers(model)},
+    })
     return sum(terms.values())
 
 

@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from train_loop import losses
 from train_loop.configs import Config
+from train_loop.models import weighted_layers
 
 TRAIN_MEASUREMENTS = ("cross_entropy", "regularization", "total", "accuracy")
 _SUM = tf.distribute.ReduceOp.SUM
@@ -91,18 +92,30 @@ def make_train_step(
 ) -> Callable[[tuple], tf.Tensor]:
     """One update over all replicas, for use inside the traced loop.
 
+    Besides the loss components it measures the gradient: its global L2 norm (a divergence
+    shows there first) and each weighted layer's kernel-gradient norm, both of the whole global
+    batch's gradient (summed over replicas), so they equal what one device computes.
+
     Returns:
-      A function of every replica's batch giving the measurements summed over replicas.
+      A function of every replica's batch giving the vector of `measurement_names(model)`.
     """
     variables = model.trainable_variables
+    kernels = [layer.kernel for layer in weighted_layers(model)]
+    kernel_positions = [next(i for i, v in enumerate(variables) if v is kernel) for kernel in kernels]
 
-    def replica_step(images: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+    def gradient_norms(replica_gradients_: list) -> tf.Tensor:
+        gradients = [strategy.reduce(_SUM, gradient, axis=None) for gradient in replica_gradients_]
+        return tf.stack([tf.linalg.global_norm(gradients),
+                         *(tf.norm(gradients[position]) for position in kernel_positions)])
+
+    def replica_step(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, list[tf.Tensor]]:
         measurements, gradients = replica_gradients(images, labels)
         optimizer.apply_gradients(zip(gradients, variables))
-        return measurements
+        return measurements, gradients
 
     def train_step(batch: tuple) -> tf.Tensor:
-        return strategy.reduce(_SUM, strategy.run(replica_step, args=batch), axis=None)
+        measurements, gradients = strategy.run(replica_step, args=batch)
+        return tf.concat([strategy.reduce(_SUM, measurements, axis=None), gradient_norms(gradients)], 0)
 
     def scaled_train_step(batch: tuple) -> tf.Tensor:
         # Called from a plain function, so that XLA's compiled function runs on each replica's device.
@@ -118,9 +131,18 @@ def make_train_step(
         # optimizer's cross-replica sum cannot sit inside one replica's control flow.
         tf.cond(finite, apply, lambda: tf.constant(False))
         loss_scale.update(finite)
-        return strategy.reduce(_SUM, measurements, axis=None)
+        # A skipped step's overflowed gradient counts as 0: skipping is the loss scale's job.
+        norms = gradient_norms(gradients)
+        return tf.concat([strategy.reduce(_SUM, measurements, axis=None),
+                          tf.where(finite, norms, tf.zeros_like(norms))], 0)
 
     return train_step if loss_scale is None else scaled_train_step
+
+
+def measurement_names(model: keras.Model) -> tuple[str, ...]:
+    """What a train step measures, in order: the loss components, accuracy and gradient norms."""
+    layer_norms = (f"gradient_norm/{layer.name}" for layer in weighted_layers(model))
+    return (*TRAIN_MEASUREMENTS, "gradient_norm", *layer_norms)
 
 
 def _count_non_finite(gradients: list[tf.Tensor]) -> tf.Tensor:
@@ -128,21 +150,21 @@ def _count_non_finite(gradients: list[tf.Tensor]) -> tf.Tensor:
 
 
 def make_train_loop(
-    train_step: Callable[[tuple], tf.Tensor], next_batch: Callable[[object], tuple],
+    train_step: Callable[[tuple], tf.Tensor], names: tuple[str, ...], next_batch: Callable[[object], tuple],
 ) -> Callable[[object, tf.Tensor], dict[str, tf.Tensor]]:
     """`train_loop(iterator, num_steps)`: `num_steps` updates in one traced call.
 
     `next_batch(iterator)` gives every replica its batch (see `data.ReplicaInput`). Returns the
-    measurements summed over the steps (each already summed over replicas); pass `num_steps` as
-    a tensor so that every call reuses one trace.
+    step's measurements, by `names`, summed over the steps; pass `num_steps` as a tensor so that
+    every call reuses one trace.
     """
 
     @tf.function
     def train_loop(iterator, num_steps: tf.Tensor) -> dict[str, tf.Tensor]:
-        sums = tf.zeros([len(TRAIN_MEASUREMENTS)])
+        sums = tf.zeros([len(names)])
         for _ in tf.range(num_steps):
             sums += train_step(next_batch(iterator))
-        return dict(zip(TRAIN_MEASUREMENTS, tf.unstack(sums)))
+        return dict(zip(names, tf.unstack(sums)))
 
     return train_loop
 
@@ -150,23 +172,31 @@ def make_train_loop(
 def make_eval_loop(
     model: keras.Model, strategy: tf.distribute.Strategy, next_batch: Callable[[object], tuple],
 ) -> Callable[[object, tf.Tensor], dict[str, tf.Tensor]]:
-    """`eval_loop(iterator, num_batches)`: cross-entropy and accuracy over weighted batches.
+    """`eval_loop(iterator, num_batches)`: cross-entropy, accuracy and the confusion matrix.
 
-    Sums are weighted so the zero-weight padding of the last batch counts for nothing.
+    Sums are weighted so the zero-weight padding of the last batch counts for nothing. The
+    confusion matrix counts true labels by row and predictions by column.
     """
+    num_classes = model.output_shape[-1]
 
-    def replica_eval(images: tf.Tensor, labels: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
+    def replica_eval(images: tf.Tensor, labels: tf.Tensor, weights: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         logits = tf.cast(model(images, training=False), tf.float32)
         per_example = losses.per_example_cross_entropy(labels, logits)
         correct = losses.correct(labels, logits)
-        return tf.stack([tf.reduce_sum(per_example * weights), tf.reduce_sum(correct * weights),
+        confusion = tf.math.confusion_matrix(labels, tf.argmax(logits, axis=-1, output_type=labels.dtype),
+                                             num_classes=num_classes, weights=weights, dtype=tf.float32)
+        sums = tf.stack([tf.reduce_sum(per_example * weights), tf.reduce_sum(correct * weights),
                          tf.reduce_sum(weights)])
+        return sums, confusion
 
     @tf.function
     def eval_loop(iterator, num_batches: tf.Tensor) -> dict[str, tf.Tensor]:
-        sums = tf.zeros([3])
+        sums, confusion = tf.zeros([3]), tf.zeros([num_classes, num_classes])
         for _ in tf.range(num_batches):
-            sums += strategy.reduce(_SUM, strategy.run(replica_eval, args=next_batch(iterator)), axis=None)
-        return {"cross_entropy": sums[0] / sums[2], "accuracy": sums[1] / sums[2]}
+            batch_sums, batch_confusion = strategy.run(replica_eval, args=next_batch(iterator))
+            sums += strategy.reduce(_SUM, batch_sums, axis=None)
+            confusion += strategy.reduce(_SUM, batch_confusion, axis=None)
+        return {"cross_entropy": sums[0] / sums[2], "accuracy": sums[1] / sums[2],
+                "confusion_matrix": tf.cast(confusion, tf.int64)}
 
     return eval_loop

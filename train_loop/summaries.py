@@ -37,6 +37,14 @@ class Summaries:
                 for tag, values in histograms.items():
                     tf.summary.histogram(tag, values)
 
+    def write_confusion_matrix(self, step: int, counts: np.ndarray) -> None:
+        """The eval confusion matrix as an image: `confusion_matrix` on the eval writer."""
+        if "eval" in self._writers:
+            with self._writers["eval"].as_default(step=step):
+                tf.summary.image("confusion_matrix", confusion_image(counts),
+                                 description="Rows: true label; columns: predicted label; shade: "
+                                             "share of the row (white 0, dark blue 1).")
+
     def write_settings(self, run_name: str, settings: Mapping[str, Any]) -> None:
         """The settings as an HParams session (compared across runs) and as a text table."""
         if "settings" in self._writers:
@@ -52,3 +60,21 @@ class Summaries:
     def close(self) -> None:
         for writer in self._writers.values():
             writer.close()
+
+
+CELL_PIXELS = 16
+_EMPTY, _FULL = (1.0, 1.0, 1.0), (0.03, 0.19, 0.42)  # RGB of a share of 0 and of 1.
+
+
+def confusion_image(counts: np.ndarray) -> tf.Tensor:
+    """A [1, H, W, 3] uint8 image of a confusion matrix, drawn with TensorFlow ops alone.
+
+    Each cell's shade is its share of its row (the true label's examples), so a class with few
+    examples shows its mistakes as clearly as a common one; a perfect model is a dark diagonal.
+    """
+    counts = tf.constant(counts, tf.float32)
+    shares = counts / tf.maximum(tf.reduce_sum(counts, axis=1, keepdims=True), 1.0)
+    empty, full = tf.constant(_EMPTY), tf.constant(_FULL)
+    colors = empty + shares[..., tf.newaxis] * (full - empty)
+    pixels = tf.repeat(tf.repeat(colors, CELL_PIXELS, axis=0), CELL_PIXELS, axis=1)
+    return tf.cast(tf.round(pixels * 255.0), tf.uint8)[tf.newaxis]

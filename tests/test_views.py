@@ -1,0 +1,105 @@
+"""What TensorBoard shows beyond the losses: confusion matrix, weight and gradient norms, profile."""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from helpers import events, scalar_series
+
+from train_loop import Config, data, models, steps, summaries, train
+
+LEARNING_RATE = 0.1
+
+
+@pytest.fixture(scope="module")
+def sgd_run(tmp_path_factory):
+    """One digits epoch with plain SGD, a summary and a checkpoint after every step.
+
+    With SGD and no momentum, w_k = w_(k-1) - lr * g_k: the gradient of step k is readable
+    from two consecutive checkpoints, which makes the logged gradient norms checkable.
+    """
+    config = Config(dataset="digits", optimizer="sgd", learning_rate=LEARNING_RATE, l2=0.001,
+                    summary_every=1, checkpoint_every=1, steps_per_loop=1,
+                    logdir=str(tmp_path_factory.mktemp("views")), run_name="sgd")
+    result = train(config)
+    return config, f"{config.logdir}/sgd", result
+
+
+def checkpoint_weights(config: Config, path: str) -> dict[str, list[np.ndarray]]:
+    """Each weighted layer's [kernel, bias] in checkpoint `path`, restored into a fresh model."""
+    model = models.build_model(config, data.image_shape(config.dataset))
+    optimizer = steps.build_optimizer(config)
+    optimizer.build(model.trainable_variables)
+    tf.train.Checkpoint(model=model, optimizer=optimizer).restore(path).expect_partial()
+    return {layer.name: [np.asarray(w, np.float64) for w in layer.get_weights()]
+            for layer in models.weighted_layers(model)}
+
+
+def test_confusion_matrix_counts_match_the_saved_models_predictions(sgd_run):
+    config, run_dir, result = sgd_run
+    counts = np.array(result["confusion_matrix"])
+    splits = data.load_splits(config)
+    assert counts.sum() == len(splits.y_test) == 360
+    model = keras.models.load_model(f"{run_dir}/model.keras")
+    predicted = np.argmax(model.predict(splits.x_test, verbose=0), axis=-1)
+    expected = np.zeros((10, 10), np.int64)
+    np.add.at(expected, (splits.y_test, predicted), 1)
+    np.testing.assert_array_equal(counts, expected)
+    assert np.trace(counts) / counts.sum() == pytest.approx(result["eval"]["accuracy"], abs=1e-6)
+
+
+def test_confusion_matrix_image_shades_each_cell_by_its_row_share(sgd_run):
+    _, run_dir, result = sgd_run
+    images = events(run_dir, "eval").Tensors("confusion_matrix")
+    assert [event.step for event in images] == [result["steps"]]
+    width, height, png = tf.make_ndarray(images[0].tensor_proto)
+    pixels = tf.io.decode_png(png).numpy()
+    cell = summaries.CELL_PIXELS
+    assert (int(width), int(height), pixels.shape) == (10 * cell, 10 * cell, (10 * cell, 10 * cell, 3))
+    counts = np.array(result["confusion_matrix"], np.float64)
+    shares = counts / counts.sum(axis=1, keepdims=True)
+    centres = pixels[cell // 2::cell, cell // 2::cell].astype(np.float64) / 255.0
+    empty, full = np.array(summaries._EMPTY), np.array(summaries._FULL)
+    np.testing.assert_allclose(centres, empty + shares[..., None] * (full - empty), atol=1 / 255)
+
+
+def test_weight_norms_match_the_checkpoint(sgd_run):
+    config, run_dir, result = sgd_run
+    last = result["steps"]
+    weights = checkpoint_weights(config, f"{run_dir}/checkpoints/ckpt-{last}")
+    for layer, (kernel, _) in weights.items():
+        logged = scalar_series(run_dir, "train", f"weight_norm/{layer}")
+        assert logged[last] == pytest.approx(np.linalg.norm(kernel), rel=1e-5), layer
+
+
+def test_gradient_norms_match_the_step_between_two_checkpoints(sgd_run):
+    config, run_dir, result = sgd_run
+    last = result["steps"]
+    before = checkpoint_weights(config, f"{run_dir}/checkpoints/ckpt-{last - 1}")
+    after = checkpoint_weights(config, f"{run_dir}/checkpoints/ckpt-{last}")
+    squares = 0.0
+    for layer in before:
+        gradients = [(old - new) / LEARNING_RATE for old, new in zip(before[layer], after[layer])]
+        logged = scalar_series(run_dir, "train", f"gradient_norm/{layer}")
+        assert logged[last] == pytest.approx(np.linalg.norm(gradients[0]), rel=1e-3), layer
+        squares += sum(np.sum(g**2) for g in gradients)
+    logged = scalar_series(run_dir, "train", "gradient_norm")
+    assert logged[last] == pytest.approx(np.sqrt(squares), rel=1e-3)
+
+
+def test_profile_steps_write_a_trace_of_those_steps(run_cli, tmp_path):
+    finished = run_cli("--dataset=digits", "--profile_steps=3,6", "--run_name=profiled")
+    assert finished.returncode == 0, finished.stderr
+    traces = glob.glob(str(tmp_path / "logs/profiled/train/plugins/profile/*/*.xplane.pb"))
+    assert len(traces) == 1 and Path(traces[0]).stat().st_size > 0, traces
+    result = json.loads((tmp_path / "logs/profiled/result.json").read_text())
+    assert result["steps"] == 44
+    plugin_missing = importlib.util.find_spec("tensorboard_plugin_profile") is None
+    assert ("pip install 'train_loop[profile]'" in finished.stderr) == plugin_missing, finished.stderr
