@@ -4,7 +4,7 @@ become one line on stderr and exit status 2."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from absl import app, flags
 
@@ -54,6 +54,10 @@ flags.DEFINE_bool("jit_compile", _DEFAULTS.jit_compile,
                   "Compile the per-replica step with XLA (not the loop around it, which reads the "
                   "input iterator); --nojit_compile turns it off.")
 
+flags.DEFINE_string("profile_steps", _DEFAULTS.profile_steps,
+                    "START,END: trace steps START+1..END for TensorBoard's profile dashboard "
+                    "(install train_loop[profile] to view it).")
+
 FLAGS = flags.FLAGS
 DIVERGED = 3  # Exit status of a run stopped because a loss component turned non-finite.
 
@@ -71,21 +75,42 @@ def config_from_flags() -> configs.Config:
     return configs.Config(**{field: FLAGS[field].value for field in configs.Config.__dataclass_fields__})
 
 
+def config_from_args(args: Sequence[str]) -> configs.Config:
+    """A `Config` from command-line flags given as a list (flagfiles included), as if they were
+    the only ones: every other flag is back at its default. Bad flags exit as `parse_flags` does.
+    """
+    FLAGS.unparse_flags()
+    parse_flags(["train_loop", *args])
+    return config_from_flags()
+
+
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         fail(f"unexpected arguments {' '.join(argv[1:])!r}: every setting is a --flag=value.")
-    try:
+
+    def train() -> None:
         config = config_from_flags()
         startup.start_tensorflow(config.cpu_replicas)
         from train_loop import loop  # Deferred: --help should not wait for TensorFlow.
 
-        try:
-            loop.train(config)
-        except loop.DivergedError as error:
-            print(f"train_loop: error: {error}", file=sys.stderr)
-            sys.exit(DIVERGED)
+        loop.train(config)
+
+    run_guarded(train)
+
+
+def run_guarded(work: Callable[[], None]) -> None:
+    """Runs `work`: a user error becomes one line and exit 2, a divergence one line and exit 3."""
+    try:
+        work()
     except configs.UsageError as error:
         fail(str(error))
+    except RuntimeError as error:
+        from train_loop.loop import DivergedError
+
+        if not isinstance(error, DivergedError):
+            raise
+        print(f"train_loop: error: {error}", file=sys.stderr)
+        sys.exit(DIVERGED)
 
 
 def fail(message: str) -> None:

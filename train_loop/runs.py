@@ -27,7 +27,7 @@ def choose_run_dir(config: Config) -> str:
     while os.path.exists(os.path.join(run_dir, RESULT_FILE)):
         number += 1
         run_dir = f"{base}-{number}"
-    _check_same_settings(run_dir, config)
+    check_same_settings(run_dir, config)
     return run_dir
 
 
@@ -41,7 +41,9 @@ def _check_writable(logdir: str) -> None:
             "pick another --logdir.")
 
 
-def _check_same_settings(run_dir: str, config: Config) -> None:
+def check_same_settings(run_dir: str, config: Config,
+                        fix: str = "pass a new --run_name, or the same settings to resume it") -> None:
+    """Raises UsageError, ending with `fix`, if `run_dir` holds a run with other naming settings."""
     path = os.path.join(run_dir, SETTINGS_FILE)
     if not os.path.exists(path):
         return
@@ -51,8 +53,7 @@ def _check_same_settings(run_dir: str, config: Config) -> None:
               for name, value in config.naming_settings().items() if saved.get(name) != value]
     if differ:
         raise UsageError(
-            f"{run_dir} holds an unfinished run with other settings: {'; '.join(differ)}; "
-            "pass a new --run_name, or the same settings to resume it.")
+            f"{run_dir} holds a run with other settings: {'; '.join(differ)}; {fix}.")
 
 
 def create(run_dir: str, config: Config) -> None:

@@ -1,0 +1,96 @@
+"""`python -m train_loop.study` and `python -m train_loop.compare`: the table and its numbers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from conftest import REPO
+
+from train_loop import Config, report, train
+
+
+def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          timeout=600, cwd=REPO, env=dict(os.environ))
+
+
+def parse_table(markdown: str) -> dict[str, list[str]]:
+    """Rows of a markdown table by their first cell, headings row included under 'run'."""
+    rows = [line.strip("|").split("|") for line in markdown.splitlines() if line.startswith("| ")]
+    return {cells[0].strip(): [cell.strip() for cell in cells[1:]] for cells in rows}
+
+
+def expected_cells(run_dir: Path) -> list[str]:
+    """A row recomputed from the run's result.json and its saved model's first kernel."""
+    result = json.loads((run_dir / "result.json").read_text())
+    train, evaluation = result["train"], result["eval"]
+    kernel = np.abs(keras.models.load_model(run_dir / "model.keras").get_layer("conv1").kernel.numpy())
+    return [f"{train['cross_entropy']:.4f}", f"{train['regularization']:.4f}", f"{train['total']:.4f}",
+            f"{train['accuracy']:.4f}", f"{evaluation['cross_entropy']:.4f}", f"{evaluation['accuracy']:.4f}",
+            f"{evaluation['cross_entropy'] - train['cross_entropy']:+.4f}", f"{kernel.mean():.4f}",
+            f"{kernel.max():.4f}", f"{np.mean(kernel < 1e-3):.1%}"]
+
+
+def test_study_trains_each_experiment_then_reuses_them(tmp_path):
+    args = ("--experiments=baseline,l1", "--extra_flags=--dataset=digits --steps_per_loop=50",
+            f"--logdir={tmp_path}", "--study_name=mine")
+    first = run_module("train_loop.study", *args)
+    assert first.returncode == 0, first.stderr
+    folder = tmp_path / "mine"
+    assert sorted(os.listdir(folder)) == ["baseline", "l1", "study.md"]
+    table = (folder / "study.md").read_text()
+    assert table in first.stdout
+    rows = parse_table(table)
+    assert list(rows) == ["run", "baseline", "l1"]
+    for name in ("baseline", "l1"):
+        assert rows[name] == expected_cells(folder / name), name
+    settings = json.loads((folder / "l1" / "settings.json").read_text())
+    assert (settings["dataset"], settings["l1"], settings["l2"]) == ("digits", 0.001, 0.0)
+    assert float(rows["baseline"][1]) == 0.0 < float(rows["l1"][1])
+
+    results = {name: (folder / name / "result.json").read_bytes() for name in ("baseline", "l1")}
+    again = run_module("train_loop.study", *args)
+    assert again.returncode == 0, again.stderr
+    assert "baseline: reusing the finished run" in again.stdout and "training" not in again.stdout
+    assert {name: (folder / name / "result.json").read_bytes() for name in results} == results
+    assert (folder / "study.md").read_text() == table
+
+
+def test_study_refuses_a_changed_experiment_in_the_same_folder(tmp_path):
+    made = train(Config(dataset="digits", logdir=str(tmp_path / "mine"), run_name="baseline", epochs=1,
+                        steps_per_loop=50))
+    assert made["steps"] == 44
+    refused = run_module("train_loop.study", "--experiments=baseline", "--dataset=digits", "--epochs=2",
+                         f"--logdir={tmp_path}", "--study_name=mine")
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.splitlines() == [refused.stderr.strip()]
+    assert "epochs (run has 1, flags say 2)" in refused.stderr and "--study_name" in refused.stderr
+
+
+def test_compare_prints_the_table_of_runs_in_a_folder(tmp_path):
+    for name, l2 in (("a-plain", 0.0), ("b-l2", 0.01)):
+        train(Config(dataset="digits", l2=l2, logdir=str(tmp_path), run_name=name, steps_per_loop=50))
+    (tmp_path / "not-a-run").mkdir()
+    compared = run_module("train_loop.compare", str(tmp_path))
+    assert compared.returncode == 0, compared.stderr
+    rows = parse_table(compared.stdout)
+    assert list(rows) == ["run", "a-plain", "b-l2"]
+    for name in ("a-plain", "b-l2"):
+        assert rows[name] == expected_cells(tmp_path / name), name
+    assert report.first_kernel(str(tmp_path / "b-l2")).shape == (3, 3, 1, 32)
+
+
+@pytest.mark.parametrize("folder", ["missing", "empty"])
+def test_compare_refuses_a_folder_without_runs(tmp_path, folder):
+    (tmp_path / "empty").mkdir()
+    refused = run_module("train_loop.compare", str(tmp_path / folder))
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.startswith("train_loop: error: ") and len(refused.stderr.splitlines()) == 1
+    assert str(tmp_path / folder) in refused.stderr

@@ -1,0 +1,102 @@
+"""The study's table: one row per finished run, from its `result.json` and latest checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from train_loop import checkpoints, data, runs, steps
+from train_loop.configs import Config, UsageError
+from train_loop.models import build_model, weighted_layers
+
+SMALL_WEIGHT = 1e-3  # |w| under this counts as (nearly) zero: what L1 produces and L2 does not.
+
+# (heading, how to format it) for every column after the run's name.
+COLUMNS = {
+    "train_cross_entropy": ("train CE", "{:.4f}"),
+    "regularization": ("regularization", "{:.4f}"),
+    "total": ("total", "{:.4f}"),
+    "train_accuracy": ("train acc", "{:.4f}"),
+    "eval_cross_entropy": ("eval CE", "{:.4f}"),
+    "eval_accuracy": ("eval acc", "{:.4f}"),
+    "gap": ("gap (eval - train CE)", "{:+.4f}"),
+    "kernel_mean_abs": ("mean abs w", "{:.4f}"),
+    "kernel_max_abs": ("max abs w", "{:.4f}"),
+    "kernel_small_share": (f"abs w < {SMALL_WEIGHT:g}", "{:.1%}"),
+}
+
+
+def finished_runs(folder: str) -> list[str]:
+    """The run folders directly under `folder` (or `folder` itself) that hold a `result.json`.
+
+    Raises:
+      UsageError: `folder` is not a folder, or holds no finished run.
+    """
+    if not os.path.isdir(folder):
+        raise UsageError(f"{folder!r} is not a folder: give the folder that holds the runs, e.g. logdir/study-....")
+    candidates = [folder, *(os.path.join(folder, name) for name in sorted(os.listdir(folder)))]
+    found = [path for path in candidates if os.path.isfile(os.path.join(path, runs.RESULT_FILE))]
+    if not found:
+        raise UsageError(f"{folder!r} holds no finished run (no <run>/{runs.RESULT_FILE}): train some first.")
+    return found
+
+
+def run_row(run_dir: str) -> dict[str, float]:
+    """One run's final numbers and its first layer's kernel statistics."""
+    result = runs.read_result(run_dir)
+    train, evaluation = result["train"], result["eval"]
+    kernel = np.abs(first_kernel(run_dir))
+    return {
+        "train_cross_entropy": train["cross_entropy"],
+        "regularization": train["regularization"],
+        "total": train["total"],
+        "train_accuracy": train["accuracy"],
+        "eval_cross_entropy": evaluation["cross_entropy"],
+        "eval_accuracy": evaluation["accuracy"],
+        "gap": evaluation["cross_entropy"] - train["cross_entropy"],
+        "kernel_mean_abs": float(kernel.mean()),
+        "kernel_max_abs": float(kernel.max()),
+        "kernel_small_share": float(np.mean(kernel < SMALL_WEIGHT)),
+    }
+
+
+def first_kernel(run_dir: str) -> np.ndarray:
+    """The first weighted layer's kernel in the run's latest checkpoint.
+
+    The model and optimizer are rebuilt from the run's saved settings and restored, so layers
+    are found by name, not by a checkpoint key that Keras might rename.
+    """
+    with open(os.path.join(run_dir, runs.SETTINGS_FILE)) as stream:
+        saved = json.load(stream)
+    config = Config(**{name: value for name, value in saved.items() if name in Config.__dataclass_fields__})
+    model = build_model(config, data.image_shape(config.dataset))
+    optimizer = steps.build_optimizer(config)
+    optimizer.build(model.trainable_variables)
+    manager = checkpoints.make_manager(run_dir, model=model, optimizer=optimizer)
+    if manager.latest_checkpoint is None:
+        raise UsageError(f"{run_dir} has a {runs.RESULT_FILE} but no checkpoint: its weights are gone.")
+    manager.checkpoint.restore(manager.latest_checkpoint).expect_partial()
+    return tf.convert_to_tensor(weighted_layers(model)[0].kernel).numpy()
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+    """Rows by run name, in the order given."""
+
+    rows: dict[str, dict[str, float]]
+
+    def markdown(self) -> str:
+        headings = ["run", *(heading for heading, _ in COLUMNS.values())]
+        lines = ["| " + " | ".join(headings) + " |", "|" + "---|" * len(headings)]
+        for name, row in self.rows.items():
+            cells = [name, *(form.format(row[key]) for key, (_, form) in COLUMNS.items())]
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines) + "\n"
+
+
+def table(run_dirs: list[str]) -> Table:
+    return Table({os.path.basename(os.path.normpath(run_dir)): run_row(run_dir) for run_dir in run_dirs})
