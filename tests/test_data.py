@@ -19,7 +19,8 @@ import pytest
 import tensorflow as tf
 
 from train_loop import data
-from train_loop.configs import Config, UsageError
+from train_loop.configs import Config
+from train_loop.errors import UsageError
 
 IMAGES_MAGIC, LABELS_MAGIC = 0x00000803, 0x00000801
 TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS = data.IDX_FILES

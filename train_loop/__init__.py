@@ -1,6 +1,7 @@
 """train_loop: a hand-written TensorFlow 2 training loop that shows every term of its loss."""
 
-from train_loop.configs import Config, UsageError
+from train_loop.configs import Config
+from train_loop.errors import UsageError
 
 
 def train(config: Config | None = None, **settings) -> dict:

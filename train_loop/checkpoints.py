@@ -9,18 +9,24 @@ import tensorflow as tf
 MAX_TO_KEEP = 3
 
 
-def make_manager(run_dir: str, **objects: tf.Module) -> tf.train.CheckpointManager:
-    """A manager for `<run>/checkpoints/` over the named objects (model, optimizer, counters)."""
-    checkpoint = tf.train.Checkpoint(**objects)
-    return tf.train.CheckpointManager(
-        checkpoint, os.path.join(run_dir, "checkpoints"), max_to_keep=MAX_TO_KEEP)
+def directory(run_dir: str) -> str:
+    return os.path.join(run_dir, "checkpoints")
 
 
-def restore_latest(manager: tf.train.CheckpointManager) -> bool:
-    """Restores the newest checkpoint if there is one; says whether it did."""
-    if manager.latest_checkpoint is None:
+def make_manager(checkpoint_dir: str, **objects: tf.Module) -> tf.train.CheckpointManager:
+    """A manager saving the named objects (model, optimizer, counters) into `checkpoint_dir`."""
+    return tf.train.CheckpointManager(tf.train.Checkpoint(**objects), checkpoint_dir, max_to_keep=MAX_TO_KEEP)
+
+
+def restore_latest(manager: tf.train.CheckpointManager, checkpoint_dir: str) -> bool:
+    """Restores the newest checkpoint in `checkpoint_dir` if there is one; says whether it did.
+
+    `checkpoint_dir` is the run's: a worker that saves its copies elsewhere restores the chief's.
+    """
+    latest = tf.train.latest_checkpoint(checkpoint_dir)
+    if latest is None:
         return False
-    manager.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+    manager.checkpoint.restore(latest).assert_existing_objects_matched()
     return True
 
 

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 
 from absl import app, flags
 
-from train_loop import configs, startup
+from train_loop import configs, errors, startup
 
 _DEFAULTS = configs.Config()
 
@@ -58,8 +58,13 @@ flags.DEFINE_string("profile_steps", _DEFAULTS.profile_steps,
                     "START,END: trace steps START+1..END for TensorBoard's profile dashboard "
                     "(install train_loop[profile] to view it).")
 
+flags.DEFINE_bool("deterministic", _DEFAULTS.deterministic,
+                  "Deterministic ops (tf.config.experimental.enable_op_determinism): a run killed "
+                  "and resumed ends with the same numbers as one that was not.")
+flags.DEFINE_string("tpu", _DEFAULTS.tpu,
+                    "With --strategy=tpu: the TPU's name or grpc:// address; empty: the TPU VM's own.")
+
 FLAGS = flags.FLAGS
-DIVERGED = 3  # Exit status of a run stopped because a loss component turned non-finite.
 
 
 def parse_flags(argv: Sequence[str]) -> list[str]:
@@ -90,7 +95,7 @@ def main(argv: Sequence[str]) -> None:
 
     def train() -> None:
         config = config_from_flags()
-        startup.start_tensorflow(config.cpu_replicas)
+        startup.start_tensorflow(config.cpu_replicas, config.strategy)
         from train_loop import loop  # Deferred: --help should not wait for TensorFlow.
 
         loop.train(config)
@@ -99,18 +104,16 @@ def main(argv: Sequence[str]) -> None:
 
 
 def run_guarded(work: Callable[[], None]) -> None:
-    """Runs `work`: a user error becomes one line and exit 2, a divergence one line and exit 3."""
+    """Runs `work`: a user error becomes one line and exit 2; a run stopped on purpose (divergence
+    3, SIGTERM 143, SIGINT 130) one line and its own status."""
     try:
         work()
-    except configs.UsageError as error:
+    except errors.UsageError as error:
         fail(str(error))
-    except RuntimeError as error:
-        from train_loop.loop import DivergedError
-
-        if not isinstance(error, DivergedError):
-            raise
-        print(f"train_loop: error: {error}", file=sys.stderr)
-        sys.exit(DIVERGED)
+    except errors.RunStopped as stopped:
+        print(f"train_loop: {'error: ' if isinstance(stopped, errors.DivergedError) else ''}{stopped}",
+              file=sys.stderr)
+        sys.exit(stopped.exit_status)
 
 
 def fail(message: str) -> None:

@@ -6,6 +6,8 @@ import dataclasses
 import math
 from typing import Any
 
+from train_loop.errors import UsageError
+
 DATASETS = ("mnist", "fashion_mnist", "digits", "synthetic")
 MODELS = ("convnet", "linear")
 OPTIMIZERS = ("rmsprop", "adam", "sgd")
@@ -18,10 +20,6 @@ _NAMING_FIELDS = (
     "dataset", "dropout", "l1", "l2", "bias_l1", "bias_l2", "epochs",
     "batch_size", "optimizer", "learning_rate", "seed", "precision",
 )
-
-
-class UsageError(ValueError):
-    """A user's mistake: the CLI prints its message as one line and exits with status 2."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +50,8 @@ class Config:
     jit_compile: bool = True
     precision: str = "float32"
     profile_steps: str = ""
+    deterministic: bool = False
+    tpu: str = ""
 
     def __post_init__(self) -> None:
         _check_choice("dataset", self.dataset, DATASETS)

@@ -13,7 +13,8 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow as tf
 
-from train_loop.configs import Config, UsageError
+from train_loop.configs import Config
+from train_loop.errors import UsageError
 
 IDX_FILES = (
     "train-images-idx3-ubyte", "train-labels-idx1-ubyte",

@@ -7,7 +7,8 @@ import os
 
 import tensorflow as tf
 
-from train_loop.configs import Config, UsageError
+from train_loop.configs import Config
+from train_loop.errors import UsageError
 
 
 def split_cpu(num_devices: int) -> None:
@@ -46,7 +47,7 @@ def make_strategy(config: Config) -> tf.distribute.Strategy:
     if name == "multi_worker":
         return _multi_worker()
     if name == "tpu":
-        return _tpu()
+        return _tpu(config.tpu)
     return tf.distribute.OneDeviceStrategy((_accelerators() or ["/cpu:0"])[0])
 
 
@@ -57,6 +58,18 @@ def check_global_batch(strategy: tf.distribute.Strategy, global_batch_size: int)
         raise UsageError(
             f"--batch_size={global_batch_size} does not split evenly over {replicas} replicas: "
             f"use a multiple of {replicas}.")
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this process writes the run: always, except on a multi-worker cluster, where the
+    `chief` task does, or worker 0 when the cluster names no chief."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or resolver is None:
+        return True
+    if resolver.task_type == "chief":
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
 
 
 def resolve_strategy_name(strategy: str) -> str:
@@ -74,29 +87,61 @@ def _accelerators() -> list[str]:
 
 
 def _tf_config_workers() -> int:
+    cluster = read_tf_config().get("cluster", {})
+    return len(cluster.get("worker", [])) + len(cluster.get("chief", []))
+
+
+def read_tf_config() -> dict:
+    """`TF_CONFIG` parsed and checked ({} when unset), so a typo in it is one clear line rather
+    than a hang while workers wait for a peer that will never come.
+
+    Raises:
+      UsageError: TF_CONFIG is not JSON, or its cluster or task is malformed.
+    """
+    text = os.environ.get("TF_CONFIG", "")
+    if not text.strip():
+        return {}
     try:
-        cluster = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {})
-        return len(cluster.get("worker", [])) + len(cluster.get("chief", []))
-    except (ValueError, AttributeError):
-        return 0
+        tf_config = json.loads(text)
+    except ValueError as error:
+        raise UsageError(f"TF_CONFIG is not valid JSON ({error}); see README 'Running on several machines'.") from None
+    cluster = tf_config.get("cluster") if isinstance(tf_config, dict) else None
+    if not isinstance(cluster, dict) or not any(cluster.get(job) for job in ("chief", "worker")):
+        raise UsageError('TF_CONFIG has no "cluster" with a "worker" (or "chief") list of host:port addresses.')
+    for job, addresses in cluster.items():
+        if not (isinstance(addresses, list) and all(_is_address(address) for address in addresses)):
+            raise UsageError(f'TF_CONFIG cluster "{job}" must be a list of "host:port" strings, not {addresses!r}.')
+    task = tf_config.get("task")
+    if not (isinstance(task, dict) and task.get("type") in cluster and isinstance(task.get("index"), int)
+            and 0 <= task["index"] < len(cluster[task["type"]])):
+        raise UsageError(
+            f'TF_CONFIG "task" must name this process\'s job and index in the cluster, e.g. '
+            f'{{"type": "worker", "index": 0}}; it is {task!r}.')
+    return tf_config
+
+
+def _is_address(address: object) -> bool:
+    host, _, port = str(address).rpartition(":") if isinstance(address, str) else ("", "", "")
+    return bool(host) and port.isdigit()
 
 
 def _multi_worker() -> tf.distribute.Strategy:
-    if "TF_CONFIG" not in os.environ:
+    if not read_tf_config():
         raise UsageError(
             "--strategy=multi_worker needs TF_CONFIG naming the cluster and this worker's task; "
             "see README 'Running on several machines', or use python -m train_loop.launch.")
     return tf.distribute.MultiWorkerMirroredStrategy()
 
 
-def _tpu() -> tf.distribute.Strategy:
+def _tpu(tpu: str) -> tf.distribute.Strategy:
+    """TPUStrategy on the TPU `--tpu` names (empty: this TPU VM's own), initialised first."""
     try:
-        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu="")
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
         tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
     except (ValueError, RuntimeError, tf.errors.OpError) as error:
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UsageError(
-            f"--strategy=tpu: no TPU found here ({first_line}); run on a TPU VM, or pick "
-            "--strategy=auto.") from None
+            f"--strategy=tpu: no TPU {tpu or 'on this machine'} ({first_line}); run on a TPU VM, pass "
+            "--tpu=<name or grpc://address>, or pick --strategy=auto.") from None
     return tf.distribute.TPUStrategy(resolver)

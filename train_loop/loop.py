@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
+import signal
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import keras
@@ -16,29 +19,53 @@ import tensorflow as tf
 from train_loop import checkpoints, data, distribute, runs, steps
 from train_loop.configs import Config
 from train_loop.console import Console
+from train_loop.errors import DivergedError, Interrupted
 from train_loop.models import build_model, weighted_layers
+from train_loop.preemption import SignalStop
 from train_loop.profiling import StepProfiler
-from train_loop.summaries import Summaries
+from train_loop.summaries import Summaries, drop_events_after
 
 
 def train(config: Config) -> dict[str, Any]:
     """Trains, evaluates after every epoch, and writes the run; resumes an interrupted one.
+
+    On a multi-worker cluster every worker trains; the chief alone writes the run.
 
     Returns:
       The content of `<run>/result.json`.
 
     Raises:
       UsageError: bad settings, missing or corrupt data; raised before anything is written.
+      DivergedError, Interrupted: training stopped early (see `errors`).
     """
     started = time.perf_counter()
     # Inputs first, so that every user error comes before a single file is written.
     splits = data.load_splits(config)
-    profile_steps = config.profile_range
     steps_per_epoch = data.steps_per_epoch(splits, config.batch_size)
     run_dir = runs.choose_run_dir(config)
     strategy = distribute.make_strategy(config)
     distribute.check_global_batch(strategy, config.batch_size)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    chief = distribute.is_chief(strategy)
+    with _checkpoint_dir(run_dir, chief) as save_dir:
+        return _train(config, splits, steps_per_epoch, strategy, run_dir, chief, save_dir, started)
 
+
+@contextlib.contextmanager
+def _checkpoint_dir(run_dir: str, chief: bool) -> Iterator[str]:
+    """Where this process saves checkpoints: the run's folder on the chief; elsewhere a
+    temporary folder, removed at the end (saving is collective, so every worker saves)."""
+    if chief:
+        yield checkpoints.directory(run_dir)
+        return
+    with tempfile.TemporaryDirectory(prefix="train_loop-worker-") as folder:
+        yield folder
+
+
+def _train(config: Config, splits: data.Splits, steps_per_epoch: int, strategy: tf.distribute.Strategy,
+           run_dir: str, chief: bool, save_dir: str, started: float) -> dict[str, Any]:
+    """`train` after the checks; a worker that is not the chief writes nothing into `run_dir`."""
     # All state inside the scope: Keras optimizers otherwise build their slots lazily, in a trace.
     with strategy.scope():
         model = build_model(config, splits.x_train.shape[1:])
@@ -47,21 +74,14 @@ def train(config: Config) -> dict[str, Any]:
         loss_scale = steps.LossScale() if config.precision == "mixed_float16" else None
     state = LoopState()
     scaling = {"loss_scale": loss_scale} if loss_scale else {}
-    manager = checkpoints.make_manager(run_dir, model=model, optimizer=optimizer, **state.trackables(), **scaling)
-    resumed = checkpoints.restore_latest(manager)
-
-    runs.create(run_dir, config)
-    summaries = Summaries(run_dir)
+    # The dropout layers' seed states too, so a resumed run draws the masks an uninterrupted one would.
+    manager = checkpoints.make_manager(
+        save_dir, model=model, optimizer=optimizer, rng=[v.value for v in model.non_trainable_variables],
+        **state.trackables(), **scaling)
+    resumed = checkpoints.restore_latest(manager, checkpoints.directory(run_dir))
     console = Console(steps_per_epoch=steps_per_epoch, num_epochs=config.epochs)
-    if resumed:
-        console.say(f"resuming {run_dir} from step {state.step}")
-    else:
-        console.say(f"training {run_dir} on {splits.source}")
-        summaries.write_settings(os.path.basename(run_dir), _hparams(config, strategy))
-        # Step 0 shows the initial weights: what the regularizers start from.
-        initial_term = _write_layer_scalars(summaries, model, 0)
-        summaries.write_scalars("train", 0, {"loss/regularization": initial_term})
-        _write_histograms(summaries, model, 0)
+    console.say(f"resuming {run_dir} from step {state.step}" if resumed else f"training {run_dir} on {splits.source}")
+    summaries = _open_run(config, run_dir if chief else None, model, strategy, state.step if resumed else -1)
 
     # The step, and the data it pulls from, starting where the restored state stands.
     train_input = data.ReplicaInput(strategy, data.train_dataset_fn(
@@ -81,13 +101,17 @@ def train(config: Config) -> dict[str, Any]:
         return Evaluation({name: float(measured[name]) for name in ("cross_entropy", "accuracy")},
                           measured["confusion_matrix"].numpy())
 
-    profiler = StepProfiler(profile_steps, os.path.join(run_dir, "train"))
-    run = _Run(config, steps_per_epoch, model, optimizer, manager, summaries, console, state, loss_scale, profiler)
-    timer = run.run_epochs(lambda num_steps: train_loop(iterator, tf.constant(num_steps)), evaluate)
-    summaries.close()
+    profiler = StepProfiler(config.profile_range if chief else None, os.path.join(run_dir, "train"))
+    signals = SignalStop(strategy)
+    run = _Run(config, steps_per_epoch, model, optimizer, manager, summaries, console, state, loss_scale,
+               profiler, signals)
+    try:
+        with signals.catching():
+            timer = run.run_epochs(lambda num_steps: train_loop(iterator, tf.constant(num_steps)), evaluate)
+    finally:
+        summaries.close()
     evaluation = run.evaluation or evaluate()  # Resumed past the last step: the restored weights.
 
-    _save_model(model, run_dir)
     result = {
         "dataset": config.dataset,
         "strategy": distribute.resolve_strategy_name(config.strategy),
@@ -102,12 +126,31 @@ def train(config: Config) -> dict[str, Any]:
         # From train() to the end of the first step: data, model, tracing, compiling.
         "seconds_to_first_step": timer.first_done_at - started if timer.first else None,
     }
-    runs.write_json(os.path.join(run_dir, runs.RESULT_FILE), result)
+    if chief:
+        _save_model(model, run_dir)
+        runs.write_json(os.path.join(run_dir, runs.RESULT_FILE), result)
     return result
 
 
-class DivergedError(RuntimeError):
-    """A loss component turned non-finite; nothing after the last finite checkpoint is saved."""
+def _open_run(config: Config, run_dir: str | None, model: keras.Model, strategy: tf.distribute.Strategy,
+              restored_step: int) -> Summaries:
+    """The run folder and its writers; a fresh start logs the settings and the initial weights.
+
+    Events logged after the restored checkpoint (by the process that was killed) are dropped
+    first, so the resumed run's curves continue without repeated steps.
+    """
+    if run_dir is None:
+        return Summaries(None)
+    runs.create(run_dir, config)
+    drop_events_after(run_dir, restored_step)
+    summaries = Summaries(run_dir)
+    if restored_step < 0:
+        summaries.write_settings(os.path.basename(run_dir), _hparams(config, strategy))
+        # Step 0 shows the initial weights: what the regularizers start from.
+        initial_term = _write_layer_scalars(summaries, model, 0)
+        summaries.write_scalars("train", 0, {"loss/regularization": initial_term})
+        _write_histograms(summaries, model, 0)
+    return summaries
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +212,7 @@ class _Run:
     state: LoopState
     loss_scale: steps.LossScale | None
     profiler: StepProfiler
+    signals: SignalStop
     evaluation: Evaluation | None = None
 
     def run_epochs(self, train_steps: Callable[[int], dict], evaluate: Callable[[], Evaluation]) -> _Timer:
@@ -196,9 +240,14 @@ class _Run:
             timer.add(num_steps * config.batch_size, started, time.perf_counter())
             if epoch_end:
                 self._end_epoch(step, evaluate(), timer.examples_per_second)
-            if _due(step, config.checkpoint_every, epoch_end):
-                checkpoints.save(self.manager, step)
+            # Events before the checkpoint: a run resumed from it keeps every event up to its step.
             self.summaries.flush()
+            stop = self.signals.requested()
+            if _due(step, config.checkpoint_every, epoch_end) or stop:
+                checkpoints.save(self.manager, step)
+            if stop:
+                raise Interrupted(f"stopped by {signal.Signals(stop).name} at step {step} with a checkpoint; "
+                                  "the same command resumes the run.", stop)
         return timer
 
     def _steps_to_next_event(self) -> int:

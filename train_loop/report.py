@@ -10,7 +10,8 @@ import numpy as np
 import tensorflow as tf
 
 from train_loop import checkpoints, data, runs, steps
-from train_loop.configs import Config, UsageError
+from train_loop.configs import Config
+from train_loop.errors import UsageError
 from train_loop.models import build_model, weighted_layers
 
 SMALL_WEIGHT = 1e-3  # |w| under this counts as (nearly) zero: what L1 produces and L2 does not.
@@ -76,10 +77,10 @@ def first_kernel(run_dir: str) -> np.ndarray:
     model = build_model(config, data.image_shape(config.dataset))
     optimizer = steps.build_optimizer(config)
     optimizer.build(model.trainable_variables)
-    manager = checkpoints.make_manager(run_dir, model=model, optimizer=optimizer)
-    if manager.latest_checkpoint is None:
+    latest = tf.train.latest_checkpoint(checkpoints.directory(run_dir))
+    if latest is None:
         raise UsageError(f"{run_dir} has a {runs.RESULT_FILE} but no checkpoint: its weights are gone.")
-    manager.checkpoint.restore(manager.latest_checkpoint).expect_partial()
+    tf.train.Checkpoint(model=model, optimizer=optimizer).restore(latest).expect_partial()
     return tf.convert_to_tensor(weighted_layers(model)[0].kernel).numpy()
 
 

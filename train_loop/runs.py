@@ -6,7 +6,8 @@ import json
 import os
 from typing import Any
 
-from train_loop.configs import Config, UsageError
+from train_loop.configs import Config
+from train_loop.errors import UsageError
 
 RESULT_FILE = "result.json"
 SETTINGS_FILE = "settings.json"

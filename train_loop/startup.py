@@ -20,23 +20,25 @@ _NOISE = re.compile(
     r"|To enable the following instructions|rebuild TensorFlow with the appropriate compiler flags")
 
 
-def start_tensorflow(cpu_replicas: int = 0) -> None:
+def start_tensorflow(cpu_replicas: int = 0, strategy: str = "one_device") -> None:
     """Imports TensorFlow and lists its devices with the start-up noise filtered out of stderr.
 
     It starts TensorFlow's devices, so the CPU is split into `cpu_replicas` logical devices
-    here (N >= 2), while that is still possible.
+    here (N >= 2), while that is still possible. A multi-worker run (`strategy`, as `--strategy`
+    names it) is left before any op runs: its collectives must be set up first.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     with _filtered_stderr():
         import tensorflow as tf
 
+        from train_loop.distribute import resolve_strategy_name, split_cpu
+
         tf.config.list_physical_devices()
         if cpu_replicas:
-            from train_loop.distribute import split_cpu
-
             split_cpu(cpu_replicas)
-        # XLA announces itself at its first compile; a trivial one here keeps that out of training.
-        tf.function(lambda: tf.constant(1.0) + 1.0, jit_compile=True)()
+        if resolve_strategy_name(strategy) != "multi_worker":
+            # XLA announces itself at its first compile; a trivial one here keeps that out of training.
+            tf.function(lambda: tf.constant(1.0) + 1.0, jit_compile=True)()
     # TensorFlow's Python INFO lines ("Sharding callback duration") are progress noise too.
     logging.getLogger("tensorflow").setLevel(logging.WARNING)
     absl_logging.set_verbosity(absl_logging.WARNING)

@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from absl import app, flags
 
 from train_loop import cli, runs, startup
-from train_loop.configs import Config, UsageError
+from train_loop.configs import Config
+from train_loop.errors import UsageError
 
 EXPERIMENTS = ("baseline", "dropout", "l1", "l2", "l1l2")
 TABLE_FILE = "study.md"
@@ -59,7 +60,8 @@ def study(experiments: Sequence[str], extra_flags: Sequence[str], *, logdir: str
         runs.check_same_settings(os.path.join(folder, config.run_name), config,
                                  fix="pass another --study_name, or the same flags to reuse it")
 
-    startup.start_tensorflow(next(iter(configs.values())).cpu_replicas)
+    first = next(iter(configs.values()))
+    startup.start_tensorflow(first.cpu_replicas, first.strategy)
     from train_loop import loop, report
 
     for name, config in configs.items():

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import glob
 import os
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
+from tensorboard.compat.proto import event_pb2
 from tensorboard.plugins.hparams import api as hparams_api
+
+WRITERS = ("train", "eval", "settings")  # The settings writer writes into the run's own folder.
 
 
 class Summaries:
@@ -21,9 +25,8 @@ class Summaries:
     def __init__(self, run_dir: str | None):
         self._writers: dict[str, Any] = {}
         if run_dir is not None:
-            for name in ("train", "eval", "settings"):
-                path = run_dir if name == "settings" else os.path.join(run_dir, name)
-                self._writers[name] = tf.summary.create_file_writer(path)
+            for name in WRITERS:
+                self._writers[name] = tf.summary.create_file_writer(_writer_dir(run_dir, name))
 
     def write_scalars(self, writer: str, step: int, scalars: Mapping[str, float]) -> None:
         if writer in self._writers:
@@ -60,6 +63,46 @@ class Summaries:
     def close(self) -> None:
         for writer in self._writers.values():
             writer.close()
+
+
+def drop_events_after(run_dir: str, step: int) -> None:
+    """Removes from the run's event files everything logged after `step`.
+
+    A run resumed from its checkpoint at `step` logs the steps after it again; without this,
+    TensorBoard would show those steps twice (from the killed process and from the resumed one).
+    `step` < 0 (a restart with no checkpoint) removes the event files altogether. A record cut
+    short by a kill is dropped too.
+    """
+    for name in WRITERS:
+        for path in glob.glob(os.path.join(_writer_dir(run_dir, name), "events.out.tfevents.*")):
+            if step < 0:
+                os.remove(path)
+                continue
+            kept, complete = [], True
+            try:
+                for record in tf.data.TFRecordDataset(path):
+                    if event_pb2.Event.FromString(record.numpy()).step <= step:
+                        kept.append(record.numpy())
+                    else:
+                        complete = False
+            except tf.errors.DataLossError:
+                complete = False
+            if not complete:
+                _rewrite_records(path, kept)
+
+
+def _rewrite_records(path: str, records: list[bytes]) -> None:
+    """Through a temporary name, so a kill now leaves the old file or the new one. The name lacks
+    "tfevents", so TensorBoard never reads a half-written one."""
+    temporary = os.path.join(os.path.dirname(path), "rewriting-events.tmp")
+    with tf.io.TFRecordWriter(temporary) as writer:
+        for record in records:
+            writer.write(record)
+    os.replace(temporary, path)
+
+
+def _writer_dir(run_dir: str, name: str) -> str:
+    return run_dir if name == "settings" else os.path.join(run_dir, name)
 
 
 CELL_PIXELS = 16

@@ -1,0 +1,35 @@
+"""The errors that end a run on purpose; the command line turns each into its exit status."""
+
+from __future__ import annotations
+
+
+class UsageError(ValueError):
+    """A user's mistake: the CLI prints its message as one line and exits with status 2."""
+
+
+class RunStopped(RuntimeError):
+    """Training stopped before its end, with everything up to `step` saved."""
+
+    def __init__(self, message: str, exit_status: int):
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
+class DivergedError(RunStopped):
+    """A loss component or the gradient turned non-finite; nothing past the last finite step is saved."""
+
+    EXIT_STATUS = 3
+
+    def __init__(self, message: str):
+        super().__init__(message, self.EXIT_STATUS)
+
+
+class Interrupted(RunStopped):
+    """SIGTERM or SIGINT: a checkpoint was written at the step reached; the same command resumes.
+
+    The exit status is the shell's for a death by that signal (143, 130), so schedulers and
+    scripts read it as the preemption it is.
+    """
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message, 128 + signum)

@@ -1,0 +1,122 @@
+"""`python -m train_loop.launch --workers=N -- <train flags>`: N local workers of one
+MultiWorkerMirroredStrategy run, on free 127.0.0.1 ports.
+
+The way to try multi-worker training on one machine (and what the tests use): each worker is
+`python -m train_loop --strategy=multi_worker <train flags>` with its own `TF_CONFIG`; their
+output comes through with a `[worker i]` prefix. If one worker fails, the others are stopped
+(they would wait on its collectives forever) and the launcher exits with that worker's status.
+SIGTERM and SIGINT are passed on to every worker, which checkpoint and stop together.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+
+from absl import app, flags
+
+from train_loop import cli
+from train_loop.configs import Config
+
+_WORKERS = flags.DEFINE_integer("workers", 2, "Local worker processes to start.", lower_bound=1)
+_STOP_SECONDS = 30  # After a failure or a signal: how long workers get before they are killed.
+
+
+def main(argv: Sequence[str]) -> None:
+    num_workers = _WORKERS.value
+    # Training flags before `--` are the workers' too.
+    given = [cli.FLAGS[name].serialize() for name in Config.__dataclass_fields__ if cli.FLAGS[name].present]
+    train_flags = [*given, *argv[1:], "--strategy=multi_worker"]
+    # Checked once here, so a bad flag is one line, not one per worker.
+    cli.run_guarded(lambda: cli.config_from_args(train_flags))
+    sys.exit(launch(num_workers, train_flags))
+
+
+def launch(num_workers: int, train_flags: Sequence[str]) -> int:
+    """Runs the workers to the end; returns 0, or the first failing worker's exit status."""
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(num_workers)]}
+    workers = [_start(index, cluster, train_flags) for index in range(num_workers)]
+    forwarders = [threading.Thread(target=_forward, args=(index, worker.stdout), daemon=True)
+                  for index, worker in enumerate(workers)]
+    for thread in forwarders:
+        thread.start()
+
+    def pass_on(signum: int, _frame) -> None:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, pass_on)
+    signal.signal(signal.SIGINT, pass_on)
+    status = _wait(workers)
+    for thread in forwarders:
+        thread.join(timeout=5)
+    return status
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports the kernel reports free now; held together so that they are distinct."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for probe in sockets:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in sockets]
+    finally:
+        for probe in sockets:
+            probe.close()
+
+
+def _start(index: int, cluster: dict, train_flags: Sequence[str]) -> subprocess.Popen:
+    tf_config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
+    return subprocess.Popen(
+        [sys.executable, "-m", "train_loop", *train_flags],
+        env={**os.environ, "TF_CONFIG": json.dumps(tf_config), "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+
+
+def _forward(index: int, stream) -> None:
+    for line in stream:
+        print(f"[worker {index}] {line}", end="", flush=True)
+
+
+def _wait(workers: list[subprocess.Popen]) -> int:
+    """Waits for all; at the first failure, stops the rest and returns its status."""
+    while True:
+        statuses = [worker.poll() for worker in workers]
+        failed = [status for status in statuses if status not in (None, 0)]
+        if failed:
+            _stop(workers)
+            return _exit_status(failed[0])
+        if all(status == 0 for status in statuses):
+            return 0
+        time.sleep(0.2)
+
+
+def _stop(workers: list[subprocess.Popen]) -> None:
+    """SIGTERM to the workers still running, SIGKILL to those still there after the grace period."""
+    for worker in workers:
+        if worker.poll() is None:
+            worker.terminate()
+    deadline = time.monotonic() + _STOP_SECONDS
+    for worker in workers:
+        try:
+            worker.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+
+
+def _exit_status(status: int) -> int:
+    """A worker killed by signal N (negative status) exits the launcher with 128 + N, as a shell does."""
+    return 128 - status if status < 0 else status
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=cli.parse_flags)
