@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 
 import tensorflow as tf
 
 from train_loop.configs import Config
 from train_loop.errors import UsageError
+
+_CONNECT_SECONDS = 10
 
 
 def split_cpu(num_devices: int) -> None:
@@ -120,6 +123,17 @@ def read_tf_config() -> dict:
     return tf_config
 
 
+def _check_reachable(tpu: str) -> None:
+    """A `grpc://host:port` TPU that does not answer would make TensorFlow wait forever."""
+    if not tpu.startswith("grpc://"):
+        return
+    host, _, port = tpu[len("grpc://"):].rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=_CONNECT_SECONDS).close()
+    except (OSError, ValueError) as error:
+        raise UsageError(f"--tpu={tpu}: nothing answers there ({error}); check the TPU's address.") from None
+
+
 def _is_address(address: object) -> bool:
     host, _, port = str(address).rpartition(":") if isinstance(address, str) else ("", "", "")
     return bool(host) and port.isdigit()
@@ -134,7 +148,12 @@ def _multi_worker() -> tf.distribute.Strategy:
 
 
 def _tpu(tpu: str) -> tf.distribute.Strategy:
-    """TPUStrategy on the TPU `--tpu` names (empty: this TPU VM's own), initialised first."""
+    """TPUStrategy on the TPU `--tpu` names (empty: this TPU VM's own), initialised first.
+
+    Batches are whole (the remainder is dropped) so every shape is static, as XLA on TPUs needs;
+    summaries are written on the host from the values the traced loop returns.
+    """
+    _check_reachable(tpu)
     try:
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
         tf.config.experimental_connect_to_cluster(resolver)

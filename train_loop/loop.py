@@ -20,7 +20,7 @@ from train_loop import checkpoints, data, distribute, runs, steps
 from train_loop.configs import Config
 from train_loop.console import Console
 from train_loop.errors import DivergedError, Interrupted
-from train_loop.models import build_model, weighted_layers
+from train_loop.models import build_model, plain_keras, weighted_layers
 from train_loop.preemption import SignalStop
 from train_loop.profiling import StepProfiler
 from train_loop.summaries import Summaries, drop_events_after
@@ -365,5 +365,5 @@ def _floats(tensors: dict[str, tf.Tensor]) -> dict[str, float]:
 def _save_model(model: keras.Model, run_dir: str) -> None:
     """`model.keras` through a temporary name, so a kill leaves no half-written model."""
     temporary = os.path.join(run_dir, "model.tmp.keras")
-    model.save(temporary)
+    plain_keras(model).save(temporary)
     os.replace(temporary, os.path.join(run_dir, "model.keras"))

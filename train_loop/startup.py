@@ -24,8 +24,8 @@ def start_tensorflow(cpu_replicas: int = 0, strategy: str = "one_device") -> Non
     """Imports TensorFlow and lists its devices with the start-up noise filtered out of stderr.
 
     It starts TensorFlow's devices, so the CPU is split into `cpu_replicas` logical devices
-    here (N >= 2), while that is still possible. A multi-worker run (`strategy`, as `--strategy`
-    names it) is left before any op runs: its collectives must be set up first.
+    here (N >= 2), while that is still possible. A multi-worker or TPU run (`strategy`, as
+    `--strategy` names it) is left before any op runs: its cluster must be connected first.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     with _filtered_stderr():
@@ -36,7 +36,7 @@ def start_tensorflow(cpu_replicas: int = 0, strategy: str = "one_device") -> Non
         tf.config.list_physical_devices()
         if cpu_replicas:
             split_cpu(cpu_replicas)
-        if resolve_strategy_name(strategy) != "multi_worker":
+        if resolve_strategy_name(strategy) not in ("multi_worker", "tpu"):
             # XLA announces itself at its first compile; a trivial one here keeps that out of training.
             tf.function(lambda: tf.constant(1.0) + 1.0, jit_compile=True)()
     # TensorFlow's Python INFO lines ("Sharding callback duration") are progress noise too.
