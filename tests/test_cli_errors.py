@@ -8,6 +8,7 @@ the bundled `digits` set (about ten seconds each), so they are kept to a handful
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -22,10 +23,16 @@ FINISHED_RUN = "convnet-dataset=digits"  # the default run name of `--dataset=di
 UNFINISHED_RUN = "resume-me"
 
 
-def case(case_id: str, *flags: str, names: tuple[str, ...], existing: str = "") -> pytest.param:
+def case(case_id: str, *flags: str, names: tuple[str, ...], existing: str = "",
+         env: dict[str, str] | None = None) -> pytest.param:
     """One bad input: its flags ('{tmp}' is the test's folder), the words its error must contain,
-    and the run folder ('finished' or 'unfinished') that exists in the logdir beforehand, if any."""
-    return pytest.param(flags, names, existing, id=case_id)
+    the run folder ('finished' or 'unfinished') that exists in the logdir beforehand, if any, and
+    the environment variables set."""
+    return pytest.param(flags, names, existing, env or {}, id=case_id)
+
+
+def tf_config(cluster: object, task: object = None) -> dict[str, str]:
+    return {"TF_CONFIG": json.dumps({"cluster": cluster, "task": task or {"type": "worker", "index": 0}})}
 
 
 BAD_INPUTS = [
@@ -74,6 +81,15 @@ BAD_INPUTS = [
     case("data_dir-is-a-file", "--data_dir={tmp}/mnist.npz", names=("--data_dir=", "{tmp}/mnist.npz")),
     case("batch_size-above-digits-train-split", "--dataset=digits",
          f"--batch_size={DIGITS_TRAIN_EXAMPLES + 1}", names=(f"--batch_size={DIGITS_TRAIN_EXAMPLES + 1}",)),
+    # A malformed TF_CONFIG is refused before any worker waits for its peers.
+    case("tf_config-not-json", "--dataset=digits", names=("TF_CONFIG", "JSON"), env={"TF_CONFIG": "{cluster"}),
+    case("tf_config-no-workers", "--dataset=digits", names=("TF_CONFIG", "worker"), env=tf_config({})),
+    case("tf_config-address-without-port", "--dataset=digits", names=("TF_CONFIG", "host:port"),
+         env=tf_config({"worker": ["127.0.0.1:2222", "127.0.0.1"]})),
+    case("tf_config-task-index-out-of-range", "--dataset=digits", names=("TF_CONFIG", "task"),
+         env=tf_config({"worker": ["127.0.0.1:2222"]}, {"type": "worker", "index": 3})),
+    case("tpu-that-does-not-answer", "--dataset=digits", "--strategy=tpu", "--tpu=grpc://127.0.0.1:1",
+         names=("--tpu=grpc://127.0.0.1:1",)),
     case("unfinished-run-with-other-settings", "--dataset=digits", f"--run_name={UNFINISHED_RUN}",
          "--l2=0.01", names=(f"{{tmp}}/logs/{UNFINISHED_RUN}", "l2"), existing="unfinished"),
 ]
@@ -122,9 +138,10 @@ def assert_one_line_error(result: subprocess.CompletedProcess, names: tuple[str,
     assert result.stdout == "", report
 
 
-@pytest.mark.parametrize(("flags", "names", "existing"), BAD_INPUTS)
+@pytest.mark.parametrize(("flags", "names", "existing", "env"), BAD_INPUTS)
 def test_bad_input_is_one_line_and_writes_nothing(
-        run_cli, tmp_path: Path, flags: tuple[str, ...], names: tuple[str, ...], existing: str) -> None:
+        run_cli, tmp_path: Path, flags: tuple[str, ...], names: tuple[str, ...], existing: str,
+        env: dict[str, str]) -> None:
     """Each bad input exits 2 with one error line naming its flag or file; the logdir is untouched."""
     logdir = tmp_path / "logs"
     if existing:
@@ -132,7 +149,7 @@ def test_bad_input_is_one_line_and_writes_nothing(
                  finished=existing == "finished")
     before = snapshot(logdir) if existing else None
 
-    result = run_cli(*(flag.format(tmp=tmp_path) for flag in flags), timeout=180)
+    result = run_cli(*(flag.format(tmp=tmp_path) for flag in flags), timeout=180, env=env)
 
     assert_one_line_error(result, tuple(name.format(tmp=tmp_path) for name in names))
     if existing:

@@ -85,7 +85,11 @@ def config_from_args(args: Sequence[str]) -> configs.Config:
     the only ones: every other flag is back at its default. Bad flags exit as `parse_flags` does.
     """
     FLAGS.unparse_flags()
-    parse_flags(["train_loop", *args])
+    try:
+        parse_flags(["train_loop", *args])
+    finally:
+        # Parsed or not, absl's app reads its own flags on the way out (an error exits from here).
+        FLAGS.mark_as_parsed()
     return config_from_flags()
 
 

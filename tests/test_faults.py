@@ -1,0 +1,170 @@
+"""Beyond one process, and the faults real clusters produce: several workers, SIGTERM and SIGINT,
+SIGKILL at a random step, divergence. Every process is real and bounded in time."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from conftest import REPO
+from helpers import events
+
+from train_loop import Config, train
+from train_loop.errors import DivergedError
+from train_loop.loop import _check_finite
+
+DIGITS_STEPS = 44  # Steps in one digits epoch at batch 32.
+
+
+def start(*args: str, module: str = "train_loop", env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, **(env or {})})
+
+
+def finish(process: subprocess.Popen, timeout: float = 600) -> tuple[int, str, str]:
+    stdout, stderr = process.communicate(timeout=timeout)
+    return process.returncode, stdout, stderr
+
+
+def read_result(run_dir: Path) -> dict:
+    return json.loads((run_dir / "result.json").read_text())
+
+
+def assert_same_numbers(result: dict, expected: dict, rel: float) -> None:
+    for split in ("train", "eval"):
+        for name, value in expected[split].items():
+            assert result[split][name] == pytest.approx(value, rel=rel, abs=1e-7), (split, name)
+
+
+def test_two_workers_match_one_process_and_only_the_chief_writes(tmp_path):
+    """`launch --workers=2`: MultiWorkerMirroredStrategy over loopback, same numbers as one device."""
+    settings = dict(dataset="digits", l2=0.001, epochs=2, steps_per_loop=10)
+    one = train(Config(**settings, logdir=str(tmp_path / "one"), run_name="run", strategy="one_device"))
+    scratch = tmp_path / "scratch"  # The workers' TMPDIR: non-chief checkpoints go there, then away.
+    scratch.mkdir()
+    flags = [f"--{name}={value}" for name, value in settings.items()]
+    launched = start("--workers=2", "--", *flags, f"--logdir={tmp_path / 'two'}", "--run_name=run",
+                     module="train_loop.launch", env={"TMPDIR": str(scratch)})
+    status, stdout, stderr = finish(launched)
+    assert status == 0, stdout[-3000:] + stderr[-3000:]
+    assert "[worker 0] training" in stdout and "[worker 1] training" in stdout
+    two = read_result(tmp_path / "two" / "run")
+    assert (two["strategy"], two["replicas"], two["steps"]) == ("multi_worker", 2, 2 * DIGITS_STEPS)
+    assert_same_numbers(two, one, rel=1e-4)
+    assert os.listdir(tmp_path / "two") == ["run"]
+    assert not [name for name in os.listdir(scratch) if name.startswith("train_loop-worker-")]
+    weights = [keras.models.load_model(tmp_path / name / "run" / "model.keras").get_weights()
+               for name in ("one", "two")]
+    for first, second in zip(*weights):
+        np.testing.assert_allclose(second, first, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(("args", "names"), [
+    (("--workers=0",), ("--workers",)),
+    (("--workers=2", "--", "--l2=-1"), ("--l2=",)),
+    (("--workers=2", "--", "--no_such_flag"), ("no_such_flag",)),
+])
+def test_launch_refuses_bad_input_in_one_line(tmp_path, args, names):
+    status, stdout, stderr = finish(start(*args, f"--logdir={tmp_path}", module="train_loop.launch"), timeout=120)
+    assert (status, stdout) == (2, "")
+    assert len(stderr.splitlines()) == 1 and stderr.startswith("train_loop: error: "), stderr
+    assert all(name in stderr for name in names), stderr
+    assert os.listdir(tmp_path) == []
+
+
+def wait_for_output(process: subprocess.Popen, text: str, timeout: float = 120) -> list[str]:
+    """Reads stdout lines until one contains `text`; returns the lines read."""
+    lines, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if text in line:
+            return lines
+    pytest.fail(f"no {text!r} in the output:\n{''.join(lines)[-3000:]}")
+
+
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_checkpoints_and_exits_then_the_same_command_resumes(tmp_path, signum, status):
+    flags = ("--dataset=digits", "--epochs=30", "--steps_per_loop=20", "--summary_every=20",
+             f"--logdir={tmp_path}", "--run_name=r")
+    process = start(*flags)
+    wait_for_output(process, "step 20/")  # Training is under way.
+    signalled = time.monotonic()
+    process.send_signal(signum)
+    code, _, stderr = finish(process, timeout=60)
+    assert time.monotonic() - signalled < 30
+    assert code == status, stderr
+    assert stderr.count("\n") == 1 and signal.Signals(signum).name in stderr, stderr
+    step = int(stderr.split(" at step ")[1].split()[0])
+    assert 0 < step < 30 * DIGITS_STEPS
+    assert (tmp_path / "r" / "checkpoints" / f"ckpt-{step}.index").exists()
+    assert not (tmp_path / "r" / "result.json").exists()
+    if signum == signal.SIGINT:
+        return  # Resuming is the same either way; once is enough.
+    code, stdout, stderr = finish(start(*flags))
+    assert code == 0, stderr
+    assert f"from step {step}" in stdout.splitlines()[0]
+    assert read_result(tmp_path / "r")["steps"] == 30 * DIGITS_STEPS
+
+
+def logged_steps(run_dir: Path) -> dict[str, list[int]]:
+    """Every tag's logged steps, across all event files of the train and eval writers."""
+    steps = {}
+    for writer in ("train", "eval"):
+        accumulator = events(str(run_dir), writer)
+        for tag in accumulator.Tags()["tensors"]:
+            steps[f"{writer}/{tag}"] = [event.step for event in accumulator.Tensors(tag)]
+    return steps
+
+
+def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_numbers(tmp_path):
+    """--deterministic with dropout: the resumed run's result, weights and curves are the same."""
+    flags = ("--dataset=digits", "--epochs=4", "--dropout=0.2", "--l2=0.001", "--deterministic",
+             "--checkpoint_every=20", "--summary_every=10", "--steps_per_loop=5", f"--logdir={tmp_path}")
+    code, _, stderr = finish(start(*flags, "--run_name=whole"))
+    assert code == 0, stderr
+
+    delay = random.Random().uniform(0.0, 1.5)
+    killed = start(*flags, "--run_name=killed")
+    index = tmp_path / "killed" / "checkpoints" / "checkpoint"
+    deadline = time.monotonic() + 120
+    while not index.exists() and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(delay)
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate(timeout=30)
+    assert killed.returncode == -signal.SIGKILL and not (tmp_path / "killed" / "result.json").exists(), \
+        f"the run ended before the kill {delay:.2f} s after its first checkpoint"
+
+    code, stdout, stderr = finish(start(*flags, "--run_name=killed"))
+    assert code == 0, stderr
+    assert stdout.startswith(f"resuming {tmp_path / 'killed'} from step ")
+    whole, resumed = read_result(tmp_path / "whole"), read_result(tmp_path / "killed")
+    for split in ("train", "eval"):
+        for name, value in whole[split].items():
+            assert abs(resumed[split][name] - value) <= 1e-6, (split, name, delay)
+    assert resumed["confusion_matrix"] == whole["confusion_matrix"]
+    weights = [keras.models.load_model(tmp_path / name / "model.keras").get_weights() for name in ("whole", "killed")]
+    for first, second in zip(*weights):
+        assert np.max(np.abs(second - first)) <= 1e-6, delay
+    steps, expected = logged_steps(tmp_path / "killed"), logged_steps(tmp_path / "whole")
+    assert steps == expected, f"repeated or missing steps after a kill {delay:.2f} s in"
+
+
+def test_a_non_finite_gradient_is_divergence_too():
+    finite = {"cross_entropy": 1.0, "regularization": 0.1, "gradient_norm": 2.0}
+    _check_finite(finite, step=10, num_steps=5)
+    with pytest.raises(DivergedError, match="gradient_norm became inf between steps 11 and 15"):
+        _check_finite({**finite, "gradient_norm": float("inf")}, step=10, num_steps=5)
