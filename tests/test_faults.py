@@ -168,3 +168,33 @@ def test_a_non_finite_gradient_is_divergence_too():
     _check_finite(finite, step=10, num_steps=5)
     with pytest.raises(DivergedError, match="gradient_norm became inf between steps 11 and 15"):
         _check_finite({**finite, "gradient_norm": float("inf")}, step=10, num_steps=5)
+
+
+def worker_pids(launcher: subprocess.Popen) -> dict[int, int]:
+    """The launcher's worker processes by task index, read from /proc."""
+    children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
+    pids = {}
+    for pid in map(int, children):
+        environ = dict(item.split("=", 1) for item in
+                       Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0") if "=" in item)
+        pids[json.loads(environ["TF_CONFIG"])["task"]["index"]] = pid
+    return pids
+
+
+def test_sigterm_to_one_worker_stops_all_at_one_checkpoint_and_the_run_resumes(tmp_path):
+    args = ("--workers=2", "--", "--dataset=digits", "--epochs=30", "--steps_per_loop=20", "--summary_every=20",
+            f"--logdir={tmp_path}", "--run_name=r")
+    launcher = start(*args, module="train_loop.launch")
+    wait_for_output(launcher, "[worker 0] epoch 1/30 step 20/")
+    os.kill(worker_pids(launcher)[1], signal.SIGTERM)  # Not the chief: it must stop too, at the same step.
+    signalled = time.monotonic()
+    code, stdout, stderr = finish(launcher, timeout=120)
+    assert code == 143 and time.monotonic() - signalled < 30, stdout[-3000:] + stderr[-3000:]
+    saved = sorted(int(path.name[5:-6]) for path in (tmp_path / "r" / "checkpoints").glob("ckpt-*.index"))
+    assert saved and not (tmp_path / "r" / "result.json").exists()
+    code, stdout, stderr = finish(start(*args, module="train_loop.launch"))
+    assert code == 0, stdout[-3000:] + stderr[-3000:]
+    assert f"[worker 0] resuming {tmp_path / 'r'} from step {saved[-1]}" in stdout
+    assert f"[worker 1] resuming {tmp_path / 'r'} from step {saved[-1]}" in stdout
+    assert read_result(tmp_path / "r")["steps"] == 30 * DIGITS_STEPS
+    assert os.listdir(tmp_path) == ["r"]
