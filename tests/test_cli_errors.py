@@ -75,6 +75,9 @@ BAD_INPUTS = [
     # Bad inputs beside a run that already finished: it must stay as it is.
     case("l2-negative-beside-finished-run", "--dataset=digits", "--l2=-1", names=("--l2=",),
          existing="finished"),
+    # Where the run would be written.
+    case("logdir-under-a-file", "--dataset=digits", "--logdir={tmp}/mnist.npz/logs", names=("--logdir=",)),
+    case("logdir-not-writable", "--dataset=digits", "--logdir=/proc/logs", names=("--logdir='/proc/logs'",)),
     # These import TensorFlow and read data (about ten seconds each).
     case("data_dir-missing", "--data_dir={tmp}/no-such-folder",
          names=("--data_dir=", "{tmp}/no-such-folder")),

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import tempfile
 from typing import Any
 
 from train_loop.configs import Config
@@ -33,13 +35,19 @@ def choose_run_dir(config: Config) -> str:
 
 
 def _check_writable(logdir: str) -> None:
+    """Probes the nearest existing folder on the way to `logdir` with a folder made and removed
+    at once: permission bits alone miss read-only mounts, /proc, and root's own limits."""
     existing = os.path.abspath(logdir)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+    try:
+        if not os.path.isdir(existing):
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        tempfile.TemporaryDirectory(dir=existing, prefix=".train_loop-probe-").cleanup()
+    except OSError as error:
         raise UsageError(
-            f"--logdir={logdir!r} cannot be written ({existing} is not a writable folder): "
-            "pick another --logdir.")
+            f"--logdir={logdir!r} cannot be written ({existing}: {error.strerror or error}): "
+            "pick another --logdir.") from None
 
 
 def check_same_settings(run_dir: str, config: Config,
