@@ -19,8 +19,8 @@ from conftest import REPO
 from helpers import events
 
 from train_loop import Config, train
+from train_loop.epochs import check_finite
 from train_loop.errors import DivergedError
-from train_loop.loop import _check_finite
 
 DIGITS_STEPS = 44  # Steps in one digits epoch at batch 32.
 
@@ -165,9 +165,9 @@ def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_numbers(tm
 
 def test_a_non_finite_gradient_is_divergence_too():
     finite = {"cross_entropy": 1.0, "regularization": 0.1, "gradient_norm": 2.0}
-    _check_finite(finite, step=10, num_steps=5)
+    check_finite(finite, step=10, num_steps=5)
     with pytest.raises(DivergedError, match="gradient_norm became inf between steps 11 and 15"):
-        _check_finite({**finite, "gradient_norm": float("inf")}, step=10, num_steps=5)
+        check_finite({**finite, "gradient_norm": float("inf")}, step=10, num_steps=5)
 
 
 def worker_pids(launcher: subprocess.Popen) -> dict[int, int]:

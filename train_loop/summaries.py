@@ -7,10 +7,13 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import keras
 import numpy as np
 import tensorflow as tf
 from tensorboard.compat.proto import event_pb2
 from tensorboard.plugins.hparams import api as hparams_api
+
+from train_loop.models import weighted_layers
 
 WRITERS = ("train", "eval", "settings")  # The settings writer writes into the run's own folder.
 
@@ -39,6 +42,22 @@ class Summaries:
             with self._writers["train"].as_default(step=step):
                 for tag, values in histograms.items():
                     tf.summary.histogram(tag, values)
+
+    def write_layer_scalars(self, model: keras.Model, step: int) -> float:
+        """Each layer's regularization term and kernel L2 norm, from the weights as they are at
+        `step`; returns the terms' sum."""
+        terms = {layer.name: float(tf.add_n(layer.losses)) for layer in model.layers if layer.losses}
+        self.write_scalars("train", step, {
+            **{f"regularization/{name}": value for name, value in terms.items()},
+            **{f"weight_norm/{layer.name}": float(tf.norm(layer.kernel)) for layer in weighted_layers(model)},
+        })
+        return sum(terms.values())
+
+    def write_weight_histograms(self, model: keras.Model, step: int) -> None:
+        """Every weighted layer's kernel and bias, as `kernel/<layer>` and `bias/<layer>`."""
+        self.write_histograms(step, {
+            f"{kind}/{layer.name}": tf.convert_to_tensor(getattr(layer, kind))
+            for layer in weighted_layers(model) for kind in ("kernel", "bias")})
 
     def write_confusion_matrix(self, step: int, counts: np.ndarray) -> None:
         """The eval confusion matrix as an image: `confusion_matrix` on the eval writer."""

@@ -1,0 +1,209 @@
+"""The eager outer loop: runs the traced training loop between events, and handles each event
+(summaries, histograms, evaluations, checkpoints, signals, divergence)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import time
+from collections.abc import Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from train_loop import checkpoints, steps
+from train_loop.configs import Config
+from train_loop.console import Console
+from train_loop.errors import DivergedError, Interrupted
+from train_loop.preemption import SignalStop
+from train_loop.profiling import StepProfiler
+from train_loop.summaries import Summaries
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """One pass over the test split: cross-entropy and accuracy, and the confusion matrix."""
+
+    metrics: dict[str, float]
+    confusion_matrix: np.ndarray
+
+
+def check_finite(sums: dict[str, float], step: int, num_steps: int) -> None:
+    """Raises DivergedError if a loss component or the gradient of the last loop call is not finite."""
+    for name in ("cross_entropy", "regularization", "gradient_norm"):
+        if not math.isfinite(sums[name]):
+            raise DivergedError(
+                f"training diverged: {name} became {sums[name]} between steps {step + 1} and "
+                f"{step + num_steps}; nothing past step {step} was saved. Lower --learning_rate.")
+
+
+class LoopState:
+    """The outer loop's counters, kept in variables so that checkpoints carry them.
+
+    `epoch_sums` holds the current epoch's summed measurements and its step count, so a run
+    resumed mid-epoch, or after its last checkpoint, still reports the whole epoch's means.
+    """
+
+    def __init__(self) -> None:
+        self._step = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.epoch_sums = tf.Variable(tf.zeros([len(steps.TRAIN_MEASUREMENTS) + 1], tf.float64),
+                                      trainable=False)
+
+    @property
+    def step(self) -> int:
+        return int(self._step)
+
+    def trackables(self) -> dict[str, tf.Variable]:
+        return {"step": self._step, "epoch": self.epoch, "epoch_sums": self.epoch_sums}
+
+    def advance(self, sums: dict[str, float], num_steps: int) -> None:
+        self._step.assign_add(num_steps)
+        self.epoch_sums.assign_add([*(sums[name] for name in steps.TRAIN_MEASUREMENTS), num_steps])
+
+    def epoch_means(self) -> dict[str, float]:
+        *totals, count = self.epoch_sums.numpy().tolist()
+        return {name: total / max(count, 1) for name, total in zip(steps.TRAIN_MEASUREMENTS, totals)}
+
+
+@dataclasses.dataclass
+class Run:
+    """The eager outer loop: calls the traced loop between events, and handles each event."""
+
+    config: Config
+    steps_per_epoch: int
+    model: keras.Model
+    optimizer: keras.optimizers.Optimizer
+    manager: tf.train.CheckpointManager
+    summaries: Summaries
+    console: Console
+    state: LoopState
+    loss_scale: steps.LossScale | None
+    profiler: StepProfiler
+    signals: SignalStop
+    evaluation: Evaluation | None = None
+
+    def run_epochs(self, train_steps: Callable[[int], dict], evaluate: Callable[[], Evaluation]) -> _Timer:
+        """Runs until the last epoch ends; returns the throughput timer."""
+        config, state, timer, interval = self.config, self.state, _Timer(), _Interval()
+        while state.step < self.steps_per_epoch * config.epochs:
+            if state.step % self.steps_per_epoch == 0:
+                state.epoch_sums.assign(tf.zeros_like(state.epoch_sums))
+            # The first call of a process traces and compiles: one step, so that it is timed apart.
+            num_steps = 1 if timer.first is None else self._steps_to_next_event()
+            self.profiler.before(state.step)
+            started = time.perf_counter()
+            sums = _floats(train_steps(num_steps))
+            interval.add(sums, num_steps, num_steps * config.batch_size, time.perf_counter() - started)
+            check_finite(sums, state.step, num_steps)
+            state.advance(sums, num_steps)
+
+            step, epoch_end = state.step, state.step % self.steps_per_epoch == 0
+            self.profiler.after(step, last=step == self.steps_per_epoch * config.epochs)
+            if step % config.summary_every == 0 or epoch_end:
+                self._write_train_summaries(step, interval.pop_means())
+            if _due(step, config.histogram_every, epoch_end):
+                self.summaries.write_weight_histograms(self.model, step)
+            # Training time counts the steps and their summaries; evaluation and checkpoints not.
+            timer.add(num_steps * config.batch_size, started, time.perf_counter())
+            if epoch_end:
+                self._end_epoch(step, evaluate(), timer.examples_per_second)
+            # Events before the checkpoint: a run resumed from it keeps every event up to its step.
+            self.summaries.flush()
+            stop = self.signals.requested()
+            if _due(step, config.checkpoint_every, epoch_end) or stop:
+                checkpoints.save(self.manager, step)
+            if stop:
+                raise Interrupted(f"stopped by {signal.Signals(stop).name} at step {step} with a checkpoint; "
+                                  "the same command resumes the run.", stop)
+        return timer
+
+    def _steps_to_next_event(self) -> int:
+        """Steps until the next summary, histogram, checkpoint or epoch end, at most steps_per_loop."""
+        step, config = self.state.step, self.config
+        intervals = [config.summary_every, self.steps_per_epoch]
+        intervals += [every for every in (config.histogram_every, config.checkpoint_every) if every]
+        boundaries = [boundary - step for boundary in self.profiler.boundaries() if boundary > step]
+        return min(config.steps_per_loop, *(every - step % every for every in intervals), *boundaries)
+
+    def _write_train_summaries(self, step: int, means: dict[str, float]) -> None:
+        self.summaries.write_scalars("train", step, {
+            "loss/cross_entropy": means["cross_entropy"],
+            "loss/regularization": means["regularization"],
+            "loss/total": means["total"],
+            "accuracy": means["accuracy"],
+            "learning_rate": float(keras.ops.convert_to_numpy(self.optimizer.learning_rate)),
+            "examples_per_second": means["examples_per_second"],
+            **{name: value for name, value in means.items() if name.startswith("gradient_norm")},
+            **({"loss_scale": float(self.loss_scale.scale.numpy())} if self.loss_scale else {}),
+        })
+        self.summaries.write_layer_scalars(self.model, step)
+        self.console.progress(step, {name: means[name] for name in steps.TRAIN_MEASUREMENTS})
+
+    def _end_epoch(self, step: int, evaluation: Evaluation, examples_per_second: float) -> None:
+        self.evaluation = evaluation
+        self.summaries.write_scalars("eval", step, {
+            "loss/cross_entropy": evaluation.metrics["cross_entropy"], "accuracy": evaluation.metrics["accuracy"]})
+        self.summaries.write_confusion_matrix(step, evaluation.confusion_matrix)
+        self.state.epoch.assign_add(1)
+        self.console.epoch_done(int(self.state.epoch), self.state.epoch_means(), evaluation.metrics,
+                                examples_per_second)
+
+
+class _Interval:
+    """Sums since the last scalar summary, so each logged point is the mean over its interval."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self._sums: dict[str, float] = {}
+        self._steps = self._examples = 0
+        self._seconds = 0.0
+
+    def add(self, sums: dict[str, float], num_steps: int, examples: int, seconds: float) -> None:
+        for name, value in sums.items():
+            self._sums[name] = self._sums.get(name, 0.0) + value
+        self._steps += num_steps
+        self._examples += examples
+        self._seconds += seconds
+
+    def pop_means(self) -> dict[str, float]:
+        """The interval's mean measurements and its throughput; starts a new interval."""
+        means = {name: value / self._steps for name, value in self._sums.items()}
+        means["examples_per_second"] = self._examples / self._seconds
+        self._reset()
+        return means
+
+
+@dataclasses.dataclass
+class _Timer:
+    """Steady-state throughput: a process's first loop call, which traces, is left out."""
+
+    first: tuple[int, float] | None = None
+    first_done_at: float = 0.0
+    examples: int = 0
+    seconds: float = 0.0
+
+    def add(self, examples: int, started: float, ended: float) -> None:
+        if self.first is None:
+            self.first, self.first_done_at = (examples, ended - started), ended
+        else:
+            self.examples += examples
+            self.seconds += ended - started
+
+    @property
+    def examples_per_second(self) -> float:
+        examples, seconds = (self.examples, self.seconds) if self.seconds else (self.first or (0, 1.0))
+        return examples / seconds if seconds else 0.0
+
+
+def _due(step: int, every: int, epoch_end: bool) -> bool:
+    """Whether a periodic action runs at `step`; `every` = 0 means at the end of each epoch."""
+    return step % every == 0 if every else epoch_end
+
+
+def _floats(tensors: dict[str, tf.Tensor]) -> dict[str, float]:
+    return {name: float(value) for name, value in tensors.items()}
