@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-import signal
 import time
 from collections.abc import Callable
 
@@ -16,7 +16,7 @@ import tensorflow as tf
 from train_loop import checkpoints, steps
 from train_loop.configs import Config
 from train_loop.console import Console
-from train_loop.errors import DivergedError, Interrupted
+from train_loop.errors import DivergedError
 from train_loop.preemption import SignalStop
 from train_loop.profiling import StepProfiler
 from train_loop.summaries import Summaries
@@ -112,12 +112,11 @@ class Run:
                 self._end_epoch(step, evaluate(), timer.examples_per_second)
             # Events before the checkpoint: a run resumed from it keeps every event up to its step.
             self.summaries.flush()
-            stop = self.signals.requested()
-            if _due(step, config.checkpoint_every, epoch_end) or stop:
+            saved = _due(step, config.checkpoint_every, epoch_end)
+            if saved:
                 checkpoints.save(self.manager, step)
-            if stop:
-                raise Interrupted(f"stopped by {signal.Signals(stop).name} at step {step} with a checkpoint; "
-                                  "the same command resumes the run.", stop)
+            save = _nothing if saved else functools.partial(checkpoints.save, self.manager, step)
+            self.signals.stop_if_signalled(step, save)
         return timer
 
     def _steps_to_next_event(self) -> int:
@@ -198,6 +197,10 @@ class _Timer:
     def examples_per_second(self) -> float:
         examples, seconds = (self.examples, self.seconds) if self.seconds else (self.first or (0, 1.0))
         return examples / seconds if seconds else 0.0
+
+
+def _nothing() -> None:
+    """What saving costs when this step's checkpoint is already written."""
 
 
 def _due(step: int, every: int, epoch_end: bool) -> bool:
