@@ -182,10 +182,10 @@ def worker_pids(launcher: subprocess.Popen) -> dict[int, int]:
 
 
 def test_sigterm_to_one_worker_stops_all_at_one_checkpoint_and_the_run_resumes(tmp_path):
-    args = ("--workers=2", "--", "--dataset=digits", "--epochs=30", "--steps_per_loop=20", "--summary_every=20",
+    args = ("--workers=2", "--", "--dataset=digits", "--epochs=8", "--steps_per_loop=20", "--summary_every=20",
             f"--logdir={tmp_path}", "--run_name=r")
     launcher = start(*args, module="train_loop.launch")
-    wait_for_output(launcher, "[worker 0] epoch 1/30 step 20/")
+    wait_for_output(launcher, "[worker 0] epoch 1/8 step 20/")
     os.kill(worker_pids(launcher)[1], signal.SIGTERM)  # Not the chief: it must stop too, at the same step.
     signalled = time.monotonic()
     code, stdout, stderr = finish(launcher, timeout=120)
@@ -196,5 +196,5 @@ def test_sigterm_to_one_worker_stops_all_at_one_checkpoint_and_the_run_resumes(t
     assert code == 0, stdout[-3000:] + stderr[-3000:]
     assert f"[worker 0] resuming {tmp_path / 'r'} from step {saved[-1]}" in stdout
     assert f"[worker 1] resuming {tmp_path / 'r'} from step {saved[-1]}" in stdout
-    assert read_result(tmp_path / "r")["steps"] == 30 * DIGITS_STEPS
+    assert read_result(tmp_path / "r")["steps"] == 8 * DIGITS_STEPS
     assert os.listdir(tmp_path) == ["r"]

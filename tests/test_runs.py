@@ -95,7 +95,7 @@ def test_a_finished_run_is_never_overwritten(run_cli, tmp_path):
 def test_an_interrupted_run_resumes_from_its_newest_checkpoint(tmp_path):
     """SIGKILL after the first checkpoint; the same command resumes there and finishes."""
     logdir = tmp_path / "logs"
-    command = [sys.executable, "-m", "train_loop", f"--logdir={logdir}", "--dataset=digits", "--epochs=40",
+    command = [sys.executable, "-m", "train_loop", f"--logdir={logdir}", "--dataset=digits", "--epochs=15",
                "--checkpoint_every=10", "--steps_per_loop=5", "--run_name=r"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     index = logdir / "r" / "checkpoints" / "checkpoint"
@@ -111,7 +111,7 @@ def test_an_interrupted_run_resumes_from_its_newest_checkpoint(tmp_path):
     step = int(line.rsplit(" ", 1)[1])
     assert step > 0 and step % 10 == 0
     result = json.loads((logdir / "r" / "result.json").read_text())
-    assert (result["steps"], result["epochs"]) == (40 * 44, 40)
+    assert (result["steps"], result["epochs"]) == (15 * 44, 15)
     assert run_dirs(logdir) == ["r"]
 
 
