@@ -12,6 +12,7 @@ import keras
 import numpy as np
 import pytest
 from conftest import REPO
+from tensorboard.backend.event_processing import event_accumulator
 
 from train_loop import Config, report, train
 
@@ -44,7 +45,9 @@ def test_study_trains_each_experiment_then_reuses_them(tmp_path):
     first = run_module("train_loop.study", *args)
     assert first.returncode == 0, first.stderr
     folder = tmp_path / "mine"
-    assert sorted(os.listdir(folder)) == ["baseline", "l1", "study.md"]
+    assert sorted(name for name in os.listdir(folder) if "tfevents" not in name) == ["baseline", "l1", "study.md"]
+    experiment = event_accumulator.EventAccumulator(str(folder)).Reload()
+    assert "_hparams_/experiment" in experiment.Tags()["tensors"]
     table = (folder / "study.md").read_text()
     assert table in first.stdout
     rows = parse_table(table)

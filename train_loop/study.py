@@ -62,7 +62,9 @@ def study(experiments: Sequence[str], extra_flags: Sequence[str], *, logdir: str
 
     first = next(iter(configs.values()))
     startup.start_tensorflow(first.cpu_replicas, first.strategy)
-    from train_loop import loop, report
+    from train_loop import loop, report, summaries
+
+    summaries.write_study_experiment(folder)
 
     for name, config in configs.items():
         run_dir = os.path.join(folder, name)

@@ -84,6 +84,27 @@ class Summaries:
             writer.close()
 
 
+# What the study compares: the settings its experiments vary, then their final metrics.
+STUDY_HPARAMS = ("dropout", "l1", "l2")
+STUDY_METRICS = (("eval", "accuracy"), ("eval", "loss/cross_entropy"), ("train", "loss/cross_entropy"),
+                 ("train", "loss/regularization"), ("train", "accuracy"))
+
+
+def write_study_experiment(folder: str) -> None:
+    """The HParams experiment for a study's folder: TensorBoard over the folder then compares its
+    runs by the settings the experiments vary and by their final metrics, instead of listing
+    every setting (the same in every run) before any metric."""
+    if glob.glob(os.path.join(folder, "events.out.tfevents.*")):
+        return  # Written when the study first started.
+    writer = tf.summary.create_file_writer(folder)
+    with writer.as_default(step=0):
+        hparams_api.hparams_config(
+            hparams=[hparams_api.HParam(name) for name in STUDY_HPARAMS],
+            metrics=[hparams_api.Metric(tag, group=group, display_name=f"{group} {tag}")
+                     for group, tag in STUDY_METRICS])
+    writer.close()
+
+
 def drop_events_after(run_dir: str, step: int) -> None:
     """Removes from the run's event files everything logged after `step`.
 
