@@ -13,9 +13,9 @@ for _ in $(seq 120); do
   sleep 1
 done
 
-shot() {  # shot <file> <URL fragment>: the dashboard in the state the fragment names.
+shot() {  # shot <file> <URL fragment> [WIDTH,HEIGHT]: the dashboard in the state the fragment names.
   chromium --headless --no-sandbox --disable-gpu --disable-background-networking --no-proxy-server \
-    --hide-scrollbars --window-size=1280,860 --virtual-time-budget=20000 \
+    --hide-scrollbars --window-size="${3:-1280,860}" --virtual-time-budget=20000 \
     --screenshot="$out/$1" "http://127.0.0.1:$port/#$2" 2>/dev/null
 }
 
@@ -23,4 +23,4 @@ shot tensorboard-losses.png 'scalars&tagFilter=loss%2F&regexInput=train&_smoothi
 shot tensorboard-norms.png 'scalars&tagFilter=weight_norm%2Fconv1%7Cgradient_norm%2Fconv1&regexInput=train&_smoothingWeight=0'
 shot tensorboard-histograms.png 'histograms&tagFilter=kernel%2Fconv1&regexInput=train'
 shot tensorboard-confusion.png 'images&regexInput=eval'
-shot tensorboard-hparams.png 'hparams'
+shot tensorboard-hparams.png 'hparams' 1900,420  # Wide: the metrics come after the settings.
