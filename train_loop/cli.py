@@ -80,6 +80,12 @@ def config_from_flags() -> configs.Config:
     return configs.Config(**{field: FLAGS[field].value for field in configs.Config.__dataclass_fields__})
 
 
+def given_training_flags() -> list[str]:
+    """The training flags set on this command line, as `--name=value`: for tools (study, launch)
+    whose command lines accept them and pass them on."""
+    return [FLAGS[name].serialize() for name in configs.Config.__dataclass_fields__ if FLAGS[name].present]
+
+
 def config_from_args(args: Sequence[str]) -> configs.Config:
     """A `Config` from command-line flags given as a list (flagfiles included), as if they were
     the only ones: every other flag is back at its default. Bad flags exit as `parse_flags` does.

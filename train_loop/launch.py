@@ -23,7 +23,6 @@ from collections.abc import Sequence
 from absl import app, flags
 
 from train_loop import cli
-from train_loop.configs import Config
 
 _WORKERS = flags.DEFINE_integer("workers", 2, "Local worker processes to start.", lower_bound=1)
 _STOP_SECONDS = 30  # After a failure or a signal: how long workers get before they are killed.
@@ -32,7 +31,7 @@ _STOP_SECONDS = 30  # After a failure or a signal: how long workers get before t
 def main(argv: Sequence[str]) -> None:
     num_workers = _WORKERS.value
     # Training flags before `--` are the workers' too.
-    given = [cli.FLAGS[name].serialize() for name in Config.__dataclass_fields__ if cli.FLAGS[name].present]
+    given = cli.given_training_flags()
     train_flags = [*given, *argv[1:], "--strategy=multi_worker"]
     # Checked once here, so a bad flag is one line, not one per worker.
     cli.run_guarded(lambda: cli.config_from_args(train_flags))

@@ -37,7 +37,7 @@ def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         cli.fail(f"unexpected arguments {' '.join(argv[1:])!r}: every setting is a --flag=value.")
     # Training flags given to the study itself apply to every experiment, like --extra_flags.
-    given = [cli.FLAGS[name].serialize() for name in Config.__dataclass_fields__ if cli.FLAGS[name].present]
+    given = cli.given_training_flags()
     cli.run_guarded(lambda: study(
         _EXPERIMENTS.value, [*given, *shlex.split(_EXTRA_FLAGS.value)], logdir=cli.FLAGS.logdir,
         study_name=_STUDY_NAME.value, flags_dir=_FLAGS_DIR_FLAG.value))
