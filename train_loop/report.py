@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import numpy as np
@@ -71,8 +70,10 @@ def first_kernel(run_dir: str) -> np.ndarray:
     The model and optimizer are rebuilt from the run's saved settings and restored, so layers
     are found by name, not by a checkpoint key that Keras might rename.
     """
-    with open(os.path.join(run_dir, runs.SETTINGS_FILE)) as stream:
-        saved = json.load(stream)
+    saved = runs.read_settings(run_dir)
+    if saved is None:
+        raise UsageError(
+            f"{run_dir} has a {runs.RESULT_FILE} but no {runs.SETTINGS_FILE}: its model cannot be rebuilt.")
     config = Config(**{name: value for name, value in saved.items() if name in Config.__dataclass_fields__})
     model = build_model(config, data.image_shape(config.dataset))
     optimizer = steps.build_optimizer(config)

@@ -53,11 +53,9 @@ def _check_writable(logdir: str) -> None:
 def check_same_settings(run_dir: str, config: Config,
                         fix: str = "pass a new --run_name, or the same settings to resume it") -> None:
     """Raises UsageError, ending with `fix`, if `run_dir` holds a run with other naming settings."""
-    path = os.path.join(run_dir, SETTINGS_FILE)
-    if not os.path.exists(path):
+    saved = read_settings(run_dir)
+    if saved is None:
         return
-    with open(path) as stream:
-        saved = json.load(stream)
     differ = [f"{name} (run has {saved.get(name)!r}, flags say {value!r})"
               for name, value in config.naming_settings().items() if saved.get(name) != value]
     if differ:
@@ -84,5 +82,15 @@ def write_json(path: str, content: dict[str, Any]) -> None:
 
 
 def read_result(run_dir: str) -> dict[str, Any]:
-    with open(os.path.join(run_dir, RESULT_FILE)) as stream:
+    return _read_json(os.path.join(run_dir, RESULT_FILE))
+
+
+def read_settings(run_dir: str) -> dict[str, Any] | None:
+    """The settings the run in `run_dir` started with, or None when there is no run there."""
+    path = os.path.join(run_dir, SETTINGS_FILE)
+    return _read_json(path) if os.path.exists(path) else None
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    with open(path) as stream:
         return json.load(stream)
