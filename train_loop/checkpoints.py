@@ -31,5 +31,9 @@ def restore_latest(manager: tf.train.CheckpointManager, checkpoint_dir: str) -> 
 
 
 def save(manager: tf.train.CheckpointManager, step: int) -> str:
-    """Saves under the global step's number, so file names say where training stood."""
+    """Saves under the global step's number, so file names say where training stood; a step
+    already saved (a stop requested right after a periodic checkpoint) is not written twice."""
+    latest = manager.latest_checkpoint
+    if latest is not None and latest.endswith(f"-{step}"):
+        return latest
     return manager.save(checkpoint_number=step)

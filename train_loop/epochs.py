@@ -112,11 +112,9 @@ class Run:
                 self._end_epoch(step, evaluate(), timer.examples_per_second)
             # Events before the checkpoint: a run resumed from it keeps every event up to its step.
             self.summaries.flush()
-            saved = _due(step, config.checkpoint_every, epoch_end)
-            if saved:
+            if _due(step, config.checkpoint_every, epoch_end):
                 checkpoints.save(self.manager, step)
-            save = _nothing if saved else functools.partial(checkpoints.save, self.manager, step)
-            self.signals.stop_if_signalled(step, save)
+            self.signals.stop_if_signalled(step, functools.partial(checkpoints.save, self.manager, step))
         return timer
 
     def _steps_to_next_event(self) -> int:
@@ -197,10 +195,6 @@ class _Timer:
     def examples_per_second(self) -> float:
         examples, seconds = (self.examples, self.seconds) if self.seconds else (self.first or (0, 1.0))
         return examples / seconds if seconds else 0.0
-
-
-def _nothing() -> None:
-    """What saving costs when this step's checkpoint is already written."""
 
 
 def _due(step: int, every: int, epoch_end: bool) -> bool:
