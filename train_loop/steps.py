@@ -182,21 +182,19 @@ def make_eval_loop(
     def replica_eval(images: tf.Tensor, labels: tf.Tensor, weights: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         logits = tf.cast(model(images, training=False), tf.float32)
         per_example = losses.per_example_cross_entropy(labels, logits)
-        correct = losses.correct(labels, logits)
         confusion = tf.math.confusion_matrix(labels, tf.argmax(logits, axis=-1, output_type=labels.dtype),
                                              num_classes=num_classes, weights=weights, dtype=tf.float32)
-        sums = tf.stack([tf.reduce_sum(per_example * weights), tf.reduce_sum(correct * weights),
-                         tf.reduce_sum(weights)])
-        return sums, confusion
+        return tf.stack([tf.reduce_sum(per_example * weights), tf.reduce_sum(weights)]), confusion
 
     @tf.function
     def eval_loop(iterator, num_batches: tf.Tensor) -> dict[str, tf.Tensor]:
-        sums, confusion = tf.zeros([3]), tf.zeros([num_classes, num_classes])
+        sums, confusion = tf.zeros([2]), tf.zeros([num_classes, num_classes])
         for _ in tf.range(num_batches):
             batch_sums, batch_confusion = strategy.run(replica_eval, args=next_batch(iterator))
             sums += strategy.reduce(_SUM, batch_sums, axis=None)
             confusion += strategy.reduce(_SUM, batch_confusion, axis=None)
-        return {"cross_entropy": sums[0] / sums[2], "accuracy": sums[1] / sums[2],
+        # The correct predictions are the confusion matrix's diagonal.
+        return {"cross_entropy": sums[0] / sums[1], "accuracy": tf.linalg.trace(confusion) / sums[1],
                 "confusion_matrix": tf.cast(confusion, tf.int64)}
 
     return eval_loop
