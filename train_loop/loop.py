@@ -15,10 +15,10 @@ import tensorflow as tf
 from train_loop import checkpoints, data, distribute, runs, steps, tuning
 from train_loop.configs import Config
 from train_loop.console import Console
-from train_loop.epochs import Evaluation, LoopState, Run
+from train_loop.epochs import Evaluation, LoopState, Run, Timer
 from train_loop.models import build_model, plain_keras
 from train_loop.preemption import SignalStop
-from train_loop.profiling import StepProfiler
+from train_loop.profiling import StepProfiler, Stopwatch
 from train_loop.summaries import Summaries, drop_events_after
 
 
@@ -34,9 +34,10 @@ def train(config: Config) -> dict[str, Any]:
       UsageError: bad settings, missing or corrupt data; raised before anything is written.
       DivergedError, Interrupted: training stopped early (see `errors`).
     """
-    started = time.perf_counter()
+    started, stopwatch = time.perf_counter(), Stopwatch()
     # Inputs first, so that every user error comes before a single file is written.
-    splits = data.load_splits(config)
+    with stopwatch.phase("data"):
+        splits = data.load_splits(config)
     steps_per_epoch = data.steps_per_epoch(splits, config.batch_size)
     run_dir = runs.choose_run_dir(config)
     strategy = distribute.make_strategy(config)
@@ -44,11 +45,13 @@ def train(config: Config) -> dict[str, Any]:
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     chief = distribute.is_chief(strategy)
-    decision = tuning.decide_jit_compile(config, strategy, splits, runs.read_settings(run_dir))
+    with stopwatch.phase("decide_xla"):
+        decision = tuning.decide_jit_compile(config, strategy, splits, runs.read_settings(run_dir))
     print(decision.describe(), flush=True)
     with _checkpoint_dir(run_dir, chief) as save_dir:
         return _train(config, splits, steps_per_epoch=steps_per_epoch, strategy=strategy, run_dir=run_dir,
-                      chief=chief, save_dir=save_dir, started=started, decision=decision)
+                      chief=chief, save_dir=save_dir, started=started, decision=decision,
+                      stopwatch=stopwatch)
 
 
 @contextlib.contextmanager
@@ -63,7 +66,8 @@ def _checkpoint_dir(run_dir: str, chief: bool) -> Iterator[str]:
 
 
 def _train(config: Config, splits: data.Splits, *, steps_per_epoch: int, strategy: tf.distribute.Strategy,
-           run_dir: str, chief: bool, save_dir: str, started: float, decision: tuning.Decision) -> dict[str, Any]:
+           run_dir: str, chief: bool, save_dir: str, started: float, decision: tuning.Decision,
+           stopwatch: Stopwatch) -> dict[str, Any]:
     """`train` after the checks; a worker that is not the chief writes nothing into `run_dir`."""
     # All state inside the scope: Keras optimizers otherwise build their slots lazily, in a trace.
     with strategy.scope():
@@ -97,14 +101,15 @@ def _train(config: Config, splits: data.Splits, *, steps_per_epoch: int, strateg
     eval_loop = steps.make_eval_loop(model, strategy, eval_input.next_batch)
 
     def evaluate() -> Evaluation:
-        measured = eval_loop(eval_input.iterator(), tf.constant(eval_batches))
+        with stopwatch.phase("evaluation"):
+            measured = eval_loop(eval_input.iterator(), tf.constant(eval_batches))
         return Evaluation({name: float(measured[name]) for name in ("cross_entropy", "accuracy")},
                           measured["confusion_matrix"].numpy())
 
     profiler = StepProfiler(config.profile_range if chief else None, os.path.join(run_dir, "train"))
     signals = SignalStop(strategy)
     run = Run(config, steps_per_epoch, model, optimizer, manager, summaries, console, state, loss_scale,
-               profiler, signals)
+              profiler, signals, stopwatch=stopwatch)
     try:
         with signals.catching():
             timer = run.run_epochs(lambda num_steps: train_loop(iterator, tf.constant(num_steps)), evaluate)
@@ -128,9 +133,24 @@ def _train(config: Config, splits: data.Splits, *, steps_per_epoch: int, strateg
         "seconds_to_first_step": timer.first_done_at - started if timer.first else None,
     }
     if chief:
-        _save_model(model, run_dir)
+        with stopwatch.phase("save_model"):
+            _save_model(model, run_dir)
+    result["seconds"] = _phases(stopwatch, timer, started)
+    if chief:
         runs.write_json(os.path.join(run_dir, runs.RESULT_FILE), result)
     return result
+
+
+def _phases(stopwatch: Stopwatch, timer: Timer, started: float) -> dict[str, float]:
+    """Where the run's time went, from `train()` on: "training" is the steady state, "first_step"
+    the process's first loop call (tracing, compiling); what no phase names is building the
+    model, restoring and opening the run."""
+    seconds = dict(stopwatch.seconds)
+    if timer.first:
+        seconds["first_step"] = timer.first[1]
+    seconds["training"] = timer.seconds
+    seconds["total"] = time.perf_counter() - started
+    return seconds
 
 
 def _open_run(config: Config, run_dir: str | None, model: keras.Model, strategy: tf.distribute.Strategy,

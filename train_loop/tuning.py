@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from typing import Any
 
 import keras
@@ -116,7 +117,7 @@ def measure_jit_compile(config: Config, strategy: tf.distribute.Strategy, splits
     Both are traced and compiled first, then timed in alternating blocks of about 0.2 s; each
     keeps its best block. Averaged over workers on a cluster, so every worker gets the same answer.
     """
-    loops = {name: _throwaway_loop(config, strategy, splits, jit_compile=jit)
+    loops = {name: cached_batch_loop(config, strategy, splits, jit_compile=jit)
              for name, jit in (("xla", True), ("no_xla", False))}
     num_steps = {name: _block_steps(strategy, loop) for name, loop in loops.items()}
     best = dict.fromkeys(loops, 0.0)
@@ -128,8 +129,10 @@ def measure_jit_compile(config: Config, strategy: tf.distribute.Strategy, splits
     return dict(zip(best, _mean_over_workers(strategy, list(best.values()))))
 
 
-def _throwaway_loop(config: Config, strategy: tf.distribute.Strategy, splits: data.Splits, *, jit_compile: bool):
-    """The run's train loop on its own model and optimizer, fed the first global batch over and over."""
+def cached_batch_loop(config: Config, strategy: tf.distribute.Strategy, splits: data.Splits, *,
+                      jit_compile: bool) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
+    """`loop(num_steps)`: the run's train loop on a model and optimizer of its own, fed the first
+    global batch over and over (the input pipeline taken away); what `auto` and the bench time."""
     with strategy.scope():
         model = models.build_model(config, splits.x_train.shape[1:])
         optimizer = steps.build_optimizer(config)
@@ -152,7 +155,7 @@ def _throwaway_loop(config: Config, strategy: tf.distribute.Strategy, splits: da
     return lambda num_steps: train_loop(iterator, num_steps)
 
 
-def _block_steps(strategy: tf.distribute.Strategy, loop) -> int:
+def _block_steps(strategy: tf.distribute.Strategy, loop: Callable[[tf.Tensor], dict[str, tf.Tensor]]) -> int:
     """Traces and compiles `loop`, then sizes a timed block to about `_BLOCK_SECONDS`.
 
     The size is agreed over workers (from their summed step times): a worker that ran more steps
