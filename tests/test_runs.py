@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 from helpers import numpy_regularization, scalar_series
 
-from train_loop import Config, data, models
+from train_loop import Config, models, sources
 
 RESULT_KEYS = {"dataset", "strategy", "replicas", "steps", "epochs", "train", "eval", "examples_per_second"}
 
@@ -46,7 +46,7 @@ def test_logged_step_zero_regularization_is_the_initial_weights(run_cli, tmp_pat
     finished = run_cli("--dataset=digits", "--l2=0.002", "--bias_l1=0.001", "--run_name=r")
     assert finished.returncode == 0, finished.stderr
     config = Config(dataset="digits", l2=0.002, bias_l1=0.001)
-    initial = models.build_model(config, data.load_splits(config).x_train.shape[1:])
+    initial = models.build_model(config, sources.load_splits(config).x_train.shape[1:])
     run_dir = str(tmp_path / "logs" / "r")
     logged = scalar_series(run_dir, "train", "loss/regularization")
     assert logged[0] == pytest.approx(numpy_regularization(initial, config), rel=1e-6)
@@ -70,7 +70,7 @@ def test_saved_model_loads_with_plain_keras_and_carries_its_regularizers(run_cli
         numpy_regularization(model, Config(l1=0.001, l2=0.001)), rel=1e-5)
 
 
-@pytest.mark.skipif(not os.path.isdir(data.DEBIAN_FASHION_MNIST),
+@pytest.mark.skipif(not os.path.isdir(sources.DEBIAN_FASHION_MNIST),
                     reason="needs Debian's dataset-fashion-mnist (.ci/run installs it)")
 def test_fashion_mnist_one_epoch_reaches_85_percent(run_cli, tmp_path):
     finished = run_cli("--dataset=fashion_mnist", "--l2=0.001", "--batch_size=32")

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 from helpers import numpy_regularization, scalar_series
 
-from train_loop import Config, data, models, steps
+from train_loop import Config, inputs, models, sources, steps
 from train_loop.loop import train
 
 REGULARIZED = [
@@ -24,7 +24,7 @@ REGULARIZED = [
 def one_step(config: Config, strategy: tf.distribute.Strategy | None = None):
     """Builds the model in the strategy's scope and runs one real training step on digits."""
     strategy = strategy or tf.distribute.get_strategy()
-    splits = data.load_splits(config)
+    splits = sources.load_splits(config)
     with strategy.scope():
         model = models.build_model(config, splits.x_train.shape[1:])
         optimizer = steps.build_optimizer(config)
@@ -84,11 +84,11 @@ def test_mirrored_over_two_cpus_matches_one_device(tmp_path):
 def test_train_loop_is_traced_once_across_calls():
     config = Config(dataset="digits", l2=0.001)
     strategy = tf.distribute.get_strategy()
-    splits = data.load_splits(config)
+    splits = sources.load_splits(config)
     model = models.build_model(config, splits.x_train.shape[1:])
     optimizer = steps.build_optimizer(config)
     optimizer.build(model.trainable_variables)
-    replica_input = data.ReplicaInput(strategy, data.train_dataset_fn(
+    replica_input = inputs.ReplicaInput(strategy, inputs.train_dataset_fn(
         splits, global_batch_size=32, seed=0, num_epochs=1, start_step=0))
     train_step = steps.make_train_step(strategy, model, optimizer, steps.make_replica_gradients(model, 32))
     loop = steps.make_train_loop(train_step, steps.measurement_names(model), replica_input.next_batch)
@@ -101,7 +101,7 @@ def test_train_loop_is_traced_once_across_calls():
 def scaled_step(initial_scale: float, strategy: tf.distribute.Strategy):
     """A mixed_float16 model and one loss-scaled step on a digits batch; returns what changed."""
     config = Config(dataset="digits", precision="mixed_float16", l2=0.001)
-    splits = data.load_splits(config)
+    splits = sources.load_splits(config)
     with strategy.scope():
         model = models.build_model(config, splits.x_train.shape[1:])
         optimizer = steps.build_optimizer(config)

@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 from helpers import events, scalar_series
 
-from train_loop import Config, data, models, steps, summaries, train
+from train_loop import Config, models, sources, steps, summaries, train
 
 LEARNING_RATE = 0.1
 
@@ -34,7 +34,7 @@ def sgd_run(tmp_path_factory):
 
 def checkpoint_weights(config: Config, path: str) -> dict[str, list[np.ndarray]]:
     """Each weighted layer's [kernel, bias] in checkpoint `path`, restored into a fresh model."""
-    model = models.build_model(config, data.image_shape(config.dataset))
+    model = models.build_model(config, sources.image_shape(config.dataset))
     optimizer = steps.build_optimizer(config)
     optimizer.build(model.trainable_variables)
     tf.train.Checkpoint(model=model, optimizer=optimizer).restore(path).expect_partial()
@@ -45,7 +45,7 @@ def checkpoint_weights(config: Config, path: str) -> dict[str, list[np.ndarray]]
 def test_confusion_matrix_counts_match_the_saved_models_predictions(sgd_run):
     config, run_dir, result = sgd_run
     counts = np.array(result["confusion_matrix"])
-    splits = data.load_splits(config)
+    splits = sources.load_splits(config)
     assert counts.sum() == len(splits.y_test) == 360
     model = keras.models.load_model(f"{run_dir}/model.keras")
     predicted = np.argmax(model.predict(splits.x_test, verbose=0), axis=-1)

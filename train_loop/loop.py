@@ -12,7 +12,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from train_loop import checkpoints, data, distribute, runs, steps
+from train_loop import checkpoints, distribute, inputs, runs, sources, steps
 from train_loop.configs import Config
 from train_loop.console import Console
 from train_loop.epochs import Evaluation, LoopState, Run
@@ -36,8 +36,8 @@ def train(config: Config) -> dict[str, Any]:
     """
     started = time.perf_counter()
     # Inputs first, so that every user error comes before a single file is written.
-    splits = data.load_splits(config)
-    steps_per_epoch = data.steps_per_epoch(splits, config.batch_size)
+    splits = sources.load_splits(config)
+    steps_per_epoch = inputs.steps_per_epoch(splits, config.batch_size)
     run_dir = runs.choose_run_dir(config)
     strategy = distribute.make_strategy(config)
     distribute.check_global_batch(strategy, config.batch_size)
@@ -59,7 +59,7 @@ def _checkpoint_dir(run_dir: str, chief: bool) -> Iterator[str]:
         yield folder
 
 
-def _train(config: Config, splits: data.Splits, steps_per_epoch: int, strategy: tf.distribute.Strategy,
+def _train(config: Config, splits: sources.Splits, steps_per_epoch: int, strategy: tf.distribute.Strategy,
            run_dir: str, chief: bool, save_dir: str, started: float) -> dict[str, Any]:
     """`train` after the checks; a worker that is not the chief writes nothing into `run_dir`."""
     # All state inside the scope: Keras optimizers otherwise build their slots lazily, in a trace.
@@ -80,7 +80,7 @@ def _train(config: Config, splits: data.Splits, steps_per_epoch: int, strategy: 
     summaries = _open_run(config, run_dir if chief else None, model, strategy, state.step if resumed else -1)
 
     # The step, and the data it pulls from, starting where the restored state stands.
-    train_input = data.ReplicaInput(strategy, data.train_dataset_fn(
+    train_input = inputs.ReplicaInput(strategy, inputs.train_dataset_fn(
         splits, global_batch_size=config.batch_size, seed=config.seed,
         num_epochs=config.epochs, start_step=state.step))
     replica_gradients = steps.make_replica_gradients(
@@ -88,8 +88,8 @@ def _train(config: Config, splits: data.Splits, steps_per_epoch: int, strategy: 
     train_step = steps.make_train_step(strategy, model, optimizer, replica_gradients, loss_scale=loss_scale)
     train_loop = steps.make_train_loop(train_step, steps.measurement_names(model), train_input.next_batch)
     iterator = train_input.iterator()
-    eval_fn, eval_batches = data.eval_dataset_fn(splits, config.batch_size)
-    eval_input = data.ReplicaInput(strategy, eval_fn)
+    eval_fn, eval_batches = inputs.eval_dataset_fn(splits, config.batch_size)
+    eval_input = inputs.ReplicaInput(strategy, eval_fn)
     eval_loop = steps.make_eval_loop(model, strategy, eval_input.next_batch)
 
     def evaluate() -> Evaluation:

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from train_loop import checkpoints, data, runs, steps
+from train_loop import checkpoints, runs, sources, steps
 from train_loop.configs import Config
 from train_loop.errors import UsageError
 from train_loop.models import build_model, weighted_layers
@@ -75,7 +75,7 @@ def first_kernel(run_dir: str) -> np.ndarray:
         raise UsageError(
             f"{run_dir} has a {runs.RESULT_FILE} but no {runs.SETTINGS_FILE}: its model cannot be rebuilt.")
     config = Config(**{name: value for name, value in saved.items() if name in Config.__dataclass_fields__})
-    model = build_model(config, data.image_shape(config.dataset))
+    model = build_model(config, sources.image_shape(config.dataset))
     optimizer = steps.build_optimizer(config)
     optimizer.build(model.trainable_variables)
     latest = tf.train.latest_checkpoint(checkpoints.directory(run_dir))

@@ -154,7 +154,7 @@ def make_train_loop(
 ) -> Callable[[object, tf.Tensor], dict[str, tf.Tensor]]:
     """`train_loop(iterator, num_steps)`: `num_steps` updates in one traced call.
 
-    `next_batch(iterator)` gives every replica its batch (see `data.ReplicaInput`). Returns the
+    `next_batch(iterator)` gives every replica its batch (see `inputs.ReplicaInput`). Returns the
     step's measurements, by `names`, summed over the steps; pass `num_steps` as a tensor so that
     every call reuses one trace.
     """
