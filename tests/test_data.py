@@ -212,7 +212,7 @@ def _counts_disagree(folder: Path) -> tuple[Path, str]:
     arrays = make_arrays()
     arrays["y_train"] = arrays["y_train"][:-1]
     paths = write_idx_set(folder, arrays)
-    return paths["y_train"], "63 labels for 64 images"
+    return paths["y_train"], "labels of shape (63,) for 64 examples"
 
 
 def _truncated_gzip(folder: Path) -> tuple[Path, str]:

@@ -31,7 +31,7 @@ def one_step(config: Config, strategy: tf.distribute.Strategy | None = None):
         optimizer.build(model.trainable_variables)
     # Biases start at zero; give them values so that the bias terms are tested too.
     rng = np.random.default_rng(1)
-    for layer in models.weighted_layers(model):
+    for _, layer in models.weighted_layers(model):
         layer.bias.assign(rng.normal(size=layer.bias.shape).astype(np.float32))
     initial = numpy_regularization(model, config)
     images, labels = splits.x_train[: config.batch_size], splits.y_train[: config.batch_size]

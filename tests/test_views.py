@@ -34,12 +34,12 @@ def sgd_run(tmp_path_factory):
 
 def checkpoint_weights(config: Config, path: str) -> dict[str, list[np.ndarray]]:
     """Each weighted layer's [kernel, bias] in checkpoint `path`, restored into a fresh model."""
-    model = models.build_model(config, sources.image_shape(config.dataset))
+    model = models.build_model(config, sources.input_spec(config)[0])
     optimizer = steps.build_optimizer(config)
     optimizer.build(model.trainable_variables)
     tf.train.Checkpoint(model=model, optimizer=optimizer).restore(path).expect_partial()
-    return {layer.name: [np.asarray(w, np.float64) for w in layer.get_weights()]
-            for layer in models.weighted_layers(model)}
+    return {path: [np.asarray(w, np.float64) for w in layer.get_weights()]
+            for path, layer in models.weighted_layers(model)}
 
 
 def test_confusion_matrix_counts_match_the_saved_models_predictions(sgd_run):

@@ -6,26 +6,30 @@ import contextlib
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from train_loop import checkpoints, distribute, inputs, runs, sources, steps
-from train_loop.configs import Config
+from train_loop.configs import MODELS, Config
 from train_loop.console import Console
 from train_loop.epochs import Evaluation, LoopState, Run
-from train_loop.models import build_model, plain_keras
+from train_loop.models import ModelFunction, build_model, load_model_function, plain_keras
 from train_loop.preemption import SignalStop
 from train_loop.profiling import StepProfiler
 from train_loop.summaries import Summaries, drop_events_after
 
 
-def train(config: Config) -> dict[str, Any]:
+def train(config: Config, *, model_fn: ModelFunction | None = None,
+          arrays: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Trains, evaluates after every epoch, and writes the run; resumes an interrupted one.
 
-    On a multi-worker cluster every worker trains; the chief alone writes the run.
+    On a multi-worker cluster every worker trains; the chief alone writes the run. `model_fn`
+    and `arrays` are a user's model function and data, when given as Python objects (see
+    `train_loop.train`); otherwise `config.model` and `config.dataset` say where they are.
 
     Returns:
       The content of `<run>/result.json`.
@@ -36,8 +40,10 @@ def train(config: Config) -> dict[str, Any]:
     """
     started = time.perf_counter()
     # Inputs first, so that every user error comes before a single file is written.
-    splits = sources.load_splits(config)
+    splits = sources.load_splits(config, arrays)
     steps_per_epoch = inputs.steps_per_epoch(splits, config.batch_size)
+    if model_fn is None and config.model not in MODELS:
+        model_fn = load_model_function(config.model)
     run_dir = runs.choose_run_dir(config)
     strategy = distribute.make_strategy(config)
     distribute.check_global_batch(strategy, config.batch_size)
@@ -45,7 +51,7 @@ def train(config: Config) -> dict[str, Any]:
         tf.config.experimental.enable_op_determinism()
     chief = distribute.is_chief(strategy)
     with _checkpoint_dir(run_dir, chief) as save_dir:
-        return _train(config, splits, steps_per_epoch, strategy, run_dir, chief, save_dir, started)
+        return _train(config, splits, steps_per_epoch, strategy, run_dir, chief, save_dir, started, model_fn)
 
 
 @contextlib.contextmanager
@@ -60,11 +66,12 @@ def _checkpoint_dir(run_dir: str, chief: bool) -> Iterator[str]:
 
 
 def _train(config: Config, splits: sources.Splits, steps_per_epoch: int, strategy: tf.distribute.Strategy,
-           run_dir: str, chief: bool, save_dir: str, started: float) -> dict[str, Any]:
+           run_dir: str, chief: bool, save_dir: str, started: float,
+           model_fn: ModelFunction | None) -> dict[str, Any]:
     """`train` after the checks; a worker that is not the chief writes nothing into `run_dir`."""
     # All state inside the scope: Keras optimizers otherwise build their slots lazily, in a trace.
     with strategy.scope():
-        model = build_model(config, splits.x_train.shape[1:])
+        model = build_model(config, splits.x_train.shape[1:], num_classes=splits.num_classes, model_fn=model_fn)
         optimizer = steps.build_optimizer(config)
         optimizer.build(model.trainable_variables)
         loss_scale = steps.LossScale() if config.precision == "mixed_float16" else None
@@ -90,7 +97,7 @@ def _train(config: Config, splits: sources.Splits, steps_per_epoch: int, strateg
     iterator = train_input.iterator()
     eval_fn, eval_batches = inputs.eval_dataset_fn(splits, config.batch_size)
     eval_input = inputs.ReplicaInput(strategy, eval_fn)
-    eval_loop = steps.make_eval_loop(model, strategy, eval_input.next_batch)
+    eval_loop = steps.make_eval_loop(model, strategy, eval_input.next_batch, num_classes=splits.num_classes)
 
     def evaluate() -> Evaluation:
         measured = eval_loop(eval_input.iterator(), tf.constant(eval_batches))

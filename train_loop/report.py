@@ -75,14 +75,15 @@ def first_kernel(run_dir: str) -> np.ndarray:
         raise UsageError(
             f"{run_dir} has a {runs.RESULT_FILE} but no {runs.SETTINGS_FILE}: its model cannot be rebuilt.")
     config = Config(**{name: value for name, value in saved.items() if name in Config.__dataclass_fields__})
-    model = build_model(config, sources.image_shape(config.dataset))
+    input_shape, num_classes = sources.input_spec(config)
+    model = build_model(config, input_shape, num_classes=num_classes)
     optimizer = steps.build_optimizer(config)
     optimizer.build(model.trainable_variables)
     latest = tf.train.latest_checkpoint(checkpoints.directory(run_dir))
     if latest is None:
         raise UsageError(f"{run_dir} has a {runs.RESULT_FILE} but no checkpoint: its weights are gone.")
     tf.train.Checkpoint(model=model, optimizer=optimizer).restore(latest).expect_partial()
-    return tf.convert_to_tensor(weighted_layers(model)[0].kernel).numpy()
+    return tf.convert_to_tensor(weighted_layers(model)[0][1].kernel).numpy()
 
 
 @dataclasses.dataclass(frozen=True)

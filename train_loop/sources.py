@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import struct
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import NamedTuple
 
 import numpy as np
 
-from train_loop.configs import Config
+from train_loop.configs import ARRAYS_PREFIX, DATASETS, Config
 from train_loop.errors import UsageError
 
 IDX_FILES = (
@@ -31,21 +32,33 @@ class DataError(UsageError):
 
 
 class Splits(NamedTuple):
-    """Images as float32 in [0, 1] with a channel axis, labels as int32 in 0-9."""
+    """Inputs as float32, labels as int32 in 0..num_classes-1.
+
+    uint8 images are scaled to [0, 1], and (N, H, W) ones get a channel axis, as the study's
+    MNIST; float inputs are kept as they are.
+    """
 
     x_train: np.ndarray
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
     source: str
+    num_classes: int = 10
 
 
-def load_splits(config: Config) -> Splits:
-    """Reads `config.dataset` from the first place that has it.
+def load_splits(config: Config, arrays: Mapping[str, np.ndarray] | None = None) -> Splits:
+    """Reads `config.dataset` from the first place that has it, or checks the user's `arrays`.
+
+    `arrays` (the four Keras-layout arrays) go with a `config.dataset` of `arrays:<fingerprint>`,
+    which is what `train_loop.train(data=...)` records.
 
     Raises:
-      DataError: the data is nowhere to be found, or a file that holds it is corrupt.
+      DataError: the data is nowhere to be found, or a file or array that holds it is corrupt.
     """
+    if config.dataset.startswith(ARRAYS_PREFIX) or arrays is not None:
+        return _given_arrays(config.dataset, arrays)
+    if config.dataset.endswith(".npz"):
+        return _read_npz(config.dataset, named=False)
     if config.dataset == "digits":
         return _digits()
     if config.dataset == "synthetic":
@@ -58,9 +71,36 @@ def load_splits(config: Config) -> Splits:
     return _download(config.dataset, folders)
 
 
-def image_shape(dataset: str) -> tuple[int, int, int]:
-    """The shape of one image of `dataset`, channel last, without reading it."""
-    return (8, 8, 1) if dataset == "digits" else (28, 28, 1)
+def input_spec(config: Config) -> tuple[tuple[int, ...], int]:
+    """One example's shape and the number of classes; a named data set is not read for them."""
+    if config.dataset in DATASETS:
+        return ((8, 8, 1) if config.dataset == "digits" else (28, 28, 1)), 10
+    splits = load_splits(config)
+    return splits.x_train.shape[1:], splits.num_classes
+
+
+def fingerprint(arrays: Mapping[str, np.ndarray]) -> str:
+    """A digest of the arrays' names, types, shapes and bytes: what a resumed run must be given again."""
+    digest = hashlib.sha256()
+    for key in sorted(arrays):
+        array = np.ascontiguousarray(arrays[key])
+        digest.update(f"{key}:{array.dtype.str}:{array.shape};".encode())
+        digest.update(array.tobytes() if array.dtype.kind != "O" else repr(array.tolist()).encode())
+    return digest.hexdigest()[:16]
+
+
+def _given_arrays(dataset: str, arrays: Mapping[str, np.ndarray] | None) -> Splits:
+    if arrays is None or dataset != ARRAYS_PREFIX + fingerprint(arrays):
+        raise DataError(
+            f"--dataset={dataset!r} names arrays given to train_loop.train(data=...); give the same "
+            "arrays again, or a data set name or an .npz path.")
+    missing = [key for key in _NPZ_KEYS if key not in arrays]
+    if missing:
+        raise DataError(
+            f"data is missing {', '.join(missing)}: train_loop.train(data=...) takes a mapping of "
+            f"{', '.join(_NPZ_KEYS)} (or an .npz path).")
+    return _checked_splits({key: np.asarray(arrays[key]) for key in _NPZ_KEYS},
+                           names={key: f"data[{key!r}]" for key in _NPZ_KEYS}, source="data", named=False)
 
 
 def _search_folders(config: Config) -> Iterator[str]:
@@ -85,7 +125,7 @@ def _read_folder(folder: str, dataset: str) -> Splits | None:
     """The data set from `folder` if it holds it, else None; corrupt files raise DataError."""
     npz = os.path.join(folder, f"{dataset}.npz")
     if os.path.isfile(npz):
-        return _read_npz(npz)
+        return _read_npz(npz, named=True)
     paths = [_existing(os.path.join(folder, name)) for name in IDX_FILES]
     if all(paths):
         return _read_idx_set(paths, folder)
@@ -99,22 +139,27 @@ def _existing(path: str) -> str | None:
     return None
 
 
-def _read_npz(path: str) -> Splits:
+def _read_npz(path: str, *, named: bool) -> Splits:
+    """A Keras-layout npz: MNIST-shaped for a named data set, any shape and classes otherwise."""
+    if not named and not os.path.isfile(path):
+        raise DataError(f"--dataset={path}: no such file (a path is taken from {os.getcwd()}).")
     try:
         with open(path, "rb") as stream, np.load(stream, allow_pickle=False) as archive:
             missing = [key for key in _NPZ_KEYS if key not in archive.files]
             arrays = [archive[key] for key in _NPZ_KEYS if key in archive.files]
     except (OSError, ValueError, zlib.error, EOFError, zipfile.BadZipFile) as error:
-        raise DataError(f"{path}: not a readable npz archive ({error}); download it again.") from None
+        fix = "download it again" if named else "write it again with np.savez"
+        raise DataError(f"{path}: not a readable npz archive ({error}); {fix}.") from None
     if missing:
         raise DataError(
             f"{path}: missing arrays {', '.join(missing)}; a Keras-layout npz holds {', '.join(_NPZ_KEYS)}.")
-    return _to_splits(*arrays, source=path, names=[path] * 4)
+    return _checked_splits(dict(zip(_NPZ_KEYS, arrays)), names={key: f"{key} in {path}" for key in _NPZ_KEYS},
+                           source=path, named=named)
 
 
 def _read_idx_set(paths: list[str], folder: str) -> Splits:
-    arrays = [_read_idx(path, ndim) for path, ndim in zip(paths, (3, 1, 3, 1))]
-    return _to_splits(*arrays, source=folder, names=paths)
+    arrays = {key: _read_idx(path, ndim) for key, path, ndim in zip(_NPZ_KEYS, paths, (3, 1, 3, 1))}
+    return _checked_splits(arrays, names=dict(zip(_NPZ_KEYS, paths)), source=folder, named=True)
 
 
 def _read_idx(path: str, ndim: int) -> np.ndarray:
@@ -137,21 +182,87 @@ def _read_idx(path: str, ndim: int) -> np.ndarray:
     return np.frombuffer(raw, np.uint8, offset=header).reshape(shape)
 
 
-def _to_splits(x_train, y_train, x_test, y_test, *, source: str, names: list[str]) -> Splits:
-    """Checks shapes, counts and label range, then scales pixels to [0, 1] as the study does."""
-    for images, labels, image_name, label_name in (
-        (x_train, y_train, names[0], names[1]), (x_test, y_test, names[2], names[3])):
-        if images.ndim != 3 or images.shape[1:] != (28, 28):
-            raise DataError(f"{image_name}: images have shape {images.shape}, expected (N, 28, 28).")
-        if labels.ndim != 1 or len(labels) != len(images):
+def _checked_splits(arrays: dict[str, np.ndarray], *, names: dict[str, str], source: str,
+                    named: bool) -> Splits:
+    """Checks every array (a named data set must be MNIST-shaped with labels 0..9), then converts.
+
+    `names` says how each array is named in an error: its file, or where in a file it sits.
+    """
+    for split in ("train", "test"):
+        images, labels = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        _check_inputs(images, names[f"x_{split}"], named=named)
+        arrays[f"y_{split}"] = _checked_labels(
+            labels, len(images), names[f"y_{split}"], names[f"x_{split}"], expected="0..9" if named else "0..K-1")
+    x_train, y_train, x_test, y_test = (arrays[key] for key in _NPZ_KEYS)
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise DataError(
+            f"{names['x_test']}: examples of shape {x_test.shape[1:]}, but {names['x_train']} has "
+            f"{x_train.shape[1:]}: both splits must hold examples of one shape.")
+    top = max(int(y_train.max()), int(y_test.max()))
+    if named and top > 9:
+        label_name = names["y_train" if y_train.max() == top else "y_test"]
+        raise DataError(f"{label_name}: labels range up to {top}, expected 0..9.")
+    return Splits(_as_inputs(x_train), y_train, _as_inputs(x_test), y_test, source, top + 1)
+
+
+def _check_inputs(images: np.ndarray, name: str, *, named: bool) -> None:
+    """One example per row, at least one row, uint8 or finite floats (MNIST-shaped when `named`)."""
+    if named and (images.ndim != 3 or images.shape[1:] != (28, 28)):
+        raise DataError(f"{name}: images have shape {images.shape}, expected (N, 28, 28).")
+    if images.ndim < 2 or images.dtype.kind not in "uf" or (images.dtype.kind == "u" and images.dtype != np.uint8):
+        raise DataError(
+            f"{name}: inputs of shape {images.shape} and type {images.dtype}; expected one example "
+            "per row, (N, ...), as uint8 images (scaled to [0, 1]) or floats (used as they are).")
+    if len(images) == 0:
+        raise DataError(f"{name}: holds no examples; training and evaluation each need at least one.")
+    if images.dtype.kind == "f":
+        _check_finite(images, name, "values")
+
+
+def _checked_labels(labels: np.ndarray, count: int, name: str, images_name: str, *, expected: str) -> np.ndarray:
+    """`labels` as int32 class indices, one per example; else DataError saying what they are instead."""
+    if labels.dtype.kind not in "iuf":
+        example = f" (e.g. {labels.flat[0].item()!r})" if labels.size else ""
+        raise DataError(
+            f"{name}: labels of type {labels.dtype}{example}; expected integer class indices "
+            f"{expected}, which np.unique(labels, return_inverse=True)[1] makes from names.")
+    if labels.ndim == 2 and labels.shape[0] == count and labels.shape[1] > 1:
+        raise DataError(
+            f"{name}: labels of shape {labels.shape}, one row per example (one-hot or scores); expected "
+            "class indices of shape (N,): labels.argmax(axis=1) gives them.")
+    if labels.ndim != 1 or len(labels) != count:
+        raise DataError(
+            f"{name}: labels of shape {labels.shape} for {count} examples in {images_name}: expected "
+            f"one class index per example, shape ({count},).")
+    if labels.dtype.kind == "f":
+        _check_finite(labels, name, "labels")
+        fractional = np.flatnonzero(labels != np.round(labels))
+        if fractional.size:
             raise DataError(
-                f"{label_name}: {labels.shape[0] if labels.ndim else 0} labels for {len(images)} "
-                f"images in {image_name}: the counts must agree.")
-        if labels.size and (labels.min() < 0 or labels.max() > 9):
-            raise DataError(
-                f"{label_name}: labels range over {labels.min()}..{labels.max()}, expected 0..9.")
-    return Splits(_scale(x_train, 255.0), y_train.astype(np.int32),
-                  _scale(x_test, 255.0), y_test.astype(np.int32), source)
+                f"{name}: {fractional.size} labels are not whole numbers (e.g. {labels[fractional[0]]} "
+                f"at index {fractional[0]}); expected class indices {expected}.")
+    if labels.min() < 0:
+        raise DataError(f"{name}: labels range over {labels.min():g}..{labels.max():g}, expected {expected}.")
+    return labels.astype(np.int32)
+
+
+def _check_finite(array: np.ndarray, name: str, what: str) -> None:
+    """Non-finite data would show up later as a diverged loss; name it here, where it is."""
+    bad = ~np.isfinite(array)
+    if bad.any():
+        first = tuple(int(i) for i in np.unravel_index(np.argmax(bad), array.shape))
+        kinds = sorted({str(value) for value in np.unique(array[bad])})
+        fix = "drop those examples" if what == "labels" else "replace them (np.nan_to_num) or drop those examples"
+        raise DataError(
+            f"{name}: {int(bad.sum())} non-finite {what} ({', '.join(kinds)}), the first at index "
+            f"{first[0] if len(first) == 1 else first}; {fix}.")
+
+
+def _as_inputs(images: np.ndarray) -> np.ndarray:
+    """uint8 images scaled to [0, 1], with a channel axis when they have none; floats as they are."""
+    if images.dtype != np.uint8:
+        return images.astype(np.float32)
+    return _scale(images, 255.0) if images.ndim == 3 else images.astype(np.float32) / np.float32(255.0)
 
 
 def _scale(images: np.ndarray, maximum: float) -> np.ndarray:
@@ -176,8 +287,9 @@ def _download(dataset: str, searched: list[str]) -> Splits:
     except Exception as error:  # Any failure of the download is the same user problem.
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DataError(f"{hint}; the download failed ({first_line}).") from None
-    names = ["keras download"] * 4
-    return _to_splits(x_train, y_train, x_test, y_test, source="keras download", names=names)
+    arrays = dict(zip(_NPZ_KEYS, (x_train, y_train, x_test, y_test)))
+    return _checked_splits(arrays, names={key: f"{key} of the keras download" for key in _NPZ_KEYS},
+                           source="keras download", named=True)
 
 
 def _digits() -> Splits:

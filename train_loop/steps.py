@@ -100,7 +100,7 @@ def make_train_step(
       A function of every replica's batch giving the vector of `measurement_names(model)`.
     """
     variables = model.trainable_variables
-    kernels = [layer.kernel for layer in weighted_layers(model)]
+    kernels = [layer.kernel for _, layer in weighted_layers(model)]
     kernel_positions = [next(i for i, v in enumerate(variables) if v is kernel) for kernel in kernels]
 
     def gradient_norms(replica_gradients_: list) -> tf.Tensor:
@@ -141,7 +141,7 @@ def make_train_step(
 
 def measurement_names(model: keras.Model) -> tuple[str, ...]:
     """What a train step measures, in order: the loss components, accuracy and gradient norms."""
-    layer_norms = (f"gradient_norm/{layer.name}" for layer in weighted_layers(model))
+    layer_norms = (f"gradient_norm/{path}" for path, _ in weighted_layers(model))
     return (*TRAIN_MEASUREMENTS, "gradient_norm", *layer_norms)
 
 
@@ -170,15 +170,14 @@ def make_train_loop(
 
 
 def make_eval_loop(
-    model: keras.Model, strategy: tf.distribute.Strategy, next_batch: Callable[[object], tuple],
+    model: keras.Model, strategy: tf.distribute.Strategy, next_batch: Callable[[object], tuple], *,
+    num_classes: int,
 ) -> Callable[[object, tf.Tensor], dict[str, tf.Tensor]]:
     """`eval_loop(iterator, num_batches)`: cross-entropy, accuracy and the confusion matrix.
 
     Sums are weighted so the zero-weight padding of the last batch counts for nothing. The
     confusion matrix counts true labels by row and predictions by column.
     """
-    num_classes = model.output_shape[-1]
-
     def replica_eval(images: tf.Tensor, labels: tf.Tensor, weights: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         logits = tf.cast(model(images, training=False), tf.float32)
         per_example = losses.per_example_cross_entropy(labels, logits)
