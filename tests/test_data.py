@@ -292,6 +292,112 @@ def test_truncated_npz_is_a_data_error_naming_the_file(tmp_path: Path) -> None:
     assert str(path) in str(caught.value)
 
 
+# A user's data: an npz path or arrays, any input shape, labels 0..K-1.
+
+
+def user_arrays(seed: int = 0, n_train: int = 40, n_test: int = 8) -> dict[str, np.ndarray]:
+    """Tabular float inputs of 13 features and 3 classes: nothing like MNIST."""
+    rng = np.random.default_rng(seed)
+    return {
+        "x_train": rng.normal(size=(n_train, 13)).astype(np.float32),
+        "y_train": rng.permutation(np.arange(n_train) % 3),
+        "x_test": rng.normal(size=(n_test, 13)).astype(np.float32),
+        "y_test": rng.integers(0, 3, size=n_test),
+    }
+
+
+def test_npz_of_any_shape_and_classes_is_read_as_it_is(tmp_path: Path) -> None:
+    """Float inputs keep their shape and values; the classes are counted from the labels."""
+    arrays = user_arrays()
+    path = write_npz(tmp_path, arrays, name="wine.npz")
+
+    splits = sources.load_splits(Config(dataset=str(path), model="linear"))
+
+    for key in KEYS:
+        np.testing.assert_array_equal(getattr(splits, key), arrays[key])
+    assert (splits.x_train.dtype, splits.y_train.dtype, splits.num_classes) == (np.float32, np.int32, 3)
+    assert splits.source == str(path)
+
+
+def test_uint8_images_of_any_size_are_scaled_and_given_a_channel(tmp_path: Path) -> None:
+    arrays = {key: value[:, :12, :20] if key.startswith("x") else value % 4 for key, value in make_arrays().items()}
+    splits = sources.load_splits(Config(dataset=str(write_npz(tmp_path, arrays, name="small.npz"))))
+    assert splits.x_train.shape == (64, 12, 20, 1) and splits.num_classes == 4
+    np.testing.assert_array_equal(splits.x_test[..., 0], arrays["x_test"] / np.float32(255))
+
+
+def test_arrays_are_checked_against_their_fingerprint() -> None:
+    """`arrays:<fingerprint>` is what train(data=...) records: other arrays do not resume that run."""
+    arrays = user_arrays()
+    config = Config(dataset=sources.ARRAYS_PREFIX + sources.fingerprint(arrays), model="linear")
+    assert sources.load_splits(config, arrays).num_classes == 3
+    with pytest.raises(sources.DataError, match="give the same arrays again"):
+        sources.load_splits(config, user_arrays(seed=1))
+    with pytest.raises(sources.DataError, match="give the same arrays again"):
+        sources.load_splits(config)
+
+
+def _set(key: str, value: Callable[[dict], np.ndarray]) -> Callable[[dict], dict]:
+    return lambda arrays: {**arrays, key: value(arrays)}
+
+
+def _with_nan(arrays: dict) -> np.ndarray:
+    images = arrays["x_train"].copy()
+    images[5, 2], images[9, 0] = np.nan, -np.inf
+    return images
+
+
+BAD_USER_DATA = {
+    "missing-array": (lambda arrays: {k: v for k, v in arrays.items() if k != "y_test"}, "y_test"),
+    "empty-test-split": (_set("x_test", lambda a: a["x_test"][:0]), "x_test", "no examples"),
+    "empty-train-split": (_set("x_train", lambda a: a["x_train"][:0]), "x_train", "no examples"),
+    "non-finite-inputs": (_set("x_train", _with_nan), "x_train", "2 non-finite values (-inf, nan)", "(5, 2)"),
+    "non-finite-labels": (_set("y_test", lambda a: np.where(np.arange(8) == 3, np.nan, a["y_test"])),
+                          "y_test", "non-finite labels (nan)", "index 3"),
+    "string-labels": (_set("y_train", lambda a: np.array(["red", "white", "rose"])[a["y_train"]]),
+                      "y_train", "<U5 (e.g. '", "np.unique"),
+    "one-hot-labels": (_set("y_train", lambda a: np.eye(3)[a["y_train"]]), "y_train", "(40, 3)", "argmax"),
+    "fractional-labels": (_set("y_test", lambda a: a["y_test"] + 0.5), "y_test", "not whole numbers"),
+    "negative-labels": (_set("y_test", lambda a: a["y_test"] - 1), "y_test", "-1..1", "0..K-1"),
+    "counts-disagree": (_set("y_train", lambda a: a["y_train"][:30]), "y_train", "(30,) for 40 examples"),
+    "shapes-disagree": (_set("x_test", lambda a: a["x_test"][:, :12]), "x_test", "(12,)", "(13,)"),
+    "integer-inputs": (_set("x_train", lambda a: a["x_train"].astype(np.int64)), "x_train", "int64"),
+    "one-value-per-example": (_set("x_train", lambda a: a["x_train"][:, 0]), "x_train", "(40,)"),
+}
+
+
+@pytest.mark.parametrize("break_data", BAD_USER_DATA.values(), ids=BAD_USER_DATA.keys())
+@pytest.mark.parametrize("given_as", ["npz", "arrays"])
+def test_bad_user_data_is_one_line_naming_the_file_or_array(tmp_path: Path, break_data: tuple,
+                                                            given_as: str) -> None:
+    """Checked at load, before any model sees it: each is a DataError naming the array and the file."""
+    change, key, *details = break_data
+    arrays = change(user_arrays())
+    if given_as == "npz":
+        where = str(write_npz(tmp_path, arrays, name="user.npz"))
+        config, given = Config(dataset=where, model="linear"), None
+    else:
+        where, given = "data[", arrays
+        config = Config(dataset=sources.ARRAYS_PREFIX + sources.fingerprint(arrays), model="linear")
+
+    with pytest.raises(sources.DataError) as caught:
+        sources.load_splits(config, given)
+    message = str(caught.value)
+    for detail in (where, key, *details):
+        assert detail in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("labels", [np.eye(10)[np.arange(64) % 10], np.array(list("0123456789") * 7)[:64]],
+                         ids=["one-hot", "strings"])
+def test_mnist_npz_with_one_hot_or_string_labels_says_what_they_are(tmp_path: Path, labels) -> None:
+    """Named data sets share the checks: no more 'N labels for N images: the counts must agree'."""
+    path = write_npz(tmp_path / "data", {**make_arrays(), "y_train": labels})
+    with pytest.raises(sources.DataError, match="argmax|np.unique") as caught:
+        sources.load_splits(Config(dataset="mnist", data_dir=str(tmp_path / "data")))
+    assert f"y_train in {path}" in str(caught.value)
+
+
 # The bundled and generated data sets.
 
 

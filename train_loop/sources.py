@@ -97,7 +97,7 @@ def _given_arrays(dataset: str, arrays: Mapping[str, np.ndarray] | None) -> Spli
     missing = [key for key in _NPZ_KEYS if key not in arrays]
     if missing:
         raise DataError(
-            f"data is missing {', '.join(missing)}: train_loop.train(data=...) takes a mapping of "
+            f"{', '.join(f'data[{key!r}]' for key in missing)} missing: train_loop.train(data=...) takes a mapping of "
             f"{', '.join(_NPZ_KEYS)} (or an .npz path).")
     return _checked_splits({key: np.asarray(arrays[key]) for key in _NPZ_KEYS},
                            names={key: f"data[{key!r}]" for key in _NPZ_KEYS}, source="data", named=False)
