@@ -130,7 +130,7 @@ def _parse_profile_steps(text: str) -> tuple[int, int] | None:
 def _check_dataset(dataset: str) -> None:
     if dataset not in DATASETS and not dataset.endswith(".npz") and not dataset.startswith(ARRAYS_PREFIX):
         raise UsageError(
-            f"--dataset={dataset!r} is not one of {', '.join(DATASETS)}, nor a path to an .npz holding "
+            f"--dataset={dataset} is not one of {', '.join(DATASETS)}, nor a path to an .npz holding "
             "x_train, y_train, x_test, y_test.")
 
 
@@ -138,7 +138,7 @@ def _check_model(model: str) -> None:
     module, _, function = model.rpartition(":")
     if model not in MODELS and not (module and function.isidentifier()):
         raise UsageError(
-            f"--model={model!r} is not one of {', '.join(MODELS)}, nor a model function given as "
+            f"--model={model} is not one of {', '.join(MODELS)}, nor a model function given as "
             "PATH.py:FUNCTION or package.module:FUNCTION.")
 
 

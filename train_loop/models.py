@@ -66,8 +66,14 @@ def load_model_function(spec: str) -> ModelFunction:
 
 
 def _import_file(path: str) -> object:
-    """Imports a .py file as a module named after it, registered so that its classes can be found."""
+    """Imports a .py file as a module named after it, registered so that its classes can be found;
+    a file imported already (a notebook's, or a resumed run's in the same process) is reused."""
     name = os.path.basename(path).removesuffix(".py")
+    loaded = sys.modules.get(name)
+    if loaded is not None and os.path.realpath(getattr(loaded, "__file__", None) or "") == os.path.realpath(path):
+        return loaded
+    if loaded is not None:
+        name = f"train_loop_model_{name}"  # Another module holds the name; do not displace it.
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
