@@ -15,6 +15,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+import user_models  # noqa: F401  (registers its layer, so that its model.keras loads)
 from conftest import REPO
 from helpers import events
 
@@ -129,9 +130,14 @@ def logged_steps(run_dir: Path) -> dict[str, list[int]]:
     return steps
 
 
-def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_numbers(tmp_path):
-    """--deterministic with dropout: the resumed run's result, weights and curves are the same."""
-    flags = ("--dataset=digits", "--epochs=4", "--dropout=0.2", "--l2=0.001", "--deterministic",
+@pytest.mark.parametrize("model_flags", [
+    ("--dropout=0.2", "--l2=0.001"),
+    # A user's model: kernel, bias and activity regularizers, add_loss, a nested sub-model.
+    ("--model=tests/user_models.py:build", "--epochs=10"),  # Fast steps: more of them, for the kill to land.
+], ids=["convnet-with-dropout", "user-model"])
+def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_numbers(tmp_path, model_flags):
+    """--deterministic: the resumed run's result, weights and curves are the same."""
+    flags = ("--dataset=digits", "--epochs=4", "--deterministic", *model_flags,
              "--checkpoint_every=20", "--summary_every=10", "--steps_per_loop=5", f"--logdir={tmp_path}")
     code, _, stderr = finish(start(*flags, "--run_name=whole"))
     assert code == 0, stderr
