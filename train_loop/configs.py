@@ -97,9 +97,14 @@ class Config:
         for name in _NAMING_FIELDS:
             value = getattr(self, name)
             if value != getattr(defaults, name):
-                value = _short_name(value) if name == "dataset" else value
+                value = self.dataset_name if name == "dataset" else value
                 parts.append(f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}")
         return "-".join(parts)
+
+    @property
+    def dataset_name(self) -> str:
+        """The data set as a folder-name part: `wine` for `data/wine.npz`, `arrays` for arrays."""
+        return _short_name(self.dataset)
 
     @property
     def profile_range(self) -> tuple[int, int] | None:
