@@ -262,9 +262,22 @@ def _npz_flat_images(folder: Path) -> tuple[Path, str]:
     return write_npz(folder, arrays), "(16, 784)"
 
 
+def _npz_empty_test_split(folder: Path) -> tuple[Path, str]:
+    arrays = make_arrays(n_test=0)
+    return write_npz(folder, arrays), "x_test"
+
+
+def _npz_non_finite_images(folder: Path) -> tuple[Path, str]:
+    arrays = make_arrays()
+    arrays["x_train"] = arrays["x_train"] / np.float32(255)
+    arrays["x_train"][3, 4, 5] = np.inf
+    return write_npz(folder, arrays), "1 non-finite values (inf), the first at index (3, 4, 5)"
+
+
 @pytest.mark.parametrize("corrupt", [
     _bad_magic, _counts_disagree, _truncated_gzip, _truncated_plain_idx, _npz_missing_key,
     _idx_label_out_of_range, _npz_negative_label, _idx_wrong_image_shape, _npz_flat_images,
+    _npz_empty_test_split, _npz_non_finite_images,
 ], ids=lambda corrupt: corrupt.__name__.lstrip("_"))
 def test_corrupt_input_is_a_data_error_naming_the_file(
         tmp_path: Path, corrupt: Callable[[Path], tuple[Path, str]]) -> None:
