@@ -137,9 +137,10 @@ def _apply_weight_regularizers(model: keras.Model, config: Config) -> None:
 
 
 def _one_line(error: BaseException) -> str:
-    """An exception as one line: Keras' terminal colours and its echo of the call's arguments cut."""
+    """An exception as one line: Keras' terminal colours, its dumps of tensor values and its echo
+    of the call's arguments cut."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).split("Arguments received by")[0]
-    text = " ".join(text.split())
+    text = re.sub(r"\[[][0-9.,eE+\-\s]{20,}\]", "<values>", " ".join(text.split()))
     return f"{type(error).__name__}: {text[:300]}" if text else type(error).__name__
 
 
