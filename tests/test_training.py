@@ -6,9 +6,11 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+import user_models
 from helpers import numpy_regularization, scalar_series
 
-from train_loop import Config, inputs, models, sources, steps
+import train_loop
+from train_loop import Config, distribute, inputs, models, sources, steps
 from train_loop.loop import train
 
 REGULARIZED = [
@@ -62,17 +64,22 @@ def test_step_without_regularizers_has_exactly_zero():
     assert measured["total"] == measured["cross_entropy"] > 0
 
 
-def test_mirrored_over_two_cpus_matches_one_device(tmp_path):
+@pytest.mark.parametrize(("model", "tags"), [
+    (dict(l2=0.001, bias_l2=0.01), ("gradient_norm", "gradient_norm/conv1", "weight_norm/dense")),
+    # Kernel, bias and activity regularizers, an add_loss term and a nested sub-model.
+    (dict(model_fn=user_models.build), ("loss/regularization", "regularization/encoder/hidden",
+                                        "gradient_norm/encoder/hidden", "weight_norm/logits")),
+], ids=["convnet", "user-model"])
+def test_mirrored_over_two_cpus_matches_one_device(tmp_path, model, tags):
     """Same seed and data: 2 replicas give one device's loss components, accuracy and weights."""
-    settings = dict(dataset="digits", l2=0.001, bias_l2=0.01, logdir=str(tmp_path), steps_per_loop=7,
-                    summary_every=11)
-    one = train(Config(strategy="one_device", run_name="one", **settings))
-    two = train(Config(strategy="mirrored", cpu_replicas=2, run_name="two", **settings))
+    settings = dict(dataset="digits", logdir=str(tmp_path), steps_per_loop=7, summary_every=11, **model)
+    one = train_loop.train(strategy="one_device", run_name="one", **settings)
+    two = train_loop.train(strategy="mirrored", cpu_replicas=2, run_name="two", **settings)
     assert (one["replicas"], two["replicas"]) == (1, 2)
     for split in ("train", "eval"):
         for name, value in one[split].items():
             assert two[split][name] == pytest.approx(value, rel=1e-5), (split, name)
-    for tag in ("gradient_norm", "gradient_norm/conv1", "weight_norm/dense"):
+    for tag in tags:
         one_series, two_series = (scalar_series(str(tmp_path / name), "train", tag) for name in ("one", "two"))
         assert list(two_series) == list(one_series) and len(one_series) > 1, tag
         np.testing.assert_allclose(list(two_series.values()), list(one_series.values()), rtol=1e-5, err_msg=tag)
@@ -117,7 +124,7 @@ def scaled_step(initial_scale: float, strategy: tf.distribute.Strategy):
 
 @pytest.mark.parametrize("replicas", [1, 2])
 def test_float16_loss_scaling_skips_overflowing_steps_and_halves_the_scale(replicas):
-    strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(replicas)])
+    strategy = distribute.mirrored_strategy([f"/cpu:{i}" for i in range(replicas)])
     scale, good_steps, changed, measured = scaled_step(3e38, strategy)  # total * scale overflows float32
     assert (scale, good_steps, changed) == (pytest.approx(1.5e38), 0, False)
     assert np.all(np.isfinite(measured)), "the logged losses are unscaled and finite"
