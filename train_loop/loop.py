@@ -51,7 +51,8 @@ def train(config: Config, *, model_fn: ModelFunction | None = None,
         tf.config.experimental.enable_op_determinism()
     chief = distribute.is_chief(strategy)
     with _checkpoint_dir(run_dir, chief) as save_dir:
-        return _train(config, splits, steps_per_epoch, strategy, run_dir, chief, save_dir, started, model_fn)
+        return _train(config, splits, steps_per_epoch, strategy, run_dir, chief, save_dir, started,
+                      model_fn=model_fn)
 
 
 @contextlib.contextmanager
@@ -66,7 +67,7 @@ def _checkpoint_dir(run_dir: str, chief: bool) -> Iterator[str]:
 
 
 def _train(config: Config, splits: sources.Splits, steps_per_epoch: int, strategy: tf.distribute.Strategy,
-           run_dir: str, chief: bool, save_dir: str, started: float,
+           run_dir: str, chief: bool, save_dir: str, started: float, *,
            model_fn: ModelFunction | None) -> dict[str, Any]:
     """`train` after the checks; a worker that is not the chief writes nothing into `run_dir`."""
     # All state inside the scope: Keras optimizers otherwise build their slots lazily, in a trace.
