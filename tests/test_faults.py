@@ -47,9 +47,14 @@ def assert_same_numbers(result: dict, expected: dict, rel: float) -> None:
             assert result[split][name] == pytest.approx(value, rel=rel, abs=1e-7), (split, name)
 
 
-def test_two_workers_match_one_process_and_only_the_chief_writes(tmp_path):
+@pytest.mark.parametrize("model", [
+    dict(l2=0.001),
+    # Kernel, bias and activity regularizers, an add_loss term and a nested sub-model.
+    dict(model=os.path.join(REPO, "tests", "user_models.py") + ":build"),
+], ids=["convnet", "user-model"])
+def test_two_workers_match_one_process_and_only_the_chief_writes(tmp_path, model):
     """`launch --workers=2`: MultiWorkerMirroredStrategy over loopback, same numbers as one device."""
-    settings = dict(dataset="digits", l2=0.001, epochs=2, steps_per_loop=10)
+    settings = dict(dataset="digits", epochs=2, steps_per_loop=10, **model)
     one = train(Config(**settings, logdir=str(tmp_path / "one"), run_name="run", strategy="one_device"))
     scratch = tmp_path / "scratch"  # The workers' TMPDIR: non-chief checkpoints go there, then away.
     scratch.mkdir()
