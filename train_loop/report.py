@@ -83,7 +83,10 @@ def first_kernel(run_dir: str) -> np.ndarray:
     if latest is None:
         raise UsageError(f"{run_dir} has a {runs.RESULT_FILE} but no checkpoint: its weights are gone.")
     tf.train.Checkpoint(model=model, optimizer=optimizer).restore(latest).expect_partial()
-    return tf.convert_to_tensor(weighted_layers(model)[0][1].kernel).numpy()
+    layers = weighted_layers(model)
+    if not layers:
+        raise UsageError(f"{run_dir}: its model has no Dense or Conv layer, whose first kernel the table describes.")
+    return tf.convert_to_tensor(layers[0][1].kernel).numpy()
 
 
 @dataclasses.dataclass(frozen=True)
