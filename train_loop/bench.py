@@ -78,14 +78,14 @@ def _write_subset(folder: str, steps: int) -> str:
     """The first `steps + warm-up` batches of the data set as an npz, so every contender sees the same."""
     import numpy as np
 
-    from train_loop import data
+    from train_loop import sources
     from train_loop.configs import Config
 
     try:
-        splits = data.load_splits(Config(dataset=_DATASET.value))
+        splits = sources.load_splits(Config(dataset=_DATASET.value))
         dataset = _DATASET.value
-    except data.DataError:
-        splits, dataset = data.load_splits(Config(dataset="synthetic")), "synthetic"
+    except sources.DataError:
+        splits, dataset = sources.load_splits(Config(dataset="synthetic")), "synthetic"
     count = (steps + 20) * _BATCH_SIZE.value
     to_bytes = [(array[..., 0] * 255).round().astype(np.uint8) for array in (splits.x_train, splits.x_test)]
     np.savez(os.path.join(folder, "fashion_mnist.npz"), x_train=np.resize(to_bytes[0], (count, 28, 28)),
@@ -147,9 +147,9 @@ def _keras_fit_speed(config, jit_compile: bool | str) -> float:
     """What a Keras user runs instead: compile + fit on the same model, data and optimizer."""
     import keras
 
-    from train_loop import data, models, steps
+    from train_loop import models, sources, steps
 
-    splits = data.load_splits(config)
+    splits = sources.load_splits(config)
     model = models.build_model(config, splits.x_train.shape[1:])
     model.compile(optimizer=steps.build_optimizer(config), metrics=["accuracy"], jit_compile=jit_compile,
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
@@ -165,9 +165,9 @@ def _cached_batch_speed(config) -> float:
     pipeline taken away."""
     import tensorflow as tf
 
-    from train_loop import data, tuning
+    from train_loop import sources, tuning
 
-    splits = data.load_splits(config)
+    splits = sources.load_splits(config)
     strategy = tf.distribute.get_strategy()
     decision = tuning.decide_jit_compile(config, strategy, splits, None)
     loop = tuning.cached_batch_loop(config, strategy, splits, jit_compile=decision.jit_compile)
@@ -196,10 +196,10 @@ _KERAS_SCRIPT = """
 import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 import keras
-from train_loop import data, models
+from train_loop import models, sources
 from train_loop.configs import Config
 config = Config(dataset="fashion_mnist", l2=0.001)
-splits = data.load_splits(config)
+splits = sources.load_splits(config)
 model = models.build_model(config, (28, 28, 1))
 model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
 model.fit(splits.x_train, splits.y_train, epochs=1, verbose=0)
