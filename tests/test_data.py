@@ -430,6 +430,23 @@ def test_digits_split_is_whole_and_fixed() -> None:
         np.testing.assert_array_equal(getattr(first, name), getattr(second, name))
 
 
+def test_bundled_digits_are_scikit_learns_split() -> None:
+    """The shipped file holds exactly the split `_digits` once computed with scikit-learn (which
+    the `test` extra installs for this comparison only), scaled the same way."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x_train, x_test, y_train, y_test = train_test_split(
+        digits.images, digits.target, test_size=0.2, random_state=0, stratify=digits.target)
+    bundled = sources.load_splits(Config(dataset="digits"))
+
+    np.testing.assert_array_equal(bundled.x_train, (x_train.astype(np.float32) / 16.0)[..., np.newaxis])
+    np.testing.assert_array_equal(bundled.x_test, (x_test.astype(np.float32) / 16.0)[..., np.newaxis])
+    np.testing.assert_array_equal(bundled.y_train, y_train)
+    np.testing.assert_array_equal(bundled.y_test, y_test)
+
+
 def test_synthetic_is_mnist_shaped_and_seeded() -> None:
     """synthetic: 60,000/10,000 MNIST-shaped examples, identical for one seed, different for another."""
     first = sources.load_splits(Config(dataset="synthetic", seed=3))

@@ -9,6 +9,9 @@ from typing import Any
 from train_loop.configs import ARRAYS_PREFIX, Config
 from train_loop.errors import UsageError
 
+# The one place the version is written: pyproject.toml reads it from here.
+__version__ = "0.1.0"
+
 
 def train(config: Config | None = None, *, model_fn: Callable[[], Any] | str | None = None,
           data: Mapping[str, Any] | str | None = None, **settings) -> dict:
@@ -36,4 +39,4 @@ def train(config: Config | None = None, *, model_fn: Callable[[], Any] | str | N
     return train_config(dataclasses.replace(config, **changes), model_fn=function, arrays=arrays)
 
 
-__all__ = ["Config", "UsageError", "train"]
+__all__ = ["Config", "UsageError", "__version__", "train"]
