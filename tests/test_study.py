@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import subprocess
@@ -14,7 +15,8 @@ import pytest
 from conftest import REPO
 from tensorboard.backend.event_processing import event_accumulator
 
-from train_loop import Config, report, train
+from train_loop import Config, report, study, train
+from train_loop.errors import UsageError
 
 
 def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
@@ -91,6 +93,33 @@ def test_study_refuses_a_changed_experiment_in_the_same_folder(tmp_path):
     assert refused.returncode == 2 and refused.stdout == ""
     assert refused.stderr.splitlines() == [refused.stderr.strip()]
     assert "epochs (run has 1, flags say 2)" in refused.stderr and "--study_name" in refused.stderr
+
+
+def test_default_study_folders_are_named_by_what_the_shared_flags_change():
+    """The README's two studies (1 epoch, then --epochs=10) get folders of their own."""
+    one, ten = (study.default_study_name(flags) for flags in (["--dataset=fashion_mnist"],
+                                                              ["--dataset=fashion_mnist", "--epochs=10"]))
+    today = datetime.date.today().isoformat()
+    assert (one, ten) == (f"study-fashion_mnist-{today}", f"study-fashion_mnist-epochs=10-{today}")
+    assert study.default_study_name(["--model=linear", "--l2=0.01"]) == f"study-mnist-linear-l2=0.01-{today}"
+
+
+def test_study_reads_the_flagfiles_shipped_in_the_package_and_a_folder_of_ones_own(tmp_path):
+    """The default flagfiles are the package's (the same files as the source's flags/); --flags_dir
+    swaps in a folder of the user's, and an unknown experiment lists the ones it has."""
+    shipped = study.experiment_configs(["l1l2"], ["--dataset=digits"])
+    assert (shipped["l1l2"].l1, shipped["l1l2"].l2) == parse_flagfile(Path(REPO, "flags", "l1l2.cfg"))
+    (tmp_path / "mine.cfg").write_text("--l2=0.5\n")
+    assert study.experiment_configs(["mine"], [], str(tmp_path))["mine"].l2 == 0.5
+    with pytest.raises(UsageError, match="known: mine"):
+        study.experiment_configs(["baseline"], [], str(tmp_path))
+
+
+def parse_flagfile(path):
+    """(l1, l2) as the flagfile's `--name=value` lines set them."""
+    values = dict(line.removeprefix("--").split("=") for line in path.read_text().splitlines()
+                  if line.startswith("--"))
+    return float(values.get("l1", 0)), float(values.get("l2", 0))
 
 
 def test_compare_prints_the_table_of_runs_in_a_folder(tmp_path):

@@ -95,19 +95,28 @@ class Config:
     @property
     def default_run_name(self) -> str:
         """The model plus every naming setting that differs from its default: `convnet-l2=0.001`."""
+        return "-".join([self.model_name, *self.changed_settings()])
+
+    def changed_settings(self) -> list[str]:
+        """Each naming setting that differs from its default, as `name=value` (`l2=0.001`)."""
         defaults = Config()
-        parts = [_short_name(self.model)]
+        parts = []
         for name in _NAMING_FIELDS:
             value = getattr(self, name)
             if value != getattr(defaults, name):
                 value = self.dataset_name if name == "dataset" else value
                 parts.append(f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}")
-        return "-".join(parts)
+        return parts
 
     @property
     def dataset_name(self) -> str:
         """The data set as a folder-name part: `wine` for `data/wine.npz`, `arrays` for arrays."""
         return _short_name(self.dataset)
+
+    @property
+    def model_name(self) -> str:
+        """The model as a folder-name part: `wine.build` for `examples/wine.py:build`."""
+        return _short_name(self.model)
 
     @property
     def profile_range(self) -> tuple[int, int] | None:

@@ -1,7 +1,7 @@
 """`python -m train_loop.study`: the regularization study, one run per experiment in `flags/`.
 
-Every experiment is a flagfile (`flags/<experiment>.cfg`) trained with the same `--extra_flags`
-and seed into `<logdir>/<study>/<experiment>`, one after another; finished runs are reused, so
+Every experiment is a flagfile (`flags/<experiment>.cfg`, shipped in the package) trained with
+the same `--extra_flags` and seed into `<logdir>/<study>/<experiment>`, one after another; finished runs are reused, so
 a study stopped half-way picks up where it was. The table goes to `<study>/study.md` and stdout.
 """
 
@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import importlib.resources
 import os
+import pathlib
 import shlex
 from collections.abc import Sequence
 
@@ -21,16 +23,18 @@ from train_loop.errors import UsageError
 
 EXPERIMENTS = ("baseline", "dropout", "l1", "l2", "l1l2")
 TABLE_FILE = "study.md"
-_FLAGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "flags")
 
 _EXPERIMENTS = flags.DEFINE_list("experiments", list(EXPERIMENTS),
                                  "Experiments to run, in order: names of flagfiles in --flags_dir.")
 _EXTRA_FLAGS = flags.DEFINE_string("extra_flags", "",
                                    "Training flags for every experiment, e.g. '--dataset=fashion_mnist --epochs=10'.")
 _STUDY_NAME = flags.DEFINE_string("study_name", "",
-                                  "Folder under --logdir; default study-<dataset>-<date>. Reusing a name "
-                                  "reuses its finished runs.")
-_FLAGS_DIR_FLAG = flags.DEFINE_string("flags_dir", _FLAGS_DIR, "Folder holding the <experiment>.cfg flagfiles.")
+                                  "Folder under --logdir; default study-<dataset>-<the settings the shared "
+                                  "flags change>-<date>, e.g. study-fashion_mnist-epochs=10-2026-11-28. "
+                                  "Reusing a name reuses its finished runs.")
+_FLAGS_DIR = flags.DEFINE_string("flags_dir", "",
+                                 "Folder holding the <experiment>.cfg flagfiles; default: the study's own, "
+                                 "shipped in the package (the source's flags/ folder).")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -40,11 +44,11 @@ def main(argv: Sequence[str]) -> None:
     given = cli.given_training_flags()
     cli.run_guarded(lambda: study(
         _EXPERIMENTS.value, [*given, *shlex.split(_EXTRA_FLAGS.value)], logdir=cli.FLAGS.logdir,
-        study_name=_STUDY_NAME.value, flags_dir=_FLAGS_DIR_FLAG.value))
+        study_name=_STUDY_NAME.value, flags_dir=_FLAGS_DIR.value))
 
 
 def study(experiments: Sequence[str], extra_flags: Sequence[str], *, logdir: str,
-          study_name: str = "", flags_dir: str = _FLAGS_DIR) -> str:
+          study_name: str = "", flags_dir: str = "") -> str:
     """Trains each experiment not yet finished, then writes and prints the table.
 
     Every experiment's flags are checked before the first one trains, so a typo costs nothing.
@@ -53,8 +57,7 @@ def study(experiments: Sequence[str], extra_flags: Sequence[str], *, logdir: str
       The study's folder.
     """
     configs = experiment_configs(experiments, extra_flags, flags_dir)
-    dataset = next(iter(configs.values())).dataset_name
-    folder = os.path.join(logdir, study_name or f"study-{dataset}-{datetime.date.today().isoformat()}")
+    folder = os.path.join(logdir, study_name or default_study_name(extra_flags))
     configs = {name: _in_folder(config, folder, name) for name, config in configs.items()}
     for config in configs.values():
         runs.check_same_settings(os.path.join(folder, config.run_name), config,
@@ -80,23 +83,38 @@ def study(experiments: Sequence[str], extra_flags: Sequence[str], *, logdir: str
     return folder
 
 
-def experiment_configs(experiments: Sequence[str], extra_flags: Sequence[str], flags_dir: str) -> dict[str, Config]:
-    """Each experiment's flagfile, then the extra flags, as a `Config`.
+def experiment_configs(experiments: Sequence[str], extra_flags: Sequence[str],
+                       flags_dir: str = "") -> dict[str, Config]:
+    """Each experiment's flagfile (from `flags_dir`, or the package's own), then the extra flags,
+    as a `Config`.
 
     Raises:
       UsageError: an unknown experiment, or none at all.
     """
     if not experiments:
         raise UsageError(f"--experiments is empty: name one or more of {', '.join(EXPERIMENTS)}.")
+    # A user's folder or the package's own: both read through the same Traversable interface.
+    folder = pathlib.Path(flags_dir) if flags_dir else importlib.resources.files("train_loop").joinpath("flags")
     configs = {}
     for name in experiments:
-        path = os.path.join(flags_dir, f"{name}.cfg")
-        if not os.path.isfile(path):
-            known = sorted(file[:-4] for file in os.listdir(flags_dir) if file.endswith(".cfg")) \
-                if os.path.isdir(flags_dir) else []
-            raise UsageError(f"--experiments: no flagfile {path} for {name!r}; known: {', '.join(known) or 'none'}.")
-        configs[name] = cli.config_from_args([f"--flagfile={path}", *extra_flags])
+        # as_file: a real path for absl's --flagfile, even where the package is imported from a zip.
+        with importlib.resources.as_file(folder.joinpath(f"{name}.cfg")) as path:
+            if not path.is_file():
+                known = sorted(entry.name[:-4] for entry in folder.iterdir() if entry.name.endswith(".cfg")) \
+                    if folder.is_dir() else []
+                raise UsageError(
+                    f"--experiments: no flagfile {path} for {name!r}; known: {', '.join(known) or 'none'}.")
+            configs[name] = cli.config_from_args([f"--flagfile={path}", *extra_flags])
     return configs
+
+
+def default_study_name(extra_flags: Sequence[str]) -> str:
+    """`study-<dataset>[-<model>][-<settings>]-<date>`: named by what the shared flags change, so
+    a study with `--epochs=10` does not collide with the same study at 1 epoch on the same day."""
+    shared = cli.config_from_args(extra_flags)
+    model = [shared.model_name] if shared.model != Config().model else []
+    changed = [part for part in shared.changed_settings() if not part.startswith("dataset=")]
+    return "-".join(["study", shared.dataset_name, *model, *changed, datetime.date.today().isoformat()])
 
 
 def _in_folder(config: Config, folder: str, name: str) -> Config:
