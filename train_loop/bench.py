@@ -19,7 +19,9 @@ import tempfile
 import time
 from typing import Any
 
-from absl import app, flags
+from absl import flags
+
+from train_loop import apps
 
 _STARTED = time.perf_counter()  # As near the process's start as this module gets.
 
@@ -31,8 +33,11 @@ _PRECISION = flags.DEFINE_enum("precision", "float32", ["float32", "mixed_bfloat
 _STEPS = flags.DEFINE_integer("steps", 600, "Training steps each contender times.", lower_bound=20)
 _QUICK = flags.DEFINE_bool("quick", False, "A smoke run under a minute: few steps, no whole-run timing.")
 _WHOLE_RUN = flags.DEFINE_bool("whole_run", True, "Also time the study's whole one-epoch L2 run both ways.")
-_WORKER = flags.DEFINE_string("worker", "", "Internal: run one contender and print its JSON.")
-_DATA_DIR = flags.DEFINE_string("data_dir", "", "Internal: the folder holding the benchmark's npz.")
+# The bench's own child processes take these; under a module name of their own, --helpshort leaves them out.
+_INTERNAL = "train_loop.bench, internal"
+_WORKER = flags.DEFINE_string("worker", "", "Internal: run one contender and print its JSON.", module_name=_INTERNAL)
+_DATA_DIR = flags.DEFINE_string("data_dir", "", "Internal: the folder holding the benchmark's npz.",
+                                module_name=_INTERNAL)
 
 CONTENDERS = {
     "keras_fit": "Keras 3 fit, default (XLA auto)",
@@ -303,5 +308,17 @@ def _print_table(figures: dict[str, Any]) -> None:
               f"{whole['train_loop']:.1f} s ({whole['keras'] / whole['train_loop']:.2f}x)")
 
 
+USAGE = """Usage: train-loop-bench [--quick] [--steps=N]   (or: python -m train_loop.bench ...)
+
+Times train_loop against Keras model.fit on the same model and data, one process each, and
+prints a table with the measured matmul peak of this machine. Takes several minutes.
+"""
+
+
+def run() -> None:
+    """The console script `train-loop-bench` and `python -m train_loop.bench`."""
+    apps.run(main, usage=USAGE, flag_modules=[__name__])
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

@@ -1,14 +1,14 @@
-"""The command line: the only module that defines flags; flags become a `Config`, user errors
-become one line on stderr and exit status 2."""
+"""The command line: the training flags (each tool defines its own in its module, see `apps`);
+flags become a `Config`, user errors become one line on stderr and exit status 2."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
 
-from absl import app, flags
+from absl import flags
 
-from train_loop import configs, errors, startup
+from train_loop import apps, configs, errors, startup
 
 _DEFAULTS = configs.Config()
 
@@ -98,6 +98,10 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     """absl's parsing, but a bad flag is one line and exit 2, like every other user error."""
     try:
         return FLAGS(argv)
+    except flags.CantOpenFlagFileError as error:
+        cause = error.__context__  # absl keeps the OSError only in its message's text.
+        fail(f"--flagfile: cannot read {cause.filename} ({cause.strerror}); give the path of a file "
+             "of --flag=value lines." if isinstance(cause, OSError) else str(error))
     except flags.Error as error:
         fail(f"{error}. Run with --helpfull to see every flag.")
 
@@ -159,6 +163,14 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+USAGE = """Usage: train-loop [--flag=value ...]   (or: python -m train_loop [--flag=value ...])
+
+Trains one model and writes the run to <logdir>/<run_name>/: TensorBoard logs, checkpoints,
+model.keras and result.json. Started again with the same flags, it resumes the run.
+Flags may also come from a file: --flagfile=PATH, one --flag=value per line.
+"""
+
+
 def run() -> None:
-    """The console script and `python -m train_loop`."""
-    app.run(main, flags_parser=parse_flags)
+    """The console script `train-loop` and `python -m train_loop`."""
+    apps.run(main, usage=USAGE, flag_modules=[__name__], flags_parser=parse_flags)

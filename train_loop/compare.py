@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from absl import app
-
-from train_loop import cli, startup
+from train_loop import apps, cli, startup
 
 
 def main(argv: Sequence[str]) -> None:
@@ -22,5 +20,16 @@ def main(argv: Sequence[str]) -> None:
     cli.run_guarded(compare)
 
 
+USAGE = """Usage: train-loop-compare FOLDER   (or: python -m train_loop.compare FOLDER)
+
+Prints the study's comparison table for the finished runs in FOLDER, without training.
+"""
+
+
+def run() -> None:
+    """The console script `train-loop-compare` and `python -m train_loop.compare`."""
+    apps.run(main, usage=USAGE, flag_modules=[], flags_parser=cli.parse_flags)
+
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli.parse_flags)
+    run()

@@ -20,9 +20,9 @@ import threading
 import time
 from collections.abc import Sequence
 
-from absl import app, flags
+from absl import flags
 
-from train_loop import cli
+from train_loop import apps, cli
 
 _WORKERS = flags.DEFINE_integer("workers", 2, "Local worker processes to start.", lower_bound=1)
 _STOP_SECONDS = 30  # After a failure or a signal: how long workers get before they are killed.
@@ -117,5 +117,18 @@ def _exit_status(status: int) -> int:
     return 128 - status if status < 0 else status
 
 
+USAGE = """Usage: train-loop-launch --workers=N [training flags] [-- training flags]
+       (or: python -m train_loop.launch ...)
+
+Trains one run with N local worker processes of MultiWorkerMirroredStrategy on this machine,
+on free 127.0.0.1 ports, each with its own TF_CONFIG; the output of every worker comes through.
+"""
+
+
+def run() -> None:
+    """The console script `train-loop-launch` and `python -m train_loop.launch`."""
+    apps.run(main, usage=USAGE, flag_modules=[__name__, cli.__name__], flags_parser=cli.parse_flags)
+
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli.parse_flags)
+    run()

@@ -15,9 +15,9 @@ import pathlib
 import shlex
 from collections.abc import Sequence
 
-from absl import app, flags
+from absl import flags
 
-from train_loop import cli, runs, startup
+from train_loop import apps, cli, runs, startup
 from train_loop.configs import Config
 from train_loop.errors import UsageError
 
@@ -121,5 +121,18 @@ def _in_folder(config: Config, folder: str, name: str) -> Config:
     return dataclasses.replace(config, logdir=folder, run_name=name)
 
 
+USAGE = """Usage: train-loop-study [--experiments=a,b] [training flags]   (or: python -m train_loop.study ...)
+
+Trains the regularization study: one run per experiment flagfile (baseline, dropout, l1, l2,
+l1l2), each with the training flags given here, then prints and saves the comparison table.
+Example: train-loop-study --dataset=fashion_mnist --epochs=10
+"""
+
+
+def run() -> None:
+    """The console script `train-loop-study` and `python -m train_loop.study`."""
+    apps.run(main, usage=USAGE, flag_modules=[__name__, cli.__name__], flags_parser=cli.parse_flags)
+
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli.parse_flags)
+    run()

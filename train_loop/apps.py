@@ -1,0 +1,54 @@
+"""Starting a command-line tool: absl's app with a usage line for users, `--helpshort` listing the
+flags the tool takes, and `--version`, the same whether it runs as a console script or `python -m`.
+
+Flags live with the tool that reads them: `cli` holds the training flags (which `study` and
+`launch` pass on, and so list too), `study`, `launch` and `bench` their own. This module defines
+only `--version`, which every tool takes; it imports neither `cli` nor TensorFlow, so `bench`,
+whose flags share names with the training flags, can use it.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from importlib import metadata
+
+from absl import app, flags
+
+import train_loop
+
+_VERSION = flags.DEFINE_bool("version", False, "Print the version of train_loop and its TensorFlow, and exit.")
+
+
+def run(main: Callable[[list[str]], None], *, usage: str, flag_modules: Sequence[str],
+        flags_parser: Callable[[list[str]], list[str]] | None = None) -> None:
+    """Runs `main` as an absl app, printing `usage` and the flags of `flag_modules` for
+    `--help`/`--helpshort`.
+
+    absl lists the key flags of the main module, which under a console script is the script
+    itself (no flags) and under `python -m` the tool's file: registering them here makes both
+    list the same flags. Its usage text is `__main__`'s docstring, hence the assignment.
+    """
+    sys.modules["__main__"].__doc__ = usage
+    by_module = flags.FLAGS.flags_by_module_dict()
+    for module in (*flag_modules, __name__):
+        for flag in by_module.get(module, []):
+            flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+    parse = flags_parser or app.parse_flags_with_usage
+    app.run(main, flags_parser=lambda argv: _exit_on_version(parse(argv)))
+
+
+def _exit_on_version(argv: list[str]) -> list[str]:
+    if _VERSION.value:
+        print(f"train_loop {train_loop.__version__} (tensorflow {_installed('tensorflow')}, "
+              f"keras {_installed('keras')}, Python {sys.version.split()[0]})")
+        sys.exit(0)
+    return argv
+
+
+def _installed(distribution: str) -> str:
+    """The installed version, read from its metadata: importing TensorFlow would take seconds."""
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "not installed"
