@@ -6,10 +6,11 @@ import contextlib
 import logging
 import os
 import re
+import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 
+from absl import flags
 from absl import logging as absl_logging
 
 # What TensorFlow prints at every start: INFO lines (its logging prints them before it reads
@@ -20,15 +21,21 @@ _NOISE = re.compile(
     r"|To enable the following instructions|rebuild TensorFlow with the appropriate compiler flags")
 
 
+VERBOSE_ENV = "TRAIN_LOOP_VERBOSE_STARTUP"  # 1: show TensorFlow's start-up lines, unfiltered.
+
+
 def start_tensorflow(cpu_replicas: int = 0, strategy: str = "one_device") -> None:
-    """Imports TensorFlow and lists its devices with the start-up noise filtered out of stderr.
+    """Imports TensorFlow and lists its devices with the start-up noise filtered out of stderr
+    (all of it shown under `TRAIN_LOOP_VERBOSE_STARTUP=1`).
 
     It starts TensorFlow's devices, so the CPU is split into `cpu_replicas` logical devices
     here (N >= 2), while that is still possible. A multi-worker or TPU run (`strategy`, as
     `--strategy` names it) is left before any op runs: its cluster must be connected first.
     """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-    with _filtered_stderr():
+    verbose = os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+    if not verbose:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    with contextlib.nullcontext() if verbose else _filtered_stderr():
         import tensorflow as tf
 
         from train_loop.distribute import resolve_strategy_name, split_cpu
@@ -39,25 +46,40 @@ def start_tensorflow(cpu_replicas: int = 0, strategy: str = "one_device") -> Non
         if resolve_strategy_name(strategy) not in ("multi_worker", "tpu"):
             # XLA announces itself at its first compile; a trivial one here keeps that out of training.
             tf.function(lambda: tf.constant(1.0) + 1.0, jit_compile=True)()
-    # TensorFlow's Python INFO lines ("Sharding callback duration") are progress noise too.
-    logging.getLogger("tensorflow").setLevel(logging.WARNING)
-    absl_logging.set_verbosity(absl_logging.WARNING)
+    # TensorFlow's Python INFO lines ("Sharding callback duration") are progress noise too, unless
+    # the user asked for them with --verbosity (absl's flag), which TensorFlow's import overrides.
+    verbosity = flags.FLAGS["verbosity"]
+    level = verbosity.value if verbosity.present else absl_logging.WARNING
+    absl_logging.set_verbosity(level)
+    logging.getLogger("tensorflow").setLevel(absl_logging.converter.absl_to_standard(level))
+
+
+# The filter runs in a process of its own, so that it still passes on what was written when an
+# import dies of a signal (an illegal instruction, a failed CHECK): no Python is left to do it then.
+_FILTER = """
+import re, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; this drains the pipe.
+noise = re.compile(sys.argv[1])
+for line in sys.stdin:
+    if line.strip() and not noise.search(line):
+        sys.stderr.write(line)
+        sys.stderr.flush()
+"""
 
 
 @contextlib.contextmanager
 def _filtered_stderr() -> Iterator[None]:
-    """Captures file descriptor 2 (C++ writes there directly), then replays all but the noise."""
+    """Sends file descriptor 2 (C++ writes there directly) through a filter that drops the noise."""
     sys.stderr.flush()
     saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as capture:
-        os.dup2(capture.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            capture.seek(0)
-            for line in capture.read().decode(errors="replace").splitlines():
-                if line.strip() and not _NOISE.search(line):
-                    print(line, file=sys.stderr)
+    filter_process = subprocess.Popen([sys.executable, "-c", _FILTER, _NOISE.pattern], stdin=subprocess.PIPE,
+                                      stdout=subprocess.DEVNULL, stderr=saved, text=True)
+    os.dup2(filter_process.stdin.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        filter_process.stdin.close()  # The filter reads to the end, then exits.
+        filter_process.wait()
