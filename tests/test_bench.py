@@ -9,7 +9,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
+
+pytestmark = pytest.mark.slow  # every test here trains a model
 
 
 def test_quick_benchmark_reports_every_figure():

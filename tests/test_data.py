@@ -118,6 +118,19 @@ def test_reads_four_idx_files(tmp_path: Path, gz: bool) -> None:
     assert splits.source == str(tmp_path / "data")
 
 
+def test_a_folder_with_some_idx_files_names_the_missing_ones(tmp_path: Path) -> None:
+    """Two of the four IDX files: a DataError naming the folder and the two missing, no download."""
+    written = write_idx_set(tmp_path / "data", make_arrays(seed=2))
+    for key in ("y_train", "x_test"):  # TRAIN_LABELS and TEST_IMAGES
+        written[key].unlink()
+
+    with pytest.raises(sources.DataError) as caught:
+        sources.load_splits(Config(dataset="mnist", data_dir=str(tmp_path / "data")))
+    message = str(caught.value)
+    assert str(tmp_path / "data") in message and TRAIN_LABELS in message and TEST_IMAGES in message
+    assert TRAIN_IMAGES not in message and TEST_LABELS not in message
+
+
 # Where the data is looked for.
 
 

@@ -23,6 +23,8 @@ from train_loop import Config, train
 from train_loop.epochs import check_finite
 from train_loop.errors import DivergedError
 
+pytestmark = pytest.mark.slow  # every test here trains a model
+
 DIGITS_STEPS = 44  # Steps in one digits epoch at batch 32.
 
 

@@ -74,6 +74,7 @@ def test_step_regularization_of_every_kind_of_term_equals_numpy(replicas):
     assert measured["regularization"] == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_layer_tags_by_path_equal_numpy_from_the_saved_model(run_cli, tmp_path, monkeypatch):
     """At step 0 from the rebuilt initial model, at the end from model.keras; histograms by path."""
     finished = run_cli(f"--model={USER_MODEL}", "--dataset=digits", "--run_name=r")
@@ -118,6 +119,7 @@ def test_python_api_refuses_a_bad_model_function_and_writes_nothing(tmp_path):
     assert not (tmp_path / "logs").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [
     [sys.executable, "examples/own_model.py", "{logdir}"],
     ["sh", "examples/wine.sh", "{logdir}"],

@@ -18,6 +18,8 @@ from helpers import numpy_regularization, scalar_series
 
 from train_loop import Config, models, sources
 
+pytestmark = pytest.mark.slow  # every test here trains a model
+
 RESULT_KEYS = {"dataset", "strategy", "replicas", "steps", "epochs", "train", "eval", "examples_per_second"}
 
 

@@ -65,6 +65,7 @@ def test_step_without_regularizers_has_exactly_zero():
     assert measured["total"] == measured["cross_entropy"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("model", "tags", "jit_compile"), [
     (dict(l2=0.001, bias_l2=0.01), ("gradient_norm", "gradient_norm/conv1", "weight_norm/dense"), True),
     (dict(l2=0.001, bias_l2=0.01), ("gradient_norm", "gradient_norm/conv1", "weight_norm/dense"), False),
@@ -147,6 +148,7 @@ def test_mixed_precision_keeps_float32_weights_logits_and_losses():
     assert measured["regularization"] > 0 and np.isfinite(measured["total"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("settings", [dict(jit_compile=True), dict(precision="mixed_float16")], ids=str)
 def test_mirrored_runs_with_xla_and_float16(tmp_path, settings):
     """Both put control flow or a compiled function around the step: they must work under replicas."""

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
+pytestmark = pytest.mark.slow  # every test here trains a model
+
 FLAGS = ("--dataset=digits", "--steps_per_loop=5")
 
 

@@ -15,6 +15,8 @@ from helpers import events, scalar_series
 
 from train_loop import Config, models, sources, steps, summaries, train
 
+pytestmark = pytest.mark.slow  # every test here trains a model
+
 LEARNING_RATE = 0.1
 
 

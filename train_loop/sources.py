@@ -130,6 +130,11 @@ def _read_folder(folder: str, dataset: str) -> Splits | None:
     paths = [_existing(os.path.join(folder, name)) for name in IDX_FILES]
     if all(paths):
         return _read_idx_set(paths, folder)
+    if any(paths):  # Half a data set is a mistake to name, not a reason to download another copy.
+        missing = [name for name, path in zip(IDX_FILES, paths) if path is None]
+        raise DataError(
+            f"{folder} holds only some of the four {dataset} IDX files: {', '.join(missing)} (or .gz) "
+            f"missing; add them, or put {dataset}.npz there.")
     return None
 
 

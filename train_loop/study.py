@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import importlib.resources
+import logging
 import os
 import pathlib
 import shlex
@@ -67,7 +68,7 @@ def study(experiments: Sequence[str], extra_flags: Sequence[str], *, logdir: str
     startup.start_tensorflow(first.cpu_replicas, first.strategy)
     from train_loop import loop, report, summaries
 
-    summaries.write_study_experiment(folder)
+    logging.getLogger("tensorflow").addFilter(_ExpectedRetracing())
 
     for name, config in configs.items():
         run_dir = os.path.join(folder, name)
@@ -76,6 +77,8 @@ def study(experiments: Sequence[str], extra_flags: Sequence[str], *, logdir: str
         else:
             print(f"{name}: training", flush=True)
             loop.train(config)
+        # Once the first run is finished (a no-op after): TensorBoard has it while the rest train.
+        summaries.write_study_experiment(os.path.join(folder, first.run_name))
     table = report.table([os.path.join(folder, name) for name in configs]).markdown()
     with open(os.path.join(folder, TABLE_FILE), "w") as stream:
         stream.write(table)
@@ -115,6 +118,15 @@ def default_study_name(extra_flags: Sequence[str]) -> str:
     model = [shared.model_name] if shared.model != Config().model else []
     changed = [part for part in shared.changed_settings() if not part.startswith("dataset=")]
     return "-".join(["study", shared.dataset_name, *model, *changed, datetime.date.today().isoformat()])
+
+
+class _ExpectedRetracing(logging.Filter):
+    """Drops TensorFlow's warning that a function "triggered tf.function retracing": each experiment
+    builds its own model and so its own traced steps, traced once each, which TensorFlow counts
+    as the same code retraced from the fifth experiment on. Nothing is retraced within a run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "triggered tf.function retracing" not in record.getMessage()
 
 
 def _in_folder(config: Config, folder: str, name: str) -> Config:

@@ -91,13 +91,20 @@ STUDY_METRICS = (("eval", "accuracy"), ("eval", "loss/cross_entropy"), ("train",
                  ("train", "loss/regularization"), ("train", "accuracy"))
 
 
-def write_study_experiment(folder: str) -> None:
-    """The HParams experiment for a study's folder: TensorBoard over the folder then compares its
+_STUDY_SUFFIX = ".study"
+
+
+def write_study_experiment(run_dir: str) -> None:
+    """The HParams experiment for a study: TensorBoard over the study's folder then compares its
     runs by the settings the experiments vary and by their final metrics, instead of listing
-    every setting (the same in every run) before any metric."""
-    if glob.glob(os.path.join(folder, "events.out.tfevents.*")):
-        return  # Written when the study first started.
-    writer = tf.summary.create_file_writer(folder)
+    every setting (the same in every run) before any metric.
+
+    TensorBoard takes the experiment from whichever run holds it, so it goes into a finished run
+    of the study (`run_dir`): in the study's own folder it would show as a run named `.`.
+    """
+    if glob.glob(os.path.join(run_dir, f"events.out.tfevents.*{_STUDY_SUFFIX}")):
+        return  # Written when the study first got this far.
+    writer = tf.summary.create_file_writer(run_dir, filename_suffix=_STUDY_SUFFIX)
     with writer.as_default(step=0):
         hparams_api.hparams_config(
             hparams=[hparams_api.HParam(name) for name in STUDY_HPARAMS],
