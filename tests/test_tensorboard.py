@@ -13,6 +13,7 @@ import glob
 import importlib.util
 import json
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -211,6 +212,18 @@ def test_confusion_matrix_image_at_each_evaluation(tensorboard: Client, run: Run
     assert struct.unpack(">II", png[16:24]) == (160, 160)  # The IHDR chunk's width and height.
 
 
+def test_confusion_matrix_counts_as_a_table_at_each_evaluation(tensorboard: Client, run: Run):
+    """Beside the image, the text dashboard has the counts, which the image only shades."""
+    entries = tensorboard.get("/data/plugin/text/text", run=run.eval, tag="confusion_matrix_counts")
+    assert [entry["step"] for entry in entries] == run.epoch_ends()
+    rows = re.findall(r"<tr>(.*?)</tr>", entries[-1]["text"], flags=re.DOTALL)
+    cells = [re.findall(r"<t[hd]>(.*?)</t[hd]>", row) for row in rows]
+    labels = [str(label) for label in range(10)]
+    assert cells[0] == ["true \\ predicted", *labels]
+    assert [row[0] for row in cells[1:]] == labels
+    assert [[int(count) for count in row[1:]] for row in cells[1:]] == run.result["confusion_matrix"]
+
+
 def test_eval_series_matches_result(tensorboard: Client, run: Run):
     """Eval is logged at each epoch's last step; its last values are result.json's `eval`."""
     for tag, key in (("accuracy", "accuracy"), ("loss/cross_entropy", "cross_entropy")):
@@ -277,7 +290,7 @@ def test_hparams_session_group(tensorboard: Client, run: Run):
 
 def test_settings_text(tensorboard: Client, run: Run):
     """The settings table is a text summary of the run's root, rendered with its values."""
-    assert tensorboard.get("/data/plugin/text/tags") == {run.name: ["settings"]}
+    assert tensorboard.get("/data/plugin/text/tags") == {run.name: ["settings"], run.eval: ["confusion_matrix_counts"]}
     (entry,) = tensorboard.get("/data/plugin/text/text", run=run.name, tag="settings")
     assert entry["step"] == 0
     for key, value in (("l2", "0.001"), ("dataset", "digits"), ("batch_size", "32")):

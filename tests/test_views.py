@@ -72,6 +72,23 @@ def test_confusion_matrix_image_shades_each_cell_by_its_row_share(sgd_run):
     np.testing.assert_allclose(centres, empty + shares[..., None] * (full - empty), atol=1 / 255)
 
 
+def test_confusion_matrix_of_a_named_data_set_carries_its_class_names(tmp_path):
+    """Fashion-MNIST's labels name the counts table's rows and columns and the image's order."""
+    names = sources.class_names("fashion_mnist")
+    counts = np.arange(100).reshape(10, 10)
+    writer = summaries.Summaries(str(tmp_path), class_names=names)
+    writer.write_confusion_matrix(7, counts)
+    writer.close()
+
+    (table,) = events(str(tmp_path), "eval").Tensors("confusion_matrix_counts")
+    lines = tf.make_ndarray(table.tensor_proto).item().decode().splitlines()
+    assert lines[0] == f"| true \\ predicted | {' | '.join(names)} |"
+    for name, row, line in zip(names, counts, lines[2:], strict=True):
+        assert line == f"| {name} | {' | '.join(map(str, row))} |"
+    image = events(str(tmp_path), "eval").SummaryMetadata("confusion_matrix")
+    assert "0 T-shirt/top, 1 Trouser" in image.summary_description and names[-1] == "Ankle boot"
+
+
 def test_weight_norms_match_the_checkpoint(sgd_run):
     config, run_dir, result = sgd_run
     last = result["steps"]

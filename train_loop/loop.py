@@ -171,7 +171,7 @@ def _open_run(config: Config, run_dir: str | None, model: keras.Model, strategy:
         return Summaries(None)
     runs.create(run_dir, config, decided=decision.to_dict())
     drop_events_after(run_dir, restored_step)
-    summaries = Summaries(run_dir)
+    summaries = Summaries(run_dir, class_names=sources.class_names(config.dataset))
     if restored_step < 0:
         summaries.write_settings(os.path.basename(run_dir), _hparams(config, strategy))
         # Step 0 shows the initial weights: what the regularizers start from.

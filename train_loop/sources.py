@@ -72,6 +72,17 @@ def load_splits(config: Config, arrays: Mapping[str, np.ndarray] | None = None) 
     return _download(config.dataset, folders)
 
 
+def class_names(dataset: str) -> tuple[str, ...]:
+    """The labels' names, for a data set whose labels are not the digits they stand for; else ()."""
+    return _CLASS_NAMES.get(dataset, ())
+
+
+_CLASS_NAMES = {
+    "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                      "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),  # Zalando's labels, in order
+}
+
+
 def input_spec(config: Config) -> tuple[tuple[int, ...], int]:
     """One example's shape and the number of classes; a named data set is not read for them."""
     if config.dataset in DATASETS:

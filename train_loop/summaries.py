@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import keras
@@ -26,7 +26,8 @@ class Summaries:
     special case.
     """
 
-    def __init__(self, run_dir: str | None):
+    def __init__(self, run_dir: str | None, *, class_names: Sequence[str] = ()):
+        self._class_names = tuple(class_names)  # Empty: the labels are named by their index.
         self._writers: dict[str, Any] = {}
         if run_dir is not None:
             for name in WRITERS:
@@ -61,12 +62,17 @@ class Summaries:
             for path, layer in named_layers(model) for weight in layer.trainable_weights})
 
     def write_confusion_matrix(self, step: int, counts: np.ndarray) -> None:
-        """The eval confusion matrix as an image: `confusion_matrix` on the eval writer."""
+        """The eval confusion matrix on the eval writer: an image (`confusion_matrix`) and its counts
+        as a table with the class names (`confusion_matrix_counts`), which the image cannot show."""
         if "eval" in self._writers:
+            names = self._class_names or tuple(str(label) for label in range(len(counts)))
+            order = ", ".join(f"{label} {name}" for label, name in enumerate(self._class_names)) or "by label"
             with self._writers["eval"].as_default(step=step):
                 tf.summary.image("confusion_matrix", confusion_image(counts),
-                                 description="Rows: true label; columns: predicted label; shade: "
+                                 description=f"Rows: true label; columns: predicted label ({order}); shade: "
                                              "share of the row (white 0, dark blue 1).")
+                tf.summary.text("confusion_matrix_counts", confusion_table(counts, names),
+                                description="Eval examples by true label (rows) and predicted label (columns).")
 
     def write_settings(self, run_name: str, settings: Mapping[str, Any]) -> None:
         """The settings as an HParams session (compared across runs) and as a text table."""
@@ -169,3 +175,10 @@ def confusion_image(counts: np.ndarray) -> tf.Tensor:
     colors = empty + shares[..., tf.newaxis] * (full - empty)
     pixels = tf.repeat(tf.repeat(colors, CELL_PIXELS, axis=0), CELL_PIXELS, axis=1)
     return tf.cast(tf.round(pixels * 255.0), tf.uint8)[tf.newaxis]
+
+
+def confusion_table(counts: np.ndarray, names: Sequence[str]) -> str:
+    """The counts as a markdown table, rows the true labels and columns the predicted ones."""
+    rows = [f"| true \\ predicted | {' | '.join(names)} |", f"|---|{'---|' * len(names)}"]
+    rows += [f"| {name} | {' | '.join(str(int(count)) for count in row)} |" for name, row in zip(names, counts)]
+    return "\n".join(rows)
