@@ -73,6 +73,10 @@ BAD_INPUTS = [
     case("unknown-flag", "--no_such_flag=1", names=("no_such_flag",)),
     case("misspelled-flag", "--epoch=2", names=("'epoch'",)),
     case("positional-argument", "--dataset=digits", "train", names=("'train'",)),
+    case("slurm-without-multi_worker", "--cluster_resolver=slurm", names=("--cluster_resolver=slurm",
+                                                                           "--strategy=multi_worker")),
+    case("slurm-outside-a-job-step", "--dataset=digits", "--strategy=multi_worker", "--cluster_resolver=slurm",
+         names=("--cluster_resolver=slurm", "SLURM_PROCID", "srun")),
     case("flagfile-missing", "--flagfile={tmp}/no_such.cfg", names=("--flagfile", "no_such.cfg", "No such file")),
     # Bad inputs beside a run that already finished: it must stay as it is.
     case("l2-negative-beside-finished-run", "--dataset=digits", "--l2=-1", names=("--l2=",),

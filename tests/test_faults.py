@@ -7,6 +7,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -83,6 +84,44 @@ def test_two_workers_match_one_process_and_only_the_chief_writes(tmp_path, model
     # 88 steps a few of the smallest weights (|w| ~ 1e-3) differ by up to 2e-6.
     for first, second in zip(*weights):
         np.testing.assert_allclose(second, first, rtol=1e-4, atol=1e-6 if choice else 1e-5)
+
+
+def consecutive_free_ports(count: int) -> int:
+    """The first of `count` consecutive ports free on 127.0.0.1 now, as `srun --resv-ports` reserves them."""
+    for first in range(20_000, 60_000, count):
+        probes = [socket.socket() for _ in range(count)]
+        try:
+            for offset, probe in enumerate(probes):
+                probe.bind(("127.0.0.1", first + offset))
+            return first
+        except OSError:
+            continue
+        finally:
+            for probe in probes:
+                probe.close()
+    raise RuntimeError("no free ports")
+
+
+def test_two_slurm_tasks_on_one_node_match_one_process(tmp_path):
+    """`--cluster_resolver=slurm` in the environment srun gives two tasks on one node: the two
+    find each other through SlurmClusterResolver and train the numbers of one device."""
+    settings = dict(dataset="digits", epochs=2, steps_per_loop=10, l2=0.001, jit_compile=False)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    port = consecutive_free_ports(2)
+    slurm = {"SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NODELIST": "localhost", "SLURM_STEP_TASKS_PER_NODE": "2",
+             "SLURM_STEP_RESV_PORTS": f"{port}-{port + 1}", "TMPDIR": str(scratch)}
+    flags = [f"--{name}={value}" for name, value in settings.items()]
+    tasks = [start("--strategy=multi_worker", "--cluster_resolver=slurm", *flags, f"--logdir={tmp_path / 'two'}",
+                   "--run_name=run", env={**slurm, "SLURM_PROCID": str(rank)}) for rank in range(2)]
+    for rank, task in enumerate(tasks):
+        status, stdout, stderr = finish(task)
+        assert status == 0, (rank, stdout[-3000:] + stderr[-3000:])
+    two = read_result(tmp_path / "two" / "run")
+    assert (two["strategy"], two["replicas"], two["steps"]) == ("multi_worker", 2, 2 * DIGITS_STEPS)
+    one = train(Config(**settings, logdir=str(tmp_path / "one"), run_name="run", strategy="one_device"))
+    assert_same_numbers(two, one, rel=1e-4)
+    assert os.listdir(tmp_path / "two") == ["run"]
 
 
 @pytest.mark.parametrize(("args", "names"), [

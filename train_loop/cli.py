@@ -91,6 +91,10 @@ flags.DEFINE_bool("deterministic", _DEFAULTS.deterministic,
 flags.DEFINE_string("tpu", _DEFAULTS.tpu,
                     "With --strategy=tpu: the TPU's name or grpc:// address; empty: the TPU VM's own.")
 
+flags.DEFINE_enum("cluster_resolver", _DEFAULTS.cluster_resolver, configs.CLUSTER_RESOLVERS,
+                  "With --strategy=multi_worker: where the cluster comes from; tf_config: the TF_CONFIG "
+                  "variable; slurm: the Slurm job step this task runs in (srun), by SlurmClusterResolver.")
+
 FLAGS = flags.FLAGS
 
 

@@ -15,6 +15,7 @@ ARRAYS_PREFIX = "arrays:"
 MODELS = ("convnet", "linear")
 OPTIMIZERS = ("rmsprop", "adam", "sgd")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
+CLUSTER_RESOLVERS = ("tf_config", "slurm")  # Where a multi-worker run learns its cluster.
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 
 # Settings that change what is computed, so they name the run; the rest (where and how fast)
@@ -55,6 +56,7 @@ class Config:
     profile_steps: str = ""
     deterministic: bool = False
     tpu: str = ""
+    cluster_resolver: str = "tf_config"
 
     def __post_init__(self) -> None:
         _check_dataset(self.dataset)
@@ -62,6 +64,11 @@ class Config:
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("strategy", self.strategy, STRATEGIES)
         _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("cluster_resolver", self.cluster_resolver, CLUSTER_RESOLVERS)
+        if self.cluster_resolver != "tf_config" and self.strategy != "multi_worker":
+            raise UsageError(
+                f"--cluster_resolver={self.cluster_resolver} finds the workers of a multi-worker run: "
+                "add --strategy=multi_worker.")
         for name in ("l1", "l2", "bias_l1", "bias_l2"):
             _check_factor(name, getattr(self, name))
         if not (math.isfinite(self.dropout) and 0.0 <= self.dropout < 1.0):

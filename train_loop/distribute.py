@@ -48,7 +48,7 @@ def make_strategy(config: Config) -> tf.distribute.Strategy:
         devices = _accelerators() or [device.name for device in tf.config.list_logical_devices("CPU")]
         return mirrored_strategy(devices)
     if name == "multi_worker":
-        return _multi_worker()
+        return _slurm() if config.cluster_resolver == "slurm" else _multi_worker()
     if name == "tpu":
         return _tpu(config.tpu)
     return tf.distribute.OneDeviceStrategy((_accelerators() or ["/cpu:0"])[0])
@@ -157,6 +157,34 @@ def _multi_worker() -> tf.distribute.Strategy:
             "--strategy=multi_worker needs TF_CONFIG naming the cluster and this worker's task; "
             "see README 'Running on several machines', or use python -m train_loop.launch.")
     return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def _slurm() -> tf.distribute.Strategy:
+    """MultiWorkerMirroredStrategy over the tasks of this Slurm job step, one worker per task.
+
+    TensorFlow's resolver hands each task a share of its node's GPUs and builds one address per
+    share, so on nodes without GPUs it finds no tasks at all (and it runs nvidia-smi to count
+    them); here every task gets one slot and GPUs are left to Slurm's own binding
+    (`--gpus-per-task`). Ports start at the step's reserved
+    ones (`srun --resv-ports`), else at 8888, one per task on a node.
+
+    Raises:
+      UsageError: this process is not a task of a Slurm job step.
+    """
+    missing = [name for name in _SLURM_VARIABLES if name not in os.environ]
+    if missing:
+        raise UsageError(
+            f"--cluster_resolver=slurm: {', '.join(missing)} not set, so this is not a task of a Slurm job "
+            "step; start it with srun inside an allocation (see README 'Slurm'), or use TF_CONFIG.")
+    ports = os.environ.get("SLURM_STEP_RESV_PORTS", "")
+    # A slot per task of the whole step: no node has more tasks than that.
+    resolver = tf.distribute.cluster_resolver.SlurmClusterResolver(
+        port_base=int(ports.split("-")[0]) if ports else 8888,
+        gpus_per_node=int(os.environ["SLURM_STEP_NUM_TASKS"]), gpus_per_task=1, auto_set_gpu=False)
+    return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+
+
+_SLURM_VARIABLES = ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NODELIST", "SLURM_STEP_TASKS_PER_NODE")
 
 
 def _tpu(tpu: str) -> tf.distribute.Strategy:
