@@ -117,6 +117,7 @@ def test_two_slurm_tasks_on_one_node_match_one_process(tmp_path):
     for rank, task in enumerate(tasks):
         status, stdout, stderr = finish(task)
         assert status == 0, (rank, stdout[-3000:] + stderr[-3000:])
+        assert "; MultiWorkerMirroredStrategy, 2 replicas in sync, here on CPU:0" in stdout.splitlines()[1]
     two = read_result(tmp_path / "two" / "run")
     assert (two["strategy"], two["replicas"], two["steps"]) == ("multi_worker", 2, 2 * DIGITS_STEPS)
     one = train(Config(**settings, logdir=str(tmp_path / "one"), run_name="run", strategy="one_device"))

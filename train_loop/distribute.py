@@ -66,6 +66,13 @@ def mirrored_strategy(devices: list[str]) -> tf.distribute.MirroredStrategy:
     tf.distribute.MirroredStrategy._collective_key_base += 100_000
     return tf.distribute.MirroredStrategy(devices)
 
+def describe(strategy: tf.distribute.Strategy) -> str:
+    """The strategy, its replicas and this process's devices, for the line a run starts with."""
+    devices = ", ".join(device.rpartition("/device:")[2] for device in strategy.extended.worker_devices)
+    replicas = strategy.num_replicas_in_sync
+    return f"{type(strategy).__name__}, {replicas} replica{'s' if replicas > 1 else ''} in sync, here on {devices}"
+
+
 def check_global_batch(strategy: tf.distribute.Strategy, global_batch_size: int) -> None:
     """Raises UsageError unless the global batch splits evenly over the replicas."""
     replicas = strategy.num_replicas_in_sync

@@ -86,6 +86,8 @@ def _train(config: Config, splits: sources.Splits, *, steps_per_epoch: int, stra
     resumed = checkpoints.restore_latest(manager, checkpoints.directory(run_dir))
     console = Console(steps_per_epoch=steps_per_epoch, num_epochs=config.epochs)
     console.say(f"resuming {run_dir} from step {state.step}" if resumed else f"training {run_dir} on {splits.source}")
+    console.say(f"{len(splits.x_train):,} training and {len(splits.x_test):,} test examples; "
+                f"{distribute.describe(strategy)}")
     # After the run's model is built: the throwaway models timed here must not shift its layers' names.
     with stopwatch.phase("decide_xla"):
         decision = tuning.decide_jit_compile(config, strategy, splits, runs.read_settings(run_dir),
