@@ -3,6 +3,7 @@ become one line on stderr and exit status 2."""
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
@@ -114,16 +115,23 @@ def main(argv: Sequence[str]) -> None:
 
 
 def run_guarded(work: Callable[[], None]) -> None:
-    """Runs `work`: a user error becomes one line and exit 2; a run stopped on purpose (divergence
-    3, SIGTERM 143, SIGINT 130) one line and its own status."""
+    """Runs `work`: a user error becomes one line and exit 2; a run stopped on purpose or by a fault
+    (divergence 3, full disk 74, SIGTERM 143, SIGINT 130) one line and its own status.
+
+    Ctrl-C outside the training loop (start-up, the final save) lands here as KeyboardInterrupt:
+    every file is written through a temporary name, so the run is left as it was and resumes.
+    """
     try:
         work()
     except errors.UsageError as error:
         fail(str(error))
     except errors.RunStopped as stopped:
-        print(f"train_loop: {'error: ' if isinstance(stopped, errors.DivergedError) else ''}{stopped}",
-              file=sys.stderr)
+        print(f"train_loop: {'error: ' if stopped.is_error else ''}{stopped}", file=sys.stderr)
         sys.exit(stopped.exit_status)
+    except KeyboardInterrupt:
+        print("train_loop: stopped by SIGINT outside the training loop; the same command resumes "
+              "(or starts) the run.", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
 
 
 def fail(message: str) -> None:

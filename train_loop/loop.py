@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import keras
@@ -44,19 +41,8 @@ def train(config: Config) -> dict[str, Any]:
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     chief = distribute.is_chief(strategy)
-    with _checkpoint_dir(run_dir, chief) as save_dir:
+    with runs.owned(config, run_dir, chief=chief) as run_dir, checkpoints.save_directory(run_dir, chief) as save_dir:
         return _train(config, splits, steps_per_epoch, strategy, run_dir, chief, save_dir, started)
-
-
-@contextlib.contextmanager
-def _checkpoint_dir(run_dir: str, chief: bool) -> Iterator[str]:
-    """Where this process saves checkpoints: the run's folder on the chief; elsewhere a
-    temporary folder, removed at the end (saving is collective, so every worker saves)."""
-    if chief:
-        yield checkpoints.directory(run_dir)
-        return
-    with tempfile.TemporaryDirectory(prefix="train_loop-worker-") as folder:
-        yield folder
 
 
 def _train(config: Config, splits: data.Splits, steps_per_epoch: int, strategy: tf.distribute.Strategy,
@@ -71,10 +57,11 @@ def _train(config: Config, splits: data.Splits, steps_per_epoch: int, strategy: 
     state = LoopState()
     scaling = {"loss_scale": loss_scale} if loss_scale else {}
     # The dropout layers' seed states too, so a resumed run draws the masks an uninterrupted one would.
-    manager = checkpoints.make_manager(
-        save_dir, model=model, optimizer=optimizer, rng=[v.value for v in model.non_trainable_variables],
+    checkpoint = tf.train.Checkpoint(
+        model=model, optimizer=optimizer, rng=[v.value for v in model.non_trainable_variables],
         **state.trackables(), **scaling)
-    resumed = checkpoints.restore_latest(manager, checkpoints.directory(run_dir))
+    resumed = checkpoints.restore_latest(checkpoint, checkpoints.directory(run_dir), repair=chief)
+    manager = checkpoints.make_manager(checkpoint, save_dir)
     console = Console(steps_per_epoch=steps_per_epoch, num_epochs=config.epochs)
     console.say(f"resuming {run_dir} from step {state.step}" if resumed else f"training {run_dir} on {splits.source}")
     summaries = _open_run(config, run_dir if chief else None, model, strategy, state.step if resumed else -1)
@@ -157,6 +144,4 @@ def _hparams(config: Config, strategy: tf.distribute.Strategy) -> dict[str, Any]
 
 def _save_model(model: keras.Model, run_dir: str) -> None:
     """`model.keras` through a temporary name, so a kill leaves no half-written model."""
-    temporary = os.path.join(run_dir, "model.tmp.keras")
-    plain_keras(model).save(temporary)
-    os.replace(temporary, os.path.join(run_dir, "model.keras"))
+    runs.write_atomically(os.path.join(run_dir, "model.keras"), plain_keras(model).save)

@@ -78,10 +78,10 @@ def first_kernel(run_dir: str) -> np.ndarray:
     model = build_model(config, data.image_shape(config.dataset))
     optimizer = steps.build_optimizer(config)
     optimizer.build(model.trainable_variables)
-    latest = tf.train.latest_checkpoint(checkpoints.directory(run_dir))
-    if latest is None:
+    saved = checkpoints.saved_checkpoints(checkpoints.directory(run_dir))
+    if not saved:
         raise UsageError(f"{run_dir} has a {runs.RESULT_FILE} but no checkpoint: its weights are gone.")
-    tf.train.Checkpoint(model=model, optimizer=optimizer).restore(latest).expect_partial()
+    tf.train.Checkpoint(model=model, optimizer=optimizer).restore(saved[0]).expect_partial()
     return tf.convert_to_tensor(weighted_layers(model)[0].kernel).numpy()
 
 
