@@ -10,6 +10,7 @@ the interrupted run's history away.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import logging
@@ -142,20 +143,25 @@ def save(manager: tf.train.CheckpointManager, step: int) -> str:
     latest = manager.latest_checkpoint
     if latest is not None and latest.endswith(f"-{step}"):
         return latest
-    with _no_space(manager.directory, os.path.join(manager.directory, f"ckpt-{step}_temp")):
+    # A failed write is logged by TensorFlow's kernels too; the one line comes from `_no_space`.
+    with no_space_left(manager.directory, temporary=os.path.join(manager.directory, f"ckpt-{step}_temp")), \
+            startup.quiet_stderr():
         return manager.save(checkpoint_number=step)
 
 
 @contextlib.contextmanager
-def _no_space(directory: str, temporary: str) -> Iterator[None]:
-    """TensorFlow's file system reports a full disk as an OpError naming ENOSPC's message."""
+def no_space_left(path: str, *, temporary: str = "") -> Iterator[None]:
+    """Turns a full disk met by TensorFlow's file system (checkpoints, event files) into `NoSpace`
+    naming `path`, after removing the `temporary` folder being written, if any. TensorFlow
+    reports it as an OpError carrying ENOSPC's message."""
     try:
         yield
     except tf.errors.OpError as error:
-        if os.strerror(28) not in str(error):  # 28: ENOSPC
+        if os.strerror(errno.ENOSPC) not in str(error):
             raise
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise NoSpace(directory) from None
+        if temporary:
+            shutil.rmtree(temporary, ignore_errors=True)
+        raise NoSpace(path) from None
 
 
 def _holds_anything(checkpoint_dir: str) -> bool:

@@ -47,7 +47,7 @@ flags.DEFINE_integer("histogram_every", _DEFAULTS.histogram_every,
                      "Steps between histogram summaries; 0: at the end of each epoch.")
 flags.DEFINE_integer("checkpoint_every", _DEFAULTS.checkpoint_every,
                      "Steps between checkpoints; 0: at the end of each epoch.")
-flags.DEFINE_integer("seed", _DEFAULTS.seed, "Seeds weights, shuffling and dropout.")
+flags.DEFINE_integer("seed", _DEFAULTS.seed, f"Seeds weights, shuffling and dropout; 0 to {configs.MAX_SEED}.")
 flags.DEFINE_enum("precision", _DEFAULTS.precision, configs.PRECISIONS,
                   "float32; mixed_bfloat16 (CPUs with AMX or AVX-512 bf16, TPUs); mixed_float16 "
                   "(GPUs; the loss is scaled by hand). Weights, logits and losses stay float32.")

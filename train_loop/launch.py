@@ -33,9 +33,14 @@ def main(argv: Sequence[str]) -> None:
     # Training flags before `--` are the workers' too.
     given = cli.given_training_flags()
     train_flags = [*given, *argv[1:], "--strategy=multi_worker"]
-    # Checked once here, so a bad flag is one line, not one per worker.
-    cli.run_guarded(lambda: cli.config_from_args(train_flags))
-    sys.exit(launch(num_workers, train_flags))
+
+    def check_and_launch() -> None:
+        # Checked once here, so a bad flag is one line, not one per worker.
+        cli.config_from_args(train_flags)
+        sys.exit(launch(num_workers, train_flags))
+
+    # Ctrl-C before the workers run (or before the signals are passed on) is one line too.
+    cli.run_guarded(check_and_launch)
 
 
 def launch(num_workers: int, train_flags: Sequence[str]) -> int:

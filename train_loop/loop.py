@@ -41,7 +41,8 @@ def train(config: Config) -> dict[str, Any]:
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     chief = distribute.is_chief(strategy)
-    with runs.owned(config, run_dir, chief=chief) as run_dir, checkpoints.save_directory(run_dir, chief) as save_dir:
+    with runs.owned(config, run_dir, chief=chief) as run_dir, checkpoints.save_directory(run_dir, chief) as save_dir, \
+            checkpoints.no_space_left(run_dir):
         return _train(config, splits, steps_per_epoch, strategy, run_dir, chief, save_dir, started)
 
 

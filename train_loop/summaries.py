@@ -16,6 +16,7 @@ from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 from tensorboard.plugins.hparams import api as hparams_api
 
 from train_loop.console import warn
+from train_loop.startup import quiet_stderr
 from train_loop.models import weighted_layers
 
 WRITERS = ("train", "eval", "settings")  # The settings writer writes into the run's own folder.
@@ -31,8 +32,11 @@ class Summaries:
     def __init__(self, run_dir: str | None):
         self._writers: dict[str, Any] = {}
         if run_dir is not None:
-            for name in WRITERS:
-                self._writers[name] = tf.summary.create_file_writer(_writer_dir(run_dir, name))
+            # A writer that cannot write its first record (a full disk) raises, and TensorFlow's
+            # kernel logs the same failure: the caller reports it in one line.
+            with quiet_stderr():
+                for name in WRITERS:
+                    self._writers[name] = tf.summary.create_file_writer(_writer_dir(run_dir, name))
 
     def write_scalars(self, writer: str, step: int, scalars: Mapping[str, float]) -> None:
         if writer in self._writers:
