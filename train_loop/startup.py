@@ -47,7 +47,7 @@ def start_tensorflow(cpu_replicas: int = 0, strategy: str = "one_device") -> Non
 def quiet_stderr() -> contextlib.AbstractContextManager[None]:
     """Drops what TensorFlow's C++ side logs within: for an attempt whose failure is reported
     otherwise. Python's own lines (one of ours, a traceback) still come through."""
-    return _filtered_stderr(re.compile(r"^[IWE]\d{4} "))
+    return _filtered_stderr(re.compile(r"^([IWE]\d{4} |\t)"))  # A log line, or its continuation.
 
 
 @contextlib.contextmanager

@@ -16,8 +16,8 @@ from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 from tensorboard.plugins.hparams import api as hparams_api
 
 from train_loop.console import warn
-from train_loop.startup import quiet_stderr
 from train_loop.models import weighted_layers
+from train_loop.startup import quiet_stderr
 
 WRITERS = ("train", "eval", "settings")  # The settings writer writes into the run's own folder.
 
