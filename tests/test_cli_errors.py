@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
+from helpers import assert_one_line_error, snapshot
 
 from train_loop import runs
 from train_loop.configs import Config
@@ -116,29 +116,6 @@ def make_run(logdir: Path, name: str, *, finished: bool) -> None:
     Path(run_dir, "train", "events.out.tfevents.1.host").write_bytes(b"\x00\x01event\xff")
     if finished:
         runs.write_json(os.path.join(run_dir, runs.RESULT_FILE), {"dataset": "digits", "steps": 44})
-
-
-def snapshot(root: Path) -> dict[str, tuple]:
-    """Every entry under `root`: its mode (kind included), modification time and, for files, bytes."""
-    entries = {}
-    for path in sorted(root.rglob("*")):
-        info = path.lstat()
-        content = path.read_bytes() if path.is_file() else None
-        entries[str(path.relative_to(root))] = (info.st_mode, info.st_mtime_ns, content)
-    return entries
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, names: tuple[str, ...]) -> None:
-    """Exit status 2 and exactly one `train_loop: error:` line naming the culprit; no traceback."""
-    report = f"status {result.returncode}\nstdout:\n{result.stdout[-2000:]}\nstderr:\n{result.stderr[-3000:]}"
-    assert result.returncode == 2, report
-    assert "Traceback" not in result.stderr, report
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].strip(), report
-    assert lines[0].startswith("train_loop: error: "), report
-    for name in names:
-        assert name in lines[0], f"{name!r} missing from: {lines[0]}"
-    assert result.stdout == "", report
 
 
 @pytest.mark.parametrize(("flags", "names", "existing", "env"), BAD_INPUTS)

@@ -89,12 +89,9 @@ def restore_latest(checkpoint: tf.train.Checkpoint, checkpoint_dir: str, *, repa
         return False
     failures = []
     for prefix in saved:
-        try:
-            # A damaged file makes TensorFlow's kernels log it too; the reason goes in our line instead.
-            with startup.quiet_stderr():
-                checkpoint.restore(prefix).assert_existing_objects_matched()
-        except _RESTORE_ERRORS as error:
-            failures.append(f"{os.path.basename(prefix)}: {_reason(error)}")
+        failure = _restore(checkpoint, prefix)
+        if failure:
+            failures.append(f"{os.path.basename(prefix)}: {failure}")
             continue
         indexed = _indexed_latest(checkpoint_dir)
         if failures or indexed != prefix:
@@ -104,6 +101,25 @@ def restore_latest(checkpoint: tf.train.Checkpoint, checkpoint_dir: str, *, repa
                 _rewrite_index(checkpoint_dir, saved[saved.index(prefix):])
         return True
     raise _none_restores(checkpoint_dir, "; ".join(failures))
+
+
+def _restore(checkpoint: tf.train.Checkpoint, prefix: str) -> str:
+    """Restores `prefix` into `checkpoint`; returns why it failed, or "" when it did not."""
+    try:
+        # A damaged file makes TensorFlow's kernels log it too; the reason goes in our line instead.
+        with startup.quiet_stderr():
+            checkpoint.restore(prefix).assert_existing_objects_matched()
+    except _RESTORE_ERRORS as error:
+        # The failed attempt's values stay pending on the model and optimizer, which list them
+        # when they are deleted (at exit, after the one line that says the same).
+        logging.getLogger("tensorflow").addFilter(_unrestored_values)
+        return _reason(error)
+    return ""
+
+
+def _unrestored_values(record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return "with unrestored values" not in message and "could not be found in the restored object" not in message
 
 
 def saved_checkpoints(checkpoint_dir: str) -> list[str]:
@@ -194,13 +210,19 @@ def _rewrite_index(checkpoint_dir: str, prefixes: list[str]) -> None:
     times = [os.path.getmtime(f"{prefix}.index") for prefix in oldest_first]
     # TensorFlow's one writer of the index is deprecated in favour of the manager, which cannot
     # be told about checkpoints it did not write; its deprecation warning is not the user's.
+    with _tensorflow_warnings_off():
+        tf.compat.v1.train.update_checkpoint_state(
+            checkpoint_dir, os.path.basename(prefixes[0]), [os.path.basename(path) for path in oldest_first],
+            all_model_checkpoint_timestamps=times, last_preserved_timestamp=min(times) - 1.0)
+
+
+@contextlib.contextmanager
+def _tensorflow_warnings_off() -> Iterator[None]:
     tf_logger = logging.getLogger("tensorflow")
     level = tf_logger.level
     tf_logger.setLevel(logging.ERROR)
     try:
-        tf.compat.v1.train.update_checkpoint_state(
-            checkpoint_dir, os.path.basename(prefixes[0]), [os.path.basename(path) for path in oldest_first],
-            all_model_checkpoint_timestamps=times, last_preserved_timestamp=min(times) - 1.0)
+        yield
     finally:
         tf_logger.setLevel(level)
 

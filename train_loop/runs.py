@@ -57,7 +57,7 @@ def owned(config: Config, run_dir: str, *, chief: bool) -> Iterator[str]:
         if lock is None:
             if os.path.lexists(run_dir) and not is_finished(run_dir) and config.run_name:
                 raise UsageError(f"{run_dir} is in use by {locks.owner(run_dir)}: wait for it to end, "
-                                 "or pass another --run_name.")
+                                 "or pass another --run_name (--study_name for a study).")
             continue
         try:
             if is_finished(run_dir):
@@ -114,12 +114,12 @@ def check_run_dir(run_dir: str, config: Config) -> None:
     for path in (run_dir, os.path.join(run_dir, CHECKPOINTS_DIR)):
         if os.path.lexists(path) and not os.path.isdir(path):
             raise UsageError(f"{path} is a file, not a folder: move it away, or pass another --run_name.")
-    _check_writable(run_dir, run_dir, "pass another --run_name")
     if not os.path.lexists(os.path.join(run_dir, SETTINGS_FILE)) and _has_checkpoints(run_dir):
         raise UsageError(
             f"{run_dir} holds checkpoints but no {SETTINGS_FILE}, so its settings are unknown; nothing "
             "was changed: pass a new --run_name.")
     check_same_settings(run_dir, config)
+    _check_writable(run_dir, run_dir, "pass another --run_name")
 
 
 def _has_checkpoints(run_dir: str) -> bool:
