@@ -242,3 +242,44 @@ def test_a_name_that_fits_alone_but_not_with_its_suffix_is_refused(run_cli, tmp_
     refused = run_cli("--dataset=digits", "--checkpoint_every=20", f"--run_name={name}")
     assert_one_line_error(refused, (f"{name}-2", "256 bytes", "--run_name"))
     assert snapshot(tmp_path / "logs") == before
+
+
+@pytest.mark.parametrize("content", [b"", b'{"train": {"accur', b"[]", b'{"dataset": "digits"}'],
+                         ids=["empty", "cut-short", "a-list", "no-results"])
+def test_compare_refuses_a_damaged_result_in_one_line(tmp_path, interrupted, content):
+    shutil.copytree(interrupted, tmp_path / "r")
+    (tmp_path / "r" / "result.json").write_bytes(content)
+    compared = subprocess.run([sys.executable, "-m", "train_loop.compare", str(tmp_path)], capture_output=True,
+                              text=True, timeout=300, cwd=REPO)
+    assert_one_line_error(compared, (str(tmp_path / "r" / "result.json"),))
+
+
+def study(logdir: Path, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "train_loop.study", "--experiments=baseline", "--study_name=s", f"--logdir={logdir}",
+         "--dataset=digits", *flags], capture_output=True, text=True, timeout=600, cwd=REPO)
+
+
+def test_the_study_refuses_a_damaged_result_and_a_run_another_process_trains(tmp_path, interrupted):
+    """A study reusing a damaged result.json, and a second study reaching the experiment a first
+    one trains (its lock held here), each stop in one line and train nothing."""
+    baseline = tmp_path / "s" / "baseline"
+    shutil.copytree(interrupted, baseline)
+    (baseline / "settings.json").unlink()  # The flags differ from the template's; no check to fail.
+    (baseline / "result.json").write_bytes(b"{")
+    damaged = study(tmp_path)
+    assert "Traceback" not in damaged.stderr and damaged.returncode == 2, damaged.stderr
+    assert damaged.stderr.splitlines()[-1].startswith(f"train_loop: error: cannot read {baseline / 'result.json'}")
+    (baseline / "result.json").unlink()
+    shutil.rmtree(baseline / "checkpoints")
+    before = snapshot(baseline, folder_times=False)
+    lock = locks.acquire(str(baseline))
+    try:
+        held = study(tmp_path)
+    finally:
+        lock.release()
+    assert held.returncode == 2, held.stderr
+    assert held.stderr.splitlines()[-1] == (
+        f"train_loop: error: {baseline} is in use by process {os.getpid()}: wait for it to end, or pass another "
+        "--run_name (--study_name for a study).")
+    assert snapshot(baseline, folder_times=False) == before

@@ -53,7 +53,7 @@ def save_directory(run_dir: str, chief: bool) -> Iterator[str]:
         remove_temporaries(directory(run_dir))
         yield directory(run_dir)
         return
-    prefix = f"train_loop-worker-{hashlib.sha256(os.path.abspath(run_dir).encode()).hexdigest()[:12]}-"
+    prefix = worker_folder_prefix(run_dir)
     for stale in glob.glob(os.path.join(tempfile.gettempdir(), f"{prefix}*")):
         if not locks.is_held(stale):
             shutil.rmtree(stale, ignore_errors=True)
@@ -138,6 +138,11 @@ def saved_checkpoints(checkpoint_dir: str) -> list[str]:
             "a new --run_name to start over.") from None
     steps = sorted((int(match[1]) for match in map(_SAVED.fullmatch, names) if match), reverse=True)
     return [os.path.join(checkpoint_dir, f"ckpt-{step}") for step in steps]
+
+
+def worker_folder_prefix(run_dir: str) -> str:
+    """The start of the temporary folder names of this run's non-chief workers."""
+    return f"train_loop-worker-{hashlib.sha256(os.path.abspath(run_dir).encode()).hexdigest()[:12]}-"
 
 
 def remove_temporaries(checkpoint_dir: str) -> None:

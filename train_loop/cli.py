@@ -142,4 +142,7 @@ def fail(message: str) -> None:
 
 def run() -> None:
     """The console script and `python -m train_loop`."""
+    # Ctrl-C means KeyboardInterrupt (see `run_guarded`) even in a worker that the launcher
+    # started with SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     app.run(main, flags_parser=parse_flags)
