@@ -17,6 +17,7 @@ from helpers import assert_one_line_error, snapshot
 
 from train_loop import runs
 from train_loop.configs import Config
+from train_loop.launch import free_ports
 
 DIGITS_TRAIN_EXAMPLES = 1437  # the bundled digits' fixed 80% training split
 FINISHED_RUN = "convnet-dataset=digits"  # the default run name of `--dataset=digits`
@@ -34,6 +35,8 @@ def case(case_id: str, *flags: str, names: tuple[str, ...], existing: str = "",
 def tf_config(cluster: object, task: object = None) -> dict[str, str]:
     return {"TF_CONFIG": json.dumps({"cluster": cluster, "task": task or {"type": "worker", "index": 0}})}
 
+
+PORTS = free_ports(2)  # This worker's and its peer's, which nobody answers.
 
 BAD_INPUTS = [
     # Regularization factors must be finite and >= 0.
@@ -65,6 +68,9 @@ BAD_INPUTS = [
     case("summary_every-zero", "--summary_every=0", names=("--summary_every=0",)),
     case("cpu_replicas-one", "--cpu_replicas=1", names=("--cpu_replicas=1",)),
     case("run_name-with-slash", "--run_name=a/b", names=("--run_name=", "a/b")),
+    case("run_name-too-long", f"--run_name={'n' * 256}", names=("256 bytes", "--run_name")),
+    case("seed-negative", "--seed=-1", names=("--seed=-1",)),
+    case("seed-beyond-int32", "--seed=2147483648", names=("--seed=2147483648",)),
     case("profile_steps-one-number", "--profile_steps=5", names=("--profile_steps='5'",)),
     case("profile_steps-reversed", "--profile_steps=10,5", names=("--profile_steps='10,5'",)),
     case("profile_steps-not-numbers", "--profile_steps=a,b", names=("--profile_steps='a,b'",)),
@@ -91,6 +97,11 @@ BAD_INPUTS = [
          env=tf_config({"worker": ["127.0.0.1:2222", "127.0.0.1"]})),
     case("tf_config-task-index-out-of-range", "--dataset=digits", names=("TF_CONFIG", "task"),
          env=tf_config({"worker": ["127.0.0.1:2222"]}, {"type": "worker", "index": 3})),
+    # A leftover TF_CONFIG whose peers never come: the wait ends (TRAIN_LOOP_PEER_TIMEOUT).
+    case("tf_config-peers-never-come", "--dataset=digits", names=("TF_CONFIG", f"127.0.0.1:{PORTS[1]}"),
+         env={**tf_config({"worker": [f"127.0.0.1:{port}" for port in PORTS]}), "TRAIN_LOOP_PEER_TIMEOUT": "1"}),
+    case("peer-timeout-not-a-number", "--dataset=digits", names=("TRAIN_LOOP_PEER_TIMEOUT='soon'",),
+         env={**tf_config({"worker": [f"127.0.0.1:{port}" for port in PORTS]}), "TRAIN_LOOP_PEER_TIMEOUT": "soon"}),
     case("tpu-that-does-not-answer", "--dataset=digits", "--strategy=tpu", "--tpu=grpc://127.0.0.1:1",
          names=("--tpu=grpc://127.0.0.1:1",)),
     case("unfinished-run-with-other-settings", "--dataset=digits", f"--run_name={UNFINISHED_RUN}",
