@@ -68,7 +68,7 @@ BAD_INPUTS = [
     case("summary_every-zero", "--summary_every=0", names=("--summary_every=0",)),
     case("cpu_replicas-one", "--cpu_replicas=1", names=("--cpu_replicas=1",)),
     case("run_name-with-slash", "--run_name=a/b", names=("--run_name=", "a/b")),
-    case("run_name-too-long", f"--run_name={'n' * 256}", names=("256 bytes", "--run_name")),
+    case("run_name-too-long", "--dataset=digits", f"--run_name={'n' * 256}", names=("256 bytes", "--run_name")),
     case("seed-negative", "--seed=-1", names=("--seed=-1",)),
     case("seed-beyond-int32", "--seed=2147483648", names=("--seed=2147483648",)),
     case("profile_steps-one-number", "--profile_steps=5", names=("--profile_steps='5'",)),
