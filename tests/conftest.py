@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 os.environ["TRAIN_LOOP_OFFLINE"] = "1"  # Tests never download.
+# --jit_compile=auto's measurements go to a cache of the test session's own, not the user's.
+_CACHE_DIR = tempfile.mkdtemp(prefix="train_loop-test-cache-")
+atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
+os.environ["TRAIN_LOOP_CACHE"] = os.path.join(_CACHE_DIR, "speed.json")
 
 
 from train_loop import distribute  # noqa: E402

@@ -37,8 +37,9 @@ def one_step(config: Config, strategy: tf.distribute.Strategy | None = None):
     images, labels = splits.x_train[: config.batch_size], splits.y_train[: config.batch_size]
     gradients = steps.make_replica_gradients(model, config.batch_size)
     train_step = tf.function(steps.make_train_step(strategy, model, optimizer, gradients))
-    measured = train_step((images, labels))
-    return initial, dict(zip(steps.measurement_names(model), np.asarray(measured).tolist()))
+    sums, norms = train_step((images, labels), tf.constant(True))
+    names = (*steps.STEP_MEASUREMENTS, *steps.gradient_norm_names(model))
+    return initial, dict(zip(names, np.concatenate([sums, norms]).tolist()))
 
 
 def test_convnet_has_the_studys_parameter_count():
@@ -62,10 +63,14 @@ def test_step_without_regularizers_has_exactly_zero():
     assert measured["total"] == measured["cross_entropy"] > 0
 
 
-def test_mirrored_over_two_cpus_matches_one_device(tmp_path):
-    """Same seed and data: 2 replicas give one device's loss components, accuracy and weights."""
+@pytest.mark.parametrize("jit_compile", [True, False])
+def test_mirrored_over_two_cpus_matches_one_device(tmp_path, jit_compile):
+    """Same seed and data: 2 replicas give one device's loss components, accuracy and weights.
+
+    XLA is forced one way for both: `auto` measures per replica count and may pick either.
+    """
     settings = dict(dataset="digits", l2=0.001, bias_l2=0.01, logdir=str(tmp_path), steps_per_loop=7,
-                    summary_every=11)
+                    summary_every=11, jit_compile=jit_compile)
     one = train(Config(strategy="one_device", run_name="one", **settings))
     two = train(Config(strategy="mirrored", cpu_replicas=2, run_name="two", **settings))
     assert (one["replicas"], two["replicas"]) == (1, 2)
@@ -91,7 +96,7 @@ def test_train_loop_is_traced_once_across_calls():
     replica_input = data.ReplicaInput(strategy, data.train_dataset_fn(
         splits, global_batch_size=32, seed=0, num_epochs=1, start_step=0))
     train_step = steps.make_train_step(strategy, model, optimizer, steps.make_replica_gradients(model, 32))
-    loop = steps.make_train_loop(train_step, steps.measurement_names(model), replica_input.next_batch)
+    loop = steps.make_train_loop(train_step, steps.gradient_norm_names(model), replica_input.next_batch)
     iterator = replica_input.iterator()
     sums = [loop(iterator, tf.constant(n)) for n in (3, 5, 7)]
     assert loop.experimental_get_tracing_count() == 1
@@ -110,9 +115,9 @@ def scaled_step(initial_scale: float, strategy: tf.distribute.Strategy):
     before = [w.copy() for w in model.get_weights()]
     gradients = steps.make_replica_gradients(model, 32, loss_scale=loss_scale)
     train_step = tf.function(steps.make_train_step(strategy, model, optimizer, gradients, loss_scale=loss_scale))
-    measured = train_step((splits.x_train[:32], splits.y_train[:32]))
+    sums, norms = train_step((splits.x_train[:32], splits.y_train[:32]), tf.constant(True))
     changed = any(not np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
-    return float(loss_scale.scale.numpy()), int(loss_scale.good_steps.numpy()), changed, np.asarray(measured)
+    return float(loss_scale.scale.numpy()), int(loss_scale.good_steps.numpy()), changed, np.concatenate([sums, norms])
 
 
 @pytest.mark.parametrize("replicas", [1, 2])

@@ -161,7 +161,7 @@ def _cached_batch_speed(config) -> float:
     batch = (tf.constant(splits.x_train[: config.batch_size]), tf.constant(splits.y_train[: config.batch_size]))
     gradients = steps.make_replica_gradients(model, config.batch_size, jit_compile=config.jit_compile)
     train_step = steps.make_train_step(strategy, model, optimizer, gradients)
-    loop = steps.make_train_loop(train_step, steps.measurement_names(model), lambda _: batch)
+    loop = steps.make_train_loop(train_step, steps.gradient_norm_names(model), lambda _: batch)
     num_steps = len(splits.x_train) // config.batch_size - 20
     loop(None, tf.constant(20))
     started = time.perf_counter()

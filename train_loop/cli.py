@@ -51,9 +51,33 @@ flags.DEFINE_integer("seed", _DEFAULTS.seed, f"Seeds weights, shuffling and drop
 flags.DEFINE_enum("precision", _DEFAULTS.precision, configs.PRECISIONS,
                   "float32; mixed_bfloat16 (CPUs with AMX or AVX-512 bf16, TPUs); mixed_float16 "
                   "(GPUs; the loss is scaled by hand). Weights, logits and losses stay float32.")
-flags.DEFINE_bool("jit_compile", _DEFAULTS.jit_compile,
-                  "Compile the per-replica step with XLA (not the loop around it, which reads the "
-                  "input iterator); --nojit_compile turns it off.")
+
+
+class _AutoOrBoolParser(flags.BooleanParser):
+    """A boolean flag that also takes `auto`, so `--jit_compile` / `--nojit_compile` still force it."""
+
+    def parse(self, argument: str | int) -> bool | str:
+        if isinstance(argument, str) and argument.lower() == "auto":
+            return "auto"
+        try:
+            return super().parse(argument)
+        except (TypeError, ValueError):
+            raise ValueError(f"{argument!r} is not auto, true or false") from None
+
+    def flag_type(self) -> str:
+        return "auto or bool"
+
+
+class _AutoOrBoolFlag(flags.Flag):
+    def _serialize(self, value: bool | str) -> str:
+        return f"--{self.name}=auto" if value == "auto" else super()._serialize(value)
+
+
+flags.DEFINE_flag(_AutoOrBoolFlag(
+    _AutoOrBoolParser(), flags.ArgumentSerializer(), "jit_compile", _DEFAULTS.jit_compile,
+    "Compile the per-replica step with XLA (not the loop around it, which reads the input iterator). "
+    "auto: time the step both ways on this machine the first time a setting meets it, and remember "
+    "the faster (TRAIN_LOOP_CACHE); --jit_compile / --nojit_compile force it.", boolean=True))
 
 flags.DEFINE_string("profile_steps", _DEFAULTS.profile_steps,
                     "START,END: trace steps START+1..END for TensorBoard's profile dashboard "

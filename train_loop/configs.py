@@ -50,7 +50,7 @@ class Config:
     histogram_every: int = 0
     checkpoint_every: int = 0
     seed: int = 0
-    jit_compile: bool = True
+    jit_compile: bool | str = "auto"  # True, False, or "auto": measured on this machine (tuning.py).
     precision: str = "float32"
     profile_steps: str = ""
     deterministic: bool = False
@@ -83,6 +83,9 @@ class Config:
                              "initializers take.")
         if self.cpu_replicas == 1:
             raise UsageError("--cpu_replicas=1 splits nothing: use 0 (no split) or 2 or more.")
+        if self.jit_compile not in (True, False, "auto") or not isinstance(self.jit_compile, (bool, str)):
+            raise UsageError(
+                f"--jit_compile={self.jit_compile!r} must be auto (measure both on this machine), true or false.")
         _parse_profile_steps(self.profile_steps)
         if "/" in self.run_name or self.run_name in (".", ".."):
             raise UsageError(

@@ -32,6 +32,8 @@ class Evaluation:
 
 def check_finite(sums: dict[str, float], step: int, num_steps: int) -> None:
     """Raises DivergedError if a loss component or the gradient of the last loop call is not finite."""
+    if sums.get("non_finite_gradients", 0.0) > 0:
+        sums = {**sums, "gradient_norm": math.inf}  # A step before the last, whose norm was not taken.
     for name in ("cross_entropy", "regularization", "gradient_norm"):
         if not math.isfinite(sums[name]):
             raise DivergedError(
@@ -150,27 +152,33 @@ class Run:
 
 
 class _Interval:
-    """Sums since the last scalar summary, so each logged point is the mean over its interval."""
+    """Sums since the last scalar summary, so each logged point is the mean over its interval;
+    the gradient's norms, taken at the last step of each loop call, are the latest ones instead."""
 
     def __init__(self) -> None:
         self._reset()
 
     def _reset(self) -> None:
         self._sums: dict[str, float] = {}
+        self._latest: dict[str, float] = {}
         self._steps = self._examples = 0
         self._seconds = 0.0
 
     def add(self, sums: dict[str, float], num_steps: int, examples: int, seconds: float) -> None:
         for name, value in sums.items():
-            self._sums[name] = self._sums.get(name, 0.0) + value
+            if name.startswith("gradient_norm"):
+                self._latest[name] = value
+            else:
+                self._sums[name] = self._sums.get(name, 0.0) + value
         self._steps += num_steps
         self._examples += examples
         self._seconds += seconds
 
     def pop_means(self) -> dict[str, float]:
-        """The interval's mean measurements and its throughput; starts a new interval."""
+        """The interval's mean measurements, its latest gradient norms and its throughput; starts a
+        new interval."""
         means = {name: value / self._steps for name, value in self._sums.items()}
-        means["examples_per_second"] = self._examples / self._seconds
+        means.update(self._latest, examples_per_second=self._examples / self._seconds)
         self._reset()
         return means
 

@@ -9,7 +9,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from train_loop import checkpoints, data, distribute, runs, steps
+from train_loop import checkpoints, data, distribute, runs, steps, tuning
 from train_loop.configs import Config
 from train_loop.console import Console
 from train_loop.epochs import Evaluation, LoopState, Run
@@ -43,11 +43,14 @@ def train(config: Config) -> dict[str, Any]:
     chief = distribute.is_chief(strategy)
     with runs.owned(config, run_dir, chief=chief) as run_dir, checkpoints.save_directory(run_dir, chief) as save_dir, \
             checkpoints.no_space_left(run_dir):
-        return _train(config, splits, steps_per_epoch, strategy, run_dir, chief, save_dir, started)
+        decision = tuning.decide_jit_compile(config, strategy, splits, runs.read_settings(run_dir))
+        print(decision.describe(), flush=True)
+        return _train(config, splits, steps_per_epoch=steps_per_epoch, strategy=strategy, run_dir=run_dir,
+                      chief=chief, save_dir=save_dir, started=started, decision=decision)
 
 
-def _train(config: Config, splits: data.Splits, steps_per_epoch: int, strategy: tf.distribute.Strategy,
-           run_dir: str, chief: bool, save_dir: str, started: float) -> dict[str, Any]:
+def _train(config: Config, splits: data.Splits, *, steps_per_epoch: int, strategy: tf.distribute.Strategy,
+           run_dir: str, chief: bool, save_dir: str, started: float, decision: tuning.Decision) -> dict[str, Any]:
     """`train` after the checks; a worker that is not the chief writes nothing into `run_dir`."""
     # All state inside the scope: Keras optimizers otherwise build their slots lazily, in a trace.
     with strategy.scope():
@@ -65,16 +68,17 @@ def _train(config: Config, splits: data.Splits, steps_per_epoch: int, strategy: 
     manager = checkpoints.make_manager(checkpoint, save_dir)
     console = Console(steps_per_epoch=steps_per_epoch, num_epochs=config.epochs)
     console.say(f"resuming {run_dir} from step {state.step}" if resumed else f"training {run_dir} on {splits.source}")
-    summaries = _open_run(config, run_dir if chief else None, model, strategy, state.step if resumed else -1)
+    summaries = _open_run(config, run_dir if chief else None, model, strategy, state.step if resumed else -1,
+                          decision=decision)
 
     # The step, and the data it pulls from, starting where the restored state stands.
     train_input = data.ReplicaInput(strategy, data.train_dataset_fn(
         splits, global_batch_size=config.batch_size, seed=config.seed,
         num_epochs=config.epochs, start_step=state.step))
     replica_gradients = steps.make_replica_gradients(
-        model, config.batch_size, loss_scale=loss_scale, jit_compile=config.jit_compile)
+        model, config.batch_size, loss_scale=loss_scale, jit_compile=decision.jit_compile)
     train_step = steps.make_train_step(strategy, model, optimizer, replica_gradients, loss_scale=loss_scale)
-    train_loop = steps.make_train_loop(train_step, steps.measurement_names(model), train_input.next_batch)
+    train_loop = steps.make_train_loop(train_step, steps.gradient_norm_names(model), train_input.next_batch)
     iterator = train_input.iterator()
     eval_fn, eval_batches = data.eval_dataset_fn(splits, config.batch_size)
     eval_input = data.ReplicaInput(strategy, eval_fn)
@@ -100,6 +104,7 @@ def _train(config: Config, splits: data.Splits, steps_per_epoch: int, strategy: 
         "dataset": config.dataset,
         "strategy": distribute.resolve_strategy_name(config.strategy),
         "replicas": strategy.num_replicas_in_sync,
+        "decided": decision.to_dict(),
         "steps": state.step,
         "epochs": int(state.epoch),
         "train": state.epoch_means(),
@@ -117,7 +122,7 @@ def _train(config: Config, splits: data.Splits, steps_per_epoch: int, strategy: 
 
 
 def _open_run(config: Config, run_dir: str | None, model: keras.Model, strategy: tf.distribute.Strategy,
-              restored_step: int) -> Summaries:
+              restored_step: int, *, decision: tuning.Decision) -> Summaries:
     """The run folder and its writers; a fresh start logs the settings and the initial weights.
 
     Events logged after the restored checkpoint (by the process that was killed) are dropped
@@ -125,7 +130,7 @@ def _open_run(config: Config, run_dir: str | None, model: keras.Model, strategy:
     """
     if run_dir is None:
         return Summaries(None)
-    runs.create(run_dir, config)
+    runs.create(run_dir, config, decided=decision.to_dict())
     drop_events_after(run_dir, restored_step)
     summaries = Summaries(run_dir)
     if restored_step < 0:

@@ -163,11 +163,12 @@ def check_same_settings(run_dir: str, config: Config,
             f"{run_dir} holds a run with other settings: {'; '.join(differ)}; {fix}.")
 
 
-def create(run_dir: str, config: Config) -> None:
-    """Makes the folder and records the settings that a resumption must match."""
+def create(run_dir: str, config: Config, decided: dict[str, Any] | None = None) -> None:
+    """Makes the folder and records the settings that a resumption must match, with what was
+    decided on this machine (`decided`, e.g. XLA or not), which a resumption reuses."""
     os.makedirs(run_dir, exist_ok=True)
     if not os.path.exists(os.path.join(run_dir, SETTINGS_FILE)):
-        write_json(os.path.join(run_dir, SETTINGS_FILE), config.to_dict())
+        write_json(os.path.join(run_dir, SETTINGS_FILE), {**config.to_dict(), "decided": decided or {}})
 
 
 def write_json(path: str, content: dict[str, Any]) -> None:

@@ -18,6 +18,9 @@ from train_loop.configs import Config
 from train_loop.models import weighted_layers
 
 TRAIN_MEASUREMENTS = ("cross_entropy", "regularization", "total", "accuracy")
+# Summed over every step: the logged means, and the replica-steps whose gradient was not finite
+# (the divergence check; a non-finite gradient mid-call would otherwise only show one step later).
+STEP_MEASUREMENTS = (*TRAIN_MEASUREMENTS, "non_finite_gradients")
 _SUM = tf.distribute.ReduceOp.SUM
 
 
@@ -63,7 +66,7 @@ def make_replica_gradients(
     IteratorGetNext) and no cross-replica synchronization (the optimizer's lives outside it).
 
     Returns:
-      A function of (images, labels) giving the stacked `TRAIN_MEASUREMENTS` and the (unscaled)
+      A function of (images, labels) giving the stacked `STEP_MEASUREMENTS` and the (unscaled)
       gradients of the total with respect to `model.trainable_variables`.
     """
     variables = model.trainable_variables
@@ -80,7 +83,8 @@ def make_replica_gradients(
         if loss_scale is not None:
             gradients = [gradient / loss_scale.scale for gradient in gradients]
         accuracy = losses.correct_share(labels, logits, global_batch_size)
-        return tf.stack([cross_entropy, regularization, total, accuracy]), gradients
+        non_finite = tf.cast(~tf.math.is_finite(tf.linalg.global_norm(gradients)), tf.float32)
+        return tf.stack([cross_entropy, regularization, total, accuracy, non_finite]), gradients
 
     return tf.function(replica_gradients, jit_compile=True) if jit_compile else replica_gradients
 
@@ -89,15 +93,17 @@ def make_train_step(
     strategy: tf.distribute.Strategy, model: keras.Model, optimizer: keras.optimizers.Optimizer,
     replica_gradients: Callable[..., tuple[tf.Tensor, list[tf.Tensor]]], *,
     loss_scale: LossScale | None = None,
-) -> Callable[[tuple], tf.Tensor]:
+) -> Callable[[tuple, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
     """One update over all replicas, for use inside the traced loop.
 
-    Besides the loss components it measures the gradient: its global L2 norm (a divergence
-    shows there first) and each weighted layer's kernel-gradient norm, both of the whole global
-    batch's gradient (summed over replicas), so they equal what one device computes.
+    Besides the `STEP_MEASUREMENTS` it measures the gradient when `measure` is true (the last
+    step of a loop call, the one a summary reports): its global L2 norm and each weighted layer's
+    kernel-gradient norm, both of the whole global batch's gradient (summed over replicas), so they
+    equal what one device computes. Other steps skip that reduction and those norms.
 
     Returns:
-      A function of every replica's batch giving the vector of `measurement_names(model)`.
+      A function of (every replica's batch, measure) giving the summed `STEP_MEASUREMENTS` and the
+      vector of `gradient_norm_names(model)` (zeros when not measured).
     """
     variables = model.trainable_variables
     kernels = [layer.kernel for layer in weighted_layers(model)]
@@ -108,20 +114,23 @@ def make_train_step(
         return tf.stack([tf.linalg.global_norm(gradients),
                          *(tf.norm(gradients[position]) for position in kernel_positions)])
 
+    def measured_norms(measure: tf.Tensor, gradients: list) -> tf.Tensor:
+        return tf.cond(measure, lambda: gradient_norms(gradients), lambda: tf.zeros([1 + len(kernels)]))
+
     def replica_step(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, list[tf.Tensor]]:
         measurements, gradients = replica_gradients(images, labels)
         optimizer.apply_gradients(zip(gradients, variables))
         return measurements, gradients
 
-    def train_step(batch: tuple) -> tf.Tensor:
+    def train_step(batch: tuple, measure: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         measurements, gradients = strategy.run(replica_step, args=batch)
-        return tf.concat([strategy.reduce(_SUM, measurements, axis=None), gradient_norms(gradients)], 0)
+        return strategy.reduce(_SUM, measurements, axis=None), measured_norms(measure, gradients)
 
-    def scaled_train_step(batch: tuple) -> tf.Tensor:
+    def scaled_train_step(batch: tuple, measure: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         # Called from a plain function, so that XLA's compiled function runs on each replica's device.
         measurements, gradients = strategy.run(lambda *replica_batch: replica_gradients(*replica_batch), args=batch)
-        overflows = strategy.reduce(_SUM, strategy.run(_count_non_finite, args=(gradients,)), axis=None)
-        finite = overflows == 0
+        measurements = strategy.reduce(_SUM, measurements, axis=None)
+        finite = measurements[-1] == 0
 
         def apply() -> tf.Tensor:
             strategy.run(lambda grads: optimizer.apply_gradients(zip(grads, variables)), args=(gradients,))
@@ -131,40 +140,36 @@ def make_train_step(
         # optimizer's cross-replica sum cannot sit inside one replica's control flow.
         tf.cond(finite, apply, lambda: tf.constant(False))
         loss_scale.update(finite)
-        # A skipped step's overflowed gradient counts as 0: skipping is the loss scale's job.
-        norms = gradient_norms(gradients)
-        return tf.concat([strategy.reduce(_SUM, measurements, axis=None),
-                          tf.where(finite, norms, tf.zeros_like(norms))], 0)
+        # A skipped step's overflow is the loss scale's job, not divergence; its norms count as 0.
+        return (tf.concat([measurements[:-1], [0.0]], 0),
+                measured_norms(tf.logical_and(measure, finite), gradients))
 
     return train_step if loss_scale is None else scaled_train_step
 
 
-def measurement_names(model: keras.Model) -> tuple[str, ...]:
-    """What a train step measures, in order: the loss components, accuracy and gradient norms."""
-    layer_norms = (f"gradient_norm/{layer.name}" for layer in weighted_layers(model))
-    return (*TRAIN_MEASUREMENTS, "gradient_norm", *layer_norms)
-
-
-def _count_non_finite(gradients: list[tf.Tensor]) -> tf.Tensor:
-    return tf.add_n([tf.reduce_sum(tf.cast(~tf.math.is_finite(g), tf.float32)) for g in gradients])
+def gradient_norm_names(model: keras.Model) -> tuple[str, ...]:
+    """What a train step measures of the gradient at the last step of a loop call, in order."""
+    return ("gradient_norm", *(f"gradient_norm/{layer.name}" for layer in weighted_layers(model)))
 
 
 def make_train_loop(
-    train_step: Callable[[tuple], tf.Tensor], names: tuple[str, ...], next_batch: Callable[[object], tuple],
+    train_step: Callable[[tuple, tf.Tensor], tuple[tf.Tensor, tf.Tensor]], gradient_names: tuple[str, ...],
+    next_batch: Callable[[object], tuple],
 ) -> Callable[[object, tf.Tensor], dict[str, tf.Tensor]]:
     """`train_loop(iterator, num_steps)`: `num_steps` updates in one traced call.
 
     `next_batch(iterator)` gives every replica its batch (see `data.ReplicaInput`). Returns the
-    step's measurements, by `names`, summed over the steps; pass `num_steps` as a tensor so that
-    every call reuses one trace.
+    `STEP_MEASUREMENTS` summed over the steps, and the gradient's norms (`gradient_names`) at the
+    last step; pass `num_steps` as a tensor so that every call reuses one trace.
     """
 
     @tf.function
     def train_loop(iterator, num_steps: tf.Tensor) -> dict[str, tf.Tensor]:
-        sums = tf.zeros([len(names)])
-        for _ in tf.range(num_steps):
-            sums += train_step(next_batch(iterator))
-        return dict(zip(names, tf.unstack(sums)))
+        sums, norms = tf.zeros([len(STEP_MEASUREMENTS)]), tf.zeros([len(gradient_names)])
+        for step in tf.range(num_steps):
+            measured, norms = train_step(next_batch(iterator), step == num_steps - 1)
+            sums += measured
+        return {**dict(zip(STEP_MEASUREMENTS, tf.unstack(sums))), **dict(zip(gradient_names, tf.unstack(norms)))}
 
     return train_loop
 

@@ -1,0 +1,252 @@
+"""Speed settings decided by measuring this machine: whether XLA compiles the step (`--jit_compile=auto`).
+
+Which way is faster is not a property of the code: XLA made the step 1.9x faster on an AVX2-only
+AMD EPYC, 1.8x slower on an AVX-512/AMX Xeon and 2x slower on an AVX-512 AMD EPYC (BENCHMARKS.md).
+So `auto` times both compiled steps here, on a throwaway copy of the model fed a real batch, and
+remembers the answer per CPU and step in a small JSON cache (`TRAIN_LOOP_CACHE`): the second run of
+a setting on a machine pays nothing. The run's own model, optimizer and random state are not
+touched, so the run computes what a run forced to the same choice computes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import time
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from train_loop import data, models, steps
+from train_loop.configs import Config
+
+CACHE_ENV = "TRAIN_LOOP_CACHE"  # A file path, or "off" to measure every time.
+# CPU features that change which kernels run fast (oneDNN's ISA, bfloat16 units).
+_FEATURES = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
+_ROUNDS = 3  # Alternating timed blocks per variant: drifts of a shared machine hit both alike.
+_BLOCK_SECONDS = 0.2
+_PROTOCOL = 1  # Bumped when the measurement changes, so older cached answers are measured again.
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """Whether the step is compiled with XLA, and how that was decided (printed and recorded)."""
+
+    jit_compile: bool
+    by: str  # "flag", "resumed", "cached", "measured" or "tpu".
+    examples_per_second: dict[str, float] | None = None  # {"xla": ..., "no_xla": ...} when measured.
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: value for key, value in dataclasses.asdict(self).items() if value is not None}
+
+    def describe(self) -> str:
+        """One line for the console: the choice and its evidence."""
+        choice = f"XLA {'on' if self.jit_compile else 'off'}"
+        if self.by == "flag":
+            return f"{choice} (--{'' if self.jit_compile else 'no'}jit_compile)"
+        if self.by == "resumed":
+            return f"{choice}, as the run started (its settings.json)"
+        if self.by == "tpu":
+            return f"{choice}: a TPU always compiles"
+        speeds = self.examples_per_second or {}
+        evidence = f"{speeds.get('xla', 0):,.0f} examples/s with XLA, {speeds.get('no_xla', 0):,.0f} without"
+        where = "measured on this CPU" if self.by == "measured" else "measured earlier on this CPU (cached)"
+        return f"{choice}, {where}: {evidence} (--jit_compile or --nojit_compile forces it)"
+
+
+def decide_jit_compile(config: Config, strategy: tf.distribute.Strategy, splits: data.Splits,
+                       saved_settings: dict[str, Any] | None) -> Decision:
+    """`config.jit_compile` when forced; else the resumed run's choice, the cached one, or a measurement.
+
+    On a multi-worker cluster every worker measures and the summed timings decide, so all workers
+    compile alike (a cache could differ between machines and leave one worker out of a collective).
+    """
+    if isinstance(config.jit_compile, bool):
+        return Decision(config.jit_compile, "flag")
+    resumed = recorded_jit_compile(saved_settings)
+    if resumed is not None:
+        return Decision(resumed, "resumed")
+    if isinstance(strategy, tf.distribute.TPUStrategy):
+        return Decision(True, "tpu")
+    cache = None if _is_multi_worker(strategy) else SpeedCache.open()
+    key = step_key(config, strategy, splits.x_train.shape[1:])
+    cached = cache.get(key) if cache else None
+    if cached is not None:
+        return Decision(cached["jit_compile"], "cached", cached["examples_per_second"])
+    speeds = measure_jit_compile(config, strategy, splits)
+    decision = Decision(speeds["xla"] > speeds["no_xla"], "measured", speeds)
+    if cache:
+        cache.put(key, {"jit_compile": decision.jit_compile, "examples_per_second": speeds})
+    return decision
+
+
+def recorded_jit_compile(settings: dict[str, Any] | None) -> bool | None:
+    """The choice a run recorded in its settings.json: its decision, or a forced flag of an older run."""
+    if not settings:
+        return None
+    decided = settings.get("decided", {}).get("jit_compile") if isinstance(settings.get("decided"), dict) else None
+    if isinstance(decided, bool):
+        return decided
+    return settings.get("jit_compile") if isinstance(settings.get("jit_compile"), bool) else None
+
+
+def step_key(config: Config, strategy: tf.distribute.Strategy, input_shape: tuple[int, ...]) -> str:
+    """What the step's speed depends on: the machine, the libraries and the settings of the step."""
+    return json.dumps({
+        "protocol": _PROTOCOL, "cpu": cpu_model(), "features": cpu_features(), "cores": _cores(),
+        "tensorflow": tf.__version__, "keras": keras.__version__,
+        "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", ""),
+        "devices": [device.split("/")[-1] for device in strategy.extended.worker_devices],
+        "strategy": type(strategy).__name__, "replicas": strategy.num_replicas_in_sync,
+        "model": config.model, "input_shape": list(input_shape), "dropout": config.dropout > 0,
+        "regularizers": [name for name in ("l1", "l2", "bias_l1", "bias_l2") if getattr(config, name)],
+        "batch_size": config.batch_size, "precision": config.precision, "optimizer": config.optimizer,
+        "deterministic": config.deterministic,
+    }, sort_keys=True)
+
+
+def measure_jit_compile(config: Config, strategy: tf.distribute.Strategy, splits: data.Splits) -> dict[str, float]:
+    """Examples per second of the train step with and without XLA, on a throwaway model.
+
+    Both are traced and compiled first, then timed in alternating blocks of about 0.2 s; each
+    keeps its best block. Averaged over workers on a cluster, so every worker gets the same answer.
+    """
+    loops = {name: _throwaway_loop(config, strategy, splits, jit_compile=jit)
+             for name, jit in (("xla", True), ("no_xla", False))}
+    num_steps = {name: _block_steps(strategy, loop) for name, loop in loops.items()}
+    best = dict.fromkeys(loops, 0.0)
+    for _ in range(_ROUNDS):
+        for name, loop in loops.items():
+            started = time.perf_counter()
+            float(loop(tf.constant(num_steps[name]))["total"])
+            best[name] = max(best[name], num_steps[name] * config.batch_size / (time.perf_counter() - started))
+    return dict(zip(best, _mean_over_workers(strategy, list(best.values()))))
+
+
+def _throwaway_loop(config: Config, strategy: tf.distribute.Strategy, splits: data.Splits, *, jit_compile: bool):
+    """The run's train loop on its own model and optimizer, fed the first global batch over and over."""
+    with strategy.scope():
+        model = models.build_model(config, splits.x_train.shape[1:])
+        optimizer = steps.build_optimizer(config)
+        optimizer.build(model.trainable_variables)
+        loss_scale = steps.LossScale() if config.precision == "mixed_float16" else None
+    batch = (splits.x_train[: config.batch_size], splits.y_train[: config.batch_size])
+
+    def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        size = context.get_per_replica_batch_size(config.batch_size)
+        start = context.input_pipeline_id * size
+        replica_batch = tuple(array[start: start + size] for array in batch)
+        return tf.data.Dataset.from_tensors(replica_batch).repeat()
+
+    replica_input = data.ReplicaInput(strategy, dataset_fn)
+    gradients = steps.make_replica_gradients(model, config.batch_size, loss_scale=loss_scale,
+                                             jit_compile=jit_compile)
+    train_step = steps.make_train_step(strategy, model, optimizer, gradients, loss_scale=loss_scale)
+    train_loop = steps.make_train_loop(train_step, steps.gradient_norm_names(model), replica_input.next_batch)
+    iterator = replica_input.iterator()
+    return lambda num_steps: train_loop(iterator, num_steps)
+
+
+def _block_steps(strategy: tf.distribute.Strategy, loop) -> int:
+    """Traces and compiles `loop`, then sizes a timed block to about `_BLOCK_SECONDS`.
+
+    The size is agreed over workers (from their summed step times): a worker that ran more steps
+    than another would wait for it in a collective forever.
+    """
+    float(loop(tf.constant(1))["total"])
+    started = time.perf_counter()
+    float(loop(tf.constant(2))["total"])
+    per_step = (time.perf_counter() - started) / 2
+    [per_step] = _mean_over_workers(strategy, [per_step])
+    return int(np.clip(_BLOCK_SECONDS / max(per_step, 1e-6), 2, 500))
+
+
+def _is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
+def _mean_over_workers(strategy: tf.distribute.Strategy, values: list[float]) -> list[float]:
+    """`values` averaged over a cluster's replicas (each worker's replicas give its own values)."""
+    if not _is_multi_worker(strategy):
+        return values
+    local = strategy.experimental_distribute_values_from_function(lambda _: tf.constant(values, tf.float64))
+    return strategy.reduce(tf.distribute.ReduceOp.MEAN, local, axis=None).numpy().tolist()
+
+
+class SpeedCache:
+    """Measured choices in one JSON file, keyed by `step_key`.
+
+    A cache must never fail a run: an unreadable or corrupt file reads as empty, and a file that
+    cannot be written is left alone (the next run measures again).
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+
+    @classmethod
+    def open(cls) -> SpeedCache | None:
+        """The cache `TRAIN_LOOP_CACHE` names (default: the user's cache folder); None if it says off."""
+        path = os.environ.get(CACHE_ENV, "")
+        if path.lower() == "off":
+            return None
+        if not path:
+            base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+            path = os.path.join(base, "train_loop", "speed.json")
+        return cls(path)
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        entry = self._read().get(key)
+        valid = isinstance(entry, dict) and isinstance(entry.get("jit_compile"), bool)
+        return entry if valid and isinstance(entry.get("examples_per_second"), dict) else None
+
+    def put(self, key: str, entry: dict[str, Any]) -> None:
+        entries = {**self._read(), key: entry}
+        temporary = f"{self.path}.{os.getpid()}.tmp"
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            with open(temporary, "w") as stream:
+                json.dump(entries, stream, indent=1)
+            os.replace(temporary, self.path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.remove(temporary)
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            with open(self.path, encoding="utf-8") as stream:
+                entries = json.load(stream)
+        except (OSError, ValueError):
+            return {}
+        return entries if isinstance(entries, dict) else {}
+
+
+def cpu_model() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it (platform's guess elsewhere)."""
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
+
+
+def cpu_features() -> list[str]:
+    """Which of the speed-relevant instruction sets (AVX2, AVX-512, AMX, bfloat16) the CPU has."""
+    flags = set(_cpuinfo_field("flags").split())
+    return [feature for feature in _FEATURES if feature in flags]
+
+
+def _cpuinfo_field(name: str) -> str:
+    try:
+        with open("/proc/cpuinfo") as stream:
+            for line in stream:
+                key, _, value = line.partition(":")
+                if key.strip() == name:
+                    return value.strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
