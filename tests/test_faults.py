@@ -350,3 +350,19 @@ def test_a_full_disk_while_writing_result_or_model_keeps_the_old_file_and_no_tem
         runs.write_atomically(str(small_disk / "model.keras"), model.save)
     assert (small_disk / "result.json").read_bytes() == before
     assert sorted(os.listdir(small_disk)) == ["filler", "result.json"]
+
+
+def test_ctrl_c_during_a_final_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    """What a SIGINT in the final save meets: `result.json` and `model.keras` go through
+    `write_atomically`, which removes its temporary whatever stops the write."""
+    path = tmp_path / "result.json"
+    runs.write_json(str(path), {"steps": 1})
+    before = path.read_bytes()
+
+    def interrupted(temporary: str) -> None:
+        Path(temporary).write_bytes(b'{"steps": ')
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        runs.write_atomically(str(path), interrupted)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["result.json"]

@@ -51,8 +51,12 @@ def acquire(folder: str) -> Lock | None:
 
 
 def is_held(folder: str) -> bool:
-    """Whether a process holds `folder`'s lock now (a free one is left as it was found)."""
-    lock = acquire(folder) if os.path.isdir(folder) else None
+    """Whether a process holds `folder`'s lock now (a free one is left as it was found); a folder
+    that cannot be locked (another user's) counts as held, to be left alone."""
+    try:
+        lock = acquire(folder) if os.path.isdir(folder) else None
+    except OSError:
+        return True
     if lock is None:
         return os.path.isdir(folder)
     lock.release()
