@@ -17,7 +17,7 @@ from train_loop import Config, models
 def numpy_regularization(model: keras.Model, config: Config) -> float:
     """λ·Σw² and λ·Σ|w| over kernels and biases, recomputed from the weights in NumPy."""
     total = 0.0
-    for layer in models.weighted_layers(model):
+    for _, layer in models.weighted_layers(model):
         kernel, bias = (np.asarray(weights, np.float64) for weights in layer.get_weights())
         total += config.l1 * np.abs(kernel).sum() + config.l2 * np.square(kernel).sum()
         total += config.bias_l1 * np.abs(bias).sum() + config.bias_l2 * np.square(bias).sum()

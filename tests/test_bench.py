@@ -18,9 +18,13 @@ def test_quick_benchmark_reports_every_figure():
     assert finished.returncode == 0, finished.stderr[-3000:]
     figures = json.loads(finished.stdout.strip().splitlines()[-1])
     assert figures["dataset"] == "synthetic" and figures["steps"] == 100
-    for contender in ("keras_fit", "train_loop_1", "train_loop"):
+    for contender in ("keras_fit", "keras_fit_nojit", "train_loop", "train_loop_xla", "train_loop_noxla"):
         assert figures[contender]["examples_per_second"] > 0
         assert 2**20 < figures[contender]["peak_rss_bytes"] < 2**40
     assert figures["training_flops_per_example"] == 23_331_840  # pinned: the convnet's shapes
     assert figures["peak_flops_per_second"]["float32"] > figures["achieved_flops_per_second"] > 0
-    assert "| Keras 3 compile + fit" in finished.stdout
+    assert figures["cpu"] and figures["cores"] >= 1
+    phases = figures["train_loop"]["seconds"]
+    assert {"imports", "data", "decide_xla", "first_step", "training", "evaluation", "save_model"} <= set(phases)
+    assert phases["total"] >= phases["training"] > 0
+    assert "| Keras 3 fit, jit_compile=False" in finished.stdout and "auto chose XLA" in finished.stdout

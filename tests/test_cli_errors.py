@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import assert_one_line_error, snapshot
 
@@ -104,6 +105,39 @@ BAD_INPUTS = [
          env={**tf_config({"worker": [f"127.0.0.1:{port}" for port in PORTS]}), "TRAIN_LOOP_PEER_TIMEOUT": "soon"}),
     case("tpu-that-does-not-answer", "--dataset=digits", "--strategy=tpu", "--tpu=grpc://127.0.0.1:1",
          names=("--tpu=grpc://127.0.0.1:1",)),
+    # A user's model function (tests/bad_models.py) or data (npz files that clean_environment writes).
+    case("model-without-function", "--model=tests/bad_models.py:", names=("--model=tests/bad_models.py: is not",)),
+    case("model-function-with-dropout", "--model=tests/user_models.py:build", "--dropout=0.2",
+         names=("--dropout=0.2", "built-in models only")),
+    case("model-file-missing", "--dataset=digits", "--model={tmp}/no_such.py:build",
+         names=("--model={tmp}/no_such.py:build", "no file")),
+    case("model-file-does-not-import", "--dataset=digits", "--model={tmp}/broken.py:build",
+         names=("{tmp}/broken.py", "SyntaxError")),
+    case("model-module-missing", "--dataset=digits", "--model=no_such_package.models:build",
+         names=("no_such_package", "ModuleNotFoundError")),
+    case("model-function-missing", "--dataset=digits", "--model=tests/bad_models.py:build",
+         names=("tests/bad_models.py", "no function build")),
+    case("model-not-a-function", "--dataset=digits", "--model=tests/bad_models.py:NOT_A_FUNCTION",
+         names=("no function NOT_A_FUNCTION",)),
+    case("model-function-raises", "--dataset=digits", "--model=tests/bad_models.py:raises",
+         names=("bad_models.py:raises", "RuntimeError: this model needs a GPU")),
+    case("model-function-returns-a-layer", "--dataset=digits", "--model=tests/bad_models.py:returns_a_layer",
+         names=("returned Dense", "keras.Model")),
+    case("model-for-other-classes", "--dataset=digits", "--model=tests/bad_models.py:five_classes",
+         names=("five_classes", "(2, 5)", "(2, 10)")),
+    case("model-for-other-inputs", "--dataset=digits", "--model=tests/bad_models.py:wants_vectors",
+         names=("wants_vectors", "(N, 8, 8, 1)")),
+    case("model-regularized-and-regularizer-flags", "--dataset=digits", "--model=tests/bad_models.py:regularized",
+         "--l2=0.001", names=("regularized", "already carry regularizers", "dense/kernel", "--l2")),
+    case("npz-missing", "--dataset={tmp}/no_such.npz", names=("--dataset={tmp}/no_such.npz", "no such file")),
+    case("npz-empty-test-split", "--dataset={tmp}/empty_test.npz", "--model=linear",
+         names=("x_test in {tmp}/empty_test.npz", "no examples")),
+    case("npz-non-finite-inputs", "--dataset={tmp}/nan.npz", "--model=linear",
+         names=("x_train in {tmp}/nan.npz", "1 non-finite values (nan)")),
+    case("npz-string-labels", "--dataset={tmp}/strings.npz", "--model=linear",
+         names=("y_train in {tmp}/strings.npz", "np.unique")),
+    case("npz-one-hot-labels", "--dataset={tmp}/one_hot.npz", "--model=linear",
+         names=("y_train in {tmp}/one_hot.npz", "argmax")),
     case("unfinished-run-with-other-settings", "--dataset=digits", f"--run_name={UNFINISHED_RUN}",
          "--l2=0.01", names=(f"{{tmp}}/logs/{UNFINISHED_RUN}", "l2"), existing="unfinished"),
 ]
@@ -111,11 +145,20 @@ BAD_INPUTS = [
 
 @pytest.fixture(autouse=True)
 def clean_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No TF_CONFIG (it would change the strategy), an empty KERAS_HOME, and a file for --data_dir."""
+    """No TF_CONFIG (it would change the strategy), an empty KERAS_HOME, a file for --data_dir,
+    a model file that does not import, and a user's npz broken in each way the table names."""
     monkeypatch.delenv("TF_CONFIG", raising=False)
     (tmp_path / "keras_home").mkdir()
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
     (tmp_path / "mnist.npz").write_bytes(b"not a folder")
+    (tmp_path / "broken.py").write_text("def build(:\n")
+    inputs, labels = np.linspace(0, 1, 40 * 13, dtype=np.float32).reshape(40, 13), np.arange(40) % 3
+    arrays = {"x_train": inputs, "y_train": labels, "x_test": inputs[:8], "y_test": labels[:8]}
+    for name, changed in (("empty_test", {"x_test": inputs[:0], "y_test": labels[:0]}),
+                          ("nan", {"x_train": np.where(inputs == inputs[7, 3], np.nan, inputs)}),
+                          ("strings", {"y_train": np.array(["red", "white", "rose"])[labels]}),
+                          ("one_hot", {"y_train": np.eye(3)[labels]})):
+        np.savez(tmp_path / f"{name}.npz", **{**arrays, **changed})
 
 
 def make_run(logdir: Path, name: str, *, finished: bool) -> None:

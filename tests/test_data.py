@@ -1,4 +1,4 @@
-"""`train_loop.data`: finding and reading the data sets, their errors, and the `tf.data` pipelines.
+"""`sources` and `inputs`: finding and reading the data sets, their errors, and the `tf.data` pipelines.
 
 Every file here is a real file written into pytest's `tmp_path` (npz with NumPy, IDX with `struct`
 and `gzip` following the IDX layout); nothing is mocked. `KERAS_HOME` points at an empty folder of
@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from train_loop import data
+from train_loop import inputs, sources
 from train_loop.configs import Config
 from train_loop.errors import UsageError
 
 IMAGES_MAGIC, LABELS_MAGIC = 0x00000803, 0x00000801
-TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS = data.IDX_FILES
+TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS = sources.IDX_FILES
 KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 
@@ -73,11 +73,11 @@ def write_idx(path: Path, array: np.ndarray, *, gz: bool = False, magic: int | N
 def write_idx_set(folder: Path, arrays: dict[str, np.ndarray], *, gz: bool = False) -> dict[str, Path]:
     """The four IDX files of `arrays` in `folder`; returns their paths by npz key."""
     folder.mkdir(parents=True, exist_ok=True)
-    names = zip(KEYS, data.IDX_FILES, strict=True)
+    names = zip(KEYS, sources.IDX_FILES, strict=True)
     return {key: write_idx(folder / name, arrays[key], gz=gz) for key, name in names}
 
 
-def assert_splits_hold(splits: data.Splits, arrays: dict[str, np.ndarray]) -> None:
+def assert_splits_hold(splits: sources.Splits, arrays: dict[str, np.ndarray]) -> None:
     """Images as float32 uint8/255 with a channel axis, labels as int32, exactly as written."""
     for images_key, labels_key in (("x_train", "y_train"), ("x_test", "y_test")):
         images, labels = getattr(splits, images_key), getattr(splits, labels_key)
@@ -99,7 +99,7 @@ def test_reads_keras_layout_npz(tmp_path: Path) -> None:
     arrays = make_arrays()
     path = write_npz(tmp_path / "data", arrays)
 
-    splits = data.load_splits(Config(dataset="mnist", data_dir=str(tmp_path / "data")))
+    splits = sources.load_splits(Config(dataset="mnist", data_dir=str(tmp_path / "data")))
 
     assert splits.x_train.shape == (64, 28, 28, 1) and splits.x_test.shape == (16, 28, 28, 1)
     assert_splits_hold(splits, arrays)
@@ -112,7 +112,7 @@ def test_reads_four_idx_files(tmp_path: Path, gz: bool) -> None:
     arrays = make_arrays(seed=1)
     write_idx_set(tmp_path / "data", arrays, gz=gz)
 
-    splits = data.load_splits(Config(dataset="mnist", data_dir=str(tmp_path / "data")))
+    splits = sources.load_splits(Config(dataset="mnist", data_dir=str(tmp_path / "data")))
 
     assert_splits_hold(splits, arrays)
     assert splits.source == str(tmp_path / "data")
@@ -127,7 +127,7 @@ def test_data_dir_wins_over_keras_home(tmp_path: Path, keras_home: Path) -> None
     path = write_npz(tmp_path / "data", mine)
     write_npz(keras_home / "datasets", cached)
 
-    splits = data.load_splits(Config(dataset="mnist", data_dir=str(tmp_path / "data")))
+    splits = sources.load_splits(Config(dataset="mnist", data_dir=str(tmp_path / "data")))
 
     assert_splits_hold(splits, mine)
     assert splits.source == str(path)
@@ -138,7 +138,7 @@ def test_keras_home_used_without_data_dir(keras_home: Path) -> None:
     cached = make_arrays(seed=2)
     path = write_npz(keras_home / "datasets", cached)
 
-    splits = data.load_splits(Config(dataset="mnist"))
+    splits = sources.load_splits(Config(dataset="mnist"))
 
     assert_splits_hold(splits, cached)
     assert splits.source == str(path)
@@ -150,19 +150,19 @@ def test_fashion_mnist_from_keras_cache_folder(keras_home: Path) -> None:
     folder = keras_home / "datasets" / "fashion-mnist"
     write_idx_set(folder, cached, gz=True)
 
-    splits = data.load_splits(Config(dataset="fashion_mnist"))
+    splits = sources.load_splits(Config(dataset="fashion_mnist"))
 
     assert_splits_hold(splits, cached)
     assert splits.source == str(folder)
 
 
-@pytest.mark.skipif(not os.path.isdir(data.DEBIAN_FASHION_MNIST),
-                    reason=f"{data.DEBIAN_FASHION_MNIST} missing (apt-get install dataset-fashion-mnist)")
+@pytest.mark.skipif(not os.path.isdir(sources.DEBIAN_FASHION_MNIST),
+                    reason=f"{sources.DEBIAN_FASHION_MNIST} missing (apt-get install dataset-fashion-mnist)")
 def test_fashion_mnist_from_debian_folder() -> None:
     """With an empty KERAS_HOME, Debian's dataset-fashion-mnist folder is found and read whole."""
-    splits = data.load_splits(Config(dataset="fashion_mnist"))
+    splits = sources.load_splits(Config(dataset="fashion_mnist"))
 
-    assert splits.source == data.DEBIAN_FASHION_MNIST
+    assert splits.source == sources.DEBIAN_FASHION_MNIST
     assert splits.x_train.shape == (60_000, 28, 28, 1) and splits.x_test.shape == (10_000, 28, 28, 1)
     assert splits.y_train.shape == (60_000,) and splits.y_test.shape == (10_000,)
     assert splits.x_train.dtype == np.float32 and splits.y_train.dtype == np.int32
@@ -172,12 +172,12 @@ def test_fashion_mnist_from_debian_folder() -> None:
 
 def test_nothing_found_offline_points_to_digits(tmp_path: Path) -> None:
     """No data anywhere and downloading off: one DataError that suggests --dataset=digits."""
-    assert os.environ.get(data.OFFLINE_ENV)  # conftest's promise that nothing downloads
+    assert os.environ.get(sources.OFFLINE_ENV)  # conftest's promise that nothing downloads
     empty = tmp_path / "empty"
     empty.mkdir()
 
-    with pytest.raises(data.DataError, match="--dataset=digits"):
-        data.load_splits(Config(dataset="mnist", data_dir=str(empty)))
+    with pytest.raises(sources.DataError, match="--dataset=digits"):
+        sources.load_splits(Config(dataset="mnist", data_dir=str(empty)))
 
 
 def test_nothing_found_names_the_keras_home_searched(tmp_path: Path, keras_home: Path) -> None:
@@ -185,8 +185,8 @@ def test_nothing_found_names_the_keras_home_searched(tmp_path: Path, keras_home:
     empty = tmp_path / "empty"
     empty.mkdir()
 
-    with pytest.raises(data.DataError) as caught:
-        data.load_splits(Config(dataset="mnist", data_dir=str(empty)))
+    with pytest.raises(sources.DataError) as caught:
+        sources.load_splits(Config(dataset="mnist", data_dir=str(empty)))
     assert str(keras_home / "datasets") in str(caught.value)
 
 
@@ -194,8 +194,8 @@ def test_missing_data_dir_is_named(tmp_path: Path) -> None:
     """A --data_dir that does not exist is a DataError naming it, not a silent fall-through."""
     missing = tmp_path / "no-such-folder"
 
-    with pytest.raises(data.DataError, match="--data_dir") as caught:
-        data.load_splits(Config(dataset="mnist", data_dir=str(missing)))
+    with pytest.raises(sources.DataError, match="--data_dir") as caught:
+        sources.load_splits(Config(dataset="mnist", data_dir=str(missing)))
     assert str(missing) in str(caught.value)
 
 
@@ -212,7 +212,7 @@ def _counts_disagree(folder: Path) -> tuple[Path, str]:
     arrays = make_arrays()
     arrays["y_train"] = arrays["y_train"][:-1]
     paths = write_idx_set(folder, arrays)
-    return paths["y_train"], "63 labels for 64 images"
+    return paths["y_train"], "labels of shape (63,) for 64 examples"
 
 
 def _truncated_gzip(folder: Path) -> tuple[Path, str]:
@@ -262,9 +262,22 @@ def _npz_flat_images(folder: Path) -> tuple[Path, str]:
     return write_npz(folder, arrays), "(16, 784)"
 
 
+def _npz_empty_test_split(folder: Path) -> tuple[Path, str]:
+    arrays = make_arrays(n_test=0)
+    return write_npz(folder, arrays), "x_test"
+
+
+def _npz_non_finite_images(folder: Path) -> tuple[Path, str]:
+    arrays = make_arrays()
+    arrays["x_train"] = arrays["x_train"] / np.float32(255)
+    arrays["x_train"][3, 4, 5] = np.inf
+    return write_npz(folder, arrays), "1 non-finite values (inf), the first at index (3, 4, 5)"
+
+
 @pytest.mark.parametrize("corrupt", [
     _bad_magic, _counts_disagree, _truncated_gzip, _truncated_plain_idx, _npz_missing_key,
     _idx_label_out_of_range, _npz_negative_label, _idx_wrong_image_shape, _npz_flat_images,
+    _npz_empty_test_split, _npz_non_finite_images,
 ], ids=lambda corrupt: corrupt.__name__.lstrip("_"))
 def test_corrupt_input_is_a_data_error_naming_the_file(
         tmp_path: Path, corrupt: Callable[[Path], tuple[Path, str]]) -> None:
@@ -273,8 +286,8 @@ def test_corrupt_input_is_a_data_error_naming_the_file(
     folder.mkdir()
     offending, detail = corrupt(folder)
 
-    with pytest.raises(data.DataError) as caught:
-        data.load_splits(Config(dataset="mnist", data_dir=str(folder)))
+    with pytest.raises(sources.DataError) as caught:
+        sources.load_splits(Config(dataset="mnist", data_dir=str(folder)))
     message = str(caught.value)
     assert str(offending) in message
     assert detail in message
@@ -287,9 +300,115 @@ def test_truncated_npz_is_a_data_error_naming_the_file(tmp_path: Path) -> None:
     content = path.read_bytes()
     path.write_bytes(content[: len(content) // 2])
 
-    with pytest.raises(data.DataError) as caught:
-        data.load_splits(Config(dataset="mnist", data_dir=str(tmp_path / "data")))
+    with pytest.raises(sources.DataError) as caught:
+        sources.load_splits(Config(dataset="mnist", data_dir=str(tmp_path / "data")))
     assert str(path) in str(caught.value)
+
+
+# A user's data: an npz path or arrays, any input shape, labels 0..K-1.
+
+
+def user_arrays(seed: int = 0, n_train: int = 40, n_test: int = 8) -> dict[str, np.ndarray]:
+    """Tabular float inputs of 13 features and 3 classes: nothing like MNIST."""
+    rng = np.random.default_rng(seed)
+    return {
+        "x_train": rng.normal(size=(n_train, 13)).astype(np.float32),
+        "y_train": rng.permutation(np.arange(n_train) % 3),
+        "x_test": rng.normal(size=(n_test, 13)).astype(np.float32),
+        "y_test": rng.integers(0, 3, size=n_test),
+    }
+
+
+def test_npz_of_any_shape_and_classes_is_read_as_it_is(tmp_path: Path) -> None:
+    """Float inputs keep their shape and values; the classes are counted from the labels."""
+    arrays = user_arrays()
+    path = write_npz(tmp_path, arrays, name="wine.npz")
+
+    splits = sources.load_splits(Config(dataset=str(path), model="linear"))
+
+    for key in KEYS:
+        np.testing.assert_array_equal(getattr(splits, key), arrays[key])
+    assert (splits.x_train.dtype, splits.y_train.dtype, splits.num_classes) == (np.float32, np.int32, 3)
+    assert splits.source == str(path)
+
+
+def test_uint8_images_of_any_size_are_scaled_and_given_a_channel(tmp_path: Path) -> None:
+    arrays = {key: value[:, :12, :20] if key.startswith("x") else value % 4 for key, value in make_arrays().items()}
+    splits = sources.load_splits(Config(dataset=str(write_npz(tmp_path, arrays, name="small.npz"))))
+    assert splits.x_train.shape == (64, 12, 20, 1) and splits.num_classes == 4
+    np.testing.assert_array_equal(splits.x_test[..., 0], arrays["x_test"] / np.float32(255))
+
+
+def test_arrays_are_checked_against_their_fingerprint() -> None:
+    """`arrays:<fingerprint>` is what train(data=...) records: other arrays do not resume that run."""
+    arrays = user_arrays()
+    config = Config(dataset=sources.ARRAYS_PREFIX + sources.fingerprint(arrays), model="linear")
+    assert sources.load_splits(config, arrays).num_classes == 3
+    with pytest.raises(sources.DataError, match="give the same arrays again"):
+        sources.load_splits(config, user_arrays(seed=1))
+    with pytest.raises(sources.DataError, match="give the same arrays again"):
+        sources.load_splits(config)
+
+
+def _set(key: str, value: Callable[[dict], np.ndarray]) -> Callable[[dict], dict]:
+    return lambda arrays: {**arrays, key: value(arrays)}
+
+
+def _with_nan(arrays: dict) -> np.ndarray:
+    images = arrays["x_train"].copy()
+    images[5, 2], images[9, 0] = np.nan, -np.inf
+    return images
+
+
+BAD_USER_DATA = {
+    "missing-array": (lambda arrays: {k: v for k, v in arrays.items() if k != "y_test"}, "y_test"),
+    "empty-test-split": (_set("x_test", lambda a: a["x_test"][:0]), "x_test", "no examples"),
+    "empty-train-split": (_set("x_train", lambda a: a["x_train"][:0]), "x_train", "no examples"),
+    "non-finite-inputs": (_set("x_train", _with_nan), "x_train", "2 non-finite values (-inf, nan)", "(5, 2)"),
+    "non-finite-labels": (_set("y_test", lambda a: np.where(np.arange(8) == 3, np.nan, a["y_test"])),
+                          "y_test", "non-finite labels (nan)", "index 3"),
+    "string-labels": (_set("y_train", lambda a: np.array(["red", "white", "rose"])[a["y_train"]]),
+                      "y_train", "<U5 (e.g. '", "np.unique"),
+    "one-hot-labels": (_set("y_train", lambda a: np.eye(3)[a["y_train"]]), "y_train", "(40, 3)", "argmax"),
+    "fractional-labels": (_set("y_test", lambda a: a["y_test"] + 0.5), "y_test", "not whole numbers"),
+    "negative-labels": (_set("y_test", lambda a: a["y_test"] - 1), "y_test", "-1..1", "0..K-1"),
+    "counts-disagree": (_set("y_train", lambda a: a["y_train"][:30]), "y_train", "(30,) for 40 examples"),
+    "shapes-disagree": (_set("x_test", lambda a: a["x_test"][:, :12]), "x_test", "(12,)", "(13,)"),
+    "integer-inputs": (_set("x_train", lambda a: a["x_train"].astype(np.int64)), "x_train", "int64"),
+    "one-value-per-example": (_set("x_train", lambda a: a["x_train"][:, 0]), "x_train", "(40,)"),
+}
+
+
+@pytest.mark.parametrize("break_data", BAD_USER_DATA.values(), ids=BAD_USER_DATA.keys())
+@pytest.mark.parametrize("given_as", ["npz", "arrays"])
+def test_bad_user_data_is_one_line_naming_the_file_or_array(tmp_path: Path, break_data: tuple,
+                                                            given_as: str) -> None:
+    """Checked at load, before any model sees it: each is a DataError naming the array and the file."""
+    change, key, *details = break_data
+    arrays = change(user_arrays())
+    if given_as == "npz":
+        where = str(write_npz(tmp_path, arrays, name="user.npz"))
+        config, given = Config(dataset=where, model="linear"), None
+    else:
+        where, given = "data[", arrays
+        config = Config(dataset=sources.ARRAYS_PREFIX + sources.fingerprint(arrays), model="linear")
+
+    with pytest.raises(sources.DataError) as caught:
+        sources.load_splits(config, given)
+    message = str(caught.value)
+    for detail in (where, key, *details):
+        assert detail in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("labels", [np.eye(10)[np.arange(64) % 10], np.array(list("0123456789") * 7)[:64]],
+                         ids=["one-hot", "strings"])
+def test_mnist_npz_with_one_hot_or_string_labels_says_what_they_are(tmp_path: Path, labels) -> None:
+    """Named data sets share the checks: no more 'N labels for N images: the counts must agree'."""
+    path = write_npz(tmp_path / "data", {**make_arrays(), "y_train": labels})
+    with pytest.raises(sources.DataError, match="argmax|np.unique") as caught:
+        sources.load_splits(Config(dataset="mnist", data_dir=str(tmp_path / "data")))
+    assert f"y_train in {path}" in str(caught.value)
 
 
 # The bundled and generated data sets.
@@ -297,8 +416,8 @@ def test_truncated_npz_is_a_data_error_naming_the_file(tmp_path: Path) -> None:
 
 def test_digits_split_is_whole_and_fixed() -> None:
     """digits: all 1,797 8x8 images, split 1,437/360, scaled to [0, 1], the same split every call."""
-    first = data.load_splits(Config(dataset="digits"))
-    second = data.load_splits(Config(dataset="digits", seed=7))  # the split does not follow --seed
+    first = sources.load_splits(Config(dataset="digits"))
+    second = sources.load_splits(Config(dataset="digits", seed=7))  # the split does not follow --seed
 
     assert len(first.x_train) + len(first.x_test) == 1797
     assert (len(first.x_train), len(first.x_test)) == (1437, 360)
@@ -313,9 +432,9 @@ def test_digits_split_is_whole_and_fixed() -> None:
 
 def test_synthetic_is_mnist_shaped_and_seeded() -> None:
     """synthetic: 60,000/10,000 MNIST-shaped examples, identical for one seed, different for another."""
-    first = data.load_splits(Config(dataset="synthetic", seed=3))
-    again = data.load_splits(Config(dataset="synthetic", seed=3))
-    other = data.load_splits(Config(dataset="synthetic", seed=4))
+    first = sources.load_splits(Config(dataset="synthetic", seed=3))
+    again = sources.load_splits(Config(dataset="synthetic", seed=3))
+    other = sources.load_splits(Config(dataset="synthetic", seed=4))
 
     assert first.x_train.shape == (60_000, 28, 28, 1) and first.x_test.shape == (10_000, 28, 28, 1)
     assert first.x_train.dtype == np.float32 and first.y_train.dtype == np.int32
@@ -330,7 +449,7 @@ def test_synthetic_is_mnist_shaped_and_seeded() -> None:
 # Steps and pipelines, on tiny splits whose labels are the examples' indices.
 
 
-def index_splits(n_train: int, n_test: int) -> data.Splits:
+def index_splits(n_train: int, n_test: int) -> sources.Splits:
     """Example i has label i and every pixel i: a batch shows which examples it holds."""
 
     def split(count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -339,23 +458,23 @@ def index_splits(n_train: int, n_test: int) -> data.Splits:
         return images.copy(), indices
 
     (x_train, y_train), (x_test, y_test) = split(n_train), split(n_test)
-    return data.Splits(x_train, y_train, x_test, y_test, "indices")
+    return sources.Splits(x_train, y_train, x_test, y_test, "indices")
 
 
 def test_steps_per_epoch_drops_the_remainder_and_rejects_huge_batches() -> None:
     """Whole batches only; a batch larger than the training split is a UsageError naming the flag."""
     splits = index_splits(10, 4)
 
-    assert data.steps_per_epoch(splits, 3) == 3
-    assert data.steps_per_epoch(splits, 10) == 1
+    assert inputs.steps_per_epoch(splits, 3) == 3
+    assert inputs.steps_per_epoch(splits, 10) == 1
     with pytest.raises(UsageError, match="--batch_size=11"):
-        data.steps_per_epoch(splits, 11)
+        inputs.steps_per_epoch(splits, 11)
 
 
-def train_stream(splits: data.Splits, *, batch: int, seed: int = 0, epochs: int = 3, start_step: int = 0,
+def train_stream(splits: sources.Splits, *, batch: int, seed: int = 0, epochs: int = 3, start_step: int = 0,
                  context: tf.distribute.InputContext | None = None) -> list[np.ndarray]:
     """The training pipeline's batches as arrays of example indices, checking images match labels."""
-    dataset_fn = data.train_dataset_fn(
+    dataset_fn = inputs.train_dataset_fn(
         splits, global_batch_size=batch, seed=seed, num_epochs=epochs, start_step=start_step)
     batches = []
     for images, labels in dataset_fn(context or tf.distribute.InputContext()):
@@ -369,7 +488,7 @@ def train_stream(splits: data.Splits, *, batch: int, seed: int = 0, epochs: int 
 def test_each_epoch_visits_its_examples_once(n_train: int) -> None:
     """Every epoch is steps*batch distinct examples (all of them when the batch divides the split)."""
     splits, batch = index_splits(n_train, 4), 4
-    steps = data.steps_per_epoch(splits, batch)
+    steps = inputs.steps_per_epoch(splits, batch)
 
     stream = train_stream(splits, batch=batch, epochs=3)
 
@@ -426,7 +545,7 @@ def test_replica_batches_make_up_the_global_batch() -> None:
 def test_eval_covers_the_test_split_once_and_pads_with_zero_weight(n_test: int) -> None:
     """Every test example once with weight 1; padding up to whole batches has weight 0."""
     splits, batch = index_splits(8, n_test), 4
-    dataset_fn, num_batches = data.eval_dataset_fn(splits, batch)
+    dataset_fn, num_batches = inputs.eval_dataset_fn(splits, batch)
 
     batches = [tuple(part.numpy() for part in parts) for parts in dataset_fn(tf.distribute.InputContext())]
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+import user_models  # noqa: F401  (registers its layer, so that its model.keras loads)
 from conftest import REPO
 from helpers import events
 
@@ -52,10 +53,15 @@ def assert_same_numbers(result: dict, expected: dict, rel: float) -> None:
             assert result[split][name] == pytest.approx(value, rel=rel, abs=1e-7), (split, name)
 
 
-def test_two_workers_match_one_process_and_only_the_chief_writes(tmp_path):
+@pytest.mark.parametrize("model", [
+    dict(l2=0.001),
+    # Kernel, bias and activity regularizers, an add_loss term and a nested sub-model.
+    dict(model=os.path.join(REPO, "tests", "user_models.py") + ":build"),
+], ids=["convnet", "user-model"])
+def test_two_workers_match_one_process_and_only_the_chief_writes(tmp_path, model):
     """`launch --workers=2`: MultiWorkerMirroredStrategy over loopback; the workers agree on what
     `--jit_compile=auto` measured, and train the numbers of one device forced to that choice."""
-    settings = dict(dataset="digits", l2=0.001, epochs=2, steps_per_loop=10)
+    settings = dict(dataset="digits", epochs=2, steps_per_loop=10, **model)
     scratch = tmp_path / "scratch"  # The workers' TMPDIR: non-chief checkpoints go there, then away.
     scratch.mkdir()
     flags = [f"--{name}={value}" for name, value in settings.items()]
@@ -143,9 +149,14 @@ def logged_steps(run_dir: Path) -> dict[str, list[int]]:
     return steps
 
 
-def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_numbers(tmp_path):
-    """--deterministic with dropout: the resumed run's result, weights and curves are the same."""
-    flags = ("--dataset=digits", "--epochs=4", "--dropout=0.2", "--l2=0.001", "--deterministic",
+@pytest.mark.parametrize("model_flags", [
+    ("--dropout=0.2", "--l2=0.001"),
+    # A user's model: kernel, bias and activity regularizers, add_loss, a nested sub-model.
+    ("--model=tests/user_models.py:build", "--epochs=10"),  # Fast steps: more of them, for the kill to land.
+], ids=["convnet-with-dropout", "user-model"])
+def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_numbers(tmp_path, model_flags):
+    """--deterministic: the resumed run's result, weights and curves are the same."""
+    flags = ("--dataset=digits", "--epochs=4", "--deterministic", *model_flags,
              "--checkpoint_every=20", "--summary_every=10", "--steps_per_loop=5", f"--logdir={tmp_path}")
     code, _, stderr = finish(start(*flags, "--run_name=whole"))
     assert code == 0, stderr

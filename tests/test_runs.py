@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 from helpers import numpy_regularization, scalar_series
 
-from train_loop import Config, data, models
+from train_loop import Config, models, sources
 
 RESULT_KEYS = {"dataset", "strategy", "replicas", "steps", "epochs", "train", "eval", "examples_per_second"}
 
@@ -46,15 +46,15 @@ def test_logged_step_zero_regularization_is_the_initial_weights(run_cli, tmp_pat
     finished = run_cli("--dataset=digits", "--l2=0.002", "--bias_l1=0.001", "--run_name=r")
     assert finished.returncode == 0, finished.stderr
     config = Config(dataset="digits", l2=0.002, bias_l1=0.001)
-    initial = models.build_model(config, data.load_splits(config).x_train.shape[1:])
+    initial = models.build_model(config, sources.load_splits(config).x_train.shape[1:])
     run_dir = str(tmp_path / "logs" / "r")
     logged = scalar_series(run_dir, "train", "loss/regularization")
     assert logged[0] == pytest.approx(numpy_regularization(initial, config), rel=1e-6)
-    for layer in models.weighted_layers(initial):
+    for path, layer in models.weighted_layers(initial):
         single = Config(l2=0.002, bias_l1=0.001)
         kernel, bias = layer.get_weights()
         expected = single.l2 * np.square(kernel.astype(np.float64)).sum() + single.bias_l1 * np.abs(bias).sum()
-        assert scalar_series(run_dir, "train", f"regularization/{layer.name}")[0] == pytest.approx(expected, rel=1e-6)
+        assert scalar_series(run_dir, "train", f"regularization/{path}")[0] == pytest.approx(expected, rel=1e-6)
 
 
 def test_saved_model_loads_with_plain_keras_and_carries_its_regularizers(run_cli, tmp_path):
@@ -63,14 +63,14 @@ def test_saved_model_loads_with_plain_keras_and_carries_its_regularizers(run_cli
     run_dir = tmp_path / "logs" / "r"
     model = keras.models.load_model(run_dir / "model.keras")
     final_step = json.loads((run_dir / "result.json").read_text())["steps"]
-    for layer in models.weighted_layers(model):
-        logged = scalar_series(str(run_dir), "train", f"regularization/{layer.name}")[final_step]
+    for path, layer in models.weighted_layers(model):
+        logged = scalar_series(str(run_dir), "train", f"regularization/{path}")[final_step]
         assert float(sum(layer.losses)) == pytest.approx(logged, rel=1e-6)
     assert float(sum(model.losses)) == pytest.approx(
         numpy_regularization(model, Config(l1=0.001, l2=0.001)), rel=1e-5)
 
 
-@pytest.mark.skipif(not os.path.isdir(data.DEBIAN_FASHION_MNIST),
+@pytest.mark.skipif(not os.path.isdir(sources.DEBIAN_FASHION_MNIST),
                     reason="needs Debian's dataset-fashion-mnist (.ci/run installs it)")
 def test_fashion_mnist_one_epoch_reaches_85_percent(run_cli, tmp_path):
     finished = run_cli("--dataset=fashion_mnist", "--l2=0.001", "--batch_size=32")

@@ -66,6 +66,22 @@ def test_study_trains_each_experiment_then_reuses_them(tmp_path):
     assert (folder / "study.md").read_text() == table
 
 
+def test_study_passes_a_user_model_and_npz_on_to_every_experiment(tmp_path):
+    """--model and --dataset given to the study reach each experiment; the folder is named after the npz."""
+    made = subprocess.run([sys.executable, "examples/wine.py", str(tmp_path / "wine.npz")], cwd=REPO)
+    assert made.returncode == 0
+    finished = run_module("train_loop.study", "--experiments=baseline,l2", "--model=examples/wine.py:build",
+                          f"--dataset={tmp_path / 'wine.npz'}", "--batch_size=16", f"--logdir={tmp_path / 'logs'}")
+    assert finished.returncode == 0, finished.stderr
+    (folder,) = (tmp_path / "logs").glob("study-wine-*")
+    rows = parse_table((folder / "study.md").read_text())
+    assert list(rows) == ["run", "baseline", "l2"] and float(rows["baseline"][1]) == 0.0 < float(rows["l2"][1])
+    for name in ("baseline", "l2"):
+        settings = json.loads((folder / name / "settings.json").read_text())
+        assert (settings["model"], settings["dataset"]) == ("examples/wine.py:build", str(tmp_path / "wine.npz"))
+        assert len(json.loads((folder / name / "result.json").read_text())["confusion_matrix"]) == 3
+
+
 def test_study_refuses_a_changed_experiment_in_the_same_folder(tmp_path):
     made = train(Config(dataset="digits", logdir=str(tmp_path / "mine"), run_name="baseline", epochs=1,
                         steps_per_loop=50))

@@ -6,9 +6,11 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+import user_models
 from helpers import numpy_regularization, scalar_series
 
-from train_loop import Config, data, models, steps
+import train_loop
+from train_loop import Config, distribute, inputs, models, sources, steps
 from train_loop.loop import train
 
 REGULARIZED = [
@@ -24,14 +26,14 @@ REGULARIZED = [
 def one_step(config: Config, strategy: tf.distribute.Strategy | None = None):
     """Builds the model in the strategy's scope and runs one real training step on digits."""
     strategy = strategy or tf.distribute.get_strategy()
-    splits = data.load_splits(config)
+    splits = sources.load_splits(config)
     with strategy.scope():
         model = models.build_model(config, splits.x_train.shape[1:])
         optimizer = steps.build_optimizer(config)
         optimizer.build(model.trainable_variables)
     # Biases start at zero; give them values so that the bias terms are tested too.
     rng = np.random.default_rng(1)
-    for layer in models.weighted_layers(model):
+    for _, layer in models.weighted_layers(model):
         layer.bias.assign(rng.normal(size=layer.bias.shape).astype(np.float32))
     initial = numpy_regularization(model, config)
     images, labels = splits.x_train[: config.batch_size], splits.y_train[: config.batch_size]
@@ -63,21 +65,27 @@ def test_step_without_regularizers_has_exactly_zero():
     assert measured["total"] == measured["cross_entropy"] > 0
 
 
-@pytest.mark.parametrize("jit_compile", [True, False])
-def test_mirrored_over_two_cpus_matches_one_device(tmp_path, jit_compile):
+@pytest.mark.parametrize(("model", "tags", "jit_compile"), [
+    (dict(l2=0.001, bias_l2=0.01), ("gradient_norm", "gradient_norm/conv1", "weight_norm/dense"), True),
+    (dict(l2=0.001, bias_l2=0.01), ("gradient_norm", "gradient_norm/conv1", "weight_norm/dense"), False),
+    # Kernel, bias and activity regularizers, an add_loss term and a nested sub-model.
+    (dict(model_fn=user_models.build), ("loss/regularization", "regularization/encoder/hidden",
+                                        "gradient_norm/encoder/hidden", "weight_norm/logits"), False),
+], ids=["convnet-xla", "convnet", "user-model"])
+def test_mirrored_over_two_cpus_matches_one_device(tmp_path, model, tags, jit_compile):
     """Same seed and data: 2 replicas give one device's loss components, accuracy and weights.
 
     XLA is forced one way for both: `auto` measures per replica count and may pick either.
     """
-    settings = dict(dataset="digits", l2=0.001, bias_l2=0.01, logdir=str(tmp_path), steps_per_loop=7,
-                    summary_every=11, jit_compile=jit_compile)
-    one = train(Config(strategy="one_device", run_name="one", **settings))
-    two = train(Config(strategy="mirrored", cpu_replicas=2, run_name="two", **settings))
+    settings = dict(dataset="digits", logdir=str(tmp_path), steps_per_loop=7, summary_every=11,
+                    jit_compile=jit_compile, **model)
+    one = train_loop.train(strategy="one_device", run_name="one", **settings)
+    two = train_loop.train(strategy="mirrored", cpu_replicas=2, run_name="two", **settings)
     assert (one["replicas"], two["replicas"]) == (1, 2)
     for split in ("train", "eval"):
         for name, value in one[split].items():
             assert two[split][name] == pytest.approx(value, rel=1e-5), (split, name)
-    for tag in ("gradient_norm", "gradient_norm/conv1", "weight_norm/dense"):
+    for tag in tags:
         one_series, two_series = (scalar_series(str(tmp_path / name), "train", tag) for name in ("one", "two"))
         assert list(two_series) == list(one_series) and len(one_series) > 1, tag
         np.testing.assert_allclose(list(two_series.values()), list(one_series.values()), rtol=1e-5, err_msg=tag)
@@ -89,11 +97,11 @@ def test_mirrored_over_two_cpus_matches_one_device(tmp_path, jit_compile):
 def test_train_loop_is_traced_once_across_calls():
     config = Config(dataset="digits", l2=0.001)
     strategy = tf.distribute.get_strategy()
-    splits = data.load_splits(config)
+    splits = sources.load_splits(config)
     model = models.build_model(config, splits.x_train.shape[1:])
     optimizer = steps.build_optimizer(config)
     optimizer.build(model.trainable_variables)
-    replica_input = data.ReplicaInput(strategy, data.train_dataset_fn(
+    replica_input = inputs.ReplicaInput(strategy, inputs.train_dataset_fn(
         splits, global_batch_size=32, seed=0, num_epochs=1, start_step=0))
     train_step = steps.make_train_step(strategy, model, optimizer, steps.make_replica_gradients(model, 32))
     loop = steps.make_train_loop(train_step, steps.gradient_norm_names(model), replica_input.next_batch)
@@ -106,7 +114,7 @@ def test_train_loop_is_traced_once_across_calls():
 def scaled_step(initial_scale: float, strategy: tf.distribute.Strategy):
     """A mixed_float16 model and one loss-scaled step on a digits batch; returns what changed."""
     config = Config(dataset="digits", precision="mixed_float16", l2=0.001)
-    splits = data.load_splits(config)
+    splits = sources.load_splits(config)
     with strategy.scope():
         model = models.build_model(config, splits.x_train.shape[1:])
         optimizer = steps.build_optimizer(config)
@@ -122,7 +130,7 @@ def scaled_step(initial_scale: float, strategy: tf.distribute.Strategy):
 
 @pytest.mark.parametrize("replicas", [1, 2])
 def test_float16_loss_scaling_skips_overflowing_steps_and_halves_the_scale(replicas):
-    strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(replicas)])
+    strategy = distribute.mirrored_strategy([f"/cpu:{i}" for i in range(replicas)])
     scale, good_steps, changed, measured = scaled_step(3e38, strategy)  # total * scale overflows float32
     assert (scale, good_steps, changed) == (pytest.approx(1.5e38), 0, False)
     assert np.all(np.isfinite(measured)), "the logged losses are unscaled and finite"

@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 from helpers import events, scalar_series
 
-from train_loop import Config, data, models, steps, summaries, train
+from train_loop import Config, models, sources, steps, summaries, train
 
 LEARNING_RATE = 0.1
 
@@ -34,18 +34,18 @@ def sgd_run(tmp_path_factory):
 
 def checkpoint_weights(config: Config, path: str) -> dict[str, list[np.ndarray]]:
     """Each weighted layer's [kernel, bias] in checkpoint `path`, restored into a fresh model."""
-    model = models.build_model(config, data.image_shape(config.dataset))
+    model = models.build_model(config, sources.input_spec(config)[0])
     optimizer = steps.build_optimizer(config)
     optimizer.build(model.trainable_variables)
     tf.train.Checkpoint(model=model, optimizer=optimizer).restore(path).expect_partial()
-    return {layer.name: [np.asarray(w, np.float64) for w in layer.get_weights()]
-            for layer in models.weighted_layers(model)}
+    return {path: [np.asarray(w, np.float64) for w in layer.get_weights()]
+            for path, layer in models.weighted_layers(model)}
 
 
 def test_confusion_matrix_counts_match_the_saved_models_predictions(sgd_run):
     config, run_dir, result = sgd_run
     counts = np.array(result["confusion_matrix"])
-    splits = data.load_splits(config)
+    splits = sources.load_splits(config)
     assert counts.sum() == len(splits.y_test) == 360
     model = keras.models.load_model(f"{run_dir}/model.keras")
     predicted = np.argmax(model.predict(splits.x_test, verbose=0), axis=-1)

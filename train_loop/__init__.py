@@ -1,18 +1,39 @@
 """train_loop: a hand-written TensorFlow 2 training loop that shows every term of its loss."""
 
-from train_loop.configs import Config
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from train_loop.configs import ARRAYS_PREFIX, Config
 from train_loop.errors import UsageError
 
 
-def train(config: Config | None = None, **settings) -> dict:
+def train(config: Config | None = None, *, model_fn: Callable[[], Any] | str | None = None,
+          data: Mapping[str, Any] | str | None = None, **settings) -> dict:
     """Trains one run and returns its result (what `result.json` holds).
 
     Pass a `Config`, or its fields as keywords: `train_loop.train(dataset="digits", l2=1e-3)`.
+    `model_fn` is a function of no arguments returning an uncompiled `keras.Model` that outputs
+    logits; it is called inside the strategy's scope, which is why it is a function and not a
+    model. `data` is a mapping of the arrays `x_train`, `y_train`, `x_test`, `y_test`, or a path
+    to an .npz holding them. A run records the function as `module:name` and the arrays by a
+    fingerprint of their bytes, so that a resumed run is checked against both.
     TensorFlow is imported on the first call, not on `import train_loop`.
     """
-    from train_loop.loop import train as train_config  # Deferred: importing TensorFlow takes seconds.
+    from train_loop import models, sources  # Deferred: importing TensorFlow takes seconds.
+    from train_loop.loop import train as train_config
 
-    return train_config(config if config is not None else Config(**settings))
+    config = config if config is not None else Config(**settings)
+    function = model_fn if callable(model_fn) else None
+    arrays = data if isinstance(data, Mapping) else None
+    changes = {}
+    if model_fn is not None:
+        changes["model"] = models.model_function_name(function) if function else model_fn
+    if data is not None:
+        changes["dataset"] = ARRAYS_PREFIX + sources.fingerprint(arrays) if arrays is not None else data
+    return train_config(dataclasses.replace(config, **changes), model_fn=function, arrays=arrays)
 
 
 __all__ = ["Config", "UsageError", "train"]

@@ -2,8 +2,11 @@
 
 Each contender trains the study's convnet (L2 0.001) on the same data, batch and optimizer in a
 process of its own, one after another, and reports its steady-state speed (the first call,
-which traces, left out) and its peak resident memory. The chip's peak is measured in the same
-run with a large matmul, so utilization = achieved FLOP/s / measured peak.
+which traces, left out) and its peak resident memory. Keras runs at its default and with
+`jit_compile=False`, train_loop with XLA, without, and at `auto` (which measures both here, in a
+cache of the bench's own). The chip's matmul peak is the best over several sizes, with and
+without XLA, measured in the same run, so utilization = achieved FLOP/s / measured peak. The
+CPU's model and instruction sets head the table: on another CPU the answers differ.
 """
 
 from __future__ import annotations
@@ -32,12 +35,16 @@ _WORKER = flags.DEFINE_string("worker", "", "Internal: run one contender and pri
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "Internal: the folder holding the benchmark's npz.")
 
 CONTENDERS = {
-    "keras_fit": "Keras 3 compile + fit",
+    "keras_fit": "Keras 3 fit, default (XLA auto)",
+    "keras_fit_nojit": "Keras 3 fit, jit_compile=False",
+    "train_loop": "train_loop, defaults (XLA auto)",
+    "train_loop_xla": "train_loop --jit_compile",
+    "train_loop_noxla": "train_loop --nojit_compile",
     "train_loop_1": "train_loop, 1 step per call",
-    "train_loop": "train_loop, defaults",
     "train_loop_cached": "train_loop step, cached batch",
     "train_loop_quiet": "train_loop, no periodic summaries",
 }
+QUICK = ("keras_fit", "keras_fit_nojit", "train_loop", "train_loop_xla", "train_loop_noxla")
 
 
 def main(argv: list[str]) -> None:
@@ -45,15 +52,18 @@ def main(argv: list[str]) -> None:
     if _WORKER.value:
         print(json.dumps(_run_worker(_WORKER.value)))
         return
-    from train_loop import startup
+    from train_loop import startup, tuning
 
     startup.start_tensorflow()
     steps = 100 if _QUICK.value else _STEPS.value
-    # --quick times the three contenders the comparison needs; the two diagnostics are skipped.
-    contenders = list(CONTENDERS)[:3] if _QUICK.value else list(CONTENDERS)
+    # --quick times the contenders the comparisons need; the diagnostics are skipped.
+    contenders = QUICK if _QUICK.value else list(CONTENDERS)
     with tempfile.TemporaryDirectory() as folder:
+        # A cache of the bench's own: `auto` measures afresh, and the whole run below reuses it.
+        os.environ[tuning.CACHE_ENV] = os.path.join(folder, "speed.json")
         dataset = _write_subset(folder, steps)
-        figures: dict[str, Any] = {"dataset": dataset, "batch_size": _BATCH_SIZE.value,
+        figures: dict[str, Any] = {"cpu": tuning.cpu_model(), "cpu_features": tuning.cpu_features(),
+                                   "cores": os.cpu_count(), "dataset": dataset, "batch_size": _BATCH_SIZE.value,
                                    "precision": _PRECISION.value, "steps": steps}
         for name in contenders:
             figures[name] = _spawn(name, folder)
@@ -68,14 +78,14 @@ def _write_subset(folder: str, steps: int) -> str:
     """The first `steps + warm-up` batches of the data set as an npz, so every contender sees the same."""
     import numpy as np
 
-    from train_loop import data
+    from train_loop import sources
     from train_loop.configs import Config
 
     try:
-        splits = data.load_splits(Config(dataset=_DATASET.value))
+        splits = sources.load_splits(Config(dataset=_DATASET.value))
         dataset = _DATASET.value
-    except data.DataError:
-        splits, dataset = data.load_splits(Config(dataset="synthetic")), "synthetic"
+    except sources.DataError:
+        splits, dataset = sources.load_splits(Config(dataset="synthetic")), "synthetic"
     count = (steps + 20) * _BATCH_SIZE.value
     to_bytes = [(array[..., 0] * 255).round().astype(np.uint8) for array in (splits.x_train, splits.x_test)]
     np.savez(os.path.join(folder, "fashion_mnist.npz"), x_train=np.resize(to_bytes[0], (count, 28, 28)),
@@ -105,18 +115,21 @@ def _run_worker(worker: str) -> dict[str, Any]:
 
     startup.start_tensorflow()
     folder, figures = _DATA_DIR.value, {}
-    if worker == "keras_fit":
-        speed = _keras_fit_speed(_config(folder))
+    if worker.startswith("keras_fit"):
+        speed = _keras_fit_speed(_config(folder), jit_compile="auto" if worker == "keras_fit" else False)
     elif worker == "train_loop_cached":
         speed = _cached_batch_speed(_config(folder))
     else:
         from train_loop.loop import train
 
         settings = {"train_loop_1": {"steps_per_loop": 1}, "train_loop": {},
+                    "train_loop_xla": {"jit_compile": True}, "train_loop_noxla": {"jit_compile": False},
                     "train_loop_quiet": {"summary_every": 10**9}}[worker]
         imported = time.perf_counter() - _STARTED
         result = train(_config(folder, run_name=worker, **settings))
         figures["seconds_to_first_step"] = imported + result["seconds_to_first_step"]
+        figures["seconds"] = {"imports": imported, **result["seconds"]}
+        figures["jit_compile"] = result["decided"]["jit_compile"]
         speed = result["examples_per_second"]
     figures["examples_per_second"] = speed
     figures["peak_rss_bytes"] = _peak_rss_bytes()
@@ -130,15 +143,15 @@ def _peak_rss_bytes() -> int:
     return int(line.split()[1]) * 1024
 
 
-def _keras_fit_speed(config) -> float:
+def _keras_fit_speed(config, jit_compile: bool | str) -> float:
     """What a Keras user runs instead: compile + fit on the same model, data and optimizer."""
     import keras
 
-    from train_loop import data, models, steps
+    from train_loop import models, sources, steps
 
-    splits = data.load_splits(config)
+    splits = sources.load_splits(config)
     model = models.build_model(config, splits.x_train.shape[1:])
-    model.compile(optimizer=steps.build_optimizer(config), metrics=["accuracy"],
+    model.compile(optimizer=steps.build_optimizer(config), metrics=["accuracy"], jit_compile=jit_compile,
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     warm = 20 * config.batch_size
     model.fit(splits.x_train[:warm], splits.y_train[:warm], batch_size=config.batch_size, verbose=0)
@@ -148,24 +161,20 @@ def _keras_fit_speed(config) -> float:
 
 
 def _cached_batch_speed(config) -> float:
-    """train_loop's step fed one cached batch: the speed with the input pipeline taken away."""
+    """train_loop's step fed one cached batch, XLA as `auto` decides: the speed with the input
+    pipeline taken away."""
     import tensorflow as tf
 
-    from train_loop import data, models, steps
+    from train_loop import sources, tuning
 
-    splits = data.load_splits(config)
+    splits = sources.load_splits(config)
     strategy = tf.distribute.get_strategy()
-    model = models.build_model(config, splits.x_train.shape[1:])
-    optimizer = steps.build_optimizer(config)
-    optimizer.build(model.trainable_variables)
-    batch = (tf.constant(splits.x_train[: config.batch_size]), tf.constant(splits.y_train[: config.batch_size]))
-    gradients = steps.make_replica_gradients(model, config.batch_size, jit_compile=config.jit_compile)
-    train_step = steps.make_train_step(strategy, model, optimizer, gradients)
-    loop = steps.make_train_loop(train_step, steps.gradient_norm_names(model), lambda _: batch)
+    decision = tuning.decide_jit_compile(config, strategy, splits, None)
+    loop = tuning.cached_batch_loop(config, strategy, splits, jit_compile=decision.jit_compile)
     num_steps = len(splits.x_train) // config.batch_size - 20
-    loop(None, tf.constant(20))
+    loop(tf.constant(20))
     started = time.perf_counter()
-    float(loop(None, tf.constant(num_steps))["total"])
+    float(loop(tf.constant(num_steps))["total"])
     return num_steps * config.batch_size / (time.perf_counter() - started)
 
 
@@ -187,10 +196,10 @@ _KERAS_SCRIPT = """
 import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 import keras
-from train_loop import data, models
+from train_loop import models, sources
 from train_loop.configs import Config
 config = Config(dataset="fashion_mnist", l2=0.001)
-splits = data.load_splits(config)
+splits = sources.load_splits(config)
 model = models.build_model(config, (28, 28, 1))
 model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
 model.fit(splits.x_train, splits.y_train, epochs=1, verbose=0)
@@ -216,65 +225,74 @@ def _roofline(figures: dict[str, Any]) -> dict[str, Any]:
 
     flops = _training_flops_per_example()
     achieved = flops * figures["train_loop"]["examples_per_second"]
-    size = 1024 if _QUICK.value else 4096
-    peaks = {"float32": _matmul_peak(tf.float32, size)}
+    sizes = (512, 1024) if _QUICK.value else (512, 1024, 2048, 4096)
+    peaks = {"float32": _matmul_peak(tf.float32, sizes)}
     if _has_bfloat16_matmul(tf):
-        peaks["bfloat16"] = _matmul_peak(tf.bfloat16, size)
+        peaks["bfloat16"] = _matmul_peak(tf.bfloat16, sizes)
     compute = "bfloat16" if _PRECISION.value == "mixed_bfloat16" and "bfloat16" in peaks else "float32"
     return {"training_flops_per_example": flops, "achieved_flops_per_second": achieved,
             "peak_flops_per_second": peaks, "utilization": achieved / peaks[compute]}
 
 
-def _matmul_peak(dtype, size: int, repeats: int = 10) -> float:
+def _matmul_peak(dtype, sizes: tuple[int, ...], repeats: int = 8) -> float:
+    """The best FLOP/s of square matmul chains over `sizes`, compiled by XLA and not (the step
+    may run either way, and either may be the faster library on a CPU): a peak never read low."""
     import tensorflow as tf
 
-    a = tf.random.uniform([size, size], dtype=tf.float32)
-    a = tf.cast(a, dtype)
+    best = 0.0
+    for size in sizes:
+        a = tf.cast(tf.random.uniform([size, size], dtype=tf.float32), dtype)
+        for jit_compile in (True, False):
+            @tf.function(jit_compile=jit_compile)
+            def chain(x, a=a):
+                for _ in range(repeats):
+                    x = tf.matmul(x, a) * tf.constant(1e-3, dtype)
+                return x
 
-    @tf.function(jit_compile=True)
-    def chain(x):
-        for _ in range(repeats):
-            x = tf.matmul(x, a) * 1e-3
-        return x
-
-    float(tf.reduce_sum(tf.cast(chain(a), tf.float32)))
-    started = time.perf_counter()
-    float(tf.reduce_sum(tf.cast(chain(a), tf.float32)))
-    return 2 * size**3 * repeats / (time.perf_counter() - started)
+            float(tf.reduce_sum(tf.cast(chain(a), tf.float32)))
+            for _ in range(2):
+                started = time.perf_counter()
+                float(tf.reduce_sum(tf.cast(chain(a), tf.float32)))
+                best = max(best, 2 * size**3 * repeats / (time.perf_counter() - started))
+    return best
 
 
 def _has_bfloat16_matmul(tf) -> bool:
     """True where bfloat16 matmuls run natively: a GPU or TPU, or a CPU with AMX or AVX-512 bf16."""
+    from train_loop import tuning
+
     if tf.config.list_physical_devices("GPU"):
         return True
-    try:
-        with open("/proc/cpuinfo") as stream:
-            cpu_flags = stream.read()
-    except OSError:
-        return False
-    return "amx_bf16" in cpu_flags or "avx512_bf16" in cpu_flags
+    return bool({"amx_bf16", "avx512_bf16"} & set(tuning.cpu_features()))
 
 
 def _print_table(figures: dict[str, Any]) -> None:
     keras_speed = figures["keras_fit"]["examples_per_second"]
-    print(f"\n{figures['dataset']}, batch {figures['batch_size']}, {figures['precision']}, "
+    keras_best = max(keras_speed, figures["keras_fit_nojit"]["examples_per_second"])
+    print(f"\n{figures['cpu']} ({', '.join(figures['cpu_features']) or 'no AVX2'}), {figures['cores']} cores; "
+          f"{figures['dataset']}, batch {figures['batch_size']}, {figures['precision']}, "
           f"{figures['steps']} timed steps each")
-    print(f"| {'contender':34} | examples/s | vs Keras fit | peak RSS |")
-    print(f"|{'-' * 36}|-----------:|-------------:|---------:|")
+    print(f"| {'contender':34} | examples/s | vs Keras default | vs Keras best | peak RSS |")
+    print(f"|{'-' * 36}|-----------:|-----------------:|--------------:|---------:|")
     for name, title in CONTENDERS.items():
         if name not in figures:
             continue
         speed = figures[name]["examples_per_second"]
-        print(f"| {title:34} | {speed:10,.0f} | {speed / keras_speed:11.2f}x | "
+        print(f"| {title:34} | {speed:10,.0f} | {speed / keras_speed:15.2f}x | {speed / keras_best:12.2f}x | "
               f"{figures[name]['peak_rss_bytes'] / 2**30:6.2f} GB |")
-    default = figures["train_loop"]["examples_per_second"]
-    print(f"time to the first training step (process start, imports, data, tracing): "
-          f"{figures['train_loop']['seconds_to_first_step']:.1f} s")
+    default = figures["train_loop"]
+    forced = max(figures[name]["examples_per_second"] for name in ("train_loop_xla", "train_loop_noxla"))
+    print(f"auto chose XLA {'on' if default['jit_compile'] else 'off'}: "
+          f"{default['examples_per_second'] / forced:.2f}x the faster of --jit_compile / --nojit_compile")
+    print("time to the first training step (process start, imports, data, tracing): "
+          f"{default['seconds_to_first_step']:.1f} s; the default run's phases: "
+          + ", ".join(f"{name} {value:.2f} s" for name, value in default["seconds"].items()))
     if "train_loop_quiet" in figures:
         quiet = figures["train_loop_quiet"]["examples_per_second"]
         cached = figures["train_loop_cached"]["examples_per_second"]
-        print(f"summaries + histograms cost {100 * (quiet / default - 1):.1f}% of training time; "
-              f"the input pipeline {100 * (cached / default - 1):.1f}%")
+        speed = default["examples_per_second"]
+        print(f"summaries + histograms cost {100 * (quiet / speed - 1):.1f}% of training time; "
+              f"the input pipeline {100 * (cached / speed - 1):.1f}%")
     print(f"training FLOPs per example {figures['training_flops_per_example'] / 1e6:.1f} M; achieved "
           f"{figures['achieved_flops_per_second'] / 1e9:.1f} GFLOP/s; measured matmul peak "
           + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in figures["peak_flops_per_second"].items())

@@ -13,13 +13,16 @@ from train_loop import configs, errors, startup
 
 _DEFAULTS = configs.Config()
 
-flags.DEFINE_enum("dataset", _DEFAULTS.dataset, configs.DATASETS, "Data set to train on.")
+flags.DEFINE_string("dataset", _DEFAULTS.dataset,
+                    f"Data set to train on: one of {', '.join(configs.DATASETS)}, or a path to an .npz "
+                    "holding x_train, y_train, x_test, y_test (any input shape, labels 0..K-1).")
 flags.DEFINE_string("data_dir", _DEFAULTS.data_dir,
                     "Folder holding <dataset>.npz or the four IDX files (gzipped or not); "
                     "searched before Keras' cache and Debian's dataset-fashion-mnist.")
-flags.DEFINE_enum("model", _DEFAULTS.model, configs.MODELS,
-                  "convnet: Conv2D(32)-Conv2D(16)-Flatten-Dense(10), the study's network; "
-                  "linear: Flatten-Dense(10).")
+flags.DEFINE_string("model", _DEFAULTS.model,
+                    "convnet: Conv2D(32)-Conv2D(16)-Flatten-Dense(10), the study's network; "
+                    "linear: Flatten-Dense(10); or PATH.py:FUNCTION or package.module:FUNCTION, a "
+                    "function of no arguments returning an uncompiled keras.Model that outputs logits.")
 flags.DEFINE_float("dropout", _DEFAULTS.dropout,
                    "Rate of a Dropout layer after each conv layer; 0 means none.")
 flags.DEFINE_float("l1", _DEFAULTS.l1, "L1 factor on every kernel: l1 * sum(|w|).")

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any
 
 from train_loop.errors import UsageError
 
 DATASETS = ("mnist", "fashion_mnist", "digits", "synthetic")
+# What `--dataset` records for arrays given to `train_loop.train(data=...)`: this, then their fingerprint.
+ARRAYS_PREFIX = "arrays:"
 MODELS = ("convnet", "linear")
 OPTIMIZERS = ("rmsprop", "adam", "sgd")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
@@ -57,8 +60,8 @@ class Config:
     tpu: str = ""
 
     def __post_init__(self) -> None:
-        _check_choice("dataset", self.dataset, DATASETS)
-        _check_choice("model", self.model, MODELS)
+        _check_dataset(self.dataset)
+        _check_model(self.model)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("strategy", self.strategy, STRATEGIES)
         _check_choice("precision", self.precision, PRECISIONS)
@@ -68,6 +71,10 @@ class Config:
             raise UsageError(
                 f"--dropout={self.dropout} must be in [0, 1): it is the fraction of "
                 "activations dropped; use 0 for no Dropout layer.")
+        if self.dropout and self.model not in MODELS:
+            raise UsageError(
+                f"--dropout={self.dropout} applies to the built-in models only, not to --model={self.model}: "
+                "add Dropout layers to your model instead.")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise UsageError(
                 f"--learning_rate={self.learning_rate} must be a positive finite number, "
@@ -95,12 +102,18 @@ class Config:
     def default_run_name(self) -> str:
         """The model plus every naming setting that differs from its default: `convnet-l2=0.001`."""
         defaults = Config()
-        parts = [self.model]
+        parts = [_short_name(self.model)]
         for name in _NAMING_FIELDS:
             value = getattr(self, name)
             if value != getattr(defaults, name):
+                value = self.dataset_name if name == "dataset" else value
                 parts.append(f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}")
         return "-".join(parts)
+
+    @property
+    def dataset_name(self) -> str:
+        """The data set as a folder-name part: `wine` for `data/wine.npz`, `arrays` for arrays."""
+        return _short_name(self.dataset)
 
     @property
     def profile_range(self) -> tuple[int, int] | None:
@@ -126,6 +139,30 @@ def _parse_profile_steps(text: str) -> tuple[int, int] | None:
         raise UsageError(
             f"--profile_steps={text!r} must be START,END with 0 <= START < END, e.g. --profile_steps=100,110.")
     return start, end
+
+
+def _check_dataset(dataset: str) -> None:
+    if dataset not in DATASETS and not dataset.endswith(".npz") and not dataset.startswith(ARRAYS_PREFIX):
+        raise UsageError(
+            f"--dataset={dataset} is not one of {', '.join(DATASETS)}, nor a path to an .npz holding "
+            "x_train, y_train, x_test, y_test.")
+
+
+def _check_model(model: str) -> None:
+    module, _, function = model.rpartition(":")
+    if model not in MODELS and not (module and function.isidentifier()):
+        raise UsageError(
+            f"--model={model} is not one of {', '.join(MODELS)}, nor a model function given as "
+            "PATH.py:FUNCTION or package.module:FUNCTION.")
+
+
+def _short_name(setting: str) -> str:
+    """A model function or data path as a folder-name part: `examples/wine.py:build` is `wine.build`."""
+    if setting.startswith(ARRAYS_PREFIX):
+        return "arrays"
+    module, _, function = setting.rpartition(":")
+    stem = os.path.basename(module or setting).removesuffix(".py").removesuffix(".npz")
+    return f"{stem}.{function}" if module else stem
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -47,13 +47,25 @@ def make_strategy(config: Config) -> tf.distribute.Strategy:
     name = resolve_strategy_name(config.strategy)
     if name == "mirrored":
         devices = _accelerators() or [device.name for device in tf.config.list_logical_devices("CPU")]
-        return tf.distribute.MirroredStrategy(devices)
+        return mirrored_strategy(devices)
     if name == "multi_worker":
         return _multi_worker()
     if name == "tpu":
         return _tpu(config.tpu)
     return tf.distribute.OneDeviceStrategy((_accelerators() or ["/cpu:0"])[0])
 
+
+
+def mirrored_strategy(devices: list[str]) -> tf.distribute.MirroredStrategy:
+    """A MirroredStrategy whose collectives are keyed apart from every earlier one in this process.
+
+    Every MirroredStrategy numbers its collectives from the same keys, and the runtime remembers
+    each key's tensor shape: a second strategy in one process (a notebook training another
+    model) fails with "Shape mismatch in the collective instance" (tensorflow/tensorflow#62790).
+    TensorFlow's own tests move the key base before each strategy (strategy_combinations.py).
+    """
+    tf.distribute.MirroredStrategy._collective_key_base += 100_000
+    return tf.distribute.MirroredStrategy(devices)
 
 def check_global_batch(strategy: tf.distribute.Strategy, global_batch_size: int) -> None:
     """Raises UsageError unless the global batch splits evenly over the replicas."""

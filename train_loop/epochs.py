@@ -18,7 +18,7 @@ from train_loop.configs import Config
 from train_loop.console import Console
 from train_loop.errors import DivergedError
 from train_loop.preemption import SignalStop
-from train_loop.profiling import StepProfiler
+from train_loop.profiling import StepProfiler, Stopwatch
 from train_loop.summaries import Summaries
 
 
@@ -85,11 +85,12 @@ class Run:
     loss_scale: steps.LossScale | None
     profiler: StepProfiler
     signals: SignalStop
+    stopwatch: Stopwatch = dataclasses.field(default_factory=Stopwatch)
     evaluation: Evaluation | None = None
 
-    def run_epochs(self, train_steps: Callable[[int], dict], evaluate: Callable[[], Evaluation]) -> _Timer:
+    def run_epochs(self, train_steps: Callable[[int], dict], evaluate: Callable[[], Evaluation]) -> Timer:
         """Runs until the last epoch ends; returns the throughput timer."""
-        config, state, timer, interval = self.config, self.state, _Timer(), _Interval()
+        config, state, timer, interval = self.config, self.state, Timer(), _Interval()
         while state.step < self.steps_per_epoch * config.epochs:
             if state.step % self.steps_per_epoch == 0:
                 state.epoch_sums.assign(tf.zeros_like(state.epoch_sums))
@@ -115,7 +116,8 @@ class Run:
             # Events before the checkpoint: a run resumed from it keeps every event up to its step.
             self.summaries.flush()
             if _due(step, config.checkpoint_every, epoch_end):
-                checkpoints.save(self.manager, step)
+                with self.stopwatch.phase("checkpoints"):
+                    checkpoints.save(self.manager, step)
             self.signals.stop_if_signalled(step, functools.partial(checkpoints.save, self.manager, step))
         return timer
 
@@ -184,7 +186,7 @@ class _Interval:
 
 
 @dataclasses.dataclass
-class _Timer:
+class Timer:
     """Steady-state throughput: a process's first loop call, which traces, is left out."""
 
     first: tuple[int, float] | None = None

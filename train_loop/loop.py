@@ -4,25 +4,30 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
-from train_loop import checkpoints, data, distribute, runs, steps, tuning
-from train_loop.configs import Config
+from train_loop import checkpoints, distribute, inputs, runs, sources, steps, tuning
+from train_loop.configs import MODELS, Config
 from train_loop.console import Console
-from train_loop.epochs import Evaluation, LoopState, Run
-from train_loop.models import build_model, plain_keras
+from train_loop.epochs import Evaluation, LoopState, Run, Timer
+from train_loop.models import ModelFunction, build_model, load_model_function, plain_keras
 from train_loop.preemption import SignalStop
-from train_loop.profiling import StepProfiler
+from train_loop.profiling import StepProfiler, Stopwatch
 from train_loop.summaries import Summaries, drop_events_after
 
 
-def train(config: Config) -> dict[str, Any]:
+def train(config: Config, *, model_fn: ModelFunction | None = None,
+          arrays: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Trains, evaluates after every epoch, and writes the run; resumes an interrupted one.
 
-    On a multi-worker cluster every worker trains; the chief alone writes the run.
+    On a multi-worker cluster every worker trains; the chief alone writes the run. `model_fn`
+    and `arrays` are a user's model function and data, when given as Python objects (see
+    `train_loop.train`); otherwise `config.model` and `config.dataset` say where they are.
 
     Returns:
       The content of `<run>/result.json`.
@@ -31,10 +36,13 @@ def train(config: Config) -> dict[str, Any]:
       UsageError: bad settings, missing or corrupt data; raised before anything is written.
       DivergedError, Interrupted: training stopped early (see `errors`).
     """
-    started = time.perf_counter()
+    started, stopwatch = time.perf_counter(), Stopwatch()
     # Inputs first, so that every user error comes before a single file is written.
-    splits = data.load_splits(config)
-    steps_per_epoch = data.steps_per_epoch(splits, config.batch_size)
+    with stopwatch.phase("data"):
+        splits = sources.load_splits(config, arrays)
+    steps_per_epoch = inputs.steps_per_epoch(splits, config.batch_size)
+    if model_fn is None and config.model not in MODELS:
+        model_fn = load_model_function(config.model)
     run_dir = runs.choose_run_dir(config)
     strategy = distribute.make_strategy(config)
     distribute.check_global_batch(strategy, config.batch_size)
@@ -43,18 +51,17 @@ def train(config: Config) -> dict[str, Any]:
     chief = distribute.is_chief(strategy)
     with runs.owned(config, run_dir, chief=chief) as run_dir, checkpoints.save_directory(run_dir, chief) as save_dir, \
             checkpoints.no_space_left(run_dir):
-        decision = tuning.decide_jit_compile(config, strategy, splits, runs.read_settings(run_dir))
-        print(decision.describe(), flush=True)
         return _train(config, splits, steps_per_epoch=steps_per_epoch, strategy=strategy, run_dir=run_dir,
-                      chief=chief, save_dir=save_dir, started=started, decision=decision)
+                      chief=chief, save_dir=save_dir, started=started, stopwatch=stopwatch, model_fn=model_fn)
 
 
-def _train(config: Config, splits: data.Splits, *, steps_per_epoch: int, strategy: tf.distribute.Strategy,
-           run_dir: str, chief: bool, save_dir: str, started: float, decision: tuning.Decision) -> dict[str, Any]:
+def _train(config: Config, splits: sources.Splits, *, steps_per_epoch: int, strategy: tf.distribute.Strategy,
+           run_dir: str, chief: bool, save_dir: str, started: float, stopwatch: Stopwatch,
+           model_fn: ModelFunction | None) -> dict[str, Any]:
     """`train` after the checks; a worker that is not the chief writes nothing into `run_dir`."""
     # All state inside the scope: Keras optimizers otherwise build their slots lazily, in a trace.
     with strategy.scope():
-        model = build_model(config, splits.x_train.shape[1:])
+        model = build_model(config, splits.x_train.shape[1:], num_classes=splits.num_classes, model_fn=model_fn)
         optimizer = steps.build_optimizer(config)
         optimizer.build(model.trainable_variables)
         loss_scale = steps.LossScale() if config.precision == "mixed_float16" else None
@@ -68,11 +75,16 @@ def _train(config: Config, splits: data.Splits, *, steps_per_epoch: int, strateg
     manager = checkpoints.make_manager(checkpoint, save_dir)
     console = Console(steps_per_epoch=steps_per_epoch, num_epochs=config.epochs)
     console.say(f"resuming {run_dir} from step {state.step}" if resumed else f"training {run_dir} on {splits.source}")
+    # After the run's model is built: the throwaway models timed here must not shift its layers' names.
+    with stopwatch.phase("decide_xla"):
+        decision = tuning.decide_jit_compile(config, strategy, splits, runs.read_settings(run_dir),
+                                             model_fn=model_fn)
+    console.say(decision.describe())
     summaries = _open_run(config, run_dir if chief else None, model, strategy, state.step if resumed else -1,
                           decision=decision)
 
     # The step, and the data it pulls from, starting where the restored state stands.
-    train_input = data.ReplicaInput(strategy, data.train_dataset_fn(
+    train_input = inputs.ReplicaInput(strategy, inputs.train_dataset_fn(
         splits, global_batch_size=config.batch_size, seed=config.seed,
         num_epochs=config.epochs, start_step=state.step))
     replica_gradients = steps.make_replica_gradients(
@@ -80,19 +92,20 @@ def _train(config: Config, splits: data.Splits, *, steps_per_epoch: int, strateg
     train_step = steps.make_train_step(strategy, model, optimizer, replica_gradients, loss_scale=loss_scale)
     train_loop = steps.make_train_loop(train_step, steps.gradient_norm_names(model), train_input.next_batch)
     iterator = train_input.iterator()
-    eval_fn, eval_batches = data.eval_dataset_fn(splits, config.batch_size)
-    eval_input = data.ReplicaInput(strategy, eval_fn)
-    eval_loop = steps.make_eval_loop(model, strategy, eval_input.next_batch)
+    eval_fn, eval_batches = inputs.eval_dataset_fn(splits, config.batch_size)
+    eval_input = inputs.ReplicaInput(strategy, eval_fn)
+    eval_loop = steps.make_eval_loop(model, strategy, eval_input.next_batch, num_classes=splits.num_classes)
 
     def evaluate() -> Evaluation:
-        measured = eval_loop(eval_input.iterator(), tf.constant(eval_batches))
+        with stopwatch.phase("evaluation"):
+            measured = eval_loop(eval_input.iterator(), tf.constant(eval_batches))
         return Evaluation({name: float(measured[name]) for name in ("cross_entropy", "accuracy")},
                           measured["confusion_matrix"].numpy())
 
     profiler = StepProfiler(config.profile_range if chief else None, os.path.join(run_dir, "train"))
     signals = SignalStop(strategy)
     run = Run(config, steps_per_epoch, model, optimizer, manager, summaries, console, state, loss_scale,
-               profiler, signals)
+              profiler, signals, stopwatch=stopwatch)
     try:
         with signals.catching():
             timer = run.run_epochs(lambda num_steps: train_loop(iterator, tf.constant(num_steps)), evaluate)
@@ -116,9 +129,24 @@ def _train(config: Config, splits: data.Splits, *, steps_per_epoch: int, strateg
         "seconds_to_first_step": timer.first_done_at - started if timer.first else None,
     }
     if chief:
-        _save_model(model, run_dir)
+        with stopwatch.phase("save_model"):
+            _save_model(model, run_dir)
+    result["seconds"] = _phases(stopwatch, timer, started)
+    if chief:
         runs.write_json(os.path.join(run_dir, runs.RESULT_FILE), result)
     return result
+
+
+def _phases(stopwatch: Stopwatch, timer: Timer, started: float) -> dict[str, float]:
+    """Where the run's time went, from `train()` on: "training" is the steady state, "first_step"
+    the process's first loop call (tracing, compiling); what no phase names is building the
+    model, restoring and opening the run."""
+    seconds = dict(stopwatch.seconds)
+    if timer.first:
+        seconds["first_step"] = timer.first[1]
+    seconds["training"] = timer.seconds
+    seconds["total"] = time.perf_counter() - started
+    return seconds
 
 
 def _open_run(config: Config, run_dir: str | None, model: keras.Model, strategy: tf.distribute.Strategy,

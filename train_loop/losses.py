@@ -5,6 +5,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from train_loop.models import named_layers
+
 
 def cross_entropy(labels: tf.Tensor, logits: tf.Tensor, global_batch_size: int) -> tf.Tensor:
     """This replica's share of the global batch's mean cross-entropy.
@@ -24,12 +26,31 @@ def per_example_cross_entropy(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor
 def regularization(model: keras.Model) -> tf.Tensor:
     """This replica's share of the sum of `model.losses`; exactly 0 when no layer carries a term.
 
-    Every replica computes the whole term on its copy of the weights, so it is divided by the
-    number of replicas for the sum over replicas (and the gradients' sum) to count it once.
+    Every term is divided by the number of replicas, for two reasons that give the same factor.
+    A weight term (kernel and bias regularizers) is computed whole on every replica's copy of
+    the weights, so the sum over replicas must count it once. An activity term depends on the
+    replica's slice of the batch: Keras divides each activity regularizer's value by the batch it
+    saw, making it a mean over the replica's examples, and the mean of N replicas' equal-sized
+    means is the global batch's mean. `add_loss` terms must follow the same rule (a mean over
+    the batch, as Keras' `fit` assumes too); a sum over the batch would count 1/N of itself.
     """
     if not model.losses:
         return tf.constant(0.0)
     return tf.nn.scale_regularization_loss(tf.add_n(model.losses))
+
+
+def layer_weight_terms(model: keras.Model) -> dict[str, tf.Tensor]:
+    """Each layer's weight regularization (kernel, bias, any weight's regularizer), by layer path.
+
+    Computed from the weights alone, so it can be logged outside the step and at step 0; the
+    activity and `add_loss` terms need a batch and count in the step's total only.
+    """
+    terms = {}
+    for path, layer in named_layers(model):
+        parts = [weight.regularizer(weight) for weight in layer.trainable_weights if weight.regularizer]
+        if parts:
+            terms[path] = tf.add_n(parts)
+    return terms
 
 
 def correct_share(labels: tf.Tensor, logits: tf.Tensor, global_batch_size: int) -> tf.Tensor:

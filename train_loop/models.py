@@ -1,19 +1,160 @@
-"""`build_model(config)`: the study's networks, with their dropout and regularizers."""
+"""The models: the study's networks, a user's model function, and naming their layers by path."""
 
 from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import re
+import sys
+from collections.abc import Callable
 
 import keras
 import tensorflow as tf
 
-from train_loop.configs import Config
+from train_loop.configs import MODELS, Config
+from train_loop.errors import UsageError
+
+ModelFunction = Callable[[], keras.Model]
+# The layers whose `kernel` and `bias` --l1/--l2/--bias_l1/--bias_l2 regularize and the logs show.
+KERNEL_LAYERS = (keras.layers.Dense, keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
+                 keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose, keras.layers.Conv3DTranspose)
 
 
-def build_model(config: Config, input_shape: tuple[int, ...]) -> keras.Model:
+def build_model(config: Config, input_shape: tuple[int, ...], *, num_classes: int = 10,
+                model_fn: ModelFunction | None = None) -> keras.Model:
+    """The model `config.model` names, with the regularizers the flags ask for; call in the strategy's scope.
+
+    A user's model comes from `model_fn`, else from importing `config.model`; it is built on a
+    batch of `input_shape` and must output `num_classes` logits.
+
+    Raises:
+      UsageError: the function cannot be imported, fails, returns no `keras.Model`, does not fit
+        the data, or its layers carry regularizers while the flags ask for some too.
+    """
+    if config.model in MODELS:
+        return _built_in(config, input_shape, num_classes)
+    model = _call_model_function(config, model_fn or load_model_function(config.model))
+    _check_outputs(model, config.model, input_shape, num_classes)
+    _apply_weight_regularizers(model, config)
+    return model
+
+
+def model_function_name(model_fn: ModelFunction) -> str:
+    """`module:function` for a function given to `train_loop.train(model_fn=...)`: its run's setting."""
+    name = model_fn.__name__ if getattr(model_fn, "__name__", "").isidentifier() else "model_fn"
+    return f"{getattr(model_fn, '__module__', None) or 'python'}:{name}"
+
+
+def load_model_function(spec: str) -> ModelFunction:
+    """The function `PATH.py:FUNCTION` or `package.module:FUNCTION` names (a path is from the working folder).
+
+    Raises:
+      UsageError: the file or module cannot be imported, or holds no such function.
+    """
+    module_name, _, function_name = spec.rpartition(":")
+    if module_name.endswith(".py") and not os.path.isfile(module_name):
+        raise UsageError(f"--model={spec}: no file {module_name} (a path is taken from {os.getcwd()}).")
+    try:
+        module = _import_file(module_name) if module_name.endswith(".py") else importlib.import_module(module_name)
+    except Exception as error:  # The user's code: whatever stops its import is the same user problem.
+        raise UsageError(f"--model={spec}: importing {module_name} failed ({_one_line(error)}).") from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise UsageError(f"--model={spec}: {module_name} has no function {function_name}.")
+    return function
+
+
+def _import_file(path: str) -> object:
+    """Imports a .py file as a module named after it, registered so that its classes can be found;
+    a file imported already (a notebook's, or a resumed run's in the same process) is reused."""
+    name = os.path.basename(path).removesuffix(".py")
+    loaded = sys.modules.get(name)
+    if loaded is not None and os.path.realpath(getattr(loaded, "__file__", None) or "") == os.path.realpath(path):
+        return loaded
+    if loaded is not None:
+        name = f"train_loop_model_{name}"  # Another module holds the name; do not displace it.
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _call_model_function(config: Config, model_fn: ModelFunction) -> keras.Model:
+    """Calls `model_fn` with Keras' global seed and dtype policy set from the flags, so that unseeded
+    initializers draw the same weights in every process and --precision applies to its layers."""
+    keras.utils.set_random_seed(config.seed)
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(config.precision)
+    try:
+        model = model_fn()
+    except Exception as error:  # The user's code: any failure is reported, not a traceback.
+        raise UsageError(f"--model={config.model}: calling it raised {_one_line(error)}.") from None
+    finally:
+        keras.config.set_dtype_policy(previous)
+    if not isinstance(model, keras.Model):
+        raise UsageError(
+            f"--model={config.model}: returned {type(model).__name__}, not a keras.Model; return the "
+            "uncompiled model.")
+    return model
+
+
+def _check_outputs(model: keras.Model, name: str, input_shape: tuple[int, ...], num_classes: int) -> None:
+    """Calls the model on a batch of zeros (which builds a subclassed model's weights) and checks
+    that it gives one logit per class."""
+    try:
+        outputs = model(tf.zeros((2, *input_shape)), training=False)
+    except Exception as error:  # The user's code, on the data's shape: any failure is a mismatch.
+        raise UsageError(
+            f"--model={name}: cannot take inputs of shape (N, {', '.join(map(str, input_shape))}) "
+            f"({_one_line(error)}).") from None
+    if tuple(getattr(outputs, "shape", ())) != (2, num_classes):
+        raise UsageError(
+            f"--model={name}: outputs of shape {tuple(getattr(outputs, 'shape', ()))} for a batch of 2, "
+            f"expected (2, {num_classes}): one logit per class of the labels 0..{num_classes - 1}.")
+
+
+def _apply_weight_regularizers(model: keras.Model, config: Config) -> None:
+    """--l1/--l2 on every kernel and --bias_l1/--bias_l2 on every bias of the KERNEL_LAYERS.
+
+    Raises:
+      UsageError: the flags ask for regularizers and some weight carries one already.
+    """
+    kernel, bias = make_regularizer(config.l1, config.l2), make_regularizer(config.bias_l1, config.bias_l2)
+    if kernel is None and bias is None:
+        return
+    carrying = [weight.path for weight in model.weights if getattr(weight, "regularizer", None)]
+    if carrying:
+        raise UsageError(
+            f"--model={config.model}: its weights already carry regularizers ({', '.join(carrying[:3])}): "
+            "leave --l1, --l2, --bias_l1 and --bias_l2 at 0, or remove them from the model.")
+    for _, layer in weighted_layers(model):
+        # The variables hold the regularizer Keras applies; the attributes, what model.keras records.
+        layer.kernel.regularizer = layer.kernel_regularizer = kernel
+        if layer.bias is not None:
+            layer.bias.regularizer = layer.bias_regularizer = bias
+
+
+def _one_line(error: BaseException) -> str:
+    """An exception as one line: Keras' terminal colours, its dumps of tensor values and its echo
+    of the call's arguments cut."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).split("Arguments received by")[0]
+    text = re.sub(r"\[[][0-9.,eE+\-\s]{20,}\]", "<values>", " ".join(text.split()))
+    return f"{type(error).__name__}: {text[:300]}" if text else type(error).__name__
+
+
+def _built_in(config: Config, input_shape: tuple[int, ...], num_classes: int) -> keras.Model:
     """The study's convnet or its linear baseline, returning logits (softmax lives in the loss).
 
     Layers have fixed names (`conv1`, `conv2`, `dense`) because TensorBoard tags and checkpoints
     are keyed by them; weights and dropout are seeded from `config.seed`.
     """
+    if config.model == "convnet" and len(input_shape) != 3:
+        raise UsageError(
+            f"--model=convnet takes images of shape (N, H, W) or (N, H, W, C); --dataset={config.dataset} "
+            f"holds inputs of shape (N, {', '.join(map(str, input_shape))}): use --model=linear or a model "
+            "function.")
     seed, dtype = config.seed, config.precision  # A Keras policy name: float32 master weights.
     layers: list = [keras.Input(shape=input_shape)]
     if config.model == "convnet":
@@ -25,7 +166,7 @@ def build_model(config: Config, input_shape: tuple[int, ...]) -> keras.Model:
                 layers.append(PhiloxDropout(
                     config.dropout, seed=seed + 10 + index, name=f"dropout{index}", dtype=dtype))
     layers.append(keras.layers.Flatten(name="flatten", dtype=dtype))
-    layers.append(keras.layers.Dense(10, name="dense", dtype=dtype, **_weights(config, seed + 3)))
+    layers.append(keras.layers.Dense(num_classes, name="dense", dtype=dtype, **_weights(config, seed + 3)))
     return keras.Sequential(layers, name=config.model)
 
 
@@ -49,6 +190,9 @@ class PhiloxDropout(keras.layers.Dropout):
 
 def plain_keras(model: keras.Model) -> keras.Model:
     """`model` with Keras' own Dropout layers, so that its saved file loads with Keras alone."""
+    if not any(isinstance(layer, PhiloxDropout) for layer in model.layers):
+        return model  # A user's model, which cloning might not handle, or a built-in one without dropout.
+
     def clone(layer: keras.layers.Layer) -> keras.layers.Layer:
         kind = keras.layers.Dropout if isinstance(layer, PhiloxDropout) else type(layer)
         return kind.from_config(layer.get_config())
@@ -79,6 +223,21 @@ def make_regularizer(l1: float, l2: float) -> keras.regularizers.Regularizer | N
     return None
 
 
-def weighted_layers(model: keras.Model) -> list[keras.layers.Layer]:
-    """The Conv2D and Dense layers: the ones with a kernel and a bias to log and regularize."""
-    return [layer for layer in model.layers if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense))]
+def weighted_layers(model: keras.Model) -> list[tuple[str, keras.layers.Layer]]:
+    """The KERNEL_LAYERS by path: the ones with a kernel (and a bias) to log and regularize."""
+    return [(path, layer) for path, layer in named_layers(model) if isinstance(layer, KERNEL_LAYERS)]
+
+
+def named_layers(model: keras.Model, prefix: str = "") -> list[tuple[str, keras.layers.Layer]]:
+    """Every layer that is not itself a model, by its path of layer names (`encoder/dense`).
+
+    Paths, not names, tell apart the layers of nested sub-models (a name is unique in its model
+    only); a layer shared between models is listed once, under its first path.
+    """
+    found: dict[int, tuple[str, keras.layers.Layer]] = {}
+    for layer in model.layers:
+        path = prefix + layer.name
+        inner = named_layers(layer, f"{path}/") if isinstance(layer, keras.Model) else [(path, layer)]
+        for entry in inner:
+            found.setdefault(id(entry[1]), entry)
+    return list(found.values())

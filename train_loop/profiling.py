@@ -1,9 +1,13 @@
-"""`--profile_steps=START,END`: a trace of those steps for TensorBoard's profile dashboard."""
+"""Where a run's time goes: the seconds of each phase, and `--profile_steps=START,END`, a trace of
+those steps for TensorBoard's profile dashboard."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
+import time
+from collections.abc import Iterator
 
 import tensorflow as tf
 
@@ -39,3 +43,19 @@ class StepProfiler:
         if self._running and (step >= self._steps[1] or last):
             tf.profiler.experimental.stop()
             self._running = False
+
+
+class Stopwatch:
+    """Seconds spent in each named phase of a run (data, building, evaluation, checkpoints, ...),
+    summed over its occurrences: `result.json` keeps them and the bench prints the breakdown."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started

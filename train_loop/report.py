@@ -8,7 +8,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from train_loop import checkpoints, data, runs, steps
+from train_loop import checkpoints, runs, sources, steps
 from train_loop.configs import Config
 from train_loop.errors import UsageError
 from train_loop.models import build_model, weighted_layers
@@ -75,14 +75,18 @@ def first_kernel(run_dir: str) -> np.ndarray:
         raise UsageError(
             f"{run_dir} has a {runs.RESULT_FILE} but no {runs.SETTINGS_FILE}: its model cannot be rebuilt.")
     config = Config(**{name: value for name, value in saved.items() if name in Config.__dataclass_fields__})
-    model = build_model(config, data.image_shape(config.dataset))
+    input_shape, num_classes = sources.input_spec(config)
+    model = build_model(config, input_shape, num_classes=num_classes)
     optimizer = steps.build_optimizer(config)
     optimizer.build(model.trainable_variables)
-    saved = checkpoints.saved_checkpoints(checkpoints.directory(run_dir))
-    if not saved:
+    prefixes = checkpoints.saved_checkpoints(checkpoints.directory(run_dir))
+    if not prefixes:
         raise UsageError(f"{run_dir} has a {runs.RESULT_FILE} but no checkpoint: its weights are gone.")
-    tf.train.Checkpoint(model=model, optimizer=optimizer).restore(saved[0]).expect_partial()
-    return tf.convert_to_tensor(weighted_layers(model)[0].kernel).numpy()
+    tf.train.Checkpoint(model=model, optimizer=optimizer).restore(prefixes[0]).expect_partial()
+    layers = weighted_layers(model)
+    if not layers:
+        raise UsageError(f"{run_dir}: its model has no Dense or Conv layer, whose first kernel the table describes.")
+    return tf.convert_to_tensor(layers[0][1].kernel).numpy()
 
 
 @dataclasses.dataclass(frozen=True)

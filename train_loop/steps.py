@@ -106,7 +106,7 @@ def make_train_step(
       vector of `gradient_norm_names(model)` (zeros when not measured).
     """
     variables = model.trainable_variables
-    kernels = [layer.kernel for layer in weighted_layers(model)]
+    kernels = [layer.kernel for _, layer in weighted_layers(model)]
     kernel_positions = [next(i for i, v in enumerate(variables) if v is kernel) for kernel in kernels]
 
     def gradient_norms(replica_gradients_: list) -> tf.Tensor:
@@ -149,7 +149,7 @@ def make_train_step(
 
 def gradient_norm_names(model: keras.Model) -> tuple[str, ...]:
     """What a train step measures of the gradient at the last step of a loop call, in order."""
-    return ("gradient_norm", *(f"gradient_norm/{layer.name}" for layer in weighted_layers(model)))
+    return ("gradient_norm", *(f"gradient_norm/{path}" for path, _ in weighted_layers(model)))
 
 
 def make_train_loop(
@@ -158,7 +158,7 @@ def make_train_loop(
 ) -> Callable[[object, tf.Tensor], dict[str, tf.Tensor]]:
     """`train_loop(iterator, num_steps)`: `num_steps` updates in one traced call.
 
-    `next_batch(iterator)` gives every replica its batch (see `data.ReplicaInput`). Returns the
+    `next_batch(iterator)` gives every replica its batch (see `inputs.ReplicaInput`). Returns the
     `STEP_MEASUREMENTS` summed over the steps, and the gradient's norms (`gradient_names`) at the
     last step; pass `num_steps` as a tensor so that every call reuses one trace.
     """
@@ -175,15 +175,14 @@ def make_train_loop(
 
 
 def make_eval_loop(
-    model: keras.Model, strategy: tf.distribute.Strategy, next_batch: Callable[[object], tuple],
+    model: keras.Model, strategy: tf.distribute.Strategy, next_batch: Callable[[object], tuple], *,
+    num_classes: int,
 ) -> Callable[[object, tf.Tensor], dict[str, tf.Tensor]]:
     """`eval_loop(iterator, num_batches)`: cross-entropy, accuracy and the confusion matrix.
 
     Sums are weighted so the zero-weight padding of the last batch counts for nothing. The
     confusion matrix counts true labels by row and predictions by column.
     """
-    num_classes = model.output_shape[-1]
-
     def replica_eval(images: tf.Tensor, labels: tf.Tensor, weights: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         logits = tf.cast(model(images, training=False), tf.float32)
         per_example = losses.per_example_cross_entropy(labels, logits)

@@ -57,7 +57,7 @@ def study(experiments: Sequence[str], extra_flags: Sequence[str], *, logdir: str
       The study's folder.
     """
     configs = experiment_configs(experiments, extra_flags, flags_dir)
-    dataset = next(iter(configs.values())).dataset
+    dataset = next(iter(configs.values())).dataset_name
     folder = os.path.join(logdir, study_name or f"study-{dataset}-{datetime.date.today().isoformat()}")
     configs = {name: _in_folder(config, folder, name) for name, config in configs.items()}
     for config in configs.values():

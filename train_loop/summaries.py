@@ -16,7 +16,8 @@ from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 from tensorboard.plugins.hparams import api as hparams_api
 
 from train_loop.console import warn
-from train_loop.models import weighted_layers
+from train_loop.losses import layer_weight_terms
+from train_loop.models import named_layers, weighted_layers
 from train_loop.startup import quiet_stderr
 
 WRITERS = ("train", "eval", "settings")  # The settings writer writes into the run's own folder.
@@ -51,20 +52,20 @@ class Summaries:
                     tf.summary.histogram(tag, values)
 
     def write_layer_scalars(self, model: keras.Model, step: int) -> float:
-        """Each layer's regularization term and kernel L2 norm, from the weights as they are at
-        `step`; returns the terms' sum."""
-        terms = {layer.name: float(tf.add_n(layer.losses)) for layer in model.layers if layer.losses}
+        """Each layer's weight regularization term and kernel L2 norm, by layer path, from the
+        weights as they are at `step`; returns the terms' sum."""
+        terms = {path: float(term) for path, term in layer_weight_terms(model).items()}
         self.write_scalars("train", step, {
-            **{f"regularization/{name}": value for name, value in terms.items()},
-            **{f"weight_norm/{layer.name}": float(tf.norm(layer.kernel)) for layer in weighted_layers(model)},
+            **{f"regularization/{path}": value for path, value in terms.items()},
+            **{f"weight_norm/{path}": float(tf.norm(layer.kernel)) for path, layer in weighted_layers(model)},
         })
         return sum(terms.values())
 
     def write_weight_histograms(self, model: keras.Model, step: int) -> None:
-        """Every weighted layer's kernel and bias, as `kernel/<layer>` and `bias/<layer>`."""
+        """Every trainable weight of every layer, as `<weight>/<layer path>` (`kernel/conv1`)."""
         self.write_histograms(step, {
-            f"{kind}/{layer.name}": tf.convert_to_tensor(getattr(layer, kind))
-            for layer in weighted_layers(model) for kind in ("kernel", "bias")})
+            f"{weight.name}/{path}": tf.convert_to_tensor(weight)
+            for path, layer in named_layers(model) for weight in layer.trainable_weights})
 
     def write_confusion_matrix(self, step: int, counts: np.ndarray) -> None:
         """The eval confusion matrix as an image: `confusion_matrix` on the eval writer."""

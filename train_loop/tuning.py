@@ -16,14 +16,16 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from train_loop import data, models, steps
+from train_loop import inputs, models, sources, steps
 from train_loop.configs import Config
+from train_loop.models import ModelFunction
 
 CACHE_ENV = "TRAIN_LOOP_CACHE"  # A file path, or "off" to measure every time.
 # CPU features that change which kernels run fast (oneDNN's ISA, bfloat16 units).
@@ -59,8 +61,8 @@ class Decision:
         return f"{choice}, {where}: {evidence} (--jit_compile or --nojit_compile forces it)"
 
 
-def decide_jit_compile(config: Config, strategy: tf.distribute.Strategy, splits: data.Splits,
-                       saved_settings: dict[str, Any] | None) -> Decision:
+def decide_jit_compile(config: Config, strategy: tf.distribute.Strategy, splits: sources.Splits,
+                       saved_settings: dict[str, Any] | None, *, model_fn: ModelFunction | None = None) -> Decision:
     """`config.jit_compile` when forced; else the resumed run's choice, the cached one, or a measurement.
 
     On a multi-worker cluster every worker measures and the summed timings decide, so all workers
@@ -78,7 +80,7 @@ def decide_jit_compile(config: Config, strategy: tf.distribute.Strategy, splits:
     cached = cache.get(key) if cache else None
     if cached is not None:
         return Decision(cached["jit_compile"], "cached", cached["examples_per_second"])
-    speeds = measure_jit_compile(config, strategy, splits)
+    speeds = measure_jit_compile(config, strategy, splits, model_fn=model_fn)
     decision = Decision(speeds["xla"] > speeds["no_xla"], "measured", speeds)
     if cache:
         cache.put(key, {"jit_compile": decision.jit_compile, "examples_per_second": speeds})
@@ -110,13 +112,14 @@ def step_key(config: Config, strategy: tf.distribute.Strategy, input_shape: tupl
     }, sort_keys=True)
 
 
-def measure_jit_compile(config: Config, strategy: tf.distribute.Strategy, splits: data.Splits) -> dict[str, float]:
+def measure_jit_compile(config: Config, strategy: tf.distribute.Strategy, splits: sources.Splits, *,
+                        model_fn: ModelFunction | None = None) -> dict[str, float]:
     """Examples per second of the train step with and without XLA, on a throwaway model.
 
     Both are traced and compiled first, then timed in alternating blocks of about 0.2 s; each
     keeps its best block. Averaged over workers on a cluster, so every worker gets the same answer.
     """
-    loops = {name: _throwaway_loop(config, strategy, splits, jit_compile=jit)
+    loops = {name: cached_batch_loop(config, strategy, splits, jit_compile=jit, model_fn=model_fn)
              for name, jit in (("xla", True), ("no_xla", False))}
     num_steps = {name: _block_steps(strategy, loop) for name, loop in loops.items()}
     best = dict.fromkeys(loops, 0.0)
@@ -128,10 +131,13 @@ def measure_jit_compile(config: Config, strategy: tf.distribute.Strategy, splits
     return dict(zip(best, _mean_over_workers(strategy, list(best.values()))))
 
 
-def _throwaway_loop(config: Config, strategy: tf.distribute.Strategy, splits: data.Splits, *, jit_compile: bool):
-    """The run's train loop on its own model and optimizer, fed the first global batch over and over."""
+def cached_batch_loop(config: Config, strategy: tf.distribute.Strategy, splits: sources.Splits, *,
+                      jit_compile: bool, model_fn: ModelFunction | None = None,
+                      ) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
+    """`loop(num_steps)`: the run's train loop on a model and optimizer of its own, fed the first
+    global batch over and over (the input pipeline taken away); what `auto` and the bench time."""
     with strategy.scope():
-        model = models.build_model(config, splits.x_train.shape[1:])
+        model = models.build_model(config, splits.x_train.shape[1:], num_classes=splits.num_classes, model_fn=model_fn)
         optimizer = steps.build_optimizer(config)
         optimizer.build(model.trainable_variables)
         loss_scale = steps.LossScale() if config.precision == "mixed_float16" else None
@@ -143,7 +149,7 @@ def _throwaway_loop(config: Config, strategy: tf.distribute.Strategy, splits: da
         replica_batch = tuple(array[start: start + size] for array in batch)
         return tf.data.Dataset.from_tensors(replica_batch).repeat()
 
-    replica_input = data.ReplicaInput(strategy, dataset_fn)
+    replica_input = inputs.ReplicaInput(strategy, dataset_fn)
     gradients = steps.make_replica_gradients(model, config.batch_size, loss_scale=loss_scale,
                                              jit_compile=jit_compile)
     train_step = steps.make_train_step(strategy, model, optimizer, gradients, loss_scale=loss_scale)
@@ -152,7 +158,7 @@ def _throwaway_loop(config: Config, strategy: tf.distribute.Strategy, splits: da
     return lambda num_steps: train_loop(iterator, num_steps)
 
 
-def _block_steps(strategy: tf.distribute.Strategy, loop) -> int:
+def _block_steps(strategy: tf.distribute.Strategy, loop: Callable[[tf.Tensor], dict[str, tf.Tensor]]) -> int:
     """Traces and compiles `loop`, then sizes a timed block to about `_BLOCK_SECONDS`.
 
     The size is agreed over workers (from their summed step times): a worker that ran more steps

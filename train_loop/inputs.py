@@ -1,0 +1,138 @@
+"""`tf.data` pipelines over the splits: shuffling, sharding, padding, feeding replicas."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import tensorflow as tf
+
+from train_loop.errors import UsageError
+from train_loop.sources import Splits
+
+
+def steps_per_epoch(splits: Splits, global_batch_size: int) -> int:
+    """Full global batches per epoch; the remainder is dropped so every replica steps in lockstep.
+
+    Raises:
+      UsageError: the batch is larger than the training split.
+    """
+    steps = len(splits.x_train) // global_batch_size
+    if steps == 0:
+        raise UsageError(
+            f"--batch_size={global_batch_size} is larger than the {len(splits.x_train)} training "
+            "examples: use a smaller --batch_size.")
+    return steps
+
+
+def train_dataset_fn(
+    splits: Splits, *, global_batch_size: int, seed: int, num_epochs: int, start_step: int,
+) -> Callable[[tf.distribute.InputContext], tf.data.Dataset]:
+    """A `distribute_datasets_from_function` input: every epoch from `start_step` on, in one stream.
+
+    Each epoch's order is a stateless shuffle keyed by (seed, epoch), so a resumed run, any replica
+    count and any worker count see exactly the batches one uninterrupted device would: the index
+    stream is sharded element by element before batching, and the replicas' batches together make
+    up the same global batch.
+    """
+    steps = steps_per_epoch(splits, global_batch_size)
+    images, labels = tf.constant(splits.x_train), tf.constant(splits.y_train)
+    num_examples = len(splits.x_train)
+    start_epoch, skip_steps = divmod(start_step, steps)
+
+    def epoch_order(epoch: tf.Tensor) -> tf.data.Dataset:
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(num_examples), seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
+        return tf.data.Dataset.from_tensor_slices(order[: steps * global_batch_size])
+
+    def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        indices = (
+            tf.data.Dataset.range(start_epoch, num_epochs)
+            .flat_map(epoch_order)
+            .skip(skip_steps * global_batch_size)
+            .shard(context.num_input_pipelines, context.input_pipeline_id)
+            .batch(context.get_per_replica_batch_size(global_batch_size), drop_remainder=True)
+        )
+        batches = indices.map(lambda index: (tf.gather(images, index), tf.gather(labels, index)),
+                              num_parallel_calls=tf.data.AUTOTUNE)
+        return _with_options(batches.prefetch(tf.data.AUTOTUNE))
+
+    return dataset_fn
+
+
+def eval_dataset_fn(
+    splits: Splits, global_batch_size: int,
+) -> tuple[Callable[[tf.distribute.InputContext], tf.data.Dataset], int]:
+    """The test split padded to whole global batches, with a weight of 0 on the padding.
+
+    Whole batches keep every replica in lockstep and every shape static; the weights keep the
+    metrics exact over the real examples.
+
+    Returns:
+      The dataset function and the number of batches each replica runs.
+    """
+    num_examples = len(splits.x_test)
+    num_batches = -(-num_examples // global_batch_size)
+    images, labels = tf.constant(splits.x_test), tf.constant(splits.y_test)
+
+    def lookup(index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        clipped = tf.minimum(index, num_examples - 1)
+        weights = tf.cast(index < num_examples, tf.float32)
+        return tf.gather(images, clipped), tf.gather(labels, clipped), weights
+
+    def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        indices = (
+            tf.data.Dataset.range(num_batches * global_batch_size)
+            .shard(context.num_input_pipelines, context.input_pipeline_id)
+            .batch(context.get_per_replica_batch_size(global_batch_size), drop_remainder=True)
+        )
+        batches = indices.map(lookup, num_parallel_calls=tf.data.AUTOTUNE)
+        return _with_options(batches.prefetch(tf.data.AUTOTUNE))
+
+    return dataset_fn, num_batches
+
+
+def _with_options(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    options = tf.data.Options()
+    # The functions above shard by hand; the strategy must not shard a second time.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    return dataset.with_options(options)
+
+
+class ReplicaInput:
+    """A dataset function fed to the strategy's replicas, and the traced `next_batch` that feeds them.
+
+    On CPU devices the batches come from a plain host iterator and are dealt to the replicas in
+    the traced step: the strategy's distributed iterator keeps a polling thread busy, which on a
+    2-core host halved training speed (measured: 560 vs 1,190 examples/s, 2 CPU replicas). On
+    GPUs and TPUs the strategy's own iterator prefetches to the devices. Both deal consecutive
+    per-replica batches to replicas in order, so the numbers are the same either way.
+    """
+
+    def __init__(self, strategy: tf.distribute.Strategy,
+                 dataset_fn: Callable[[tf.distribute.InputContext], tf.data.Dataset]):
+        self._strategy = strategy
+        self._on_host = _is_single_host_cpu(strategy)
+        if self._on_host:
+            self._dataset = dataset_fn(tf.distribute.InputContext(
+                num_replicas_in_sync=strategy.num_replicas_in_sync))
+        else:
+            self._dataset = strategy.distribute_datasets_from_function(dataset_fn)
+
+    def iterator(self) -> Iterator:
+        return iter(self._dataset)
+
+    def next_batch(self, iterator: Iterator) -> tuple:
+        """The next batch of every replica; call inside the traced loop."""
+        if not self._on_host:
+            return next(iterator)
+        batches = [next(iterator) for _ in range(self._strategy.num_replicas_in_sync)]
+        if len(batches) == 1:
+            return batches[0]
+        return self._strategy.experimental_distribute_values_from_function(
+            lambda context: batches[context.replica_id_in_sync_group])
+
+
+def _is_single_host_cpu(strategy: tf.distribute.Strategy) -> bool:
+    if not isinstance(strategy, (tf.distribute.OneDeviceStrategy, tf.distribute.MirroredStrategy)):
+        return False
+    return all("CPU" in device.upper() for device in strategy.extended.worker_devices)
