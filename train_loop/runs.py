@@ -52,7 +52,7 @@ def owned(config: Config, run_dir: str, *, chief: bool) -> Iterator[str]:
         yield run_dir
         return
     for run_dir in _candidates(config):
-        created = not os.path.lexists(run_dir)
+        existing = _nearest_existing(run_dir)
         lock = _lock(run_dir) if not is_finished(run_dir) else None
         if lock is None:
             if os.path.lexists(run_dir) and not is_finished(run_dir) and config.run_name:
@@ -67,9 +67,17 @@ def owned(config: Config, run_dir: str, *, chief: bool) -> Iterator[str]:
             return
         finally:
             lock.release()
-            if created:
-                with contextlib.suppress(OSError):
-                    os.rmdir(run_dir)  # Only if empty: a run that failed before writing anything.
+            _remove_empty_folders(run_dir, up_to=existing)
+
+
+def _remove_empty_folders(path: str, *, up_to: str) -> None:
+    """Removes `path` and its parents below `up_to` that are empty: the folders made for a run
+    that failed before writing anything (the logdir too, if it was made for it)."""
+    path = os.path.abspath(path)
+    with contextlib.suppress(OSError):  # Not empty: the run wrote something, so it stays.
+        while path != up_to and path.startswith(up_to):
+            os.rmdir(path)
+            path = os.path.dirname(path)
 
 
 def is_finished(run_dir: str) -> bool:
