@@ -40,5 +40,10 @@ class Console:
                  f"{_format(evaluation)} | {examples_per_second:,.0f} examples/s")
 
 
+def warn(message: str) -> None:
+    """One line on stderr about something repaired or skipped on the way, training goes on."""
+    print(f"train_loop: warning: {message}", file=sys.stderr, flush=True)
+
+
 def _format(measurements: Mapping[str, float]) -> str:
     return " ".join(f"{name} {value:.4f}" for name, value in measurements.items())

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import keras
@@ -51,20 +49,10 @@ def train(config: Config, *, model_fn: ModelFunction | None = None,
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     chief = distribute.is_chief(strategy)
-    with _checkpoint_dir(run_dir, chief) as save_dir:
+    with runs.owned(config, run_dir, chief=chief) as run_dir, checkpoints.save_directory(run_dir, chief) as save_dir, \
+            checkpoints.no_space_left(run_dir):
         return _train(config, splits, steps_per_epoch=steps_per_epoch, strategy=strategy, run_dir=run_dir,
                       chief=chief, save_dir=save_dir, started=started, stopwatch=stopwatch, model_fn=model_fn)
-
-
-@contextlib.contextmanager
-def _checkpoint_dir(run_dir: str, chief: bool) -> Iterator[str]:
-    """Where this process saves checkpoints: the run's folder on the chief; elsewhere a
-    temporary folder, removed at the end (saving is collective, so every worker saves)."""
-    if chief:
-        yield checkpoints.directory(run_dir)
-        return
-    with tempfile.TemporaryDirectory(prefix="train_loop-worker-") as folder:
-        yield folder
 
 
 def _train(config: Config, splits: sources.Splits, *, steps_per_epoch: int, strategy: tf.distribute.Strategy,
@@ -80,10 +68,11 @@ def _train(config: Config, splits: sources.Splits, *, steps_per_epoch: int, stra
     state = LoopState()
     scaling = {"loss_scale": loss_scale} if loss_scale else {}
     # The dropout layers' seed states too, so a resumed run draws the masks an uninterrupted one would.
-    manager = checkpoints.make_manager(
-        save_dir, model=model, optimizer=optimizer, rng=[v.value for v in model.non_trainable_variables],
+    checkpoint = tf.train.Checkpoint(
+        model=model, optimizer=optimizer, rng=[v.value for v in model.non_trainable_variables],
         **state.trackables(), **scaling)
-    resumed = checkpoints.restore_latest(manager, checkpoints.directory(run_dir))
+    resumed = checkpoints.restore_latest(checkpoint, checkpoints.directory(run_dir), repair=chief)
+    manager = checkpoints.make_manager(checkpoint, save_dir)
     console = Console(steps_per_epoch=steps_per_epoch, num_epochs=config.epochs)
     console.say(f"resuming {run_dir} from step {state.step}" if resumed else f"training {run_dir} on {splits.source}")
     console.say(f"{len(splits.x_train):,} training and {len(splits.x_test):,} test examples; "
@@ -191,6 +180,4 @@ def _hparams(config: Config, strategy: tf.distribute.Strategy) -> dict[str, Any]
 
 def _save_model(model: keras.Model, run_dir: str) -> None:
     """`model.keras` through a temporary name, so a kill leaves no half-written model."""
-    temporary = os.path.join(run_dir, "model.tmp.keras")
-    plain_keras(model).save(temporary)
-    os.replace(temporary, os.path.join(run_dir, "model.keras"))
+    runs.write_atomically(os.path.join(run_dir, "model.keras"), plain_keras(model).save)

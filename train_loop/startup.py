@@ -35,7 +35,7 @@ def start_tensorflow(cpu_replicas: int = 0, strategy: str = "one_device") -> Non
     verbose = os.environ.get(VERBOSE_ENV, "") not in ("", "0")
     if not verbose:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-    with contextlib.nullcontext() if verbose else _filtered_stderr():
+    with contextlib.nullcontext() if verbose else _filtered_stderr(_NOISE):
         import tensorflow as tf
 
         from train_loop.distribute import resolve_strategy_name, split_cpu
@@ -67,12 +67,18 @@ for line in sys.stdin:
 """
 
 
+def quiet_stderr() -> contextlib.AbstractContextManager[None]:
+    """Drops what TensorFlow's C++ side logs within: for an attempt whose failure is reported
+    otherwise. Python's own lines (one of ours, a traceback) still come through."""
+    return _filtered_stderr(re.compile(r"^([IWE]\d{4} |\t)"))  # A log line, or its continuation.
+
+
 @contextlib.contextmanager
-def _filtered_stderr() -> Iterator[None]:
-    """Sends file descriptor 2 (C++ writes there directly) through a filter that drops the noise."""
+def _filtered_stderr(noise: re.Pattern) -> Iterator[None]:
+    """Sends file descriptor 2 (C++ writes there directly) through a filter that drops `noise`."""
     sys.stderr.flush()
     saved = os.dup(2)
-    filter_process = subprocess.Popen([sys.executable, "-c", _FILTER, _NOISE.pattern], stdin=subprocess.PIPE,
+    filter_process = subprocess.Popen([sys.executable, "-c", _FILTER, noise.pattern], stdin=subprocess.PIPE,
                                       stdout=subprocess.DEVNULL, stderr=saved, text=True)
     os.dup2(filter_process.stdin.fileno(), 2)
     try:
