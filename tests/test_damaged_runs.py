@@ -23,7 +23,7 @@ from conftest import REPO
 from helpers import assert_one_line_error, snapshot
 from tensorboard.compat.proto import event_pb2
 
-from train_loop import locks, runs
+from train_loop import Config, locks, runs, sources
 from train_loop.summaries import read_records
 
 FLAGS = ("--dataset=digits", "--checkpoint_every=20", "--steps_per_loop=10", "--run_name=r")
@@ -227,7 +227,8 @@ def test_a_run_owned_by_another_process_is_refused_or_skipped_by_a_default_name(
 
         moved = run_cli("--dataset=digits")
         assert moved.returncode == 0, moved.stderr
-        assert f"training {default_dir}-2 on scikit-learn digits" in moved.stdout.splitlines()
+        digits = sources.load_splits(Config(dataset="digits")).source
+        assert f"training {default_dir}-2 on {digits}" in moved.stdout.splitlines()
     finally:
         for lock in held:
             lock.release()
