@@ -71,7 +71,12 @@ def describe(strategy: tf.distribute.Strategy) -> str:
     """The strategy, its replicas and this process's devices, for the line a run starts with."""
     devices = ", ".join(device.rpartition("/device:")[2] for device in strategy.extended.worker_devices)
     replicas = strategy.num_replicas_in_sync
-    return f"{type(strategy).__name__}, {replicas} replica{'s' if replicas > 1 else ''} in sync, here on {devices}"
+    # By its public name: TensorFlow's MultiWorkerMirroredStrategy is a class named CollectiveAllReduceStrategy.
+    name = next((name for kind, name in _PUBLIC_NAMES if isinstance(strategy, kind)), type(strategy).__name__)
+    return f"{name}, {replicas} replica{'s' if replicas > 1 else ''} in sync, here on {devices}"
+
+
+_PUBLIC_NAMES = ((tf.distribute.MultiWorkerMirroredStrategy, "MultiWorkerMirroredStrategy"),)
 
 
 def check_global_batch(strategy: tf.distribute.Strategy, global_batch_size: int) -> None:
@@ -188,9 +193,13 @@ def _slurm() -> tf.distribute.Strategy:
             "step; start it with srun inside an allocation (see README 'Slurm'), or use TF_CONFIG.")
     ports = os.environ.get("SLURM_STEP_RESV_PORTS", "")
     # A slot per task of the whole step: no node has more tasks than that.
-    resolver = tf.distribute.cluster_resolver.SlurmClusterResolver(
+    slurm = tf.distribute.cluster_resolver.SlurmClusterResolver(
         port_base=int(ports.split("-")[0]) if ports else 8888,
         gpus_per_node=int(os.environ["SLURM_STEP_NUM_TASKS"]), gpus_per_task=1, auto_set_gpu=False)
+    # Its cluster and this task's place in it; the GPUs are the ones this task sees, not the slots.
+    resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+        slurm.cluster_spec(), task_type=slurm.task_type, task_id=slurm.task_id, rpc_layer=slurm.rpc_layer,
+        num_accelerators={"GPU": len(tf.config.list_physical_devices("GPU"))})
     return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
 
 
