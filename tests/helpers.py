@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import keras
@@ -61,3 +63,15 @@ def assert_one_line_error(result: subprocess.CompletedProcess, names: tuple[str,
     for name in names:
         assert name in lines[0], f"{name!r} missing from: {lines[0]}"
     assert result.stdout == "", report
+
+
+def kill_at_first_checkpoint(command: list[str], run_dir: Path, env: dict | None = None) -> None:
+    """Starts `command` and SIGKILLs it as soon as `run_dir` holds a checkpoint, before it finishes."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    index = run_dir / "checkpoints" / "checkpoint"
+    deadline = time.monotonic() + 120
+    while not index.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert not (run_dir / "result.json").exists(), "the run finished before it could be interrupted"
