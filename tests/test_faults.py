@@ -144,10 +144,13 @@ def logged_steps(run_dir: Path) -> dict[str, list[int]]:
 
 
 @pytest.mark.parametrize("model_flags", [
-    ("--dropout=0.2", "--l2=0.001"),
+    # Dropout, and every optimizer feature: clipping, decoupled decay, the weights' average (in
+    # the optimizer's checkpointed state) and a schedule that warms up and decays across the kill.
+    ("--dropout=0.2", "--l2=0.001", "--global_clipnorm=0.5", "--weight_decay=0.01", "--ema=0.99",
+     "--lr_schedule=cosine", "--lr_decay_steps=150", "--warmup_steps=10"),
     # A user's model: kernel, bias and activity regularizers, add_loss, a nested sub-model.
     ("--model=tests/user_models.py:build", "--epochs=10"),  # Fast steps: more of them, for the kill to land.
-], ids=["convnet-with-dropout", "user-model"])
+], ids=["convnet-with-dropout-and-optimizer-features", "user-model"])
 def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_numbers(tmp_path, model_flags):
     """--deterministic: the resumed run's result, weights and curves are the same."""
     flags = ("--dataset=digits", "--epochs=4", "--deterministic", *model_flags,

@@ -19,7 +19,7 @@ from conftest import REPO
 from helpers import events, scalar_series
 
 import train_loop
-from train_loop import Config, UsageError, distribute, models, report, sources, steps
+from train_loop import Config, UsageError, distribute, models, optimizers, report, sources, steps
 
 USER_MODEL = "tests/user_models.py:build"
 USER_LAYERS = ("encoder/hidden", "logits")  # The user model's layers with weights, by path.
@@ -59,7 +59,7 @@ def test_step_regularization_of_every_kind_of_term_equals_numpy(replicas):
     splits = sources.load_splits(config)
     with strategy.scope():
         model = models.build_model(config, (8, 8, 1), model_fn=user_models.build)
-        optimizer = steps.build_optimizer(config)
+        optimizer = optimizers.build_optimizer(config)
         optimizer.build(model.trainable_variables)
     for _, layer in models.weighted_layers(model):  # Biases start at 0: give the bias term a value.
         layer.bias.assign(np.random.default_rng(1).normal(size=layer.bias.shape).astype(np.float32))

@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 from helpers import events, scalar_series
 
-from train_loop import Config, models, sources, steps, summaries, train
+from train_loop import Config, models, optimizers, sources, summaries, train
 
 LEARNING_RATE = 0.1
 
@@ -35,7 +35,7 @@ def sgd_run(tmp_path_factory):
 def checkpoint_weights(config: Config, path: str) -> dict[str, list[np.ndarray]]:
     """Each weighted layer's [kernel, bias] in checkpoint `path`, restored into a fresh model."""
     model = models.build_model(config, sources.input_spec(config)[0])
-    optimizer = steps.build_optimizer(config)
+    optimizer = optimizers.build_optimizer(config)
     optimizer.build(model.trainable_variables)
     tf.train.Checkpoint(model=model, optimizer=optimizer).restore(path).expect_partial()
     return {path: [np.asarray(w, np.float64) for w in layer.get_weights()]

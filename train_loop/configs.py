@@ -16,12 +16,14 @@ MODELS = ("convnet", "linear")
 OPTIMIZERS = ("rmsprop", "adam", "sgd")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+LR_SCHEDULES = ("constant", "cosine", "step")
 
 # Settings that change what is computed, so they name the run; the rest (where and how fast)
 # may differ between a run and its resumption without changing a single number.
 _NAMING_FIELDS = (
     "dataset", "dropout", "l1", "l2", "bias_l1", "bias_l2", "epochs",
     "batch_size", "optimizer", "learning_rate", "seed", "precision",
+    "lr_schedule", "lr_decay_steps", "lr_decay_rate", "warmup_steps", "global_clipnorm", "weight_decay", "ema",
 )
 
 
@@ -41,6 +43,13 @@ class Config:
     batch_size: int = 32
     optimizer: str = "rmsprop"
     learning_rate: float = 0.001
+    lr_schedule: str = "constant"
+    lr_decay_steps: int = 0  # Required (> 0) by cosine and step; refused with constant.
+    lr_decay_rate: float = 0.1  # step: the factor applied every lr_decay_steps.
+    warmup_steps: int = 0
+    global_clipnorm: float = 0.0  # 0: no clipping.
+    weight_decay: float = 0.0
+    ema: float = 0.0  # 0: no moving average of the weights.
     strategy: str = "auto"
     cpu_replicas: int = 0
     logdir: str = "logdir"
@@ -76,6 +85,7 @@ class Config:
             raise UsageError(
                 f"--learning_rate={self.learning_rate} must be a positive finite number, "
                 "e.g. --learning_rate=0.001.")
+        _check_optimizer_settings(self)
         for name in ("epochs", "batch_size", "steps_per_loop", "summary_every"):
             _check_positive(name, getattr(self, name))
         for name in ("histogram_every", "checkpoint_every", "cpu_replicas"):
@@ -133,6 +143,37 @@ def _parse_profile_steps(text: str) -> tuple[int, int] | None:
         raise UsageError(
             f"--profile_steps={text!r} must be START,END with 0 <= START < END, e.g. --profile_steps=100,110.")
     return start, end
+
+
+def _check_optimizer_settings(config: Config) -> None:
+    """The learning-rate schedule, clipping, decoupled weight decay and the weights' average."""
+    _check_choice("lr_schedule", config.lr_schedule, LR_SCHEDULES)
+    if config.lr_schedule == "constant" and config.lr_decay_steps:
+        raise UsageError(
+            f"--lr_decay_steps={config.lr_decay_steps} has no effect with --lr_schedule=constant: "
+            "pass --lr_schedule=cosine or step, or leave --lr_decay_steps out.")
+    if config.lr_schedule != "constant" and config.lr_decay_steps <= 0:
+        raise UsageError(
+            f"--lr_decay_steps={config.lr_decay_steps} must be a positive integer with "
+            f"--lr_schedule={config.lr_schedule}: the steps over which the rate decays, e.g. --lr_decay_steps=1000.")
+    if not (math.isfinite(config.lr_decay_rate) and 0.0 < config.lr_decay_rate <= 1.0):
+        raise UsageError(
+            f"--lr_decay_rate={config.lr_decay_rate} must be in (0, 1]: the factor --lr_schedule=step "
+            "multiplies the rate by every --lr_decay_steps, e.g. --lr_decay_rate=0.1.")
+    if config.lr_schedule != "step" and config.lr_decay_rate != Config.lr_decay_rate:
+        raise UsageError(
+            f"--lr_decay_rate={config.lr_decay_rate} has no effect with --lr_schedule={config.lr_schedule}: "
+            "pass --lr_schedule=step, or leave --lr_decay_rate out.")
+    if config.warmup_steps < 0:
+        raise UsageError(f"--warmup_steps={config.warmup_steps} must be 0 or more (0: no warm-up).")
+    for name in ("global_clipnorm", "weight_decay"):
+        value = getattr(config, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise UsageError(f"--{name}={value} must be a finite number >= 0 (0 turns it off).")
+    if not (math.isfinite(config.ema) and 0.0 <= config.ema < 1.0):
+        raise UsageError(
+            f"--ema={config.ema} must be in [0, 1): the momentum of the weights' moving average, "
+            "e.g. --ema=0.999; 0 turns it off.")
 
 
 def _check_dataset(dataset: str) -> None:

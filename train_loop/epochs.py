@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from train_loop import checkpoints, steps
+from train_loop import checkpoints, optimizers, steps
 from train_loop.configs import Config
 from train_loop.console import Console
 from train_loop.errors import DivergedError
@@ -135,12 +135,17 @@ class Run:
             "loss/regularization": means["regularization"],
             "loss/total": means["total"],
             "accuracy": means["accuracy"],
-            "learning_rate": float(keras.ops.convert_to_numpy(self.optimizer.learning_rate)),
+            "learning_rate": optimizers.applied_learning_rate(self.config, self.optimizer),
             "examples_per_second": means["examples_per_second"],
             **{name: value for name, value in means.items() if name.startswith("gradient_norm")},
+            **({"clipped_share": means["clipped"]} if self.config.global_clipnorm else {}),
             **({"loss_scale": float(self.loss_scale.scale.numpy())} if self.loss_scale else {}),
         })
         self.summaries.write_layer_scalars(self.model, step)
+        if self.config.weight_decay:
+            self.summaries.write_scalars("train", step, {
+                f"weight_decay/{path}": term
+                for path, term in optimizers.layer_decay_terms(self.model, self.config.weight_decay).items()})
         self.console.progress(step, {name: means[name] for name in steps.TRAIN_MEASUREMENTS})
 
     def _end_epoch(self, step: int, evaluation: Evaluation, examples_per_second: float) -> None:

@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from train_loop import checkpoints, distribute, inputs, runs, sources, steps, tuning
+from train_loop import checkpoints, distribute, inputs, optimizers, runs, sources, steps, tuning
 from train_loop.configs import MODELS, Config
 from train_loop.console import Console
 from train_loop.epochs import Evaluation, LoopState, Run, Timer
@@ -74,7 +74,7 @@ def _train(config: Config, splits: sources.Splits, *, steps_per_epoch: int, stra
     # All state inside the scope: Keras optimizers otherwise build their slots lazily, in a trace.
     with strategy.scope():
         model = build_model(config, splits.x_train.shape[1:], num_classes=splits.num_classes, model_fn=model_fn)
-        optimizer = steps.build_optimizer(config)
+        optimizer = optimizers.build_optimizer(config)
         optimizer.build(model.trainable_variables)
         loss_scale = steps.LossScale() if config.precision == "mixed_float16" else None
     state = LoopState()
@@ -91,6 +91,8 @@ def _train(config: Config, splits: sources.Splits, *, steps_per_epoch: int, stra
         decision = tuning.decide_jit_compile(config, strategy, splits, runs.read_settings(run_dir),
                                              model_fn=model_fn)
     console.say(decision.describe())
+    if config.ema:
+        console.say(f"evaluation and model.keras use the weights' moving average (--ema={config.ema:g})")
     summaries = _open_run(config, run_dir if chief else None, model, strategy, state.step if resumed else -1,
                           decision=decision)
 
@@ -100,7 +102,8 @@ def _train(config: Config, splits: sources.Splits, *, steps_per_epoch: int, stra
         num_epochs=config.epochs, start_step=state.step))
     replica_gradients = steps.make_replica_gradients(
         model, config.batch_size, loss_scale=loss_scale, jit_compile=decision.jit_compile)
-    train_step = steps.make_train_step(strategy, model, optimizer, replica_gradients, loss_scale=loss_scale)
+    train_step = steps.make_train_step(strategy, model, optimizer, replica_gradients, loss_scale=loss_scale,
+                                       global_clipnorm=config.global_clipnorm)
     train_loop = steps.make_train_loop(train_step, steps.gradient_norm_names(model), train_input.next_batch)
     iterator = train_input.iterator()
     eval_fn, eval_batches = inputs.eval_dataset_fn(splits, config.batch_size)
@@ -108,7 +111,7 @@ def _train(config: Config, splits: sources.Splits, *, steps_per_epoch: int, stra
     eval_loop = steps.make_eval_loop(model, strategy, eval_input.next_batch, num_classes=splits.num_classes)
 
     def evaluate() -> Evaluation:
-        with stopwatch.phase("evaluation"):
+        with stopwatch.phase("evaluation"), optimizers.averaged_weights(model, optimizer):
             measured = eval_loop(eval_input.iterator(), tf.constant(eval_batches))
         return Evaluation({name: float(measured[name]) for name in ("cross_entropy", "accuracy")},
                           measured["confusion_matrix"].numpy())
@@ -140,7 +143,7 @@ def _train(config: Config, splits: sources.Splits, *, steps_per_epoch: int, stra
         "seconds_to_first_step": timer.first_done_at - started if timer.first else None,
     }
     if chief:
-        with stopwatch.phase("save_model"):
+        with stopwatch.phase("save_model"), optimizers.averaged_weights(model, optimizer):
             _save_model(model, run_dir)
     result["seconds"] = _phases(stopwatch, timer, started)
     if chief:

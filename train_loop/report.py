@@ -8,7 +8,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from train_loop import checkpoints, runs, sources, steps
+from train_loop import checkpoints, optimizers, runs, sources
 from train_loop.configs import Config
 from train_loop.errors import UsageError
 from train_loop.models import build_model, weighted_layers
@@ -77,7 +77,7 @@ def first_kernel(run_dir: str) -> np.ndarray:
     config = Config(**{name: value for name, value in saved.items() if name in Config.__dataclass_fields__})
     input_shape, num_classes = sources.input_spec(config)
     model = build_model(config, input_shape, num_classes=num_classes)
-    optimizer = steps.build_optimizer(config)
+    optimizer = optimizers.build_optimizer(config)
     optimizer.build(model.trainable_variables)
     latest = tf.train.latest_checkpoint(checkpoints.directory(run_dir))
     if latest is None:
