@@ -130,7 +130,7 @@ def test_examples_run_and_learn(tmp_path, command):
     (result_file,) = tmp_path.glob("*/result.json")
     result = json.loads(result_file.read_text())
     chance = 1 / len(result["confusion_matrix"])
-    assert result["eval"]["accuracy"] > 2 * chance
+    assert result["test"]["accuracy"] > 2 * chance
     settings = json.loads((result_file.parent / "settings.json").read_text())
     if command[0] == "sh":
         assert (settings["model"], settings["dataset"]) == ("examples/wine.py:build", str(tmp_path / "wine.npz"))

@@ -51,6 +51,21 @@ flags.DEFINE_float("weight_decay", _DEFAULTS.weight_decay,
 flags.DEFINE_float("ema", _DEFAULTS.ema,
                    "Momentum of an exponential moving average of the weights, e.g. 0.999; evaluation "
                    "and model.keras use the averaged weights; 0: none.")
+flags.DEFINE_float("validation_split", _DEFAULTS.validation_split,
+                   "Share of the training split held out (seeded by --seed) and evaluated every "
+                   "--eval_every steps; the test split is evaluated once, at the end. 0: none.")
+flags.DEFINE_integer("eval_every", _DEFAULTS.eval_every,
+                     "Steps between evaluations of the validation split; 0: at the end of each epoch.")
+flags.DEFINE_string("best_metric", _DEFAULTS.best_metric,
+                    f"{' or '.join(configs.BEST_METRICS)}: keep the weights that scored best on it "
+                    "(in <run>/best/; they become model.keras and are tested); empty: the last weights.")
+flags.DEFINE_integer("early_stopping_patience", _DEFAULTS.early_stopping_patience,
+                     "Stop after this many validations without an improvement of --best_metric; 0: never.")
+flags.DEFINE_float("early_stopping_min_delta", _DEFAULTS.early_stopping_min_delta,
+                   "The least change of --best_metric that counts as an improvement.")
+flags.DEFINE_enum("export", _DEFAULTS.export, configs.EXPORTS,
+                  "saved_model: write <run>/saved_model/ for serving (Keras' model.export; it serves "
+                  "logits); none: do not.")
 flags.DEFINE_enum("strategy", _DEFAULTS.strategy, configs.STRATEGIES,
                   "tf.distribute strategy; auto: mirrored over several GPUs, multi_worker "
                   "under a TF_CONFIG of several workers, else one device.")

@@ -17,6 +17,9 @@ OPTIMIZERS = ("rmsprop", "adam", "sgd")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 LR_SCHEDULES = ("constant", "cosine", "step")
+# What --best_metric may name, and whether a higher value is better.
+BEST_METRICS = {"validation/accuracy": True, "validation/cross_entropy": False}
+EXPORTS = ("saved_model", "none")
 
 # Settings that change what is computed, so they name the run; the rest (where and how fast)
 # may differ between a run and its resumption without changing a single number.
@@ -24,6 +27,7 @@ _NAMING_FIELDS = (
     "dataset", "dropout", "l1", "l2", "bias_l1", "bias_l2", "epochs",
     "batch_size", "optimizer", "learning_rate", "seed", "precision",
     "lr_schedule", "lr_decay_steps", "lr_decay_rate", "warmup_steps", "global_clipnorm", "weight_decay", "ema",
+    "validation_split", "best_metric", "early_stopping_patience", "early_stopping_min_delta",
 )
 
 
@@ -50,6 +54,12 @@ class Config:
     global_clipnorm: float = 0.0  # 0: no clipping.
     weight_decay: float = 0.0
     ema: float = 0.0  # 0: no moving average of the weights.
+    validation_split: float = 0.1  # Held out of the training split; 0: none.
+    eval_every: int = 0  # Steps between validations; 0: at the end of each epoch.
+    best_metric: str = ""  # One of BEST_METRICS; empty: the run keeps its last weights.
+    early_stopping_patience: int = 0  # Validations without improvement before stopping; 0: never.
+    early_stopping_min_delta: float = 0.0
+    export: str = "saved_model"
     strategy: str = "auto"
     cpu_replicas: int = 0
     logdir: str = "logdir"
@@ -88,7 +98,17 @@ class Config:
         _check_optimizer_settings(self)
         for name in ("epochs", "batch_size", "steps_per_loop", "summary_every"):
             _check_positive(name, getattr(self, name))
-        for name in ("histogram_every", "checkpoint_every", "cpu_replicas"):
+        if not (math.isfinite(self.validation_split) and 0.0 <= self.validation_split < 1.0):
+            raise UsageError(
+                f"--validation_split={self.validation_split} must be in [0, 1): the share of the training "
+                "split held out for validation, e.g. 0.1; 0 for none.")
+        if self.eval_every and not self.validation_split:
+            raise UsageError(
+                f"--eval_every={self.eval_every} evaluates the validation split, and --validation_split=0 "
+                "holds none out: pass --validation_split=0.1, or leave --eval_every out.")
+        _check_best_model_settings(self)
+        _check_choice("export", self.export, EXPORTS)
+        for name in ("histogram_every", "checkpoint_every", "eval_every", "cpu_replicas"):
             if getattr(self, name) < 0:
                 raise UsageError(
                     f"--{name}={getattr(self, name)} must be 0 or more (0 means its default).")
@@ -174,6 +194,34 @@ def _check_optimizer_settings(config: Config) -> None:
         raise UsageError(
             f"--ema={config.ema} must be in [0, 1): the momentum of the weights' moving average, "
             "e.g. --ema=0.999; 0 turns it off.")
+
+
+def _check_best_model_settings(config: Config) -> None:
+    """`--best_metric` needs a validation split; early stopping needs a best metric."""
+    if config.best_metric and config.best_metric not in BEST_METRICS:
+        raise UsageError(
+            f"--best_metric={config.best_metric!r} is not one of {', '.join(BEST_METRICS)} (or empty: keep the "
+            "last weights).")
+    if config.best_metric and not config.validation_split:
+        raise UsageError(
+            f"--best_metric={config.best_metric} is measured on the validation split, and --validation_split=0 "
+            "holds none out: pass --validation_split=0.1.")
+    if config.early_stopping_patience < 0:
+        raise UsageError(
+            f"--early_stopping_patience={config.early_stopping_patience} must be 0 or more: the validations "
+            "without improvement before the run stops (0: never stop early).")
+    if config.early_stopping_patience and not config.best_metric:
+        raise UsageError(
+            f"--early_stopping_patience={config.early_stopping_patience} needs --best_metric to say what "
+            "improves: pass --best_metric=validation/accuracy or validation/cross_entropy.")
+    if not (math.isfinite(config.early_stopping_min_delta) and config.early_stopping_min_delta >= 0):
+        raise UsageError(
+            f"--early_stopping_min_delta={config.early_stopping_min_delta} must be a finite number >= 0: "
+            "the least change of --best_metric that counts as an improvement.")
+    if config.early_stopping_min_delta and not config.best_metric:
+        raise UsageError(
+            f"--early_stopping_min_delta={config.early_stopping_min_delta} needs --best_metric: pass "
+            "--best_metric=validation/accuracy or validation/cross_entropy.")
 
 
 def _check_dataset(dataset: str) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from train_loop import checkpoints, optimizers, steps
+from train_loop.best import BestModel
 from train_loop.configs import Config
 from train_loop.console import Console
 from train_loop.errors import DivergedError
@@ -24,7 +25,8 @@ from train_loop.summaries import Summaries
 
 @dataclasses.dataclass(frozen=True)
 class Evaluation:
-    """One pass over the test split: cross-entropy and accuracy, and the confusion matrix."""
+    """One pass over a split (validation or test): cross-entropy and accuracy, and the confusion
+    matrix."""
 
     metrics: dict[str, float]
     confusion_matrix: np.ndarray
@@ -86,12 +88,16 @@ class Run:
     profiler: StepProfiler
     signals: SignalStop
     stopwatch: Stopwatch = dataclasses.field(default_factory=Stopwatch)
-    evaluation: Evaluation | None = None
+    best: BestModel | None = None
+    save_best: Callable[[], None] = lambda: None  # Writes <run>/best/ from the model as validated.
+    validation: Evaluation | None = None  # The latest.
 
-    def run_epochs(self, train_steps: Callable[[int], dict], evaluate: Callable[[], Evaluation]) -> Timer:
-        """Runs until the last epoch ends; returns the throughput timer."""
+    def run_epochs(self, train_steps: Callable[[int], dict], validate: Callable[[], Evaluation] | None) -> Timer:
+        """Runs until the last epoch ends, validating every `eval_every` steps (or at each epoch's
+        end) when there is a validation split; returns the throughput timer."""
         config, state, timer, interval = self.config, self.state, Timer(), _Interval()
-        while state.step < self.steps_per_epoch * config.epochs:
+        total = self.steps_per_epoch * config.epochs
+        while state.step < total and not self._stopping_early():
             if state.step % self.steps_per_epoch == 0:
                 state.epoch_sums.assign(tf.zeros_like(state.epoch_sums))
             # The first call of a process traces and compiles: one step, so that it is timed apart.
@@ -104,28 +110,52 @@ class Run:
             state.advance(sums, num_steps)
 
             step, epoch_end = state.step, state.step % self.steps_per_epoch == 0
-            self.profiler.after(step, last=step == self.steps_per_epoch * config.epochs)
+            self.profiler.after(step, last=step == total)
             if step % config.summary_every == 0 or epoch_end:
                 self._write_train_summaries(step, interval.pop_means())
             if _due(step, config.histogram_every, epoch_end):
                 self.summaries.write_weight_histograms(self.model, step)
             # Training time counts the steps and their summaries; evaluation and checkpoints not.
             timer.add(num_steps * config.batch_size, started, time.perf_counter())
+            if validate and (_due(step, config.eval_every, epoch_end) or step == total):
+                # The last step too, so that the run ends with a validation of its final weights.
+                self._validate(step, validate)
+            last = step == total or self._stopping_early()
             if epoch_end:
-                self._end_epoch(step, evaluate(), timer.examples_per_second)
+                self.state.epoch.assign_add(1)
+                self.console.epoch_done(int(self.state.epoch), self.state.epoch_means(),
+                                        self.validation.metrics if self.validation else None,
+                                        timer.examples_per_second)
             # Events before the checkpoint: a run resumed from it keeps every event up to its step.
             self.summaries.flush()
-            if _due(step, config.checkpoint_every, epoch_end):
+            # The last step too: tools reading the newest checkpoint see the weights result.json describes.
+            if _due(step, config.checkpoint_every, epoch_end) or last:
                 with self.stopwatch.phase("checkpoints"):
                     checkpoints.save(self.manager, step)
             self.signals.stop_if_signalled(step, functools.partial(checkpoints.save, self.manager, step))
+        self.profiler.after(state.step, last=True)  # Stopped early inside the traced range.
         return timer
 
+    def _validate(self, step: int, validate: Callable[[], Evaluation]) -> None:
+        self.validation = validate()
+        self.summaries.write_evaluation("validation", step, self.validation.metrics, self.validation.confusion_matrix)
+        if self.best and self.best.update(step, self.validation.metrics):
+            self.save_best()
+        if self._stopping_early():
+            self.console.say(
+                f"stopping early at step {step}: {self.best.name} has not improved by more than "
+                f"{self.config.early_stopping_min_delta:g} in {self.config.early_stopping_patience} validations; "
+                f"the best, {float(self.best.value.numpy()):.4f}, was at step {self.best.step}")
+
+    def _stopping_early(self) -> bool:
+        return self.best is not None and self.best.stop
+
     def _steps_to_next_event(self) -> int:
-        """Steps until the next summary, histogram, checkpoint or epoch end, at most steps_per_loop."""
+        """Steps until the next summary, histogram, validation, checkpoint or epoch end, at most
+        steps_per_loop."""
         step, config = self.state.step, self.config
         intervals = [config.summary_every, self.steps_per_epoch]
-        intervals += [every for every in (config.histogram_every, config.checkpoint_every) if every]
+        intervals += [every for every in (config.histogram_every, config.eval_every, config.checkpoint_every) if every]
         boundaries = [boundary - step for boundary in self.profiler.boundaries() if boundary > step]
         return min(config.steps_per_loop, *(every - step % every for every in intervals), *boundaries)
 
@@ -147,15 +177,6 @@ class Run:
                 f"weight_decay/{path}": term
                 for path, term in optimizers.layer_decay_terms(self.model, self.config.weight_decay).items()})
         self.console.progress(step, {name: means[name] for name in steps.TRAIN_MEASUREMENTS})
-
-    def _end_epoch(self, step: int, evaluation: Evaluation, examples_per_second: float) -> None:
-        self.evaluation = evaluation
-        self.summaries.write_scalars("eval", step, {
-            "loss/cross_entropy": evaluation.metrics["cross_entropy"], "accuracy": evaluation.metrics["accuracy"]})
-        self.summaries.write_confusion_matrix(step, evaluation.confusion_matrix)
-        self.state.epoch.assign_add(1)
-        self.console.epoch_done(int(self.state.epoch), self.state.epoch_means(), evaluation.metrics,
-                                examples_per_second)
 
 
 class _Interval:

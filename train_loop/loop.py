@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from train_loop import checkpoints, distribute, inputs, optimizers, runs, sources, steps, tuning
+from train_loop import checkpoints, distribute, inputs, models, optimizers, runs, sources, steps, tuning
+from train_loop.best import BestModel
 from train_loop.configs import MODELS, Config
 from train_loop.console import Console
 from train_loop.epochs import Evaluation, LoopState, Run, Timer
-from train_loop.models import ModelFunction, build_model, load_model_function, plain_keras
+from train_loop.models import ModelFunction, build_model, load_model_function
 from train_loop.preemption import SignalStop
 from train_loop.profiling import StepProfiler, Stopwatch
 from train_loop.summaries import Summaries, drop_events_after
@@ -25,7 +27,8 @@ from train_loop.summaries import Summaries, drop_events_after
 
 def train(config: Config, *, model_fn: ModelFunction | None = None,
           arrays: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
-    """Trains, evaluates after every epoch, and writes the run; resumes an interrupted one.
+    """Trains, validates periodically, tests once at the end, and writes the run; resumes an
+    interrupted one.
 
     On a multi-worker cluster every worker trains; the chief alone writes the run. `model_fn`
     and `arrays` are a user's model function and data, when given as Python objects (see
@@ -41,7 +44,7 @@ def train(config: Config, *, model_fn: ModelFunction | None = None,
     started, stopwatch = time.perf_counter(), Stopwatch()
     # Inputs first, so that every user error comes before a single file is written.
     with stopwatch.phase("data"):
-        splits = sources.load_splits(config, arrays)
+        splits = sources.hold_out(sources.load_splits(config, arrays), config.validation_split, seed=config.seed)
     steps_per_epoch = inputs.steps_per_epoch(splits, config.batch_size)
     if model_fn is None and config.model not in MODELS:
         model_fn = load_model_function(config.model)
@@ -77,12 +80,13 @@ def _train(config: Config, splits: sources.Splits, *, steps_per_epoch: int, stra
         optimizer = optimizers.build_optimizer(config)
         optimizer.build(model.trainable_variables)
         loss_scale = steps.LossScale() if config.precision == "mixed_float16" else None
+        best = BestModel(config, model) if config.best_metric else None
     state = LoopState()
     scaling = {"loss_scale": loss_scale} if loss_scale else {}
     # The dropout layers' seed states too, so a resumed run draws the masks an uninterrupted one would.
     manager = checkpoints.make_manager(
         save_dir, model=model, optimizer=optimizer, rng=[v.value for v in model.non_trainable_variables],
-        **state.trackables(), **scaling)
+        **state.trackables(), **scaling, **(best.trackables() if best else {}))
     resumed = checkpoints.restore_latest(manager, checkpoints.directory(run_dir))
     console = Console(steps_per_epoch=steps_per_epoch, num_epochs=config.epochs)
     console.say(f"resuming {run_dir} from step {state.step}" if resumed else f"training {run_dir} on {splits.source}")
@@ -106,26 +110,37 @@ def _train(config: Config, splits: sources.Splits, *, steps_per_epoch: int, stra
                                        global_clipnorm=config.global_clipnorm)
     train_loop = steps.make_train_loop(train_step, steps.gradient_norm_names(model), train_input.next_batch)
     iterator = train_input.iterator()
-    eval_fn, eval_batches = inputs.eval_dataset_fn(splits, config.batch_size)
-    eval_input = inputs.ReplicaInput(strategy, eval_fn)
-    eval_loop = steps.make_eval_loop(model, strategy, eval_input.next_batch, num_classes=splits.num_classes)
 
-    def evaluate() -> Evaluation:
-        with stopwatch.phase("evaluation"), optimizers.averaged_weights(model, optimizer):
-            measured = eval_loop(eval_input.iterator(), tf.constant(eval_batches))
-        return Evaluation({name: float(measured[name]) for name in ("cross_entropy", "accuracy")},
-                          measured["confusion_matrix"].numpy())
+    # Validation scores the weights as they are (averaged, with --ema); the end scores the kept ones.
+    averaged = functools.partial(optimizers.averaged_weights, model, optimizer)
+    kept = best.weights_in_model if best else averaged
+    evaluator = functools.partial(_evaluator, strategy, model, config=config, num_classes=splits.num_classes,
+                                  stopwatch=stopwatch)
+    validate = None if splits.x_validation is None else evaluator(splits.x_validation, splits.y_validation)
 
     profiler = StepProfiler(config.profile_range if chief else None, os.path.join(run_dir, "train"))
     signals = SignalStop(strategy)
+
+    def save_best() -> None:
+        if chief:
+            with averaged():
+                models.save_model(model, os.path.join(run_dir, "best"))
+
     run = Run(config, steps_per_epoch, model, optimizer, manager, summaries, console, state, loss_scale,
-              profiler, signals, stopwatch=stopwatch)
+              profiler, signals, stopwatch=stopwatch, best=best, save_best=save_best)
     try:
         with signals.catching():
-            timer = run.run_epochs(lambda num_steps: train_loop(iterator, tf.constant(num_steps)), evaluate)
+            timer = run.run_epochs(lambda num_steps: train_loop(iterator, tf.constant(num_steps)),
+                                   validate and functools.partial(validate, averaged))
+        # The kept model's validation: the best weights' again, or the last (resumed past the last
+        # step, the restored weights').
+        validation = validate and (validate(kept) if best else run.validation or validate(averaged))
+        # Once, at the end: the test split chooses nothing, so its score does not leak into the run.
+        test = evaluator(splits.x_test, splits.y_test)(kept)
+        summaries.write_evaluation("test", state.step, test.metrics, test.confusion_matrix)
     finally:
         summaries.close()
-    evaluation = run.evaluation or evaluate()  # Resumed past the last step: the restored weights.
+    console.tested(test.metrics)
 
     result = {
         "dataset": config.dataset,
@@ -135,20 +150,41 @@ def _train(config: Config, splits: sources.Splits, *, steps_per_epoch: int, stra
         "steps": state.step,
         "epochs": int(state.epoch),
         "train": state.epoch_means(),
-        "eval": evaluation.metrics,
+        "validation": validation.metrics if validation else None,
+        "best_step": best.step if best else None,
+        "stopped_early": bool(best and best.stop),
+        "test": test.metrics,
         # Rows: true label, columns: predicted label, over the test split.
-        "confusion_matrix": evaluation.confusion_matrix.tolist(),
+        "confusion_matrix": test.confusion_matrix.tolist(),
         "examples_per_second": timer.examples_per_second,
         # From train() to the end of the first step: data, model, tracing, compiling.
         "seconds_to_first_step": timer.first_done_at - started if timer.first else None,
     }
     if chief:
-        with stopwatch.phase("save_model"), optimizers.averaged_weights(model, optimizer):
-            _save_model(model, run_dir)
+        with stopwatch.phase("save_model"), kept():
+            models.save_model(model, run_dir)
+            if config.export == "saved_model":
+                models.export_saved_model(model, run_dir)
     result["seconds"] = _phases(stopwatch, timer, started)
     if chief:
         runs.write_json(os.path.join(run_dir, runs.RESULT_FILE), result)
     return result
+
+
+def _evaluator(strategy: tf.distribute.Strategy, model: keras.Model, images: np.ndarray, labels: np.ndarray, *,
+               config: Config, num_classes: int, stopwatch: Stopwatch,
+               ) -> Callable[[Callable[[], contextlib.AbstractContextManager]], Evaluation]:
+    """`evaluate(weights)`: one split's evaluation, of the model while it holds `weights()`."""
+    eval_fn, num_batches = inputs.eval_dataset_fn(images, labels, config.batch_size)
+    eval_input = inputs.ReplicaInput(strategy, eval_fn)
+    eval_loop = steps.make_eval_loop(model, strategy, eval_input.next_batch, num_classes=num_classes)
+
+    def evaluate(weights: Callable[[], contextlib.AbstractContextManager]) -> Evaluation:
+        with stopwatch.phase("evaluation"), weights():
+            measured = eval_loop(eval_input.iterator(), tf.constant(num_batches))
+        return Evaluation({name: float(measured[name]) for name in ("cross_entropy", "accuracy")},
+                          measured["confusion_matrix"].numpy())
+    return evaluate
 
 
 def _phases(stopwatch: Stopwatch, timer: Timer, started: float) -> dict[str, float]:
@@ -189,9 +225,3 @@ def _hparams(config: Config, strategy: tf.distribute.Strategy) -> dict[str, Any]
                 if key not in ("logdir", "run_name", "data_dir")}
     return {**settings, "replicas": strategy.num_replicas_in_sync}
 
-
-def _save_model(model: keras.Model, run_dir: str) -> None:
-    """`model.keras` through a temporary name, so a kill leaves no half-written model."""
-    temporary = os.path.join(run_dir, "model.tmp.keras")
-    plain_keras(model).save(temporary)
-    os.replace(temporary, os.path.join(run_dir, "model.keras"))

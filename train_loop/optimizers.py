@@ -88,20 +88,25 @@ def layer_decay_terms(model: keras.Model, weight_decay: float) -> dict[str, floa
             for path, layer in named_layers(model) if layer.trainable_weights}
 
 
-@contextlib.contextmanager
-def averaged_weights(model: keras.Model, optimizer: keras.optimizers.Optimizer) -> Iterator[None]:
+def averaged_weights(model: keras.Model, optimizer: keras.optimizers.Optimizer) -> contextlib.AbstractContextManager:
     """The model holds the optimizer's moving averages of its weights inside, its own outside.
 
     Keras' `finalize_variable_values` writes the averages over the weights for good; training
     goes on from the weights themselves, so they are put back. Without `--ema`, nothing changes.
     """
     if not optimizer.use_ema:
-        yield
-        return
-    weights = [tf.identity(variable) for variable in model.trainable_variables]
-    optimizer.finalize_variable_values(model.trainable_variables)
+        return contextlib.nullcontext()
+    return swapped_weights(model.trainable_variables,
+                           lambda: optimizer.finalize_variable_values(model.trainable_variables))
+
+
+@contextlib.contextmanager
+def swapped_weights(variables: list[tf.Variable], replace: Callable[[], None]) -> Iterator[None]:
+    """`replace()` changes `variables` inside; outside they hold their own values again."""
+    saved = [tf.identity(variable) for variable in variables]
+    replace()
     try:
         yield
     finally:
-        for variable, value in zip(model.trainable_variables, weights):
+        for variable, value in zip(variables, saved):
             variable.assign(value)

@@ -21,9 +21,11 @@ COLUMNS = {
     "regularization": ("regularization", "{:.4f}"),
     "total": ("total", "{:.4f}"),
     "train_accuracy": ("train acc", "{:.4f}"),
-    "eval_cross_entropy": ("eval CE", "{:.4f}"),
-    "eval_accuracy": ("eval acc", "{:.4f}"),
-    "gap": ("gap (eval - train CE)", "{:+.4f}"),
+    "validation_cross_entropy": ("val CE", "{:.4f}"),
+    "validation_accuracy": ("val acc", "{:.4f}"),
+    "test_cross_entropy": ("test CE", "{:.4f}"),
+    "test_accuracy": ("test acc", "{:.4f}"),
+    "gap": ("gap (test - train CE)", "{:+.4f}"),
     "kernel_mean_abs": ("mean abs w", "{:.4f}"),
     "kernel_max_abs": ("max abs w", "{:.4f}"),
     "kernel_small_share": (f"abs w < {SMALL_WEIGHT:g}", "{:.1%}"),
@@ -45,19 +47,22 @@ def finished_runs(folder: str) -> list[str]:
     return found
 
 
-def run_row(run_dir: str) -> dict[str, float]:
-    """One run's final numbers and its first layer's kernel statistics."""
+def run_row(run_dir: str) -> dict[str, float | None]:
+    """One run's final numbers and its first layer's kernel statistics; the validation columns
+    are None for a run without a validation split."""
     result = runs.read_result(run_dir)
-    train, evaluation = result["train"], result["eval"]
+    train, validation, test = result["train"], result["validation"] or {}, result["test"]
     kernel = np.abs(first_kernel(run_dir))
     return {
         "train_cross_entropy": train["cross_entropy"],
         "regularization": train["regularization"],
         "total": train["total"],
         "train_accuracy": train["accuracy"],
-        "eval_cross_entropy": evaluation["cross_entropy"],
-        "eval_accuracy": evaluation["accuracy"],
-        "gap": evaluation["cross_entropy"] - train["cross_entropy"],
+        "validation_cross_entropy": validation.get("cross_entropy"),
+        "validation_accuracy": validation.get("accuracy"),
+        "test_cross_entropy": test["cross_entropy"],
+        "test_accuracy": test["accuracy"],
+        "gap": test["cross_entropy"] - train["cross_entropy"],
         "kernel_mean_abs": float(kernel.mean()),
         "kernel_max_abs": float(kernel.max()),
         "kernel_small_share": float(np.mean(kernel < SMALL_WEIGHT)),
@@ -83,6 +88,7 @@ def first_kernel(run_dir: str) -> np.ndarray:
     if latest is None:
         raise UsageError(f"{run_dir} has a {runs.RESULT_FILE} but no checkpoint: its weights are gone.")
     tf.train.Checkpoint(model=model, optimizer=optimizer).restore(latest).expect_partial()
+    optimizer.finalize_variable_values(model.trainable_variables)  # With --ema, the averaged weights model.keras holds.
     layers = weighted_layers(model)
     if not layers:
         raise UsageError(f"{run_dir}: its model has no Dense or Conv layer, whose first kernel the table describes.")
@@ -93,13 +99,13 @@ def first_kernel(run_dir: str) -> np.ndarray:
 class Table:
     """Rows by run name, in the order given."""
 
-    rows: dict[str, dict[str, float]]
+    rows: dict[str, dict[str, float | None]]
 
     def markdown(self) -> str:
         headings = ["run", *(heading for heading, _ in COLUMNS.values())]
         lines = ["| " + " | ".join(headings) + " |", "|" + "---|" * len(headings)]
         for name, row in self.rows.items():
-            cells = [name, *(form.format(row[key]) for key, (_, form) in COLUMNS.items())]
+            cells = [name, *("-" if row[key] is None else form.format(row[key]) for key, (_, form) in COLUMNS.items())]
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines) + "\n"
 
