@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import time
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -31,3 +35,43 @@ def events(run_dir: str, writer: str) -> event_accumulator.EventAccumulator:
 def scalar_series(run_dir: str, writer: str, tag: str) -> dict[int, float]:
     return {event.step: float(tf.make_ndarray(event.tensor_proto))
             for event in events(run_dir, writer).Tensors(tag)}
+
+
+def snapshot(root: Path, *, folder_times: bool = True) -> dict[str, tuple]:
+    """Every entry under `root`: its mode (kind included), modification time and, for files, bytes.
+
+    Without `folder_times`, folders' modification times are left out: a process that took a run
+    folder's lock (a file made, then removed) changes its folder's time and nothing else.
+    """
+    entries = {}
+    for path in sorted(root.rglob("*")):
+        info = path.lstat()
+        content = path.read_bytes() if path.is_file() else None
+        kept_time = folder_times or not path.is_dir() or path.is_symlink()
+        entries[str(path.relative_to(root))] = (info.st_mode, info.st_mtime_ns if kept_time else None, content)
+    return entries
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, names: tuple[str, ...]) -> None:
+    """Exit status 2 and exactly one `train_loop: error:` line naming the culprit; no traceback."""
+    report = f"status {result.returncode}\nstdout:\n{result.stdout[-2000:]}\nstderr:\n{result.stderr[-3000:]}"
+    assert result.returncode == 2, report
+    assert "Traceback" not in result.stderr, report
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].strip(), report
+    assert lines[0].startswith("train_loop: error: "), report
+    for name in names:
+        assert name in lines[0], f"{name!r} missing from: {lines[0]}"
+    assert result.stdout == "", report
+
+
+def kill_at_first_checkpoint(command: list[str], run_dir: Path, env: dict | None = None) -> None:
+    """Starts `command` and SIGKILLs it as soon as `run_dir` holds a checkpoint, before it finishes."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    index = run_dir / "checkpoints" / "checkpoint"
+    deadline = time.monotonic() + 120
+    while not index.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert not (run_dir / "result.json").exists(), "the run finished before it could be interrupted"

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import assert_one_line_error, snapshot
 
 from train_loop import runs
 from train_loop.configs import Config
+from train_loop.launch import free_ports
 
 DIGITS_TRAIN_EXAMPLES = 1437  # the bundled digits' fixed 80% training split
 FINISHED_RUN = "convnet-dataset=digits"  # the default run name of `--dataset=digits`
@@ -35,6 +36,8 @@ def case(case_id: str, *flags: str, names: tuple[str, ...], existing: str = "",
 def tf_config(cluster: object, task: object = None) -> dict[str, str]:
     return {"TF_CONFIG": json.dumps({"cluster": cluster, "task": task or {"type": "worker", "index": 0}})}
 
+
+PORTS = free_ports(2)  # This worker's and its peer's, which nobody answers.
 
 BAD_INPUTS = [
     # Regularization factors must be finite and >= 0.
@@ -66,6 +69,9 @@ BAD_INPUTS = [
     case("summary_every-zero", "--summary_every=0", names=("--summary_every=0",)),
     case("cpu_replicas-one", "--cpu_replicas=1", names=("--cpu_replicas=1",)),
     case("run_name-with-slash", "--run_name=a/b", names=("--run_name=", "a/b")),
+    case("run_name-too-long", "--dataset=digits", f"--run_name={'n' * 256}", names=("256 bytes", "--run_name")),
+    case("seed-negative", "--seed=-1", names=("--seed=-1",)),
+    case("seed-beyond-int32", "--seed=2147483648", names=("--seed=2147483648",)),
     case("profile_steps-one-number", "--profile_steps=5", names=("--profile_steps='5'",)),
     case("profile_steps-reversed", "--profile_steps=10,5", names=("--profile_steps='10,5'",)),
     case("profile_steps-not-numbers", "--profile_steps=a,b", names=("--profile_steps='a,b'",)),
@@ -130,6 +136,11 @@ BAD_INPUTS = [
          env=tf_config({"worker": ["127.0.0.1:2222", "127.0.0.1"]})),
     case("tf_config-task-index-out-of-range", "--dataset=digits", names=("TF_CONFIG", "task"),
          env=tf_config({"worker": ["127.0.0.1:2222"]}, {"type": "worker", "index": 3})),
+    # A leftover TF_CONFIG whose peers never come: the wait ends (TRAIN_LOOP_PEER_TIMEOUT).
+    case("tf_config-peers-never-come", "--dataset=digits", names=("TF_CONFIG", f"127.0.0.1:{PORTS[1]}"),
+         env={**tf_config({"worker": [f"127.0.0.1:{port}" for port in PORTS]}), "TRAIN_LOOP_PEER_TIMEOUT": "1"}),
+    case("peer-timeout-not-a-number", "--dataset=digits", names=("TRAIN_LOOP_PEER_TIMEOUT='soon'",),
+         env={**tf_config({"worker": [f"127.0.0.1:{port}" for port in PORTS]}), "TRAIN_LOOP_PEER_TIMEOUT": "soon"}),
     case("tpu-that-does-not-answer", "--dataset=digits", "--strategy=tpu", "--tpu=grpc://127.0.0.1:1",
          names=("--tpu=grpc://127.0.0.1:1",)),
     # A user's model function (tests/bad_models.py) or data (npz files that clean_environment writes).
@@ -197,29 +208,6 @@ def make_run(logdir: Path, name: str, *, finished: bool) -> None:
     Path(run_dir, "train", "events.out.tfevents.1.host").write_bytes(b"\x00\x01event\xff")
     if finished:
         runs.write_json(os.path.join(run_dir, runs.RESULT_FILE), {"dataset": "digits", "steps": 44})
-
-
-def snapshot(root: Path) -> dict[str, tuple]:
-    """Every entry under `root`: its mode (kind included), modification time and, for files, bytes."""
-    entries = {}
-    for path in sorted(root.rglob("*")):
-        info = path.lstat()
-        content = path.read_bytes() if path.is_file() else None
-        entries[str(path.relative_to(root))] = (info.st_mode, info.st_mtime_ns, content)
-    return entries
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, names: tuple[str, ...]) -> None:
-    """Exit status 2 and exactly one `train_loop: error:` line naming the culprit; no traceback."""
-    report = f"status {result.returncode}\nstdout:\n{result.stdout[-2000:]}\nstderr:\n{result.stderr[-3000:]}"
-    assert result.returncode == 2, report
-    assert "Traceback" not in result.stderr, report
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].strip(), report
-    assert lines[0].startswith("train_loop: error: "), report
-    for name in names:
-        assert name in lines[0], f"{name!r} missing from: {lines[0]}"
-    assert result.stdout == "", report
 
 
 @pytest.mark.parametrize(("flags", "names", "existing", "env"), BAD_INPUTS)

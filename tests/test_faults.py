@@ -1,14 +1,19 @@
-"""Beyond one process, and the faults real clusters produce: several workers, SIGTERM and SIGINT,
-SIGKILL at a random step, divergence. Every process is real and bounded in time."""
+"""Beyond one process, and the faults real clusters produce: several workers, SIGTERM and SIGINT
+(in training and in start-up), SIGKILL at a random step, peers that never come or die early,
+a full disk, divergence. Every process is real and bounded in time. (Damaged run folders:
+test_damaged_runs.py.)"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,9 +24,10 @@ import user_models  # noqa: F401  (registers its layer, so that its model.keras 
 from conftest import REPO
 from helpers import events
 
-from train_loop import Config, train
+from train_loop import Config, checkpoints, locks, runs, train
+from train_loop import launch as launch_module
 from train_loop.epochs import check_finite
-from train_loop.errors import DivergedError
+from train_loop.errors import DivergedError, NoSpace
 
 DIGITS_STEPS = (1437 - round(0.1 * 1437)) // 32  # digits' training examples less the validation split, batch 32.
 
@@ -225,3 +231,157 @@ def test_sigterm_to_one_worker_stops_all_at_one_checkpoint_and_the_run_resumes(t
     assert f"[worker 1] resuming {tmp_path / 'r'} from step {saved[-1]}" in stdout
     assert read_result(tmp_path / "r")["steps"] == 8 * DIGITS_STEPS
     assert os.listdir(tmp_path) == ["r"]
+
+
+def test_sigint_during_start_up_is_one_line_and_status_130(tmp_path):
+    """Ctrl-C while Python and TensorFlow still import: no KeyboardInterrupt traceback."""
+    process = start("--dataset=digits", f"--logdir={tmp_path}", "--run_name=r")
+    time.sleep(1.0)  # Importing TensorFlow alone takes longer.
+    process.send_signal(signal.SIGINT)
+    code, stdout, stderr = finish(process, timeout=120)
+    assert code == 130, stderr
+    assert len(stderr.splitlines()) == 1 and "stopped by SIGINT" in stderr and "Traceback" not in stderr, stderr
+    assert not (tmp_path / "r" / "result.json").exists()
+
+
+def test_sigint_to_the_launcher_during_start_up_is_one_line_per_worker(tmp_path):
+    launcher = start("--workers=2", "--", "--dataset=digits", f"--logdir={tmp_path}", "--run_name=r",
+                     module="train_loop.launch")
+    deadline = time.monotonic() + 60
+    while len(worker_pids(launcher)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    launcher.send_signal(signal.SIGINT)
+    code, stdout, stderr = finish(launcher, timeout=120)
+    assert code == 130, stdout[-3000:] + stderr[-3000:]
+    assert "Traceback" not in stdout + stderr
+    for index in range(2):
+        lines = [line for line in stdout.splitlines() if line.startswith(f"[worker {index}] ")]
+        assert len(lines) == 1 and "stopped by SIGINT" in lines[0], stdout
+
+
+def test_a_worker_dying_during_start_up_stops_the_launcher_without_its_grace_period(tmp_path):
+    """Worker 0, waiting for its dead peer, stops at the launcher's SIGTERM instead of hanging
+    until the 30 s grace period ends in SIGKILL."""
+    launcher = start("--workers=2", "--", "--dataset=digits", f"--logdir={tmp_path}", "--run_name=r",
+                     module="train_loop.launch")
+    deadline = time.monotonic() + 60
+    while len(worker_pids(launcher)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(worker_pids(launcher)[1], signal.SIGKILL)
+    killed = time.monotonic()
+    code, stdout, stderr = finish(launcher, timeout=120)
+    assert code == 128 + signal.SIGKILL, stdout[-3000:] + stderr[-3000:]
+    assert time.monotonic() - killed < launch_module._STOP_SECONDS
+    assert "Traceback" not in stdout + stderr
+
+
+def test_a_leftover_tf_config_waits_for_its_peers_until_a_signal(tmp_path):
+    """A single run under a TF_CONFIG naming an absent peer: SIGTERM ends the wait in one line."""
+    own, peer = launch_module.free_ports(2)
+    tf_config = {"cluster": {"worker": [f"127.0.0.1:{own}", f"127.0.0.1:{peer}"]},
+                 "task": {"type": "worker", "index": 0}}
+    process = start("--dataset=digits", f"--logdir={tmp_path}", env={"TF_CONFIG": json.dumps(tf_config)})
+    deadline = time.monotonic() + 120
+    while not listening(own) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)  # Listening on its own port: it waits for the peer.
+    process.send_signal(signal.SIGTERM)
+    code, _, stderr = finish(process, timeout=60)
+    assert code == 143, stderr
+    assert stderr == "train_loop: stopped by SIGTERM while waiting for the other workers; nothing was written.\n"
+    assert os.listdir(tmp_path) == []
+
+
+def listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def test_a_killed_workers_temporary_folder_is_removed_at_the_next_start(tmp_path, monkeypatch):
+    """Only this run's folders whose worker is gone (their lock free); a live worker's and another
+    run's stay."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    run_dir = str(tmp_path / "logs" / "r")
+    prefix = checkpoints.worker_folder_prefix(run_dir)
+    for name in (f"{prefix}killed", f"{prefix}alive", f"{checkpoints.worker_folder_prefix(run_dir + '-2')}other"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "ckpt-20.index").write_bytes(b"data")
+    alive = locks.acquire(str(tmp_path / f"{prefix}alive"))
+    try:
+        with checkpoints.save_directory(run_dir, chief=False) as folder:
+            assert os.path.basename(folder).startswith(prefix)
+            left = sorted(os.listdir(tmp_path))
+    finally:
+        alive.release()
+    assert not os.path.exists(folder)
+    assert f"{prefix}killed" not in left and f"{prefix}alive" in left
+    assert len(left) == 3  # alive, other, and the new worker's own
+
+
+def mounted(path: Path, size: str) -> bool:
+    path.mkdir(exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KiB tmpfs: room for a digits run's settings and first events, not for a checkpoint.
+    Mounting needs root (CAP_SYS_ADMIN), as in CI's container; elsewhere the test is skipped."""
+    disk = tmp_path / "disk"
+    if not mounted(disk, "64k"):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_the_run_resumes_once_space_is_freed(small_disk):
+    flags = ("--dataset=digits", "--checkpoint_every=20", f"--logdir={small_disk}", "--run_name=r")
+    code, _, stderr = finish(start(*flags))
+    assert code == NoSpace.EXIT_STATUS, stderr
+    assert stderr == (f"train_loop: error: no space left on {small_disk / 'r' / 'checkpoints'}; the run resumes once "
+                      "space is freed.\n")
+    assert os.listdir(small_disk / "r" / "checkpoints") == []  # The half-written ckpt-20_temp is gone.
+    settings = json.loads((small_disk / "r" / "settings.json").read_text())
+    subprocess.run(["mount", "-o", "remount,size=4m", str(small_disk)], check=True)
+    code, _, stderr = finish(start(*flags))
+    assert code == 0, stderr
+    assert read_result(small_disk / "r")["steps"] == DIGITS_STEPS
+    assert json.loads((small_disk / "r" / "settings.json").read_text()) == settings
+
+
+def fill(disk: Path) -> None:
+    with open(disk / "filler", "wb", buffering=0) as stream, contextlib.suppress(OSError):
+        while True:
+            stream.write(bytes(4096))
+
+
+def test_a_full_disk_while_writing_result_or_model_keeps_the_old_file_and_no_temporary(small_disk):
+    runs.write_json(str(small_disk / "result.json"), {"steps": 1})
+    before = (small_disk / "result.json").read_bytes()
+    fill(small_disk)
+    with pytest.raises(NoSpace, match=f"no space left on {small_disk / 'result.json'};"):
+        runs.write_json(str(small_disk / "result.json"), {"steps": 2, "padding": "x" * 10_000})
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(500)])
+    with pytest.raises(NoSpace, match=f"no space left on {small_disk / 'model.keras'};"):
+        runs.write_atomically(str(small_disk / "model.keras"), model.save)
+    assert (small_disk / "result.json").read_bytes() == before
+    assert sorted(os.listdir(small_disk)) == ["filler", "result.json"]
+
+
+def test_ctrl_c_during_a_final_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    """What a SIGINT in the final save meets: `result.json` and `model.keras` go through
+    `write_atomically`, which removes its temporary whatever stops the write."""
+    path = tmp_path / "result.json"
+    runs.write_json(str(path), {"steps": 1})
+    before = path.read_bytes()
+
+    def interrupted(temporary: str) -> None:
+        Path(temporary).write_bytes(b'{"steps": ')
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        runs.write_atomically(str(path), interrupted)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["result.json"]

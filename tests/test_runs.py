@@ -5,16 +5,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import numpy_regularization, scalar_series
+from helpers import kill_at_first_checkpoint, numpy_regularization, scalar_series
 
 from train_loop import Config, models, sources
 
@@ -99,14 +97,7 @@ def test_an_interrupted_run_resumes_from_its_newest_checkpoint(tmp_path):
     logdir = tmp_path / "logs"
     command = [sys.executable, "-m", "train_loop", f"--logdir={logdir}", "--dataset=digits", "--epochs=15",
                "--checkpoint_every=10", "--steps_per_loop=5", "--run_name=r"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    index = logdir / "r" / "checkpoints" / "checkpoint"
-    deadline = time.monotonic() + 120
-    while not index.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=30)
-    assert not (logdir / "r" / "result.json").exists(), "the run finished before it could be interrupted"
+    kill_at_first_checkpoint(command, logdir / "r")
     resumed = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     line = next(line for line in resumed.stdout.splitlines() if line.startswith("resuming"))

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from conftest import REPO
+from helpers import kill_at_first_checkpoint
 
 FLAGS = ("--dataset=digits", "--steps_per_loop=5")
 
@@ -71,14 +70,7 @@ def test_a_resumed_run_keeps_the_choice_it_started_with(tmp_path):
     command = [sys.executable, "-m", "train_loop", f"--logdir={tmp_path}", *FLAGS, "--epochs=20",
                "--checkpoint_every=10", "--run_name=r"]
     environment = {**os.environ, "TRAIN_LOOP_CACHE": str(cache)}
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment)
-    index = tmp_path / "r" / "checkpoints" / "checkpoint"
-    deadline = time.monotonic() + 120
-    while not index.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=30)
-    assert not (tmp_path / "r" / "result.json").exists(), "the run finished before it could be interrupted"
+    kill_at_first_checkpoint(command, tmp_path / "r", env=environment)
     started_with = json.loads((tmp_path / "r" / "settings.json").read_text())["decided"]
     assert started_with["by"] == "measured"
 

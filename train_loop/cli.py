@@ -3,6 +3,7 @@ become one line on stderr and exit status 2."""
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
@@ -83,7 +84,7 @@ flags.DEFINE_integer("histogram_every", _DEFAULTS.histogram_every,
                      "Steps between histogram summaries; 0: at the end of each epoch.")
 flags.DEFINE_integer("checkpoint_every", _DEFAULTS.checkpoint_every,
                      "Steps between checkpoints; 0: at the end of each epoch.")
-flags.DEFINE_integer("seed", _DEFAULTS.seed, "Seeds weights, shuffling and dropout.")
+flags.DEFINE_integer("seed", _DEFAULTS.seed, f"Seeds weights, shuffling and dropout; 0 to {configs.MAX_SEED}.")
 flags.DEFINE_enum("precision", _DEFAULTS.precision, configs.PRECISIONS,
                   "float32; mixed_bfloat16 (CPUs with AMX or AVX-512 bf16, TPUs); mixed_float16 "
                   "(GPUs; the loss is scaled by hand). Weights, logits and losses stay float32.")
@@ -175,16 +176,23 @@ def main(argv: Sequence[str]) -> None:
 
 
 def run_guarded(work: Callable[[], None]) -> None:
-    """Runs `work`: a user error becomes one line and exit 2; a run stopped on purpose (divergence
-    3, SIGTERM 143, SIGINT 130) one line and its own status."""
+    """Runs `work`: a user error becomes one line and exit 2; a run stopped on purpose or by a fault
+    (divergence 3, full disk 74, SIGTERM 143, SIGINT 130) one line and its own status.
+
+    Ctrl-C outside the training loop (start-up, the final save) lands here as KeyboardInterrupt:
+    every file is written through a temporary name, so the run is left as it was and resumes.
+    """
     try:
         work()
     except errors.UsageError as error:
         fail(str(error))
     except errors.RunStopped as stopped:
-        print(f"train_loop: {'error: ' if isinstance(stopped, errors.DivergedError) else ''}{stopped}",
-              file=sys.stderr)
+        print(f"train_loop: {'error: ' if stopped.is_error else ''}{stopped}", file=sys.stderr)
         sys.exit(stopped.exit_status)
+    except KeyboardInterrupt:
+        print("train_loop: stopped by SIGINT outside the training loop; the same command resumes "
+              "(or starts) the run.", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
 
 
 def fail(message: str) -> None:
@@ -195,4 +203,7 @@ def fail(message: str) -> None:
 
 def run() -> None:
     """The console script and `python -m train_loop`."""
+    # Ctrl-C means KeyboardInterrupt (see `run_guarded`) even in a worker that the launcher
+    # started with SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     app.run(main, flags_parser=parse_flags)

@@ -20,6 +20,9 @@ LR_SCHEDULES = ("constant", "cosine", "step")
 # What --best_metric may name, and whether a higher value is better.
 BEST_METRICS = {"validation/accuracy": True, "validation/cross_entropy": False}
 EXPORTS = ("saved_model", "none")
+# Keras' initializers take seeds in [0, 2**32); each layer adds a small offset to `seed`, so the
+# flag stays in the int32 range, which every seeded op accepts.
+MAX_SEED = 2**31 - 1
 
 # Settings that change what is computed, so they name the run; the rest (where and how fast)
 # may differ between a run and its resumption without changing a single number.
@@ -112,6 +115,9 @@ class Config:
             if getattr(self, name) < 0:
                 raise UsageError(
                     f"--{name}={getattr(self, name)} must be 0 or more (0 means its default).")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise UsageError(f"--seed={self.seed} must be in [0, {MAX_SEED}], the range the weight "
+                             "initializers take.")
         if self.cpu_replicas == 1:
             raise UsageError("--cpu_replicas=1 splits nothing: use 0 (no split) or 2 or more.")
         if self.jit_compile not in (True, False, "auto") or not isinstance(self.jit_compile, (bool, str)):

@@ -46,5 +46,10 @@ class Console:
         self.say(f"test {_format(metrics)}")
 
 
+def warn(message: str) -> None:
+    """One line on stderr about something repaired or skipped on the way, training goes on."""
+    print(f"train_loop: warning: {message}", file=sys.stderr, flush=True)
+
+
 def _format(measurements: Mapping[str, float]) -> str:
     return " ".join(f"{name} {value:.4f}" for name, value in measurements.items())

@@ -8,6 +8,7 @@ import socket
 
 import tensorflow as tf
 
+from train_loop import peers
 from train_loop.configs import Config
 from train_loop.errors import UsageError
 
@@ -152,10 +153,12 @@ def _is_address(address: object) -> bool:
 
 
 def _multi_worker() -> tf.distribute.Strategy:
-    if not read_tf_config():
+    tf_config = read_tf_config()
+    if not tf_config:
         raise UsageError(
             "--strategy=multi_worker needs TF_CONFIG naming the cluster and this worker's task; "
             "see README 'Running on several machines', or use python -m train_loop.launch.")
+    peers.wait_for_peers(tf_config, peers.peer_timeout())
     return tf.distribute.MultiWorkerMirroredStrategy()
 
 

@@ -8,7 +8,10 @@ class UsageError(ValueError):
 
 
 class RunStopped(RuntimeError):
-    """Training stopped before its end, with everything up to `step` saved."""
+    """Training stopped before its end, with everything up to `step` saved; `is_error` when the
+    cause is a fault (its line then reads `error:`), not a request to stop."""
+
+    is_error = False
 
     def __init__(self, message: str, exit_status: int):
         super().__init__(message)
@@ -19,6 +22,7 @@ class DivergedError(RunStopped):
     """A loss component or the gradient turned non-finite; nothing past the last finite step is saved."""
 
     EXIT_STATUS = 3
+    is_error = True
 
     def __init__(self, message: str):
         super().__init__(message, self.EXIT_STATUS)
@@ -33,3 +37,15 @@ class Interrupted(RunStopped):
 
     def __init__(self, message: str, signum: int):
         super().__init__(message, 128 + signum)
+
+
+class NoSpace(RunStopped):
+    """The disk filled up while a checkpoint, `model.keras` or `result.json` was written; the
+    half-written temporary is gone and what was saved before stands, so the run resumes once
+    space is freed. Exit status 74 is sysexits' EX_IOERR."""
+
+    EXIT_STATUS = 74
+    is_error = True
+
+    def __init__(self, path: str):
+        super().__init__(f"no space left on {path}; the run resumes once space is freed.", self.EXIT_STATUS)

@@ -33,28 +33,39 @@ def main(argv: Sequence[str]) -> None:
     # Training flags before `--` are the workers' too.
     given = cli.given_training_flags()
     train_flags = [*given, *argv[1:], "--strategy=multi_worker"]
-    # Checked once here, so a bad flag is one line, not one per worker.
-    cli.run_guarded(lambda: cli.config_from_args(train_flags))
-    sys.exit(launch(num_workers, train_flags))
+
+    def check_and_launch() -> None:
+        # Checked once here, so a bad flag is one line, not one per worker.
+        cli.config_from_args(train_flags)
+        sys.exit(launch(num_workers, train_flags))
+
+    # Ctrl-C before the workers run (or before the signals are passed on) is one line too.
+    cli.run_guarded(check_and_launch)
 
 
 def launch(num_workers: int, train_flags: Sequence[str]) -> int:
     """Runs the workers to the end; returns 0, or the first failing worker's exit status."""
     cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(num_workers)]}
-    workers = [_start(index, cluster, train_flags) for index in range(num_workers)]
+    # Started with SIGINT ignored: a Ctrl-C in a worker's first instants, before Python can turn
+    # it into one line, would be a traceback. `cli.run` restores it; `_wait` passes it on again.
+    ignored = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        workers = [_start(index, cluster, train_flags) for index in range(num_workers)]
+    finally:
+        signal.signal(signal.SIGINT, ignored)
     forwarders = [threading.Thread(target=_forward, args=(index, worker.stdout), daemon=True)
                   for index, worker in enumerate(workers)]
     for thread in forwarders:
         thread.start()
+    signalled: list[int] = []
 
     def pass_on(signum: int, _frame) -> None:
-        for worker in workers:
-            if worker.poll() is None:
-                worker.send_signal(signum)
+        signalled.append(signum)
+        _send(workers, signum)
 
     signal.signal(signal.SIGTERM, pass_on)
     signal.signal(signal.SIGINT, pass_on)
-    status = _wait(workers)
+    status = _wait(workers, signalled)
     for thread in forwarders:
         thread.join(timeout=5)
     return status
@@ -85,17 +96,37 @@ def _forward(index: int, stream) -> None:
         print(f"[worker {index}] {line}", end="", flush=True)
 
 
-def _wait(workers: list[subprocess.Popen]) -> int:
-    """Waits for all; at the first failure, stops the rest and returns its status."""
+def _wait(workers: list[subprocess.Popen], signalled: list[int]) -> int:
+    """Waits for all; at the first failure, stops the rest and returns its status.
+
+    After a signal every worker stops on its own (with a checkpoint, if training): the signal is
+    passed on again every second, for workers still starting, until all have ended or the grace
+    period is over.
+    """
+    resent_at = deadline = None
     while True:
         statuses = [worker.poll() for worker in workers]
         failed = [status for status in statuses if status not in (None, 0)]
-        if failed:
+        if signalled and None in statuses:
+            now = time.monotonic()
+            deadline = deadline or now + _STOP_SECONDS
+            if now > deadline:
+                _stop(workers)
+            elif resent_at is None or now - resent_at > 1.0:
+                _send(workers, signalled[-1])
+                resent_at = now
+        elif failed:
             _stop(workers)
             return _exit_status(failed[0])
-        if all(status == 0 for status in statuses):
+        elif all(status == 0 for status in statuses):
             return 0
         time.sleep(0.2)
+
+
+def _send(workers: list[subprocess.Popen], signum: int) -> None:
+    for worker in workers:
+        if worker.poll() is None:
+            worker.send_signal(signum)
 
 
 def _stop(workers: list[subprocess.Popen]) -> None:

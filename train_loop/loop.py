@@ -5,21 +5,21 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import tempfile
+import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from train_loop import checkpoints, distribute, inputs, models, optimizers, runs, sources, steps, tuning
+from train_loop import checkpoints, distribute, inputs, optimizers, runs, sources, steps, tuning
 from train_loop.best import BestModel
 from train_loop.configs import MODELS, Config
 from train_loop.console import Console
 from train_loop.epochs import Evaluation, LoopState, Run, Timer
-from train_loop.models import ModelFunction, build_model, load_model_function
+from train_loop.models import ModelFunction, build_model, load_model_function, plain_keras
 from train_loop.preemption import SignalStop
 from train_loop.profiling import StepProfiler, Stopwatch
 from train_loop.summaries import Summaries, drop_events_after
@@ -54,20 +54,10 @@ def train(config: Config, *, model_fn: ModelFunction | None = None,
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     chief = distribute.is_chief(strategy)
-    with _checkpoint_dir(run_dir, chief) as save_dir:
+    with runs.owned(config, run_dir, chief=chief) as run_dir, checkpoints.save_directory(run_dir, chief) as save_dir, \
+            checkpoints.no_space_left(run_dir):
         return _train(config, splits, steps_per_epoch=steps_per_epoch, strategy=strategy, run_dir=run_dir,
                       chief=chief, save_dir=save_dir, started=started, stopwatch=stopwatch, model_fn=model_fn)
-
-
-@contextlib.contextmanager
-def _checkpoint_dir(run_dir: str, chief: bool) -> Iterator[str]:
-    """Where this process saves checkpoints: the run's folder on the chief; elsewhere a
-    temporary folder, removed at the end (saving is collective, so every worker saves)."""
-    if chief:
-        yield checkpoints.directory(run_dir)
-        return
-    with tempfile.TemporaryDirectory(prefix="train_loop-worker-") as folder:
-        yield folder
 
 
 def _train(config: Config, splits: sources.Splits, *, steps_per_epoch: int, strategy: tf.distribute.Strategy,
@@ -84,10 +74,11 @@ def _train(config: Config, splits: sources.Splits, *, steps_per_epoch: int, stra
     state = LoopState()
     scaling = {"loss_scale": loss_scale} if loss_scale else {}
     # The dropout layers' seed states too, so a resumed run draws the masks an uninterrupted one would.
-    manager = checkpoints.make_manager(
-        save_dir, model=model, optimizer=optimizer, rng=[v.value for v in model.non_trainable_variables],
+    checkpoint = tf.train.Checkpoint(
+        model=model, optimizer=optimizer, rng=[v.value for v in model.non_trainable_variables],
         **state.trackables(), **scaling, **(best.trackables() if best else {}))
-    resumed = checkpoints.restore_latest(manager, checkpoints.directory(run_dir))
+    resumed = checkpoints.restore_latest(checkpoint, checkpoints.directory(run_dir), repair=chief)
+    manager = checkpoints.make_manager(checkpoint, save_dir)
     console = Console(steps_per_epoch=steps_per_epoch, num_epochs=config.epochs)
     console.say(f"resuming {run_dir} from step {state.step}" if resumed else f"training {run_dir} on {splits.source}")
     # After the run's model is built: the throwaway models timed here must not shift its layers' names.
@@ -124,7 +115,7 @@ def _train(config: Config, splits: sources.Splits, *, steps_per_epoch: int, stra
     def save_best() -> None:
         if chief:
             with averaged():
-                models.save_model(model, os.path.join(run_dir, "best"))
+                _save_model(model, os.path.join(run_dir, "best"))
 
     run = Run(config, steps_per_epoch, model, optimizer, manager, summaries, console, state, loss_scale,
               profiler, signals, stopwatch=stopwatch, best=best, save_best=save_best)
@@ -162,9 +153,9 @@ def _train(config: Config, splits: sources.Splits, *, steps_per_epoch: int, stra
     }
     if chief:
         with stopwatch.phase("save_model"), kept():
-            models.save_model(model, run_dir)
+            _save_model(model, run_dir)
             if config.export == "saved_model":
-                models.export_saved_model(model, run_dir)
+                _export_saved_model(model, run_dir)
     result["seconds"] = _phases(stopwatch, timer, started)
     if chief:
         runs.write_json(os.path.join(run_dir, runs.RESULT_FILE), result)
@@ -225,3 +216,19 @@ def _hparams(config: Config, strategy: tf.distribute.Strategy) -> dict[str, Any]
                 if key not in ("logdir", "run_name", "data_dir")}
     return {**settings, "replicas": strategy.num_replicas_in_sync}
 
+
+def _save_model(model: keras.Model, folder: str) -> None:
+    """`<folder>/model.keras` through a temporary name, so a kill leaves no half-written model."""
+    os.makedirs(folder, exist_ok=True)
+    runs.write_atomically(os.path.join(folder, "model.keras"), plain_keras(model).save)
+
+
+def _export_saved_model(model: keras.Model, run_dir: str) -> None:
+    """`<run>/saved_model/` for serving, through Keras' `model.export`: its `serve` signature takes
+    a batch of inputs and returns logits. Written beside it and renamed, as `model.keras` is."""
+    final, temporary = os.path.join(run_dir, "saved_model"), os.path.join(run_dir, "saved_model.tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    with checkpoints.no_space_left(final, temporary=temporary):
+        plain_keras(model).export(temporary, format="tf_saved_model", verbose=False)
+    shutil.rmtree(final, ignore_errors=True)  # A killed process's export, before its result.json.
+    os.replace(temporary, final)

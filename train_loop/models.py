@@ -6,7 +6,6 @@ import importlib
 import importlib.util
 import os
 import re
-import shutil
 import sys
 from collections.abc import Callable
 
@@ -201,24 +200,6 @@ def plain_keras(model: keras.Model) -> keras.Model:
     copy = keras.models.clone_model(model, clone_function=clone)
     copy.set_weights(model.get_weights())
     return copy
-
-
-def save_model(model: keras.Model, folder: str) -> None:
-    """`<folder>/model.keras` through a temporary name, so a kill leaves no half-written model."""
-    os.makedirs(folder, exist_ok=True)
-    temporary = os.path.join(folder, "model.tmp.keras")
-    plain_keras(model).save(temporary)
-    os.replace(temporary, os.path.join(folder, "model.keras"))
-
-
-def export_saved_model(model: keras.Model, folder: str) -> None:
-    """`<folder>/saved_model/` for serving, through Keras' `model.export`: its `serve` signature
-    takes a batch of inputs and returns logits. Written beside and then renamed, as `save_model`."""
-    final, temporary = os.path.join(folder, "saved_model"), os.path.join(folder, "saved_model.tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
-    plain_keras(model).export(temporary, format="tf_saved_model", verbose=False)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(temporary, final)
 
 
 def _weights(config: Config, seed: int) -> dict:

@@ -84,10 +84,10 @@ def first_kernel(run_dir: str) -> np.ndarray:
     model = build_model(config, input_shape, num_classes=num_classes)
     optimizer = optimizers.build_optimizer(config)
     optimizer.build(model.trainable_variables)
-    latest = tf.train.latest_checkpoint(checkpoints.directory(run_dir))
-    if latest is None:
+    prefixes = checkpoints.saved_checkpoints(checkpoints.directory(run_dir))
+    if not prefixes:
         raise UsageError(f"{run_dir} has a {runs.RESULT_FILE} but no checkpoint: its weights are gone.")
-    tf.train.Checkpoint(model=model, optimizer=optimizer).restore(latest).expect_partial()
+    tf.train.Checkpoint(model=model, optimizer=optimizer).restore(prefixes[0]).expect_partial()
     optimizer.finalize_variable_values(model.trainable_variables)  # With --ema, the averaged weights model.keras holds.
     layers = weighted_layers(model)
     if not layers:

@@ -2,52 +2,160 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import itertools
 import json
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from typing import Any
 
+from train_loop import locks
 from train_loop.configs import Config
-from train_loop.errors import UsageError
+from train_loop.errors import NoSpace, UsageError
 
 RESULT_FILE = "result.json"
 SETTINGS_FILE = "settings.json"
+CHECKPOINTS_DIR = "checkpoints"
 
 
 def choose_run_dir(config: Config) -> str:
     """`<logdir>/<run_name>`, or `-2`, `-3`, ... past runs that finished (never overwritten).
 
     An unfinished folder is returned as it is, to be resumed, once its saved settings are
-    checked against `config`.
+    checked against `config`. Nothing is written: `owned` then claims the folder.
 
     Raises:
-      UsageError: the logdir cannot be written, or the unfinished run has other settings.
+      UsageError: the logdir or run folder cannot be written, the name is too long, or the
+        unfinished run is damaged or has other settings.
     """
-    _check_writable(config.logdir)
-    base = os.path.join(config.logdir, config.run_name or config.default_run_name)
-    run_dir, number = base, 1
-    while os.path.exists(os.path.join(run_dir, RESULT_FILE)):
-        number += 1
-        run_dir = f"{base}-{number}"
-    check_same_settings(run_dir, config)
+    _check_writable(config.logdir, f"--logdir={config.logdir!r}", "pick another --logdir")
+    run_dir = next(path for path in _candidates(config) if not is_finished(path))
+    check_run_dir(run_dir, config)
     return run_dir
 
 
-def _check_writable(logdir: str) -> None:
-    """Probes the nearest existing folder on the way to `logdir` with a folder made and removed
-    at once: permission bits alone miss read-only mounts, /proc, and root's own limits."""
-    existing = os.path.abspath(logdir)
+@contextlib.contextmanager
+def owned(config: Config, run_dir: str, *, chief: bool) -> Iterator[str]:
+    """The run folder this process writes, locked for as long as it trains (see `locks`): the
+    chosen `run_dir`, or the next free one if it changed meanwhile.
+
+    A folder another process holds is refused, unless the run name was chosen by default: then
+    the next free `-N` is taken, as for a finished run. A worker that is not the chief writes
+    nothing into the folder and takes no lock. A folder made here and left empty is removed.
+
+    Raises:
+      UsageError: the run folder is held by another process, or became unfit meanwhile.
+    """
+    if not chief:
+        yield run_dir
+        return
+    for run_dir in _candidates(config):
+        existing = _nearest_existing(run_dir)
+        lock = _lock(run_dir) if not is_finished(run_dir) else None
+        if lock is None:
+            if os.path.lexists(run_dir) and not is_finished(run_dir) and config.run_name:
+                raise UsageError(f"{run_dir} is in use by {locks.owner(run_dir)}: wait for it to end, "
+                                 "or pass another --run_name (--study_name for a study).")
+            continue
+        try:
+            if is_finished(run_dir):
+                continue  # Another process finished it while this one looked.
+            check_run_dir(run_dir, config)
+            yield run_dir
+            return
+        finally:
+            lock.release()
+            _remove_empty_folders(run_dir, up_to=existing)
+
+
+def _remove_empty_folders(path: str, *, up_to: str) -> None:
+    """Removes `path` and its parents below `up_to` that are empty: the folders made for a run
+    that failed before writing anything (the logdir too, if it was made for it)."""
+    path = os.path.abspath(path)
+    with contextlib.suppress(OSError):  # Not empty: the run wrote something, so it stays.
+        while path != up_to and path.startswith(up_to):
+            os.rmdir(path)
+            path = os.path.dirname(path)
+
+
+def is_finished(run_dir: str) -> bool:
+    return os.path.lexists(os.path.join(run_dir, RESULT_FILE))
+
+
+def _candidates(config: Config) -> Iterator[str]:
+    """`<logdir>/<run_name>`, then with `-2`, `-3`, ...; each name checked against the file system's
+    limit, which a long name can pass alone and fail with its suffix."""
+    name = config.run_name or config.default_run_name
+    limit = _name_limit(config.logdir)
+    for number in itertools.count(1):
+        candidate = name if number == 1 else f"{name}-{number}"
+        if len(os.fsencode(candidate)) > limit:
+            raise UsageError(
+                f"run folder name {candidate!r} is {len(os.fsencode(candidate))} bytes, more than the "
+                f"{limit} the file system under --logdir allows: pass a shorter --run_name.")
+        yield os.path.join(config.logdir, candidate)
+
+
+def _name_limit(logdir: str) -> int:
+    try:
+        return os.pathconf(_nearest_existing(logdir), "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255  # Linux's NAME_MAX, which nearly every file system shares.
+
+
+def _lock(run_dir: str) -> locks.Lock | None:
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        return locks.acquire(run_dir)
+    except OSError as error:
+        raise UsageError(f"cannot write {run_dir} ({error.strerror}): pick another --logdir or --run_name.") from None
+
+
+def check_run_dir(run_dir: str, config: Config) -> None:
+    """Raises UsageError if `run_dir` cannot hold this run: a file in its place, a `checkpoints`
+    that is a file, a folder that cannot be written, damaged or missing settings beside
+    checkpoints (whose run could not be told apart from another), or other settings."""
+    if not os.path.lexists(run_dir):
+        return
+    for path in (run_dir, os.path.join(run_dir, CHECKPOINTS_DIR)):
+        if os.path.lexists(path) and not os.path.isdir(path):
+            raise UsageError(f"{path} is a file, not a folder: move it away, or pass another --run_name.")
+    if not os.path.lexists(os.path.join(run_dir, SETTINGS_FILE)) and _has_checkpoints(run_dir):
+        raise UsageError(
+            f"{run_dir} holds checkpoints but no {SETTINGS_FILE}, so its settings are unknown; nothing "
+            "was changed: pass a new --run_name.")
+    check_same_settings(run_dir, config)
+    _check_writable(run_dir, run_dir, "pass another --run_name")
+
+
+def _has_checkpoints(run_dir: str) -> bool:
+    try:
+        return bool(os.listdir(os.path.join(run_dir, CHECKPOINTS_DIR)))
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # Unreadable, so it may hold some.
+
+
+def _nearest_existing(path: str) -> str:
+    existing = os.path.abspath(path)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
+    return existing
+
+
+def _check_writable(path: str, what: str, fix: str) -> None:
+    """Probes `path`, or the nearest existing folder on the way to it, with a folder made and
+    removed at once: permission bits alone miss read-only mounts, /proc, and root's own limits."""
+    existing = _nearest_existing(path)
     try:
         if not os.path.isdir(existing):
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
         tempfile.TemporaryDirectory(dir=existing, prefix=".train_loop-probe-").cleanup()
     except OSError as error:
-        raise UsageError(
-            f"--logdir={logdir!r} cannot be written ({existing}: {error.strerror or error}): "
-            "pick another --logdir.") from None
+        raise UsageError(f"{what} cannot be written ({existing}: {error.strerror or error}): {fix}.") from None
 
 
 def check_same_settings(run_dir: str, config: Config,
@@ -72,26 +180,73 @@ def create(run_dir: str, config: Config, decided: dict[str, Any] | None = None) 
 
 
 def write_json(path: str, content: dict[str, Any]) -> None:
-    """Writes to a temporary name, then renames: a kill leaves the old file or the new one."""
-    temporary = f"{path}.tmp"
-    with open(temporary, "w") as stream:
-        json.dump(content, stream, indent=2)
-        stream.write("\n")
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(temporary, path)
+    """Writes `content` as indented JSON through `write_atomically`."""
+
+    def write(temporary: str) -> None:
+        with open(temporary, "w") as stream:
+            json.dump(content, stream, indent=2)
+            stream.write("\n")
+            stream.flush()
+            os.fsync(stream.fileno())
+
+    write_atomically(path, write)
+
+
+def write_atomically(path: str, write: Callable[[str], None]) -> None:
+    """Calls `write` on a temporary name beside `path` (same extension, which Keras insists on),
+    then renames: a kill leaves the old file or the new one. Whatever stops the write (a full disk,
+    Ctrl-C) removes the temporary.
+
+    Raises:
+      NoSpace: the disk is full.
+    """
+    root, extension = os.path.splitext(path)
+    temporary = f"{root}.tmp{extension}"
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        raise NoSpace(path) from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
 
 
 def read_result(run_dir: str) -> dict[str, Any]:
-    return _read_json(os.path.join(run_dir, RESULT_FILE))
+    """The run's `result.json`.
+
+    Raises:
+      UsageError: it is missing, empty or damaged.
+    """
+    result = _read_json(os.path.join(run_dir, RESULT_FILE), "move the run away, or delete the file to train it again")
+    if not isinstance(result.get("train"), dict) or not isinstance(result.get("test"), dict):
+        raise UsageError(f"{os.path.join(run_dir, RESULT_FILE)} is damaged (no train and test results): "
+                         "move the run away, or delete the file to train it again.")
+    return result
 
 
 def read_settings(run_dir: str) -> dict[str, Any] | None:
-    """The settings the run in `run_dir` started with, or None when there is no run there."""
+    """The settings the run in `run_dir` started with, or None when there is no run there.
+
+    Raises:
+      UsageError: `settings.json` exists but cannot be read as a JSON object.
+    """
     path = os.path.join(run_dir, SETTINGS_FILE)
-    return _read_json(path) if os.path.exists(path) else None
+    if not os.path.lexists(path):
+        return None
+    return _read_json(path, "nothing was changed: pass a new --run_name")
 
 
-def _read_json(path: str) -> dict[str, Any]:
-    with open(path) as stream:
-        return json.load(stream)
+def _read_json(path: str, fix: str) -> dict[str, Any]:
+    """A JSON object from `path`; anything else, or an unreadable file, is one line ending in `fix`."""
+    try:
+        with open(path, encoding="utf-8") as stream:
+            content = json.load(stream)
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+        raise UsageError(f"cannot read {path} ({reason}): {fix}.") from None
+    if not isinstance(content, dict):
+        raise UsageError(f"{path} holds a JSON {type(content).__name__}, not an object: {fix}.")
+    return content

@@ -28,7 +28,7 @@ def start_tensorflow(cpu_replicas: int = 0, strategy: str = "one_device") -> Non
     `--strategy` names it) is left before any op runs: its cluster must be connected first.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-    with _filtered_stderr():
+    with _filtered_stderr(_NOISE):
         import tensorflow as tf
 
         from train_loop.distribute import resolve_strategy_name, split_cpu
@@ -44,8 +44,14 @@ def start_tensorflow(cpu_replicas: int = 0, strategy: str = "one_device") -> Non
     absl_logging.set_verbosity(absl_logging.WARNING)
 
 
+def quiet_stderr() -> contextlib.AbstractContextManager[None]:
+    """Drops what TensorFlow's C++ side logs within: for an attempt whose failure is reported
+    otherwise. Python's own lines (one of ours, a traceback) still come through."""
+    return _filtered_stderr(re.compile(r"^([IWE]\d{4} |\t)"))  # A log line, or its continuation.
+
+
 @contextlib.contextmanager
-def _filtered_stderr() -> Iterator[None]:
+def _filtered_stderr(noise: re.Pattern) -> Iterator[None]:
     """Captures file descriptor 2 (C++ writes there directly), then replays all but the noise."""
     sys.stderr.flush()
     saved = os.dup(2)
@@ -59,5 +65,5 @@ def _filtered_stderr() -> Iterator[None]:
             os.close(saved)
             capture.seek(0)
             for line in capture.read().decode(errors="replace").splitlines():
-                if line.strip() and not _NOISE.search(line):
+                if line.strip() and not noise.search(line):
                     print(line, file=sys.stderr)

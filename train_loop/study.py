@@ -3,6 +3,10 @@
 Every experiment is a flagfile (`flags/<experiment>.cfg`) trained with the same `--extra_flags`
 and seed into `<logdir>/<study>/<experiment>`, one after another; finished runs are reused, so
 a study stopped half-way picks up where it was. The table goes to `<study>/study.md` and stdout.
+
+Each run folder is owned by the process training it (see `runs.owned`): a second study started
+on the same folder reuses what the first has finished and stops, in one line naming the other
+process, at the experiment the first is training; no experiment is trained twice.
 """
 
 from __future__ import annotations
@@ -68,7 +72,8 @@ def study(experiments: Sequence[str], extra_flags: Sequence[str], *, logdir: str
 
     for name, config in configs.items():
         run_dir = os.path.join(folder, name)
-        if os.path.exists(os.path.join(run_dir, runs.RESULT_FILE)):
+        if runs.is_finished(run_dir):
+            runs.read_result(run_dir)  # A damaged one is refused now, not after the other experiments.
             print(f"{name}: reusing the finished run {run_dir}", flush=True)
         else:
             print(f"{name}: training", flush=True)

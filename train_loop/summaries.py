@@ -10,11 +10,15 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
+from google.protobuf.message import DecodeError
 from tensorboard.compat.proto import event_pb2
+from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 from tensorboard.plugins.hparams import api as hparams_api
 
+from train_loop.console import warn
 from train_loop.losses import layer_weight_terms
 from train_loop.models import named_layers, weighted_layers
+from train_loop.startup import quiet_stderr
 
 # The settings writer writes into the run's own folder.
 WRITERS = ("train", "validation", "test", "settings")
@@ -31,8 +35,11 @@ class Summaries:
     def __init__(self, run_dir: str | None):
         self._writers: dict[str, Any] = {}
         if run_dir is not None:
-            for name in WRITERS:
-                self._writers[name] = tf.summary.create_file_writer(_writer_dir(run_dir, name))
+            # A writer that cannot write its first record (a full disk) raises, and TensorFlow's
+            # kernel logs the same failure: the caller reports it in one line.
+            with quiet_stderr():
+                for name in WRITERS:
+                    self._writers[name] = tf.summary.create_file_writer(_writer_dir(run_dir, name))
 
     def write_scalars(self, writer: str, step: int, scalars: Mapping[str, float]) -> None:
         if writer in self._writers:
@@ -122,8 +129,9 @@ def drop_events_after(run_dir: str, step: int) -> None:
     A run resumed from its checkpoint at `step` logs the steps after it again; without this,
     TensorBoard would show those steps twice (from the killed process and from the resumed one).
     `step` < 0 (a restart with no checkpoint) removes the event files altogether. A record cut
-    short by a kill is dropped too. So are all test events: the test split is scored once, at the
-    end of a run, which then writes `result.json`; a run that resumes did not get that far.
+    short by a kill is dropped too, and so is a damaged one (said in one line), while the intact
+    records after it are kept. So are all test events: the test split is scored once, at the end
+    of a run, which then writes `result.json`; a run that resumes did not get that far.
     """
     for name in WRITERS:
         last = -1 if name == "test" else step
@@ -131,17 +139,53 @@ def drop_events_after(run_dir: str, step: int) -> None:
             if last < 0:
                 os.remove(path)
                 continue
-            kept, complete = [], True
-            try:
-                for record in tf.data.TFRecordDataset(path):
-                    if event_pb2.Event.FromString(record.numpy()).step <= last:
-                        kept.append(record.numpy())
-                    else:
-                        complete = False
-            except tf.errors.DataLossError:
-                complete = False
-            if not complete:
+            records, damaged = read_records(path)
+            kept = [record for record in records if event_pb2.Event.FromString(record).step <= last]
+            if damaged:
+                warn(f"{path}: skipped {damaged} damaged event record(s); the intact ones around them are kept.")
+            if damaged or len(kept) < len(records):
                 _rewrite_records(path, kept)
+
+
+def read_records(path: str) -> tuple[list[bytes], int]:
+    """The records of a TFRecord file whose checksums hold, and how many were skipped or cut short.
+
+    TensorFlow's readers (`tf.data.TFRecordDataset`, `tf.compat.v1.io.tf_record_iterator`) stop at
+    the first bad record, losing every intact one after it; so the frames are read here: a length
+    (8 bytes, little-endian) and its masked CRC-32C (4), the data and its masked CRC-32C (4). A
+    record whose data fails its checksum is skipped; a length that fails its own leaves no way to
+    find the next frame, so the rest of the file counts as one damaged record.
+    """
+    with open(path, "rb") as stream:
+        content = stream.read()
+    records, damaged, offset = [], 0, 0
+    while offset < len(content):
+        header = content[offset:offset + 12]
+        length = int.from_bytes(header[:8], "little")
+        if len(header) < 12 or _crc(header[:8]) != header[8:]:
+            return records, damaged + 1
+        data = content[offset + 12:offset + 12 + length]
+        checksum = content[offset + 12 + length:offset + 16 + length]
+        offset += 16 + length
+        if len(checksum) < 4 or _crc(data) != checksum:
+            damaged += 1
+        elif _parses(data):
+            records.append(data)
+        else:
+            damaged += 1
+    return records, damaged
+
+
+def _crc(data: bytes) -> bytes:
+    return masked_crc32c(data).to_bytes(4, "little")
+
+
+def _parses(data: bytes) -> bool:
+    try:
+        event_pb2.Event.FromString(data)
+    except DecodeError:
+        return False
+    return True
 
 
 def _rewrite_records(path: str, records: list[bytes]) -> None:
