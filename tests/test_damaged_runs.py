@@ -224,7 +224,7 @@ def test_a_run_owned_by_another_process_is_refused_or_skipped_by_a_default_name(
     refused naming this PID; one whose name is the default takes the next free name."""
     run_dir = tmp_path / "logs" / "r"
     shutil.copytree(interrupted, run_dir)
-    default_dir = tmp_path / "logs" / "convnet-dataset=digits"
+    default_dir = tmp_path / "logs" / "convnet-dataset=digits-validation_split=0"
     shutil.copytree(interrupted, default_dir)
     held = [locks.acquire(str(run_dir)), locks.acquire(str(default_dir))]
     before = snapshot(tmp_path / "logs", folder_times=False)
@@ -232,7 +232,7 @@ def test_a_run_owned_by_another_process_is_refused_or_skipped_by_a_default_name(
         assert_one_line_error(run_cli(*FLAGS), (f"{run_dir} is in use by process {os.getpid()}",))
         assert snapshot(tmp_path / "logs", folder_times=False) == before
 
-        moved = run_cli("--dataset=digits")
+        moved = run_cli("--dataset=digits", "--validation_split=0")
         assert moved.returncode == 0, moved.stderr
         assert f"training {default_dir}-2 on scikit-learn digits" in moved.stdout.splitlines()
     finally:
