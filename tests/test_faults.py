@@ -159,7 +159,7 @@ def logged_steps(run_dir: Path) -> dict[str, list[int]]:
      "--lr_schedule=cosine", "--lr_decay_steps=150", "--warmup_steps=10", "--eval_every=15",
      "--best_metric=validation/accuracy", "--early_stopping_patience=4"),
     # A user's model: kernel, bias and activity regularizers, add_loss, a nested sub-model.
-    ("--model=tests/user_models.py:build", "--epochs=10"),  # Fast steps: more of them, for the kill to land.
+    ("--model=tests/user_models.py:build", "--epochs=20"),  # Fast steps: more of them, for the kill to land.
 ], ids=["convnet-with-dropout-and-optimizer-features", "user-model"])
 def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_numbers(tmp_path, model_flags):
     """--deterministic: the resumed run's result, weights and curves are the same."""

@@ -19,7 +19,8 @@ from conftest import REPO
 from helpers import events, scalar_series
 
 import train_loop
-from train_loop import Config, UsageError, distribute, models, optimizers, report, sources, steps
+from train_loop import Config, UsageError, distribute, models, report, sources, steps
+from train_loop.state import build_state
 
 USER_MODEL = "tests/user_models.py:build"
 USER_LAYERS = ("encoder/hidden", "logits")  # The user model's layers with weights, by path.
@@ -57,10 +58,8 @@ def test_step_regularization_of_every_kind_of_term_equals_numpy(replicas):
     strategy = distribute.mirrored_strategy([f"/cpu:{index}" for index in range(replicas)])
     config = Config(dataset="digits", model=USER_MODEL)
     splits = sources.load_splits(config)
-    with strategy.scope():
-        model = models.build_model(config, (8, 8, 1), model_fn=user_models.build)
-        optimizer = optimizers.build_optimizer(config)
-        optimizer.build(model.trainable_variables)
+    state = build_state(config, strategy, (8, 8, 1), model_fn=user_models.build)
+    model, optimizer = state.model, state.optimizer
     for _, layer in models.weighted_layers(model):  # Biases start at 0: give the bias term a value.
         layer.bias.assign(np.random.default_rng(1).normal(size=layer.bias.shape).astype(np.float32))
     images, labels = splits.x_train[:32], splits.y_train[:32]

@@ -12,6 +12,7 @@ from helpers import numpy_regularization, scalar_series
 import train_loop
 from train_loop import Config, distribute, inputs, models, optimizers, sources, steps
 from train_loop.loop import train
+from train_loop.state import build_state
 
 # Every optimizer feature at once; short enough a decay and warm-up to show in a digits epoch.
 OPTIMIZER_FEATURES = dict(global_clipnorm=0.5, weight_decay=0.01, ema=0.9, lr_schedule="cosine",
@@ -34,10 +35,8 @@ def one_step(config: Config, strategy: tf.distribute.Strategy | None = None, *, 
     """
     strategy = strategy or tf.distribute.get_strategy()
     splits = sources.load_splits(config)
-    with strategy.scope():
-        model = models.build_model(config, splits.x_train.shape[1:])
-        optimizer = optimizers.build_optimizer(config)
-        optimizer.build(model.trainable_variables)
+    state = build_state(config, strategy, splits.x_train.shape[1:])
+    model, optimizer = state.model, state.optimizer
     # Biases start at zero; give them values so that the bias terms are tested too.
     rng = np.random.default_rng(1)
     for _, layer in models.weighted_layers(model):
@@ -143,9 +142,8 @@ def test_train_loop_is_traced_once_across_calls():
     config = Config(dataset="digits", l2=0.001)
     strategy = tf.distribute.get_strategy()
     splits = sources.load_splits(config)
-    model = models.build_model(config, splits.x_train.shape[1:])
-    optimizer = optimizers.build_optimizer(config)
-    optimizer.build(model.trainable_variables)
+    state = build_state(config, strategy, splits.x_train.shape[1:])
+    model, optimizer = state.model, state.optimizer
     replica_input = inputs.ReplicaInput(strategy, inputs.train_dataset_fn(
         splits, global_batch_size=32, seed=0, num_epochs=1, start_step=0))
     train_step = steps.make_train_step(strategy, model, optimizer, steps.make_replica_gradients(model, 32))
@@ -267,13 +265,11 @@ def test_ema_of_the_weights_follows_numpy_over_consecutive_checkpoints(tmp_path)
     result = train(config)
     saved = []
     for step in (result["steps"] - 1, result["steps"]):
-        model = models.build_model(config, (8, 8, 1))
-        optimizer = optimizers.build_optimizer(config)
-        optimizer.build(model.trainable_variables)
-        tf.train.Checkpoint(model=model, optimizer=optimizer).restore(
+        state = build_state(config, tf.distribute.get_strategy(), (8, 8, 1))
+        tf.train.Checkpoint(**state.trackables()).restore(
             str(tmp_path / "ema" / "checkpoints" / f"ckpt-{step}")).expect_partial()
-        averages = [v.numpy() for v in optimizer.variables if v.name.endswith("_average")]
-        saved.append((model.get_weights(), averages))
+        averages = [v.numpy() for v in state.optimizer.variables if v.name.endswith("_average")]
+        saved.append((state.model.get_weights(), averages))
     (_, previous), (weights, averages) = saved
     assert len(averages) == len(weights) == 2
     for average, last, current in zip(averages, previous, weights):
@@ -304,10 +300,11 @@ def test_validation_every_n_steps_and_the_test_split_once_at_the_end(tmp_path):
 
 def test_best_model_early_stopping_and_export_on_a_run_that_overfits(tmp_path):
     """A linear model at a high rate soon stops improving on the validation split. The run keeps
-    the weights of the lowest validation cross-entropy, stops `patience` validations after it,
-    checkpoints the step it stopped at, and exports the kept model for serving."""
+    the weights of the lowest validation cross-entropy (the averaged weights that scored it),
+    stops `patience` validations after it, checkpoints the step it stopped at, and exports the
+    kept model for serving."""
     patience, every = 3, 10
-    config = Config(dataset="digits", model="linear", learning_rate=0.05, epochs=30, eval_every=every,
+    config = Config(dataset="digits", model="linear", learning_rate=0.05, epochs=30, eval_every=every, ema=0.5,
                     best_metric="validation/cross_entropy", early_stopping_patience=patience,
                     logdir=str(tmp_path), run_name="r", jit_compile=False)
     result = train(config)

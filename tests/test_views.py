@@ -13,7 +13,8 @@ import pytest
 import tensorflow as tf
 from helpers import events, scalar_series
 
-from train_loop import Config, models, optimizers, sources, summaries, train
+from train_loop import Config, models, sources, summaries, train
+from train_loop.state import build_state
 
 LEARNING_RATE = 0.1
 
@@ -34,12 +35,10 @@ def sgd_run(tmp_path_factory):
 
 def checkpoint_weights(config: Config, path: str) -> dict[str, list[np.ndarray]]:
     """Each weighted layer's [kernel, bias] in checkpoint `path`, restored into a fresh model."""
-    model = models.build_model(config, sources.input_spec(config)[0])
-    optimizer = optimizers.build_optimizer(config)
-    optimizer.build(model.trainable_variables)
-    tf.train.Checkpoint(model=model, optimizer=optimizer).restore(path).expect_partial()
+    state = build_state(config, tf.distribute.get_strategy(), sources.input_spec(config)[0])
+    tf.train.Checkpoint(**state.trackables()).restore(path).expect_partial()
     return {path: [np.asarray(w, np.float64) for w in layer.get_weights()]
-            for path, layer in models.weighted_layers(model)}
+            for path, layer in models.weighted_layers(state.model)}
 
 
 def test_confusion_matrix_counts_match_the_saved_models_predictions(sgd_run):

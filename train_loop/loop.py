@@ -14,14 +14,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from train_loop import checkpoints, distribute, inputs, optimizers, runs, sources, steps, tuning
-from train_loop.best import BestModel
+from train_loop import checkpoints, distribute, inputs, runs, sources, steps, tuning
 from train_loop.configs import MODELS, Config
 from train_loop.console import Console
-from train_loop.epochs import Evaluation, LoopState, Run, Timer
-from train_loop.models import ModelFunction, build_model, load_model_function, plain_keras
+from train_loop.epochs import Evaluation, Run, Timer
+from train_loop.models import ModelFunction, load_model_function, plain_keras
 from train_loop.preemption import SignalStop
 from train_loop.profiling import StepProfiler, Stopwatch
+from train_loop.state import build_state
 from train_loop.summaries import Summaries, drop_events_after
 
 
@@ -64,23 +64,15 @@ def _train(config: Config, splits: sources.Splits, *, steps_per_epoch: int, stra
            run_dir: str, chief: bool, save_dir: str, started: float, stopwatch: Stopwatch,
            model_fn: ModelFunction | None) -> dict[str, Any]:
     """`train` after the checks; a worker that is not the chief writes nothing into `run_dir`."""
-    # All state inside the scope: Keras optimizers otherwise build their slots lazily, in a trace.
-    with strategy.scope():
-        model = build_model(config, splits.x_train.shape[1:], num_classes=splits.num_classes, model_fn=model_fn)
-        optimizer = optimizers.build_optimizer(config)
-        optimizer.build(model.trainable_variables)
-        loss_scale = steps.LossScale() if config.precision == "mixed_float16" else None
-        best = BestModel(config, model) if config.best_metric else None
-    state = LoopState()
-    scaling = {"loss_scale": loss_scale} if loss_scale else {}
-    # The dropout layers' seed states too, so a resumed run draws the masks an uninterrupted one would.
-    checkpoint = tf.train.Checkpoint(
-        model=model, optimizer=optimizer, rng=[v.value for v in model.non_trainable_variables],
-        **state.trackables(), **scaling, **(best.trackables() if best else {}))
+    state = build_state(config, strategy, splits.x_train.shape[1:], num_classes=splits.num_classes,
+                        model_fn=model_fn)
+    model, optimizer, best, counters = state.model, state.optimizer, state.best, state.counters
+    checkpoint = tf.train.Checkpoint(**state.trackables())
     resumed = checkpoints.restore_latest(checkpoint, checkpoints.directory(run_dir), repair=chief)
     manager = checkpoints.make_manager(checkpoint, save_dir)
     console = Console(steps_per_epoch=steps_per_epoch, num_epochs=config.epochs)
-    console.say(f"resuming {run_dir} from step {state.step}" if resumed else f"training {run_dir} on {splits.source}")
+    console.say(f"resuming {run_dir} from step {counters.step}" if resumed
+                else f"training {run_dir} on {splits.source}")
     # After the run's model is built: the throwaway models timed here must not shift its layers' names.
     with stopwatch.phase("decide_xla"):
         decision = tuning.decide_jit_compile(config, strategy, splits, runs.read_settings(run_dir),
@@ -88,23 +80,23 @@ def _train(config: Config, splits: sources.Splits, *, steps_per_epoch: int, stra
     console.say(decision.describe())
     if config.ema:
         console.say(f"evaluation and model.keras use the weights' moving average (--ema={config.ema:g})")
-    summaries = _open_run(config, run_dir if chief else None, model, strategy, state.step if resumed else -1,
+    summaries = _open_run(config, run_dir if chief else None, model, strategy, counters.step if resumed else -1,
                           decision=decision)
 
     # The step, and the data it pulls from, starting where the restored state stands.
     train_input = inputs.ReplicaInput(strategy, inputs.train_dataset_fn(
         splits, global_batch_size=config.batch_size, seed=config.seed,
-        num_epochs=config.epochs, start_step=state.step))
+        num_epochs=config.epochs, start_step=counters.step))
     replica_gradients = steps.make_replica_gradients(
-        model, config.batch_size, loss_scale=loss_scale, jit_compile=decision.jit_compile)
-    train_step = steps.make_train_step(strategy, model, optimizer, replica_gradients, loss_scale=loss_scale,
+        model, config.batch_size, loss_scale=state.loss_scale, jit_compile=decision.jit_compile)
+    train_step = steps.make_train_step(strategy, model, optimizer, replica_gradients, loss_scale=state.loss_scale,
                                        global_clipnorm=config.global_clipnorm)
     train_loop = steps.make_train_loop(train_step, steps.gradient_norm_names(model), train_input.next_batch)
     iterator = train_input.iterator()
 
     # Validation scores the weights as they are (averaged, with --ema); the end scores the kept ones.
-    averaged = functools.partial(optimizers.averaged_weights, model, optimizer)
-    kept = best.weights_in_model if best else averaged
+    averaged = state.validated_weights
+    kept = state.kept_weights
     evaluator = functools.partial(_evaluator, strategy, model, config=config, num_classes=splits.num_classes,
                                   stopwatch=stopwatch)
     validate = None if splits.x_validation is None else evaluator(splits.x_validation, splits.y_validation)
@@ -114,11 +106,10 @@ def _train(config: Config, splits: sources.Splits, *, steps_per_epoch: int, stra
 
     def save_best() -> None:
         if chief:
-            with averaged():
-                _save_model(model, os.path.join(run_dir, "best"))
+            _save_model(model, os.path.join(run_dir, "best"))
 
-    run = Run(config, steps_per_epoch, model, optimizer, manager, summaries, console, state, loss_scale,
-              profiler, signals, stopwatch=stopwatch, best=best, save_best=save_best)
+    run = Run(config=config, steps_per_epoch=steps_per_epoch, state=state, manager=manager, summaries=summaries,
+              console=console, profiler=profiler, signals=signals, stopwatch=stopwatch, save_best=save_best)
     try:
         with signals.catching():
             timer = run.run_epochs(lambda num_steps: train_loop(iterator, tf.constant(num_steps)),
@@ -128,7 +119,7 @@ def _train(config: Config, splits: sources.Splits, *, steps_per_epoch: int, stra
         validation = validate and (validate(kept) if best else run.validation or validate(averaged))
         # Once, at the end: the test split chooses nothing, so its score does not leak into the run.
         test = evaluator(splits.x_test, splits.y_test)(kept)
-        summaries.write_evaluation("test", state.step, test.metrics, test.confusion_matrix)
+        summaries.write_evaluation("test", counters.step, test.metrics, test.confusion_matrix)
     finally:
         summaries.close()
     console.tested(test.metrics)
@@ -138,9 +129,9 @@ def _train(config: Config, splits: sources.Splits, *, steps_per_epoch: int, stra
         "strategy": distribute.resolve_strategy_name(config.strategy),
         "replicas": strategy.num_replicas_in_sync,
         "decided": decision.to_dict(),
-        "steps": state.step,
-        "epochs": int(state.epoch),
-        "train": state.epoch_means(),
+        "steps": counters.step,
+        "epochs": int(counters.epoch),
+        "train": counters.epoch_means(),
         "validation": validation.metrics if validation else None,
         "best_step": best.step if best else None,
         "stopped_early": bool(best and best.stop),

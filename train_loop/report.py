@@ -8,10 +8,11 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from train_loop import checkpoints, optimizers, runs, sources
+from train_loop import checkpoints, runs, sources
 from train_loop.configs import Config
 from train_loop.errors import UsageError
-from train_loop.models import build_model, weighted_layers
+from train_loop.models import weighted_layers
+from train_loop.state import build_state
 
 SMALL_WEIGHT = 1e-3  # |w| under this counts as (nearly) zero: what L1 produces and L2 does not.
 
@@ -72,8 +73,9 @@ def run_row(run_dir: str) -> dict[str, float | None]:
 def first_kernel(run_dir: str) -> np.ndarray:
     """The first weighted layer's kernel in the run's latest checkpoint.
 
-    The model and optimizer are rebuilt from the run's saved settings and restored, so layers
-    are found by name, not by a checkpoint key that Keras might rename.
+    The train state is rebuilt from the run's saved settings and restored, so layers are found
+    by name, not by a checkpoint key that Keras might rename; the kernel is the one `model.keras`
+    holds (the best or the averaged weights, when the run kept those).
     """
     saved = runs.read_settings(run_dir)
     if saved is None:
@@ -81,18 +83,16 @@ def first_kernel(run_dir: str) -> np.ndarray:
             f"{run_dir} has a {runs.RESULT_FILE} but no {runs.SETTINGS_FILE}: its model cannot be rebuilt.")
     config = Config(**{name: value for name, value in saved.items() if name in Config.__dataclass_fields__})
     input_shape, num_classes = sources.input_spec(config)
-    model = build_model(config, input_shape, num_classes=num_classes)
-    optimizer = optimizers.build_optimizer(config)
-    optimizer.build(model.trainable_variables)
+    state = build_state(config, tf.distribute.get_strategy(), input_shape, num_classes=num_classes)
     prefixes = checkpoints.saved_checkpoints(checkpoints.directory(run_dir))
     if not prefixes:
         raise UsageError(f"{run_dir} has a {runs.RESULT_FILE} but no checkpoint: its weights are gone.")
-    tf.train.Checkpoint(model=model, optimizer=optimizer).restore(prefixes[0]).expect_partial()
-    optimizer.finalize_variable_values(model.trainable_variables)  # With --ema, the averaged weights model.keras holds.
-    layers = weighted_layers(model)
+    tf.train.Checkpoint(**state.trackables()).restore(prefixes[0]).expect_partial()
+    layers = weighted_layers(state.model)
     if not layers:
         raise UsageError(f"{run_dir}: its model has no Dense or Conv layer, whose first kernel the table describes.")
-    return tf.convert_to_tensor(layers[0][1].kernel).numpy()
+    with state.kept_weights():
+        return tf.convert_to_tensor(layers[0][1].kernel).numpy()
 
 
 @dataclasses.dataclass(frozen=True)
