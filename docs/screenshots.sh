@@ -22,5 +22,5 @@ shot() {  # shot <file> <URL fragment> [WIDTH,HEIGHT]: the dashboard in the stat
 shot tensorboard-losses.png 'scalars&tagFilter=loss%2F&regexInput=train&_smoothingWeight=0'
 shot tensorboard-norms.png 'scalars&tagFilter=weight_norm%2Fconv1%7Cgradient_norm%2Fconv1&regexInput=train&_smoothingWeight=0'
 shot tensorboard-histograms.png 'histograms&tagFilter=kernel%2Fconv1&regexInput=train'
-shot tensorboard-confusion.png 'images&regexInput=eval'
+shot tensorboard-confusion.png 'images&regexInput=test'
 shot tensorboard-hparams.png 'hparams' 1900,420  # Wide: the metrics come after the settings.

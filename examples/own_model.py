@@ -42,4 +42,4 @@ if __name__ == "__main__":
     logdir = sys.argv[1] if len(sys.argv) > 1 else "logdir"
     result = train_loop.train(model_fn=build, data=digits_arrays(), l2=1e-4, epochs=3, logdir=logdir,
                               run_name="own_model")
-    print(f"test accuracy {result['eval']['accuracy']:.3f} after {result['steps']} steps")
+    print(f"test accuracy {result['test']['accuracy']:.3f} after {result['steps']} steps")

@@ -1,11 +1,12 @@
 """An interrupted run folder damaged in every way a kill, a full disk, a bad copy or a second
 process can damage it, then the real command run on it.
 
-One digits run is trained once (checkpoints at steps 20 and 40 of 44, then `result.json` and
-`model.keras` removed: a run killed after its last checkpoint); each case copies it, damages the
-copy and runs `python -m train_loop` on it (a few seconds each). A case either resumes from the
-newest checkpoint that restores, saying so in one line, with the history up to that step kept
-byte for byte; or it is refused in one line, exit 2, with every file left exactly as it was.
+One digits run is trained once (checkpoints at steps 20 and 40 of 44, then the one at
+completion, `result.json`, `model.keras` and `saved_model/` removed: a run killed after its
+checkpoint at 40); each case copies it, damages the copy and runs `python -m train_loop` on it
+(a few seconds each). A case either resumes from the newest checkpoint that restores, saying so
+in one line, with the history up to that step kept byte for byte; or it is refused in one line,
+exit 2, with every file left exactly as it was.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from tensorboard.compat.proto import event_pb2
 from train_loop import Config, locks, runs, sources
 from train_loop.summaries import read_records
 
-FLAGS = ("--dataset=digits", "--checkpoint_every=20", "--steps_per_loop=10", "--run_name=r")
+# No validation split: 44 steps, so that the run goes on past its checkpoint at 40.
+FLAGS = ("--dataset=digits", "--validation_split=0", "--checkpoint_every=20", "--steps_per_loop=10", "--run_name=r")
 DIGITS_STEPS = 44
 
 
@@ -37,9 +39,14 @@ def interrupted(tmp_path_factory) -> Path:
     trained = subprocess.run([sys.executable, "-m", "train_loop", f"--logdir={logdir}", *FLAGS],
                              capture_output=True, text=True, timeout=600, cwd=REPO)
     assert trained.returncode == 0, trained.stderr
-    for name in ("result.json", "model.keras"):
-        (logdir / "r" / name).unlink()
-    return logdir / "r"
+    run_dir = logdir / "r"
+    for path in (run_dir / "result.json", run_dir / "model.keras", *(run_dir / "checkpoints").glob("ckpt-44.*")):
+        path.unlink()
+    shutil.rmtree(run_dir / "saved_model")
+    (run_dir / "checkpoints" / "checkpoint").write_text(
+        'model_checkpoint_path: "ckpt-40"\nall_model_checkpoint_paths: "ckpt-20"\n'
+        'all_model_checkpoint_paths: "ckpt-40"\n')
+    return run_dir
 
 
 def checkpoint_file(run_dir: Path, step: int, kind: str) -> Path:
@@ -149,7 +156,7 @@ def test_a_damaged_run_resumes_from_its_newest_intact_checkpoint(
     run_dir = tmp_path / "logs" / "r"
     shutil.copytree(interrupted, run_dir)
     damage(run_dir)
-    before = {path: read_records(str(path))[0] for path in (event_file(run_dir, "train"), event_file(run_dir, "eval"))}
+    before = {path: read_records(str(path))[0] for path in (event_file(run_dir, "train"),)}
 
     finished = run_cli(*FLAGS)
 
@@ -217,7 +224,7 @@ def test_a_run_owned_by_another_process_is_refused_or_skipped_by_a_default_name(
     refused naming this PID; one whose name is the default takes the next free name."""
     run_dir = tmp_path / "logs" / "r"
     shutil.copytree(interrupted, run_dir)
-    default_dir = tmp_path / "logs" / "convnet-dataset=digits"
+    default_dir = tmp_path / "logs" / "convnet-dataset=digits-validation_split=0"
     shutil.copytree(interrupted, default_dir)
     held = [locks.acquire(str(run_dir)), locks.acquire(str(default_dir))]
     before = snapshot(tmp_path / "logs", folder_times=False)
@@ -225,7 +232,7 @@ def test_a_run_owned_by_another_process_is_refused_or_skipped_by_a_default_name(
         assert_one_line_error(run_cli(*FLAGS), (f"{run_dir} is in use by process {os.getpid()}",))
         assert snapshot(tmp_path / "logs", folder_times=False) == before
 
-        moved = run_cli("--dataset=digits")
+        moved = run_cli("--dataset=digits", "--validation_split=0")
         assert moved.returncode == 0, moved.stderr
         digits = sources.load_splits(Config(dataset="digits")).source
         assert f"training {default_dir}-2 on {digits}" in moved.stdout.splitlines()
@@ -238,7 +245,7 @@ def test_a_name_that_fits_alone_but_not_with_its_suffix_is_refused(run_cli, tmp_
     """A finished run named with 254 bytes: its successor would be `-2`, 256 bytes, too long."""
     name = "n" * 254
     shutil.copytree(interrupted, tmp_path / "logs" / name)
-    runs.write_json(str(tmp_path / "logs" / name / "result.json"), {"train": {}, "eval": {}})
+    runs.write_json(str(tmp_path / "logs" / name / "result.json"), {"train": {}, "test": {}})
     before = snapshot(tmp_path / "logs")
     refused = run_cli("--dataset=digits", "--checkpoint_every=20", f"--run_name={name}")
     assert_one_line_error(refused, (f"{name}-2", "256 bytes", "--run_name"))

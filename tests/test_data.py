@@ -575,7 +575,7 @@ def test_replica_batches_make_up_the_global_batch() -> None:
 def test_eval_covers_the_test_split_once_and_pads_with_zero_weight(n_test: int) -> None:
     """Every test example once with weight 1; padding up to whole batches has weight 0."""
     splits, batch = index_splits(8, n_test), 4
-    dataset_fn, num_batches = inputs.eval_dataset_fn(splits, batch)
+    dataset_fn, num_batches = inputs.eval_dataset_fn(splits.x_test, splits.y_test, batch)
 
     batches = [tuple(part.numpy() for part in parts) for parts in dataset_fn(tf.distribute.InputContext())]
 
@@ -588,3 +588,20 @@ def test_eval_covers_the_test_split_once_and_pads_with_zero_weight(n_test: int) 
     assert set(weights.tolist()) <= {0.0, 1.0}
     assert sorted(labels[weights == 1].tolist()) == list(range(n_test))
     assert int((weights == 0).sum()) == num_batches * batch - n_test
+
+
+def test_hold_out_moves_a_seeded_share_of_the_training_split() -> None:
+    """The validation examples are drawn by the seed alone, apart from the rest, and the test
+    split is untouched; a share of 0 holds nothing out."""
+    splits = index_splits(50, 7)
+    held = sources.hold_out(splits, 0.2, seed=3)
+    assert (len(held.x_validation), len(held.x_train)) == (10, 40)
+    assert sorted([*held.y_train, *held.y_validation]) == list(range(50))
+    assert list(held.y_train) == sorted(held.y_train), "the rest keep their order"
+    np.testing.assert_array_equal(held.x_validation[:, 0, 0, 0], held.y_validation.astype(np.float32))
+    assert held.y_test is splits.y_test
+    np.testing.assert_array_equal(sources.hold_out(splits, 0.2, seed=3).y_validation, held.y_validation)
+    assert set(sources.hold_out(splits, 0.2, seed=4).y_validation) != set(held.y_validation)
+    assert sources.hold_out(splits, 0.0, seed=3) is splits
+    with pytest.raises(UsageError, match=r"--validation_split=0.001 of 50 training examples holds out none"):
+        sources.hold_out(splits, 0.001, seed=3)

@@ -31,7 +31,7 @@ from train_loop.errors import DivergedError, NoSpace
 
 pytestmark = pytest.mark.slow  # every test here trains a model
 
-DIGITS_STEPS = 44  # Steps in one digits epoch at batch 32.
+DIGITS_STEPS = (1437 - round(0.1 * 1437)) // 32  # digits' training examples less the validation split, batch 32.
 
 
 def start(*args: str, module: str = "train_loop", env: dict | None = None) -> subprocess.Popen:
@@ -50,13 +50,14 @@ def read_result(run_dir: Path) -> dict:
 
 
 def assert_same_numbers(result: dict, expected: dict, rel: float) -> None:
-    for split in ("train", "eval"):
+    for split in ("train", "validation", "test"):
         for name, value in expected[split].items():
             assert result[split][name] == pytest.approx(value, rel=rel, abs=1e-7), (split, name)
 
 
 @pytest.mark.parametrize("model", [
-    dict(l2=0.001),
+    # The best model's weights and counters live in mirrored variables on every worker.
+    dict(l2=0.001, best_metric="validation/accuracy", eval_every=15, global_clipnorm=0.5),
     # Kernel, bias and activity regularizers, an add_loss term and a nested sub-model.
     dict(model=os.path.join(REPO, "tests", "user_models.py") + ":build"),
 ], ids=["convnet", "user-model"])
@@ -81,6 +82,7 @@ def test_two_workers_match_one_process_and_only_the_chief_writes(tmp_path, model
     one = train(Config(**settings, jit_compile=choice, logdir=str(tmp_path / "one"), run_name="run",
                        strategy="one_device"))
     assert_same_numbers(two, one, rel=1e-4)
+    assert two["best_step"] == one["best_step"]
     assert os.listdir(tmp_path / "two") == ["run"]
     assert not [name for name in os.listdir(scratch) if name.startswith("train_loop-worker-")]
     weights = [keras.models.load_model(tmp_path / name / "run" / "model.keras").get_weights()
@@ -181,9 +183,9 @@ def test_a_signal_checkpoints_and_exits_then_the_same_command_resumes(tmp_path, 
 
 
 def logged_steps(run_dir: Path) -> dict[str, list[int]]:
-    """Every tag's logged steps, across all event files of the train and eval writers."""
+    """Every tag's logged steps, across all event files of the train, validation and test writers."""
     steps = {}
-    for writer in ("train", "eval"):
+    for writer in ("train", "validation", "test"):
         accumulator = events(str(run_dir), writer)
         for tag in accumulator.Tags()["tensors"]:
             steps[f"{writer}/{tag}"] = [event.step for event in accumulator.Tensors(tag)]
@@ -191,10 +193,15 @@ def logged_steps(run_dir: Path) -> dict[str, list[int]]:
 
 
 @pytest.mark.parametrize("model_flags", [
-    ("--dropout=0.2", "--l2=0.001"),
+    # Dropout, and every loop feature: clipping, decoupled decay, the weights' average (in the
+    # optimizer's checkpointed state), a schedule that warms up and decays across the kill, and
+    # the best model with early stopping (their counters checkpointed too).
+    ("--dropout=0.2", "--l2=0.001", "--global_clipnorm=0.5", "--weight_decay=0.01", "--ema=0.99",
+     "--lr_schedule=cosine", "--lr_decay_steps=150", "--warmup_steps=10", "--eval_every=15",
+     "--best_metric=validation/accuracy", "--early_stopping_patience=4"),
     # A user's model: kernel, bias and activity regularizers, add_loss, a nested sub-model.
-    ("--model=tests/user_models.py:build", "--epochs=10"),  # Fast steps: more of them, for the kill to land.
-], ids=["convnet-with-dropout", "user-model"])
+    ("--model=tests/user_models.py:build", "--epochs=20"),  # Fast steps: more of them, for the kill to land.
+], ids=["convnet-with-dropout-and-optimizer-features", "user-model"])
 def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_numbers(tmp_path, model_flags):
     """--deterministic: the resumed run's result, weights and curves are the same."""
     flags = ("--dataset=digits", "--epochs=4", "--deterministic", *model_flags,
@@ -218,10 +225,11 @@ def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_numbers(tm
     assert code == 0, stderr
     assert stdout.startswith(f"resuming {tmp_path / 'killed'} from step ")
     whole, resumed = read_result(tmp_path / "whole"), read_result(tmp_path / "killed")
-    for split in ("train", "eval"):
+    for split in ("train", "validation", "test"):
         for name, value in whole[split].items():
             assert abs(resumed[split][name] - value) <= 1e-6, (split, name, delay)
     assert resumed["confusion_matrix"] == whole["confusion_matrix"]
+    assert (resumed["best_step"], resumed["stopped_early"]) == (whole["best_step"], whole["stopped_early"])
     weights = [keras.models.load_model(tmp_path / name / "model.keras").get_weights() for name in ("whole", "killed")]
     for first, second in zip(*weights):
         assert np.max(np.abs(second - first)) <= 1e-6, delay

@@ -20,6 +20,7 @@ from helpers import events, scalar_series
 
 import train_loop
 from train_loop import Config, UsageError, distribute, models, report, sources, steps
+from train_loop.state import build_state
 
 USER_MODEL = "tests/user_models.py:build"
 USER_LAYERS = ("encoder/hidden", "logits")  # The user model's layers with weights, by path.
@@ -57,10 +58,8 @@ def test_step_regularization_of_every_kind_of_term_equals_numpy(replicas):
     strategy = distribute.mirrored_strategy([f"/cpu:{index}" for index in range(replicas)])
     config = Config(dataset="digits", model=USER_MODEL)
     splits = sources.load_splits(config)
-    with strategy.scope():
-        model = models.build_model(config, (8, 8, 1), model_fn=user_models.build)
-        optimizer = steps.build_optimizer(config)
-        optimizer.build(model.trainable_variables)
+    state = build_state(config, strategy, (8, 8, 1), model_fn=user_models.build)
+    model, optimizer = state.model, state.optimizer
     for _, layer in models.weighted_layers(model):  # Biases start at 0: give the bias term a value.
         layer.bias.assign(np.random.default_rng(1).normal(size=layer.bias.shape).astype(np.float32))
     images, labels = splits.x_train[:32], splits.y_train[:32]
@@ -132,7 +131,7 @@ def test_examples_run_and_learn(tmp_path, command):
     (result_file,) = tmp_path.glob("*/result.json")
     result = json.loads(result_file.read_text())
     chance = 1 / len(result["confusion_matrix"])
-    assert result["eval"]["accuracy"] > 2 * chance
+    assert result["test"]["accuracy"] > 2 * chance
     settings = json.loads((result_file.parent / "settings.json").read_text())
     if command[0] == "sh":
         assert (settings["model"], settings["dataset"]) == ("examples/wine.py:build", str(tmp_path / "wine.npz"))

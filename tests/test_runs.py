@@ -18,7 +18,9 @@ from train_loop import Config, models, sources
 
 pytestmark = pytest.mark.slow  # every test here trains a model
 
-RESULT_KEYS = {"dataset", "strategy", "replicas", "steps", "epochs", "train", "eval", "examples_per_second"}
+RESULT_KEYS = {"dataset", "strategy", "replicas", "steps", "epochs", "train", "validation", "test",
+               "examples_per_second"}
+DIGITS_STEPS = (1437 - round(0.1 * 1437)) // 32  # digits' training examples less the validation split, batch 32.
 
 
 def run_dirs(logdir) -> list[str]:
@@ -32,9 +34,9 @@ def test_digits_reaches_90_percent_in_three_epochs(run_cli, tmp_path):
     result = json.loads((run_dir / "result.json").read_text())
     assert RESULT_KEYS <= set(result)
     assert set(result["train"]) == {"cross_entropy", "regularization", "total", "accuracy"}
-    assert set(result["eval"]) == {"cross_entropy", "accuracy"}
-    assert result["eval"]["accuracy"] >= 0.90
-    assert (result["steps"], result["epochs"], result["replicas"]) == (3 * 44, 3, 1)
+    assert set(result["validation"]) == set(result["test"]) == {"cross_entropy", "accuracy"}
+    assert result["test"]["accuracy"] >= 0.90 and result["validation"]["accuracy"] >= 0.90
+    assert (result["steps"], result["epochs"], result["replicas"]) == (3 * DIGITS_STEPS, 3, 1)
     assert result["train"]["total"] == pytest.approx(
         result["train"]["cross_entropy"] + result["train"]["regularization"], rel=1e-6)
     assert "epoch 3/3: train cross_entropy" in finished.stdout
@@ -80,8 +82,8 @@ def test_fashion_mnist_one_epoch_reaches_85_percent(run_cli, tmp_path):
     finished = run_cli("--dataset=fashion_mnist", "--l2=0.001", "--batch_size=32")
     assert finished.returncode == 0, finished.stderr
     result = json.loads((tmp_path / "logs" / "convnet-dataset=fashion_mnist-l2=0.001" / "result.json").read_text())
-    assert result["steps"] == 1875
-    assert result["eval"]["accuracy"] >= 0.85
+    assert result["steps"] == (60_000 - 6_000) // 32  # 10% held out for validation
+    assert result["test"]["accuracy"] >= 0.85
 
 
 def test_a_finished_run_is_never_overwritten(run_cli, tmp_path):
@@ -108,7 +110,7 @@ def test_an_interrupted_run_resumes_from_its_newest_checkpoint(tmp_path):
     step = int(line.rsplit(" ", 1)[1])
     assert step > 0 and step % 10 == 0
     result = json.loads((logdir / "r" / "result.json").read_text())
-    assert (result["steps"], result["epochs"]) == (15 * 44, 15)
+    assert (result["steps"], result["epochs"]) == (15 * DIGITS_STEPS, 15)
     assert run_dirs(logdir) == ["r"]
 
 

@@ -62,8 +62,12 @@ class Run:
         return f"{self.name}/train"
 
     @property
-    def eval(self) -> str:
-        return f"{self.name}/eval"
+    def validation(self) -> str:
+        return f"{self.name}/validation"
+
+    @property
+    def test(self) -> str:
+        return f"{self.name}/test"
 
     @property
     def steps_per_epoch(self) -> int:
@@ -184,11 +188,12 @@ def _series(client: Client, run_name: str, tag: str) -> list[tuple[int, float]]:
 
 
 def test_scalar_tags(tensorboard: Client, run: Run):
-    """Train has the losses, accuracy, learning rate, throughput and per-layer terms; eval the two."""
+    """Train has the losses, accuracy, learning rate, throughput and per-layer terms; validation
+    and test the two evaluation scalars."""
     tags = tensorboard.get("/data/plugin/scalars/tags")
-    assert set(tags) == {run.train, run.eval}
+    assert set(tags) == {run.train, run.validation, run.test}
     assert set(tags[run.train]) == TRAIN_SCALARS
-    assert set(tags[run.eval]) == EVAL_SCALARS
+    assert set(tags[run.validation]) == set(tags[run.test]) == EVAL_SCALARS
 
 
 def test_histogram_tags_and_steps(tensorboard: Client, run: Run):
@@ -202,10 +207,14 @@ def test_histogram_tags_and_steps(tensorboard: Client, run: Run):
 
 
 def test_confusion_matrix_image_at_each_evaluation(tensorboard: Client, run: Run):
-    """The images dashboard has eval's confusion matrix at every epoch's end, served as a PNG."""
+    """The images dashboard has the validation confusion matrix at every epoch's end and the
+    test one at the last step, served as PNGs."""
     tags = tensorboard.get("/data/plugin/images/tags")
-    assert set(tags) == {run.eval} and set(tags[run.eval]) == {"confusion_matrix"}
-    rows = tensorboard.get("/data/plugin/images/images", run=run.eval, tag="confusion_matrix", sample="0")
+    assert set(tags) == {run.validation, run.test}
+    assert set(tags[run.validation]) == set(tags[run.test]) == {"confusion_matrix"}
+    test_rows = tensorboard.get("/data/plugin/images/images", run=run.test, tag="confusion_matrix", sample="0")
+    assert [row["step"] for row in test_rows] == [run.result["steps"]]
+    rows = tensorboard.get("/data/plugin/images/images", run=run.validation, tag="confusion_matrix", sample="0")
     assert [row["step"] for row in rows] == run.epoch_ends()
     content_type, png = tensorboard.get_bytes(f"/data/plugin/images/individualImage?{rows[-1]['query']}")
     assert content_type == "image/png" and png.startswith(b"\x89PNG\r\n\x1a\n")
@@ -213,10 +222,13 @@ def test_confusion_matrix_image_at_each_evaluation(tensorboard: Client, run: Run
 
 
 def test_confusion_matrix_counts_as_a_table_at_each_evaluation(tensorboard: Client, run: Run):
-    """Beside the image, the text dashboard has the counts, which the image only shades."""
-    entries = tensorboard.get("/data/plugin/text/text", run=run.eval, tag="confusion_matrix_counts")
-    assert [entry["step"] for entry in entries] == run.epoch_ends()
-    rows = re.findall(r"<tr>(.*?)</tr>", entries[-1]["text"], flags=re.DOTALL)
+    """Beside the image, the text dashboard has the counts, which the image only shades: at each
+    validation, and once for the test split, whose table is result.json's matrix."""
+    validation = tensorboard.get("/data/plugin/text/text", run=run.validation, tag="confusion_matrix_counts")
+    assert [entry["step"] for entry in validation] == run.epoch_ends()
+    [test] = tensorboard.get("/data/plugin/text/text", run=run.test, tag="confusion_matrix_counts")
+    assert test["step"] == run.result["steps"]
+    rows = re.findall(r"<tr>(.*?)</tr>", test["text"], flags=re.DOTALL)
     cells = [re.findall(r"<t[hd]>(.*?)</t[hd]>", row) for row in rows]
     labels = [str(label) for label in range(10)]
     assert cells[0] == ["true \\ predicted", *labels]
@@ -224,12 +236,15 @@ def test_confusion_matrix_counts_as_a_table_at_each_evaluation(tensorboard: Clie
     assert [[int(count) for count in row[1:]] for row in cells[1:]] == run.result["confusion_matrix"]
 
 
-def test_eval_series_matches_result(tensorboard: Client, run: Run):
-    """Eval is logged at each epoch's last step; its last values are result.json's `eval`."""
+def test_evaluation_series_match_result(tensorboard: Client, run: Run):
+    """Validation is logged at each epoch's last step, the test split once at the last; their
+    last values are result.json's `validation` and `test`."""
     for tag, key in (("accuracy", "accuracy"), ("loss/cross_entropy", "cross_entropy")):
-        series = _series(tensorboard, run.eval, tag)
-        assert [step for step, _ in series] == run.epoch_ends(), tag
-        assert series[-1][1] == pytest.approx(run.result["eval"][key], abs=1e-6), tag
+        for writer, steps in ((run.validation, run.epoch_ends()), (run.test, [run.result["steps"]])):
+            series = _series(tensorboard, writer, tag)
+            assert [step for step, _ in series] == steps, (writer, tag)
+            split = writer.rsplit("/", 1)[1]
+            assert series[-1][1] == pytest.approx(run.result[split][key], abs=1e-6), (writer, tag)
 
 
 def test_train_series_steps_and_values(tensorboard: Client, run: Run):
@@ -258,14 +273,14 @@ def test_hparams_experiment(tensorboard: Client, run: Run):
     assert hparams["l2"]["domainInterval"] == {"minValue": 0.001, "maxValue": 0.001}
     assert hparams["dataset"]["domainDiscrete"] == ["digits"]
     metrics = {(info["name"]["group"], info["name"]["tag"]) for info in experiment["metricInfos"]}
-    assert {("eval", "accuracy"), ("eval", "loss/cross_entropy"), ("train", "loss/total"),
+    assert {("validation", "accuracy"), ("test", "accuracy"), ("test", "loss/cross_entropy"), ("train", "loss/total"),
             ("train", "accuracy")} <= metrics
 
 
 def test_hparams_session_group(tensorboard: Client, run: Run):
-    """The run is one session with its settings and its last eval accuracy and train total loss."""
+    """The run is one session with its settings and its test accuracy and last train total loss."""
     hparam_names = ("l2", "dataset", "batch_size")
-    metric_names = [{"group": "eval", "tag": "accuracy"}, {"group": "train", "tag": "loss/total"}]
+    metric_names = [{"group": "test", "tag": "accuracy"}, {"group": "train", "tag": "loss/total"}]
     body = {
         "experimentName": "",
         "allowedStatuses": ALL_STATUSES,
@@ -282,15 +297,16 @@ def test_hparams_session_group(tensorboard: Client, run: Run):
     assert [session["name"] for session in group["sessions"]] == [run.name]
     assert group["hparams"] == {"l2": 0.001, "dataset": "digits", "batch_size": 32}
     metrics = {(value["name"]["group"], value["name"]["tag"]): value for value in group["metricValues"]}
-    accuracy, total = metrics["eval", "accuracy"], metrics["train", "loss/total"]
-    assert accuracy["value"] == pytest.approx(run.result["eval"]["accuracy"], abs=1e-6)
+    accuracy, total = metrics["test", "accuracy"], metrics["train", "loss/total"]
+    assert accuracy["value"] == pytest.approx(run.result["test"]["accuracy"], abs=1e-6)
     assert accuracy["trainingStep"] == total["trainingStep"] == run.result["steps"]
     assert total["value"] == pytest.approx(_series(tensorboard, run.train, "loss/total")[-1][1], abs=1e-6)
 
 
 def test_settings_text(tensorboard: Client, run: Run):
     """The settings table is a text summary of the run's root, rendered with its values."""
-    assert tensorboard.get("/data/plugin/text/tags") == {run.name: ["settings"], run.eval: ["confusion_matrix_counts"]}
+    assert tensorboard.get("/data/plugin/text/tags") == {
+        run.name: ["settings"], run.validation: ["confusion_matrix_counts"], run.test: ["confusion_matrix_counts"]}
     (entry,) = tensorboard.get("/data/plugin/text/text", run=run.name, tag="settings")
     assert entry["step"] == 0
     for key, value in (("l2", "0.001"), ("dataset", "digits"), ("batch_size", "32")):

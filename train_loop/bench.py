@@ -152,11 +152,11 @@ def _keras_fit_speed(config, jit_compile: bool | str) -> float:
     """What a Keras user runs instead: compile + fit on the same model, data and optimizer."""
     import keras
 
-    from train_loop import models, sources, steps
+    from train_loop import models, optimizers, sources
 
     splits = sources.load_splits(config)
     model = models.build_model(config, splits.x_train.shape[1:])
-    model.compile(optimizer=steps.build_optimizer(config), metrics=["accuracy"], jit_compile=jit_compile,
+    model.compile(optimizer=optimizers.build_optimizer(config), metrics=["accuracy"], jit_compile=jit_compile,
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     warm = 20 * config.batch_size
     model.fit(splits.x_train[:warm], splits.y_train[:warm], batch_size=config.batch_size, verbose=0)

@@ -32,7 +32,41 @@ flags.DEFINE_float("bias_l2", _DEFAULTS.bias_l2, "L2 factor on every bias.")
 flags.DEFINE_integer("epochs", _DEFAULTS.epochs, "Passes over the training split.")
 flags.DEFINE_integer("batch_size", _DEFAULTS.batch_size, "Global batch, split across replicas.")
 flags.DEFINE_enum("optimizer", _DEFAULTS.optimizer, configs.OPTIMIZERS, "Keras optimizer.")
-flags.DEFINE_float("learning_rate", _DEFAULTS.learning_rate, "The optimizer's learning rate.")
+flags.DEFINE_float("learning_rate", _DEFAULTS.learning_rate,
+                   "The optimizer's learning rate: the peak of a schedule, reached after any warm-up.")
+flags.DEFINE_enum("lr_schedule", _DEFAULTS.lr_schedule, configs.LR_SCHEDULES,
+                  "constant; cosine: decays to 0 over --lr_decay_steps; step: multiplied by "
+                  "--lr_decay_rate every --lr_decay_steps (keras.optimizers.schedules).")
+flags.DEFINE_integer("lr_decay_steps", _DEFAULTS.lr_decay_steps,
+                     "Steps (after the warm-up) over which cosine decays, or between step's decays.")
+flags.DEFINE_float("lr_decay_rate", _DEFAULTS.lr_decay_rate,
+                   "With --lr_schedule=step: the factor in (0, 1] applied every --lr_decay_steps.")
+flags.DEFINE_integer("warmup_steps", _DEFAULTS.warmup_steps,
+                     "Steps over which the rate rises linearly from 0 to --learning_rate; 0: none.")
+flags.DEFINE_float("global_clipnorm", _DEFAULTS.global_clipnorm,
+                   "Clip the global L2 norm of the whole batch's gradient (summed over replicas) to "
+                   "this; 0: no clipping.")
+flags.DEFINE_float("weight_decay", _DEFAULTS.weight_decay,
+                   "Decoupled weight decay of every kernel (the optimizer's own, not a loss term): "
+                   "w -= learning_rate * weight_decay * w at each step; 0: none.")
+flags.DEFINE_float("ema", _DEFAULTS.ema,
+                   "Momentum of an exponential moving average of the weights, e.g. 0.999; evaluation "
+                   "and model.keras use the averaged weights; 0: none.")
+flags.DEFINE_float("validation_split", _DEFAULTS.validation_split,
+                   "Share of the training split held out (seeded by --seed) and evaluated every "
+                   "--eval_every steps; the test split is evaluated once, at the end. 0: none.")
+flags.DEFINE_integer("eval_every", _DEFAULTS.eval_every,
+                     "Steps between evaluations of the validation split; 0: at the end of each epoch.")
+flags.DEFINE_string("best_metric", _DEFAULTS.best_metric,
+                    f"{' or '.join(configs.BEST_METRICS)}: keep the weights that scored best on it "
+                    "(in <run>/best/; they become model.keras and are tested); empty: the last weights.")
+flags.DEFINE_integer("early_stopping_patience", _DEFAULTS.early_stopping_patience,
+                     "Stop after this many validations without an improvement of --best_metric; 0: never.")
+flags.DEFINE_float("early_stopping_min_delta", _DEFAULTS.early_stopping_min_delta,
+                   "The least change of --best_metric that counts as an improvement.")
+flags.DEFINE_enum("export", _DEFAULTS.export, configs.EXPORTS,
+                  "saved_model: write <run>/saved_model/ for serving (Keras' model.export; it serves "
+                  "logits); none: do not.")
 flags.DEFINE_enum("strategy", _DEFAULTS.strategy, configs.STRATEGIES,
                   "tf.distribute strategy; auto: mirrored over several GPUs, multi_worker "
                   "under a TF_CONFIG of several workers, else one device.")

@@ -17,6 +17,10 @@ OPTIMIZERS = ("rmsprop", "adam", "sgd")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
 CLUSTER_RESOLVERS = ("tf_config", "slurm")  # Where a multi-worker run learns its cluster.
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+LR_SCHEDULES = ("constant", "cosine", "step")
+# What --best_metric may name, and whether a higher value is better.
+BEST_METRICS = {"validation/accuracy": True, "validation/cross_entropy": False}
+EXPORTS = ("saved_model", "none")
 # Keras' initializers take seeds in [0, 2**32); each layer adds a small offset to `seed`, so the
 # flag stays in the int32 range, which every seeded op accepts.
 MAX_SEED = 2**31 - 1
@@ -26,6 +30,8 @@ MAX_SEED = 2**31 - 1
 _NAMING_FIELDS = (
     "dataset", "dropout", "l1", "l2", "bias_l1", "bias_l2", "epochs",
     "batch_size", "optimizer", "learning_rate", "seed", "precision",
+    "lr_schedule", "lr_decay_steps", "lr_decay_rate", "warmup_steps", "global_clipnorm", "weight_decay", "ema",
+    "validation_split", "best_metric", "early_stopping_patience", "early_stopping_min_delta",
 )
 
 
@@ -45,6 +51,19 @@ class Config:
     batch_size: int = 32
     optimizer: str = "rmsprop"
     learning_rate: float = 0.001
+    lr_schedule: str = "constant"
+    lr_decay_steps: int = 0  # Required (> 0) by cosine and step; refused with constant.
+    lr_decay_rate: float = 0.1  # step: the factor applied every lr_decay_steps.
+    warmup_steps: int = 0
+    global_clipnorm: float = 0.0  # 0: no clipping.
+    weight_decay: float = 0.0
+    ema: float = 0.0  # 0: no moving average of the weights.
+    validation_split: float = 0.1  # Held out of the training split; 0: none.
+    eval_every: int = 0  # Steps between validations; 0: at the end of each epoch.
+    best_metric: str = ""  # One of BEST_METRICS; empty: the run keeps its last weights.
+    early_stopping_patience: int = 0  # Validations without improvement before stopping; 0: never.
+    early_stopping_min_delta: float = 0.0
+    export: str = "saved_model"
     strategy: str = "auto"
     cpu_replicas: int = 0
     logdir: str = "logdir"
@@ -86,9 +105,20 @@ class Config:
             raise UsageError(
                 f"--learning_rate={self.learning_rate} must be a positive finite number, "
                 "e.g. --learning_rate=0.001.")
+        _check_optimizer_settings(self)
         for name in ("epochs", "batch_size", "steps_per_loop", "summary_every"):
             _check_positive(name, getattr(self, name))
-        for name in ("histogram_every", "checkpoint_every", "cpu_replicas"):
+        if not (math.isfinite(self.validation_split) and 0.0 <= self.validation_split < 1.0):
+            raise UsageError(
+                f"--validation_split={self.validation_split} must be in [0, 1): the share of the training "
+                "split held out for validation, e.g. 0.1; 0 for none.")
+        if self.eval_every and not self.validation_split:
+            raise UsageError(
+                f"--eval_every={self.eval_every} evaluates the validation split, and --validation_split=0 "
+                "holds none out: pass --validation_split=0.1, or leave --eval_every out.")
+        _check_best_model_settings(self)
+        _check_choice("export", self.export, EXPORTS)
+        for name in ("histogram_every", "checkpoint_every", "eval_every", "cpu_replicas"):
             if getattr(self, name) < 0:
                 raise UsageError(
                     f"--{name}={getattr(self, name)} must be 0 or more (0 means its default).")
@@ -155,6 +185,65 @@ def _parse_profile_steps(text: str) -> tuple[int, int] | None:
         raise UsageError(
             f"--profile_steps={text!r} must be START,END with 0 <= START < END, e.g. --profile_steps=100,110.")
     return start, end
+
+
+def _check_optimizer_settings(config: Config) -> None:
+    """The learning-rate schedule, clipping, decoupled weight decay and the weights' average."""
+    _check_choice("lr_schedule", config.lr_schedule, LR_SCHEDULES)
+    if config.lr_schedule == "constant" and config.lr_decay_steps:
+        raise UsageError(
+            f"--lr_decay_steps={config.lr_decay_steps} has no effect with --lr_schedule=constant: "
+            "pass --lr_schedule=cosine or step, or leave --lr_decay_steps out.")
+    if config.lr_schedule != "constant" and config.lr_decay_steps <= 0:
+        raise UsageError(
+            f"--lr_decay_steps={config.lr_decay_steps} must be a positive integer with "
+            f"--lr_schedule={config.lr_schedule}: the steps over which the rate decays, e.g. --lr_decay_steps=1000.")
+    if not (math.isfinite(config.lr_decay_rate) and 0.0 < config.lr_decay_rate <= 1.0):
+        raise UsageError(
+            f"--lr_decay_rate={config.lr_decay_rate} must be in (0, 1]: the factor --lr_schedule=step "
+            "multiplies the rate by every --lr_decay_steps, e.g. --lr_decay_rate=0.1.")
+    if config.lr_schedule != "step" and config.lr_decay_rate != Config.lr_decay_rate:
+        raise UsageError(
+            f"--lr_decay_rate={config.lr_decay_rate} has no effect with --lr_schedule={config.lr_schedule}: "
+            "pass --lr_schedule=step, or leave --lr_decay_rate out.")
+    if config.warmup_steps < 0:
+        raise UsageError(f"--warmup_steps={config.warmup_steps} must be 0 or more (0: no warm-up).")
+    for name in ("global_clipnorm", "weight_decay"):
+        value = getattr(config, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise UsageError(f"--{name}={value} must be a finite number >= 0 (0 turns it off).")
+    if not (math.isfinite(config.ema) and 0.0 <= config.ema < 1.0):
+        raise UsageError(
+            f"--ema={config.ema} must be in [0, 1): the momentum of the weights' moving average, "
+            "e.g. --ema=0.999; 0 turns it off.")
+
+
+def _check_best_model_settings(config: Config) -> None:
+    """`--best_metric` needs a validation split; early stopping needs a best metric."""
+    if config.best_metric and config.best_metric not in BEST_METRICS:
+        raise UsageError(
+            f"--best_metric={config.best_metric!r} is not one of {', '.join(BEST_METRICS)} (or empty: keep the "
+            "last weights).")
+    if config.best_metric and not config.validation_split:
+        raise UsageError(
+            f"--best_metric={config.best_metric} is measured on the validation split, and --validation_split=0 "
+            "holds none out: pass --validation_split=0.1.")
+    if config.early_stopping_patience < 0:
+        raise UsageError(
+            f"--early_stopping_patience={config.early_stopping_patience} must be 0 or more: the validations "
+            "without improvement before the run stops (0: never stop early).")
+    if config.early_stopping_patience and not config.best_metric:
+        raise UsageError(
+            f"--early_stopping_patience={config.early_stopping_patience} needs --best_metric to say what "
+            "improves: pass --best_metric=validation/accuracy or validation/cross_entropy.")
+    if not (math.isfinite(config.early_stopping_min_delta) and config.early_stopping_min_delta >= 0):
+        raise UsageError(
+            f"--early_stopping_min_delta={config.early_stopping_min_delta} must be a finite number >= 0: "
+            "the least change of --best_metric that counts as an improvement.")
+    if config.early_stopping_min_delta and not config.best_metric:
+        raise UsageError(
+            f"--early_stopping_min_delta={config.early_stopping_min_delta} needs --best_metric: pass "
+            "--best_metric=validation/accuracy or validation/cross_entropy.")
 
 
 def _check_dataset(dataset: str) -> None:

@@ -34,10 +34,16 @@ class Console:
         if within + 1 == self._steps_per_epoch:
             self._bar = None
 
-    def epoch_done(self, epoch: int, train: Mapping[str, float], evaluation: Mapping[str, float],
+    def epoch_done(self, epoch: int, train: Mapping[str, float], validation: Mapping[str, float] | None,
                    examples_per_second: float) -> None:
-        self.say(f"epoch {epoch}/{self._num_epochs}: train {_format(train)} | eval "
-                 f"{_format(evaluation)} | {examples_per_second:,.0f} examples/s")
+        """The epoch's means, and the latest validation unless there is no validation split."""
+        held_out = "" if validation is None else f" | validation {_format(validation)}"
+        self.say(f"epoch {epoch}/{self._num_epochs}: train {_format(train)}{held_out} | "
+                 f"{examples_per_second:,.0f} examples/s")
+
+    def tested(self, metrics: Mapping[str, float]) -> None:
+        """The test split's numbers, evaluated once at the end."""
+        self.say(f"test {_format(metrics)}")
 
 
 def warn(message: str) -> None:

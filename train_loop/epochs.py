@@ -9,22 +9,23 @@ import math
 import time
 from collections.abc import Callable
 
-import keras
 import numpy as np
 import tensorflow as tf
 
-from train_loop import checkpoints, steps
+from train_loop import checkpoints, optimizers, steps
 from train_loop.configs import Config
 from train_loop.console import Console
 from train_loop.errors import DivergedError
 from train_loop.preemption import SignalStop
 from train_loop.profiling import StepProfiler, Stopwatch
+from train_loop.state import TrainState
 from train_loop.summaries import Summaries
 
 
 @dataclasses.dataclass(frozen=True)
 class Evaluation:
-    """One pass over the test split: cross-entropy and accuracy, and the confusion matrix."""
+    """One pass over a split (validation or test): cross-entropy and accuracy, and the confusion
+    matrix."""
 
     metrics: dict[str, float]
     confusion_matrix: np.ndarray
@@ -41,57 +42,28 @@ def check_finite(sums: dict[str, float], step: int, num_steps: int) -> None:
                 f"{step + num_steps}; nothing past step {step} was saved. Lower --learning_rate.")
 
 
-class LoopState:
-    """The outer loop's counters, kept in variables so that checkpoints carry them.
-
-    `epoch_sums` holds the current epoch's summed measurements and its step count, so a run
-    resumed mid-epoch, or after its last checkpoint, still reports the whole epoch's means.
-    """
-
-    def __init__(self) -> None:
-        self._step = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self.epoch_sums = tf.Variable(tf.zeros([len(steps.TRAIN_MEASUREMENTS) + 1], tf.float64),
-                                      trainable=False)
-
-    @property
-    def step(self) -> int:
-        return int(self._step)
-
-    def trackables(self) -> dict[str, tf.Variable]:
-        return {"step": self._step, "epoch": self.epoch, "epoch_sums": self.epoch_sums}
-
-    def advance(self, sums: dict[str, float], num_steps: int) -> None:
-        self._step.assign_add(num_steps)
-        self.epoch_sums.assign_add([*(sums[name] for name in steps.TRAIN_MEASUREMENTS), num_steps])
-
-    def epoch_means(self) -> dict[str, float]:
-        *totals, count = self.epoch_sums.numpy().tolist()
-        return {name: total / max(count, 1) for name, total in zip(steps.TRAIN_MEASUREMENTS, totals)}
-
-
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class Run:
     """The eager outer loop: calls the traced loop between events, and handles each event."""
 
     config: Config
     steps_per_epoch: int
-    model: keras.Model
-    optimizer: keras.optimizers.Optimizer
+    state: TrainState
     manager: tf.train.CheckpointManager
     summaries: Summaries
     console: Console
-    state: LoopState
-    loss_scale: steps.LossScale | None
     profiler: StepProfiler
     signals: SignalStop
     stopwatch: Stopwatch = dataclasses.field(default_factory=Stopwatch)
-    evaluation: Evaluation | None = None
+    save_best: Callable[[], None] = lambda: None  # Writes <run>/best/ from the model as validated.
+    validation: Evaluation | None = None  # The latest.
 
-    def run_epochs(self, train_steps: Callable[[int], dict], evaluate: Callable[[], Evaluation]) -> Timer:
-        """Runs until the last epoch ends; returns the throughput timer."""
-        config, state, timer, interval = self.config, self.state, Timer(), _Interval()
-        while state.step < self.steps_per_epoch * config.epochs:
+    def run_epochs(self, train_steps: Callable[[int], dict], validate: Callable[[], Evaluation] | None) -> Timer:
+        """Runs until the last epoch ends, validating every `eval_every` steps (or at each epoch's
+        end) when there is a validation split; returns the throughput timer."""
+        config, state, timer, interval = self.config, self.state.counters, Timer(), _Interval()
+        total = self.steps_per_epoch * config.epochs
+        while state.step < total and not self._stopping_early():
             if state.step % self.steps_per_epoch == 0:
                 state.epoch_sums.assign(tf.zeros_like(state.epoch_sums))
             # The first call of a process traces and compiles: one step, so that it is timed apart.
@@ -104,28 +76,55 @@ class Run:
             state.advance(sums, num_steps)
 
             step, epoch_end = state.step, state.step % self.steps_per_epoch == 0
-            self.profiler.after(step, last=step == self.steps_per_epoch * config.epochs)
+            self.profiler.after(step, last=step == total)
             if step % config.summary_every == 0 or epoch_end:
                 self._write_train_summaries(step, interval.pop_means())
             if _due(step, config.histogram_every, epoch_end):
-                self.summaries.write_weight_histograms(self.model, step)
+                self.summaries.write_weight_histograms(self.state.model, step)
             # Training time counts the steps and their summaries; evaluation and checkpoints not.
             timer.add(num_steps * config.batch_size, started, time.perf_counter())
+            if validate and (_due(step, config.eval_every, epoch_end) or step == total):
+                # The last step too, so that the run ends with a validation of its final weights.
+                self._validate(step, validate)
+            last = step == total or self._stopping_early()
             if epoch_end:
-                self._end_epoch(step, evaluate(), timer.examples_per_second)
+                state.epoch.assign_add(1)
+                self.console.epoch_done(int(state.epoch), state.epoch_means(),
+                                        self.validation.metrics if self.validation else None,
+                                        timer.examples_per_second)
             # Events before the checkpoint: a run resumed from it keeps every event up to its step.
             self.summaries.flush()
-            if _due(step, config.checkpoint_every, epoch_end):
+            # The last step too: tools reading the newest checkpoint see the weights result.json describes.
+            if _due(step, config.checkpoint_every, epoch_end) or last:
                 with self.stopwatch.phase("checkpoints"):
                     checkpoints.save(self.manager, step)
             self.signals.stop_if_signalled(step, functools.partial(checkpoints.save, self.manager, step))
+        self.profiler.after(state.step, last=True)  # Stopped early inside the traced range.
         return timer
 
+    def _validate(self, step: int, validate: Callable[[], Evaluation]) -> None:
+        self.validation = validate()
+        self.summaries.write_evaluation("validation", step, self.validation.metrics, self.validation.confusion_matrix)
+        best = self.state.best
+        # The weights validated, which with --ema are the averaged ones, are the ones to keep.
+        with self.state.validated_weights():
+            if best and best.update(step, self.validation.metrics):
+                self.save_best()
+        if self._stopping_early():
+            self.console.say(
+                f"stopping early at step {step}: {best.name} has not improved by more than "
+                f"{self.config.early_stopping_min_delta:g} in {self.config.early_stopping_patience} validations; "
+                f"the best, {float(best.value.numpy()):.4f}, was at step {best.step}")
+
+    def _stopping_early(self) -> bool:
+        return self.state.best is not None and self.state.best.stop
+
     def _steps_to_next_event(self) -> int:
-        """Steps until the next summary, histogram, checkpoint or epoch end, at most steps_per_loop."""
-        step, config = self.state.step, self.config
+        """Steps until the next summary, histogram, validation, checkpoint or epoch end, at most
+        steps_per_loop."""
+        step, config = self.state.counters.step, self.config
         intervals = [config.summary_every, self.steps_per_epoch]
-        intervals += [every for every in (config.histogram_every, config.checkpoint_every) if every]
+        intervals += [every for every in (config.histogram_every, config.eval_every, config.checkpoint_every) if every]
         boundaries = [boundary - step for boundary in self.profiler.boundaries() if boundary > step]
         return min(config.steps_per_loop, *(every - step % every for every in intervals), *boundaries)
 
@@ -135,22 +134,18 @@ class Run:
             "loss/regularization": means["regularization"],
             "loss/total": means["total"],
             "accuracy": means["accuracy"],
-            "learning_rate": float(keras.ops.convert_to_numpy(self.optimizer.learning_rate)),
+            "learning_rate": optimizers.applied_learning_rate(self.config, self.state.optimizer),
             "examples_per_second": means["examples_per_second"],
             **{name: value for name, value in means.items() if name.startswith("gradient_norm")},
-            **({"loss_scale": float(self.loss_scale.scale.numpy())} if self.loss_scale else {}),
+            **({"clipped_share": means["clipped"]} if self.config.global_clipnorm else {}),
+            **({"loss_scale": float(self.state.loss_scale.scale.numpy())} if self.state.loss_scale else {}),
         })
-        self.summaries.write_layer_scalars(self.model, step)
+        self.summaries.write_layer_scalars(self.state.model, step)
+        if self.config.weight_decay:
+            self.summaries.write_scalars("train", step, {
+                f"weight_decay/{path}": term
+                for path, term in optimizers.layer_decay_terms(self.state.model, self.config.weight_decay).items()})
         self.console.progress(step, {name: means[name] for name in steps.TRAIN_MEASUREMENTS})
-
-    def _end_epoch(self, step: int, evaluation: Evaluation, examples_per_second: float) -> None:
-        self.evaluation = evaluation
-        self.summaries.write_scalars("eval", step, {
-            "loss/cross_entropy": evaluation.metrics["cross_entropy"], "accuracy": evaluation.metrics["accuracy"]})
-        self.summaries.write_confusion_matrix(step, evaluation.confusion_matrix)
-        self.state.epoch.assign_add(1)
-        self.console.epoch_done(int(self.state.epoch), self.state.epoch_means(), evaluation.metrics,
-                                examples_per_second)
 
 
 class _Interval:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import tensorflow as tf
 
 from train_loop.errors import UsageError
@@ -18,9 +19,10 @@ def steps_per_epoch(splits: Splits, global_batch_size: int) -> int:
     """
     steps = len(splits.x_train) // global_batch_size
     if steps == 0:
+        held_out = "" if splits.x_validation is None else " left after --validation_split"
         raise UsageError(
             f"--batch_size={global_batch_size} is larger than the {len(splits.x_train)} training "
-            "examples: use a smaller --batch_size.")
+            f"examples{held_out}: use a smaller --batch_size.")
     return steps
 
 
@@ -60,9 +62,10 @@ def train_dataset_fn(
 
 
 def eval_dataset_fn(
-    splits: Splits, global_batch_size: int,
+    inputs: np.ndarray, labels: np.ndarray, global_batch_size: int,
 ) -> tuple[Callable[[tf.distribute.InputContext], tf.data.Dataset], int]:
-    """The test split padded to whole global batches, with a weight of 0 on the padding.
+    """A split to evaluate (validation or test) padded to whole global batches, with a weight of 0
+    on the padding.
 
     Whole batches keep every replica in lockstep and every shape static; the weights keep the
     metrics exact over the real examples.
@@ -70,9 +73,9 @@ def eval_dataset_fn(
     Returns:
       The dataset function and the number of batches each replica runs.
     """
-    num_examples = len(splits.x_test)
+    num_examples = len(inputs)
     num_batches = -(-num_examples // global_batch_size)
-    images, labels = tf.constant(splits.x_test), tf.constant(splits.y_test)
+    images, labels = tf.constant(inputs), tf.constant(labels)
 
     def lookup(index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         clipped = tf.minimum(index, num_examples - 1)

@@ -8,10 +8,11 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from train_loop import checkpoints, runs, sources, steps
+from train_loop import checkpoints, runs, sources
 from train_loop.configs import Config
 from train_loop.errors import UsageError
-from train_loop.models import build_model, weighted_layers
+from train_loop.models import weighted_layers
+from train_loop.state import build_state
 
 SMALL_WEIGHT = 1e-3  # |w| under this counts as (nearly) zero: what L1 produces and L2 does not.
 
@@ -21,9 +22,11 @@ COLUMNS = {
     "regularization": ("regularization", "{:.4f}"),
     "total": ("total", "{:.4f}"),
     "train_accuracy": ("train acc", "{:.4f}"),
-    "eval_cross_entropy": ("eval CE", "{:.4f}"),
-    "eval_accuracy": ("eval acc", "{:.4f}"),
-    "gap": ("gap (eval - train CE)", "{:+.4f}"),
+    "validation_cross_entropy": ("val CE", "{:.4f}"),
+    "validation_accuracy": ("val acc", "{:.4f}"),
+    "test_cross_entropy": ("test CE", "{:.4f}"),
+    "test_accuracy": ("test acc", "{:.4f}"),
+    "gap": ("gap (test - train CE)", "{:+.4f}"),
     "kernel_mean_abs": ("mean abs w", "{:.4f}"),
     "kernel_max_abs": ("max abs w", "{:.4f}"),
     "kernel_small_share": (f"abs w < {SMALL_WEIGHT:g}", "{:.1%}"),
@@ -45,19 +48,22 @@ def finished_runs(folder: str) -> list[str]:
     return found
 
 
-def run_row(run_dir: str) -> dict[str, float]:
-    """One run's final numbers and its first layer's kernel statistics."""
+def run_row(run_dir: str) -> dict[str, float | None]:
+    """One run's final numbers and its first layer's kernel statistics; the validation columns
+    are None for a run without a validation split."""
     result = runs.read_result(run_dir)
-    train, evaluation = result["train"], result["eval"]
+    train, validation, test = result["train"], result["validation"] or {}, result["test"]
     kernel = np.abs(first_kernel(run_dir))
     return {
         "train_cross_entropy": train["cross_entropy"],
         "regularization": train["regularization"],
         "total": train["total"],
         "train_accuracy": train["accuracy"],
-        "eval_cross_entropy": evaluation["cross_entropy"],
-        "eval_accuracy": evaluation["accuracy"],
-        "gap": evaluation["cross_entropy"] - train["cross_entropy"],
+        "validation_cross_entropy": validation.get("cross_entropy"),
+        "validation_accuracy": validation.get("accuracy"),
+        "test_cross_entropy": test["cross_entropy"],
+        "test_accuracy": test["accuracy"],
+        "gap": test["cross_entropy"] - train["cross_entropy"],
         "kernel_mean_abs": float(kernel.mean()),
         "kernel_max_abs": float(kernel.max()),
         "kernel_small_share": float(np.mean(kernel < SMALL_WEIGHT)),
@@ -67,8 +73,9 @@ def run_row(run_dir: str) -> dict[str, float]:
 def first_kernel(run_dir: str) -> np.ndarray:
     """The first weighted layer's kernel in the run's latest checkpoint.
 
-    The model and optimizer are rebuilt from the run's saved settings and restored, so layers
-    are found by name, not by a checkpoint key that Keras might rename.
+    The train state is rebuilt from the run's saved settings and restored, so layers are found
+    by name, not by a checkpoint key that Keras might rename; the kernel is the one `model.keras`
+    holds (the best or the averaged weights, when the run kept those).
     """
     saved = runs.read_settings(run_dir)
     if saved is None:
@@ -76,30 +83,29 @@ def first_kernel(run_dir: str) -> np.ndarray:
             f"{run_dir} has a {runs.RESULT_FILE} but no {runs.SETTINGS_FILE}: its model cannot be rebuilt.")
     config = Config(**{name: value for name, value in saved.items() if name in Config.__dataclass_fields__})
     input_shape, num_classes = sources.input_spec(config)
-    model = build_model(config, input_shape, num_classes=num_classes)
-    optimizer = steps.build_optimizer(config)
-    optimizer.build(model.trainable_variables)
+    state = build_state(config, tf.distribute.get_strategy(), input_shape, num_classes=num_classes)
     prefixes = checkpoints.saved_checkpoints(checkpoints.directory(run_dir))
     if not prefixes:
         raise UsageError(f"{run_dir} has a {runs.RESULT_FILE} but no checkpoint: its weights are gone.")
-    tf.train.Checkpoint(model=model, optimizer=optimizer).restore(prefixes[0]).expect_partial()
-    layers = weighted_layers(model)
+    tf.train.Checkpoint(**state.trackables()).restore(prefixes[0]).expect_partial()
+    layers = weighted_layers(state.model)
     if not layers:
         raise UsageError(f"{run_dir}: its model has no Dense or Conv layer, whose first kernel the table describes.")
-    return tf.convert_to_tensor(layers[0][1].kernel).numpy()
+    with state.kept_weights():
+        return tf.convert_to_tensor(layers[0][1].kernel).numpy()
 
 
 @dataclasses.dataclass(frozen=True)
 class Table:
     """Rows by run name, in the order given."""
 
-    rows: dict[str, dict[str, float]]
+    rows: dict[str, dict[str, float | None]]
 
     def markdown(self) -> str:
         headings = ["run", *(heading for heading, _ in COLUMNS.values())]
         lines = ["| " + " | ".join(headings) + " |", "|" + "---|" * len(headings)]
         for name, row in self.rows.items():
-            cells = [name, *(form.format(row[key]) for key, (_, form) in COLUMNS.items())]
+            cells = [name, *("-" if row[key] is None else form.format(row[key]) for key, (_, form) in COLUMNS.items())]
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines) + "\n"
 

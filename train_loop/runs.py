@@ -221,8 +221,8 @@ def read_result(run_dir: str) -> dict[str, Any]:
       UsageError: it is missing, empty or damaged.
     """
     result = _read_json(os.path.join(run_dir, RESULT_FILE), "move the run away, or delete the file to train it again")
-    if not isinstance(result.get("train"), dict) or not isinstance(result.get("eval"), dict):
-        raise UsageError(f"{os.path.join(run_dir, RESULT_FILE)} is damaged (no train and eval results): "
+    if not isinstance(result.get("train"), dict) or not isinstance(result.get("test"), dict):
+        raise UsageError(f"{os.path.join(run_dir, RESULT_FILE)} is damaged (no train and test results): "
                          "move the run away, or delete the file to train it again.")
     return result
 

@@ -45,6 +45,9 @@ class Splits(NamedTuple):
     y_test: np.ndarray
     source: str
     num_classes: int = 10
+    # Held out of the training split by `hold_out`; empty when there is no validation split.
+    x_validation: np.ndarray | None = None
+    y_validation: np.ndarray | None = None
 
 
 def load_splits(config: Config, arrays: Mapping[str, np.ndarray] | None = None) -> Splits:
@@ -81,6 +84,28 @@ _CLASS_NAMES = {
     "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                       "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),  # Zalando's labels, in order
 }
+
+
+def hold_out(splits: Splits, share: float, seed: int) -> Splits:
+    """Moves a seeded `share` of the training split into a validation split.
+
+    The examples are drawn by `seed` alone, so every worker, replica count and resumed run holds
+    out the same ones; the rest keep their order. The test split is left for the end of the run.
+
+    Raises:
+      UsageError: the share holds out no example at all.
+    """
+    if not share:
+        return splits
+    count = round(share * len(splits.x_train))
+    if count == 0:
+        raise UsageError(
+            f"--validation_split={share:g} of {len(splits.x_train)} training examples holds out none: "
+            f"use at least {1 / len(splits.x_train):.2g}, or 0 for no validation split.")
+    held = np.zeros(len(splits.x_train), bool)
+    held[np.random.default_rng(seed).permutation(len(held))[:count]] = True
+    return splits._replace(x_train=splits.x_train[~held], y_train=splits.y_train[~held],
+                           x_validation=splits.x_train[held], y_validation=splits.y_train[held])
 
 
 def input_spec(config: Config) -> tuple[tuple[int, ...], int]:

@@ -14,24 +14,15 @@ import keras
 import tensorflow as tf
 
 from train_loop import losses
-from train_loop.configs import Config
 from train_loop.models import weighted_layers
 
 TRAIN_MEASUREMENTS = ("cross_entropy", "regularization", "total", "accuracy")
-# Summed over every step: the logged means, and the replica-steps whose gradient was not finite
-# (the divergence check; a non-finite gradient mid-call would otherwise only show one step later).
-STEP_MEASUREMENTS = (*TRAIN_MEASUREMENTS, "non_finite_gradients")
+# Summed over every step: the logged means, the steps whose summed gradient was clipped, and the
+# replica-steps whose gradient was not finite (the divergence check; a non-finite gradient mid-call
+# would otherwise only show one step later). The last must stay last: `scaled_train_step` zeroes it.
+STEP_MEASUREMENTS = (*TRAIN_MEASUREMENTS, "clipped", "non_finite_gradients")
 _SUM = tf.distribute.ReduceOp.SUM
-
-
-def build_optimizer(config: Config) -> keras.optimizers.Optimizer:
-    """The Keras optimizer `--optimizer` names; build it inside `strategy.scope()`."""
-    optimizers = {
-        "rmsprop": keras.optimizers.RMSprop,
-        "adam": keras.optimizers.Adam,
-        "sgd": keras.optimizers.SGD,
-    }
-    return optimizers[config.optimizer](learning_rate=config.learning_rate)
+_CLIPPED = STEP_MEASUREMENTS.index("clipped")
 
 
 class LossScale(tf.Module):
@@ -84,7 +75,8 @@ def make_replica_gradients(
             gradients = [gradient / loss_scale.scale for gradient in gradients]
         accuracy = losses.correct_share(labels, logits, global_batch_size)
         non_finite = tf.cast(~tf.math.is_finite(tf.linalg.global_norm(gradients)), tf.float32)
-        return tf.stack([cross_entropy, regularization, total, accuracy, non_finite]), gradients
+        # "clipped" is filled in by the train step, after the cross-replica sum.
+        return tf.stack([cross_entropy, regularization, total, accuracy, 0.0, non_finite]), gradients
 
     return tf.function(replica_gradients, jit_compile=True) if jit_compile else replica_gradients
 
@@ -92,14 +84,17 @@ def make_replica_gradients(
 def make_train_step(
     strategy: tf.distribute.Strategy, model: keras.Model, optimizer: keras.optimizers.Optimizer,
     replica_gradients: Callable[..., tuple[tf.Tensor, list[tf.Tensor]]], *,
-    loss_scale: LossScale | None = None,
+    loss_scale: LossScale | None = None, global_clipnorm: float = 0.0,
 ) -> Callable[[tuple, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
     """One update over all replicas, for use inside the traced loop.
 
     Besides the `STEP_MEASUREMENTS` it measures the gradient when `measure` is true (the last
     step of a loop call, the one a summary reports): its global L2 norm and each weighted layer's
     kernel-gradient norm, both of the whole global batch's gradient (summed over replicas), so they
-    equal what one device computes. Other steps skip that reduction and those norms.
+    equal what one device computes. Other steps skip that reduction and those norms. The norms
+    are the gradient's before clipping: with `global_clipnorm` the update clips the summed
+    gradient to that global norm, as one device would (`clip_summed_gradient`), and "clipped"
+    counts the steps it exceeded.
 
     Returns:
       A function of (every replica's batch, measure) giving the summed `STEP_MEASUREMENTS` and the
@@ -117,10 +112,19 @@ def make_train_step(
     def measured_norms(measure: tf.Tensor, gradients: list) -> tf.Tensor:
         return tf.cond(measure, lambda: gradient_norms(gradients), lambda: tf.zeros([1 + len(kernels)]))
 
+    def apply(measurements: tf.Tensor, gradients: list) -> tf.Tensor:
+        """In replica context: clips, updates, and records whether it clipped."""
+        if global_clipnorm:
+            gradients, clipped = clip_summed_gradient(gradients, global_clipnorm)
+            # Each replica counts its share, so the sum over replicas counts the step once.
+            share = tf.cast(clipped, tf.float32) / strategy.num_replicas_in_sync
+            measurements = tf.tensor_scatter_nd_update(measurements, [[_CLIPPED]], [share])
+        optimizer.apply_gradients(zip(gradients, variables))
+        return measurements
+
     def replica_step(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, list[tf.Tensor]]:
         measurements, gradients = replica_gradients(images, labels)
-        optimizer.apply_gradients(zip(gradients, variables))
-        return measurements, gradients
+        return apply(measurements, gradients), gradients
 
     def train_step(batch: tuple, measure: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         measurements, gradients = strategy.run(replica_step, args=batch)
@@ -128,23 +132,39 @@ def make_train_step(
 
     def scaled_train_step(batch: tuple, measure: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         # Called from a plain function, so that XLA's compiled function runs on each replica's device.
-        measurements, gradients = strategy.run(lambda *replica_batch: replica_gradients(*replica_batch), args=batch)
-        measurements = strategy.reduce(_SUM, measurements, axis=None)
+        replica_measurements, gradients = strategy.run(
+            lambda *replica_batch: replica_gradients(*replica_batch), args=batch)
+        measurements = strategy.reduce(_SUM, replica_measurements, axis=None)
         finite = measurements[-1] == 0
 
-        def apply() -> tf.Tensor:
-            strategy.run(lambda grads: optimizer.apply_gradients(zip(grads, variables)), args=(gradients,))
-            return tf.constant(True)
+        def apply_all() -> tf.Tensor:
+            clipped = strategy.run(apply, args=(replica_measurements, gradients))
+            return strategy.reduce(_SUM, clipped, axis=None)[_CLIPPED]
 
         # Decided across replicas, as Keras' LossScaleOptimizer does: a branch that holds the
         # optimizer's cross-replica sum cannot sit inside one replica's control flow.
-        tf.cond(finite, apply, lambda: tf.constant(False))
+        clipped = tf.cond(finite, apply_all, lambda: tf.constant(0.0))
+        measurements = tf.tensor_scatter_nd_update(measurements, [[_CLIPPED]], [clipped])
         loss_scale.update(finite)
         # A skipped step's overflow is the loss scale's job, not divergence; its norms count as 0.
         return (tf.concat([measurements[:-1], [0.0]], 0),
                 measured_norms(tf.logical_and(measure, finite), gradients))
 
     return train_step if loss_scale is None else scaled_train_step
+
+
+def clip_summed_gradient(gradients: list[tf.Tensor], clip_norm: float) -> tuple[list[tf.Tensor], tf.Tensor]:
+    """This replica's share of the gradient, scaled so that the sum over replicas has a global
+    norm of at most `clip_norm`; and whether it was scaled down. Call in replica context.
+
+    By hand because Keras' `global_clipnorm` clips each replica's share before the optimizer sums
+    them, so N replicas would clip N smaller norms and differ from one device. The sum's norm
+    takes one extra all-reduce per step; scaling each share by one factor scales their sum by it.
+    """
+    summed = tf.distribute.get_replica_context().all_reduce(_SUM, gradients)
+    norm = tf.linalg.global_norm(summed)
+    clipped, _ = tf.clip_by_global_norm(gradients, clip_norm, use_norm=norm)
+    return clipped, norm > clip_norm
 
 
 def gradient_norm_names(model: keras.Model) -> tuple[str, ...]:

@@ -20,11 +20,13 @@ from train_loop.losses import layer_weight_terms
 from train_loop.models import named_layers, weighted_layers
 from train_loop.startup import quiet_stderr
 
-WRITERS = ("train", "eval", "settings")  # The settings writer writes into the run's own folder.
+# The settings writer writes into the run's own folder.
+WRITERS = ("train", "validation", "test", "settings")
 
 
 class Summaries:
-    """Writers for `<run>/train` and `<run>/eval`, and the run's root for its settings.
+    """Writers for `<run>/train`, `<run>/validation` and `<run>/test`, and the run's root for its
+    settings.
 
     Given no run folder (a worker that is not the chief), it writes nothing, so callers need no
     special case.
@@ -68,18 +70,25 @@ class Summaries:
             f"{weight.name}/{path}": tf.convert_to_tensor(weight)
             for path, layer in named_layers(model) for weight in layer.trainable_weights})
 
-    def write_confusion_matrix(self, step: int, counts: np.ndarray) -> None:
-        """The eval confusion matrix on the eval writer: an image (`confusion_matrix`) and its counts
-        as a table with the class names (`confusion_matrix_counts`), which the image cannot show."""
-        if "eval" in self._writers:
+    def write_evaluation(self, writer: str, step: int, metrics: Mapping[str, float], counts: np.ndarray) -> None:
+        """An evaluation of the `validation` or `test` split: its cross-entropy, accuracy and
+        confusion matrix, under the train writer's tag names so TensorBoard draws them together."""
+        self.write_scalars(writer, step, {"loss/cross_entropy": metrics["cross_entropy"],
+                                          "accuracy": metrics["accuracy"]})
+        self._write_confusion_matrix(writer, step, counts)
+
+    def _write_confusion_matrix(self, writer: str, step: int, counts: np.ndarray) -> None:
+        """A confusion matrix on the `writer` given: an image (`confusion_matrix`) and its counts as a
+        table with the class names (`confusion_matrix_counts`), which the image cannot show."""
+        if writer in self._writers:
             names = self._class_names or tuple(str(label) for label in range(len(counts)))
             order = ", ".join(f"{label} {name}" for label, name in enumerate(self._class_names)) or "by label"
-            with self._writers["eval"].as_default(step=step):
+            with self._writers[writer].as_default(step=step):
                 tf.summary.image("confusion_matrix", confusion_image(counts),
                                  description=f"Rows: true label; columns: predicted label ({order}); shade: "
                                              "share of the row (white 0, dark blue 1).")
                 tf.summary.text("confusion_matrix_counts", confusion_table(counts, names),
-                                description="Eval examples by true label (rows) and predicted label (columns).")
+                                description="Examples by true label (rows) and predicted label (columns).")
 
     def write_settings(self, run_name: str, settings: Mapping[str, Any]) -> None:
         """The settings as an HParams session (compared across runs) and as a text table."""
@@ -100,7 +109,8 @@ class Summaries:
 
 # What the study compares: the settings its experiments vary, then their final metrics.
 STUDY_HPARAMS = ("dropout", "l1", "l2")
-STUDY_METRICS = (("eval", "accuracy"), ("eval", "loss/cross_entropy"), ("train", "loss/cross_entropy"),
+STUDY_METRICS = (("validation", "accuracy"), ("validation", "loss/cross_entropy"),
+                 ("test", "accuracy"), ("test", "loss/cross_entropy"), ("train", "loss/cross_entropy"),
                  ("train", "loss/regularization"), ("train", "accuracy"))
 
 
@@ -133,15 +143,17 @@ def drop_events_after(run_dir: str, step: int) -> None:
     TensorBoard would show those steps twice (from the killed process and from the resumed one).
     `step` < 0 (a restart with no checkpoint) removes the event files altogether. A record cut
     short by a kill is dropped too, and so is a damaged one (said in one line), while the intact
-    records after it are kept.
+    records after it are kept. So are all test events: the test split is scored once, at the end
+    of a run, which then writes `result.json`; a run that resumes did not get that far.
     """
     for name in WRITERS:
+        last = -1 if name == "test" else step
         for path in glob.glob(os.path.join(_writer_dir(run_dir, name), "events.out.tfevents.*")):
-            if step < 0:
+            if last < 0:
                 os.remove(path)
                 continue
             records, damaged = read_records(path)
-            kept = [record for record in records if event_pb2.Event.FromString(record).step <= step]
+            kept = [record for record in records if event_pb2.Event.FromString(record).step <= last]
             if damaged:
                 warn(f"{path}: skipped {damaged} damaged event record(s); the intact ones around them are kept.")
             if damaged or len(kept) < len(records):

@@ -23,9 +23,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from train_loop import inputs, models, sources, steps
+from train_loop import inputs, sources, steps
 from train_loop.configs import Config
 from train_loop.models import ModelFunction
+from train_loop.state import build_state
 
 CACHE_ENV = "TRAIN_LOOP_CACHE"  # A file path, or "off" to measure every time.
 # CPU features that change which kernels run fast (oneDNN's ISA, bfloat16 units).
@@ -108,6 +109,8 @@ def step_key(config: Config, strategy: tf.distribute.Strategy, input_shape: tupl
         "model": config.model, "input_shape": list(input_shape), "dropout": config.dropout > 0,
         "regularizers": [name for name in ("l1", "l2", "bias_l1", "bias_l2") if getattr(config, name)],
         "batch_size": config.batch_size, "precision": config.precision, "optimizer": config.optimizer,
+        # Each adds work to every step (an all-reduce, an update or an average of every weight).
+        "optimizer_extras": [name for name in ("global_clipnorm", "weight_decay", "ema") if getattr(config, name)],
         "deterministic": config.deterministic,
     }, sort_keys=True)
 
@@ -136,11 +139,8 @@ def cached_batch_loop(config: Config, strategy: tf.distribute.Strategy, splits: 
                       ) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
     """`loop(num_steps)`: the run's train loop on a model and optimizer of its own, fed the first
     global batch over and over (the input pipeline taken away); what `auto` and the bench time."""
-    with strategy.scope():
-        model = models.build_model(config, splits.x_train.shape[1:], num_classes=splits.num_classes, model_fn=model_fn)
-        optimizer = steps.build_optimizer(config)
-        optimizer.build(model.trainable_variables)
-        loss_scale = steps.LossScale() if config.precision == "mixed_float16" else None
+    state = build_state(config, strategy, splits.x_train.shape[1:], num_classes=splits.num_classes, model_fn=model_fn)
+    model, loss_scale = state.model, state.loss_scale
     batch = (splits.x_train[: config.batch_size], splits.y_train[: config.batch_size])
 
     def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
@@ -152,7 +152,8 @@ def cached_batch_loop(config: Config, strategy: tf.distribute.Strategy, splits: 
     replica_input = inputs.ReplicaInput(strategy, dataset_fn)
     gradients = steps.make_replica_gradients(model, config.batch_size, loss_scale=loss_scale,
                                              jit_compile=jit_compile)
-    train_step = steps.make_train_step(strategy, model, optimizer, gradients, loss_scale=loss_scale)
+    train_step = steps.make_train_step(strategy, model, state.optimizer, gradients, loss_scale=loss_scale,
+                                       global_clipnorm=config.global_clipnorm)
     train_loop = steps.make_train_loop(train_step, steps.gradient_norm_names(model), replica_input.next_batch)
     iterator = replica_input.iterator()
     return lambda num_steps: train_loop(iterator, num_steps)

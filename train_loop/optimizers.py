@@ -1,0 +1,112 @@
+"""The optimizer `--optimizer` names, with its learning-rate schedule, decoupled weight decay and
+moving average of the weights; and what the run logs of them."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import keras
+import tensorflow as tf
+
+from train_loop.configs import Config
+from train_loop.models import named_layers
+
+_OPTIMIZERS = {
+    "rmsprop": keras.optimizers.RMSprop,
+    "adam": keras.optimizers.Adam,
+    "sgd": keras.optimizers.SGD,
+}
+
+
+def build_optimizer(config: Config) -> keras.optimizers.Optimizer:
+    """The Keras optimizer `--optimizer` names; build it inside `strategy.scope()`.
+
+    Clipping is not the optimizer's: under a distribution strategy Keras clips each replica's
+    share of the gradient before the cross-replica sum, so the step clips the sum itself
+    (`steps.make_train_step`).
+    """
+    return _OPTIMIZERS[config.optimizer](
+        learning_rate=learning_rate_schedule(config),
+        weight_decay=config.weight_decay or None,
+        use_ema=config.ema > 0,
+        ema_momentum=config.ema or 0.99)
+
+
+def learning_rate_schedule(config: Config) -> float | keras.optimizers.schedules.LearningRateSchedule:
+    """`--learning_rate` as `--lr_schedule` and `--warmup_steps` shape it over the optimizer's steps."""
+    schedules = keras.optimizers.schedules
+    schedule = None
+    if config.lr_schedule == "cosine":
+        schedule = schedules.CosineDecay(config.learning_rate, config.lr_decay_steps)
+    elif config.lr_schedule == "step":
+        schedule = schedules.ExponentialDecay(config.learning_rate, config.lr_decay_steps, config.lr_decay_rate,
+                                              staircase=True)
+    if config.warmup_steps:
+        return Warmup(schedule or (lambda step: config.learning_rate), config.learning_rate, config.warmup_steps)
+    return schedule or config.learning_rate
+
+
+class Warmup(keras.optimizers.schedules.LearningRateSchedule):
+    """A linear rise from 0 to `peak` over `warmup_steps`, then `after(step - warmup_steps)`.
+
+    Keras' `CosineDecay` has this warm-up built in, but `ExponentialDecay` and a constant rate do
+    not; one wrapper gives all three the same (tests check it against `CosineDecay`'s own).
+    """
+
+    def __init__(self, after: Callable[[tf.Tensor], tf.Tensor], peak: float, warmup_steps: int):
+        self.after, self.peak, self.warmup_steps = after, peak, warmup_steps
+
+    def __call__(self, step: tf.Tensor) -> tf.Tensor:
+        step = tf.cast(step, tf.float32)
+        warmup_steps = tf.constant(float(self.warmup_steps))
+        return tf.where(step < warmup_steps, self.peak * step / warmup_steps,
+                        tf.cast(self.after(tf.maximum(step - warmup_steps, 0.0)), tf.float32))
+
+    def get_config(self) -> dict:
+        return {"peak": self.peak, "warmup_steps": self.warmup_steps}
+
+
+def applied_learning_rate(config: Config, optimizer: keras.optimizers.Optimizer) -> float:
+    """The rate the optimizer's latest update applied; Keras' `optimizer.learning_rate` is the
+    next update's (the schedule at `iterations`, already counted up)."""
+    schedule = learning_rate_schedule(config)
+    if not callable(schedule):
+        return schedule
+    return float(schedule(tf.maximum(optimizer.iterations - 1, 0)))
+
+
+def layer_decay_terms(model: keras.Model, weight_decay: float) -> dict[str, float]:
+    """The L2 penalty each layer's decoupled weight decay amounts to with plain SGD, by layer path.
+
+    Decay subtracts `learning_rate * weight_decay * w` from every trainable weight at each step:
+    the SGD step of the penalty `weight_decay / 2 * sum(w**2)`. It is not a term of the loss, and
+    with RMSprop or Adam, which rescale the gradient but not the decay, it differs from an L2
+    penalty of that size; logging it beside `regularization/<layer>` shows both.
+    """
+    return {path: weight_decay / 2 * sum(float(tf.reduce_sum(tf.square(weight))) for weight in layer.trainable_weights)
+            for path, layer in named_layers(model) if layer.trainable_weights}
+
+
+def averaged_weights(model: keras.Model, optimizer: keras.optimizers.Optimizer) -> contextlib.AbstractContextManager:
+    """The model holds the optimizer's moving averages of its weights inside, its own outside.
+
+    Keras' `finalize_variable_values` writes the averages over the weights for good; training
+    goes on from the weights themselves, so they are put back. Without `--ema`, nothing changes.
+    """
+    if not optimizer.use_ema:
+        return contextlib.nullcontext()
+    return swapped_weights(model.trainable_variables,
+                           lambda: optimizer.finalize_variable_values(model.trainable_variables))
+
+
+@contextlib.contextmanager
+def swapped_weights(variables: list[tf.Variable], replace: Callable[[], None]) -> Iterator[None]:
+    """`replace()` changes `variables` inside; outside they hold their own values again."""
+    saved = [tf.identity(variable) for variable in variables]
+    replace()
+    try:
+        yield
+    finally:
+        for variable, value in zip(variables, saved):
+            variable.assign(value)

@@ -1,0 +1,89 @@
+"""The train state, built in one place: the model, its optimizer (schedule, decay, moving
+average), the float16 loss scale, the best model, the loop's counters, and what a checkpoint
+holds of them. The run, the XLA timing, the report and the tests all build it here."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import keras
+import tensorflow as tf
+
+from train_loop import optimizers, steps
+from train_loop.best import BestModel
+from train_loop.configs import Config
+from train_loop.models import ModelFunction, build_model
+
+
+class Counters:
+    """The outer loop's counters, kept in variables so that checkpoints carry them.
+
+    `epoch_sums` holds the current epoch's summed measurements and its step count, so a run
+    resumed mid-epoch, or after its last checkpoint, still reports the whole epoch's means.
+    """
+
+    def __init__(self) -> None:
+        self._step = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.epoch_sums = tf.Variable(tf.zeros([len(steps.TRAIN_MEASUREMENTS) + 1], tf.float64),
+                                      trainable=False)
+
+    @property
+    def step(self) -> int:
+        return int(self._step)
+
+    def trackables(self) -> dict[str, tf.Variable]:
+        return {"step": self._step, "epoch": self.epoch, "epoch_sums": self.epoch_sums}
+
+    def advance(self, sums: dict[str, float], num_steps: int) -> None:
+        self._step.assign_add(num_steps)
+        self.epoch_sums.assign_add([*(sums[name] for name in steps.TRAIN_MEASUREMENTS), num_steps])
+
+    def epoch_means(self) -> dict[str, float]:
+        *totals, count = self.epoch_sums.numpy().tolist()
+        return {name: total / max(count, 1) for name, total in zip(steps.TRAIN_MEASUREMENTS, totals)}
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Everything a run updates and a checkpoint restores."""
+
+    model: keras.Model
+    optimizer: keras.optimizers.Optimizer
+    loss_scale: steps.LossScale | None
+    best: BestModel | None
+    counters: Counters
+
+    def validated_weights(self) -> contextlib.AbstractContextManager:
+        """The model holds the weights validation scores inside: with `--ema`, their average."""
+        return optimizers.averaged_weights(self.model, self.optimizer)
+
+    def kept_weights(self) -> contextlib.AbstractContextManager:
+        """The model holds the weights the run keeps inside: the best ones with `--best_metric`,
+        else the moving average with `--ema`, else its own."""
+        return self.best.weights_in_model() if self.best else self.validated_weights()
+
+    def trackables(self) -> dict[str, object]:
+        """The checkpoint's objects by name. The dropout layers' seed states are among them, so a
+        resumed run draws the masks an uninterrupted one would."""
+        return {
+            "model": self.model, "optimizer": self.optimizer,
+            "rng": [variable.value for variable in self.model.non_trainable_variables],
+            **self.counters.trackables(),
+            **({"loss_scale": self.loss_scale} if self.loss_scale else {}),
+            **(self.best.trackables() if self.best else {}),
+        }
+
+
+def build_state(config: Config, strategy: tf.distribute.Strategy, input_shape: tuple[int, ...], *,
+                num_classes: int = 10, model_fn: ModelFunction | None = None) -> TrainState:
+    """The train state of `config`, every variable created inside `strategy.scope()` (Keras
+    optimizers otherwise build their slots lazily, inside a trace)."""
+    with strategy.scope():
+        model = build_model(config, input_shape, num_classes=num_classes, model_fn=model_fn)
+        optimizer = optimizers.build_optimizer(config)
+        optimizer.build(model.trainable_variables)
+        loss_scale = steps.LossScale() if config.precision == "mixed_float16" else None
+        best = BestModel(config, model) if config.best_metric else None
+    return TrainState(model, optimizer, loss_scale, best, Counters())
