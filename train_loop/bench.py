@@ -170,10 +170,10 @@ def _cached_batch_speed(config) -> float:
     pipeline taken away."""
     import tensorflow as tf
 
-    from train_loop import sources, tuning
+    from train_loop import distribute, sources, tuning
 
     splits = sources.load_splits(config)
-    strategy = tf.distribute.get_strategy()
+    strategy = distribute.make_strategy(config)  # The run's, so `auto` finds its cached choice.
     decision = tuning.decide_jit_compile(config, strategy, splits, None)
     loop = tuning.cached_batch_loop(config, strategy, splits, jit_compile=decision.jit_compile)
     num_steps = len(splits.x_train) // config.batch_size - 20
