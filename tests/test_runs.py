@@ -41,10 +41,11 @@ def test_digits_reaches_90_percent_in_three_epochs(run_cli, tmp_path):
         result["train"]["cross_entropy"] + result["train"]["regularization"], rel=1e-6)
     assert "epoch 3/3: train cross_entropy" in finished.stdout
     assert finished.stderr == "", "TensorFlow's start-up noise reached the user"
-    splits = sources.load_splits(Config(dataset="digits"))
+    config = Config(dataset="digits")
+    splits = sources.hold_out(sources.load_splits(config), config.validation_split, config.seed)
     assert finished.stdout.splitlines()[1] == (
-        f"{len(splits.x_train):,} training and {len(splits.x_test):,} test examples; "
-        "OneDeviceStrategy, 1 replica in sync, here on CPU:0")
+        f"{len(splits.x_train):,} training, {len(splits.x_validation):,} validation and "
+        f"{len(splits.x_test):,} test examples; OneDeviceStrategy, 1 replica in sync, here on CPU:0")
 
 
 def test_logged_step_zero_regularization_is_the_initial_weights(run_cli, tmp_path):

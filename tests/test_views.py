@@ -76,15 +76,15 @@ def test_confusion_matrix_of_a_named_data_set_carries_its_class_names(tmp_path):
     names = sources.class_names("fashion_mnist")
     counts = np.arange(100).reshape(10, 10)
     writer = summaries.Summaries(str(tmp_path), class_names=names)
-    writer.write_confusion_matrix(7, counts)
+    writer.write_evaluation("validation", 7, {"cross_entropy": 0.5, "accuracy": 0.9}, counts)
     writer.close()
 
-    (table,) = events(str(tmp_path), "eval").Tensors("confusion_matrix_counts")
+    (table,) = events(str(tmp_path), "validation").Tensors("confusion_matrix_counts")
     lines = tf.make_ndarray(table.tensor_proto).item().decode().splitlines()
     assert lines[0] == f"| true \\ predicted | {' | '.join(names)} |"
     for name, row, line in zip(names, counts, lines[2:], strict=True):
         assert line == f"| {name} | {' | '.join(map(str, row))} |"
-    image = events(str(tmp_path), "eval").SummaryMetadata("confusion_matrix")
+    image = events(str(tmp_path), "validation").SummaryMetadata("confusion_matrix")
     assert "0 T-shirt/top, 1 Trouser" in image.summary_description and names[-1] == "Ankle boot"
 
 
