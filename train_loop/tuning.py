@@ -66,7 +66,7 @@ def decide_jit_compile(config: Config, strategy: tf.distribute.Strategy, splits:
                        saved_settings: dict[str, Any] | None, *, model_fn: ModelFunction | None = None) -> Decision:
     """`config.jit_compile` when forced; else the resumed run's choice, the cached one, or a measurement.
 
-    On a multi-worker cluster every worker measures and the summed timings decide, so all workers
+    On a multi-worker cluster every worker measures and the averaged timings decide, so all workers
     compile alike (a cache could differ between machines and leave one worker out of a collective).
     """
     if isinstance(config.jit_compile, bool):
