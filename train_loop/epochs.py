@@ -12,7 +12,7 @@ from collections.abc import Callable
 import numpy as np
 import tensorflow as tf
 
-from train_loop import checkpoints, optimizers, steps
+from train_loop import checkpoints, metrics_file, optimizers, steps
 from train_loop.configs import Config
 from train_loop.console import Console
 from train_loop.errors import DivergedError
@@ -51,6 +51,7 @@ class Run:
     state: TrainState
     manager: tf.train.CheckpointManager
     summaries: Summaries
+    metrics_file: metrics_file.MetricsFile
     console: Console
     profiler: StepProfiler
     signals: SignalStop
@@ -64,6 +65,7 @@ class Run:
         config, state, timer, interval = self.config, self.state.counters, Timer(), _Interval()
         total = self.steps_per_epoch * config.epochs
         while state.step < total and not self._stopping_early():
+            self.console.begin_epoch(state.step)
             if state.step % self.steps_per_epoch == 0:
                 state.epoch_sums.assign(tf.zeros_like(state.epoch_sums))
             # The first call of a process traces and compiles: one step, so that it is timed apart.
@@ -83,16 +85,15 @@ class Run:
                 self.summaries.write_weight_histograms(self.state.model, step)
             # Training time counts the steps and their summaries; evaluation and checkpoints not.
             timer.add(num_steps * config.batch_size, started, time.perf_counter())
-            if validate and (_due(step, config.eval_every, epoch_end) or step == total):
-                # The last step too, so that the run ends with a validation of its final weights.
+            # The last step too, so that the run ends with a validation of its final weights.
+            validated = validate and (_due(step, config.eval_every, epoch_end) or step == total)
+            if validated:
                 self._validate(step, validate)
             last = step == total or self._stopping_early()
             if epoch_end:
                 state.epoch.assign_add(1)
-                self.console.epoch_done(int(state.epoch), state.epoch_means(),
-                                        self.validation.metrics if self.validation else None,
-                                        timer.examples_per_second)
-            # Events before the checkpoint: a run resumed from it keeps every event up to its step.
+                self._end_epoch(step, validated=bool(validated), examples_per_second=timer.examples_per_second)
+            # Events and metrics.jsonl before the checkpoint: a run resumed from it keeps every event up to its step.
             self.summaries.flush()
             # The last step too: tools reading the newest checkpoint see the weights result.json describes.
             if _due(step, config.checkpoint_every, epoch_end) or last:
@@ -101,6 +102,17 @@ class Run:
             self.signals.stop_if_signalled(step, functools.partial(checkpoints.save, self.manager, step))
         self.profiler.after(state.step, last=True)  # Stopped early inside the traced range.
         return timer
+
+    def _end_epoch(self, step: int, *, validated: bool, examples_per_second: float) -> None:
+        """The epoch's line on the console, with the latest validation, and in metrics.jsonl, with
+        the validation of this step only."""
+        epoch, train = int(self.state.counters.epoch), self.state.counters.epoch_means()
+        latest = self.validation.metrics if self.validation else None
+        self.console.epoch_done(epoch, train, latest, examples_per_second)
+        self.metrics_file.append(metrics_file.epoch_record(
+            step=step, epoch=epoch, train=train, validation=latest if validated else None,
+            learning_rate=optimizers.applied_learning_rate(self.config, self.state.optimizer),
+            examples_per_second=examples_per_second, wall_time=time.time()))
 
     def _validate(self, step: int, validate: Callable[[], Evaluation]) -> None:
         self.validation = validate()

@@ -14,7 +14,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from train_loop import checkpoints, distribute, inputs, runs, sources, steps, tuning
+from train_loop import checkpoints, distribute, inputs, metrics_file, runs, sources, steps, tuning
 from train_loop.configs import MODELS, Config
 from train_loop.console import Console
 from train_loop.epochs import Evaluation, Run, Timer
@@ -70,7 +70,8 @@ def _train(config: Config, splits: sources.Splits, *, steps_per_epoch: int, stra
     checkpoint = tf.train.Checkpoint(**state.trackables())
     resumed = checkpoints.restore_latest(checkpoint, checkpoints.directory(run_dir), repair=chief)
     manager = checkpoints.make_manager(checkpoint, save_dir)
-    console = Console(steps_per_epoch=steps_per_epoch, num_epochs=config.epochs)
+    # Under launch every worker trains; the chief alone shows the progress, once.
+    console = Console(steps_per_epoch=steps_per_epoch, num_epochs=config.epochs, show_progress=chief)
     console.say(f"resuming {run_dir} from step {counters.step}" if resumed
                 else f"training {run_dir} on {splits.source}")
     held_out = 0 if splits.x_validation is None else len(splits.x_validation)
@@ -112,7 +113,8 @@ def _train(config: Config, splits: sources.Splits, *, steps_per_epoch: int, stra
             _save_model(model, os.path.join(run_dir, "best"))
 
     run = Run(config=config, steps_per_epoch=steps_per_epoch, state=state, manager=manager, summaries=summaries,
-              console=console, profiler=profiler, signals=signals, stopwatch=stopwatch, save_best=save_best)
+              metrics_file=metrics_file.MetricsFile(run_dir if chief else None), console=console,
+              profiler=profiler, signals=signals, stopwatch=stopwatch, save_best=save_best)
     try:
         with signals.catching():
             timer = run.run_epochs(lambda num_steps: train_loop(iterator, tf.constant(num_steps)),
@@ -153,6 +155,7 @@ def _train(config: Config, splits: sources.Splits, *, steps_per_epoch: int, stra
     result["seconds"] = _phases(stopwatch, timer, started)
     if chief:
         runs.write_json(os.path.join(run_dir, runs.RESULT_FILE), result)
+    console.finished(run_dir, config.logdir)
     return result
 
 
@@ -195,6 +198,7 @@ def _open_run(config: Config, run_dir: str | None, model: keras.Model, strategy:
         return Summaries(None)
     runs.create(run_dir, config, decided=decision.to_dict())
     drop_events_after(run_dir, restored_step)
+    metrics_file.drop_lines_after(run_dir, restored_step)
     summaries = Summaries(run_dir, class_names=sources.class_names(config.dataset))
     if restored_step < 0:
         summaries.write_settings(os.path.basename(run_dir), _hparams(config, strategy))
