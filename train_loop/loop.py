@@ -22,7 +22,7 @@ from train_loop.models import ModelFunction, load_model_function, plain_keras
 from train_loop.preemption import SignalStop
 from train_loop.profiling import StepProfiler, Stopwatch
 from train_loop.state import build_state
-from train_loop.summaries import Summaries, drop_events_after
+from train_loop.summaries import Summaries, drop_events_after, write_logdir_experiment
 
 
 def train(config: Config, *, model_fn: ModelFunction | None = None,
@@ -206,6 +206,8 @@ def _open_run(config: Config, run_dir: str | None, model: keras.Model, strategy:
         initial_term = summaries.write_layer_scalars(model, 0)
         summaries.write_scalars("train", 0, {"loss/regularization": initial_term})
         summaries.write_weight_histograms(model, 0)
+        summaries.flush()
+        write_logdir_experiment(run_dir)  # Its HParams table shows what differs, this run's settings included.
     return summaries
 
 
