@@ -37,7 +37,7 @@ class Console:
         epoch = step // self._steps_per_epoch + 1
         if epoch != self._epoch_shown:
             self._epoch_shown = epoch
-            self._show(f"Epoch {epoch}/{self._num_epochs}")
+            self.show(f"Epoch {epoch}/{self._num_epochs}")
 
     def progress(self, step: int, measurements: Mapping[str, float]) -> None:
         """Shows where the epoch stands; a bar on a terminal or in Jupyter, one line per call elsewhere."""
@@ -59,19 +59,20 @@ class Console:
                    examples_per_second: float) -> None:
         """The epoch's means, and the latest validation unless there is no validation split."""
         held_out = "" if validation is None else f" | validation {_format(validation)}"
-        self._show(f"epoch {epoch}/{self._num_epochs}: train {_format(train)}{held_out} | "
+        self.show(f"epoch {epoch}/{self._num_epochs}: train {_format(train)}{held_out} | "
                    f"{examples_per_second:,.0f} examples/s")
 
     def tested(self, metrics: Mapping[str, float]) -> None:
         """The test split's numbers, evaluated once at the end."""
-        self._show(f"test {_format(metrics)}")
+        self.show(f"test {_format(metrics)}")
 
     def finished(self, run_dir: str, logdir: str) -> None:
         """Where the run's model and results are, and the command that shows its curves."""
-        self._show(f"saved {os.path.join(run_dir, 'model.keras')} and {os.path.join(run_dir, 'result.json')}; "
+        self.show(f"saved {os.path.join(run_dir, 'model.keras')} and {os.path.join(run_dir, 'result.json')}; "
                    f"to look at it: tensorboard --logdir {shlex.quote(logdir)}")
 
-    def _show(self, line: str) -> None:
+    def show(self, line: str) -> None:
+        """A line about the training itself, which every worker would repeat: the chief's alone."""
         if self._show_progress:
             self.say(line)
 

@@ -123,7 +123,7 @@ class Run:
             if best and best.update(step, self.validation.metrics):
                 self.save_best()
         if self._stopping_early():
-            self.console.say(
+            self.console.show(
                 f"stopping early at step {step}: {best.name} has not improved by more than "
                 f"{self.config.early_stopping_min_delta:g} in {self.config.early_stopping_patience} validations; "
                 f"the best, {float(best.value.numpy()):.4f}, was at step {best.step}")
