@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 from collections.abc import Mapping, Sequence
@@ -129,7 +130,8 @@ def write_logdir_experiment(run_dir: str) -> None:
     logdir = os.path.dirname(os.path.abspath(run_dir))
     sessions = [hparams for hparams in map(_session_hparams, glob.glob(os.path.join(logdir, "*"))) if hparams]
     for path in glob.glob(os.path.join(logdir, "*", f"events.out.tfevents.*{_EXPERIMENT_SUFFIX}")):
-        os.remove(path)
+        with contextlib.suppress(FileNotFoundError):  # Another run of the logdir, starting now, removed it.
+            os.remove(path)
     if len(sessions) < 2:
         return
     differ = sorted(name for name in set().union(*sessions) if len({hparams.get(name) for hparams in sessions}) > 1)
