@@ -50,6 +50,7 @@ class Controller:
     interval: Interval = dataclasses.field(default_factory=Interval)
     throughput: Throughput = dataclasses.field(default_factory=Throughput)
     stopping: Callable[[], bool] = lambda: False  # Early stopping, decided by an action.
+    calls: int = dataclasses.field(default=0, init=False)  # Loop calls made by this process.
 
     def run(self) -> None:
         try:
@@ -68,7 +69,8 @@ class Controller:
     def _train(self) -> tuple[int, dict[str, float]]:
         step = self.counters.step
         # The first call of a process traces and compiles: one step, so that it is timed apart.
-        num_steps = 1 if self.throughput.first is None else self.call_size(step)
+        num_steps = 1 if self.calls == 0 else self.call_size(step)
+        self.calls += 1
         for action in self.actions:
             action.before_call(step)
         self.throughput.start()

@@ -35,7 +35,7 @@ class Throughput:
     first_done_at: float = 0.0
     examples: int = 0
     seconds: float = 0.0
-    _started: float = 0.0
+    _started: float = dataclasses.field(default=0.0, init=False, repr=False)
 
     def start(self) -> None:
         self._started = time.perf_counter()
