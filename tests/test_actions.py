@@ -15,17 +15,26 @@ from helpers import events, scalar_series
 
 from train_loop import Config, steps
 from train_loop.actions import (
-    Cadence, Checkpoint, CountTraining, EpochEnd, Histograms, Interval, Moment, Periodic, Profiling, Signals,
-    TrainSummaries, Validation,
+    Cadence,
+    Checkpoint,
+    CountTraining,
+    EpochEnd,
+    Histograms,
+    Moment,
+    Periodic,
+    Profiling,
+    Signals,
+    TrainSummaries,
+    Validation,
 )
 from train_loop.checkpoints import make_manager
 from train_loop.console import Console
-from train_loop.controller import Controller
+from train_loop.controller import Controller, Interval
 from train_loop.errors import DivergedError, Interrupted
 from train_loop.evaluation import Evaluation
 from train_loop.preemption import SignalStop
 from train_loop.profiling import Stopwatch, Throughput
-from train_loop.state import build_state
+from train_loop.state import TRAIN_MEASUREMENTS, build_state
 from train_loop.summaries import Summaries
 
 STEPS_PER_EPOCH = 10
@@ -136,7 +145,7 @@ def test_train_summaries_write_the_intervals_means_and_each_layers_terms(tmp_pat
                  4, examples=128, seconds=2.0)
     action = TrainSummaries(Cadence(5, STEPS_PER_EPOCH, at_epoch_end=True), config=config, state=train_state,
                             summaries=summaries, console=Console(steps_per_epoch=10, num_epochs=1, interactive=False),
-                            interval=interval)
+                            means=interval.pop_means)
     action.run(moment(4))
     summaries.close()
     assert set(events(str(tmp_path), "train").Tags()["tensors"]) == {
@@ -188,14 +197,14 @@ def test_epoch_end_counts_the_epoch_and_starts_new_sums_but_the_last_keeps_them(
     counters, throughput = train_state.counters, Throughput(examples=320, seconds=2.0)
     action = EpochEnd(Cadence(0, STEPS_PER_EPOCH), state=train_state,
                       console=Console(steps_per_epoch=10, num_epochs=2, interactive=False), throughput=throughput)
-    counters.advance(dict.fromkeys(steps.TRAIN_MEASUREMENTS, 5.0), 10)
+    counters.advance(dict.fromkeys(TRAIN_MEASUREMENTS, 5.0), 10)
     action.run(moment(10))
-    assert int(counters.epoch) == 1 and counters.epoch_means() == dict.fromkeys(steps.TRAIN_MEASUREMENTS, 0.0)
+    assert int(counters.epoch) == 1 and counters.epoch_means() == dict.fromkeys(TRAIN_MEASUREMENTS, 0.0)
     assert "epoch 1/2: train cross_entropy 0.5000 regularization 0.5000 total 0.5000 accuracy 0.5000 | 160 " \
            "examples/s" in capsys.readouterr().out
-    counters.advance(dict.fromkeys(steps.TRAIN_MEASUREMENTS, 2.0), 10)
+    counters.advance(dict.fromkeys(TRAIN_MEASUREMENTS, 2.0), 10)
     action.run(moment(20, last=True))
-    assert int(counters.epoch) == 2 and counters.epoch_means() == dict.fromkeys(steps.TRAIN_MEASUREMENTS, 0.2)
+    assert int(counters.epoch) == 2 and counters.epoch_means() == dict.fromkeys(TRAIN_MEASUREMENTS, 0.2)
 
 
 def test_count_training_times_calls_after_the_first_apart():

@@ -12,7 +12,7 @@ from helpers import numpy_regularization, scalar_series
 import train_loop
 from train_loop import Config, distribute, inputs, models, optimizers, sources, steps
 from train_loop.loop import train
-from train_loop.state import build_state
+from train_loop.state import LossScale, build_state
 
 # Every optimizer feature at once; short enough a decay and warm-up to show in a digits epoch.
 OPTIMIZER_FEATURES = dict(global_clipnorm=0.5, weight_decay=0.01, ema=0.9, lr_schedule="cosine",
@@ -165,7 +165,7 @@ def scaled_step(initial_scale: float, strategy: tf.distribute.Strategy):
         model = models.build_model(config, splits.x_train.shape[1:])
         optimizer = optimizers.build_optimizer(config)
         optimizer.build(model.trainable_variables)
-        loss_scale = steps.LossScale(initial=initial_scale)
+        loss_scale = LossScale(initial=initial_scale)
     before = [w.copy() for w in model.get_weights()]
     gradients = steps.make_replica_gradients(model, 32, loss_scale=loss_scale)
     train_step = tf.function(steps.make_train_step(strategy, model, optimizer, gradients, loss_scale=loss_scale))

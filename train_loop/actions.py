@@ -1,12 +1,8 @@
 """Periodic actions, run by the controller after a loop call when they are due: summaries,
-histograms, throughput, validation with the best model and early stopping, the epoch's end,
-flushing events, checkpoints, profiling and signals.
-
-One rule says when an action is due (`Cadence`), as CLU's `every_steps` does; each action is a
-small object the controller asks `due(at)`, then `run(at)`, and `next_due(step)` (the step it
-must stop at, which the controller makes the end of a loop call). Each can be run on its own,
-without training.
-"""
+histograms, validation (best model, early stopping), the epoch's end, checkpoints, profiling,
+signals. One rule says when one is due (`Cadence`, as CLU's `every_steps`); the controller asks
+each `due(at)`, then `run(at)`, and `next_due(step)` to end a loop call there. Each runs on its
+own, without training."""
 
 from __future__ import annotations
 
@@ -18,13 +14,13 @@ from collections.abc import Callable
 
 import tensorflow as tf
 
-from train_loop import checkpoints, optimizers, profiling, steps
+from train_loop import checkpoints, optimizers, profiling
 from train_loop.configs import Config
 from train_loop.console import Console
 from train_loop.evaluation import Evaluation
 from train_loop.preemption import SignalStop
 from train_loop.profiling import Stopwatch, Throughput
-from train_loop.state import TrainState
+from train_loop.state import TRAIN_MEASUREMENTS, TrainState
 from train_loop.summaries import Summaries
 
 
@@ -51,15 +47,13 @@ class Cadence:
 
 @dataclasses.dataclass(frozen=True)
 class Moment:
-    """Where training stands after a loop call that ended at `step`: whether an epoch ended
-    there, whether it is the run's last step (the last of all, or an early stop), and the
-    call's own length and measurements."""
+    """Where training stands after a loop call of `num_steps` that ended at `step`: whether an
+    epoch ended there, whether it is the run's last step (the last of all, or an early stop)."""
 
     step: int
     epoch_end: bool = False
     last: bool = False
     num_steps: int = 1
-    measured: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 class Action:
@@ -95,36 +89,6 @@ class Periodic(Action):
         return self.cadence.next_due(step)
 
 
-class Interval:
-    """Sums since the last train summary, so each logged point is the mean over its interval;
-    the gradient's norms, taken at the last step of each loop call, are the latest ones instead."""
-
-    def __init__(self) -> None:
-        self._sums: dict[str, float] = {}
-        self._latest: dict[str, float] = {}
-        self._steps = 0
-        self._examples = 0
-        self._seconds = 0.0
-
-    def add(self, measured: dict[str, float], num_steps: int, *, examples: int, seconds: float) -> None:
-        for name, value in measured.items():
-            if name in steps.SUMMED:
-                self._sums[name] = self._sums.get(name, 0.0) + value
-            else:
-                self._latest[name] = value
-        self._steps += num_steps
-        self._examples += examples
-        self._seconds += seconds
-
-    def pop_means(self) -> dict[str, float]:
-        """The interval's mean measurements, its latest gradient norms and its throughput; starts a
-        new interval."""
-        means = {name: value / self._steps for name, value in self._sums.items()}
-        means.update(self._latest, examples_per_second=self._examples / self._seconds)
-        self.__init__()
-        return means
-
-
 @dataclasses.dataclass
 class TrainSummaries(Periodic):
     """The train writer's scalars (the interval's means, the learning rate, each layer's terms and
@@ -134,10 +98,10 @@ class TrainSummaries(Periodic):
     state: TrainState
     summaries: Summaries
     console: Console
-    interval: Interval
+    means: Callable[[], dict[str, float]]  # The means since the last summary (`controller.Interval`).
 
     def run(self, at: Moment) -> None:
-        means, state = self.interval.pop_means(), self.state
+        means, state = self.means(), self.state
         self.summaries.write_scalars("train", at.step, {
             "loss/cross_entropy": means["cross_entropy"],
             "loss/regularization": means["regularization"],
@@ -154,7 +118,7 @@ class TrainSummaries(Periodic):
             self.summaries.write_scalars("train", at.step, {
                 f"weight_decay/{path}": term
                 for path, term in optimizers.layer_decay_terms(state.model, self.config.weight_decay).items()})
-        self.console.progress(at.step, {name: means[name] for name in steps.TRAIN_MEASUREMENTS})
+        self.console.progress(at.step, {name: means[name] for name in TRAIN_MEASUREMENTS})
 
 
 @dataclasses.dataclass

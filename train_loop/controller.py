@@ -12,8 +12,8 @@ from collections.abc import Callable, Sequence
 
 import tensorflow as tf
 
-from train_loop import actions
-from train_loop.actions import Action, Cadence, Interval, Moment
+from train_loop import actions, steps
+from train_loop.actions import Action, Cadence, Moment
 from train_loop.configs import Config
 from train_loop.console import Console
 from train_loop.errors import DivergedError
@@ -33,6 +33,36 @@ def check_finite(measured: dict[str, float], step: int, num_steps: int) -> None:
             raise DivergedError(
                 f"training diverged: {name} became {measured[name]} between steps {step + 1} and "
                 f"{step + num_steps}; nothing past step {step} was saved. Lower --learning_rate.")
+
+
+class Interval:
+    """Sums since the last train summary, so each logged point is the mean over its interval;
+    the gradient's norms, taken at the last step of each loop call, are the latest ones instead."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, float] = {}
+        self._latest: dict[str, float] = {}
+        self._steps = 0
+        self._examples = 0
+        self._seconds = 0.0
+
+    def add(self, measured: dict[str, float], num_steps: int, *, examples: int, seconds: float) -> None:
+        for name, value in measured.items():
+            if name in steps.SUMMED:
+                self._sums[name] = self._sums.get(name, 0.0) + value
+            else:
+                self._latest[name] = value
+        self._steps += num_steps
+        self._examples += examples
+        self._seconds += seconds
+
+    def pop_means(self) -> dict[str, float]:
+        """The interval's mean measurements, its latest gradient norms and its throughput; starts a
+        new interval."""
+        means = {name: value / self._steps for name, value in self._sums.items()}
+        means.update(self._latest, examples_per_second=self._examples / self._seconds)
+        self.__init__()
+        return means
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -55,8 +85,7 @@ class Controller:
     def run(self) -> None:
         try:
             while self.counters.step < self.total_steps and not self.stopping():
-                num_steps, measured = self._train()
-                self._run_due_actions(num_steps, measured)
+                self._run_due_actions(self._train())
         finally:
             for action in self.actions:
                 action.end()
@@ -66,7 +95,8 @@ class Controller:
         due = (action.next_due(step) for action in self.actions)
         return min(self.steps_per_loop, self.total_steps - step, *(when - step for when in due if when is not None))
 
-    def _train(self) -> tuple[int, dict[str, float]]:
+    def _train(self) -> int:
+        """One loop call, checked and counted; returns its number of steps."""
         step = self.counters.step
         # The first call of a process traces and compiles: one step, so that it is timed apart.
         num_steps = 1 if self.calls == 0 else self.call_size(step)
@@ -80,14 +110,14 @@ class Controller:
                           seconds=time.perf_counter() - started)
         check_finite(measured, step, num_steps)
         self.counters.advance(measured, num_steps)
-        return num_steps, measured
+        return num_steps
 
-    def _run_due_actions(self, num_steps: int, measured: dict[str, float]) -> None:
+    def _run_due_actions(self, num_steps: int) -> None:
         step = self.counters.step
         for action in self.actions:
             # Asked anew for each action: validation may have just decided to stop early.
             at = Moment(step=step, epoch_end=step % self.steps_per_epoch == 0,
-                        last=step == self.total_steps or self.stopping(), num_steps=num_steps, measured=measured)
+                        last=step == self.total_steps or self.stopping(), num_steps=num_steps)
             if action.due(at):
                 action.run(at)
 
@@ -131,7 +161,7 @@ def make_controller(config: Config, loop_call: Callable[[int], dict[str, tf.Tens
     controller.actions = [
         *([actions.Profiling(profiled, os.path.join(wiring.profile_dir, "train"))] if profiled else []),
         actions.TrainSummaries(cadence(config.summary_every, at_epoch_end=True), config=config, state=state,
-                               summaries=summaries, console=console, interval=controller.interval),
+                               summaries=summaries, console=console, means=controller.interval.pop_means),
         actions.Histograms(cadence(config.histogram_every), state=state, summaries=summaries),
         actions.CountTraining(controller.throughput, config.batch_size),
         *([validation] if validation else []),

@@ -9,43 +9,19 @@ eager controller (`controller.py`) owns timing, summaries and checkpoints.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import keras
 import tensorflow as tf
 
 from train_loop import losses
 from train_loop.models import weighted_layers
+from train_loop.state import TRAIN_MEASUREMENTS, LossScale, TrainState
 
-if TYPE_CHECKING:  # The state holds a LossScale of this module's, so it imports this one.
-    from train_loop.state import TrainState
-
-TRAIN_MEASUREMENTS = ("cross_entropy", "regularization", "total", "accuracy")
 # Summed over a loop call's steps: the logged means, the steps whose summed gradient was clipped,
 # and the replica-steps whose gradient was not finite (the divergence check; a non-finite gradient
 # mid-call would otherwise only show one step later).
 SUMMED = (*TRAIN_MEASUREMENTS, "clipped", "non_finite_gradients")
 _SUM = tf.distribute.ReduceOp.SUM
-
-
-class LossScale(tf.Module):
-    """Dynamic loss scaling for float16, by hand: the scale halves after a step whose gradients
-    overflow (that step is skipped) and doubles after `growth_interval` finite steps in a row.
-
-    Create it inside `strategy.scope()`; every replica updates it with the same values.
-    """
-
-    def __init__(self, initial: float = 2.0**15, growth_interval: int = 2000):
-        super().__init__(name="loss_scale")
-        only_first = tf.VariableAggregation.ONLY_FIRST_REPLICA
-        self.scale = tf.Variable(initial, trainable=False, aggregation=only_first)
-        self.good_steps = tf.Variable(0, dtype=tf.int64, trainable=False, aggregation=only_first)
-        self.growth_interval = growth_interval
-
-    def update(self, finite: tf.Tensor) -> None:
-        grow = tf.logical_and(finite, self.good_steps + 1 >= self.growth_interval)
-        self.good_steps.assign(tf.where(finite & ~grow, self.good_steps + 1, tf.constant(0, tf.int64)))
-        self.scale.assign(tf.where(grow, self.scale * 2, tf.where(finite, self.scale, self.scale / 2)))
 
 
 def make_replica_gradients(
