@@ -40,7 +40,7 @@ class LossScale(tf.Module):
 
 
 class Counters:
-    """The outer loop's counters, kept in variables so that checkpoints carry them.
+    """The controller's counters, kept in variables so that checkpoints carry them.
 
     `epoch_sums` holds the current epoch's summed measurements and its step count, so a run
     resumed mid-epoch, or after its last checkpoint, still reports the whole epoch's means.
