@@ -16,7 +16,8 @@ class Console:
     components; at the end the test split's numbers and where the run is.
 
     With `show_progress` false (a worker that is not the chief: every worker trains the same
-    steps) only `say` prints, so each of those lines appears once under `launch`.
+    steps) only `say` prints, for the start lines that differ by worker (its devices); the
+    progress, the epochs and the end then appear once under `launch`, from the chief.
     """
 
     def __init__(self, *, steps_per_epoch: int, num_epochs: int, interactive: bool | None = None,
