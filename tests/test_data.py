@@ -571,6 +571,21 @@ def test_replica_batches_make_up_the_global_batch() -> None:
     assert len(joined) == len(global_batches) and all(map(np.array_equal, joined, global_batches))
 
 
+@pytest.mark.parametrize("start_step", [0, 7])
+def test_two_workers_batches_are_the_global_batch_sharded_element_by_element(start_step: int) -> None:
+    """Worker i of two gets the elements i, i+2, ... of each global batch (a stream sharded before
+    batching), from any resumed step on; together they hold the global batch."""
+    splits = index_splits(22, 4)
+    global_batches = train_stream(splits, batch=4, seed=3, start_step=start_step)
+
+    workers = [train_stream(splits, batch=4, seed=3, start_step=start_step, context=tf.distribute.InputContext(
+        num_input_pipelines=2, input_pipeline_id=worker, num_replicas_in_sync=2)) for worker in (0, 1)]
+
+    for worker, batches in enumerate(workers):
+        assert len(batches) == len(global_batches)
+        assert all(map(np.array_equal, batches, [labels[worker::2] for labels in global_batches]))
+
+
 @pytest.mark.parametrize("n_test", [10, 8], ids=["padded", "whole"])
 def test_eval_covers_the_test_split_once_and_pads_with_zero_weight(n_test: int) -> None:
     """Every test example once with weight 1; padding up to whole batches has weight 0."""
