@@ -77,10 +77,12 @@ class Run:
 
             step, epoch_end = state.step, state.step % self.steps_per_epoch == 0
             self.profiler.after(step, last=step == total)
-            if step % config.summary_every == 0 or epoch_end:
-                self._write_train_summaries(step, interval.pop_means())
-            if _due(step, config.histogram_every, epoch_end):
-                self.summaries.write_weight_histograms(self.state.model, step)
+            # Timed apart too (within training time), so that the bench shows what logging costs.
+            with self.stopwatch.phase("summaries"):
+                if step % config.summary_every == 0 or epoch_end:
+                    self._write_train_summaries(step, interval.pop_means())
+                if _due(step, config.histogram_every, epoch_end):
+                    self.summaries.write_weight_histograms(self.state.model, step)
             # Training time counts the steps and their summaries; evaluation and checkpoints not.
             timer.add(num_steps * config.batch_size, started, time.perf_counter())
             if validate and (_due(step, config.eval_every, epoch_end) or step == total):
