@@ -44,8 +44,8 @@ class Summaries:
                     self._writers[name] = tf.summary.create_file_writer(_writer_dir(run_dir, name))
 
     def write_scalars(self, writer: str, step: int, scalars: Mapping[str, float]) -> None:
-        """All of `scalars` in one record, as `tf.summary.scalar` writes each: one op instead of
-        one per tag (measured: 0.2 ms instead of 5 ms for 12 tags, 13 ms per summary in all)."""
+        """All of `scalars` in one record, each value as `tf.summary.scalar` writes it: one eager
+        op instead of one per tag (measured: 0.2 ms instead of 5 ms for 12 tags)."""
         if writer in self._writers:
             values = [value for tag, scalar in scalars.items() for value in scalar_summary.scalar_pb(tag, scalar).value]
             with self._writers[writer].as_default(step=step):
