@@ -4,6 +4,7 @@ for "due", the loop calls' sizes, and what each action writes, saves or decides.
 from __future__ import annotations
 
 import glob
+import json
 import math
 import os
 import signal
@@ -32,6 +33,7 @@ from train_loop.console import Console
 from train_loop.controller import Controller, Interval
 from train_loop.errors import DivergedError, Interrupted
 from train_loop.evaluation import Evaluation
+from train_loop.metrics_file import MetricsFile
 from train_loop.preemption import SignalStop
 from train_loop.profiling import Stopwatch, Throughput
 from train_loop.state import TRAIN_MEASUREMENTS, build_state
@@ -195,19 +197,35 @@ def test_validation_keeps_the_best_and_stops_after_patience_validations_without_
            "the best, 0.7000, was at step 10" in capsys.readouterr().out
 
 
-def test_epoch_end_counts_the_epoch_and_starts_new_sums_but_the_last_keeps_them(state, capsys):
-    _, train_state = state
+def test_epoch_end_counts_the_epoch_and_starts_new_sums_but_the_last_keeps_them(tmp_path, state, capsys):
+    """Each epoch's line on the console and in metrics.jsonl; the validation in metrics.jsonl only
+    where it was validated (here at step 20, not 10), the latest on the console."""
+    config, train_state = state
     counters, throughput = train_state.counters, Throughput(examples=320, seconds=2.0)
-    action = EpochEnd(Cadence(0, STEPS_PER_EPOCH), state=train_state,
-                      console=Console(steps_per_epoch=10, num_epochs=2, interactive=False), throughput=throughput)
+    console = Console(steps_per_epoch=10, num_epochs=2, interactive=False)
+    validation = Validation(Cadence(20, STEPS_PER_EPOCH), state=train_state, validate=lambda: evaluation(0.75),
+                            summaries=Summaries(None), console=console, latest=evaluation(0.5))
+    action = EpochEnd(Cadence(0, STEPS_PER_EPOCH), config=config, state=train_state, console=console,
+                      metrics_file=MetricsFile(str(tmp_path)), throughput=throughput, validation=validation)
+    action.before_call(0)
     counters.advance(dict.fromkeys(TRAIN_MEASUREMENTS, 5.0), 10)
     action.run(moment(10))
     assert int(counters.epoch) == 1 and counters.epoch_means() == dict.fromkeys(TRAIN_MEASUREMENTS, 0.0)
-    assert "epoch 1/2: train cross_entropy 0.5000 regularization 0.5000 total 0.5000 accuracy 0.5000 | 160 " \
-           "examples/s" in capsys.readouterr().out
+    assert capsys.readouterr().out.splitlines() == [
+        "Epoch 1/2", "epoch 1/2: train cross_entropy 0.5000 regularization 0.5000 total 0.5000 accuracy 0.5000 | "
+        "validation cross_entropy 0.5000 accuracy 0.5000 | 160 examples/s"]
+    action.before_call(10)
     counters.advance(dict.fromkeys(TRAIN_MEASUREMENTS, 2.0), 10)
+    validation.run(moment(20, last=True))
     action.run(moment(20, last=True))
     assert int(counters.epoch) == 2 and counters.epoch_means() == dict.fromkeys(TRAIN_MEASUREMENTS, 0.2)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line.pop("wall_time") > 0 for line in lines] == [True, True]
+    train = {f"train/{name}": 0.5 for name in TRAIN_MEASUREMENTS}
+    common = {"learning_rate": config.learning_rate, "examples_per_second": 160.0}
+    assert lines == [{"step": 10, "epoch": 1, **train, **common},
+                     {"step": 20, "epoch": 2, **{key: 0.2 for key in train},
+                      "validation/cross_entropy": 0.25, "validation/accuracy": 0.75, **common}]
 
 
 def test_count_training_times_calls_after_the_first_apart():

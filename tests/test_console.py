@@ -1,6 +1,13 @@
-"""What the user sees: a Keras progress bar on a terminal, plain lines elsewhere."""
+"""What the user sees: a Keras progress bar on a terminal or in Jupyter, plain lines elsewhere,
+an `Epoch i/N` header before each epoch and, at the end, where the run is."""
 
 from __future__ import annotations
+
+import shlex
+import sys
+import types
+
+import pytest
 
 from train_loop.console import Console
 
@@ -26,3 +33,51 @@ def test_progress_bar_on_a_terminal(capsys):
     console.progress(10, MEASURES)
     out = capsys.readouterr().out
     assert "10/10" in out and "cross_entropy: 0.5000" in out and "regularization: 0.2500" in out
+
+
+@pytest.mark.parametrize("in_jupyter", [True, False])
+def test_the_bar_in_jupyter_and_plain_lines_in_a_pipe(capsys, monkeypatch, in_jupyter):
+    """Jupyter's stdout is no terminal; Keras' Progbar knows it by `ipykernel`, and so does Console."""
+    if in_jupyter:
+        monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    else:
+        monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
+    console = Console(steps_per_epoch=10, num_epochs=1)
+    console.progress(10, MEASURES)
+    out = capsys.readouterr().out
+    assert ("━━━━" in out and "cross_entropy: 0.5000" in out) == in_jupyter, out
+    assert ("epoch 1/1 step 10/10:" in out) != in_jupyter, out
+
+
+def test_epoch_headers_once_each_and_mid_epoch_after_a_resume(capsys):
+    console = Console(steps_per_epoch=10, num_epochs=3, interactive=False)
+    for step in (15, 17, 20, 25):  # Resumed at step 15, in the second epoch.
+        console.begin_epoch(step)
+    assert capsys.readouterr().out.splitlines() == ["Epoch 2/3", "Epoch 3/3"]
+
+
+def test_a_worker_that_is_not_the_chief_shows_no_progress(capsys):
+    console = Console(steps_per_epoch=10, num_epochs=1, interactive=False, show_progress=False)
+    console.say("training")
+    console.begin_epoch(0)
+    console.progress(10, MEASURES)
+    console.epoch_done(1, MEASURES, None, 1.0)
+    console.tested({"cross_entropy": 0.4, "accuracy": 0.9})
+    console.finished("logs/run", "logs")
+    assert capsys.readouterr().out == "training\n"
+
+
+@pytest.mark.slow
+def test_what_a_run_prints(run_cli, tmp_path):
+    """Each epoch's header right before its progress, its line after it; the last line says where
+    the model and result are, and how to look at the run."""
+    finished = run_cli("--dataset=digits", "--epochs=2", "--summary_every=20", "--run_name=r")
+    assert finished.returncode == 0, finished.stderr
+    lines, run_dir, logdir = finished.stdout.splitlines(), tmp_path / "logs" / "r", tmp_path / "logs"
+    shown = [line.split(":")[0] if line.startswith("epoch") else line
+             for line in lines if line.startswith(("Epoch", "epoch"))]
+    assert shown == ["Epoch 1/2", "epoch 1/2 step 20/40", "epoch 1/2 step 40/40", "epoch 1/2",
+                     "Epoch 2/2", "epoch 2/2 step 20/40", "epoch 2/2 step 40/40", "epoch 2/2"]
+    assert lines[-2].startswith("test cross_entropy ")
+    assert lines[-1] == (f"saved {run_dir}/model.keras and {run_dir}/result.json; "
+                         f"to look at it: tensorboard --logdir {shlex.quote(str(logdir))}")

@@ -34,7 +34,8 @@ DIGITS_STEPS = 44
 
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory) -> Path:
-    """A run killed after its checkpoint at step 40: checkpoints 20 and 40, events up to 44."""
+    """A run killed after its checkpoint at step 40: checkpoints 20 and 40, events and the epoch's
+    line in metrics.jsonl up to 44."""
     logdir = tmp_path_factory.mktemp("template")
     trained = subprocess.run([sys.executable, "-m", "train_loop", f"--logdir={logdir}", *FLAGS],
                              capture_output=True, text=True, timeout=600, cwd=REPO)
@@ -79,6 +80,12 @@ def damage_an_event_record(run_dir: Path) -> None:
         offset += 16 + int.from_bytes(content[offset:offset + 8], "little")
     content[offset + 14] ^= 0x01
     path.write_bytes(bytes(content))
+
+
+def damage_the_metrics_file(run_dir: Path) -> None:
+    """A garbage line before the epoch's, and a line a kill cut short after it."""
+    path = run_dir / "metrics.jsonl"
+    path.write_bytes(b"\x00\xffgarbage\n" + path.read_bytes() + b'{"step": 4')
 
 
 def write(relative: str, content: bytes) -> Callable[[Path], None]:
@@ -145,6 +152,8 @@ RESUMED = [
                  ("ckpt-40: damaged", "ckpt-20"), id="newest-index-bit-flipped"),
     pytest.param(damage_an_event_record, 40, ("skipped 1 damaged event record",), id="event-record-damaged"),
     pytest.param(leave_a_temporary, 40, None, id="temporary-of-a-killed-save"),
+    pytest.param(damage_the_metrics_file, 40, ("metrics.jsonl", "dropped 2 damaged line(s)"),
+                 id="metrics-lines-garbage-and-cut-short"),
 ]
 
 
@@ -152,7 +161,8 @@ RESUMED = [
 def test_a_damaged_run_resumes_from_its_newest_intact_checkpoint(
         run_cli, tmp_path, interrupted, damage, step, words):
     """The run resumes where its newest intact checkpoint stands and finishes; the warning (if
-    any) is one line; every event up to that step is kept, byte for byte, in order."""
+    any) is one line; every event up to that step is kept, byte for byte, in order; metrics.jsonl
+    holds the one epoch once (its line from before the kill, past the checkpoint, dropped)."""
     run_dir = tmp_path / "logs" / "r"
     shutil.copytree(interrupted, run_dir)
     damage(run_dir)
@@ -167,6 +177,8 @@ def test_a_damaged_run_resumes_from_its_newest_intact_checkpoint(
     assert all(word in warnings[0] for word in words or ()), finished.stderr
     assert f"resuming {run_dir} from step {step}" in finished.stdout.splitlines()
     assert json.loads((run_dir / "result.json").read_text())["steps"] == DIGITS_STEPS
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [(json.loads(line)["epoch"], json.loads(line)["step"]) for line in lines] == [(1, DIGITS_STEPS)]
     for path, records in before.items():
         kept = [record for record in records if event_pb2.Event.FromString(record).step <= step]
         assert read_records(str(path)) == (kept, 0), path

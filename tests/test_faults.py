@@ -73,6 +73,10 @@ def test_two_workers_match_one_process_and_only_the_chief_writes(tmp_path, model
     status, stdout, stderr = finish(launched)
     assert status == 0, stdout[-3000:] + stderr[-3000:]
     assert "[worker 0] training" in stdout and "[worker 1] training" in stdout
+    # Progress from the chief only: each epoch's header and line, the test line and the last one, once.
+    lines = stdout.splitlines()
+    for said in ("] Epoch 1/2", "] epoch 1/2: train ", "] Epoch 2/2", "] epoch 2/2: train ", "] test ", "] saved "):
+        assert [line.startswith("[worker 0]") for line in lines if said in line] == [True], said
     two = read_result(tmp_path / "two" / "run")
     assert (two["strategy"], two["replicas"], two["steps"]) == ("multi_worker", 2, 2 * DIGITS_STEPS)
     choice = two["decided"]["jit_compile"]
@@ -236,6 +240,18 @@ def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_numbers(tm
         assert np.max(np.abs(second - first)) <= 1e-6, delay
     steps, expected = logged_steps(tmp_path / "killed"), logged_steps(tmp_path / "whole")
     assert steps == expected, f"repeated or missing steps after a kill {delay:.2f} s in"
+    epochs, expected = epoch_lines(tmp_path / "killed"), epoch_lines(tmp_path / "whole")
+    assert [sorted(line) for line in epochs] == [sorted(line) for line in expected], \
+        f"repeated or missing epochs in metrics.jsonl after a kill {delay:.2f} s in"
+    for line, uninterrupted in zip(epochs, expected):
+        assert all(abs(line[key] - value) <= 1e-6 for key, value in uninterrupted.items()), (line, uninterrupted)
+
+
+def epoch_lines(run_dir: Path) -> list[dict]:
+    """metrics.jsonl's lines, less what a kill changes: the time and the throughput."""
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{key: value for key, value in line.items() if key not in ("wall_time", "examples_per_second")}
+            for line in lines]
 
 
 def test_a_non_finite_gradient_is_divergence_too():

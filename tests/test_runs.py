@@ -40,12 +40,28 @@ def test_digits_reaches_90_percent_in_three_epochs(run_cli, tmp_path):
     assert result["train"]["total"] == pytest.approx(
         result["train"]["cross_entropy"] + result["train"]["regularization"], rel=1e-6)
     assert "epoch 3/3: train cross_entropy" in finished.stdout
+    assert_metrics_file(run_dir, result)
     assert finished.stderr == "", "TensorFlow's start-up noise reached the user"
     config = Config(dataset="digits")
     splits = sources.hold_out(sources.load_splits(config), config.validation_split, config.seed)
     assert finished.stdout.splitlines()[1] == (
         f"{len(splits.x_train):,} training, {len(splits.x_validation):,} validation and "
         f"{len(splits.x_test):,} test examples; OneDeviceStrategy, 1 replica in sync, here on CPU:0")
+
+
+def assert_metrics_file(run_dir, result: dict) -> None:
+    """metrics.jsonl: a line per epoch, the last one's means those of result.json, each epoch's
+    validation the one TensorBoard has at its step."""
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    epoch_ends = [DIGITS_STEPS * epoch for epoch in range(1, result["epochs"] + 1)]
+    assert [(line["epoch"], line["step"]) for line in lines] == list(enumerate(epoch_ends, start=1))
+    assert {f"train/{name}": value for name, value in result["train"].items()}.items() <= lines[-1].items()
+    for name in ("accuracy", "loss/cross_entropy"):
+        logged = scalar_series(str(run_dir), "validation", name)
+        key = f"validation/{name.removeprefix('loss/')}"
+        assert [line[key] for line in lines] == pytest.approx([logged[step] for step in epoch_ends], abs=1e-6)
+    assert all(line["learning_rate"] == 0.001 and line["examples_per_second"] > 0 for line in lines)
+    assert sorted(line["wall_time"] for line in lines) == [line["wall_time"] for line in lines]
 
 
 def test_logged_step_zero_regularization_is_the_initial_weights(run_cli, tmp_path):

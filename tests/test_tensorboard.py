@@ -8,6 +8,7 @@ default (`--load_fast=true`, polled until every run folder is loaded).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import importlib.util
@@ -26,6 +27,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
+from train_loop.summaries import COMPARED_METRICS
 
 pytestmark = pytest.mark.slow  # every test here trains a model
 
@@ -129,22 +132,27 @@ def run(tmp_path_factory) -> Run:
 @pytest.fixture(scope="module", params=sorted(LOADERS))
 def tensorboard(request, run: Run, tmp_path_factory) -> Iterator[Client]:
     """A real TensorBoard on a free port over the run's logdir, loaded; always terminated."""
-    loader = request.param
+    with serve(run.logdir, request.param, tmp_path_factory.mktemp(f"tensorboard-{request.param}")) as client:
+        yield client
+
+
+@contextlib.contextmanager
+def serve(logdir: str, loader: str, workdir) -> Iterator[Client]:
+    """A real TensorBoard on a free port over `logdir`, loaded; always terminated."""
     if loader == "rustboard" and importlib.util.find_spec("tensorboard_data_server") is None:
         pytest.skip("tensorboard-data-server is not installed")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    workdir = tmp_path_factory.mktemp(f"tensorboard-{loader}")
     log_path = workdir / "tensorboard.log"
-    command = [sys.executable, "-m", "tensorboard.main", f"--logdir={run.logdir}", "--host=127.0.0.1",
+    command = [sys.executable, "-m", "tensorboard.main", f"--logdir={logdir}", "--host=127.0.0.1",
                f"--port={port}", *LOADERS[loader]]
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
                                    env=dict(os.environ))
     try:
         client = Client(f"http://127.0.0.1:{port}")
-        _wait_until_loaded(client, process, run, log_path)
+        _wait_until_loaded(client, process, logdir, log_path)
         yield client
     finally:
         process.terminate()
@@ -155,11 +163,11 @@ def tensorboard(request, run: Run, tmp_path_factory) -> Iterator[Client]:
             process.wait()
 
 
-def _wait_until_loaded(client: Client, process: subprocess.Popen, run: Run, log_path) -> None:
+def _wait_until_loaded(client: Client, process: subprocess.Popen, logdir: str, log_path) -> None:
     """Polls until the server answers and every folder holding an event file shows up as a run with
     data (the Rust loader lists a run before its data; it commits a run's data all at once)."""
-    folders = {os.path.relpath(os.path.dirname(path), run.logdir)
-               for path in glob.glob(os.path.join(run.logdir, "**", "events.out.tfevents.*"), recursive=True)}
+    folders = {os.path.relpath(os.path.dirname(path), logdir)
+               for path in glob.glob(os.path.join(logdir, "**", "events.out.tfevents.*"), recursive=True)}
     deadline, loaded = time.monotonic() + STARTUP_SECONDS, set()
     while True:
         if process.poll() is not None:
@@ -301,6 +309,35 @@ def test_hparams_session_group(tensorboard: Client, run: Run):
     assert accuracy["value"] == pytest.approx(run.result["test"]["accuracy"], abs=1e-6)
     assert accuracy["trainingStep"] == total["trainingStep"] == run.result["steps"]
     assert total["value"] == pytest.approx(_series(tensorboard, run.train, "loss/total")[-1][1], abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory) -> str:
+    """A logdir of two one-epoch runs, `a` and then `b`, that differ in --l2 alone."""
+    logdir = str(tmp_path_factory.mktemp("two-runs") / "logs")
+    for name, l2 in (("a", 0.0), ("b", 0.001)):
+        command = [sys.executable, "-m", "train_loop", f"--logdir={logdir}", "--dataset=digits", "--epochs=1",
+                   f"--l2={l2}", f"--run_name={name}"]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO, env=dict(os.environ))
+        assert done.returncode == 0, f"training failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return logdir
+
+
+@pytest.mark.parametrize("loader", sorted(LOADERS))
+def test_hparams_lists_only_the_settings_that_differ(two_runs: str, loader: str, tmp_path):
+    """The HParams table's columns are l2, the one setting the runs differ in, then the final
+    metrics; the newest run holds the logdir's one experiment; each run is a session with its l2."""
+    body = {"experimentName": "", "allowedStatuses": ALL_STATUSES, "startIndex": 0, "sliceSize": 10,
+            "colParams": [{"hparam": "l2", "includeInResult": True}], "includeMetrics": True}
+    with serve(two_runs, loader, tmp_path) as client:
+        experiment = client.post("/data/plugin/hparams/experiment", {"experimentName": ""})
+        groups = client.post("/data/plugin/hparams/session_groups", body)["sessionGroups"]
+    assert [info["name"] for info in experiment["hparamInfos"]] == ["l2"]
+    assert [(info["name"]["group"], info["name"]["tag"]) for info in experiment["metricInfos"]] == list(
+        COMPARED_METRICS)
+    assert {group["name"]: group["hparams"] for group in groups} == {"a": {"l2": 0.0}, "b": {"l2": 0.001}}
+    assert [os.path.relpath(path, two_runs).split(os.sep)[0]
+            for path in glob.glob(os.path.join(two_runs, "*", "events.out.tfevents.*.experiment"))] == ["b"]
 
 
 def test_settings_text(tensorboard: Client, run: Run):

@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import importlib.util
 import sys
+import time
 from collections.abc import Callable
 
 import tensorflow as tf
@@ -18,6 +19,7 @@ from train_loop import checkpoints, optimizers, profiling
 from train_loop.configs import Config
 from train_loop.console import Console
 from train_loop.evaluation import Evaluation
+from train_loop.metrics_file import MetricsFile, epoch_record
 from train_loop.preemption import SignalStop
 from train_loop.profiling import Stopwatch, Throughput
 from train_loop.state import TRAIN_MEASUREMENTS, TrainState
@@ -172,7 +174,7 @@ class Validation(Periodic):
             if best and best.update(at.step, self.latest.metrics):
                 self.save_best()
         if best and best.stop:
-            self.console.say(
+            self.console.show(
                 f"stopping early at step {at.step}: {best.name} has not improved by more than "
                 f"{best.min_delta:g} in {best.patience} validations; "
                 f"the best, {float(best.value.numpy()):.4f}, was at step {best.step}")
@@ -180,20 +182,32 @@ class Validation(Periodic):
 
 @dataclasses.dataclass
 class EpochEnd(Periodic):
-    """Counts the epoch, says its means (and the latest validation) on the console, and starts the
-    next epoch's sums; the last step keeps them, for `result.json`."""
+    """Counts the epoch, says its means on the console (with the latest validation) and in
+    `metrics.jsonl` (with the validation of this step, if any), and starts the next epoch's sums;
+    the last step keeps them, for `result.json`. Before a loop call, the `Epoch i/N` header of the
+    epoch it trains in."""
 
+    config: Config
     state: TrainState
     console: Console
+    metrics_file: MetricsFile
     throughput: Throughput
     validation: Validation | None = None
 
+    def before_call(self, step: int) -> None:
+        self.console.begin_epoch(step)
+
     def run(self, at: Moment) -> None:
-        counters = self.state.counters
+        counters, examples_per_second = self.state.counters, self.throughput.examples_per_second
         counters.epoch.assign_add(1)
-        latest = self.validation and self.validation.latest
-        self.console.epoch_done(int(counters.epoch), counters.epoch_means(), latest.metrics if latest else None,
-                                self.throughput.examples_per_second)
+        epoch, train = int(counters.epoch), counters.epoch_means()
+        latest = self.validation.latest if self.validation else None
+        self.console.epoch_done(epoch, train, latest and latest.metrics, examples_per_second)
+        validated_now = latest is not None and self.validation.due(at)
+        self.metrics_file.append(epoch_record(
+            step=at.step, epoch=epoch, train=train, validation=latest.metrics if validated_now else None,
+            learning_rate=optimizers.applied_learning_rate(self.config, self.state.optimizer),
+            examples_per_second=examples_per_second, wall_time=time.time()))
         if not at.last:
             counters.epoch_sums.assign(tf.zeros_like(counters.epoch_sums))
 

@@ -18,6 +18,7 @@ from train_loop.configs import Config
 from train_loop.console import Console
 from train_loop.errors import DivergedError
 from train_loop.evaluation import Evaluation
+from train_loop.metrics_file import MetricsFile
 from train_loop.preemption import SignalStop
 from train_loop.profiling import Stopwatch, Throughput
 from train_loop.state import Counters, TrainState
@@ -128,6 +129,7 @@ class Wiring:
 
     state: TrainState
     summaries: Summaries
+    metrics_file: MetricsFile
     console: Console
     manager: tf.train.CheckpointManager
     signals: SignalStop
@@ -167,8 +169,8 @@ def make_controller(config: Config, loop_call: Callable[[int], dict[str, tf.Tens
                            stopwatch=wiring.stopwatch),
         actions.CountTraining(controller.throughput, config.batch_size),
         *([validation] if validation else []),
-        actions.EpochEnd(cadence(0), state=state, console=console, throughput=controller.throughput,
-                         validation=validation),
+        actions.EpochEnd(cadence(0), config=config, state=state, console=console,
+                         metrics_file=wiring.metrics_file, throughput=controller.throughput, validation=validation),
         actions.Flush(summaries),
         actions.Checkpoint(cadence(config.checkpoint_every, at_last=True), wiring.manager, wiring.stopwatch),
         actions.Signals(wiring.signals, wiring.manager),

@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from train_loop import checkpoints, distribute, exports, inputs, runs, sources, steps, tuning
+from train_loop import checkpoints, distribute, exports, inputs, metrics_file, runs, sources, steps, tuning
 from train_loop.configs import MODELS, Config
 from train_loop.console import Console
 from train_loop.controller import Wiring, make_controller
@@ -21,7 +21,7 @@ from train_loop.models import ModelFunction, load_model_function
 from train_loop.preemption import SignalStop
 from train_loop.profiling import Stopwatch, phases
 from train_loop.state import build_state
-from train_loop.summaries import Summaries, drop_events_after
+from train_loop.summaries import Summaries, drop_events_after, write_logdir_experiment
 
 
 def train(config: Config, *, model_fn: ModelFunction | None = None,
@@ -69,7 +69,8 @@ def _train(config: Config, splits: sources.Splits, *, steps_per_epoch: int, stra
     checkpoint = tf.train.Checkpoint(**state.trackables())
     resumed = checkpoints.restore_latest(checkpoint, checkpoints.directory(run_dir), repair=chief)
     manager = checkpoints.make_manager(checkpoint, save_dir)
-    console = Console(steps_per_epoch=steps_per_epoch, num_epochs=config.epochs)
+    # Under launch every worker trains; the chief alone shows the progress, once.
+    console = Console(steps_per_epoch=steps_per_epoch, num_epochs=config.epochs, show_progress=chief)
     _say_start(console, config, splits, strategy, run_dir, state.counters.step if resumed else None)
     # After the run's model is built: the throwaway models timed here must not shift its layers' names.
     with stopwatch.phase("decide_xla"):
@@ -96,6 +97,7 @@ def _train(config: Config, splits: sources.Splits, *, steps_per_epoch: int, stra
     controller, validation_action = make_controller(
         config, lambda num_steps: loop_call(iterator, tf.constant(num_steps)), steps_per_epoch=steps_per_epoch,
         wiring=Wiring(state=state, summaries=summaries, console=console, manager=manager,
+                      metrics_file=metrics_file.MetricsFile(run_dir if chief else None),
                       signals=signals, stopwatch=stopwatch,
                       profile_dir=run_dir if chief else None,
                       validate=validate and functools.partial(validate, state.validated_weights),
@@ -125,6 +127,7 @@ def _train(config: Config, splits: sources.Splits, *, steps_per_epoch: int, stra
     result["seconds"] = phases(stopwatch, controller.throughput, started)
     if chief:
         runs.write_json(os.path.join(run_dir, runs.RESULT_FILE), result)
+    console.finished(run_dir, config.logdir)
     return result
 
 
@@ -151,6 +154,7 @@ def _open_run(config: Config, run_dir: str | None, model: keras.Model, strategy:
         return Summaries(None)
     runs.create(run_dir, config, decided=decision.to_dict())
     drop_events_after(run_dir, restored_step)
+    metrics_file.drop_lines_after(run_dir, restored_step)
     summaries = Summaries(run_dir, class_names=sources.class_names(config.dataset))
     if restored_step < 0:
         summaries.write_settings(os.path.basename(run_dir), _hparams(config, strategy))
@@ -158,6 +162,8 @@ def _open_run(config: Config, run_dir: str | None, model: keras.Model, strategy:
         initial_term = summaries.write_layer_scalars(model, 0)
         summaries.write_scalars("train", 0, {"loss/regularization": initial_term})
         summaries.write_weight_histograms(model, 0)
+        summaries.flush()
+        write_logdir_experiment(run_dir)  # Its HParams table shows what differs, this run's settings included.
     return summaries
 
 

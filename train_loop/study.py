@@ -70,7 +70,7 @@ def study(experiments: Sequence[str], extra_flags: Sequence[str], *, logdir: str
 
     first = next(iter(configs.values()))
     startup.start_tensorflow(first.cpu_replicas, first.strategy)
-    from train_loop import loop, report, summaries
+    from train_loop import loop, report
 
     logging.getLogger("tensorflow").addFilter(_ExpectedRetracing())
 
@@ -82,8 +82,6 @@ def study(experiments: Sequence[str], extra_flags: Sequence[str], *, logdir: str
         else:
             print(f"{name}: training", flush=True)
             loop.train(config)
-        # Once the first run is finished (a no-op after): TensorBoard has it while the rest train.
-        summaries.write_study_experiment(os.path.join(folder, first.run_name))
     table = report.table([os.path.join(folder, name) for name in configs]).markdown()
     with open(os.path.join(folder, TABLE_FILE), "w") as stream:
         stream.write(table)
