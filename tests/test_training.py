@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import user_models
-from helpers import numpy_regularization, scalar_series
+from helpers import numpy_regularization
 
 import train_loop
 from train_loop import Config, distribute, inputs, models, optimizers, sources, steps
 from train_loop.loop import train
 from train_loop.state import build_state
+from train_loop.summaries import scalar_series
 
 # Every optimizer feature at once; short enough a decay and warm-up to show in a digits epoch.
 OPTIMIZER_FEATURES = dict(global_clipnorm=0.5, weight_decay=0.01, ema=0.9, lr_schedule="cosine",

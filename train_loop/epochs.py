@@ -133,6 +133,7 @@ class Run:
             "loss/cross_entropy": means["cross_entropy"],
             "loss/regularization": means["regularization"],
             "loss/total": means["total"],
+            "regularization_ratio": means["regularization"] / means["cross_entropy"],
             "accuracy": means["accuracy"],
             "learning_rate": optimizers.applied_learning_rate(self.config, self.state.optimizer),
             "examples_per_second": means["examples_per_second"],
