@@ -43,7 +43,7 @@ def train_all(trainings: Sequence[tuple[str, Sequence[str]]], *, jobs: int) -> N
     def train(run_name: str, args: Sequence[str]) -> None:
         if failures:
             return
-        print(f"{run_name}: training in a process of its own ({threads} threads)", flush=True)
+        print(f"{run_name}: training in a process of its own, TF_NUM_INTRAOP_THREADS={threads}", flush=True)
         done = subprocess.run([sys.executable, "-m", "train_loop", *args], capture_output=True, text=True, env=env)
         if done.returncode:
             failures.append(JobFailed(f"{run_name}: {_last_line(done.stderr)}", exit_status(done.returncode)))
