@@ -205,11 +205,13 @@ class _ExpectedRetracing(logging.Filter):
         return "triggered tf.function retracing" not in record.getMessage()
 
 
-USAGE = """Usage: train-loop-study [--experiments=a,b] [training flags]   (or: python -m train_loop.study ...)
+USAGE = """Usage: train-loop-study [--experiments=a,b] [--seeds=0,1,2] [--sweep=l2=1e-4,1e-3] [--jobs=N]
+       [training flags]   (or: python -m train_loop.study ...)
 
 Trains the regularization study: one run per experiment flagfile (baseline, dropout, l1, l2,
-l1l2), each with the training flags given here, then prints and saves the comparison table.
-Example: train-loop-study --dataset=fashion_mnist --epochs=10
+l1l2) and seed, each with the training flags given here, then writes study.md (mean ± std over
+seeds, differences from the baseline, the best by validation cross-entropy) and its figures.
+Example: train-loop-study --dataset=fashion_mnist --epochs=10 --seeds=0,1,2
 """
 
 
