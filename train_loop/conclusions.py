@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -14,6 +15,10 @@ from train_loop.models import NEAR_ZERO
 from train_loop.plans import Plan
 from train_loop.report import COLUMNS, RunNumbers
 
+# One experiment's runs by seed (None: the one seed --seed gave), as `report.read_run` reads them;
+# and every experiment's.
+BySeed = Mapping[int | None, RunNumbers]
+Numbers = Mapping[str, BySeed]
 # The study table leaves out the test split: it is read once, for the selected experiment.
 STUDY_COLUMNS = tuple(key for key in COLUMNS if not key.startswith("test_") and key != "gap")
 PATH_COLUMNS = ("validation_cross_entropy", "validation_accuracy", "validation_gap", "kernel_small_share")
@@ -72,28 +77,28 @@ class PairedDifference:
         return None if error is None else abs(self.mean) > SPREAD_FACTOR * error
 
 
-def spreads(numbers: Mapping[int, RunNumbers], keys: Sequence[str]) -> dict[str, Spread]:
+def spreads(numbers: BySeed, keys: Sequence[str]) -> dict[str, Spread]:
     """Each column over the experiment's seeds."""
     return {key: Spread(tuple(run.row[key] for run in numbers.values())) for key in keys
             if all(run.row[key] is not None for run in numbers.values())}
 
 
-def paired(numbers: Mapping[int, RunNumbers], reference: Mapping[int, RunNumbers], key: str) -> PairedDifference:
+def paired(numbers: BySeed, reference: BySeed, key: str) -> PairedDifference:
     """`key`'s difference from the reference over the seeds both have."""
     seeds = [seed for seed in numbers if seed in reference]
     return PairedDifference(tuple(numbers[seed].row[key] - reference[seed].row[key] for seed in seeds))
 
 
-def select(plan_numbers: Mapping[str, Mapping[int, RunNumbers]]) -> str:
+def select(plan_numbers: Numbers) -> str:
     """The experiment with the lowest mean validation cross-entropy: the test split ranks nothing."""
     return min(plan_numbers, key=lambda name: spreads(plan_numbers[name], ["validation_cross_entropy"])
                ["validation_cross_entropy"].mean)
 
 
-def markdown(plan: Plan, numbers: Mapping[str, Mapping[int, RunNumbers]], figures: Sequence[str]) -> str:
+def markdown(plan: Plan, numbers: Numbers, figures: Sequence[str]) -> str:
     """`study.md`: the tables, the rule they use, the selection, and links to the figures."""
     seeds = ", ".join(str(seed) for seed in plan.seeds if seed is not None) or "the one given by --seed"
-    parts = [f"# Study {plan.folder.rstrip('/').rsplit('/', 1)[-1]}\n",
+    parts = [f"# Study {os.path.basename(os.path.normpath(plan.folder))}\n",
              f"Seeds: {seeds}. Each cell is the mean ± the sample standard deviation over the seeds (n "
              "runs); the train columns are the last epoch's means, the validation ones the final "
              f"model's, and `abs w < {NEAR_ZERO:g}` is the share of the first layer's kernel that is "
@@ -104,7 +109,7 @@ def markdown(plan: Plan, numbers: Mapping[str, Mapping[int, RunNumbers]], figure
     return "\n".join(part for part in parts if part)
 
 
-def _experiments_table(numbers: Mapping[str, Mapping[int, RunNumbers]]) -> str:
+def _experiments_table(numbers: Numbers) -> str:
     headings = ["experiment", "n", *(COLUMNS[key][0] for key in STUDY_COLUMNS)]
     rows = []
     for name, runs in numbers.items():
@@ -114,7 +119,7 @@ def _experiments_table(numbers: Mapping[str, Mapping[int, RunNumbers]]) -> str:
     return _table(headings, rows)
 
 
-def _comparison(plan: Plan, numbers: Mapping[str, Mapping[int, RunNumbers]]) -> str:
+def _comparison(plan: Plan, numbers: Numbers) -> str:
     reference = numbers[plan.reference]
     headings = ["experiment"]
     for key in COMPARED:
@@ -132,7 +137,7 @@ def _comparison(plan: Plan, numbers: Mapping[str, Mapping[int, RunNumbers]]) -> 
     return heading + "\n" + _table(headings, rows) if rows else ""
 
 
-def _selection(numbers: Mapping[str, Mapping[int, RunNumbers]]) -> str:
+def _selection(numbers: Numbers) -> str:
     best = select(numbers)
     cells = spreads(numbers[best], ["validation_cross_entropy", "test_accuracy"])
     return (f"## Selection\n\nBest by validation cross-entropy: **{best}** "
@@ -141,7 +146,7 @@ def _selection(numbers: Mapping[str, Mapping[int, RunNumbers]]) -> str:
             f"**{cells['test_accuracy'].format('{:.4f}')}**.\n")
 
 
-def _path_table(plan: Plan, numbers: Mapping[str, Mapping[int, RunNumbers]]) -> str:
+def _path_table(plan: Plan, numbers: Numbers) -> str:
     flag = plan.sweep.flag
     headings = [flag, "experiment", "n", *(COLUMNS[key][0] for key in PATH_COLUMNS)]
     rows = []

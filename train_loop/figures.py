@@ -8,8 +8,6 @@ standard deviation) around their mean.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import matplotlib
 
 matplotlib.use("Agg")  # Files only: a study runs on machines without a display.
@@ -17,11 +15,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from train_loop import conclusions, summaries  # noqa: E402
+from train_loop.conclusions import Numbers  # noqa: E402
 from train_loop.models import NEAR_ZERO  # noqa: E402
 from train_loop.plans import Plan  # noqa: E402
-from train_loop.report import COLUMNS, RunNumbers  # noqa: E402
+from train_loop.report import COLUMNS  # noqa: E402
 
-Numbers = Mapping[str, Mapping[int, RunNumbers]]
 _DPI = 80  # Small files: the figures are read beside a table, not printed.
 
 

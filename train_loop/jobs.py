@@ -50,9 +50,13 @@ def train_all(trainings: Sequence[tuple[str, Sequence[str]]], *, jobs: int) -> N
         else:
             print(f"{run_name}: finished", flush=True)
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=jobs)
+    try:
         for future in [pool.submit(train, name, args) for name, args in trainings]:
             future.result()
+    finally:
+        # Ctrl-C reaches the processes under way too (they checkpoint and stop); none new may start.
+        pool.shutdown(cancel_futures=True)
     if failures:
         raise failures[0]
 

@@ -21,6 +21,7 @@ import os
 import pathlib
 import shlex
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from absl import flags
 
@@ -28,6 +29,9 @@ from train_loop import apps, cli, plans, runs, startup
 from train_loop.configs import Config
 from train_loop.errors import UsageError
 from train_loop.jobs import train_all
+
+if TYPE_CHECKING:
+    from train_loop import conclusions
 
 EXPERIMENTS = ("baseline", "dropout", "l1", "l2", "l1l2")
 TABLE_FILE = "study.md"
@@ -139,7 +143,7 @@ def _train_here(configs: Sequence[Config], plan: plans.Plan) -> None:
         summaries.write_study_experiment(os.path.join(plan.folder, plan.runs[0].run_name))
 
 
-def _write_findings(plan: plans.Plan, numbers: dict) -> None:
+def _write_findings(plan: plans.Plan, numbers: conclusions.Numbers) -> None:
     """`study.md` and the figures beside it; without matplotlib, the tables and one line saying so."""
     from train_loop import conclusions  # Deferred with TensorFlow, which it needs: --help should not wait.
     from train_loop.console import warn
