@@ -94,8 +94,8 @@ WHOLE_TRAIN_SPLIT = dict(validation_split=0.0)
 @pytest.mark.parametrize(("model", "tags", "jit_compile"), [
     (dict(l2=0.001, bias_l2=0.01, **WHOLE_TRAIN_SPLIT), ("gradient_norm", "gradient_norm/conv1", "weight_norm/dense"),
      True),
-    (dict(l2=0.001, bias_l2=0.01, **WHOLE_TRAIN_SPLIT), ("gradient_norm", "gradient_norm/conv1", "weight_norm/dense"),
-     False),
+    (dict(l2=0.001, bias_l2=0.01, **WHOLE_TRAIN_SPLIT), ("gradient_norm", "gradient_norm/conv1", "weight_norm/dense",
+                                                         "sparsity/conv1", "regularization_ratio"), False),
     # Kernel, bias and activity regularizers, an add_loss term and a nested sub-model.
     (dict(model_fn=user_models.build), ("loss/regularization", "regularization/encoder/hidden",
                                         "gradient_norm/encoder/hidden", "weight_norm/logits"), False),
