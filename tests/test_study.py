@@ -19,7 +19,7 @@ from conftest import REPO
 from helpers import assert_one_line_error
 from tensorboard.backend.event_processing import plugin_event_multiplexer
 
-from train_loop import Config, cli, models, report, study, train
+from train_loop import Config, cli, models, plans, report, study, train
 from train_loop.errors import UsageError
 from train_loop.summaries import scalar_series
 
@@ -324,12 +324,12 @@ def test_default_study_folders_are_named_by_what_the_shared_flags_change():
 def test_study_reads_the_flagfiles_shipped_in_the_package_and_a_folder_of_ones_own(tmp_path):
     """The default flagfiles are the package's (the same files as the source's flags/); --flags_dir
     swaps in a folder of the user's, and an unknown experiment lists the ones it has."""
-    shipped = cli.config_from_args(study.experiment_flags(["l1l2"], ["--dataset=digits"])["l1l2"])
+    shipped = cli.config_from_args(plans.experiment_flags(["l1l2"], ["--dataset=digits"])["l1l2"])
     assert (shipped.l1, shipped.l2) == parse_flagfile(Path(REPO, "flags", "l1l2.cfg"))
     (tmp_path / "mine.cfg").write_text("--l2=0.5\n")
-    assert cli.config_from_args(study.experiment_flags(["mine"], [], str(tmp_path))["mine"]).l2 == 0.5
+    assert cli.config_from_args(plans.experiment_flags(["mine"], [], str(tmp_path))["mine"]).l2 == 0.5
     with pytest.raises(UsageError, match="known: mine"):
-        study.experiment_flags(["baseline"], [], str(tmp_path))
+        plans.experiment_flags(["baseline"], [], str(tmp_path))
 
 
 def parse_flagfile(path):

@@ -4,13 +4,16 @@ training flags that make it, so one run is trained the same in this process or i
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import math
 import os
+import pathlib
 from collections.abc import Sequence
 
 from train_loop import configs
 from train_loop.errors import UsageError
 
+EXPERIMENTS = ("baseline", "dropout", "l1", "l2", "l1l2")  # The study's own flagfiles, in flags/.
 # The strengths a sweep may vary: the regularizers the study is about (bias factors aside).
 SWEEPABLE = ("l1", "l2", "dropout", "weight_decay")
 
@@ -88,6 +91,33 @@ def make_plan(experiment_flags: dict[str, Sequence[str]], *, folder: str, seeds:
             runs.append(PlannedRun(name, seed, run_name,
                                    (*flags, *seed_flag, f"--logdir={folder}", f"--run_name={run_name}")))
     return Plan(folder, tuple(experiments), tuple(seeds or [None]), sweep, tuple(runs), reference_strength)
+
+
+def experiment_flags(experiments: Sequence[str], extra_flags: Sequence[str],
+                     flags_dir: str = "") -> dict[str, list[str]]:
+    """Each experiment's training flags: its flagfile (from `flags_dir`, or the package's own),
+    then the extra flags.
+
+    Raises:
+      UsageError: an unknown experiment, or none at all.
+    """
+    if not experiments:
+        raise UsageError(f"--experiments is empty: name one or more of {', '.join(EXPERIMENTS)}.")
+    if len(set(experiments)) != len(experiments):
+        raise UsageError(f"--experiments={','.join(experiments)} names an experiment twice: name each once.")
+    # A user's folder or the package's own: both read through the same Traversable interface.
+    folder = pathlib.Path(flags_dir) if flags_dir else importlib.resources.files("train_loop").joinpath("flags")
+    found = {}
+    for name in experiments:
+        # as_file: a real path for absl's --flagfile (the package's own folder is one, see pyproject.toml).
+        with importlib.resources.as_file(folder.joinpath(f"{name}.cfg")) as path:
+            if not path.is_file():
+                known = sorted(entry.name[:-4] for entry in folder.iterdir() if entry.name.endswith(".cfg")) \
+                    if folder.is_dir() else []
+                raise UsageError(
+                    f"--experiments: no flagfile {path} for {name!r}; known: {', '.join(known) or 'none'}.")
+            found[name] = [f"--flagfile={path}", *extra_flags]
+    return found
 
 
 def parse_seeds(values: Sequence[str] | None) -> list[int] | None:

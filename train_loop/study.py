@@ -15,10 +15,8 @@ process, at the experiment the first is training; no experiment is trained twice
 from __future__ import annotations
 
 import datetime
-import importlib.resources
 import logging
 import os
-import pathlib
 import shlex
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -33,10 +31,9 @@ from train_loop.jobs import train_all
 if TYPE_CHECKING:
     from train_loop import conclusions
 
-EXPERIMENTS = ("baseline", "dropout", "l1", "l2", "l1l2")
 TABLE_FILE = "study.md"
 
-_EXPERIMENTS = flags.DEFINE_list("experiments", list(EXPERIMENTS),
+_EXPERIMENTS = flags.DEFINE_list("experiments", list(plans.EXPERIMENTS),
                                  "Experiments to run, in order: names of flagfiles in --flags_dir. The first is "
                                  "the reference: the others are compared with it, and --sweep varies it.")
 _EXTRA_FLAGS = flags.DEFINE_string("extra_flags", "",
@@ -110,10 +107,11 @@ def _plan(experiments: Sequence[str], extra_flags: Sequence[str], *, logdir: str
     """
     if seeds is not None and any(flag.startswith("--seed=") for flag in extra_flags):
         raise UsageError("--seed and --seeds both given: --seeds=0,1,2 sets every run's seed; leave --seed out.")
-    flags_by_experiment = experiment_flags(experiments, extra_flags, flags_dir)
+    flags_by_experiment = plans.experiment_flags(experiments, extra_flags, flags_dir)
     reference = cli.config_from_args(next(iter(flags_by_experiment.values())))
-    plan = plans.make_plan(flags_by_experiment, folder=os.path.join(logdir, study_name or default_study_name(
-        extra_flags)), seeds=seeds, sweep=sweep, reference_strength=getattr(reference, sweep.flag) if sweep else 0.0)
+    folder = os.path.join(logdir, study_name or default_study_name(extra_flags))
+    plan = plans.make_plan(flags_by_experiment, folder=folder, seeds=seeds, sweep=sweep,
+                           reference_strength=getattr(reference, sweep.flag) if sweep else 0.0)
     configs = {run.run_name: cli.config_from_args(run.args) for run in plan.runs}
     for name, config in configs.items():
         if not config.validation_split:
@@ -162,33 +160,6 @@ def _write_findings(plan: plans.Plan, numbers: conclusions.Numbers) -> None:
     with open(os.path.join(plan.folder, TABLE_FILE), "w") as stream:
         stream.write(findings)
     print(f"\n{findings}\nwritten to {os.path.join(plan.folder, TABLE_FILE)}", flush=True)
-
-
-def experiment_flags(experiments: Sequence[str], extra_flags: Sequence[str],
-                     flags_dir: str = "") -> dict[str, list[str]]:
-    """Each experiment's training flags: its flagfile (from `flags_dir`, or the package's own),
-    then the extra flags.
-
-    Raises:
-      UsageError: an unknown experiment, or none at all.
-    """
-    if not experiments:
-        raise UsageError(f"--experiments is empty: name one or more of {', '.join(EXPERIMENTS)}.")
-    if len(set(experiments)) != len(experiments):
-        raise UsageError(f"--experiments={','.join(experiments)} names an experiment twice: name each once.")
-    # A user's folder or the package's own: both read through the same Traversable interface.
-    folder = pathlib.Path(flags_dir) if flags_dir else importlib.resources.files("train_loop").joinpath("flags")
-    found = {}
-    for name in experiments:
-        # as_file: a real path for absl's --flagfile (the package's own folder is one, see pyproject.toml).
-        with importlib.resources.as_file(folder.joinpath(f"{name}.cfg")) as path:
-            if not path.is_file():
-                known = sorted(entry.name[:-4] for entry in folder.iterdir() if entry.name.endswith(".cfg")) \
-                    if folder.is_dir() else []
-                raise UsageError(
-                    f"--experiments: no flagfile {path} for {name!r}; known: {', '.join(known) or 'none'}.")
-            found[name] = [f"--flagfile={path}", *extra_flags]
-    return found
 
 
 def default_study_name(extra_flags: Sequence[str]) -> str:
