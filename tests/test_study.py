@@ -257,6 +257,7 @@ BAD_STUDY_FLAGS = {
     "sweep-negative": ("--sweep=l1=1e-4,-1e-3", "-0.001 is not a strength"),
     "sweep-dropout-one": ("--sweep=dropout=0.5,1", "1 is not a strength; each must be in [0, 1)"),
     "sweep-not-numbers": ("--sweep=l2=small", "not a number"),
+    "sweep-the-reference": ("--sweep=l2=0,1e-4", "l2=0 is the reference's own strength"),
     "experiments-repeated": ("--experiments=l1,l1", "names an experiment twice"),
     "jobs-zero": ("--jobs=0", "--jobs"),
     "no-validation-split": ("--validation_split=0", "--validation_split=0 holds nothing out"),

@@ -102,16 +102,19 @@ def _plan(experiments: Sequence[str], extra_flags: Sequence[str], *, logdir: str
     """The study's runs and each one's `Config`, checked against what its folder already holds.
 
     Raises:
-      UsageError: a bad flag in any run, --seed beside --seeds, no validation split to select by,
-        or a folder whose run has other settings.
+      UsageError: a bad flag in any run, --seed beside --seeds, a sweep value the reference has,
+        no validation split to select by, or a folder whose run has other settings.
     """
     if seeds is not None and any(flag.startswith("--seed=") for flag in extra_flags):
         raise UsageError("--seed and --seeds both given: --seeds=0,1,2 sets every run's seed; leave --seed out.")
     flags_by_experiment = plans.experiment_flags(experiments, extra_flags, flags_dir)
     reference = cli.config_from_args(next(iter(flags_by_experiment.values())))
     folder = os.path.join(logdir, study_name or default_study_name(extra_flags))
-    plan = plans.make_plan(flags_by_experiment, folder=folder, seeds=seeds, sweep=sweep,
-                           reference_strength=getattr(reference, sweep.flag) if sweep else 0.0)
+    strength = getattr(reference, sweep.flag) if sweep else 0.0
+    if sweep and strength in sweep.values:
+        raise UsageError(f"--sweep: {sweep.flag}={strength:g} is the reference's own strength ({experiments[0]} has "
+                         "it), which the path already holds: leave it out of --sweep.")
+    plan = plans.make_plan(flags_by_experiment, folder=folder, seeds=seeds, sweep=sweep, reference_strength=strength)
     configs = {run.run_name: cli.config_from_args(run.args) for run in plan.runs}
     for name, config in configs.items():
         if not config.validation_split:
