@@ -111,11 +111,7 @@ def markdown(plan: Plan, numbers: Numbers, figures: Sequence[str]) -> str:
 
 def _experiments_table(numbers: Numbers) -> str:
     headings = ["experiment", "n", *(COLUMNS[key][0] for key in STUDY_COLUMNS)]
-    rows = []
-    for name, runs in numbers.items():
-        cells = spreads(runs, STUDY_COLUMNS)
-        rows.append([name, str(len(runs)),
-                     *(cells[key].format(COLUMNS[key][1]) if key in cells else "-" for key in STUDY_COLUMNS)])
+    rows = [[name, str(len(runs)), *_cells(runs, STUDY_COLUMNS)] for name, runs in numbers.items()]
     return _table(headings, rows)
 
 
@@ -149,11 +145,8 @@ def _selection(numbers: Numbers) -> str:
 def _path_table(plan: Plan, numbers: Numbers) -> str:
     flag = plan.sweep.flag
     headings = [flag, "experiment", "n", *(COLUMNS[key][0] for key in PATH_COLUMNS)]
-    rows = []
-    for name, strength in path_points(plan).items():
-        cells = spreads(numbers[name], PATH_COLUMNS)
-        rows.append([f"{strength:g}", name, str(len(numbers[name])),
-                     *(cells[key].format(COLUMNS[key][1]) if key in cells else "-" for key in PATH_COLUMNS)])
+    rows = [[f"{strength:g}", name, str(len(numbers[name])), *_cells(numbers[name], PATH_COLUMNS)]
+            for name, strength in path_points(plan).items()]
     return f"## Regularization path: {flag} on top of {plan.reference}\n\n" + _table(headings, rows)
 
 
@@ -162,6 +155,12 @@ def path_points(plan: Plan) -> dict[str, float]:
     each experiment of the sweep."""
     points = {plan.reference: float(plan.reference_strength), **plan.sweep_experiments()}
     return dict(sorted(points.items(), key=lambda item: item[1]))
+
+
+def _cells(runs: BySeed, keys: Sequence[str]) -> list[str]:
+    """Each column as `mean ± std` in its format; `-` where a run lacks it (no validation split)."""
+    cells = spreads(runs, keys)
+    return [cells[key].format(COLUMNS[key][1]) if key in cells else "-" for key in keys]
 
 
 def _table(headings: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
