@@ -26,7 +26,7 @@ from helpers import events
 
 from train_loop import Config, checkpoints, locks, runs, train
 from train_loop import launch as launch_module
-from train_loop.epochs import check_finite
+from train_loop.controller import check_finite
 from train_loop.errors import DivergedError, NoSpace
 
 pytestmark = pytest.mark.slow  # every test here trains a model

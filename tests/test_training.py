@@ -12,7 +12,7 @@ from helpers import numpy_regularization
 import train_loop
 from train_loop import Config, distribute, inputs, models, optimizers, sources, steps
 from train_loop.loop import train
-from train_loop.state import build_state
+from train_loop.state import LossScale, build_state
 from train_loop.summaries import scalar_series
 
 # Every optimizer feature at once; short enough a decay and warm-up to show in a digits epoch.
@@ -49,11 +49,10 @@ def one_step(config: Config, strategy: tf.distribute.Strategy | None = None, *, 
     gradients = steps.make_replica_gradients(model, config.batch_size)
     train_step = tf.function(steps.make_train_step(strategy, model, optimizer, gradients,
                                                    global_clipnorm=config.global_clipnorm))
-    sums, norms = train_step(strategy.experimental_distribute_values_from_function(
+    measured = train_step(strategy.experimental_distribute_values_from_function(
         lambda context: _replica_slice(images, labels, context)) if strategy.num_replicas_in_sync > 1
         else (images, labels), tf.constant(True))
-    names = (*steps.STEP_MEASUREMENTS, *steps.gradient_norm_names(model))
-    return initial, dict(zip(names, np.concatenate([sums, norms]).tolist()))
+    return initial, {name: float(value) for name, value in measured.items()}
 
 
 def _replica_slice(images: np.ndarray, labels: np.ndarray, context: tf.distribute.ValueContext) -> tuple:
@@ -140,20 +139,23 @@ def check_logged_features(run_dir: str) -> None:
     assert all(0.0 <= share <= 1.0 for share in shares) and max(shares) > 0
 
 
-def test_train_loop_is_traced_once_across_calls():
+def test_loop_call_is_traced_once_and_returns_named_measurements():
     config = Config(dataset="digits", l2=0.001)
     strategy = tf.distribute.get_strategy()
     splits = sources.load_splits(config)
     state = build_state(config, strategy, splits.x_train.shape[1:])
-    model, optimizer = state.model, state.optimizer
     replica_input = inputs.ReplicaInput(strategy, inputs.train_dataset_fn(
         splits, global_batch_size=32, seed=0, num_epochs=1, start_step=0))
-    train_step = steps.make_train_step(strategy, model, optimizer, steps.make_replica_gradients(model, 32))
-    loop = steps.make_train_loop(train_step, steps.gradient_norm_names(model), replica_input.next_batch)
+    loop_call = steps.make_loop_call(strategy, state, replica_input.next_batch, global_batch_size=32)
     iterator = replica_input.iterator()
-    sums = [loop(iterator, tf.constant(n)) for n in (3, 5, 7)]
-    assert loop.experimental_get_tracing_count() == 1
-    assert all(np.isfinite(float(s["total"])) for s in sums)
+    measured = [loop_call(iterator, tf.constant(n)) for n in (3, 5, 7)]
+    assert loop_call.experimental_get_tracing_count() == 1
+    assert set(measured[0]) == {*steps.SUMMED, "gradient_norm", "gradient_norm/conv1", "gradient_norm/conv2",
+                                "gradient_norm/dense"}
+    for sums, num_steps in zip(measured, (3, 5, 7)):
+        # Sums over the call's steps: each step's accuracy is a share of its batch.
+        assert 0 < float(sums["accuracy"]) <= num_steps and np.isfinite(float(sums["total"]))
+        assert float(sums["gradient_norm"]) > 0
 
 
 def scaled_step(initial_scale: float, strategy: tf.distribute.Strategy):
@@ -164,13 +166,14 @@ def scaled_step(initial_scale: float, strategy: tf.distribute.Strategy):
         model = models.build_model(config, splits.x_train.shape[1:])
         optimizer = optimizers.build_optimizer(config)
         optimizer.build(model.trainable_variables)
-        loss_scale = steps.LossScale(initial=initial_scale)
+        loss_scale = LossScale(initial=initial_scale)
     before = [w.copy() for w in model.get_weights()]
     gradients = steps.make_replica_gradients(model, 32, loss_scale=loss_scale)
     train_step = tf.function(steps.make_train_step(strategy, model, optimizer, gradients, loss_scale=loss_scale))
-    sums, norms = train_step((splits.x_train[:32], splits.y_train[:32]), tf.constant(True))
+    measured = train_step((splits.x_train[:32], splits.y_train[:32]), tf.constant(True))
     changed = any(not np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
-    return float(loss_scale.scale.numpy()), int(loss_scale.good_steps.numpy()), changed, np.concatenate([sums, norms])
+    return (float(loss_scale.scale.numpy()), int(loss_scale.good_steps.numpy()), changed,
+            np.array([float(value) for value in measured.values()]))
 
 
 @pytest.mark.parametrize("replicas", [1, 2])

@@ -175,7 +175,7 @@ def _cached_batch_speed(config) -> float:
     splits = sources.load_splits(config)
     strategy = distribute.make_strategy(config)  # The run's, so `auto` finds its cached choice.
     decision = tuning.decide_jit_compile(config, strategy, splits, None)
-    loop = tuning.cached_batch_loop(config, strategy, splits, jit_compile=decision.jit_compile)
+    loop = tuning.cached_batch_loop_call(config, strategy, splits, jit_compile=decision.jit_compile)
     num_steps = len(splits.x_train) // config.batch_size - 20
     loop(tf.constant(20))
     started = time.perf_counter()

@@ -24,7 +24,7 @@ class BestModel:
     def __init__(self, config: Config, model: keras.Model):
         self.name = config.best_metric
         self._higher_is_better = BEST_METRICS[config.best_metric]
-        self._patience, self._min_delta = config.early_stopping_patience, config.early_stopping_min_delta
+        self.patience, self.min_delta = config.early_stopping_patience, config.early_stopping_min_delta
         self._model_weights = model.weights
         self.value = tf.Variable(-math.inf if self._higher_is_better else math.inf, dtype=tf.float64, trainable=False)
         self._step = tf.Variable(-1, dtype=tf.int64, trainable=False)
@@ -48,7 +48,7 @@ class BestModel:
         value = metrics[self.name.removeprefix("validation/")]
         best = float(self.value.numpy())
         gain = value - best if self._higher_is_better else best - value
-        if gain > self._min_delta or self.step is None:
+        if gain > self.min_delta or self.step is None:
             self.value.assign(value)
             self._step.assign(step)
             self._since.assign(0)
@@ -61,7 +61,7 @@ class BestModel:
     @property
     def stop(self) -> bool:
         """Whether `--early_stopping_patience` validations in a row have not improved."""
-        return bool(self._patience) and int(self._since.numpy()) >= self._patience
+        return bool(self.patience) and int(self._since.numpy()) >= self.patience
 
     def weights_in_model(self) -> contextlib.AbstractContextManager:
         """The model holds the best weights inside, its own outside."""

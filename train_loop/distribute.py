@@ -210,7 +210,7 @@ def _tpu(tpu: str) -> tf.distribute.Strategy:
     """TPUStrategy on the TPU `--tpu` names (empty: this TPU VM's own), initialised first.
 
     Batches are whole (the remainder is dropped) so every shape is static, as XLA on TPUs needs;
-    summaries are written on the host from the values the traced loop returns.
+    summaries are written on the host from the values the loop call returns.
     """
     _check_reachable(tpu)
     try:

@@ -125,7 +125,7 @@ class ReplicaInput:
         return iter(self._dataset)
 
     def next_batch(self, iterator: Iterator) -> tuple:
-        """The next batch of every replica; call inside the traced loop."""
+        """The next batch of every replica; call inside the traced loop call."""
         if not self._on_host:
             return next(iterator)
         batches = [next(iterator) for _ in range(self._strategy.num_replicas_in_sync)]

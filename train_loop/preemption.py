@@ -18,7 +18,7 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 class SignalStop:
     """Notes a SIGTERM or SIGINT instead of dying on it; after the loop call under way, the
-    outer loop saves a checkpoint and raises `Interrupted` (exit 143 or 130).
+    controller saves a checkpoint and raises `Interrupted` (exit 143 or 130).
 
     On a multi-worker cluster every worker must stop after the same call, or the others would
     wait on its collectives forever. There TensorFlow's `PreemptionCheckpointHandler` agrees on

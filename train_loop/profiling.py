@@ -1,48 +1,14 @@
-"""Where a run's time goes: the seconds of each phase, and `--profile_steps=START,END`, a trace of
-those steps for TensorBoard's profile dashboard."""
+"""Where a run's time goes: the seconds of each phase, and the training's steady-state throughput.
+(`--profile_steps`, a trace for TensorBoard's profile dashboard, is `actions.Profiling`.)"""
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
-import sys
+import dataclasses
 import time
 from collections.abc import Iterator
 
-import tensorflow as tf
-
 PLUGIN = "tensorboard_plugin_profile"
-
-
-class StepProfiler:
-    """Starts TensorFlow's profiler when the run reaches step START and stops it at step END.
-
-    The trace goes to `<logdir>/plugins/profile/<time>/`, where the dashboard looks for it. The
-    outer loop makes START and END loop-call boundaries (see `boundaries`), so the trace holds
-    exactly those steps.
-    """
-
-    def __init__(self, steps: tuple[int, int] | None, logdir: str):
-        self._steps, self._logdir, self._running = steps, logdir, False
-        if steps and importlib.util.find_spec(PLUGIN) is None:
-            # The trace is written either way (it can be viewed elsewhere); say what shows it.
-            print("train_loop: note: --profile_steps writes a trace; TensorBoard shows it with the "
-                  "profile plugin: pip install 'train_loop[profile]'.", file=sys.stderr)
-
-    def boundaries(self) -> tuple[int, ...]:
-        return self._steps or ()
-
-    def before(self, step: int) -> None:
-        """Called before the loop call that starts at `step`."""
-        if self._steps and step == self._steps[0]:
-            tf.profiler.experimental.start(self._logdir)
-            self._running = True
-
-    def after(self, step: int, last: bool = False) -> None:
-        """Called after the loop call that ended at `step`; stops at END or at the run's end."""
-        if self._running and (step >= self._steps[1] or last):
-            tf.profiler.experimental.stop()
-            self._running = False
 
 
 class Stopwatch:
@@ -59,3 +25,43 @@ class Stopwatch:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+
+
+@dataclasses.dataclass
+class Throughput:
+    """Steady-state examples per second: a process's first loop call, which traces, is timed apart."""
+
+    first: tuple[int, float] | None = None  # Its examples and seconds.
+    first_done_at: float = 0.0
+    examples: int = 0
+    seconds: float = 0.0
+    _started: float = dataclasses.field(default=0.0, init=False, repr=False)
+
+    def start(self) -> None:
+        self._started = time.perf_counter()
+
+    def stop(self, examples: int) -> None:
+        """Counts `examples` trained since `start`."""
+        ended = time.perf_counter()
+        if self.first is None:
+            self.first, self.first_done_at = (examples, ended - self._started), ended
+        else:
+            self.examples += examples
+            self.seconds += ended - self._started
+
+    @property
+    def examples_per_second(self) -> float:
+        examples, seconds = (self.examples, self.seconds) if self.seconds else (self.first or (0, 1.0))
+        return examples / seconds if seconds else 0.0
+
+
+def phases(stopwatch: Stopwatch, throughput: Throughput, started: float) -> dict[str, float]:
+    """Where the run's time went, from `train()` on: "training" is the steady state, "first_step"
+    the process's first loop call (tracing, compiling); what no phase names is building the
+    model, restoring and opening the run."""
+    seconds = dict(stopwatch.seconds)
+    if throughput.first:
+        seconds["first_step"] = throughput.first[1]
+    seconds["training"] = throughput.seconds
+    seconds["total"] = time.perf_counter() - started
+    return seconds

@@ -10,14 +10,37 @@ import dataclasses
 import keras
 import tensorflow as tf
 
-from train_loop import optimizers, steps
+from train_loop import optimizers
 from train_loop.best import BestModel
 from train_loop.configs import Config
 from train_loop.models import ModelFunction, build_model
 
+# What the step measures of the loss, whose means the summaries, the epochs and result.json report.
+TRAIN_MEASUREMENTS = ("cross_entropy", "regularization", "total", "accuracy")
+
+
+class LossScale(tf.Module):
+    """Dynamic loss scaling for float16, by hand: the scale halves after a step whose gradients
+    overflow (that step is skipped) and doubles after `growth_interval` finite steps in a row.
+
+    Create it inside `strategy.scope()`; every replica updates it with the same values.
+    """
+
+    def __init__(self, initial: float = 2.0**15, growth_interval: int = 2000):
+        super().__init__(name="loss_scale")
+        only_first = tf.VariableAggregation.ONLY_FIRST_REPLICA
+        self.scale = tf.Variable(initial, trainable=False, aggregation=only_first)
+        self.good_steps = tf.Variable(0, dtype=tf.int64, trainable=False, aggregation=only_first)
+        self.growth_interval = growth_interval
+
+    def update(self, finite: tf.Tensor) -> None:
+        grow = tf.logical_and(finite, self.good_steps + 1 >= self.growth_interval)
+        self.good_steps.assign(tf.where(finite & ~grow, self.good_steps + 1, tf.constant(0, tf.int64)))
+        self.scale.assign(tf.where(grow, self.scale * 2, tf.where(finite, self.scale, self.scale / 2)))
+
 
 class Counters:
-    """The outer loop's counters, kept in variables so that checkpoints carry them.
+    """The controller's counters, kept in variables so that checkpoints carry them.
 
     `epoch_sums` holds the current epoch's summed measurements and its step count, so a run
     resumed mid-epoch, or after its last checkpoint, still reports the whole epoch's means.
@@ -26,7 +49,7 @@ class Counters:
     def __init__(self) -> None:
         self._step = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self.epoch_sums = tf.Variable(tf.zeros([len(steps.TRAIN_MEASUREMENTS) + 1], tf.float64),
+        self.epoch_sums = tf.Variable(tf.zeros([len(TRAIN_MEASUREMENTS) + 1], tf.float64),
                                       trainable=False)
 
     @property
@@ -38,11 +61,11 @@ class Counters:
 
     def advance(self, sums: dict[str, float], num_steps: int) -> None:
         self._step.assign_add(num_steps)
-        self.epoch_sums.assign_add([*(sums[name] for name in steps.TRAIN_MEASUREMENTS), num_steps])
+        self.epoch_sums.assign_add([*(sums[name] for name in TRAIN_MEASUREMENTS), num_steps])
 
     def epoch_means(self) -> dict[str, float]:
         *totals, count = self.epoch_sums.numpy().tolist()
-        return {name: total / max(count, 1) for name, total in zip(steps.TRAIN_MEASUREMENTS, totals)}
+        return {name: total / max(count, 1) for name, total in zip(TRAIN_MEASUREMENTS, totals)}
 
 
 @dataclasses.dataclass
@@ -51,7 +74,7 @@ class TrainState:
 
     model: keras.Model
     optimizer: keras.optimizers.Optimizer
-    loss_scale: steps.LossScale | None
+    loss_scale: LossScale | None
     best: BestModel | None
     counters: Counters
 
@@ -84,6 +107,6 @@ def build_state(config: Config, strategy: tf.distribute.Strategy, input_shape: t
         model = build_model(config, input_shape, num_classes=num_classes, model_fn=model_fn)
         optimizer = optimizers.build_optimizer(config)
         optimizer.build(model.trainable_variables)
-        loss_scale = steps.LossScale() if config.precision == "mixed_float16" else None
+        loss_scale = LossScale() if config.precision == "mixed_float16" else None
         best = BestModel(config, model) if config.best_metric else None
     return TrainState(model, optimizer, loss_scale, best, Counters())

@@ -2,8 +2,8 @@
 
 Three layers, as in Orbit and Sonnet: `make_replica_gradients` is plain math under a
 GradientTape; `make_train_step` applies it on every replica through `strategy.run`, and
-`make_train_loop` traces `num_steps` of those in one `tf.function` call; the eager outer loop
-in `loop.py` owns timing, summaries and checkpoints.
+`make_loop_call` traces `num_steps` of those in one `tf.function` call (a "loop call"); the
+eager controller (`controller.py`) owns timing, summaries and checkpoints.
 """
 
 from __future__ import annotations
@@ -15,40 +15,19 @@ import tensorflow as tf
 
 from train_loop import losses
 from train_loop.models import weighted_layers
+from train_loop.state import TRAIN_MEASUREMENTS, LossScale, TrainState
 
-TRAIN_MEASUREMENTS = ("cross_entropy", "regularization", "total", "accuracy")
-# Summed over every step: the logged means, the steps whose summed gradient was clipped, and the
-# replica-steps whose gradient was not finite (the divergence check; a non-finite gradient mid-call
-# would otherwise only show one step later). The last must stay last: `scaled_train_step` zeroes it.
-STEP_MEASUREMENTS = (*TRAIN_MEASUREMENTS, "clipped", "non_finite_gradients")
+# Summed over a loop call's steps: the logged means, the steps whose summed gradient was clipped,
+# and the replica-steps whose gradient was not finite (the divergence check; a non-finite gradient
+# mid-call would otherwise only show one step later).
+SUMMED = (*TRAIN_MEASUREMENTS, "clipped", "non_finite_gradients")
 _SUM = tf.distribute.ReduceOp.SUM
-_CLIPPED = STEP_MEASUREMENTS.index("clipped")
-
-
-class LossScale(tf.Module):
-    """Dynamic loss scaling for float16, by hand: the scale halves after a step whose gradients
-    overflow (that step is skipped) and doubles after `growth_interval` finite steps in a row.
-
-    Create it inside `strategy.scope()`; every replica updates it with the same values.
-    """
-
-    def __init__(self, initial: float = 2.0**15, growth_interval: int = 2000):
-        super().__init__(name="loss_scale")
-        only_first = tf.VariableAggregation.ONLY_FIRST_REPLICA
-        self.scale = tf.Variable(initial, trainable=False, aggregation=only_first)
-        self.good_steps = tf.Variable(0, dtype=tf.int64, trainable=False, aggregation=only_first)
-        self.growth_interval = growth_interval
-
-    def update(self, finite: tf.Tensor) -> None:
-        grow = tf.logical_and(finite, self.good_steps + 1 >= self.growth_interval)
-        self.good_steps.assign(tf.where(finite & ~grow, self.good_steps + 1, tf.constant(0, tf.int64)))
-        self.scale.assign(tf.where(grow, self.scale * 2, tf.where(finite, self.scale, self.scale / 2)))
 
 
 def make_replica_gradients(
     model: keras.Model, global_batch_size: int, *,
     loss_scale: LossScale | None = None, jit_compile: bool = False,
-) -> Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, list[tf.Tensor]]]:
+) -> Callable[[tf.Tensor, tf.Tensor], tuple[dict[str, tf.Tensor], list[tf.Tensor]]]:
     """The math of one update on one replica's slice of the batch: loss components and gradients.
 
     The cross-entropy and the regularization are computed apart and added by hand, so each can
@@ -57,12 +36,13 @@ def make_replica_gradients(
     IteratorGetNext) and no cross-replica synchronization (the optimizer's lives outside it).
 
     Returns:
-      A function of (images, labels) giving the stacked `STEP_MEASUREMENTS` and the (unscaled)
-      gradients of the total with respect to `model.trainable_variables`.
+      A function of (images, labels) giving the named `TRAIN_MEASUREMENTS` and
+      "non_finite_gradients", and the (unscaled) gradients of the total with respect to
+      `model.trainable_variables`.
     """
     variables = model.trainable_variables
 
-    def replica_gradients(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, list[tf.Tensor]]:
+    def replica_gradients(images: tf.Tensor, labels: tf.Tensor) -> tuple[dict[str, tf.Tensor], list[tf.Tensor]]:
         with tf.GradientTape() as tape:
             # Mixed precision computes in 16 bits; the losses are taken from float32 logits.
             logits = tf.cast(model(images, training=True), tf.float32)
@@ -73,84 +53,96 @@ def make_replica_gradients(
         gradients = tape.gradient(scaled, variables)
         if loss_scale is not None:
             gradients = [gradient / loss_scale.scale for gradient in gradients]
-        accuracy = losses.correct_share(labels, logits, global_batch_size)
         non_finite = tf.cast(~tf.math.is_finite(tf.linalg.global_norm(gradients)), tf.float32)
-        # "clipped" is filled in by the train step, after the cross-replica sum.
-        return tf.stack([cross_entropy, regularization, total, accuracy, 0.0, non_finite]), gradients
+        return {"cross_entropy": cross_entropy, "regularization": regularization, "total": total,
+                "accuracy": losses.correct_share(labels, logits, global_batch_size),
+                "non_finite_gradients": non_finite}, gradients
 
     return tf.function(replica_gradients, jit_compile=True) if jit_compile else replica_gradients
 
 
 def make_train_step(
     strategy: tf.distribute.Strategy, model: keras.Model, optimizer: keras.optimizers.Optimizer,
-    replica_gradients: Callable[..., tuple[tf.Tensor, list[tf.Tensor]]], *,
+    replica_gradients: Callable[..., tuple[dict[str, tf.Tensor], list[tf.Tensor]]], *,
     loss_scale: LossScale | None = None, global_clipnorm: float = 0.0,
-) -> Callable[[tuple, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
-    """One update over all replicas, for use inside the traced loop.
+) -> Callable[[tuple, tf.Tensor], dict[str, tf.Tensor]]:
+    """One update over all replicas, for use inside the traced loop call.
 
-    Besides the `STEP_MEASUREMENTS` it measures the gradient when `measure` is true (the last
+    Besides the `SUMMED` measurements it measures the gradient when `measure` is true (the last
     step of a loop call, the one a summary reports): its global L2 norm and each weighted layer's
     kernel-gradient norm, both of the whole global batch's gradient (summed over replicas), so they
-    equal what one device computes. Other steps skip that reduction and those norms. The norms
+    equal what one device computes. Other steps skip that reduction and give zeros. The norms
     are the gradient's before clipping: with `global_clipnorm` the update clips the summed
     gradient to that global norm, as one device would (`clip_summed_gradient`), and "clipped"
     counts the steps it exceeded.
 
     Returns:
-      A function of (every replica's batch, measure) giving the summed `STEP_MEASUREMENTS` and the
-      vector of `gradient_norm_names(model)` (zeros when not measured).
+      A function of (every replica's batch, measure) giving the `SUMMED` measurements, summed
+      over replicas, and the `gradient_measurements(model)`, by name.
     """
     variables = model.trainable_variables
-    kernels = [layer.kernel for _, layer in weighted_layers(model)]
-    kernel_positions = [next(i for i, v in enumerate(variables) if v is kernel) for kernel in kernels]
+    kernels = {path: next(i for i, v in enumerate(variables) if v is layer.kernel)
+               for path, layer in weighted_layers(model)}
 
-    def gradient_norms(replica_gradients_: list) -> tf.Tensor:
+    def gradient_norms(replica_gradients_: list) -> dict[str, tf.Tensor]:
         gradients = [strategy.reduce(_SUM, gradient, axis=None) for gradient in replica_gradients_]
-        return tf.stack([tf.linalg.global_norm(gradients),
-                         *(tf.norm(gradients[position]) for position in kernel_positions)])
+        return {"gradient_norm": tf.linalg.global_norm(gradients),
+                **{f"gradient_norm/{path}": tf.norm(gradients[index]) for path, index in kernels.items()}}
 
-    def measured_norms(measure: tf.Tensor, gradients: list) -> tf.Tensor:
-        return tf.cond(measure, lambda: gradient_norms(gradients), lambda: tf.zeros([1 + len(kernels)]))
+    def measured_gradient(measure: tf.Tensor, gradients: list) -> dict[str, tf.Tensor]:
+        return tf.cond(measure, lambda: gradient_norms(gradients), lambda: gradient_measurements(model))
 
-    def apply(measurements: tf.Tensor, gradients: list) -> tf.Tensor:
-        """In replica context: clips, updates, and records whether it clipped."""
+    def apply(gradients: list) -> tf.Tensor:
+        """In replica context: clips, updates, and gives this replica's share of "clipped"."""
+        clipped = tf.constant(0.0)
         if global_clipnorm:
-            gradients, clipped = clip_summed_gradient(gradients, global_clipnorm)
+            gradients, exceeded = clip_summed_gradient(gradients, global_clipnorm)
             # Each replica counts its share, so the sum over replicas counts the step once.
-            share = tf.cast(clipped, tf.float32) / strategy.num_replicas_in_sync
-            measurements = tf.tensor_scatter_nd_update(measurements, [[_CLIPPED]], [share])
+            clipped = tf.cast(exceeded, tf.float32) / strategy.num_replicas_in_sync
         optimizer.apply_gradients(zip(gradients, variables))
-        return measurements
+        return clipped
 
-    def replica_step(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, list[tf.Tensor]]:
+    def replica_step(images: tf.Tensor, labels: tf.Tensor) -> tuple[dict[str, tf.Tensor], list[tf.Tensor]]:
         measurements, gradients = replica_gradients(images, labels)
-        return apply(measurements, gradients), gradients
+        return {**measurements, "clipped": apply(gradients)}, gradients
 
-    def train_step(batch: tuple, measure: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        measurements, gradients = strategy.run(replica_step, args=batch)
-        return strategy.reduce(_SUM, measurements, axis=None), measured_norms(measure, gradients)
+    def train_step(batch: tuple, measure: tf.Tensor) -> dict[str, tf.Tensor]:
+        measurements, gradients = _run_and_sum(strategy, replica_step, batch)
+        return {**measurements, **measured_gradient(measure, gradients)}
 
-    def scaled_train_step(batch: tuple, measure: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def scaled_train_step(batch: tuple, measure: tf.Tensor) -> dict[str, tf.Tensor]:
         # Called from a plain function, so that XLA's compiled function runs on each replica's device.
-        replica_measurements, gradients = strategy.run(
-            lambda *replica_batch: replica_gradients(*replica_batch), args=batch)
-        measurements = strategy.reduce(_SUM, replica_measurements, axis=None)
-        finite = measurements[-1] == 0
+        measurements, gradients = _run_and_sum(
+            strategy, lambda *replica_batch: replica_gradients(*replica_batch), batch)
+        finite = measurements["non_finite_gradients"] == 0
 
         def apply_all() -> tf.Tensor:
-            clipped = strategy.run(apply, args=(replica_measurements, gradients))
-            return strategy.reduce(_SUM, clipped, axis=None)[_CLIPPED]
+            return strategy.reduce(_SUM, strategy.run(apply, args=(gradients,)), axis=None)
 
         # Decided across replicas, as Keras' LossScaleOptimizer does: a branch that holds the
         # optimizer's cross-replica sum cannot sit inside one replica's control flow.
         clipped = tf.cond(finite, apply_all, lambda: tf.constant(0.0))
-        measurements = tf.tensor_scatter_nd_update(measurements, [[_CLIPPED]], [clipped])
         loss_scale.update(finite)
         # A skipped step's overflow is the loss scale's job, not divergence; its norms count as 0.
-        return (tf.concat([measurements[:-1], [0.0]], 0),
-                measured_norms(tf.logical_and(measure, finite), gradients))
+        return {**measurements, "clipped": clipped, "non_finite_gradients": tf.constant(0.0),
+                **measured_gradient(tf.logical_and(measure, finite), gradients)}
 
     return train_step if loss_scale is None else scaled_train_step
+
+
+def _run_and_sum(strategy: tf.distribute.Strategy, replica_fn: Callable[..., tuple[dict, list]],
+                 batch: tuple) -> tuple[dict[str, tf.Tensor], list]:
+    """`replica_fn` on every replica; its named measurements summed over replicas in ONE
+    all-reduce (stacked, as a cluster pays per collective), its gradients left per replica."""
+    names: list[str] = []  # Filled while tracing: the order the stacked vector holds.
+
+    def stacked(*replica_batch: tf.Tensor) -> tuple[tf.Tensor, list]:
+        measurements, gradients = replica_fn(*replica_batch)
+        names[:] = measurements
+        return tf.stack(list(measurements.values())), gradients
+
+    vector, gradients = strategy.run(stacked, args=batch)
+    return dict(zip(names, tf.unstack(strategy.reduce(_SUM, vector, axis=None)))), gradients
 
 
 def clip_summed_gradient(gradients: list[tf.Tensor], clip_norm: float) -> tuple[list[tf.Tensor], tf.Tensor]:
@@ -167,38 +159,46 @@ def clip_summed_gradient(gradients: list[tf.Tensor], clip_norm: float) -> tuple[
     return clipped, norm > clip_norm
 
 
-def gradient_norm_names(model: keras.Model) -> tuple[str, ...]:
-    """What a train step measures of the gradient at the last step of a loop call, in order."""
-    return ("gradient_norm", *(f"gradient_norm/{path}" for path, _ in weighted_layers(model)))
+def gradient_measurements(model: keras.Model) -> dict[str, tf.Tensor]:
+    """What a train step measures of the gradient at the last step of a loop call, by name, as
+    zeros: the values of the steps that do not measure it."""
+    return {"gradient_norm": tf.constant(0.0),
+            **{f"gradient_norm/{path}": tf.constant(0.0) for path, _ in weighted_layers(model)}}
 
 
-def make_train_loop(
-    train_step: Callable[[tuple, tf.Tensor], tuple[tf.Tensor, tf.Tensor]], gradient_names: tuple[str, ...],
-    next_batch: Callable[[object], tuple],
+def make_loop_call(
+    strategy: tf.distribute.Strategy, state: TrainState, next_batch: Callable[[object], tuple], *,
+    global_batch_size: int, jit_compile: bool = False, global_clipnorm: float = 0.0,
 ) -> Callable[[object, tf.Tensor], dict[str, tf.Tensor]]:
-    """`train_loop(iterator, num_steps)`: `num_steps` updates in one traced call.
+    """`loop_call(iterator, num_steps)`: `num_steps` updates of `state` in one traced call.
 
     `next_batch(iterator)` gives every replica its batch (see `inputs.ReplicaInput`). Returns the
-    `STEP_MEASUREMENTS` summed over the steps, and the gradient's norms (`gradient_names`) at the
-    last step; pass `num_steps` as a tensor so that every call reuses one trace.
+    `SUMMED` measurements summed over the steps, and the gradient's (`gradient_measurements`) at
+    the last step; pass `num_steps` as a tensor so that every call reuses one trace.
     """
+    model = state.model
+    replica_gradients = make_replica_gradients(model, global_batch_size, loss_scale=state.loss_scale,
+                                               jit_compile=jit_compile)
+    train_step = make_train_step(strategy, model, state.optimizer, replica_gradients,
+                                 loss_scale=state.loss_scale, global_clipnorm=global_clipnorm)
 
     @tf.function
-    def train_loop(iterator, num_steps: tf.Tensor) -> dict[str, tf.Tensor]:
-        sums, norms = tf.zeros([len(STEP_MEASUREMENTS)]), tf.zeros([len(gradient_names)])
+    def loop_call(iterator, num_steps: tf.Tensor) -> dict[str, tf.Tensor]:
+        sums, gradient = dict.fromkeys(SUMMED, tf.constant(0.0)), gradient_measurements(model)
         for step in tf.range(num_steps):
-            measured, norms = train_step(next_batch(iterator), step == num_steps - 1)
-            sums += measured
-        return {**dict(zip(STEP_MEASUREMENTS, tf.unstack(sums))), **dict(zip(gradient_names, tf.unstack(norms)))}
+            measured = train_step(next_batch(iterator), step == num_steps - 1)
+            sums = {name: sums[name] + measured[name] for name in SUMMED}
+            gradient = {name: measured[name] for name in gradient}
+        return {**sums, **gradient}
 
-    return train_loop
+    return loop_call
 
 
-def make_eval_loop(
+def make_eval_pass(
     model: keras.Model, strategy: tf.distribute.Strategy, next_batch: Callable[[object], tuple], *,
     num_classes: int,
 ) -> Callable[[object, tf.Tensor], dict[str, tf.Tensor]]:
-    """`eval_loop(iterator, num_batches)`: cross-entropy, accuracy and the confusion matrix.
+    """`eval_pass(iterator, num_batches)`: cross-entropy, accuracy and the confusion matrix.
 
     Sums are weighted so the zero-weight padding of the last batch counts for nothing. The
     confusion matrix counts true labels by row and predictions by column.
@@ -211,7 +211,7 @@ def make_eval_loop(
         return tf.stack([tf.reduce_sum(per_example * weights), tf.reduce_sum(weights)]), confusion
 
     @tf.function
-    def eval_loop(iterator, num_batches: tf.Tensor) -> dict[str, tf.Tensor]:
+    def eval_pass(iterator, num_batches: tf.Tensor) -> dict[str, tf.Tensor]:
         sums, confusion = tf.zeros([2]), tf.zeros([num_classes, num_classes])
         for _ in tf.range(num_batches):
             batch_sums, batch_confusion = strategy.run(replica_eval, args=next_batch(iterator))
@@ -221,4 +221,4 @@ def make_eval_loop(
         return {"cross_entropy": sums[0] / sums[1], "accuracy": tf.linalg.trace(confusion) / sums[1],
                 "confusion_matrix": tf.cast(confusion, tf.int64)}
 
-    return eval_loop
+    return eval_pass

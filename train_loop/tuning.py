@@ -122,7 +122,7 @@ def measure_jit_compile(config: Config, strategy: tf.distribute.Strategy, splits
     Both are traced and compiled first, then timed in alternating blocks of about 0.2 s; each
     keeps its best block. Averaged over workers on a cluster, so every worker gets the same answer.
     """
-    loops = {name: cached_batch_loop(config, strategy, splits, jit_compile=jit, model_fn=model_fn)
+    loops = {name: cached_batch_loop_call(config, strategy, splits, jit_compile=jit, model_fn=model_fn)
              for name, jit in (("xla", True), ("no_xla", False))}
     num_steps = {name: _block_steps(strategy, loop) for name, loop in loops.items()}
     best = dict.fromkeys(loops, 0.0)
@@ -134,13 +134,12 @@ def measure_jit_compile(config: Config, strategy: tf.distribute.Strategy, splits
     return dict(zip(best, _mean_over_workers(strategy, list(best.values()))))
 
 
-def cached_batch_loop(config: Config, strategy: tf.distribute.Strategy, splits: sources.Splits, *,
+def cached_batch_loop_call(config: Config, strategy: tf.distribute.Strategy, splits: sources.Splits, *,
                       jit_compile: bool, model_fn: ModelFunction | None = None,
                       ) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
-    """`loop(num_steps)`: the run's train loop on a model and optimizer of its own, fed the first
+    """`loop_call(num_steps)`: the run's loop call on a model and optimizer of its own, fed the first
     global batch over and over (the input pipeline taken away); what `auto` and the bench time."""
     state = build_state(config, strategy, splits.x_train.shape[1:], num_classes=splits.num_classes, model_fn=model_fn)
-    model, loss_scale = state.model, state.loss_scale
     batch = (splits.x_train[: config.batch_size], splits.y_train[: config.batch_size])
 
     def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
@@ -150,13 +149,10 @@ def cached_batch_loop(config: Config, strategy: tf.distribute.Strategy, splits: 
         return tf.data.Dataset.from_tensors(replica_batch).repeat()
 
     replica_input = inputs.ReplicaInput(strategy, dataset_fn)
-    gradients = steps.make_replica_gradients(model, config.batch_size, loss_scale=loss_scale,
-                                             jit_compile=jit_compile)
-    train_step = steps.make_train_step(strategy, model, state.optimizer, gradients, loss_scale=loss_scale,
-                                       global_clipnorm=config.global_clipnorm)
-    train_loop = steps.make_train_loop(train_step, steps.gradient_norm_names(model), replica_input.next_batch)
+    loop_call = steps.make_loop_call(strategy, state, replica_input.next_batch, global_batch_size=config.batch_size,
+                                     jit_compile=jit_compile, global_clipnorm=config.global_clipnorm)
     iterator = replica_input.iterator()
-    return lambda num_steps: train_loop(iterator, num_steps)
+    return lambda num_steps: loop_call(iterator, num_steps)
 
 
 def _block_steps(strategy: tf.distribute.Strategy, loop: Callable[[tf.Tensor], dict[str, tf.Tensor]]) -> int:

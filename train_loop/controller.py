@@ -1,0 +1,174 @@
+"""The outer loop, as Orbit's controller has it: `while step < total: run a loop call; run the
+actions that are due` (see `actions`). Eager Python: it times, checks and counts; the traced loop
+call (`steps.make_loop_call`) trains."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+
+import tensorflow as tf
+
+from train_loop import actions, steps
+from train_loop.actions import Action, Cadence, Moment
+from train_loop.configs import Config
+from train_loop.console import Console
+from train_loop.errors import DivergedError
+from train_loop.evaluation import Evaluation
+from train_loop.preemption import SignalStop
+from train_loop.profiling import Stopwatch, Throughput
+from train_loop.state import Counters, TrainState
+from train_loop.summaries import Summaries
+
+
+def check_finite(measured: dict[str, float], step: int, num_steps: int) -> None:
+    """Raises DivergedError if a loss component or the gradient of the last loop call is not finite."""
+    if measured.get("non_finite_gradients", 0.0) > 0:
+        measured = {**measured, "gradient_norm": math.inf}  # A step before the last, whose norm was not taken.
+    for name in ("cross_entropy", "regularization", "gradient_norm"):
+        if not math.isfinite(measured[name]):
+            raise DivergedError(
+                f"training diverged: {name} became {measured[name]} between steps {step + 1} and "
+                f"{step + num_steps}; nothing past step {step} was saved. Lower --learning_rate.")
+
+
+class Interval:
+    """Sums since the last train summary, so each logged point is the mean over its interval;
+    the gradient's norms, taken at the last step of each loop call, are the latest ones instead."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, float] = {}
+        self._latest: dict[str, float] = {}
+        self._steps = 0
+        self._examples = 0
+        self._seconds = 0.0
+
+    def add(self, measured: dict[str, float], num_steps: int, *, examples: int, seconds: float) -> None:
+        for name, value in measured.items():
+            if name in steps.SUMMED:
+                self._sums[name] = self._sums.get(name, 0.0) + value
+            else:
+                self._latest[name] = value
+        self._steps += num_steps
+        self._examples += examples
+        self._seconds += seconds
+
+    def pop_means(self) -> dict[str, float]:
+        """The interval's mean measurements, its latest gradient norms and its throughput; starts a
+        new interval."""
+        means = {name: value / self._steps for name, value in self._sums.items()}
+        means.update(self._latest, examples_per_second=self._examples / self._seconds)
+        self.__init__()
+        return means
+
+
+@dataclasses.dataclass(kw_only=True)
+class Controller:
+    """Runs loop calls until the last step (or an early stop), each up to the next step an action
+    is due at and at most `steps_per_loop` long; after each, runs the actions due, in order."""
+
+    loop_call: Callable[[int], dict[str, tf.Tensor]]  # Trains that many steps; gives the measurements.
+    counters: Counters
+    steps_per_epoch: int
+    total_steps: int
+    steps_per_loop: int
+    batch_size: int
+    actions: Sequence[Action]
+    interval: Interval = dataclasses.field(default_factory=Interval)
+    throughput: Throughput = dataclasses.field(default_factory=Throughput)
+    stopping: Callable[[], bool] = lambda: False  # Early stopping, decided by an action.
+    calls: int = dataclasses.field(default=0, init=False)  # Loop calls made by this process.
+
+    def run(self) -> None:
+        try:
+            while self.counters.step < self.total_steps and not self.stopping():
+                self._run_due_actions(self._train())
+        finally:
+            for action in self.actions:
+                action.end()
+
+    def call_size(self, step: int) -> int:
+        """The steps of the loop call starting at `step`: up to the next step an action is due at."""
+        due = (action.next_due(step) for action in self.actions)
+        return min(self.steps_per_loop, self.total_steps - step, *(when - step for when in due if when is not None))
+
+    def _train(self) -> int:
+        """One loop call, checked and counted; returns its number of steps."""
+        step = self.counters.step
+        # The first call of a process traces and compiles: one step, so that it is timed apart.
+        num_steps = 1 if self.calls == 0 else self.call_size(step)
+        self.calls += 1
+        for action in self.actions:
+            action.before_call(step)
+        self.throughput.start()
+        started = time.perf_counter()
+        measured = {name: float(value) for name, value in self.loop_call(num_steps).items()}
+        self.interval.add(measured, num_steps, examples=num_steps * self.batch_size,
+                          seconds=time.perf_counter() - started)
+        check_finite(measured, step, num_steps)
+        self.counters.advance(measured, num_steps)
+        return num_steps
+
+    def _run_due_actions(self, num_steps: int) -> None:
+        step = self.counters.step
+        for action in self.actions:
+            # Asked anew for each action: validation may have just decided to stop early.
+            at = Moment(step=step, epoch_end=step % self.steps_per_epoch == 0,
+                        last=step == self.total_steps or self.stopping(), num_steps=num_steps)
+            if action.due(at):
+                action.run(at)
+
+
+@dataclasses.dataclass(kw_only=True)
+class Wiring:
+    """What the run's actions act on."""
+
+    state: TrainState
+    summaries: Summaries
+    console: Console
+    manager: tf.train.CheckpointManager
+    signals: SignalStop
+    stopwatch: Stopwatch
+    profile_dir: str | None  # None: no trace (a worker that is not the chief).
+    validate: Callable[[], Evaluation] | None  # None: no validation split.
+    save_best: Callable[[], None]
+
+
+def make_controller(config: Config, loop_call: Callable[[int], dict[str, tf.Tensor]], *, steps_per_epoch: int,
+                    wiring: Wiring) -> tuple[Controller, actions.Validation | None]:
+    """The run's controller and its actions, in the order they run after a loop call; and the
+    validation action, which holds the latest validation.
+
+    The order keeps a resumed run exact: events are flushed before the checkpoint, and the
+    checkpoint comes before a signal's stop. Training time counts the summaries, not the rest.
+    """
+    state, summaries, console = wiring.state, wiring.summaries, wiring.console
+    controller = Controller(loop_call=loop_call, counters=state.counters, steps_per_epoch=steps_per_epoch,
+                            total_steps=steps_per_epoch * config.epochs, steps_per_loop=config.steps_per_loop,
+                            batch_size=config.batch_size, actions=(),
+                            stopping=lambda: state.best is not None and state.best.stop)
+
+    def cadence(every: int, **also: bool) -> Cadence:
+        return Cadence(every, steps_per_epoch, **also)
+
+    validation = wiring.validate and actions.Validation(
+        cadence(config.eval_every, at_last=True), state=state, validate=wiring.validate, summaries=summaries,
+        console=console, save_best=wiring.save_best)
+    profiled = config.profile_range if wiring.profile_dir else None
+    controller.actions = [
+        *([actions.Profiling(profiled, os.path.join(wiring.profile_dir, "train"))] if profiled else []),
+        actions.TrainSummaries(cadence(config.summary_every, at_epoch_end=True), config=config, state=state,
+                               summaries=summaries, console=console, means=controller.interval.pop_means),
+        actions.Histograms(cadence(config.histogram_every), state=state, summaries=summaries),
+        actions.CountTraining(controller.throughput, config.batch_size),
+        *([validation] if validation else []),
+        actions.EpochEnd(cadence(0), state=state, console=console, throughput=controller.throughput,
+                         validation=validation),
+        actions.Flush(summaries),
+        actions.Checkpoint(cadence(config.checkpoint_every, at_last=True), wiring.manager, wiring.stopwatch),
+        actions.Signals(wiring.signals, wiring.manager),
+    ]
+    return controller, validation

@@ -1,0 +1,42 @@
+"""Scoring a split (validation or test): one pass of the traced evaluation over it, with the
+weights the caller puts in the model."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from train_loop import inputs, steps
+from train_loop.profiling import Stopwatch
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """One pass over a split: cross-entropy and accuracy, and the confusion matrix."""
+
+    metrics: dict[str, float]
+    confusion_matrix: np.ndarray
+
+
+Weights = Callable[[], contextlib.AbstractContextManager]  # Inside it, the model holds the weights to score.
+
+
+def make_evaluator(strategy: tf.distribute.Strategy, model: keras.Model, images: np.ndarray, labels: np.ndarray, *,
+                   batch_size: int, num_classes: int, stopwatch: Stopwatch) -> Callable[[Weights], Evaluation]:
+    """`evaluate(weights)`: the split's evaluation, of the model while it holds `weights()`;
+    traced once, whatever the number of evaluations."""
+    eval_fn, num_batches = inputs.eval_dataset_fn(images, labels, batch_size)
+    eval_input = inputs.ReplicaInput(strategy, eval_fn)
+    eval_pass = steps.make_eval_pass(model, strategy, eval_input.next_batch, num_classes=num_classes)
+
+    def evaluate(weights: Weights) -> Evaluation:
+        with stopwatch.phase("evaluation"), weights():
+            measured = eval_pass(eval_input.iterator(), tf.constant(num_batches))
+        return Evaluation({name: float(measured[name]) for name in ("cross_entropy", "accuracy")},
+                          measured["confusion_matrix"].numpy())
+    return evaluate
