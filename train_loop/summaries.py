@@ -111,7 +111,7 @@ class Summaries:
 
 
 # What the study compares: the settings its experiments vary, then their final metrics.
-STUDY_HPARAMS = ("dropout", "l1", "l2")
+STUDY_HPARAMS = ("dropout", "l1", "l2", "weight_decay", "seed")  # What --sweep and --seeds vary too.
 STUDY_METRICS = (("validation", "accuracy"), ("validation", "loss/cross_entropy"),
                  ("test", "accuracy"), ("test", "loss/cross_entropy"), ("train", "loss/cross_entropy"),
                  ("train", "loss/regularization"), ("train", "accuracy"))
