@@ -4,19 +4,26 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
 
 from train_loop.errors import RunStopped
 
+_PREFIX = "train_loop: "
 _ERROR_PREFIX = "train_loop: error: "
 
 
 class JobFailed(RunStopped):
-    """A training process ended badly: its own last line, named by its run, and its exit status."""
+    """A training process ended badly: its own last line, named by its run, and its exit status;
+    an error if its line was one (a signal's stop is not)."""
 
-    is_error = True
+    def __init__(self, run_name: str, stderr: str, status: int):
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        last = lines[-1] if lines else "ended without a message"
+        self.is_error = not last.startswith(_PREFIX) or last.startswith(_ERROR_PREFIX)
+        super().__init__(f"{run_name}: {last.removeprefix(_ERROR_PREFIX).removeprefix(_PREFIX)}", exit_status(status))
 
 
 def threads_per_job(jobs: int) -> int:
@@ -30,44 +37,57 @@ def train_all(trainings: Sequence[tuple[str, Sequence[str]]], *, jobs: int) -> N
 
     Each process owns its run folder as a single training does (`runs.owned`), so a second study
     on the same folder, or a run already being trained, is refused or reused as usual. After the
-    first failure no new process starts; those running finish, then the failure is raised.
+    first failure, or a SIGTERM (passed on to the processes under way, which checkpoint and
+    stop), no new process starts; those running end, then the first failure is raised.
 
     Raises:
       JobFailed: a training ended with a non-zero status (a usage error in it keeps status 2).
     """
-    threads = str(threads_per_job(jobs))
-    # TensorFlow sizes its thread pools from these at start-up (tensorflow/core/common_runtime/process_util.cc).
-    env = {**os.environ, "TF_NUM_INTRAOP_THREADS": threads, "TF_NUM_INTEROP_THREADS": threads}
-    failures: list[JobFailed] = []
-
-    def train(run_name: str, args: Sequence[str]) -> None:
-        if failures:
-            return
-        print(f"{run_name}: training in a process of its own, TF_NUM_INTRAOP_THREADS={threads}", flush=True)
-        done = subprocess.run([sys.executable, "-m", "train_loop", *args], capture_output=True, text=True, env=env)
-        if done.returncode:
-            failures.append(JobFailed(f"{run_name}: {_last_line(done.stderr)}", exit_status(done.returncode)))
-        else:
-            print(f"{run_name}: finished", flush=True)
-
+    processes = _Processes(threads_per_job(jobs))
+    previous = signal.signal(signal.SIGTERM, processes.pass_on)
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=jobs)
     try:
-        for future in [pool.submit(train, name, args) for name, args in trainings]:
+        for future in [pool.submit(processes.train, name, args) for name, args in trainings]:
             future.result()
     finally:
         # Ctrl-C reaches the processes under way too (they checkpoint and stop); none new may start.
         pool.shutdown(cancel_futures=True)
-    if failures:
-        raise failures[0]
+        signal.signal(signal.SIGTERM, previous)
+    if processes.failures:
+        raise processes.failures[0]
+
+
+class _Processes:
+    """The training processes of `train_all`: those under way, and how the ended ones failed."""
+
+    def __init__(self, threads: int):
+        # TensorFlow sizes its thread pools from these at start-up (tensorflow/core/common_runtime/process_util.cc).
+        self._env = {**os.environ, "TF_NUM_INTRAOP_THREADS": str(threads), "TF_NUM_INTEROP_THREADS": str(threads)}
+        self._running: set[subprocess.Popen] = set()
+        self._stopping = False
+        self.failures: list[JobFailed] = []
+
+    def train(self, run_name: str, args: Sequence[str]) -> None:
+        if self.failures or self._stopping:
+            return
+        print(f"{run_name}: training in a process of its own, TF_NUM_INTRAOP_THREADS="
+              f"{self._env['TF_NUM_INTRAOP_THREADS']}", flush=True)
+        with subprocess.Popen([sys.executable, "-m", "train_loop", *args], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, env=self._env) as process:
+            self._running.add(process)
+            _, stderr = process.communicate()
+            self._running.discard(process)
+        if process.returncode:
+            self.failures.append(JobFailed(run_name, stderr, process.returncode))
+        else:
+            print(f"{run_name}: finished", flush=True)
+
+    def pass_on(self, signum: int, _frame: object) -> None:
+        self._stopping = True
+        for process in list(self._running):
+            process.send_signal(signum)
 
 
 def exit_status(status: int) -> int:
     """A process killed by signal N (negative status) passes on 128 + N, as a shell does."""
     return 128 - status if status < 0 else status
-
-
-def _last_line(stderr: str) -> str:
-    """The process's one-line message, without its own `train_loop: error:` (the study adds it back)."""
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    last = lines[-1] if lines else "ended without a message"
-    return last.removeprefix(_ERROR_PREFIX)
