@@ -143,11 +143,13 @@ def test_train_summaries_write_the_intervals_means_and_each_layers_terms(tmp_pat
     interval.add({"cross_entropy": 4.0, "regularization": 2.0, "total": 6.0, "accuracy": 1.0, "clipped": 0.0,
                   "non_finite_gradients": 0.0, "gradient_norm": 3.0, "gradient_norm/dense": 2.0},
                  4, examples=128, seconds=2.0)
+    stopwatch = Stopwatch()
     action = TrainSummaries(Cadence(5, STEPS_PER_EPOCH, at_epoch_end=True), config=config, state=train_state,
                             summaries=summaries, console=Console(steps_per_epoch=10, num_epochs=1, interactive=False),
-                            means=interval.pop_means)
+                            means=interval.pop_means, stopwatch=stopwatch)
     action.run(moment(4))
     summaries.close()
+    assert list(stopwatch.seconds) == ["summaries"] and stopwatch.seconds["summaries"] > 0
     assert set(events(str(tmp_path), "train").Tags()["tensors"]) == {
         "loss/cross_entropy", "loss/regularization", "loss/total", "accuracy", "learning_rate",
         "examples_per_second", "gradient_norm", "gradient_norm/dense", "regularization/dense", "weight_norm/dense",
@@ -164,10 +166,11 @@ def test_train_summaries_write_the_intervals_means_and_each_layers_terms(tmp_pat
 
 def test_histograms_hold_each_trainable_weight_by_layer_path(tmp_path, state):
     _, train_state = state
-    summaries = Summaries(str(tmp_path))
-    Histograms(Cadence(0, STEPS_PER_EPOCH), state=train_state, summaries=summaries).run(moment(10))
+    summaries, stopwatch = Summaries(str(tmp_path)), Stopwatch()
+    Histograms(Cadence(0, STEPS_PER_EPOCH), state=train_state, summaries=summaries, stopwatch=stopwatch).run(moment(10))
     summaries.close()
     assert set(events(str(tmp_path), "train").Tags()["tensors"]) == {"kernel/dense", "bias/dense"}
+    assert list(stopwatch.seconds) == ["summaries"]
 
 
 def evaluation(accuracy: float) -> Evaluation:
