@@ -10,7 +10,6 @@ from pathlib import Path
 
 import keras
 import numpy as np
-import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
 from train_loop import Config, models
@@ -30,11 +29,6 @@ def events(run_dir: str, writer: str) -> event_accumulator.EventAccumulator:
     accumulator = event_accumulator.EventAccumulator(
         os.path.join(run_dir, writer), size_guidance={event_accumulator.TENSORS: 0})
     return accumulator.Reload()
-
-
-def scalar_series(run_dir: str, writer: str, tag: str) -> dict[int, float]:
-    return {event.step: float(tf.make_ndarray(event.tensor_proto))
-            for event in events(run_dir, writer).Tensors(tag)}
 
 
 def snapshot(root: Path, *, folder_times: bool = True) -> dict[str, tuple]:

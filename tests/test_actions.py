@@ -12,7 +12,7 @@ import signal
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import events, scalar_series
+from helpers import events
 
 from train_loop import Config, steps
 from train_loop.actions import (
@@ -37,7 +37,7 @@ from train_loop.metrics_file import MetricsFile
 from train_loop.preemption import SignalStop
 from train_loop.profiling import Stopwatch, Throughput
 from train_loop.state import TRAIN_MEASUREMENTS, build_state
-from train_loop.summaries import Summaries
+from train_loop.summaries import Summaries, scalar_series
 
 STEPS_PER_EPOCH = 10
 
@@ -142,7 +142,7 @@ def state():
 def test_train_summaries_write_the_intervals_means_and_each_layers_terms(tmp_path, state, capsys):
     config, train_state = state
     summaries, interval = Summaries(str(tmp_path)), Interval()
-    interval.add({"cross_entropy": 4.0, "regularization": 0.0, "total": 4.0, "accuracy": 1.0, "clipped": 0.0,
+    interval.add({"cross_entropy": 4.0, "regularization": 2.0, "total": 6.0, "accuracy": 1.0, "clipped": 0.0,
                   "non_finite_gradients": 0.0, "gradient_norm": 3.0, "gradient_norm/dense": 2.0},
                  4, examples=128, seconds=2.0)
     stopwatch = Stopwatch()
@@ -155,12 +155,14 @@ def test_train_summaries_write_the_intervals_means_and_each_layers_terms(tmp_pat
     assert set(events(str(tmp_path), "train").Tags()["tensors"]) == {
         "loss/cross_entropy", "loss/regularization", "loss/total", "accuracy", "learning_rate",
         "examples_per_second", "gradient_norm", "gradient_norm/dense", "regularization/dense", "weight_norm/dense",
-        "weight_decay/dense"}
+        "weight_decay/dense", "sparsity/dense", "regularization_ratio"}
     assert scalar_series(str(tmp_path), "train", "loss/cross_entropy") == {4: 1.0}
+    assert scalar_series(str(tmp_path), "train", "regularization_ratio") == {4: 0.5}
     assert scalar_series(str(tmp_path), "train", "examples_per_second") == {4: 64.0}
     kernel, bias = (np.asarray(weight, np.float64) for weight in train_state.model.get_weights())
     assert scalar_series(str(tmp_path), "train", "weight_decay/dense")[4] == pytest.approx(
         0.01 / 2 * (np.square(kernel).sum() + np.square(bias).sum()), rel=1e-6)
+    assert scalar_series(str(tmp_path), "train", "sparsity/dense")[4] == pytest.approx(np.mean(np.abs(kernel) < 1e-3))
     assert "epoch 1/1 step 4/10: cross_entropy 1.0000" in capsys.readouterr().out
 
 

@@ -16,11 +16,12 @@ import pytest
 import tensorflow as tf
 import user_models
 from conftest import REPO
-from helpers import events, scalar_series
+from helpers import events
 
 import train_loop
 from train_loop import Config, UsageError, distribute, models, report, sources, steps
 from train_loop.state import build_state
+from train_loop.summaries import scalar_series
 
 USER_MODEL = "tests/user_models.py:build"
 USER_LAYERS = ("encoder/hidden", "logits")  # The user model's layers with weights, by path.
@@ -92,7 +93,7 @@ def test_layer_tags_by_path_equal_numpy_from_the_saved_model(run_cli, tmp_path, 
             assert expected > 0
             logged = scalar_series(run_dir, "train", f"regularization/{path}")[step]
             assert logged == pytest.approx(expected, rel=1e-5), (step, path)
-    kernel = report.first_kernel(run_dir)  # The study's report rebuilds a user's model too.
+    _, kernel = report.first_kernel(run_dir)  # The study's report rebuilds a user's model too.
     np.testing.assert_array_equal(kernel, dict(models.weighted_layers(final))["encoder/hidden"].kernel.numpy())
 
 

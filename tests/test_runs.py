@@ -12,9 +12,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import kill_at_first_checkpoint, numpy_regularization, scalar_series
+from helpers import kill_at_first_checkpoint, numpy_regularization
 
 from train_loop import Config, models, sources
+from train_loop.summaries import scalar_series
 
 pytestmark = pytest.mark.slow  # every test here trains a model
 

@@ -38,10 +38,10 @@ TRAIN_FLAGS = ("--dataset=digits", "--epochs=2", "--l2=0.001", "--bias_l1=0.0001
                f"--summary_every={SUMMARY_EVERY}")
 LAYERS = ("conv1", "conv2", "dense")
 TRAIN_SCALARS = {"loss/cross_entropy", "loss/regularization", "loss/total", "accuracy", "learning_rate",
-                 "examples_per_second", "gradient_norm",
+                 "examples_per_second", "gradient_norm", "regularization_ratio",
                  *(f"{kind}/{layer}" for layer in LAYERS
-                   for kind in ("regularization", "weight_norm", "gradient_norm"))}
-INITIAL_SCALARS = ("regularization/", "loss/regularization", "weight_norm/")  # also logged at step 0
+                   for kind in ("regularization", "weight_norm", "sparsity", "gradient_norm"))}
+INITIAL_SCALARS = ("regularization/", "loss/regularization", "weight_norm/", "sparsity/")  # also logged at step 0
 EVAL_SCALARS = {"loss/cross_entropy", "accuracy"}
 HISTOGRAMS = {f"{kind}/{layer}" for layer in LAYERS for kind in ("kernel", "bias")}
 LOADERS = {
@@ -266,6 +266,9 @@ def test_train_series_steps_and_values(tensorboard: Client, run: Run):
     cross_entropy, regularization = dict(series["loss/cross_entropy"]), dict(series["loss/regularization"])
     for step, total in series["loss/total"]:
         assert total == pytest.approx(cross_entropy[step] + regularization[step], rel=1e-5), step
+    for step, ratio in series["regularization_ratio"]:
+        assert ratio == pytest.approx(regularization[step] / cross_entropy[step], rel=1e-5), step
+    assert all(0.0 <= value <= 1.0 for tag in series if tag.startswith("sparsity/") for _, value in series[tag])
     assert all(value == pytest.approx(0.001) for _, value in series["learning_rate"])
     assert all(value > 0 for _, value in series["examples_per_second"])
     assert all(0.0 <= value <= 1.0 for _, value in series["accuracy"])

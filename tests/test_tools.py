@@ -25,7 +25,8 @@ TRAINING_FLAGS = set(Config.__dataclass_fields__)
 # What each tool takes besides --version: study and launch pass the training flags on.
 EXPECTED_FLAGS = {
     "train-loop": TRAINING_FLAGS,
-    "train-loop-study": TRAINING_FLAGS | {"experiments", "extra_flags", "study_name", "flags_dir"},
+    "train-loop-study": TRAINING_FLAGS | {"experiments", "extra_flags", "study_name", "flags_dir", "seeds", "sweep",
+                                          "jobs"},
     "train-loop-launch": TRAINING_FLAGS | {"workers"},
     "train-loop-compare": set(),
     "train-loop-bench": {"dataset", "batch_size", "precision", "steps", "quick", "whole_run"},

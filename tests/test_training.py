@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import user_models
-from helpers import numpy_regularization, scalar_series
+from helpers import numpy_regularization
 
 import train_loop
 from train_loop import Config, distribute, inputs, models, optimizers, sources, steps
 from train_loop.loop import train
 from train_loop.state import LossScale, build_state
+from train_loop.summaries import scalar_series
 
 # Every optimizer feature at once; short enough a decay and warm-up to show in a digits epoch.
 OPTIMIZER_FEATURES = dict(global_clipnorm=0.5, weight_decay=0.01, ema=0.9, lr_schedule="cosine",
@@ -92,8 +93,8 @@ WHOLE_TRAIN_SPLIT = dict(validation_split=0.0)
 @pytest.mark.parametrize(("model", "tags", "jit_compile"), [
     (dict(l2=0.001, bias_l2=0.01, **WHOLE_TRAIN_SPLIT), ("gradient_norm", "gradient_norm/conv1", "weight_norm/dense"),
      True),
-    (dict(l2=0.001, bias_l2=0.01, **WHOLE_TRAIN_SPLIT), ("gradient_norm", "gradient_norm/conv1", "weight_norm/dense"),
-     False),
+    (dict(l2=0.001, bias_l2=0.01, **WHOLE_TRAIN_SPLIT), ("gradient_norm", "gradient_norm/conv1", "weight_norm/dense",
+                                                         "sparsity/conv1", "regularization_ratio"), False),
     # Kernel, bias and activity regularizers, an add_loss term and a nested sub-model.
     (dict(model_fn=user_models.build), ("loss/regularization", "regularization/encoder/hidden",
                                         "gradient_norm/encoder/hidden", "weight_norm/logits"), False),

@@ -93,8 +93,9 @@ class Periodic(Action):
 
 @dataclasses.dataclass
 class TrainSummaries(Periodic):
-    """The train writer's scalars (the interval's means, the learning rate, each layer's terms and
-    norms, the decoupled decay's penalty) and the console's progress."""
+    """The train writer's scalars (the interval's means, the regularization's ratio to the
+    cross-entropy, the learning rate, each layer's terms, norms and sparsity, the decoupled decay's
+    penalty) and the console's progress."""
 
     config: Config
     state: TrainState
@@ -113,6 +114,7 @@ class TrainSummaries(Periodic):
             "loss/cross_entropy": means["cross_entropy"],
             "loss/regularization": means["regularization"],
             "loss/total": means["total"],
+            "regularization_ratio": means["regularization"] / means["cross_entropy"],
             "accuracy": means["accuracy"],
             "learning_rate": optimizers.applied_learning_rate(self.config, state.optimizer),
             "examples_per_second": means["examples_per_second"],

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 from absl import flags
 
-from train_loop import apps, cli
+from train_loop import apps, cli, jobs
 
 _WORKERS = flags.DEFINE_integer("workers", 2, "Local worker processes to start.", lower_bound=1)
 _STOP_SECONDS = 30  # After a failure or a signal: how long workers get before they are killed.
@@ -117,7 +117,7 @@ def _wait(workers: list[subprocess.Popen], signalled: list[int]) -> int:
                 resent_at = now
         elif failed:
             _stop(workers)
-            return _exit_status(failed[0])
+            return jobs.exit_status(failed[0])
         elif all(status == 0 for status in statuses):
             return 0
         time.sleep(0.2)
@@ -141,11 +141,6 @@ def _stop(workers: list[subprocess.Popen]) -> None:
         except subprocess.TimeoutExpired:
             worker.kill()
             worker.wait()
-
-
-def _exit_status(status: int) -> int:
-    """A worker killed by signal N (negative status) exits the launcher with 128 + N, as a shell does."""
-    return 128 - status if status < 0 else status
 
 
 USAGE = """Usage: train-loop-launch --workers=N [training flags] [-- training flags]

@@ -19,6 +19,9 @@ ModelFunction = Callable[[], keras.Model]
 # The layers whose `kernel` and `bias` --l1/--l2/--bias_l1/--bias_l2 regularize and the logs show.
 KERNEL_LAYERS = (keras.layers.Dense, keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
                  keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose, keras.layers.Conv3DTranspose)
+# |w| under this counts as (nearly) zero: what L1 produces and L2 does not. The TensorBoard
+# `sparsity/<layer>` scalars, the study's table and its figures all count by it.
+NEAR_ZERO = 1e-3
 
 
 def build_model(config: Config, input_shape: tuple[int, ...], *, num_classes: int = 10,
@@ -226,6 +229,11 @@ def make_regularizer(l1: float, l2: float) -> keras.regularizers.Regularizer | N
 def weighted_layers(model: keras.Model) -> list[tuple[str, keras.layers.Layer]]:
     """The KERNEL_LAYERS by path: the ones with a kernel (and a bias) to log and regularize."""
     return [(path, layer) for path, layer in named_layers(model) if isinstance(layer, KERNEL_LAYERS)]
+
+
+def near_zero_share(kernel: tf.Tensor) -> float:
+    """The share of `kernel`'s entries with |w| < NEAR_ZERO: how sparse a regularizer made it."""
+    return float(tf.reduce_mean(tf.cast(tf.abs(kernel) < NEAR_ZERO, tf.float64)))
 
 
 def named_layers(model: keras.Model, prefix: str = "") -> list[tuple[str, keras.layers.Layer]]:

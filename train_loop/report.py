@@ -11,10 +11,8 @@ import tensorflow as tf
 from train_loop import checkpoints, runs, sources
 from train_loop.configs import Config
 from train_loop.errors import UsageError
-from train_loop.models import weighted_layers
+from train_loop.models import NEAR_ZERO, near_zero_share, weighted_layers
 from train_loop.state import build_state
-
-SMALL_WEIGHT = 1e-3  # |w| under this counts as (nearly) zero: what L1 produces and L2 does not.
 
 # (heading, how to format it) for every column after the run's name.
 COLUMNS = {
@@ -27,9 +25,10 @@ COLUMNS = {
     "test_cross_entropy": ("test CE", "{:.4f}"),
     "test_accuracy": ("test acc", "{:.4f}"),
     "gap": ("gap (test - train CE)", "{:+.4f}"),
+    "validation_gap": ("gap (val - train CE)", "{:+.4f}"),
     "kernel_mean_abs": ("mean abs w", "{:.4f}"),
     "kernel_max_abs": ("max abs w", "{:.4f}"),
-    "kernel_small_share": (f"abs w < {SMALL_WEIGHT:g}", "{:.1%}"),
+    "kernel_small_share": (f"abs w < {NEAR_ZERO:g}", "{:.1%}"),
 }
 
 
@@ -48,13 +47,24 @@ def finished_runs(folder: str) -> list[str]:
     return found
 
 
-def run_row(run_dir: str) -> dict[str, float | None]:
-    """One run's final numbers and its first layer's kernel statistics; the validation columns
-    are None for a run without a validation split."""
+@dataclasses.dataclass(frozen=True)
+class RunNumbers:
+    """One finished run as the tables and figures see it: its final numbers (`row`, by COLUMNS'
+    keys) and its first weighted layer's kept kernel, with that layer's path."""
+
+    row: dict[str, float | None]
+    layer_path: str
+    kernel: np.ndarray
+
+
+def read_run(run_dir: str) -> RunNumbers:
+    """The run's final numbers from its `result.json`, and its first layer's kernel statistics;
+    the validation columns are None for a run without a validation split."""
     result = runs.read_result(run_dir)
     train, validation, test = result["train"], result["validation"] or {}, result["test"]
-    kernel = np.abs(first_kernel(run_dir))
-    return {
+    layer_path, kernel = first_kernel(run_dir)
+    validation_gap = validation["cross_entropy"] - train["cross_entropy"] if validation else None
+    return RunNumbers({
         "train_cross_entropy": train["cross_entropy"],
         "regularization": train["regularization"],
         "total": train["total"],
@@ -64,14 +74,15 @@ def run_row(run_dir: str) -> dict[str, float | None]:
         "test_cross_entropy": test["cross_entropy"],
         "test_accuracy": test["accuracy"],
         "gap": test["cross_entropy"] - train["cross_entropy"],
-        "kernel_mean_abs": float(kernel.mean()),
-        "kernel_max_abs": float(kernel.max()),
-        "kernel_small_share": float(np.mean(kernel < SMALL_WEIGHT)),
-    }
+        "validation_gap": validation_gap,
+        "kernel_mean_abs": float(np.abs(kernel).mean()),
+        "kernel_max_abs": float(np.abs(kernel).max()),
+        "kernel_small_share": near_zero_share(kernel),
+    }, layer_path, kernel)
 
 
-def first_kernel(run_dir: str) -> np.ndarray:
-    """The first weighted layer's kernel in the run's latest checkpoint.
+def first_kernel(run_dir: str) -> tuple[str, np.ndarray]:
+    """The first weighted layer's path and kernel in the run's latest checkpoint.
 
     The train state is rebuilt from the run's saved settings and restored, so layers are found
     by name, not by a checkpoint key that Keras might rename; the kernel is the one `model.keras`
@@ -91,8 +102,9 @@ def first_kernel(run_dir: str) -> np.ndarray:
     layers = weighted_layers(state.model)
     if not layers:
         raise UsageError(f"{run_dir}: its model has no Dense or Conv layer, whose first kernel the table describes.")
+    path, layer = layers[0]
     with state.kept_weights():
-        return tf.convert_to_tensor(layers[0][1].kernel).numpy()
+        return path, tf.convert_to_tensor(layer.kernel).numpy()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,4 +123,4 @@ class Table:
 
 
 def table(run_dirs: list[str]) -> Table:
-    return Table({os.path.basename(os.path.normpath(run_dir)): run_row(run_dir) for run_dir in run_dirs})
+    return Table({os.path.basename(os.path.normpath(run_dir)): read_run(run_dir).row for run_dir in run_dirs})

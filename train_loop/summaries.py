@@ -12,6 +12,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 from google.protobuf.message import DecodeError
+from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 from tensorboard.plugins.hparams import api as hparams_api
@@ -20,7 +21,7 @@ from tensorboard.plugins.scalar import summary_v2 as scalar_summary
 
 from train_loop.console import warn
 from train_loop.losses import layer_weight_terms
-from train_loop.models import named_layers, weighted_layers
+from train_loop.models import named_layers, near_zero_share, weighted_layers
 from train_loop.startup import quiet_stderr
 
 # The settings writer writes into the run's own folder.
@@ -60,12 +61,14 @@ class Summaries:
                     tf.summary.histogram(tag, values)
 
     def write_layer_scalars(self, model: keras.Model, step: int) -> float:
-        """Each layer's weight regularization term and kernel L2 norm, by layer path, from the
-        weights as they are at `step`; returns the terms' sum."""
+        """Each layer's weight regularization term, kernel L2 norm and kernel sparsity (share of
+        |w| < `NEAR_ZERO`), by layer path, from the weights as they are at `step`; returns the
+        terms' sum."""
         terms = {path: float(term) for path, term in layer_weight_terms(model).items()}
         self.write_scalars("train", step, {
             **{f"regularization/{path}": value for path, value in terms.items()},
             **{f"weight_norm/{path}": float(tf.norm(layer.kernel)) for path, layer in weighted_layers(model)},
+            **{f"sparsity/{path}": near_zero_share(layer.kernel) for path, layer in weighted_layers(model)},
         })
         return sum(terms.values())
 
@@ -158,6 +161,16 @@ def _session_hparams(run_dir: str) -> dict[str, bytes]:
                     return {name: setting.SerializeToString(deterministic=True)
                             for name, setting in info.hparams.items()}
     return {}
+
+
+def scalar_series(run_dir: str, writer: str, tag: str) -> dict[int, float]:
+    """A scalar as `write_scalars` logged it, by step, read back by TensorBoard's own loader (so
+    what a figure draws is what TensorBoard shows); empty when the run never logged it."""
+    accumulator = event_accumulator.EventAccumulator(
+        _writer_dir(run_dir, writer), size_guidance={event_accumulator.TENSORS: 0}).Reload()
+    if tag not in accumulator.Tags()["tensors"]:
+        return {}
+    return {event.step: float(tf.make_ndarray(event.tensor_proto)) for event in accumulator.Tensors(tag)}
 
 
 def drop_events_after(run_dir: str, step: int) -> None:

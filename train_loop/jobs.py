@@ -1,0 +1,93 @@
+"""`--jobs=N`: a study's trainings as separate `python -m train_loop` processes, N at a time."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+
+from train_loop.errors import RunStopped
+
+_PREFIX = "train_loop: "
+_ERROR_PREFIX = "train_loop: error: "
+
+
+class JobFailed(RunStopped):
+    """A training process ended badly: its own last line, named by its run, and its exit status;
+    an error if its line was one (a signal's stop is not)."""
+
+    def __init__(self, run_name: str, stderr: str, status: int):
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        last = lines[-1] if lines else "ended without a message"
+        self.is_error = not last.startswith(_PREFIX) or last.startswith(_ERROR_PREFIX)
+        super().__init__(f"{run_name}: {last.removeprefix(_ERROR_PREFIX).removeprefix(_PREFIX)}", exit_status(status))
+
+
+def threads_per_job(jobs: int) -> int:
+    """The cores this process may use, shared out: N processes each with every core would spend
+    their time switching instead of computing."""
+    return max(1, len(os.sched_getaffinity(0)) // jobs)
+
+
+def train_all(trainings: Sequence[tuple[str, Sequence[str]]], *, jobs: int) -> None:
+    """Trains each (run name, training flags) in a process of its own, at most `jobs` at once.
+
+    Each process owns its run folder as a single training does (`runs.owned`), so a second study
+    on the same folder, or a run already being trained, is refused or reused as usual. After the
+    first failure, or a SIGTERM (passed on to the processes under way, which checkpoint and
+    stop), no new process starts; those running end, then the first failure is raised.
+
+    Raises:
+      JobFailed: a training ended with a non-zero status (a usage error in it keeps status 2).
+    """
+    processes = _Processes(threads_per_job(jobs))
+    previous = signal.signal(signal.SIGTERM, processes.pass_on)
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=jobs)
+    try:
+        for future in [pool.submit(processes.train, name, args) for name, args in trainings]:
+            future.result()
+    finally:
+        # Ctrl-C reaches the processes under way too (they checkpoint and stop); none new may start.
+        pool.shutdown(cancel_futures=True)
+        signal.signal(signal.SIGTERM, previous)
+    if processes.failures:
+        raise processes.failures[0]
+
+
+class _Processes:
+    """The training processes of `train_all`: those under way, and how the ended ones failed."""
+
+    def __init__(self, threads: int):
+        # TensorFlow sizes its thread pools from these at start-up (tensorflow/core/common_runtime/process_util.cc).
+        self._env = {**os.environ, "TF_NUM_INTRAOP_THREADS": str(threads), "TF_NUM_INTEROP_THREADS": str(threads)}
+        self._running: set[subprocess.Popen] = set()
+        self._stopping = False
+        self.failures: list[JobFailed] = []
+
+    def train(self, run_name: str, args: Sequence[str]) -> None:
+        if self.failures or self._stopping:
+            return
+        print(f"{run_name}: training in a process of its own, TF_NUM_INTRAOP_THREADS="
+              f"{self._env['TF_NUM_INTRAOP_THREADS']}", flush=True)
+        with subprocess.Popen([sys.executable, "-m", "train_loop", *args], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, env=self._env) as process:
+            self._running.add(process)
+            _, stderr = process.communicate()
+            self._running.discard(process)
+        if process.returncode:
+            self.failures.append(JobFailed(run_name, stderr, process.returncode))
+        else:
+            print(f"{run_name}: finished", flush=True)
+
+    def pass_on(self, signum: int, _frame: object) -> None:
+        self._stopping = True
+        for process in list(self._running):
+            process.send_signal(signum)
+
+
+def exit_status(status: int) -> int:
+    """A process killed by signal N (negative status) passes on 128 + N, as a shell does."""
+    return 128 - status if status < 0 else status
