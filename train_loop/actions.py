@@ -264,10 +264,6 @@ class Profiling(Action):
     def due(self, at: Moment) -> bool:
         return self.running and (at.step >= self.steps[1] or at.last)
 
-    def wants_histograms(self, step: int) -> bool:
-        """Whether the loop call ending at `step` must measure the gradient's histograms."""
-        return False
-
     def before_call(self, step: int) -> None:
         if step == self.steps[0]:
             tf.profiler.experimental.start(self.logdir)
