@@ -17,6 +17,7 @@ os.environ["TRAIN_LOOP_OFFLINE"] = "1"  # Tests never download.
 _CACHE_DIR = tempfile.mkdtemp(prefix="train_loop-test-cache-")
 atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
 os.environ["TRAIN_LOOP_CACHE"] = os.path.join(_CACHE_DIR, "speed.json")
+os.environ["TRAIN_LOOP_DATA_CACHE"] = _CACHE_DIR  # So are the decoded IDX sets.
 
 
 from train_loop import distribute  # noqa: E402

@@ -155,11 +155,13 @@ def test_train_summaries_write_the_intervals_means_and_each_layers_terms(tmp_pat
     interval.add({"cross_entropy": 4.0, "regularization": 0.0, "total": 4.0, "accuracy": 1.0, "clipped": 0.0,
                   "non_finite_gradients": 0.0, "gradient_norm": 3.0, "gradient_norm/dense": 2.0},
                  4, examples=128, seconds=2.0)
+    stopwatch = Stopwatch()
     action = TrainSummaries(Cadence(5, STEPS_PER_EPOCH, at_epoch_end=True), config=config, state=train_state,
                             summaries=summaries, console=Console(steps_per_epoch=10, num_epochs=1, interactive=False),
-                            means=interval.pop_means)
+                            means=interval.pop_means, stopwatch=stopwatch)
     action.run(moment(4))
     summaries.close()
+    assert list(stopwatch.seconds) == ["summaries"] and stopwatch.seconds["summaries"] > 0
     assert set(events(str(tmp_path), "train").Tags()["tensors"]) == {
         "loss/cross_entropy", "loss/regularization", "loss/total", "accuracy", "learning_rate",
         "examples_per_second", "gradient_norm", "gradient_norm/dense", "regularization/dense", "weight_norm/dense",
@@ -174,8 +176,8 @@ def test_train_summaries_write_the_intervals_means_and_each_layers_terms(tmp_pat
 
 def test_histograms_hold_each_trainable_weight_and_the_gradients_given_by_layer_path(tmp_path, state):
     _, train_state = state
-    summaries = Summaries(str(tmp_path))
-    action = Histograms(Cadence(0, STEPS_PER_EPOCH), state=train_state, summaries=summaries)
+    summaries, stopwatch = Summaries(str(tmp_path)), Stopwatch()
+    action = Histograms(Cadence(0, STEPS_PER_EPOCH), state=train_state, summaries=summaries, stopwatch=stopwatch)
     assert [step for step in range(1, 21) if action.wants_histograms(step)] == [10, 20]
     gradient = np.arange(640, dtype=np.float32).reshape(64, 10)
     action.run(moment(10, histograms={"gradient/dense": gradient}))
@@ -185,6 +187,7 @@ def test_histograms_hold_each_trainable_weight_and_the_gradients_given_by_layer_
     (logged,) = accumulator.Tensors("gradient/dense")
     buckets = tf.make_ndarray(logged.tensor_proto)
     assert (logged.step, buckets[0, 0], buckets[-1, 1], buckets[:, 2].sum()) == (10, 0, 639, 640)
+    assert list(stopwatch.seconds) == ["summaries"]
 
 
 def evaluation(accuracy: float) -> Evaluation:

@@ -28,6 +28,8 @@ def test_quick_benchmark_reports_every_figure():
     assert figures["peak_flops_per_second"]["float32"] > figures["achieved_flops_per_second"] > 0
     assert figures["cpu"] and figures["cores"] >= 1
     phases = figures["train_loop"]["seconds"]
-    assert {"imports", "data", "decide_xla", "first_step", "training", "evaluation", "save_model"} <= set(phases)
-    assert phases["total"] >= phases["training"] > 0
+    assert {"imports", "data", "decide_xla", "first_step", "training", "summaries", "evaluation",
+            "save_model"} <= set(phases)
+    assert phases["total"] >= phases["training"] > phases["summaries"] > 0
     assert "| Keras 3 fit, jit_compile=False" in finished.stdout and "auto chose XLA" in finished.stdout
+    assert "summaries and histograms at the default cadence: " in finished.stdout

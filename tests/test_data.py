@@ -9,6 +9,7 @@ conftest) keeps Keras' download out of reach.
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import struct
 from collections.abc import Callable
@@ -116,6 +117,95 @@ def test_reads_four_idx_files(tmp_path: Path, gz: bool) -> None:
 
     assert_splits_hold(splits, arrays)
     assert splits.source == str(tmp_path / "data")
+
+
+@pytest.fixture
+def data_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A decoded-data cache folder of the test's own (not created: the first write makes it)."""
+    folder = tmp_path / "data_cache"
+    monkeypatch.setenv(sources.DATA_CACHE_ENV, str(folder))
+    return folder
+
+
+def read_mnist(folder: Path) -> sources.Splits:
+    return sources.load_splits(Config(dataset="mnist", data_dir=str(folder)))
+
+
+def test_gzipped_idx_files_are_decoded_once_into_the_cache(tmp_path: Path, data_cache: Path) -> None:
+    """The first read leaves the decoded arrays in the cache; the second reads them from there and
+    gives the same splits. Plain IDX files, which read as fast, are not cached."""
+    arrays = make_arrays(seed=3)
+    write_idx_set(tmp_path / "gz", arrays, gz=True)
+
+    first = read_mnist(tmp_path / "gz")
+    [cached] = data_cache.iterdir()
+    with np.load(cached) as archive:
+        for key in KEYS:
+            np.testing.assert_array_equal(archive[key], arrays[key])
+    again = read_mnist(tmp_path / "gz")
+
+    assert_splits_hold(first, arrays)
+    assert_splits_hold(again, arrays)
+    assert again.source == str(tmp_path / "gz")
+    write_idx_set(tmp_path / "plain", make_arrays(seed=4))
+    read_mnist(tmp_path / "plain")
+    assert list(data_cache.iterdir()) == [cached]
+
+
+def test_a_changed_idx_file_is_decoded_again(tmp_path: Path, data_cache: Path) -> None:
+    """The cache is keyed by the files' bytes: new data in the same place is never an old entry."""
+    write_idx_set(tmp_path / "data", make_arrays(seed=5), gz=True)
+    read_mnist(tmp_path / "data")
+    changed = make_arrays(seed=6)
+    write_idx_set(tmp_path / "data", changed, gz=True)
+
+    assert_splits_hold(read_mnist(tmp_path / "data"), changed)
+    assert len(list(data_cache.iterdir())) == 2
+
+
+def _flip_a_pixel(content: bytes) -> bytes:
+    middle = len(content) // 2
+    return content[:middle] + bytes([content[middle] ^ 0xFF]) + content[middle + 1:]
+
+
+def _labels_out_of_range(content: bytes) -> bytes:
+    stream = io.BytesIO()
+    np.savez(stream, **{**make_arrays(seed=7), "y_train": np.full(64, 42, np.uint8)})
+    return stream.getvalue()
+
+
+@pytest.mark.parametrize("damage", [
+    lambda content: content[: len(content) // 2], lambda content: b"not an npz at all", lambda content: b"",
+    _flip_a_pixel, _labels_out_of_range,
+], ids=["truncated", "garbage", "empty", "flipped_byte", "labels_out_of_range"])
+def test_a_damaged_data_cache_is_decoded_again_and_rewritten(
+        tmp_path: Path, data_cache: Path, damage: Callable[[bytes], bytes]) -> None:
+    """Whatever happened to the cached file, the run reads the real data, and the cache heals."""
+    arrays = make_arrays(seed=8)
+    write_idx_set(tmp_path / "data", arrays, gz=True)
+    read_mnist(tmp_path / "data")
+    [cached] = data_cache.iterdir()
+    healthy = cached.read_bytes()
+    cached.write_bytes(damage(healthy))
+
+    assert_splits_hold(read_mnist(tmp_path / "data"), arrays)
+    assert cached.read_bytes() == healthy
+
+
+def test_an_unwritable_or_disabled_data_cache_still_reads_the_data(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache folder that cannot be made (a file is in the way), or one turned off: the data is
+    read all the same, and nothing is written."""
+    arrays = make_arrays(seed=9)
+    write_idx_set(tmp_path / "data", arrays, gz=True)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("in the way")
+    before = sorted(tmp_path.rglob("*"))
+
+    for setting in (str(blocker / "cache"), "off"):
+        monkeypatch.setenv(sources.DATA_CACHE_ENV, setting)
+        assert_splits_hold(read_mnist(tmp_path / "data"), arrays)
+        assert sorted(tmp_path.rglob("*")) == before
 
 
 def test_a_folder_with_some_idx_files_names_the_missing_ones(tmp_path: Path) -> None:
@@ -569,6 +659,21 @@ def test_replica_batches_make_up_the_global_batch() -> None:
     assert all(labels.shape == (2,) for labels in per_replica)
     joined = [np.concatenate(per_replica[i:i + 2]) for i in range(0, len(per_replica), 2)]
     assert len(joined) == len(global_batches) and all(map(np.array_equal, joined, global_batches))
+
+
+@pytest.mark.parametrize("start_step", [0, 7])
+def test_two_workers_batches_are_the_global_batch_sharded_element_by_element(start_step: int) -> None:
+    """Worker i of two gets the elements i, i+2, ... of each global batch (a stream sharded before
+    batching), from any resumed step on; together they hold the global batch."""
+    splits = index_splits(22, 4)
+    global_batches = train_stream(splits, batch=4, seed=3, start_step=start_step)
+
+    workers = [train_stream(splits, batch=4, seed=3, start_step=start_step, context=tf.distribute.InputContext(
+        num_input_pipelines=2, input_pipeline_id=worker, num_replicas_in_sync=2)) for worker in (0, 1)]
+
+    for worker, batches in enumerate(workers):
+        assert len(batches) == len(global_batches)
+        assert all(map(np.array_equal, batches, [labels[worker::2] for labels in global_batches]))
 
 
 @pytest.mark.parametrize("n_test", [10, 8], ids=["padded", "whole"])

@@ -110,8 +110,13 @@ class TrainSummaries(Periodic):
     summaries: Summaries
     console: Console
     means: Callable[[], dict[str, float]]  # The means since the last summary (`controller.Interval`).
+    stopwatch: Stopwatch  # Timed as "summaries" (within training time), so the bench shows what logging costs.
 
     def run(self, at: Moment) -> None:
+        with self.stopwatch.phase("summaries"):
+            self._write(at)
+
+    def _write(self, at: Moment) -> None:
         means, state = self.means(), self.state
         self.summaries.write_scalars("train", at.step, {
             "loss/cross_entropy": means["cross_entropy"],
@@ -139,13 +144,15 @@ class Histograms(Periodic):
 
     state: TrainState
     summaries: Summaries
+    stopwatch: Stopwatch  # Timed as "summaries", as `TrainSummaries`.
 
     def wants_histograms(self, step: int) -> bool:
         return self.cadence.due_at(step)
 
     def run(self, at: Moment) -> None:
-        self.summaries.write_weight_histograms(self.state.model, at.step)
-        self.summaries.write_histograms(at.step, at.histograms)
+        with self.stopwatch.phase("summaries"):
+            self.summaries.write_weight_histograms(self.state.model, at.step)
+            self.summaries.write_histograms(at.step, at.histograms)
 
 
 @dataclasses.dataclass

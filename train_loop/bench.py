@@ -292,6 +292,9 @@ def _print_table(figures: dict[str, Any]) -> None:
     print("time to the first training step (process start, imports, data, tracing): "
           f"{default['seconds_to_first_step']:.1f} s; the default run's phases: "
           + ", ".join(f"{name} {value:.2f} s" for name, value in default["seconds"].items()))
+    seconds = default["seconds"]
+    print(f"summaries and histograms at the default cadence: {100 * seconds['summaries'] / seconds['training']:.1f}% "
+          "of training time")
     if "train_loop_quiet" in figures:
         quiet = figures["train_loop_quiet"]["examples_per_second"]
         cached = figures["train_loop_cached"]["examples_per_second"]

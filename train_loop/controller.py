@@ -167,8 +167,10 @@ def make_controller(config: Config, loop_call: Callable[[int, bool], dict[str, t
     controller.actions = [
         *([actions.Profiling(profiled, os.path.join(wiring.profile_dir, "train"))] if profiled else []),
         actions.TrainSummaries(cadence(config.summary_every, at_epoch_end=True), config=config, state=state,
-                               summaries=summaries, console=console, means=controller.interval.pop_means),
-        actions.Histograms(cadence(config.histogram_every), state=state, summaries=summaries),
+                               summaries=summaries, console=console, means=controller.interval.pop_means,
+                               stopwatch=wiring.stopwatch),
+        actions.Histograms(cadence(config.histogram_every), state=state, summaries=summaries,
+                           stopwatch=wiring.stopwatch),
         actions.CountTraining(controller.throughput, config.batch_size),
         *([validation] if validation else []),
         actions.EpochEnd(cadence(0), state=state, console=console, throughput=controller.throughput,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import importlib.resources
@@ -24,6 +25,9 @@ IDX_FILES = (
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 # Set to skip the last resort, Keras' download (air-gapped clusters, tests).
 OFFLINE_ENV = "TRAIN_LOOP_OFFLINE"
+# A folder for decoded IDX sets, or "off" to decode every time (default: the user's cache folder).
+DATA_CACHE_ENV = "TRAIN_LOOP_DATA_CACHE"
+_DATA_CACHE_FORMAT = 1  # Bumped when what the cache holds changes, so older files are not read.
 _NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 _IDX_MAGIC = {1: 0x801, 3: 0x803}  # unsigned bytes, 1 or 3 dimensions
 
@@ -165,7 +169,7 @@ def _read_folder(folder: str, dataset: str) -> Splits | None:
         return _read_npz(npz, named=True)
     paths = [_existing(os.path.join(folder, name)) for name in IDX_FILES]
     if all(paths):
-        return _read_idx_set(paths, folder)
+        return _read_idx_set(paths, folder, dataset)
     if any(paths):  # Half a data set is a mistake to name, not a reason to download another copy.
         missing = [name for name, path in zip(IDX_FILES, paths) if path is None]
         raise DataError(
@@ -199,9 +203,73 @@ def _read_npz(path: str, *, named: bool) -> Splits:
                            source=path, named=named)
 
 
-def _read_idx_set(paths: list[str], folder: str) -> Splits:
+def _read_idx_set(paths: list[str], folder: str, dataset: str) -> Splits:
+    """The four IDX files, decoded once and kept in the user's cache when gzipped: reading
+    Fashion-MNIST's took 0.27-0.31 s of CPU per run, hashing them and loading the cached arrays
+    0.08 s (both with the scaling to float32).
+
+    A cache must never fail a run: an unreadable or damaged one is decoded again, and one that
+    cannot be written is left alone.
+    """
+    names = dict(zip(_NPZ_KEYS, paths))
+    cache = _decoded_cache_path(paths, dataset)
+    cached = _read_decoded_cache(cache)
+    if cached is not None:
+        with contextlib.suppress(DataError):  # Arrays that fail the checks are a damaged cache.
+            return _checked_splits(cached, names=names, source=folder, named=True)
     arrays = {key: _read_idx(path, ndim) for key, path, ndim in zip(_NPZ_KEYS, paths, (3, 1, 3, 1))}
-    return _checked_splits(arrays, names=dict(zip(_NPZ_KEYS, paths)), source=folder, named=True)
+    splits = _checked_splits(arrays, names=names, source=folder, named=True)
+    if cache:
+        _write_decoded_cache(cache, arrays)
+    return splits
+
+
+def user_cache_folder() -> str:
+    """train_loop's folder in the user's cache (`$XDG_CACHE_HOME/train_loop`, else `~/.cache/train_loop`)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "train_loop")
+
+
+def _decoded_cache_path(paths: list[str], dataset: str) -> str | None:
+    """Where the decoded arrays of these gzipped files are kept, named by a digest of their bytes
+    (hashing them takes a tenth of un-gzipping them, and no changed file can hit an old entry);
+    None when the cache is off or the files are not gzipped (reading those is decoding them)."""
+    folder = os.environ.get(DATA_CACHE_ENV, "") or user_cache_folder()
+    if folder.lower() == "off" or not any(path.endswith(".gz") for path in paths):
+        return None
+    digest = hashlib.sha256(str(_DATA_CACHE_FORMAT).encode())
+    try:
+        for path in paths:
+            with open(path, "rb") as stream:
+                digest.update(stream.read())
+    except OSError:
+        return None  # Decoding names the file that cannot be read.
+    return os.path.join(folder, f"{dataset}-{digest.hexdigest()[:16]}.npz")
+
+
+def _read_decoded_cache(path: str | None) -> dict[str, np.ndarray] | None:
+    """The cached arrays, or None when there are none or they cannot be read (npz checks each
+    array's CRC, so flipped bytes read as damaged too)."""
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as stream, np.load(stream, allow_pickle=False) as archive:
+            return {key: archive[key] for key in _NPZ_KEYS}
+    except (OSError, ValueError, KeyError, EOFError, zlib.error, zipfile.BadZipFile):
+        return None
+
+
+def _write_decoded_cache(path: str, arrays: dict[str, np.ndarray]) -> None:
+    """Writes through a temporary name, so a killed run leaves no half-written cache."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(temporary, "wb") as stream:
+            np.savez(stream, **arrays)  # Uncompressed: loading it is the point.
+        os.replace(temporary, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
 
 
 def _read_idx(path: str, ndim: int) -> np.ndarray:
@@ -304,11 +372,17 @@ def _as_inputs(images: np.ndarray) -> np.ndarray:
     """uint8 images scaled to [0, 1], with a channel axis when they have none; floats as they are."""
     if images.dtype != np.uint8:
         return images.astype(np.float32)
-    return _scale(images, 255.0) if images.ndim == 3 else images.astype(np.float32) / np.float32(255.0)
+    return _scale(images, 255.0) if images.ndim == 3 else _divided(images, 255.0)
 
 
 def _scale(images: np.ndarray, maximum: float) -> np.ndarray:
-    return (images.astype(np.float32) / maximum)[..., np.newaxis]
+    return _divided(images, maximum)[..., np.newaxis]
+
+
+def _divided(images: np.ndarray, maximum: float) -> np.ndarray:
+    """`images.astype(float32) / maximum`, bit for bit, in one float32 array instead of two: for
+    Fashion-MNIST's 188 MB that halved the time (0.10-0.74 s to 0.05-0.08 s, on a busy machine)."""
+    return np.divide(images, np.float32(maximum), dtype=np.float32)
 
 
 def _download(dataset: str, searched: list[str]) -> Splits:

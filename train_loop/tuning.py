@@ -197,10 +197,7 @@ class SpeedCache:
         path = os.environ.get(CACHE_ENV, "")
         if path.lower() == "off":
             return None
-        if not path:
-            base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-            path = os.path.join(base, "train_loop", "speed.json")
-        return cls(path)
+        return cls(path or os.path.join(sources.user_cache_folder(), "speed.json"))
 
     def get(self, key: str) -> dict[str, Any] | None:
         entry = self._read().get(key)
