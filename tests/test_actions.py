@@ -72,17 +72,20 @@ class Recorder(Periodic):
 
 
 class Calls:
-    """A stand-in loop call (the controller is under test, not the step): it counts the steps
-    asked for and measures `value` for each."""
+    """A stand-in loop call (the controller is under test, not the step): it notes the steps and
+    histograms asked for, measures `value` for each step and the step count as the gradient."""
 
     def __init__(self, value: float = 0.5):
         self.sizes: list[int] = []
+        self.histograms: list[bool] = []
         self.value = value
 
-    def __call__(self, num_steps: int) -> dict[str, float]:
+    def __call__(self, num_steps: int, histograms: bool) -> dict[str, tf.Tensor]:
         self.sizes.append(num_steps)
-        return {**{name: self.value * num_steps for name in steps.SUMMED}, "non_finite_gradients": 0.0,
-                "gradient_norm": 1.0}
+        self.histograms.append(histograms)
+        return {**{name: tf.constant(self.value * num_steps) for name in steps.SUMMED},
+                "non_finite_gradients": tf.constant(0.0), "gradient_norm": tf.constant(1.0),
+                "gradient/dense": tf.fill([2, 3], float(num_steps) if histograms else 0.0)}
 
 
 def controller(calls: Calls, actions: list, **settings) -> Controller:
@@ -91,13 +94,22 @@ def controller(calls: Calls, actions: list, **settings) -> Controller:
                       total_steps=3 * STEPS_PER_EPOCH, steps_per_loop=4, batch_size=32, actions=actions, **settings)
 
 
+class HistogramRecorder(Recorder):
+    def wants_histograms(self, step: int) -> bool:
+        return self.cadence.due_at(step)
+
+
 def test_each_loop_call_ends_where_an_action_is_due_and_is_at_most_steps_per_loop():
-    periodic, epochs = Recorder(Cadence(6, STEPS_PER_EPOCH)), Recorder(Cadence(0, STEPS_PER_EPOCH))
+    periodic, epochs = HistogramRecorder(Cadence(6, STEPS_PER_EPOCH)), Recorder(Cadence(0, STEPS_PER_EPOCH))
     calls = Calls()
     run = controller(calls, [periodic, epochs])
     run.run()
     # The first call is one step (it traces, and is timed apart); then up to 4, cut at 6, 10, 12, ...
     assert calls.sizes == [1, 4, 1, 4, 2, 4, 2, 2, 4, 4, 2]
+    # Histograms are asked for by the calls that end where the action wanting them is due, and given to it.
+    assert calls.histograms == [False, False, True, False, True, False, True, False, True, False, True]
+    assert [at.histograms["gradient/dense"][0, 0] for at in periodic.ran] == [1, 2, 2, 4, 2]
+    assert all(at.histograms == {} for at in epochs.ran if at.step % 6)
     assert [at.step for at in periodic.ran] == [6, 12, 18, 24, 30]
     assert [(at.step, at.epoch_end, at.last) for at in epochs.ran] == [(10, True, False), (20, True, False),
                                                                        (30, True, True)]
@@ -166,12 +178,19 @@ def test_train_summaries_write_the_intervals_means_and_each_layers_terms(tmp_pat
     assert "epoch 1/1 step 4/10: cross_entropy 1.0000" in capsys.readouterr().out
 
 
-def test_histograms_hold_each_trainable_weight_by_layer_path(tmp_path, state):
+def test_histograms_hold_each_trainable_weight_and_the_gradients_given_by_layer_path(tmp_path, state):
     _, train_state = state
     summaries, stopwatch = Summaries(str(tmp_path)), Stopwatch()
-    Histograms(Cadence(0, STEPS_PER_EPOCH), state=train_state, summaries=summaries, stopwatch=stopwatch).run(moment(10))
+    action = Histograms(Cadence(0, STEPS_PER_EPOCH), state=train_state, summaries=summaries, stopwatch=stopwatch)
+    assert [step for step in range(1, 21) if action.wants_histograms(step)] == [10, 20]
+    gradient = np.arange(640, dtype=np.float32).reshape(64, 10)
+    action.run(moment(10, histograms={"gradient/dense": gradient}))
     summaries.close()
-    assert set(events(str(tmp_path), "train").Tags()["tensors"]) == {"kernel/dense", "bias/dense"}
+    accumulator = events(str(tmp_path), "train")
+    assert set(accumulator.Tags()["tensors"]) == {"kernel/dense", "bias/dense", "gradient/dense"}
+    (logged,) = accumulator.Tensors("gradient/dense")
+    buckets = tf.make_ndarray(logged.tensor_proto)
+    assert (logged.step, buckets[0, 0], buckets[-1, 1], buckets[:, 2].sum()) == (10, 0, 639, 640)
     assert list(stopwatch.seconds) == ["summaries"]
 
 

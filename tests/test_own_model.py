@@ -68,9 +68,9 @@ def test_step_regularization_of_every_kind_of_term_equals_numpy(replicas):
 
     train_step = tf.function(steps.make_train_step(strategy, model, optimizer,
                                                    steps.make_replica_gradients(model, 32)))
-    measured = {name: float(value) for name, value in train_step((images, labels), tf.constant(False)).items()}
+    measured = train_step((images, labels), tf.constant(False), tf.constant(False))
 
-    assert measured["regularization"] == pytest.approx(expected, rel=1e-5)
+    assert float(measured["regularization"]) == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.mark.slow

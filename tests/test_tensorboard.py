@@ -43,7 +43,8 @@ TRAIN_SCALARS = {"loss/cross_entropy", "loss/regularization", "loss/total", "acc
                    for kind in ("regularization", "weight_norm", "sparsity", "gradient_norm"))}
 INITIAL_SCALARS = ("regularization/", "loss/regularization", "weight_norm/", "sparsity/")  # also logged at step 0
 EVAL_SCALARS = {"loss/cross_entropy", "accuracy"}
-HISTOGRAMS = {f"{kind}/{layer}" for layer in LAYERS for kind in ("kernel", "bias")}
+WEIGHT_HISTOGRAMS = {f"{kind}/{layer}" for layer in LAYERS for kind in ("kernel", "bias")}
+GRADIENT_HISTOGRAMS = {f"gradient/{layer}" for layer in LAYERS}
 LOADERS = {
     "python": ("--load_fast=false", "--reload_interval=0", "--reload_task=blocking"),
     "rustboard": ("--load_fast=true", "--reload_interval=0"),
@@ -205,13 +206,15 @@ def test_scalar_tags(tensorboard: Client, run: Run):
 
 
 def test_histogram_tags_and_steps(tensorboard: Client, run: Run):
-    """Kernel and bias histograms of each weighted layer, at step 0 and at each epoch's end."""
+    """Kernel and bias histograms of each weighted layer, at step 0 and at each epoch's end; its
+    kernel gradient's at each epoch's end (step 0 has no gradient)."""
     tags = tensorboard.get("/data/plugin/histograms/tags")
     assert set(tags) == {run.train}
-    assert set(tags[run.train]) == HISTOGRAMS
-    for tag in sorted(HISTOGRAMS):
+    assert set(tags[run.train]) == WEIGHT_HISTOGRAMS | GRADIENT_HISTOGRAMS
+    for tag in sorted(WEIGHT_HISTOGRAMS | GRADIENT_HISTOGRAMS):
         rows = tensorboard.get("/data/plugin/histograms/histograms", run=run.train, tag=tag)
-        assert [step for _, step, _ in rows] == [0, *run.epoch_ends()], tag
+        initial = [] if tag in GRADIENT_HISTOGRAMS else [0]
+        assert [step for _, step, _ in rows] == [*initial, *run.epoch_ends()], tag
 
 
 def test_confusion_matrix_image_at_each_evaluation(tensorboard: Client, run: Run):

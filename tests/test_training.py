@@ -51,8 +51,8 @@ def one_step(config: Config, strategy: tf.distribute.Strategy | None = None, *, 
                                                    global_clipnorm=config.global_clipnorm))
     measured = train_step(strategy.experimental_distribute_values_from_function(
         lambda context: _replica_slice(images, labels, context)) if strategy.num_replicas_in_sync > 1
-        else (images, labels), tf.constant(True))
-    return initial, {name: float(value) for name, value in measured.items()}
+        else (images, labels), tf.constant(True), tf.constant(True))
+    return initial, {name: float(value) if value.shape.rank == 0 else value.numpy() for name, value in measured.items()}
 
 
 def _replica_slice(images: np.ndarray, labels: np.ndarray, context: tf.distribute.ValueContext) -> tuple:
@@ -75,6 +75,31 @@ def test_step_regularization_equals_numpy_on_initial_weights(settings):
     assert initial > 0
     assert measured["regularization"] == pytest.approx(initial, rel=1e-6)
     assert measured["total"] == pytest.approx(measured["cross_entropy"] + measured["regularization"], rel=1e-6)
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_gradient_histograms_hold_the_whole_batchs_kernel_gradients(replicas):
+    """"gradient/<layer>" is the gradient of the batch's total loss (TensorFlow's, recomputed here
+    on the weights the step started from) before clipping, on any replica count; its norm is
+    the logged "gradient_norm/<layer>"."""
+    strategy = distribute.mirrored_strategy([f"/cpu:{index}" for index in range(replicas)])
+    config = Config(dataset="digits", l2=0.001, global_clipnorm=1e-3)
+    built: list = []
+    _, measured = one_step(config, strategy, model_out=built)
+    model, initial = built
+    model.set_weights(initial)
+    splits = sources.load_splits(config)
+    images, labels = splits.x_train[:config.batch_size], splits.y_train[:config.batch_size]
+    with tf.GradientTape() as tape:
+        logits = model(images, training=True)
+        total = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)) + tf.add_n(model.losses)
+    layers = models.weighted_layers(model)
+    expected = tape.gradient(total, [layer.kernel for _, layer in layers])
+    assert {name for name in measured if name.startswith("gradient/")} == {f"gradient/{path}" for path, _ in layers}
+    for (path, _), gradient in zip(layers, expected):
+        np.testing.assert_allclose(measured[f"gradient/{path}"], gradient.numpy(), rtol=1e-4, atol=1e-6)
+        assert np.linalg.norm(measured[f"gradient/{path}"]) == pytest.approx(measured[f"gradient_norm/{path}"],
+                                                                           rel=1e-5)
 
 
 def test_step_without_regularizers_has_exactly_zero():
@@ -148,14 +173,20 @@ def test_loop_call_is_traced_once_and_returns_named_measurements():
         splits, global_batch_size=32, seed=0, num_epochs=1, start_step=0))
     loop_call = steps.make_loop_call(strategy, state, replica_input.next_batch, global_batch_size=32)
     iterator = replica_input.iterator()
-    measured = [loop_call(iterator, tf.constant(n)) for n in (3, 5, 7)]
+    histograms = (False, True, False)
+    measured = [loop_call(iterator, tf.constant(n), tf.constant(h)) for n, h in zip((3, 5, 7), histograms)]
     assert loop_call.experimental_get_tracing_count() == 1
-    assert set(measured[0]) == {*steps.SUMMED, "gradient_norm", "gradient_norm/conv1", "gradient_norm/conv2",
-                                "gradient_norm/dense"}
-    for sums, num_steps in zip(measured, (3, 5, 7)):
+    layers = ("conv1", "conv2", "dense")
+    assert set(measured[0]) == {*steps.SUMMED, "gradient_norm", *(f"gradient{kind}/{layer}" for layer in layers
+                                                                  for kind in ("_norm", ""))}
+    for sums, num_steps, histogram in zip(measured, (3, 5, 7), histograms):
         # Sums over the call's steps: each step's accuracy is a share of its batch.
         assert 0 < float(sums["accuracy"]) <= num_steps and np.isfinite(float(sums["total"]))
         assert float(sums["gradient_norm"]) > 0
+        # The kernels' gradients only when asked for (zeros otherwise), of the last step, as its norms.
+        for layer in layers:
+            norm = np.linalg.norm(sums[f"gradient/{layer}"])
+            assert norm == (pytest.approx(float(sums[f"gradient_norm/{layer}"]), rel=1e-5) if histogram else 0.0)
 
 
 def scaled_step(initial_scale: float, strategy: tf.distribute.Strategy):
@@ -170,10 +201,10 @@ def scaled_step(initial_scale: float, strategy: tf.distribute.Strategy):
     before = [w.copy() for w in model.get_weights()]
     gradients = steps.make_replica_gradients(model, 32, loss_scale=loss_scale)
     train_step = tf.function(steps.make_train_step(strategy, model, optimizer, gradients, loss_scale=loss_scale))
-    measured = train_step((splits.x_train[:32], splits.y_train[:32]), tf.constant(True))
+    measured = train_step((splits.x_train[:32], splits.y_train[:32]), tf.constant(True), tf.constant(True))
     changed = any(not np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
     return (float(loss_scale.scale.numpy()), int(loss_scale.good_steps.numpy()), changed,
-            np.array([float(value) for value in measured.values()]))
+            np.concatenate([np.ravel(value) for value in measured.values()]))
 
 
 @pytest.mark.parametrize("replicas", [1, 2])

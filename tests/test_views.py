@@ -121,3 +121,26 @@ def test_profile_steps_write_a_trace_of_those_steps(run_cli, tmp_path):
     assert result["steps"] == (1437 - 144) // 32  # digits less its validation split, at batch 32
     plugin_missing = importlib.util.find_spec("tensorboard_plugin_profile") is None
     assert ("pip install 'train_loop[profile]'" in finished.stderr) == plugin_missing, finished.stderr
+
+
+def test_gradient_histograms_at_histogram_steps_are_equal_on_one_device_and_two_replicas(tmp_path):
+    """`gradient/<layer>` at each `--histogram_every` step (and no other), over every element of the
+    kernel; the summed gradient's, so 2 replicas log one device's histograms."""
+    settings = dict(dataset="digits", logdir=str(tmp_path), histogram_every=10, steps_per_loop=7,
+                    validation_split=0.0, jit_compile=False)
+    train(Config(strategy="one_device", run_name="one", **settings))
+    train(Config(strategy="mirrored", cpu_replicas=2, run_name="two", **settings))
+    layers = models.weighted_layers(models.build_model(Config(), (8, 8, 1)))
+    histograms = {}
+    for name in ("one", "two"):
+        accumulator = events(str(tmp_path / name), "train")
+        assert {tag for tag in accumulator.Tags()["tensors"] if tag.startswith("gradient/")} == \
+            {f"gradient/{path}" for path, _ in layers}
+        histograms[name] = {path: {event.step: tf.make_ndarray(event.tensor_proto)
+                                   for event in accumulator.Tensors(f"gradient/{path}")} for path, _ in layers}
+    for path, layer in layers:
+        one, two = histograms["one"][path], histograms["two"][path]
+        assert list(one) == list(two) == [10, 20, 30, 40], path
+        for step, buckets in one.items():
+            assert buckets[:, 2].sum() == np.prod(layer.kernel.shape), (path, step)
+            np.testing.assert_allclose(two[step], buckets, rtol=1e-4, atol=1e-7, err_msg=f"{path} at {step}")

@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 
+import numpy as np
 import tensorflow as tf
 
 from train_loop import checkpoints, optimizers, profiling
@@ -40,6 +41,10 @@ class Cadence:
         periodic = at.step % self.every == 0 if self.every else at.epoch_end
         return periodic or (self.at_epoch_end and at.epoch_end) or (self.at_last and at.last)
 
+    def due_at(self, step: int) -> bool:
+        """Whether it is due at `step` by count alone: known before the loop call ending there."""
+        return self.due(Moment(step, epoch_end=step % self.steps_per_epoch == 0))
+
     def next_due(self, step: int) -> int:
         """The next step past `step` it is due at by count (the last step is always a boundary)."""
         epoch_end = step + self.steps_per_epoch - step % self.steps_per_epoch
@@ -50,12 +55,14 @@ class Cadence:
 @dataclasses.dataclass(frozen=True)
 class Moment:
     """Where training stands after a loop call of `num_steps` that ended at `step`: whether an
-    epoch ended there, whether it is the run's last step (the last of all, or an early stop)."""
+    epoch ended there, whether it is the run's last step (the last of all, or an early stop),
+    and the gradient's histograms at `step` when an action asked for them."""
 
     step: int
     epoch_end: bool = False
     last: bool = False
     num_steps: int = 1
+    histograms: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 class Action:
@@ -67,6 +74,10 @@ class Action:
     def next_due(self, step: int) -> int | None:
         """The next step past `step` that must end a loop call for this action; None: any step."""
         return None
+
+    def wants_histograms(self, step: int) -> bool:
+        """Whether the loop call ending at `step` must measure the gradient's histograms."""
+        return False
 
     def before_call(self, step: int) -> None:
         """Called before the loop call that starts at `step`."""
@@ -132,15 +143,20 @@ class TrainSummaries(Periodic):
 
 @dataclasses.dataclass
 class Histograms(Periodic):
-    """Every trainable weight's histogram, at `--histogram_every`."""
+    """Every trainable weight's histogram, and each weighted layer's kernel gradient's (of the
+    whole batch, before clipping: "gradient/<layer path>"), at `--histogram_every`."""
 
     state: TrainState
     summaries: Summaries
     stopwatch: Stopwatch  # Timed as "summaries", as `TrainSummaries`.
 
+    def wants_histograms(self, step: int) -> bool:
+        return self.cadence.due_at(step)
+
     def run(self, at: Moment) -> None:
         with self.stopwatch.phase("summaries"):
             self.summaries.write_weight_histograms(self.state.model, at.step)
+            self.summaries.write_histograms(at.step, at.histograms)
 
 
 @dataclasses.dataclass

@@ -10,6 +10,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import tensorflow as tf
 
 from train_loop import actions, steps
@@ -71,7 +72,8 @@ class Controller:
     """Runs loop calls until the last step (or an early stop), each up to the next step an action
     is due at and at most `steps_per_loop` long; after each, runs the actions due, in order."""
 
-    loop_call: Callable[[int], dict[str, tf.Tensor]]  # Trains that many steps; gives the measurements.
+    # Trains that many steps; gives their measurements, and the gradient's histograms when asked.
+    loop_call: Callable[[int, bool], dict[str, tf.Tensor]]
     counters: Counters
     steps_per_epoch: int
     total_steps: int
@@ -86,7 +88,7 @@ class Controller:
     def run(self) -> None:
         try:
             while self.counters.step < self.total_steps and not self.stopping():
-                self._run_due_actions(self._train())
+                self._run_due_actions(*self._train())
         finally:
             for action in self.actions:
                 action.end()
@@ -96,8 +98,9 @@ class Controller:
         due = (action.next_due(step) for action in self.actions)
         return min(self.steps_per_loop, self.total_steps - step, *(when - step for when in due if when is not None))
 
-    def _train(self) -> int:
-        """One loop call, checked and counted; returns its number of steps."""
+    def _train(self) -> tuple[int, dict[str, np.ndarray]]:
+        """One loop call, checked and counted; returns its number of steps, and the gradient's
+        histograms when an action wants them at the step it ends at."""
         step = self.counters.step
         # The first call of a process traces and compiles: one step, so that it is timed apart.
         num_steps = 1 if self.calls == 0 else self.call_size(step)
@@ -106,19 +109,22 @@ class Controller:
             action.before_call(step)
         self.throughput.start()
         started = time.perf_counter()
-        measured = {name: float(value) for name, value in self.loop_call(num_steps).items()}
+        histograms = any(action.wants_histograms(step + num_steps) for action in self.actions)
+        output = self.loop_call(num_steps, histograms)
+        measured = {name: float(value) for name, value in output.items() if value.shape.rank == 0}
         self.interval.add(measured, num_steps, examples=num_steps * self.batch_size,
                           seconds=time.perf_counter() - started)
         check_finite(measured, step, num_steps)
         self.counters.advance(measured, num_steps)
-        return num_steps
+        return num_steps, {name: value.numpy() for name, value in output.items() if histograms and value.shape.rank}
 
-    def _run_due_actions(self, num_steps: int) -> None:
+    def _run_due_actions(self, num_steps: int, histograms: dict[str, np.ndarray]) -> None:
         step = self.counters.step
         for action in self.actions:
             # Asked anew for each action: validation may have just decided to stop early.
             at = Moment(step=step, epoch_end=step % self.steps_per_epoch == 0,
-                        last=step == self.total_steps or self.stopping(), num_steps=num_steps)
+                        last=step == self.total_steps or self.stopping(), num_steps=num_steps,
+                        histograms=histograms)
             if action.due(at):
                 action.run(at)
 
@@ -139,7 +145,7 @@ class Wiring:
     save_best: Callable[[], None]
 
 
-def make_controller(config: Config, loop_call: Callable[[int], dict[str, tf.Tensor]], *, steps_per_epoch: int,
+def make_controller(config: Config, loop_call: Callable[[int, bool], dict[str, tf.Tensor]], *, steps_per_epoch: int,
                     wiring: Wiring) -> tuple[Controller, actions.Validation | None]:
     """The run's controller and its actions, in the order they run after a loop call; and the
     validation action, which holds the latest validation.

@@ -95,7 +95,8 @@ def _train(config: Config, splits: sources.Splits, *, steps_per_epoch: int, stra
     signals = SignalStop(strategy)
     save_best = functools.partial(exports.save_model, state.model, os.path.join(run_dir, "best"))
     controller, validation_action = make_controller(
-        config, lambda num_steps: loop_call(iterator, tf.constant(num_steps)), steps_per_epoch=steps_per_epoch,
+        config, lambda num_steps, histograms: loop_call(iterator, tf.constant(num_steps), tf.constant(histograms)),
+        steps_per_epoch=steps_per_epoch,
         wiring=Wiring(state=state, summaries=summaries, console=console, manager=manager,
                       metrics_file=metrics_file.MetricsFile(run_dir if chief else None),
                       signals=signals, stopwatch=stopwatch,

@@ -65,32 +65,37 @@ def make_train_step(
     strategy: tf.distribute.Strategy, model: keras.Model, optimizer: keras.optimizers.Optimizer,
     replica_gradients: Callable[..., tuple[dict[str, tf.Tensor], list[tf.Tensor]]], *,
     loss_scale: LossScale | None = None, global_clipnorm: float = 0.0,
-) -> Callable[[tuple, tf.Tensor], dict[str, tf.Tensor]]:
+) -> Callable[[tuple, tf.Tensor, tf.Tensor], dict[str, tf.Tensor]]:
     """One update over all replicas, for use inside the traced loop call.
 
     Besides the `SUMMED` measurements it measures the gradient when `measure` is true (the last
     step of a loop call, the one a summary reports): its global L2 norm and each weighted layer's
-    kernel-gradient norm, both of the whole global batch's gradient (summed over replicas), so they
-    equal what one device computes. Other steps skip that reduction and give zeros. The norms
-    are the gradient's before clipping: with `global_clipnorm` the update clips the summed
+    kernel-gradient norm, and with `histograms` true too each such kernel's gradient itself, for
+    its histogram; all of the whole global batch's gradient (summed over replicas), so they equal
+    what one device computes. Other steps skip that reduction and give zeros. They are the
+    gradient's before clipping: with `global_clipnorm` the update clips the summed
     gradient to that global norm, as one device would (`clip_summed_gradient`), and "clipped"
     counts the steps it exceeded.
 
     Returns:
-      A function of (every replica's batch, measure) giving the `SUMMED` measurements, summed
-      over replicas, and the `gradient_measurements(model)`, by name.
+      A function of (every replica's batch, measure, histograms) giving the `SUMMED`
+      measurements, summed over replicas, and the `gradient_measurements(model)`, by name.
     """
     variables = model.trainable_variables
     kernels = {path: next(i for i, v in enumerate(variables) if v is layer.kernel)
                for path, layer in weighted_layers(model)}
 
-    def gradient_norms(replica_gradients_: list) -> dict[str, tf.Tensor]:
+    def summed_gradient(replica_gradients_: list, histograms: tf.Tensor) -> dict[str, tf.Tensor]:
         gradients = [strategy.reduce(_SUM, gradient, axis=None) for gradient in replica_gradients_]
+        kernel_gradients = {path: gradients[index] for path, index in kernels.items()}
         return {"gradient_norm": tf.linalg.global_norm(gradients),
-                **{f"gradient_norm/{path}": tf.norm(gradients[index]) for path, index in kernels.items()}}
+                **{f"gradient_norm/{path}": tf.norm(gradient) for path, gradient in kernel_gradients.items()},
+                **tf.cond(histograms, lambda: {f"gradient/{path}": gradient
+                                               for path, gradient in kernel_gradients.items()},
+                          lambda: _kernel_zeros(model))}
 
-    def measured_gradient(measure: tf.Tensor, gradients: list) -> dict[str, tf.Tensor]:
-        return tf.cond(measure, lambda: gradient_norms(gradients), lambda: gradient_measurements(model))
+    def measured_gradient(measure: tf.Tensor, gradients: list, histograms: tf.Tensor) -> dict[str, tf.Tensor]:
+        return tf.cond(measure, lambda: summed_gradient(gradients, histograms), lambda: gradient_measurements(model))
 
     def apply(gradients: list) -> tf.Tensor:
         """In replica context: clips, updates, and gives this replica's share of "clipped"."""
@@ -106,11 +111,11 @@ def make_train_step(
         measurements, gradients = replica_gradients(images, labels)
         return {**measurements, "clipped": apply(gradients)}, gradients
 
-    def train_step(batch: tuple, measure: tf.Tensor) -> dict[str, tf.Tensor]:
+    def train_step(batch: tuple, measure: tf.Tensor, histograms: tf.Tensor) -> dict[str, tf.Tensor]:
         measurements, gradients = _run_and_sum(strategy, replica_step, batch)
-        return {**measurements, **measured_gradient(measure, gradients)}
+        return {**measurements, **measured_gradient(measure, gradients, histograms)}
 
-    def scaled_train_step(batch: tuple, measure: tf.Tensor) -> dict[str, tf.Tensor]:
+    def scaled_train_step(batch: tuple, measure: tf.Tensor, histograms: tf.Tensor) -> dict[str, tf.Tensor]:
         # Called from a plain function, so that XLA's compiled function runs on each replica's device.
         measurements, gradients = _run_and_sum(
             strategy, lambda *replica_batch: replica_gradients(*replica_batch), batch)
@@ -125,7 +130,7 @@ def make_train_step(
         loss_scale.update(finite)
         # A skipped step's overflow is the loss scale's job, not divergence; its norms count as 0.
         return {**measurements, "clipped": clipped, "non_finite_gradients": tf.constant(0.0),
-                **measured_gradient(tf.logical_and(measure, finite), gradients)}
+                **measured_gradient(tf.logical_and(measure, finite), gradients, histograms)}
 
     return train_step if loss_scale is None else scaled_train_step
 
@@ -161,20 +166,27 @@ def clip_summed_gradient(gradients: list[tf.Tensor], clip_norm: float) -> tuple[
 
 def gradient_measurements(model: keras.Model) -> dict[str, tf.Tensor]:
     """What a train step measures of the gradient at the last step of a loop call, by name, as
-    zeros: the values of the steps that do not measure it."""
+    zeros: the values of the steps that do not measure it. "gradient/<layer path>" is a kernel's
+    gradient, for its histogram; the others are norms."""
     return {"gradient_norm": tf.constant(0.0),
-            **{f"gradient_norm/{path}": tf.constant(0.0) for path, _ in weighted_layers(model)}}
+            **{f"gradient_norm/{path}": tf.constant(0.0) for path, _ in weighted_layers(model)},
+            **_kernel_zeros(model)}
+
+
+def _kernel_zeros(model: keras.Model) -> dict[str, tf.Tensor]:
+    return {f"gradient/{path}": tf.zeros(layer.kernel.shape) for path, layer in weighted_layers(model)}
 
 
 def make_loop_call(
     strategy: tf.distribute.Strategy, state: TrainState, next_batch: Callable[[object], tuple], *,
     global_batch_size: int, jit_compile: bool = False, global_clipnorm: float = 0.0,
 ) -> Callable[[object, tf.Tensor], dict[str, tf.Tensor]]:
-    """`loop_call(iterator, num_steps)`: `num_steps` updates of `state` in one traced call.
+    """`loop_call(iterator, num_steps, histograms)`: `num_steps` updates of `state` in one traced call.
 
     `next_batch(iterator)` gives every replica its batch (see `inputs.ReplicaInput`). Returns the
     `SUMMED` measurements summed over the steps, and the gradient's (`gradient_measurements`) at
-    the last step; pass `num_steps` as a tensor so that every call reuses one trace.
+    the last step, its kernels' only when `histograms` is true (else zeros); pass `num_steps` and
+    `histograms` as tensors so that every call reuses one trace.
     """
     model = state.model
     replica_gradients = make_replica_gradients(model, global_batch_size, loss_scale=state.loss_scale,
@@ -183,10 +195,10 @@ def make_loop_call(
                                  loss_scale=state.loss_scale, global_clipnorm=global_clipnorm)
 
     @tf.function
-    def loop_call(iterator, num_steps: tf.Tensor) -> dict[str, tf.Tensor]:
+    def loop_call(iterator, num_steps: tf.Tensor, histograms: tf.Tensor) -> dict[str, tf.Tensor]:
         sums, gradient = dict.fromkeys(SUMMED, tf.constant(0.0)), gradient_measurements(model)
         for step in tf.range(num_steps):
-            measured = train_step(next_batch(iterator), step == num_steps - 1)
+            measured = train_step(next_batch(iterator), step == num_steps - 1, histograms)
             sums = {name: sums[name] + measured[name] for name in SUMMED}
             gradient = {name: measured[name] for name in gradient}
         return {**sums, **gradient}

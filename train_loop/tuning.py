@@ -152,7 +152,7 @@ def cached_batch_loop_call(config: Config, strategy: tf.distribute.Strategy, spl
     loop_call = steps.make_loop_call(strategy, state, replica_input.next_batch, global_batch_size=config.batch_size,
                                      jit_compile=jit_compile, global_clipnorm=config.global_clipnorm)
     iterator = replica_input.iterator()
-    return lambda num_steps: loop_call(iterator, num_steps)
+    return lambda num_steps: loop_call(iterator, num_steps, tf.constant(False))
 
 
 def _block_steps(strategy: tf.distribute.Strategy, loop: Callable[[tf.Tensor], dict[str, tf.Tensor]]) -> int:
