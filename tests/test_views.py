@@ -11,10 +11,11 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import events, scalar_series
+from helpers import events
 
 from train_loop import Config, models, sources, summaries, train
 from train_loop.state import build_state
+from train_loop.summaries import scalar_series
 
 pytestmark = pytest.mark.slow  # every test here trains a model
 
