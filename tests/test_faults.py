@@ -262,13 +262,18 @@ def test_a_non_finite_gradient_is_divergence_too():
 
 
 def worker_pids(launcher: subprocess.Popen) -> dict[int, int]:
-    """The launcher's worker processes by task index, read from /proc."""
+    """The launcher's worker processes by task index, read from /proc. Children without a
+    TF_CONFIG (the start-up's stderr filter) are not workers; one that exited is skipped."""
     children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
     pids = {}
     for pid in map(int, children):
-        environ = dict(item.split("=", 1) for item in
-                       Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0") if "=" in item)
-        pids[json.loads(environ["TF_CONFIG"])["task"]["index"]] = pid
+        try:
+            raw = Path(f"/proc/{pid}/environ").read_bytes()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        environ = dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
+        if "TF_CONFIG" in environ:
+            pids[json.loads(environ["TF_CONFIG"])["task"]["index"]] = pid
     return pids
 
 
