@@ -73,3 +73,35 @@ def test_version_prints_the_package_version_and_exits(tmp_path, name):
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.startswith(f"train_loop {train_loop.__version__} (tensorflow ")
     assert os.listdir(tmp_path) == [name]  # nothing written beside the script (no logdir)
+
+
+@pytest.mark.parametrize("ending, status", [("return None", 0), ("sys.exit(2)", 2), ("raise KeyError('bug')", 1)])
+def test_a_tool_freezes_the_collector_when_its_main_ends_however_it_ends(tmp_path, ending, status):
+    # Frozen, the interpreter's exit skips collecting TensorFlow's objects; atexit handlers still run.
+    script = tmp_path / "tool.py"
+    script.write_text("import atexit, gc, sys\n"
+                      "from train_loop import apps\n"
+                      "atexit.register(lambda: print('frozen at exit:', gc.get_freeze_count() > 0))\n"
+                      f"def main(argv):\n    {ending}\n"
+                      "apps.run(main, usage='Usage: tool', flag_modules=[])\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
+    ended = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+
+    assert ended.returncode == status, ended.stderr
+    assert ended.stdout.strip() == "frozen at exit: True"
+
+
+def test_the_training_tool_freezes_the_collector_after_a_user_error(tmp_path):
+    # A user error raised inside main (a stray argument): one line, status 2, and the fast exit.
+    code = ("import atexit, gc\n"
+            "atexit.register(lambda: print('frozen at exit:', gc.get_freeze_count() > 0))\n"
+            "from train_loop.cli import run\nrun()\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
+    ended = subprocess.run([sys.executable, "-c", code, f"--logdir={tmp_path / 'logs'}", "stray"],
+                           capture_output=True, text=True, timeout=120, env=env)
+
+    assert ended.returncode == 2
+    assert ended.stderr.strip().splitlines() == ["train_loop: error: unexpected arguments 'stray': every setting is a "
+                                                 "--flag=value."]
+    assert ended.stdout.strip() == "frozen at exit: True"
+    assert not (tmp_path / "logs").exists()

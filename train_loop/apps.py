@@ -9,6 +9,7 @@ whose flags share names with the training flags, can use it.
 
 from __future__ import annotations
 
+import gc
 import sys
 from collections.abc import Callable, Sequence
 from importlib import metadata
@@ -35,7 +36,24 @@ def run(main: Callable[[list[str]], None], *, usage: str, flag_modules: Sequence
         for flag in by_module.get(module, []):
             flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
     parse = flags_parser or app.parse_flags_with_usage
-    app.run(main, flags_parser=lambda argv: _exit_on_version(parse(argv)))
+    app.run(_frozen_on_return(main), flags_parser=lambda argv: _exit_on_version(parse(argv)))
+
+
+def _frozen_on_return(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
+    """`main`, then `gc.freeze()` however it ends: the interpreter's exit skips its last garbage
+    collections over TensorFlow's and Keras' objects, which took 1.1 s of CPU after every run
+    (0.09 s frozen; measured on a script that only imports both).
+
+    Everything of ours is closed and flushed by then (files are written through temporary names
+    and closed; summary writers closed); atexit handlers, TensorFlow's included, still run.
+    """
+    def main_then_freeze(argv: list[str]) -> None:
+        try:
+            main(argv)
+        finally:
+            gc.freeze()
+
+    return main_then_freeze
 
 
 def _exit_on_version(argv: list[str]) -> list[str]:
