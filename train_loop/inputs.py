@@ -138,7 +138,11 @@ class ReplicaInput:
         return iter(self._dataset)
 
     def next_batch(self, iterator: Iterator) -> tuple:
-        """The next batch of every replica; call inside the traced loop call."""
+        """The next batch of every replica; call inside the traced loop call.
+
+        It depends on the strategy alone, so a function traced with it can pull from any of the
+        strategy's inputs (the evaluation pass serves every split).
+        """
         if not self._on_host:
             return next(iterator)
         batches = [next(iterator) for _ in range(self._strategy.num_replicas_in_sync)]

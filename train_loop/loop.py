@@ -89,8 +89,8 @@ def _train(config: Config, splits: sources.Splits, *, steps_per_epoch: int, stra
     iterator = train_input.iterator()
 
     # Validation scores the weights as they are (averaged, with --ema); the end scores the kept ones.
-    evaluator = functools.partial(make_evaluator, strategy, state.model, batch_size=config.batch_size,
-                                  num_classes=splits.num_classes, stopwatch=stopwatch)
+    evaluator = make_evaluator(strategy, state.model, batch_size=config.batch_size,
+                               num_classes=splits.num_classes, stopwatch=stopwatch)
     validate = None if splits.x_validation is None else evaluator(splits.x_validation, splits.y_validation)
     signals = SignalStop(strategy)
     save_best = functools.partial(exports.save_model, state.model, os.path.join(run_dir, "best"))
