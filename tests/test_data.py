@@ -710,3 +710,26 @@ def test_hold_out_moves_a_seeded_share_of_the_training_split() -> None:
     assert sources.hold_out(splits, 0.0, seed=3) is splits
     with pytest.raises(UsageError, match=r"--validation_split=0.001 of 50 training examples holds out none"):
         sources.hold_out(splits, 0.001, seed=3)
+
+
+@pytest.mark.parametrize("array", [
+    np.random.default_rng(0).random((300, 28, 28, 1), dtype=np.float32)[:, 1:],  # a strided view
+    np.arange(-7, 1000, dtype=np.int64)[1:],  # a misaligned start
+    np.arange(12, dtype=np.uint8).reshape(3, 4),
+    np.array([True, False, True]),
+    np.zeros((0, 5), np.float64),
+])
+def test_host_tensor_holds_a_private_copy_of_the_array(array: np.ndarray) -> None:
+    """The split in TensorFlow without `tf.constant`'s copy: equal to the array, on the host, and
+    unaffected when the caller changes or drops the array afterwards."""
+    expected = array.copy()
+    tensor = inputs.host_tensor(array)
+    if array.size:
+        array[...] = np.logical_not(array) if array.dtype == bool else array + 1  # The caller's change.
+    del array
+    filler = [np.full(10**6, 7.0) for _ in range(8)]  # Reuses freed memory, if the tensor had let go.
+
+    assert tensor.dtype.as_numpy_dtype == expected.dtype and "CPU" in tensor.device
+    np.testing.assert_array_equal(tensor.numpy(), expected)
+    np.testing.assert_array_equal(tf.gather(tensor, tf.range(len(expected))).numpy(), expected)  # A kernel reads it.
+    assert len(filler) == 8
