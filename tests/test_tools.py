@@ -29,7 +29,7 @@ EXPECTED_FLAGS = {
                                           "jobs"},
     "train-loop-launch": TRAINING_FLAGS | {"workers"},
     "train-loop-compare": set(),
-    "train-loop-bench": {"dataset", "batch_size", "precision", "steps", "quick", "whole_run"},
+    "train-loop-bench": {"dataset", "batch_size", "precision", "steps", "quick", "rounds", "whole_run"},
 }
 
 
