@@ -34,6 +34,9 @@ def test_quick_benchmark_reports_every_figure():
             "save_model"} <= set(phases)
     assert phases["total"] >= phases["training"] > phases["summaries"] > 0
     assert "| Keras 3 fit, jit_compile=False" in finished.stdout
+    assert figures["keras_fit_nojit"]["jit_compile"] is False
+    keras_xla = "on" if figures["keras_fit"]["jit_compile"] else "off"  # Keras' own "auto": off without accelerators.
+    assert f"| Keras 3 fit, default (chose XLA {keras_xla})" in finished.stdout
     xla, no_xla = (figures[name]["examples_per_second"] for name in ("train_loop_xla", "train_loop_noxla"))
     faster = "on" if xla > no_xla else "off"
     assert f"the forced runs found XLA {faster} faster" in finished.stdout
