@@ -733,3 +733,15 @@ def test_host_tensor_holds_a_private_copy_of_the_array(array: np.ndarray) -> Non
     np.testing.assert_array_equal(tensor.numpy(), expected)
     np.testing.assert_array_equal(tf.gather(tensor, tf.range(len(expected))).numpy(), expected)  # A kernel reads it.
     assert len(filler) == 8
+
+
+def test_pipelines_run_without_the_autotuning_thread() -> None:
+    """Neither pipeline autotunes: its model thread made destroying an iterator wait seconds."""
+    splits = index_splits(24, 4)
+    train_fn = inputs.train_dataset_fn(splits, global_batch_size=4, seed=0, num_epochs=1, start_step=0)
+    eval_fn, _ = inputs.eval_dataset_fn(splits.x_test, splits.y_test, 4)
+
+    for dataset_fn in (train_fn, eval_fn):
+        dataset = dataset_fn(tf.distribute.InputContext())
+        assert dataset.options().autotune.enabled is False
+        assert len(list(dataset)) > 0
