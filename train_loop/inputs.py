@@ -60,7 +60,7 @@ def train_dataset_fn(
             .skip(skip_steps * replicas_per_pipeline)
         )
         batches = indices.map(lambda index: (tf.gather(images, index), tf.gather(labels, index)))
-        return _with_options(batches.prefetch(_PREFETCH))
+        return with_options(batches.prefetch(_PREFETCH))
 
     return dataset_fn
 
@@ -90,7 +90,7 @@ def eval_dataset_fn(
         order = tf.range(num_batches * global_batch_size)
         indices = tf.data.Dataset.from_tensor_slices(_pipeline_batches(order, context, global_batch_size))
         batches = indices.map(lookup)
-        return _with_options(batches.prefetch(_PREFETCH))
+        return with_options(batches.prefetch(_PREFETCH))
 
     return dataset_fn, num_batches
 
@@ -127,8 +127,9 @@ def host_tensor(array: np.ndarray, *, alignment: int = 64) -> tf.Tensor:
     return tf.experimental.dlpack.from_dlpack(private.__dlpack__())
 
 
-def _with_options(dataset: tf.data.Dataset) -> tf.data.Dataset:
-    """The pipelines' options: no sharding by the strategy, and no autotuning.
+def with_options(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """Every pipeline's options (the training, evaluation and timing ones): no sharding by the
+    strategy, and no autotuning.
 
     Autotuning runs a model thread beside each iterator, and destroying the iterator waits for
     it: one run in three stalled 3-4 s at its end (seen in the stack: `~Iterator` waiting on
@@ -137,7 +138,7 @@ def _with_options(dataset: tf.data.Dataset) -> tf.data.Dataset:
     """
     options = tf.data.Options()
     options.autotune.enabled = False
-    # The functions above shard by hand; the strategy must not shard a second time.
+    # Every pipeline of ours shards by hand; the strategy must not shard a second time.
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     return dataset.with_options(options)
 

@@ -146,7 +146,7 @@ def cached_batch_loop_call(config: Config, strategy: tf.distribute.Strategy, spl
         size = context.get_per_replica_batch_size(config.batch_size)
         start = context.input_pipeline_id * size
         replica_batch = tuple(array[start: start + size] for array in batch)
-        return tf.data.Dataset.from_tensors(replica_batch).repeat()
+        return inputs.with_options(tf.data.Dataset.from_tensors(replica_batch).repeat())
 
     replica_input = inputs.ReplicaInput(strategy, dataset_fn)
     loop_call = steps.make_loop_call(strategy, state, replica_input.next_batch, global_batch_size=config.batch_size,
