@@ -133,7 +133,7 @@ class TrainSummaries(Periodic):
             **({"clipped_share": means["clipped"]} if self.config.global_clipnorm else {}),
             **({"loss_scale": float(state.loss_scale.scale.numpy())} if state.loss_scale else {}),
         })
-        self.summaries.write_layer_scalars(state.model, at.step)
+        self.summaries.write_scalars("train", at.step, state.layer_measurements())
         if self.config.weight_decay:
             self.summaries.write_scalars("train", at.step, {
                 f"weight_decay/{path}": term
@@ -155,8 +155,7 @@ class Histograms(Periodic):
 
     def run(self, at: Moment) -> None:
         with self.stopwatch.phase("summaries"):
-            self.summaries.write_weight_histograms(self.state.model, at.step)
-            self.summaries.write_histograms(at.step, at.histograms)
+            self.summaries.write_histograms(at.step, {**self.state.weight_values(), **at.histograms})
 
 
 @dataclasses.dataclass

@@ -8,7 +8,6 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import keras
 import numpy as np
 import tensorflow as tf
 
@@ -20,7 +19,7 @@ from train_loop.evaluation import make_evaluator
 from train_loop.models import ModelFunction, load_model_function
 from train_loop.preemption import SignalStop
 from train_loop.profiling import Stopwatch, phases
-from train_loop.state import build_state
+from train_loop.state import TrainState, build_state
 from train_loop.summaries import Summaries, drop_events_after, write_logdir_experiment
 
 
@@ -77,7 +76,7 @@ def _train(config: Config, splits: sources.Splits, *, steps_per_epoch: int, stra
         decision = tuning.decide_jit_compile(config, strategy, splits, runs.read_settings(run_dir),
                                              model_fn=model_fn)
     console.say(decision.describe())
-    summaries = _open_run(config, run_dir if chief else None, state.model, strategy,
+    summaries = _open_run(config, run_dir if chief else None, state, strategy,
                           state.counters.step if resumed else -1, decision=decision)
 
     # The loop call, and the data it pulls from, starting where the restored state stands.
@@ -144,7 +143,7 @@ def _say_start(console: Console, config: Config, splits: sources.Splits, strateg
         console.say(f"evaluation and model.keras use the weights' moving average (--ema={config.ema:g})")
 
 
-def _open_run(config: Config, run_dir: str | None, model: keras.Model, strategy: tf.distribute.Strategy,
+def _open_run(config: Config, run_dir: str | None, state: TrainState, strategy: tf.distribute.Strategy,
               restored_step: int, *, decision: tuning.Decision) -> Summaries:
     """The run folder and its writers; a fresh start logs the settings and the initial weights.
 
@@ -160,9 +159,10 @@ def _open_run(config: Config, run_dir: str | None, model: keras.Model, strategy:
     if restored_step < 0:
         summaries.write_settings(os.path.basename(run_dir), _hparams(config, strategy))
         # Step 0 shows the initial weights: what the regularizers start from.
-        initial_term = summaries.write_layer_scalars(model, 0)
-        summaries.write_scalars("train", 0, {"loss/regularization": initial_term})
-        summaries.write_weight_histograms(model, 0)
+        layers = state.layer_measurements()
+        initial_term = sum(value for tag, value in layers.items() if tag.startswith("regularization/"))
+        summaries.write_scalars("train", 0, {**layers, "loss/regularization": initial_term})
+        summaries.write_histograms(0, state.weight_values())
         summaries.flush()
         write_logdir_experiment(run_dir)  # Its HParams table shows what differs, this run's settings included.
     return summaries

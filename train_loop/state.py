@@ -1,6 +1,7 @@
 """The train state, built in one place: the model, its optimizer (schedule, decay, moving
-average), the float16 loss scale, the best model, the loop's counters, and what a checkpoint
-holds of them. The run, the XLA timing, the report and the tests all build it here."""
+average), the float16 loss scale, the best model, the loop's counters, what a checkpoint holds
+of them, and what the summaries log of the weights (`summaries` writes what it is handed). The
+run, the XLA timing, the report and the tests all build it here."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import tensorflow as tf
 from train_loop import optimizers
 from train_loop.best import BestModel
 from train_loop.configs import Config
-from train_loop.models import ModelFunction, build_model
+from train_loop.losses import layer_weight_terms
+from train_loop.models import ModelFunction, build_model, named_layers, near_zero_share, weighted_layers
 
 # What the step measures of the loss, whose means the summaries, the epochs and result.json report.
 TRAIN_MEASUREMENTS = ("cross_entropy", "regularization", "total", "accuracy")
@@ -86,6 +88,22 @@ class TrainState:
         """The model holds the weights the run keeps inside: the best ones with `--best_metric`,
         else the moving average with `--ema`, else its own."""
         return self.best.weights_in_model() if self.best else self.validated_weights()
+
+    def layer_measurements(self) -> dict[str, float]:
+        """What the summaries log of the weights as they are, by tag: each layer's weight
+        regularization term, and each weighted layer's kernel L2 norm and sparsity (the share of
+        |w| < `models.NEAR_ZERO`)."""
+        return {
+            **{f"regularization/{path}": float(term) for path, term in layer_weight_terms(self.model).items()},
+            **{f"weight_norm/{path}": float(tf.norm(layer.kernel)) for path, layer in weighted_layers(self.model)},
+            **{f"sparsity/{path}": near_zero_share(layer.kernel) for path, layer in weighted_layers(self.model)},
+        }
+
+    def weight_values(self) -> dict[str, tf.Tensor]:
+        """Every trainable weight of every layer, for its histogram, as `<weight>/<layer path>`
+        (`kernel/conv1`)."""
+        return {f"{weight.name}/{path}": tf.convert_to_tensor(weight)
+                for path, layer in named_layers(self.model) for weight in layer.trainable_weights}
 
     def trackables(self) -> dict[str, object]:
         """The checkpoint's objects by name. The dropout layers' seed states are among them, so a

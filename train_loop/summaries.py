@@ -8,7 +8,6 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import keras
 import numpy as np
 import tensorflow as tf
 from google.protobuf.message import DecodeError
@@ -20,8 +19,6 @@ from tensorboard.plugins.hparams import metadata as hparams_metadata
 from tensorboard.plugins.scalar import summary_v2 as scalar_summary
 
 from train_loop.console import warn
-from train_loop.losses import layer_weight_terms
-from train_loop.models import named_layers, near_zero_share, weighted_layers
 from train_loop.startup import quiet_stderr
 
 # The settings writer writes into the run's own folder.
@@ -59,24 +56,6 @@ class Summaries:
             with self._writers["train"].as_default(step=step):
                 for tag, values in histograms.items():
                     tf.summary.histogram(tag, values)
-
-    def write_layer_scalars(self, model: keras.Model, step: int) -> float:
-        """Each layer's weight regularization term, kernel L2 norm and kernel sparsity (share of
-        |w| < `NEAR_ZERO`), by layer path, from the weights as they are at `step`; returns the
-        terms' sum."""
-        terms = {path: float(term) for path, term in layer_weight_terms(model).items()}
-        self.write_scalars("train", step, {
-            **{f"regularization/{path}": value for path, value in terms.items()},
-            **{f"weight_norm/{path}": float(tf.norm(layer.kernel)) for path, layer in weighted_layers(model)},
-            **{f"sparsity/{path}": near_zero_share(layer.kernel) for path, layer in weighted_layers(model)},
-        })
-        return sum(terms.values())
-
-    def write_weight_histograms(self, model: keras.Model, step: int) -> None:
-        """Every trainable weight of every layer, as `<weight>/<layer path>` (`kernel/conv1`)."""
-        self.write_histograms(step, {
-            f"{weight.name}/{path}": tf.convert_to_tensor(weight)
-            for path, layer in named_layers(model) for weight in layer.trainable_weights})
 
     def write_evaluation(self, writer: str, step: int, metrics: Mapping[str, float], counts: np.ndarray) -> None:
         """An evaluation of the `validation` or `test` split: its cross-entropy, accuracy and
