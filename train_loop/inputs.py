@@ -120,9 +120,10 @@ def host_tensor(array: np.ndarray, *, alignment: int = 64) -> tf.Tensor:
     changing its array later changes nothing in the run.
     """
     array = np.asarray(array)
+    dtype = array.dtype.newbyteorder("=")  # DLPack takes the machine's byte order only.
     buffer = np.empty(array.nbytes + alignment, np.uint8)
     start = -buffer.ctypes.data % alignment
-    private = buffer[start: start + array.nbytes].view(array.dtype).reshape(array.shape)
+    private = buffer[start: start + array.nbytes].view(dtype).reshape(array.shape)
     np.copyto(private, array)
     return tf.experimental.dlpack.from_dlpack(private.__dlpack__())
 
