@@ -58,7 +58,7 @@ def make_replica_gradients(
                 "accuracy": losses.correct_share(labels, logits, global_batch_size),
                 "non_finite_gradients": non_finite}, gradients
 
-    return tf.function(replica_gradients, jit_compile=True) if jit_compile else replica_gradients
+    return tf.function(replica_gradients, jit_compile=True, autograph=False) if jit_compile else replica_gradients
 
 
 def make_train_step(
@@ -194,13 +194,15 @@ def make_loop_call(
     train_step = make_train_step(strategy, model, state.optimizer, replica_gradients,
                                  loss_scale=state.loss_scale, global_clipnorm=global_clipnorm)
 
-    @tf.function
+    @tf.function(autograph=False)  # The loop is written out: see `_counted_loop`.
     def loop_call(iterator, num_steps: tf.Tensor, histograms: tf.Tensor) -> dict[str, tf.Tensor]:
-        sums, gradient = dict.fromkeys(SUMMED, tf.constant(0.0)), gradient_measurements(model)
-        for step in tf.range(num_steps):
+        def step_once(step: tf.Tensor, sums: dict[str, tf.Tensor], gradient: dict[str, tf.Tensor]) -> tuple:
             measured = train_step(next_batch(iterator), step == num_steps - 1, histograms)
-            sums = {name: sums[name] + measured[name] for name in SUMMED}
-            gradient = {name: measured[name] for name in gradient}
+            return ({name: sums[name] + measured[name] for name in SUMMED},
+                    {name: measured[name] for name in gradient})
+
+        sums, gradient = _counted_loop(num_steps, step_once,
+                                       (dict.fromkeys(SUMMED, tf.constant(0.0)), gradient_measurements(model)))
         return {**sums, **gradient}
 
     return loop_call
@@ -222,15 +224,29 @@ def make_eval_pass(
                                              num_classes=num_classes, weights=weights, dtype=tf.float32)
         return tf.stack([tf.reduce_sum(per_example * weights), tf.reduce_sum(weights)]), confusion
 
-    @tf.function
+    @tf.function(autograph=False)  # The loop is written out: see `_counted_loop`.
     def eval_pass(iterator, num_batches: tf.Tensor) -> dict[str, tf.Tensor]:
-        sums, confusion = tf.zeros([2]), tf.zeros([num_classes, num_classes])
-        for _ in tf.range(num_batches):
+        def batch_once(_: tf.Tensor, sums: tf.Tensor, confusion: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
             batch_sums, batch_confusion = strategy.run(replica_eval, args=next_batch(iterator))
-            sums += strategy.reduce(_SUM, batch_sums, axis=None)
-            confusion += strategy.reduce(_SUM, batch_confusion, axis=None)
+            return (sums + strategy.reduce(_SUM, batch_sums, axis=None),
+                    confusion + strategy.reduce(_SUM, batch_confusion, axis=None))
+
+        sums, confusion = _counted_loop(num_batches, batch_once, (tf.zeros([2]), tf.zeros([num_classes, num_classes])))
         # The correct predictions are the confusion matrix's diagonal.
         return {"cross_entropy": sums[0] / sums[1], "accuracy": tf.linalg.trace(confusion) / sums[1],
                 "confusion_matrix": tf.cast(confusion, tf.int64)}
 
     return eval_pass
+
+
+def _counted_loop(count: tf.Tensor, body: Callable[..., tuple], initial: tuple) -> tuple:
+    """`body(i, *values)` for i in 0..count-1, each call's values fed to the next: the loop
+    `for i in tf.range(count)` becomes under AutoGraph, written out.
+
+    The traced functions run without AutoGraph because converting their Python (every function
+    they call, 29 of them) took most of the first step's tracing; what they call branches with
+    `tf.cond` where it must, and Keras does not convert a model's code either way.
+    """
+    _, values = tf.while_loop(lambda i, _: i < count, lambda i, values: (i + 1, body(i, *values)),
+                               (tf.constant(0, count.dtype), initial))
+    return values
