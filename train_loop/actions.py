@@ -132,12 +132,11 @@ class TrainSummaries(Periodic):
             **{name: value for name, value in means.items() if name.startswith("gradient_norm")},
             **({"clipped_share": means["clipped"]} if self.config.global_clipnorm else {}),
             **({"loss_scale": float(state.loss_scale.scale.numpy())} if state.loss_scale else {}),
+            **state.layer_measurements(),
+            **({f"weight_decay/{path}": term
+                for path, term in optimizers.layer_decay_terms(state.model, self.config.weight_decay).items()}
+               if self.config.weight_decay else {}),
         })
-        self.summaries.write_scalars("train", at.step, state.layer_measurements())
-        if self.config.weight_decay:
-            self.summaries.write_scalars("train", at.step, {
-                f"weight_decay/{path}": term
-                for path, term in optimizers.layer_decay_terms(state.model, self.config.weight_decay).items()})
         self.console.progress(at.step, {name: means[name] for name in TRAIN_MEASUREMENTS})
 
 
