@@ -63,12 +63,12 @@ class PairedDifference:
 
     @property
     def mean(self) -> float:
-        return float(np.mean(self.differences))
+        return Spread(self.differences).mean
 
     @property
     def standard_error(self) -> float | None:
-        count = len(self.differences)
-        return float(np.std(self.differences, ddof=1) / math.sqrt(count)) if count > 1 else None
+        std = Spread(self.differences).std
+        return None if std is None else std / math.sqrt(len(self.differences))
 
     @property
     def beyond_spread(self) -> bool | None:
