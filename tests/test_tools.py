@@ -105,3 +105,15 @@ def test_the_training_tool_freezes_the_collector_after_a_user_error(tmp_path):
                                                  "--flag=value."]
     assert ended.stdout.strip() == "frozen at exit: True"
     assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.parametrize("name, bad_flag", [("train-loop-bench", "--rounds=0"), ("train-loop-bench", "--steps=5"),
+                                            ("train-loop", "--epochs=many"), ("train-loop-compare", "--nonsense=1")])
+def test_a_bad_flag_is_one_line_and_status_2_in_every_tool(tmp_path, name, bad_flag):
+    shown = run_script(tmp_path, name, bad_flag)
+
+    assert shown.returncode == 2, shown.stderr
+    lines = shown.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("train_loop: error: ")
+    assert bad_flag.split("=")[0].lstrip("-") in lines[0]
+    assert os.listdir(tmp_path) == [name]  # nothing written beside the script

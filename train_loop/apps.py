@@ -3,8 +3,9 @@ flags the tool takes, and `--version`, the same whether it runs as a console scr
 
 Flags live with the tool that reads them: `cli` holds the training flags (which `study` and
 `launch` pass on, and so list too), `study`, `launch` and `bench` their own. This module defines
-only `--version`, which every tool takes; it imports neither `cli` nor TensorFlow, so `bench`,
-whose flags share names with the training flags, can use it.
+only `--version`, which every tool takes, and how a user error ends every tool (`fail`: one line,
+exit 2), a bad flag's included; it imports neither `cli` nor TensorFlow, so `bench`, whose flags
+share names with the training flags, can use it.
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ import train_loop
 _VERSION = flags.DEFINE_bool("version", False, "Print the version of train_loop and its TensorFlow, and exit.")
 
 
-def run(main: Callable[[list[str]], None], *, usage: str, flag_modules: Sequence[str],
-        flags_parser: Callable[[list[str]], list[str]] | None = None) -> None:
+def run(main: Callable[[list[str]], None], *, usage: str, flag_modules: Sequence[str]) -> None:
     """Runs `main` as an absl app, printing `usage` and the flags of `flag_modules` for
     `--help`/`--helpshort`.
 
@@ -35,8 +35,26 @@ def run(main: Callable[[list[str]], None], *, usage: str, flag_modules: Sequence
     for module in (*flag_modules, __name__):
         for flag in by_module.get(module, []):
             flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
-    parse = flags_parser or app.parse_flags_with_usage
-    app.run(_frozen_on_return(main), flags_parser=lambda argv: _exit_on_version(parse(argv)))
+    app.run(_frozen_on_return(main), flags_parser=lambda argv: _exit_on_version(parse_flags(argv)))
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+    """absl's parsing, but a bad flag is one line and exit 2, like every other user error (absl's
+    own prints two lines and exits 1)."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.CantOpenFlagFileError as error:
+        cause = error.__context__  # absl keeps the OSError only in its message's text.
+        fail(f"--flagfile: cannot read {cause.filename} ({cause.strerror}); give the path of a file "
+             "of --flag=value lines." if isinstance(cause, OSError) else str(error))
+    except flags.Error as error:
+        fail(f"{error}. Run with --helpfull to see every flag.")
+
+
+def fail(message: str) -> None:
+    """One line on stderr, exit status 2: the convention for every user error."""
+    print(f"train_loop: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def _frozen_on_return(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:

@@ -133,18 +133,6 @@ flags.DEFINE_enum("cluster_resolver", _DEFAULTS.cluster_resolver, configs.CLUSTE
 FLAGS = flags.FLAGS
 
 
-def parse_flags(argv: Sequence[str]) -> list[str]:
-    """absl's parsing, but a bad flag is one line and exit 2, like every other user error."""
-    try:
-        return FLAGS(argv)
-    except flags.CantOpenFlagFileError as error:
-        cause = error.__context__  # absl keeps the OSError only in its message's text.
-        fail(f"--flagfile: cannot read {cause.filename} ({cause.strerror}); give the path of a file "
-             "of --flag=value lines." if isinstance(cause, OSError) else str(error))
-    except flags.Error as error:
-        fail(f"{error}. Run with --helpfull to see every flag.")
-
-
 def config_from_flags() -> configs.Config:
     """Every flag that `Config` has, by name: the two lists cannot drift apart."""
     return configs.Config(**{field: FLAGS[field].value for field in configs.Config.__dataclass_fields__})
@@ -158,11 +146,11 @@ def given_training_flags() -> list[str]:
 
 def config_from_args(args: Sequence[str]) -> configs.Config:
     """A `Config` from command-line flags given as a list (flagfiles included), as if they were
-    the only ones: every other flag is back at its default. Bad flags exit as `parse_flags` does.
+    the only ones: every other flag is back at its default. Bad flags exit as `apps.parse_flags` does.
     """
     FLAGS.unparse_flags()
     try:
-        parse_flags(["train_loop", *args])
+        apps.parse_flags(["train_loop", *args])
     finally:
         # Parsed or not, absl's app reads its own flags on the way out (an error exits from here).
         FLAGS.mark_as_parsed()
@@ -171,7 +159,7 @@ def config_from_args(args: Sequence[str]) -> configs.Config:
 
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
-        fail(f"unexpected arguments {' '.join(argv[1:])!r}: every setting is a --flag=value.")
+        apps.fail(f"unexpected arguments {' '.join(argv[1:])!r}: every setting is a --flag=value.")
 
     def train() -> None:
         config = config_from_flags()
@@ -193,7 +181,7 @@ def run_guarded(work: Callable[[], None]) -> None:
     try:
         work()
     except errors.UsageError as error:
-        fail(str(error))
+        apps.fail(str(error))
     except errors.RunStopped as stopped:
         print(f"train_loop: {'error: ' if stopped.is_error else ''}{stopped}", file=sys.stderr)
         sys.exit(stopped.exit_status)
@@ -201,12 +189,6 @@ def run_guarded(work: Callable[[], None]) -> None:
         print("train_loop: stopped by SIGINT outside the training loop; the same command resumes "
               "(or starts) the run.", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
-
-
-def fail(message: str) -> None:
-    """One line on stderr, exit status 2: the convention for every user error."""
-    print(f"train_loop: error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 USAGE = """Usage: train-loop [--flag=value ...]   (or: python -m train_loop [--flag=value ...])
@@ -222,4 +204,4 @@ def run() -> None:
     # Ctrl-C means KeyboardInterrupt (see `run_guarded`) even in a worker that the launcher
     # started with SIGINT ignored.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    apps.run(main, usage=USAGE, flag_modules=[__name__], flags_parser=parse_flags)
+    apps.run(main, usage=USAGE, flag_modules=[__name__])

@@ -9,7 +9,7 @@ from train_loop import apps, cli, startup
 
 def main(argv: Sequence[str]) -> None:
     if len(argv) != 2:
-        cli.fail("give one folder: python -m train_loop.compare <folder holding runs>.")
+        apps.fail("give one folder: python -m train_loop.compare <folder holding runs>.")
 
     def compare() -> None:
         startup.start_tensorflow()
@@ -28,7 +28,7 @@ Prints the study's comparison table for the finished runs in FOLDER, without tra
 
 def run() -> None:
     """The console script `train-loop-compare` and `python -m train_loop.compare`."""
-    apps.run(main, usage=USAGE, flag_modules=[], flags_parser=cli.parse_flags)
+    apps.run(main, usage=USAGE, flag_modules=[])
 
 
 if __name__ == "__main__":

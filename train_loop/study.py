@@ -59,7 +59,7 @@ _JOBS = flags.DEFINE_integer("jobs", 1, "Trainings at once, each a process of it
 
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
-        cli.fail(f"unexpected arguments {' '.join(argv[1:])!r}: every setting is a --flag=value.")
+        apps.fail(f"unexpected arguments {' '.join(argv[1:])!r}: every setting is a --flag=value.")
     # Training flags given to the study itself apply to every experiment, like --extra_flags.
     given = cli.given_training_flags()
     cli.run_guarded(lambda: study(
@@ -195,7 +195,7 @@ Example: train-loop-study --dataset=fashion_mnist --epochs=10 --seeds=0,1,2
 
 def run() -> None:
     """The console script `train-loop-study` and `python -m train_loop.study`."""
-    apps.run(main, usage=USAGE, flag_modules=[__name__, cli.__name__], flags_parser=cli.parse_flags)
+    apps.run(main, usage=USAGE, flag_modules=[__name__, cli.__name__])
 
 
 if __name__ == "__main__":
