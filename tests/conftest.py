@@ -20,7 +20,7 @@ os.environ["TRAIN_LOOP_CACHE"] = os.path.join(_CACHE_DIR, "speed.json")
 os.environ["TRAIN_LOOP_DATA_CACHE"] = _CACHE_DIR  # So are the decoded IDX sets.
 
 
-from train_loop import distribute  # noqa: E402
+from train_loop.training import distribute  # noqa: E402
 
 distribute.split_cpu(2)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,7 +12,8 @@ import keras
 import numpy as np
 from tensorboard.backend.event_processing import event_accumulator
 
-from train_loop import Config, models
+from train_loop import Config
+from train_loop.model import models
 
 
 def numpy_regularization(model: keras.Model, config: Config) -> float:

@@ -14,8 +14,14 @@ import pytest
 import tensorflow as tf
 from helpers import events
 
-from train_loop import Config, steps
-from train_loop.actions import (
+from train_loop import Config
+from train_loop.errors import DivergedError, Interrupted
+from train_loop.model import steps
+from train_loop.model.state import TRAIN_MEASUREMENTS, build_state
+from train_loop.outputs.checkpoints import make_manager
+from train_loop.outputs.metrics_file import MetricsFile
+from train_loop.outputs.summaries import Summaries, scalar_series
+from train_loop.training.actions import (
     Cadence,
     Checkpoint,
     CountTraining,
@@ -28,16 +34,11 @@ from train_loop.actions import (
     TrainSummaries,
     Validation,
 )
-from train_loop.checkpoints import make_manager
-from train_loop.console import Console
-from train_loop.controller import Controller, Interval
-from train_loop.errors import DivergedError, Interrupted
-from train_loop.evaluation import Evaluation
-from train_loop.metrics_file import MetricsFile
-from train_loop.preemption import SignalStop
-from train_loop.profiling import Stopwatch, Throughput
-from train_loop.state import TRAIN_MEASUREMENTS, build_state
-from train_loop.summaries import Summaries, scalar_series
+from train_loop.training.console import Console
+from train_loop.training.controller import Controller, Interval
+from train_loop.training.evaluation import Evaluation
+from train_loop.training.preemption import SignalStop
+from train_loop.training.timing import Stopwatch, Throughput
 
 STEPS_PER_EPOCH = 10
 

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from helpers import assert_one_line_error, snapshot
 
-from train_loop import runs
 from train_loop.configs import Config
 from train_loop.launch import free_ports
+from train_loop.outputs import runs
 
 DIGITS_TRAIN_EXAMPLES = 1437  # the bundled digits' fixed 80% training split
 FINISHED_RUN = "convnet-dataset=digits"  # the default run name of `--dataset=digits`

@@ -9,7 +9,7 @@ import types
 
 import pytest
 
-from train_loop.console import Console
+from train_loop.training.console import Console
 
 MEASURES = {"cross_entropy": 0.5, "regularization": 0.25, "total": 0.75, "accuracy": 0.875}
 

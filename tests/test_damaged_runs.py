@@ -24,8 +24,10 @@ from conftest import REPO
 from helpers import assert_one_line_error, snapshot
 from tensorboard.compat.proto import event_pb2
 
-from train_loop import Config, locks, runs, sources
-from train_loop.summaries import read_records
+from train_loop import Config
+from train_loop.data import sources
+from train_loop.outputs import locks, runs
+from train_loop.outputs.summaries import read_records
 
 # No validation split: 44 steps, so that the run goes on past its checkpoint at 40.
 FLAGS = ("--dataset=digits", "--validation_split=0", "--checkpoint_every=20", "--steps_per_loop=10", "--run_name=r")

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from train_loop import inputs, sources
 from train_loop.configs import Config
+from train_loop.data import inputs, sources
 from train_loop.errors import UsageError
 
 IMAGES_MAGIC, LABELS_MAGIC = 0x00000803, 0x00000801

@@ -24,10 +24,11 @@ import user_models  # noqa: F401  (registers its layer, so that its model.keras 
 from conftest import REPO
 from helpers import events
 
-from train_loop import Config, checkpoints, locks, runs, train
+from train_loop import Config, train
 from train_loop import launch as launch_module
-from train_loop.controller import check_finite
 from train_loop.errors import DivergedError, NoSpace
+from train_loop.outputs import checkpoints, locks, runs
+from train_loop.training.controller import check_finite
 
 pytestmark = pytest.mark.slow  # every test here trains a model
 

@@ -19,9 +19,13 @@ from conftest import REPO
 from helpers import events
 
 import train_loop
-from train_loop import Config, UsageError, distribute, models, report, sources, steps
-from train_loop.state import build_state
-from train_loop.summaries import scalar_series
+from train_loop import Config, UsageError
+from train_loop.data import sources
+from train_loop.model import models, steps
+from train_loop.model.state import build_state
+from train_loop.outputs.summaries import scalar_series
+from train_loop.study import report
+from train_loop.training import distribute
 
 USER_MODEL = "tests/user_models.py:build"
 USER_LAYERS = ("encoder/hidden", "logits")  # The user model's layers with weights, by path.

@@ -21,9 +21,12 @@ from conftest import REPO
 from helpers import assert_one_line_error
 from tensorboard.backend.event_processing import plugin_event_multiplexer
 
-from train_loop import Config, cli, locks, models, plans, report, study, train
+from train_loop import Config, cli, train
 from train_loop.errors import UsageError
-from train_loop.summaries import scalar_series
+from train_loop.model import models
+from train_loop.outputs import locks
+from train_loop.outputs.summaries import scalar_series
+from train_loop.study import plans, report, study
 
 # Every test that trains is marked slow; the bad inputs stop before TensorFlow starts.
 
@@ -205,7 +208,7 @@ def test_rerunning_reuses_every_run_and_changes_no_byte(seeded_study):
 
 
 # The study as a user without matplotlib runs it: `import matplotlib` fails (a None in sys.modules).
-WITHOUT_MATPLOTLIB = "import sys; sys.modules['matplotlib'] = None; from train_loop import study; study.run()"
+WITHOUT_MATPLOTLIB = "import sys; sys.modules['matplotlib'] = None; from train_loop.study import study; study.run()"
 
 
 @pytest.mark.slow

@@ -10,10 +10,13 @@ import user_models
 from helpers import numpy_regularization
 
 import train_loop
-from train_loop import Config, distribute, inputs, models, optimizers, sources, steps
-from train_loop.loop import train
-from train_loop.state import LossScale, build_state
-from train_loop.summaries import scalar_series
+from train_loop import Config
+from train_loop.data import inputs, sources
+from train_loop.model import models, optimizers, steps
+from train_loop.model.state import LossScale, build_state
+from train_loop.outputs.summaries import scalar_series
+from train_loop.training import distribute
+from train_loop.training.run import train
 
 # Every optimizer feature at once; short enough a decay and warm-up to show in a digits epoch.
 OPTIMIZER_FEATURES = dict(global_clipnorm=0.5, weight_decay=0.01, ema=0.9, lr_schedule="cosine",

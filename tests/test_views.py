@@ -13,9 +13,12 @@ import pytest
 import tensorflow as tf
 from helpers import events
 
-from train_loop import Config, models, sources, summaries, train
-from train_loop.state import build_state
-from train_loop.summaries import scalar_series
+from train_loop import Config, train
+from train_loop.data import sources
+from train_loop.model import models
+from train_loop.model.state import build_state
+from train_loop.outputs import summaries
+from train_loop.outputs.summaries import scalar_series
 
 pytestmark = pytest.mark.slow  # every test here trains a model
 

@@ -25,8 +25,9 @@ def train(config: Config | None = None, *, model_fn: Callable[[], Any] | str | N
     fingerprint of their bytes, so that a resumed run is checked against both.
     TensorFlow is imported on the first call, not on `import train_loop`.
     """
-    from train_loop import models, sources  # Deferred: importing TensorFlow takes seconds.
-    from train_loop.loop import train as train_config
+    from train_loop.data import sources
+    from train_loop.model import models  # Deferred: importing TensorFlow takes seconds.
+    from train_loop.training.run import train as train_config
 
     config = config if config is not None else Config(**settings)
     function = model_fn if callable(model_fn) else None

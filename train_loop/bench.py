@@ -61,7 +61,8 @@ def main(argv: list[str]) -> None:
     if _WORKER.value:
         print(json.dumps(_run_worker(_WORKER.value)))
         return
-    from train_loop import startup, tuning
+    from train_loop import startup
+    from train_loop.training import xla_choice
 
     startup.start_tensorflow()
     steps = 100 if _QUICK.value else _STEPS.value
@@ -69,9 +70,9 @@ def main(argv: list[str]) -> None:
     contenders = QUICK if _QUICK.value else list(CONTENDERS)
     with tempfile.TemporaryDirectory() as folder:
         # A cache of the bench's own: `auto` measures afresh, and the whole run below reuses it.
-        os.environ[tuning.CACHE_ENV] = os.path.join(folder, "speed.json")
+        os.environ[xla_choice.CACHE_ENV] = os.path.join(folder, "speed.json")
         dataset = _write_subset(folder, steps)
-        figures: dict[str, Any] = {"cpu": tuning.cpu_model(), "cpu_features": tuning.cpu_features(),
+        figures: dict[str, Any] = {"cpu": xla_choice.cpu_model(), "cpu_features": xla_choice.cpu_features(),
                                    "cores": os.cpu_count(), "dataset": dataset, "batch_size": _BATCH_SIZE.value,
                                    "precision": _PRECISION.value, "steps": steps}
         rounds = _ROUNDS.value or (1 if _QUICK.value else 3)
@@ -104,8 +105,8 @@ def _write_subset(folder: str, steps: int) -> str:
     """The first `steps + warm-up` batches of the data set as an npz, so every contender sees the same."""
     import numpy as np
 
-    from train_loop import sources
     from train_loop.configs import Config
+    from train_loop.data import sources
 
     try:
         splits = sources.load_splits(Config(dataset=_DATASET.value))
@@ -147,7 +148,7 @@ def _run_worker(worker: str) -> dict[str, Any]:
     elif worker == "train_loop_cached":
         speed = _cached_batch_speed(_config(folder))
     else:
-        from train_loop.loop import train
+        from train_loop.training.run import train
 
         settings = {"train_loop_1": {"steps_per_loop": 1}, "train_loop": {},
                     "train_loop_xla": {"jit_compile": True}, "train_loop_noxla": {"jit_compile": False},
@@ -176,7 +177,8 @@ def _keras_fit_speed(config, jit_compile: bool | str) -> tuple[float, bool]:
     machine with no accelerator)."""
     import keras
 
-    from train_loop import models, optimizers, sources
+    from train_loop.data import sources
+    from train_loop.model import models, optimizers
 
     splits = sources.load_splits(config)
     model = models.build_model(config, splits.x_train.shape[1:])
@@ -194,12 +196,13 @@ def _cached_batch_speed(config) -> float:
     pipeline taken away."""
     import tensorflow as tf
 
-    from train_loop import distribute, sources, tuning
+    from train_loop.data import sources
+    from train_loop.training import distribute, xla_choice
 
     splits = sources.load_splits(config)
     strategy = distribute.make_strategy(config)  # The run's, so `auto` finds its cached choice.
-    decision = tuning.decide_jit_compile(config, strategy, splits, None)
-    loop = tuning.cached_batch_loop_call(config, strategy, splits, jit_compile=decision.jit_compile)
+    decision = xla_choice.decide_jit_compile(config, strategy, splits, None)
+    loop = xla_choice.cached_batch_loop_call(config, strategy, splits, jit_compile=decision.jit_compile)
     num_steps = len(splits.x_train) // config.batch_size - 20
     loop(tf.constant(20))
     started = time.perf_counter()
@@ -225,7 +228,8 @@ _KERAS_SCRIPT = """
 import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 import keras
-from train_loop import models, sources
+from train_loop.model import models
+from train_loop.data import sources
 from train_loop.configs import Config
 config = Config(dataset="fashion_mnist", l2=0.001)
 splits = sources.load_splits(config)
@@ -288,11 +292,11 @@ def _matmul_peak(dtype, sizes: tuple[int, ...], repeats: int = 8) -> float:
 
 def _has_bfloat16_matmul(tf) -> bool:
     """True where bfloat16 matmuls run natively: a GPU or TPU, or a CPU with AMX or AVX-512 bf16."""
-    from train_loop import tuning
+    from train_loop.training import xla_choice
 
     if tf.config.list_physical_devices("GPU"):
         return True
-    return bool({"amx_bf16", "avx512_bf16"} & set(tuning.cpu_features()))
+    return bool({"amx_bf16", "avx512_bf16"} & set(xla_choice.cpu_features()))
 
 
 def _print_table(figures: dict[str, Any]) -> None:

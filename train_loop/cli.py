@@ -161,14 +161,14 @@ def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         apps.fail(f"unexpected arguments {' '.join(argv[1:])!r}: every setting is a --flag=value.")
 
-    def train() -> None:
+    def train_from_flags() -> None:
         config = config_from_flags()
         startup.start_tensorflow(config.cpu_replicas, config.strategy)
-        from train_loop import loop  # Deferred: --help should not wait for TensorFlow.
+        from train_loop.training.run import train  # Deferred: --help should not wait for TensorFlow.
 
-        loop.train(config)
+        train(config)
 
-    run_guarded(train)
+    run_guarded(train_from_flags)
 
 
 def run_guarded(work: Callable[[], None]) -> None:

@@ -13,7 +13,7 @@ def main(argv: Sequence[str]) -> None:
 
     def compare() -> None:
         startup.start_tensorflow()
-        from train_loop import report
+        from train_loop.study import report
 
         print(report.table(report.finished_runs(argv[1])).markdown(), end="")
 

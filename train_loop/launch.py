@@ -22,7 +22,8 @@ from collections.abc import Sequence
 
 from absl import flags
 
-from train_loop import apps, cli, jobs
+from train_loop import apps, cli
+from train_loop.study import jobs
 
 _WORKERS = flags.DEFINE_integer("workers", 2, "Local worker processes to start.", lower_bound=1)
 _STOP_SECONDS = 30  # After a failure or a signal: how long workers get before they are killed.

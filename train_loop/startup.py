@@ -38,7 +38,7 @@ def start_tensorflow(cpu_replicas: int = 0, strategy: str = "one_device") -> Non
     with contextlib.nullcontext() if verbose else _filtered_stderr(_NOISE):
         import tensorflow as tf
 
-        from train_loop.distribute import resolve_strategy_name, split_cpu
+        from train_loop.training.distribute import resolve_strategy_name, split_cpu
 
         tf.config.list_physical_devices()
         if cpu_replicas:

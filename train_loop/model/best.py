@@ -10,7 +10,7 @@ import keras
 import tensorflow as tf
 
 from train_loop.configs import BEST_METRICS, Config
-from train_loop.optimizers import swapped_weights
+from train_loop.model.optimizers import swapped_weights
 
 
 class BestModel:

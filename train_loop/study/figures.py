@@ -14,11 +14,12 @@ matplotlib.use("Agg")  # Files only: a study runs on machines without a display.
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from train_loop import conclusions, summaries  # noqa: E402
-from train_loop.conclusions import Numbers  # noqa: E402
-from train_loop.models import NEAR_ZERO  # noqa: E402
-from train_loop.plans import Plan  # noqa: E402
-from train_loop.report import COLUMNS  # noqa: E402
+from train_loop.model.models import NEAR_ZERO  # noqa: E402
+from train_loop.outputs import summaries
+from train_loop.study import conclusions  # noqa: E402
+from train_loop.study.conclusions import Numbers  # noqa: E402
+from train_loop.study.plans import Plan  # noqa: E402
+from train_loop.study.report import COLUMNS  # noqa: E402
 
 _DPI = 80  # Small files: the figures are read beside a table, not printed.
 

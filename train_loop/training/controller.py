@@ -13,17 +13,18 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
-from train_loop import actions, steps
-from train_loop.actions import Action, Cadence, Moment
 from train_loop.configs import Config
-from train_loop.console import Console
 from train_loop.errors import DivergedError
-from train_loop.evaluation import Evaluation
-from train_loop.metrics_file import MetricsFile
-from train_loop.preemption import SignalStop
-from train_loop.profiling import Stopwatch, Throughput
-from train_loop.state import Counters, TrainState
-from train_loop.summaries import Summaries
+from train_loop.model import steps
+from train_loop.model.state import Counters, TrainState
+from train_loop.outputs.metrics_file import MetricsFile
+from train_loop.outputs.summaries import Summaries
+from train_loop.training import actions
+from train_loop.training.actions import Action, Cadence, Moment
+from train_loop.training.console import Console
+from train_loop.training.evaluation import Evaluation
+from train_loop.training.preemption import SignalStop
+from train_loop.training.timing import Stopwatch, Throughput
 
 
 def check_finite(measured: dict[str, float], step: int, num_steps: int) -> None:

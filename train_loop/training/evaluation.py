@@ -11,8 +11,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from train_loop import inputs, steps
-from train_loop.profiling import Stopwatch
+from train_loop.data import inputs
+from train_loop.model import steps
+from train_loop.training.timing import Stopwatch
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,9 +11,9 @@ import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from train_loop import locks
 from train_loop.configs import Config
 from train_loop.errors import NoSpace, UsageError
+from train_loop.outputs import locks
 
 RESULT_FILE = "result.json"
 SETTINGS_FILE = "settings.json"

@@ -7,8 +7,8 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import tensorflow as tf
 
+from train_loop.data.sources import Splits
 from train_loop.errors import UsageError
-from train_loop.sources import Splits
 
 # Batches each pipeline prepares ahead of the step: one gather each, far quicker than a step.
 _PREFETCH = 2

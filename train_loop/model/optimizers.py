@@ -10,7 +10,7 @@ import keras
 import tensorflow as tf
 
 from train_loop.configs import Config
-from train_loop.models import named_layers
+from train_loop.model.models import named_layers
 
 _OPTIMIZERS = {
     "rmsprop": keras.optimizers.RMSprop,

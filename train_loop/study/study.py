@@ -23,13 +23,15 @@ from typing import TYPE_CHECKING
 
 from absl import flags
 
-from train_loop import apps, cli, plans, runs, startup
+from train_loop import apps, cli, startup
 from train_loop.configs import Config
 from train_loop.errors import UsageError
-from train_loop.jobs import train_all
+from train_loop.outputs import runs
+from train_loop.study import plans
+from train_loop.study.jobs import train_all
 
 if TYPE_CHECKING:
-    from train_loop import conclusions
+    from train_loop.study import conclusions
 
 TABLE_FILE = "study.md"
 
@@ -82,7 +84,8 @@ def study(experiments: Sequence[str], extra_flags: Sequence[str], *, logdir: str
                           seeds=seeds, sweep=sweep)
     first = next(iter(configs.values()))
     startup.start_tensorflow(first.cpu_replicas, first.strategy)
-    from train_loop import report, summaries
+    from train_loop.outputs import summaries
+    from train_loop.study import report
 
     logging.getLogger("tensorflow").addFilter(_ExpectedRetracing())
     pending = [run for run in plan.runs if not _reused(os.path.join(plan.folder, run.run_name))]
@@ -137,20 +140,20 @@ def _reused(run_dir: str) -> bool:
 
 
 def _train_here(configs: Sequence[Config]) -> None:
-    from train_loop import loop
+    from train_loop.training.run import train
 
     for config in configs:
         print(f"{config.run_name}: training", flush=True)
-        loop.train(config)
+        train(config)
 
 
 def _write_findings(plan: plans.Plan, numbers: conclusions.Numbers) -> None:
     """`study.md` and the figures beside it; without matplotlib, the tables and one line saying so."""
-    from train_loop import conclusions  # Deferred with TensorFlow, which it needs: --help should not wait.
-    from train_loop.console import warn
+    from train_loop.study import conclusions  # Deferred with TensorFlow, which it needs: --help should not wait.
+    from train_loop.training.console import warn
 
     try:
-        from train_loop import figures
+        from train_loop.study import figures
     except ImportError as missing:
         if missing.name != "matplotlib":
             raise
@@ -197,6 +200,3 @@ def run() -> None:
     """The console script `train-loop-study` and `python -m train_loop.study`."""
     apps.run(main, usage=USAGE, flag_modules=[__name__, cli.__name__])
 
-
-if __name__ == "__main__":
-    run()

@@ -13,9 +13,9 @@ from collections.abc import Callable
 import keras
 import tensorflow as tf
 
-from train_loop import losses
-from train_loop.models import weighted_layers
-from train_loop.state import TRAIN_MEASUREMENTS, LossScale, TrainState
+from train_loop.model import losses
+from train_loop.model.models import weighted_layers
+from train_loop.model.state import TRAIN_MEASUREMENTS, LossScale, TrainState
 
 # Summed over a loop call's steps: the logged means, the steps whose summed gradient was clipped,
 # and the replica-steps whose gradient was not finite (the divergence check; a non-finite gradient

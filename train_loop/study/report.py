@@ -8,11 +8,12 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from train_loop import checkpoints, runs, sources
 from train_loop.configs import Config
+from train_loop.data import sources
 from train_loop.errors import UsageError
-from train_loop.models import NEAR_ZERO, near_zero_share, weighted_layers
-from train_loop.state import build_state
+from train_loop.model.models import NEAR_ZERO, near_zero_share, weighted_layers
+from train_loop.model.state import build_state
+from train_loop.outputs import checkpoints, runs
 
 # (heading, how to format it) for every column after the run's name.
 COLUMNS = {

@@ -18,8 +18,8 @@ from tensorboard.plugins.hparams import api as hparams_api
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 from tensorboard.plugins.scalar import summary_v2 as scalar_summary
 
-from train_loop.console import warn
 from train_loop.startup import quiet_stderr
+from train_loop.training.console import warn
 
 # The settings writer writes into the run's own folder.
 WRITERS = ("train", "validation", "test", "settings")

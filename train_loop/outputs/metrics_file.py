@@ -9,9 +9,9 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from train_loop import runs
-from train_loop.console import warn
 from train_loop.errors import NoSpace
+from train_loop.outputs import runs
+from train_loop.training.console import warn
 
 METRICS_FILE = "metrics.jsonl"
 

@@ -16,15 +16,17 @@ from collections.abc import Callable
 import numpy as np
 import tensorflow as tf
 
-from train_loop import checkpoints, optimizers, profiling
 from train_loop.configs import Config
-from train_loop.console import Console
-from train_loop.evaluation import Evaluation
-from train_loop.metrics_file import MetricsFile, epoch_record
-from train_loop.preemption import SignalStop
-from train_loop.profiling import Stopwatch, Throughput
-from train_loop.state import TRAIN_MEASUREMENTS, TrainState
-from train_loop.summaries import Summaries
+from train_loop.model import optimizers
+from train_loop.model.state import TRAIN_MEASUREMENTS, TrainState
+from train_loop.outputs import checkpoints
+from train_loop.outputs.metrics_file import MetricsFile, epoch_record
+from train_loop.outputs.summaries import Summaries
+from train_loop.training import timing
+from train_loop.training.console import Console
+from train_loop.training.evaluation import Evaluation
+from train_loop.training.preemption import SignalStop
+from train_loop.training.timing import Stopwatch, Throughput
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,7 +276,7 @@ class Profiling(Action):
     running: bool = False
 
     def __post_init__(self) -> None:
-        if importlib.util.find_spec(profiling.PLUGIN) is None:
+        if importlib.util.find_spec(timing.PLUGIN) is None:
             # The trace is written either way (it can be viewed elsewhere); say what shows it.
             print("train_loop: note: --profile_steps writes a trace; TensorBoard shows it with the "
                   "profile plugin: pip install 'train_loop[profile]'.", file=sys.stderr)

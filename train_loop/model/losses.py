@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from train_loop.models import named_layers
+from train_loop.model.models import named_layers
 
 
 def cross_entropy(labels: tf.Tensor, logits: tf.Tensor, global_batch_size: int) -> tf.Tensor:

@@ -22,9 +22,10 @@ from collections.abc import Iterator
 
 import tensorflow as tf
 
-from train_loop import locks, runs, startup
-from train_loop.console import warn
+from train_loop import startup
 from train_loop.errors import NoSpace, UsageError
+from train_loop.outputs import locks, runs
+from train_loop.training.console import warn
 
 MAX_TO_KEEP = 3
 INDEX_FILE = "checkpoint"

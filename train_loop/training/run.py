@@ -11,16 +11,19 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from train_loop import checkpoints, distribute, exports, inputs, metrics_file, runs, sources, steps, tuning
 from train_loop.configs import MODELS, Config
-from train_loop.console import Console
-from train_loop.controller import Wiring, make_controller
-from train_loop.evaluation import make_evaluator
-from train_loop.models import ModelFunction, load_model_function
-from train_loop.preemption import SignalStop
-from train_loop.profiling import Stopwatch, phases
-from train_loop.state import TrainState, build_state
-from train_loop.summaries import Summaries, drop_events_after, write_logdir_experiment
+from train_loop.data import inputs, sources
+from train_loop.model import steps
+from train_loop.model.models import ModelFunction, load_model_function
+from train_loop.model.state import TrainState, build_state
+from train_loop.outputs import checkpoints, exports, metrics_file, runs
+from train_loop.outputs.summaries import Summaries, drop_events_after, write_logdir_experiment
+from train_loop.training import distribute, xla_choice
+from train_loop.training.console import Console
+from train_loop.training.controller import Wiring, make_controller
+from train_loop.training.evaluation import make_evaluator
+from train_loop.training.preemption import SignalStop
+from train_loop.training.timing import Stopwatch, phases
 
 
 def train(config: Config, *, model_fn: ModelFunction | None = None,
@@ -73,7 +76,7 @@ def _train(config: Config, splits: sources.Splits, *, steps_per_epoch: int, stra
     _say_start(console, config, splits, strategy, run_dir, state.counters.step if resumed else None)
     # After the run's model is built: the throwaway models timed here must not shift its layers' names.
     with stopwatch.phase("decide_xla"):
-        decision = tuning.decide_jit_compile(config, strategy, splits, runs.read_settings(run_dir),
+        decision = xla_choice.decide_jit_compile(config, strategy, splits, runs.read_settings(run_dir),
                                              model_fn=model_fn)
     console.say(decision.describe())
     summaries = _open_run(config, run_dir if chief else None, state, strategy,
@@ -144,7 +147,7 @@ def _say_start(console: Console, config: Config, splits: sources.Splits, strateg
 
 
 def _open_run(config: Config, run_dir: str | None, state: TrainState, strategy: tf.distribute.Strategy,
-              restored_step: int, *, decision: tuning.Decision) -> Summaries:
+              restored_step: int, *, decision: xla_choice.Decision) -> Summaries:
     """The run folder and its writers; a fresh start logs the settings and the initial weights.
 
     Events logged after the restored checkpoint (by the process that was killed) are dropped

@@ -11,11 +11,11 @@ import dataclasses
 import keras
 import tensorflow as tf
 
-from train_loop import optimizers
-from train_loop.best import BestModel
 from train_loop.configs import Config
-from train_loop.losses import layer_weight_terms
-from train_loop.models import ModelFunction, build_model, named_layers, near_zero_share, weighted_layers
+from train_loop.model import optimizers
+from train_loop.model.best import BestModel
+from train_loop.model.losses import layer_weight_terms
+from train_loop.model.models import ModelFunction, build_model, named_layers, near_zero_share, weighted_layers
 
 # What the step measures of the loss, whose means the summaries, the epochs and result.json report.
 TRAIN_MEASUREMENTS = ("cross_entropy", "regularization", "total", "accuracy")

@@ -8,9 +8,9 @@ import socket
 
 import tensorflow as tf
 
-from train_loop import peers
 from train_loop.configs import Config
 from train_loop.errors import UsageError
+from train_loop.training import peers
 
 _CONNECT_SECONDS = 10
 

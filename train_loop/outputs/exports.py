@@ -10,12 +10,13 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from train_loop import checkpoints, distribute, runs
 from train_loop.configs import Config
-from train_loop.evaluation import Evaluation
-from train_loop.models import plain_keras
-from train_loop.profiling import Throughput
-from train_loop.state import TrainState
+from train_loop.model.models import plain_keras
+from train_loop.model.state import TrainState
+from train_loop.outputs import checkpoints, runs
+from train_loop.training import distribute
+from train_loop.training.evaluation import Evaluation
+from train_loop.training.timing import Throughput
 
 
 def save_model(model: keras.Model, folder: str) -> None:

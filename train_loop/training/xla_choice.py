@@ -23,10 +23,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from train_loop import inputs, sources, steps
 from train_loop.configs import Config
-from train_loop.models import ModelFunction
-from train_loop.state import build_state
+from train_loop.data import inputs, sources
+from train_loop.model import steps
+from train_loop.model.models import ModelFunction
+from train_loop.model.state import build_state
 
 CACHE_ENV = "TRAIN_LOOP_CACHE"  # A file path, or "off" to measure every time.
 # CPU features that change which kernels run fast (oneDNN's ISA, bfloat16 units).

@@ -11,9 +11,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from train_loop.models import NEAR_ZERO
-from train_loop.plans import Plan
-from train_loop.report import COLUMNS, RunNumbers
+from train_loop.model.models import NEAR_ZERO
+from train_loop.study.plans import Plan
+from train_loop.study.report import COLUMNS, RunNumbers
 
 # One experiment's runs by seed (None: the one seed --seed gave), as `report.read_run` reads them;
 # and every experiment's.

@@ -1,0 +1,7 @@
+"""The data layer: finding, reading and checking the data sets (NumPy, in `sources`), and the
+`tf.data` pipelines that feed the replicas (`inputs`).
+
+Rules: it imports nothing from `model`, `outputs`, `training` or `study`, and no TensorFlow
+outside `inputs`, so that a bad data set is refused before TensorFlow starts. The bundled
+digits (`digits.npz`) live here too.
+"""

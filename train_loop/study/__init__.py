@@ -1,0 +1,6 @@
+"""The regularization study: its plans, its jobs, each run's numbers, the conclusions and the
+figures; `python -m train_loop.study` runs it.
+
+Rules: it runs trainings (through `training.run.train` or `python -m train_loop` processes),
+never a step, so it does not import `model.steps`.
+"""
