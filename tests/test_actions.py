@@ -16,8 +16,8 @@ from helpers import events
 
 from train_loop import Config
 from train_loop.errors import DivergedError, Interrupted
-from train_loop.model import steps
-from train_loop.model.state import TRAIN_MEASUREMENTS, build_state
+from train_loop.model import measurements
+from train_loop.model.state import build_state
 from train_loop.outputs.checkpoints import make_manager
 from train_loop.outputs.metrics_file import MetricsFile
 from train_loop.outputs.summaries import Summaries, scalar_series
@@ -84,7 +84,7 @@ class Calls:
     def __call__(self, num_steps: int, histograms: bool) -> dict[str, tf.Tensor]:
         self.sizes.append(num_steps)
         self.histograms.append(histograms)
-        return {**{name: tf.constant(self.value * num_steps) for name in steps.SUMMED},
+        return {**{name: tf.constant(self.value * num_steps) for name in measurements.PER_EPOCH},
                 "non_finite_gradients": tf.constant(0.0), "gradient_norm": tf.constant(1.0),
                 "gradient/dense": tf.fill([2, 3], float(num_steps) if histograms else 0.0)}
 
@@ -155,7 +155,7 @@ def state():
 def test_train_summaries_write_the_intervals_means_and_each_layers_terms(tmp_path, state, capsys):
     config, train_state = state
     summaries, interval = Summaries(str(tmp_path)), Interval()
-    interval.add({"cross_entropy": 4.0, "regularization": 2.0, "total": 6.0, "accuracy": 1.0, "clipped": 0.0,
+    interval.add({"cross_entropy": 4.0, "regularization": 2.0, "total": 6.0, "accuracy": 1.0,
                   "non_finite_gradients": 0.0, "gradient_norm": 3.0, "gradient_norm/dense": 2.0},
                  4, examples=128, seconds=2.0)
     stopwatch = Stopwatch()
@@ -230,20 +230,20 @@ def test_epoch_end_counts_the_epoch_and_starts_new_sums_but_the_last_keeps_them(
     action = EpochEnd(Cadence(0, STEPS_PER_EPOCH), config=config, state=train_state, console=console,
                       metrics_file=MetricsFile(str(tmp_path)), throughput=throughput, validation=validation)
     action.before_call(0)
-    counters.advance(dict.fromkeys(TRAIN_MEASUREMENTS, 5.0), 10)
+    counters.advance(dict.fromkeys(measurements.PER_EPOCH, 5.0), 10)
     action.run(moment(10))
-    assert int(counters.epoch) == 1 and counters.epoch_means() == dict.fromkeys(TRAIN_MEASUREMENTS, 0.0)
+    assert int(counters.epoch) == 1 and counters.epoch_means() == dict.fromkeys(measurements.PER_EPOCH, 0.0)
     assert capsys.readouterr().out.splitlines() == [
         "Epoch 1/2", "epoch 1/2: train cross_entropy 0.5000 regularization 0.5000 total 0.5000 accuracy 0.5000 | "
         "validation cross_entropy 0.5000 accuracy 0.5000 | 160 examples/s"]
     action.before_call(10)
-    counters.advance(dict.fromkeys(TRAIN_MEASUREMENTS, 2.0), 10)
+    counters.advance(dict.fromkeys(measurements.PER_EPOCH, 2.0), 10)
     validation.run(moment(20, last=True))
     action.run(moment(20, last=True))
-    assert int(counters.epoch) == 2 and counters.epoch_means() == dict.fromkeys(TRAIN_MEASUREMENTS, 0.2)
+    assert int(counters.epoch) == 2 and counters.epoch_means() == dict.fromkeys(measurements.PER_EPOCH, 0.2)
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [line.pop("wall_time") > 0 for line in lines] == [True, True]
-    train = {f"train/{name}": 0.5 for name in TRAIN_MEASUREMENTS}
+    train = {f"train/{name}": 0.5 for name in measurements.PER_EPOCH}
     common = {"learning_rate": config.learning_rate, "examples_per_second": 160.0}
     assert lines == [{"step": 10, "epoch": 1, **train, **common},
                      {"step": 20, "epoch": 2, **{key: 0.2 for key in train},

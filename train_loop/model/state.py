@@ -15,10 +15,12 @@ from train_loop.configs import Config
 from train_loop.model import optimizers
 from train_loop.model.best import BestModel
 from train_loop.model.losses import layer_weight_terms
+from train_loop.model.measurements import PER_EPOCH
 from train_loop.model.models import ModelFunction, build_model, named_layers, near_zero_share, weighted_layers
 
-# What the step measures of the loss, whose means the summaries, the epochs and result.json report.
-TRAIN_MEASUREMENTS = ("cross_entropy", "regularization", "total", "accuracy")
+# The epoch sums' order in the one vector that checkpoints written before the measurements had
+# names kept them in (with the step count last); such checkpoints still restore.
+_POSITIONAL_SUMS = ("cross_entropy", "regularization", "total", "accuracy")
 
 
 class LossScale(tf.Module):
@@ -42,32 +44,54 @@ class LossScale(tf.Module):
 
 
 class Counters:
-    """The controller's counters, kept in variables so that checkpoints carry them.
-
-    `epoch_sums` holds the current epoch's summed measurements and its step count, so a run
-    resumed mid-epoch, or after its last checkpoint, still reports the whole epoch's means.
-    """
+    """The controller's counters, kept in variables so that checkpoints carry them: the step, the
+    epoch, and the current epoch's sum of each `PER_EPOCH` measurement (one variable a name) with
+    its step count, so a run resumed mid-epoch, or after its last checkpoint, still reports the
+    whole epoch's means."""
 
     def __init__(self) -> None:
         self._step = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self.epoch_sums = tf.Variable(tf.zeros([len(TRAIN_MEASUREMENTS) + 1], tf.float64),
-                                      trainable=False)
+        self._epoch_steps = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self._epoch_sums = {name: tf.Variable(0.0, dtype=tf.float64, trainable=False) for name in PER_EPOCH}
+        self._positional = tf.Variable(tf.zeros([len(_POSITIONAL_SUMS) + 1], tf.float64), trainable=False)
 
     @property
     def step(self) -> int:
         return int(self._step)
 
-    def trackables(self) -> dict[str, tf.Variable]:
-        return {"step": self._step, "epoch": self.epoch, "epoch_sums": self.epoch_sums}
+    def trackables(self) -> dict[str, object]:
+        return {"step": self._step, "epoch": self.epoch, "epoch_steps": self._epoch_steps,
+                "epoch_sum": dict(self._epoch_sums)}
+
+    def positional_trackables(self) -> dict[str, object]:
+        """The names of a checkpoint written before the sums had names; `take_positional` then
+        moves what it restored into the named sums."""
+        return {"step": self._step, "epoch": self.epoch, "epoch_sums": self._positional}
+
+    def take_positional(self) -> None:
+        *totals, count = self._positional.numpy().tolist()
+        if count:
+            for name, total in zip(_POSITIONAL_SUMS, totals):
+                self._epoch_sums[name].assign(total)
+            self._epoch_steps.assign(int(count))
+            self._positional.assign(tf.zeros_like(self._positional))
 
     def advance(self, sums: dict[str, float], num_steps: int) -> None:
         self._step.assign_add(num_steps)
-        self.epoch_sums.assign_add([*(sums[name] for name in TRAIN_MEASUREMENTS), num_steps])
+        self._epoch_steps.assign_add(num_steps)
+        for name, variable in self._epoch_sums.items():
+            variable.assign_add(sums[name])
 
     def epoch_means(self) -> dict[str, float]:
-        *totals, count = self.epoch_sums.numpy().tolist()
-        return {name: total / max(count, 1) for name, total in zip(TRAIN_MEASUREMENTS, totals)}
+        count = max(int(self._epoch_steps), 1)
+        return {name: float(variable) / count for name, variable in self._epoch_sums.items()}
+
+    def start_epoch(self) -> None:
+        """Zeroes the epoch's sums, for the next epoch."""
+        self._epoch_steps.assign(0)
+        for variable in self._epoch_sums.values():
+            variable.assign(0.0)
 
 
 @dataclasses.dataclass
@@ -106,15 +130,24 @@ class TrainState:
                 for path, layer in named_layers(self.model) for weight in layer.trainable_weights}
 
     def trackables(self) -> dict[str, object]:
-        """The checkpoint's objects by name. The dropout layers' seed states are among them, so a
-        resumed run draws the masks an uninterrupted one would."""
-        return {
-            "model": self.model, "optimizer": self.optimizer,
-            "rng": [variable.value for variable in self.model.non_trainable_variables],
-            **self.counters.trackables(),
-            **({"loss_scale": self.loss_scale} if self.loss_scale else {}),
-            **(self.best.trackables() if self.best else {}),
-        }
+        """The checkpoint's objects by name. "non_trainable" holds every non-trainable variable
+        (BatchNorm's statistics, the dropout layers' seed states): a resumed run then draws the
+        masks an uninterrupted one would."""
+        return {"model": self.model, "optimizer": self.optimizer, "non_trainable": self._non_trainable(),
+                **self.counters.trackables(), **self._optional_trackables()}
+
+    def positional_trackables(self) -> dict[str, object]:
+        """The names of a checkpoint written before the measurements had names, which called the
+        non-trainable variables "rng" and kept the epoch's sums in one vector (see `Counters`)."""
+        return {"model": self.model, "optimizer": self.optimizer, "rng": self._non_trainable(),
+                **self.counters.positional_trackables(), **self._optional_trackables()}
+
+    def _non_trainable(self) -> list[tf.Variable]:
+        return [variable.value for variable in self.model.non_trainable_variables]
+
+    def _optional_trackables(self) -> dict[str, object]:
+        return {**({"loss_scale": self.loss_scale} if self.loss_scale else {}),
+                **(self.best.trackables() if self.best else {})}
 
 
 def build_state(config: Config, strategy: tf.distribute.Strategy, input_shape: tuple[int, ...], *,

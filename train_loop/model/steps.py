@@ -14,13 +14,10 @@ import keras
 import tensorflow as tf
 
 from train_loop.model import losses
+from train_loop.model.measurements import SUMMED
 from train_loop.model.models import weighted_layers
-from train_loop.model.state import TRAIN_MEASUREMENTS, LossScale, TrainState
+from train_loop.model.state import LossScale, TrainState
 
-# Summed over a loop call's steps: the logged means, the steps whose summed gradient was clipped,
-# and the replica-steps whose gradient was not finite (the divergence check; a non-finite gradient
-# mid-call would otherwise only show one step later).
-SUMMED = (*TRAIN_MEASUREMENTS, "clipped", "non_finite_gradients")
 _SUM = tf.distribute.ReduceOp.SUM
 
 
@@ -36,8 +33,8 @@ def make_replica_gradients(
     IteratorGetNext) and no cross-replica synchronization (the optimizer's lives outside it).
 
     Returns:
-      A function of (images, labels) giving the named `TRAIN_MEASUREMENTS` and
-      "non_finite_gradients", and the (unscaled) gradients of the total with respect to
+      A function of (images, labels) giving the loss's measurements by name (see
+      `measurements`) and "non_finite_gradients", and the (unscaled) gradients of the total with respect to
       `model.trainable_variables`.
     """
     variables = model.trainable_variables
@@ -184,25 +181,27 @@ def make_loop_call(
     """`loop_call(iterator, num_steps, histograms)`: `num_steps` updates of `state` in one traced call.
 
     `next_batch(iterator)` gives every replica its batch (see `inputs.ReplicaInput`). Returns the
-    `SUMMED` measurements summed over the steps, and the gradient's (`gradient_measurements`) at
-    the last step, its kernels' only when `histograms` is true (else zeros); pass `num_steps` and
-    `histograms` as tensors so that every call reuses one trace.
+    `measurements.SUMMED` ones ("clipped" only with `global_clipnorm`) summed over the steps, and
+    the gradient's (`gradient_measurements`) at the last step, its kernels' only when
+    `histograms` is true (else zeros); pass `num_steps` and `histograms` as tensors so that every
+    call reuses one trace.
     """
     model = state.model
     replica_gradients = make_replica_gradients(model, global_batch_size, loss_scale=state.loss_scale,
                                                jit_compile=jit_compile)
     train_step = make_train_step(strategy, model, state.optimizer, replica_gradients,
                                  loss_scale=state.loss_scale, global_clipnorm=global_clipnorm)
+    summed = [name for name in SUMMED if name != "clipped" or global_clipnorm]
 
     @tf.function(autograph=False)  # The loop is written out: see `_counted_loop`.
     def loop_call(iterator, num_steps: tf.Tensor, histograms: tf.Tensor) -> dict[str, tf.Tensor]:
         def step_once(step: tf.Tensor, sums: dict[str, tf.Tensor], gradient: dict[str, tf.Tensor]) -> tuple:
             measured = train_step(next_batch(iterator), step == num_steps - 1, histograms)
-            return ({name: sums[name] + measured[name] for name in SUMMED},
+            return ({name: sums[name] + measured[name] for name in summed},
                     {name: measured[name] for name in gradient})
 
         sums, gradient = _counted_loop(num_steps, step_once,
-                                       (dict.fromkeys(SUMMED, tf.constant(0.0)), gradient_measurements(model)))
+                                       (dict.fromkeys(summed, tf.constant(0.0)), gradient_measurements(model)))
         return {**sums, **gradient}
 
     return loop_call

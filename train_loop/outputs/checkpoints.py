@@ -35,6 +35,8 @@ _TEMPORARY = re.compile(r"ckpt-\d+_temp")  # What a save writes before renaming 
 # errors, Python's when a file is cut short, and the checks that every variable found its value.
 _RESTORE_ERRORS = (tf.errors.OpError, ValueError, AssertionError, IndexError)
 _REASON_CHARACTERS = 200  # A mismatch lists every unmatched variable; the start says enough.
+# The epoch's sums as one vector: how a checkpoint written before the measurements had names is told.
+_POSITIONAL_KEY = "epoch_sums/.ATTRIBUTES/VARIABLE_VALUE"
 
 
 def directory(run_dir: str) -> str:
@@ -72,8 +74,12 @@ def make_manager(checkpoint: tf.train.Checkpoint, checkpoint_dir: str) -> tf.tra
     return tf.train.CheckpointManager(checkpoint, checkpoint_dir, max_to_keep=MAX_TO_KEEP)
 
 
-def restore_latest(checkpoint: tf.train.Checkpoint, checkpoint_dir: str, *, repair: bool) -> bool:
+def restore_latest(checkpoint: tf.train.Checkpoint, checkpoint_dir: str, *, repair: bool,
+                   positional: tf.train.Checkpoint | None = None) -> bool:
     """Restores the newest checkpoint in `checkpoint_dir` that restores; says whether there was one.
+
+    A checkpoint written before the measurements had names is restored into `positional`, the
+    same objects under the names it used (`TrainState.positional_trackables`).
 
     `checkpoint_dir` is the run's: a worker that saves its copies elsewhere restores the chief's.
     When the index file was unreadable or the newest checkpoint damaged, one line says which
@@ -90,7 +96,7 @@ def restore_latest(checkpoint: tf.train.Checkpoint, checkpoint_dir: str, *, repa
         return False
     failures = []
     for prefix in saved:
-        failure = _restore(checkpoint, prefix)
+        failure = _restore(checkpoint, prefix, positional=positional)
         if failure:
             failures.append(f"{os.path.basename(prefix)}: {failure}")
             continue
@@ -104,11 +110,14 @@ def restore_latest(checkpoint: tf.train.Checkpoint, checkpoint_dir: str, *, repa
     raise _none_restores(checkpoint_dir, "; ".join(failures))
 
 
-def _restore(checkpoint: tf.train.Checkpoint, prefix: str) -> str:
-    """Restores `prefix` into `checkpoint`; returns why it failed, or "" when it did not."""
+def _restore(checkpoint: tf.train.Checkpoint, prefix: str, *, positional: tf.train.Checkpoint | None) -> str:
+    """Restores `prefix` into `checkpoint` (or `positional`, if it was written with those names);
+    returns why it failed, or "" when it did not."""
     try:
         # A damaged file makes TensorFlow's kernels log it too; the reason goes in our line instead.
         with startup.quiet_stderr():
+            if positional is not None and _POSITIONAL_KEY in dict(tf.train.list_variables(prefix)):
+                checkpoint = positional
             checkpoint.restore(prefix).assert_existing_objects_matched()
     except _RESTORE_ERRORS as error:
         # The failed attempt's values stay pending on the model and optimizer, which list them

@@ -17,8 +17,8 @@ import numpy as np
 import tensorflow as tf
 
 from train_loop.configs import Config
-from train_loop.model import optimizers
-from train_loop.model.state import TRAIN_MEASUREMENTS, TrainState
+from train_loop.model import measurements, optimizers
+from train_loop.model.state import TrainState
 from train_loop.outputs import checkpoints
 from train_loop.outputs.metrics_file import MetricsFile, epoch_record
 from train_loop.outputs.summaries import Summaries
@@ -124,22 +124,16 @@ class TrainSummaries(Periodic):
     def _write(self, at: Moment) -> None:
         means, state = self.means(), self.state
         self.summaries.write_scalars("train", at.step, {
-            "loss/cross_entropy": means["cross_entropy"],
-            "loss/regularization": means["regularization"],
-            "loss/total": means["total"],
+            **measurements.tagged(means),
             "regularization_ratio": means["regularization"] / means["cross_entropy"],
-            "accuracy": means["accuracy"],
             "learning_rate": optimizers.applied_learning_rate(self.config, state.optimizer),
-            "examples_per_second": means["examples_per_second"],
-            **{name: value for name, value in means.items() if name.startswith("gradient_norm")},
-            **({"clipped_share": means["clipped"]} if self.config.global_clipnorm else {}),
             **({"loss_scale": float(state.loss_scale.scale.numpy())} if state.loss_scale else {}),
             **state.layer_measurements(),
             **({f"weight_decay/{path}": term
                 for path, term in optimizers.layer_decay_terms(state.model, self.config.weight_decay).items()}
                if self.config.weight_decay else {}),
         })
-        self.console.progress(at.step, {name: means[name] for name in TRAIN_MEASUREMENTS})
+        self.console.progress(at.step, {name: means[name] for name in measurements.PER_EPOCH})
 
 
 @dataclasses.dataclass
@@ -227,7 +221,7 @@ class EpochEnd(Periodic):
             learning_rate=optimizers.applied_learning_rate(self.config, self.state.optimizer),
             examples_per_second=examples_per_second, wall_time=time.time()))
         if not at.last:
-            counters.epoch_sums.assign(tf.zeros_like(counters.epoch_sums))
+            counters.start_epoch()
 
 
 @dataclasses.dataclass

@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from train_loop.configs import Config
 from train_loop.errors import DivergedError
-from train_loop.model import steps
+from train_loop.model import measurements
 from train_loop.model.state import Counters, TrainState
 from train_loop.outputs.metrics_file import MetricsFile
 from train_loop.outputs.summaries import Summaries
@@ -31,7 +31,7 @@ def check_finite(measured: dict[str, float], step: int, num_steps: int) -> None:
     """Raises DivergedError if a loss component or the gradient of the last loop call is not finite."""
     if measured.get("non_finite_gradients", 0.0) > 0:
         measured = {**measured, "gradient_norm": math.inf}  # A step before the last, whose norm was not taken.
-    for name in ("cross_entropy", "regularization", "gradient_norm"):
+    for name in measurements.CHECKED_FINITE:
         if not math.isfinite(measured[name]):
             raise DivergedError(
                 f"training diverged: {name} became {measured[name]} between steps {step + 1} and "
@@ -51,7 +51,7 @@ class Interval:
 
     def add(self, measured: dict[str, float], num_steps: int, *, examples: int, seconds: float) -> None:
         for name, value in measured.items():
-            if name in steps.SUMMED:
+            if name in measurements.SUMMED:
                 self._sums[name] = self._sums.get(name, 0.0) + value
             else:
                 self._latest[name] = value

@@ -69,7 +69,9 @@ def _train(config: Config, splits: sources.Splits, *, steps_per_epoch: int, stra
     state = build_state(config, strategy, splits.x_train.shape[1:], num_classes=splits.num_classes,
                         model_fn=model_fn)
     checkpoint = tf.train.Checkpoint(**state.trackables())
-    resumed = checkpoints.restore_latest(checkpoint, checkpoints.directory(run_dir), repair=chief)
+    resumed = checkpoints.restore_latest(checkpoint, checkpoints.directory(run_dir), repair=chief,
+                                         positional=tf.train.Checkpoint(**state.positional_trackables()))
+    state.counters.take_positional()
     manager = checkpoints.make_manager(checkpoint, save_dir)
     # Under launch every worker trains; the chief alone shows the progress, once.
     console = Console(steps_per_epoch=steps_per_epoch, num_epochs=config.epochs, show_progress=chief)
