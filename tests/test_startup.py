@@ -34,7 +34,8 @@ def test_lines_written_before_a_crash_still_come_through():
     crashed = run_python(f"""
         import os, signal
         from train_loop import startup
-        with startup._filtered_stderr(startup._NOISE):
+        from train_loop.outputs.stderr import filtered_stderr
+        with filtered_stderr(startup._NOISE):
             os.write(2, b"{NOISE}\\n{WARNING}\\n")
             os.kill(os.getpid(), signal.SIGKILL)
         """)

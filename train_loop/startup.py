@@ -6,12 +6,11 @@ import contextlib
 import logging
 import os
 import re
-import subprocess
-import sys
-from collections.abc import Iterator
 
 from absl import flags
 from absl import logging as absl_logging
+
+from train_loop.outputs.stderr import filtered_stderr
 
 # What TensorFlow prints at every start: INFO lines (its logging prints them before it reads
 # TF_CPP_MIN_LOG_LEVEL), and the CUDA probe's complaint on machines without a GPU driver.
@@ -35,7 +34,7 @@ def start_tensorflow(cpu_replicas: int = 0, strategy: str = "one_device") -> Non
     verbose = os.environ.get(VERBOSE_ENV, "") not in ("", "0")
     if not verbose:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-    with contextlib.nullcontext() if verbose else _filtered_stderr(_NOISE):
+    with contextlib.nullcontext() if verbose else filtered_stderr(_NOISE):
         import tensorflow as tf
 
         from train_loop.training.distribute import resolve_strategy_name, split_cpu
@@ -52,40 +51,3 @@ def start_tensorflow(cpu_replicas: int = 0, strategy: str = "one_device") -> Non
     level = verbosity.value if verbosity.present else absl_logging.WARNING
     absl_logging.set_verbosity(level)
     logging.getLogger("tensorflow").setLevel(absl_logging.converter.absl_to_standard(level))
-
-
-# The filter runs in a process of its own, so that it still passes on what was written when an
-# import dies of a signal (an illegal instruction, a failed CHECK): no Python is left to do it then.
-_FILTER = """
-import re, signal, sys
-signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; this drains the pipe.
-noise = re.compile(sys.argv[1])
-for line in sys.stdin:
-    if line.strip() and not noise.search(line):
-        sys.stderr.write(line)
-        sys.stderr.flush()
-"""
-
-
-def quiet_stderr() -> contextlib.AbstractContextManager[None]:
-    """Drops what TensorFlow's C++ side logs within: for an attempt whose failure is reported
-    otherwise. Python's own lines (one of ours, a traceback) still come through."""
-    return _filtered_stderr(re.compile(r"^([IWE]\d{4} |\t)"))  # A log line, or its continuation.
-
-
-@contextlib.contextmanager
-def _filtered_stderr(noise: re.Pattern) -> Iterator[None]:
-    """Sends file descriptor 2 (C++ writes there directly) through a filter that drops `noise`."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    filter_process = subprocess.Popen([sys.executable, "-c", _FILTER, noise.pattern], stdin=subprocess.PIPE,
-                                      stdout=subprocess.DEVNULL, stderr=saved, text=True)
-    os.dup2(filter_process.stdin.fileno(), 2)
-    try:
-        yield
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
-        filter_process.stdin.close()  # The filter reads to the end, then exits.
-        filter_process.wait()

@@ -22,10 +22,9 @@ from collections.abc import Iterator
 
 import tensorflow as tf
 
-from train_loop import startup
 from train_loop.errors import NoSpace, UsageError
 from train_loop.outputs import locks, runs
-from train_loop.training.console import warn
+from train_loop.outputs.stderr import quiet_stderr, warn
 
 MAX_TO_KEEP = 3
 INDEX_FILE = "checkpoint"
@@ -115,7 +114,7 @@ def _restore(checkpoint: tf.train.Checkpoint, prefix: str, *, positional: tf.tra
     returns why it failed, or "" when it did not."""
     try:
         # A damaged file makes TensorFlow's kernels log it too; the reason goes in our line instead.
-        with startup.quiet_stderr():
+        with quiet_stderr():
             if positional is not None and _POSITIONAL_KEY in dict(tf.train.list_variables(prefix)):
                 checkpoint = positional
             checkpoint.restore(prefix).assert_existing_objects_matched()
@@ -176,7 +175,7 @@ def save(manager: tf.train.CheckpointManager, step: int) -> str:
         return latest
     # A failed write is logged by TensorFlow's kernels too; the one line comes from `_no_space`.
     with no_space_left(manager.directory, temporary=os.path.join(manager.directory, f"ckpt-{step}_temp")), \
-            startup.quiet_stderr():
+            quiet_stderr():
         return manager.save(checkpoint_number=step)
 
 

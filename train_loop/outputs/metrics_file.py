@@ -11,7 +11,7 @@ from typing import Any
 
 from train_loop.errors import NoSpace
 from train_loop.outputs import runs
-from train_loop.training.console import warn
+from train_loop.outputs.stderr import warn
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -46,15 +46,15 @@ def epoch_record(*, step: int, epoch: int, train: Mapping[str, float], validatio
             "learning_rate": learning_rate, "examples_per_second": examples_per_second, "wall_time": wall_time}
 
 
-def drop_lines_after(run_dir: str, step: int) -> None:
+def drop_lines_after(run_dir: str, step: int | None) -> None:
     """Cuts `<run>/metrics.jsonl` back to the epochs up to `step`, as `summaries.drop_events_after`
-    does the event files: the resumed run writes the later epochs again. `step` < 0 (a restart
+    does the event files: the resumed run writes the later epochs again. `step` None (a restart
     with no checkpoint) removes the file. A line cut short by a kill, or damaged, is dropped, said
     in one line."""
     path = os.path.join(run_dir, METRICS_FILE)
     if not os.path.exists(path):
         return
-    if step < 0:
+    if step is None:
         os.remove(path)
         return
     with open(path, "rb") as stream:

@@ -18,8 +18,7 @@ from tensorboard.plugins.hparams import api as hparams_api
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 from tensorboard.plugins.scalar import summary_v2 as scalar_summary
 
-from train_loop.startup import quiet_stderr
-from train_loop.training.console import warn
+from train_loop.outputs.stderr import quiet_stderr, warn
 
 # The settings writer writes into the run's own folder.
 WRITERS = ("train", "validation", "test", "settings")
@@ -152,20 +151,20 @@ def scalar_series(run_dir: str, writer: str, tag: str) -> dict[int, float]:
     return {event.step: float(tf.make_ndarray(event.tensor_proto)) for event in accumulator.Tensors(tag)}
 
 
-def drop_events_after(run_dir: str, step: int) -> None:
+def drop_events_after(run_dir: str, step: int | None) -> None:
     """Removes from the run's event files everything logged after `step`.
 
     A run resumed from its checkpoint at `step` logs the steps after it again; without this,
     TensorBoard would show those steps twice (from the killed process and from the resumed one).
-    `step` < 0 (a restart with no checkpoint) removes the event files altogether. A record cut
+    `step` None (a restart with no checkpoint) removes the event files altogether. A record cut
     short by a kill is dropped too, and so is a damaged one (said in one line), while the intact
     records after it are kept. So are all test events: the test split is scored once, at the end
     of a run, which then writes `result.json`; a run that resumes did not get that far.
     """
     for name in WRITERS:
-        last = -1 if name == "test" else step
+        last = None if name == "test" else step
         for path in glob.glob(os.path.join(_writer_dir(run_dir, name), "events.out.tfevents.*")):
-            if last < 0:
+            if last is None:
                 os.remove(path)
                 continue
             records, damaged = read_records(path)

@@ -149,8 +149,8 @@ def _train_here(configs: Sequence[Config]) -> None:
 
 def _write_findings(plan: plans.Plan, numbers: conclusions.Numbers) -> None:
     """`study.md` and the figures beside it; without matplotlib, the tables and one line saying so."""
+    from train_loop.outputs.stderr import warn
     from train_loop.study import conclusions  # Deferred with TensorFlow, which it needs: --help should not wait.
-    from train_loop.training.console import warn
 
     try:
         from train_loop.study import figures

@@ -81,6 +81,9 @@ class Action:
         """Whether the loop call ending at `step` must measure the gradient's histograms."""
         return False
 
+    def begin(self) -> None:
+        """Called once before the first loop call of a run that starts at step 0."""
+
     def before_call(self, step: int) -> None:
         """Called before the loop call that starts at `step`."""
 
@@ -117,6 +120,12 @@ class TrainSummaries(Periodic):
     means: Callable[[], dict[str, float]]  # The means since the last summary (`controller.Interval`).
     stopwatch: Stopwatch  # Timed as "summaries" (within training time), so the bench shows what logging costs.
 
+    def begin(self) -> None:
+        """Step 0: each layer's measurements of the initial weights, the regularizers' starting point."""
+        layers = self.state.layer_measurements()
+        initial_term = sum(value for tag, value in layers.items() if tag.startswith("regularization/"))
+        self.summaries.write_scalars("train", 0, {**layers, "loss/regularization": initial_term})
+
     def run(self, at: Moment) -> None:
         with self.stopwatch.phase("summaries"):
             self._write(at)
@@ -147,6 +156,9 @@ class Histograms(Periodic):
 
     def wants_histograms(self, step: int) -> bool:
         return self.cadence.due_at(step)
+
+    def begin(self) -> None:
+        self.summaries.write_histograms(0, self.state.weight_values())
 
     def run(self, at: Moment) -> None:
         with self.stopwatch.phase("summaries"):
@@ -230,6 +242,9 @@ class Flush(Action):
     resumed from it keeps every event up to its step."""
 
     summaries: Summaries
+
+    def begin(self) -> None:
+        self.summaries.flush()
 
     def run(self, at: Moment) -> None:
         self.summaries.flush()

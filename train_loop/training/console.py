@@ -10,6 +10,8 @@ from collections.abc import Mapping
 
 import keras
 
+from train_loop.data.sources import Splits
+
 
 class Console:
     """An `Epoch i/N` header, progress within the epoch, then one line per epoch with both loss
@@ -31,6 +33,17 @@ class Console:
 
     def say(self, line: str) -> None:
         print(line, flush=True)
+
+    def say_start(self, run_dir: str, splits: Splits, devices: str, *, restored_step: int | None,
+                  ema: float) -> None:
+        """What the run starts from: its folder, its data and its `devices`; every worker says it."""
+        self.say(f"resuming {run_dir} from step {restored_step}" if restored_step is not None
+                 else f"training {run_dir} on {splits.source}")
+        held_out = 0 if splits.x_validation is None else len(splits.x_validation)
+        self.say(f"{len(splits.x_train):,} training, {held_out:,} validation and {len(splits.x_test):,} test "
+                 f"examples; {devices}")
+        if ema:
+            self.say(f"evaluation and model.keras use the weights' moving average (--ema={ema:g})")
 
     def begin_epoch(self, step: int) -> None:
         """`Epoch i/N` before the epoch that `step` starts or, resumed mid-epoch, continues; once
@@ -83,11 +96,6 @@ def dynamic_display() -> bool:
     Keras' Progbar decides, less its `"posix" in sys.modules`, true on every Linux and Mac, which
     would fill a log file with the bar's control characters."""
     return sys.stdout.isatty() or "ipykernel" in sys.modules
-
-
-def warn(message: str) -> None:
-    """One line on stderr about something repaired or skipped on the way, training goes on."""
-    print(f"train_loop: warning: {message}", file=sys.stderr, flush=True)
 
 
 def _format(measurements: Mapping[str, float]) -> str:

@@ -17,12 +17,10 @@ from train_loop.configs import Config
 from train_loop.errors import DivergedError
 from train_loop.model import measurements
 from train_loop.model.state import Counters, TrainState
-from train_loop.outputs.metrics_file import MetricsFile
-from train_loop.outputs.summaries import Summaries
+from train_loop.outputs.run_outputs import RunOutputs
 from train_loop.training import actions
 from train_loop.training.actions import Action, Cadence, Moment
 from train_loop.training.console import Console
-from train_loop.training.evaluation import Evaluation
 from train_loop.training.preemption import SignalStop
 from train_loop.training.timing import Stopwatch, Throughput
 
@@ -87,6 +85,9 @@ class Controller:
     calls: int = dataclasses.field(default=0, init=False)  # Loop calls made by this process.
 
     def run(self) -> None:
+        if self.counters.step == 0:
+            for action in self.actions:
+                action.begin()
         try:
             while self.counters.step < self.total_steps and not self.stopping():
                 self._run_due_actions(*self._train())
@@ -130,56 +131,38 @@ class Controller:
                 action.run(at)
 
 
-@dataclasses.dataclass(kw_only=True)
-class Wiring:
-    """What the run's actions act on."""
-
-    state: TrainState
-    summaries: Summaries
-    metrics_file: MetricsFile
-    console: Console
-    manager: tf.train.CheckpointManager
-    signals: SignalStop
-    stopwatch: Stopwatch
-    profile_dir: str | None  # None: no trace (a worker that is not the chief).
-    validate: Callable[[], Evaluation] | None  # None: no validation split.
-    save_best: Callable[[], None]
-
-
 def make_controller(config: Config, loop_call: Callable[[int, bool], dict[str, tf.Tensor]], *, steps_per_epoch: int,
-                    wiring: Wiring) -> tuple[Controller, actions.Validation | None]:
-    """The run's controller and its actions, in the order they run after a loop call; and the
-    validation action, which holds the latest validation.
+                    state: TrainState, outputs: RunOutputs, validation: actions.Validation | None,
+                    console: Console, manager: tf.train.CheckpointManager, signals: SignalStop,
+                    stopwatch: Stopwatch) -> Controller:
+    """The run's controller with its actions, in the order they run after a loop call.
 
     The order keeps a resumed run exact: events are flushed before the checkpoint, and the
     checkpoint comes before a signal's stop. Training time counts the summaries, not the rest.
     """
-    state, summaries, console = wiring.state, wiring.summaries, wiring.console
-    controller = Controller(loop_call=loop_call, counters=state.counters, steps_per_epoch=steps_per_epoch,
-                            total_steps=steps_per_epoch * config.epochs, steps_per_loop=config.steps_per_loop,
-                            batch_size=config.batch_size, actions=(),
-                            stopping=lambda: state.best is not None and state.best.stop)
+    interval, throughput, summaries = Interval(), Throughput(), outputs.summaries
 
     def cadence(every: int, **also: bool) -> Cadence:
         return Cadence(every, steps_per_epoch, **also)
 
-    validation = wiring.validate and actions.Validation(
-        cadence(config.eval_every, at_last=True), state=state, validate=wiring.validate, summaries=summaries,
-        console=console, save_best=wiring.save_best)
-    profiled = config.profile_range if wiring.profile_dir else None
-    controller.actions = [
-        *([actions.Profiling(profiled, os.path.join(wiring.profile_dir, "train"))] if profiled else []),
-        actions.TrainSummaries(cadence(config.summary_every, at_epoch_end=True), config=config, state=state,
-                               summaries=summaries, console=console, means=controller.interval.pop_means,
-                               stopwatch=wiring.stopwatch),
-        actions.Histograms(cadence(config.histogram_every), state=state, summaries=summaries,
-                           stopwatch=wiring.stopwatch),
-        actions.CountTraining(controller.throughput, config.batch_size),
-        *([validation] if validation else []),
-        actions.EpochEnd(cadence(0), config=config, state=state, console=console,
-                         metrics_file=wiring.metrics_file, throughput=controller.throughput, validation=validation),
-        actions.Flush(summaries),
-        actions.Checkpoint(cadence(config.checkpoint_every, at_last=True), wiring.manager, wiring.stopwatch),
-        actions.Signals(wiring.signals, wiring.manager),
-    ]
-    return controller, validation
+    profiled = config.profile_range if outputs.profile_dir else None
+    return Controller(
+        loop_call=loop_call, counters=state.counters, steps_per_epoch=steps_per_epoch,
+        total_steps=steps_per_epoch * config.epochs, steps_per_loop=config.steps_per_loop,
+        batch_size=config.batch_size, interval=interval, throughput=throughput,
+        stopping=lambda: state.best is not None and state.best.stop,
+        actions=[
+            *([actions.Profiling(profiled, os.path.join(outputs.profile_dir, "train"))] if profiled else []),
+            actions.TrainSummaries(cadence(config.summary_every, at_epoch_end=True), config=config, state=state,
+                                   summaries=summaries, console=console, means=interval.pop_means,
+                                   stopwatch=stopwatch),
+            actions.Histograms(cadence(config.histogram_every), state=state, summaries=summaries,
+                               stopwatch=stopwatch),
+            actions.CountTraining(throughput, config.batch_size),
+            *([validation] if validation else []),
+            actions.EpochEnd(cadence(0), config=config, state=state, console=console,
+                             metrics_file=outputs.metrics_file, throughput=throughput, validation=validation),
+            actions.Flush(summaries),
+            actions.Checkpoint(cadence(config.checkpoint_every, at_last=True), manager, stopwatch),
+            actions.Signals(signals, manager),
+        ])
