@@ -19,8 +19,9 @@ from train_loop.errors import DivergedError, Interrupted
 from train_loop.model import measurements
 from train_loop.model.state import build_state
 from train_loop.outputs.checkpoints import make_manager
+from train_loop.outputs.events import scalar_series
 from train_loop.outputs.metrics_file import MetricsFile
-from train_loop.outputs.summaries import Summaries, scalar_series
+from train_loop.outputs.summaries import Summaries
 from train_loop.training.actions import (
     Cadence,
     Checkpoint,

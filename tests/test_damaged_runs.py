@@ -27,7 +27,7 @@ from tensorboard.compat.proto import event_pb2
 from train_loop import Config
 from train_loop.data import sources
 from train_loop.outputs import locks, runs
-from train_loop.outputs.summaries import read_records
+from train_loop.outputs.events import read_records
 
 # No validation split: 44 steps, so that the run goes on past its checkpoint at 40.
 FLAGS = ("--dataset=digits", "--validation_split=0", "--checkpoint_every=20", "--steps_per_loop=10", "--run_name=r")

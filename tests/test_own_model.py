@@ -23,7 +23,7 @@ from train_loop import Config, UsageError
 from train_loop.data import sources
 from train_loop.model import models, steps
 from train_loop.model.state import build_state
-from train_loop.outputs.summaries import scalar_series
+from train_loop.outputs.events import scalar_series
 from train_loop.study import report
 from train_loop.training import distribute
 

@@ -17,7 +17,7 @@ from helpers import kill_at_first_checkpoint, numpy_regularization
 from train_loop import Config
 from train_loop.data import sources
 from train_loop.model import models
-from train_loop.outputs.summaries import scalar_series
+from train_loop.outputs.events import scalar_series
 
 pytestmark = pytest.mark.slow  # every test here trains a model
 

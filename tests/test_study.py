@@ -25,7 +25,7 @@ from train_loop import Config, cli, train
 from train_loop.errors import UsageError
 from train_loop.model import models
 from train_loop.outputs import locks
-from train_loop.outputs.summaries import scalar_series
+from train_loop.outputs.events import scalar_series
 from train_loop.study import plans, report, study
 
 # Every test that trains is marked slow; the bad inputs stop before TensorFlow starts.

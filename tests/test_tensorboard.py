@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from train_loop.outputs.summaries import COMPARED_METRICS
+from train_loop.outputs.experiment import COMPARED_METRICS
 
 pytestmark = pytest.mark.slow  # every test here trains a model
 

@@ -14,7 +14,7 @@ from train_loop import Config
 from train_loop.data import inputs, sources
 from train_loop.model import measurements, models, optimizers, steps
 from train_loop.model.state import LossScale, build_state
-from train_loop.outputs.summaries import scalar_series
+from train_loop.outputs.events import scalar_series
 from train_loop.training import distribute
 from train_loop.training.run import train
 

@@ -18,7 +18,7 @@ from train_loop.data import sources
 from train_loop.model import models
 from train_loop.model.state import build_state
 from train_loop.outputs import summaries
-from train_loop.outputs.summaries import scalar_series
+from train_loop.outputs.events import scalar_series
 
 pytestmark = pytest.mark.slow  # every test here trains a model
 

@@ -47,7 +47,7 @@ def epoch_record(*, step: int, epoch: int, train: Mapping[str, float], validatio
 
 
 def drop_lines_after(run_dir: str, step: int | None) -> None:
-    """Cuts `<run>/metrics.jsonl` back to the epochs up to `step`, as `summaries.drop_events_after`
+    """Cuts `<run>/metrics.jsonl` back to the epochs up to `step`, as `events.drop_events_after`
     does the event files: the resumed run writes the later epochs again. `step` None (a restart
     with no checkpoint) removes the file. A line cut short by a kill, or damaged, is dropped, said
     in one line."""

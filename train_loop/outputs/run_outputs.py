@@ -17,8 +17,10 @@ import keras
 from train_loop.configs import Config
 from train_loop.data import sources
 from train_loop.outputs import exports, metrics_file, runs
+from train_loop.outputs.events import drop_events_after
+from train_loop.outputs.experiment import write_logdir_experiment
 from train_loop.outputs.metrics_file import MetricsFile
-from train_loop.outputs.summaries import Summaries, drop_events_after, write_logdir_experiment
+from train_loop.outputs.summaries import Summaries
 
 
 @dataclasses.dataclass(frozen=True)

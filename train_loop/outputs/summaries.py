@@ -1,24 +1,20 @@
-"""TensorBoard: scalars, histograms, the HParams summary and the settings as text."""
+"""TensorBoard's writers for a run: scalars, histograms, evaluations with their confusion matrix,
+the HParams summary and the settings as text. (Reading the files back and cutting them back on
+resume is `events`; the logdir's HParams experiment is `experiment`.)"""
 
 from __future__ import annotations
 
-import contextlib
-import glob
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
-from google.protobuf.message import DecodeError
-from tensorboard.backend.event_processing import event_accumulator
-from tensorboard.compat.proto import event_pb2, summary_pb2
-from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+from tensorboard.compat.proto import summary_pb2
 from tensorboard.plugins.hparams import api as hparams_api
-from tensorboard.plugins.hparams import metadata as hparams_metadata
 from tensorboard.plugins.scalar import summary_v2 as scalar_summary
 
-from train_loop.outputs.stderr import quiet_stderr, warn
+from train_loop.outputs.stderr import quiet_stderr
 
 # The settings writer writes into the run's own folder.
 WRITERS = ("train", "validation", "test", "settings")
@@ -40,7 +36,7 @@ class Summaries:
             # kernel logs the same failure: the caller reports it in one line.
             with quiet_stderr():
                 for name in WRITERS:
-                    self._writers[name] = tf.summary.create_file_writer(_writer_dir(run_dir, name))
+                    self._writers[name] = tf.summary.create_file_writer(writer_dir(run_dir, name))
 
     def write_scalars(self, writer: str, step: int, scalars: Mapping[str, float]) -> None:
         """All of `scalars` in one record, each value as `tf.summary.scalar` writes it: one eager
@@ -93,140 +89,7 @@ class Summaries:
             writer.close()
 
 
-# What the HParams table compares after the settings that differ: the runs' final metrics.
-COMPARED_METRICS = (("validation", "accuracy"), ("validation", "loss/cross_entropy"),
-                    ("test", "accuracy"), ("test", "loss/cross_entropy"), ("train", "loss/cross_entropy"),
-                    ("train", "loss/regularization"), ("train", "accuracy"))
-
-
-_EXPERIMENT_SUFFIX = ".experiment"
-
-
-def write_logdir_experiment(run_dir: str) -> None:
-    """The HParams experiment of the runs in `run_dir`'s logdir (a study's folder too): the
-    settings that differ between them, then their final metrics. Without it TensorBoard lists
-    every setting, most of them the same in every run, before any metric.
-
-    TensorBoard takes the experiment from whichever run holds one, so the logdir keeps one: in
-    the newest run (in the logdir itself it would show as a run named `.`), removed from the
-    others. A single run has nothing to compare: TensorBoard then lists its settings.
-    """
-    logdir = os.path.dirname(os.path.abspath(run_dir))
-    sessions = [hparams for hparams in map(_session_hparams, glob.glob(os.path.join(logdir, "*"))) if hparams]
-    for path in glob.glob(os.path.join(logdir, "*", f"events.out.tfevents.*{_EXPERIMENT_SUFFIX}")):
-        with contextlib.suppress(FileNotFoundError):  # Another run of the logdir, starting now, removed it.
-            os.remove(path)
-    if len(sessions) < 2:
-        return
-    differ = sorted(name for name in set().union(*sessions) if len({hparams.get(name) for hparams in sessions}) > 1)
-    writer = tf.summary.create_file_writer(run_dir, filename_suffix=_EXPERIMENT_SUFFIX)
-    with writer.as_default(step=0):
-        hparams_api.hparams_config(
-            hparams=[hparams_api.HParam(name) for name in differ],
-            metrics=[hparams_api.Metric(tag, group=group, display_name=f"{group} {tag}")
-                     for group, tag in COMPARED_METRICS])
-    writer.close()
-
-
-def _session_hparams(run_dir: str) -> dict[str, bytes]:
-    """The settings a run logged for HParams (`write_settings`), each value serialized so that
-    they compare; empty for a folder that holds no run."""
-    for path in glob.glob(os.path.join(run_dir, "events.out.tfevents.*")):
-        for record in read_records(path)[0]:
-            for value in event_pb2.Event.FromString(record).summary.value:
-                if value.tag == hparams_metadata.SESSION_START_INFO_TAG:
-                    info = hparams_metadata.parse_session_start_info_plugin_data(value.metadata.plugin_data.content)
-                    return {name: setting.SerializeToString(deterministic=True)
-                            for name, setting in info.hparams.items()}
-    return {}
-
-
-def scalar_series(run_dir: str, writer: str, tag: str) -> dict[int, float]:
-    """A scalar as `write_scalars` logged it, by step, read back by TensorBoard's own loader (so
-    what a figure draws is what TensorBoard shows); empty when the run never logged it."""
-    accumulator = event_accumulator.EventAccumulator(
-        _writer_dir(run_dir, writer), size_guidance={event_accumulator.TENSORS: 0}).Reload()
-    if tag not in accumulator.Tags()["tensors"]:
-        return {}
-    return {event.step: float(tf.make_ndarray(event.tensor_proto)) for event in accumulator.Tensors(tag)}
-
-
-def drop_events_after(run_dir: str, step: int | None) -> None:
-    """Removes from the run's event files everything logged after `step`.
-
-    A run resumed from its checkpoint at `step` logs the steps after it again; without this,
-    TensorBoard would show those steps twice (from the killed process and from the resumed one).
-    `step` None (a restart with no checkpoint) removes the event files altogether. A record cut
-    short by a kill is dropped too, and so is a damaged one (said in one line), while the intact
-    records after it are kept. So are all test events: the test split is scored once, at the end
-    of a run, which then writes `result.json`; a run that resumes did not get that far.
-    """
-    for name in WRITERS:
-        last = None if name == "test" else step
-        for path in glob.glob(os.path.join(_writer_dir(run_dir, name), "events.out.tfevents.*")):
-            if last is None:
-                os.remove(path)
-                continue
-            records, damaged = read_records(path)
-            kept = [record for record in records if event_pb2.Event.FromString(record).step <= last]
-            if damaged:
-                warn(f"{path}: skipped {damaged} damaged event record(s); the intact ones around them are kept.")
-            if damaged or len(kept) < len(records):
-                _rewrite_records(path, kept)
-
-
-def read_records(path: str) -> tuple[list[bytes], int]:
-    """The records of a TFRecord file whose checksums hold, and how many were skipped or cut short.
-
-    TensorFlow's readers (`tf.data.TFRecordDataset`, `tf.compat.v1.io.tf_record_iterator`) stop at
-    the first bad record, losing every intact one after it; so the frames are read here: a length
-    (8 bytes, little-endian) and its masked CRC-32C (4), the data and its masked CRC-32C (4). A
-    record whose data fails its checksum is skipped; a length that fails its own leaves no way to
-    find the next frame, so the rest of the file counts as one damaged record.
-    """
-    with open(path, "rb") as stream:
-        content = stream.read()
-    records, damaged, offset = [], 0, 0
-    while offset < len(content):
-        header = content[offset:offset + 12]
-        length = int.from_bytes(header[:8], "little")
-        if len(header) < 12 or _crc(header[:8]) != header[8:]:
-            return records, damaged + 1
-        data = content[offset + 12:offset + 12 + length]
-        checksum = content[offset + 12 + length:offset + 16 + length]
-        offset += 16 + length
-        if len(checksum) < 4 or _crc(data) != checksum:
-            damaged += 1
-        elif _parses(data):
-            records.append(data)
-        else:
-            damaged += 1
-    return records, damaged
-
-
-def _crc(data: bytes) -> bytes:
-    return masked_crc32c(data).to_bytes(4, "little")
-
-
-def _parses(data: bytes) -> bool:
-    try:
-        event_pb2.Event.FromString(data)
-    except DecodeError:
-        return False
-    return True
-
-
-def _rewrite_records(path: str, records: list[bytes]) -> None:
-    """Through a temporary name, so a kill now leaves the old file or the new one. The name lacks
-    "tfevents", so TensorBoard never reads a half-written one."""
-    temporary = os.path.join(os.path.dirname(path), "rewriting-events.tmp")
-    with tf.io.TFRecordWriter(temporary) as writer:
-        for record in records:
-            writer.write(record)
-    os.replace(temporary, path)
-
-
-def _writer_dir(run_dir: str, name: str) -> str:
+def writer_dir(run_dir: str, name: str) -> str:
     return run_dir if name == "settings" else os.path.join(run_dir, name)
 
 

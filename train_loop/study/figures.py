@@ -2,7 +2,7 @@
 regularization path, the first layer's kernel histograms and its near-zero share over training.
 
 Curves come from the runs' event files, read back through TensorBoard's loader
-(`summaries.scalar_series`), so a figure shows what TensorBoard shows; seeds are a band (mean ±
+(`events.scalar_series`), so a figure shows what TensorBoard shows; seeds are a band (mean ±
 standard deviation) around their mean.
 """
 
@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from train_loop.model.models import NEAR_ZERO  # noqa: E402
-from train_loop.outputs import summaries
+from train_loop.outputs import events
 from train_loop.study import conclusions  # noqa: E402
 from train_loop.study.conclusions import Numbers  # noqa: E402
 from train_loop.study.plans import Plan  # noqa: E402
@@ -41,7 +41,7 @@ def _learning_curves(plan: Plan, numbers: Numbers) -> plt.Figure:
     figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True, layout="constrained")
     for axis, writer in zip(axes, ("train", "validation")):
         for name in numbers:
-            _band(axis, name, [summaries.scalar_series(run_dir, writer, "loss/cross_entropy")
+            _band(axis, name, [events.scalar_series(run_dir, writer, "loss/cross_entropy")
                                for run_dir in plan.run_dirs()[name].values()])
         axis.set(title=f"{writer} cross-entropy", xlabel="step")
     axes[0].set_ylabel("cross-entropy")
@@ -53,7 +53,7 @@ def _near_zero_over_training(plan: Plan, numbers: Numbers) -> plt.Figure:
     figure, axis = plt.subplots(figsize=(6, 4), layout="constrained")
     for name, runs in numbers.items():
         layer = next(iter(runs.values())).layer_path
-        _band(axis, name, [summaries.scalar_series(run_dir, "train", f"sparsity/{layer}")
+        _band(axis, name, [events.scalar_series(run_dir, "train", f"sparsity/{layer}")
                            for run_dir in plan.run_dirs()[name].values()])
     axis.set(title=f"first layer: share of |w| < {NEAR_ZERO:g} (sparsity/<layer>)", xlabel="step", ylabel="share")
     axis.legend(fontsize="small")

@@ -84,7 +84,7 @@ def study(experiments: Sequence[str], extra_flags: Sequence[str], *, logdir: str
                           seeds=seeds, sweep=sweep)
     first = next(iter(configs.values()))
     startup.start_tensorflow(first.cpu_replicas, first.strategy)
-    from train_loop.outputs import summaries
+    from train_loop.outputs import experiment
     from train_loop.study import report
 
     logging.getLogger("tensorflow").addFilter(_ExpectedRetracing())
@@ -93,7 +93,7 @@ def study(experiments: Sequence[str], extra_flags: Sequence[str], *, logdir: str
         train_all([(run.run_name, run.args) for run in pending], jobs=jobs)
         if pending:
             # Runs that started side by side may each have written the folder's HParams experiment: one stays.
-            summaries.write_logdir_experiment(os.path.join(plan.folder, pending[-1].run_name))
+            experiment.write_logdir_experiment(os.path.join(plan.folder, pending[-1].run_name))
     else:
         _train_here([configs[run.run_name] for run in pending])
     numbers = {name: {seed: report.read_run(run_dir) for seed, run_dir in by_seed.items()}
