@@ -240,15 +240,20 @@ model.evaluate(splits.x_test, splits.y_test, verbose=0)
 """
 
 
-def _training_flops_per_example(input_shape: tuple[int, ...] = (28, 28, 1)) -> int:
-    """Forward plus backward FLOPs of the convnet, from its layer shapes.
+def _training_flops_per_example(model) -> int:
+    """Forward plus backward FLOPs of one example through `model`'s weighted layers, read from the
+    built layers: each output element of a layer takes one multiply-add per kernel entry that feeds
+    it (a `Conv2D`'s window, a `Dense` layer's inputs).
 
     Forward: 2 FLOPs per multiply-add. Backward: the gradient of the weights costs as much again,
     and the gradient of the layer's input too, except for the first layer, whose input needs none.
     """
-    height, width, channels = input_shape
-    layers = [height * width * channels * 32 * 9, height * width * 32 * 16 * 9, height * width * 16 * 10]
-    forward = [2 * multiply_adds for multiply_adds in layers]
+    import math
+
+    from train_loop.model import models
+
+    forward = [2 * math.prod(layer.output.shape[1:-1]) * math.prod(layer.kernel.shape)
+               for _, layer in models.weighted_layers(model)]
     return sum(forward) + sum(2 * flops for flops in forward) - forward[0]
 
 
@@ -256,7 +261,9 @@ def _roofline(figures: dict[str, Any]) -> dict[str, Any]:
     """Achieved FLOP/s of the default train_loop, the measured matmul peaks, and their ratio."""
     import tensorflow as tf
 
-    flops = _training_flops_per_example()
+    from train_loop.model import models
+
+    flops = _training_flops_per_example(models.build_model(_config(""), (28, 28, 1)))
     achieved = flops * figures["train_loop"]["examples_per_second"]
     sizes = (512, 1024) if _QUICK.value else (512, 1024, 2048, 4096)
     peaks = {"float32": _matmul_peak(tf.float32, sizes)}
