@@ -152,8 +152,10 @@ class TrainState:
 
 def build_state(config: Config, strategy: tf.distribute.Strategy, input_shape: tuple[int, ...], *,
                 num_classes: int = 10, model_fn: ModelFunction | None = None) -> TrainState:
-    """The train state of `config`, every variable created inside `strategy.scope()` (Keras
-    optimizers otherwise build their slots lazily, inside a trace)."""
+    """The train state of `config`. The model's, the optimizer's, the loss scale's and the best
+    model's variables are created inside `strategy.scope()`, so that they are mirrored (a Keras
+    optimizer would otherwise build its slots lazily, inside a trace); the counters, which only
+    the eager loop reads and writes, are plain variables outside it."""
     with strategy.scope():
         model = build_model(config, input_shape, num_classes=num_classes, model_fn=model_fn)
         optimizer = optimizers.build_optimizer(config)

@@ -177,7 +177,7 @@ def _kernel_zeros(model: keras.Model) -> dict[str, tf.Tensor]:
 def make_loop_call(
     strategy: tf.distribute.Strategy, state: TrainState, next_batch: Callable[[object], tuple], *,
     global_batch_size: int, jit_compile: bool = False, global_clipnorm: float = 0.0,
-) -> Callable[[object, tf.Tensor], dict[str, tf.Tensor]]:
+) -> Callable[[object, tf.Tensor, tf.Tensor], dict[str, tf.Tensor]]:
     """`loop_call(iterator, num_steps, histograms)`: `num_steps` updates of `state` in one traced call.
 
     `next_batch(iterator)` gives every replica its batch (see `inputs.ReplicaInput`). Returns the

@@ -90,7 +90,7 @@ class Controller:
                 action.begin()
         try:
             while self.counters.step < self.total_steps and not self.stopping():
-                self._run_due_actions(*self._train())
+                self._run_due_actions(*self._loop_call_checked())
         finally:
             for action in self.actions:
                 action.end()
@@ -100,7 +100,7 @@ class Controller:
         due = (action.next_due(step) for action in self.actions)
         return min(self.steps_per_loop, self.total_steps - step, *(when - step for when in due if when is not None))
 
-    def _train(self) -> tuple[int, dict[str, np.ndarray]]:
+    def _loop_call_checked(self) -> tuple[int, dict[str, np.ndarray]]:
         """One loop call, checked and counted; returns its number of steps, and the gradient's
         histograms when an action wants them at the step it ends at."""
         step = self.counters.step
