@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from train_loop.configs import Config
 from train_loop.data import inputs, sources
+from train_loop.data.arrays import DataError, Splits, fingerprint, hold_out
 from train_loop.errors import UsageError
 
 IMAGES_MAGIC, LABELS_MAGIC = 0x00000803, 0x00000801
@@ -78,7 +79,7 @@ def write_idx_set(folder: Path, arrays: dict[str, np.ndarray], *, gz: bool = Fal
     return {key: write_idx(folder / name, arrays[key], gz=gz) for key, name in names}
 
 
-def assert_splits_hold(splits: sources.Splits, arrays: dict[str, np.ndarray]) -> None:
+def assert_splits_hold(splits: Splits, arrays: dict[str, np.ndarray]) -> None:
     """Images as float32 uint8/255 with a channel axis, labels as int32, exactly as written."""
     for images_key, labels_key in (("x_train", "y_train"), ("x_test", "y_test")):
         images, labels = getattr(splits, images_key), getattr(splits, labels_key)
@@ -127,7 +128,7 @@ def data_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return folder
 
 
-def read_mnist(folder: Path) -> sources.Splits:
+def read_mnist(folder: Path) -> Splits:
     return sources.load_splits(Config(dataset="mnist", data_dir=str(folder)))
 
 
@@ -214,7 +215,7 @@ def test_a_folder_with_some_idx_files_names_the_missing_ones(tmp_path: Path) -> 
     for key in ("y_train", "x_test"):  # TRAIN_LABELS and TEST_IMAGES
         written[key].unlink()
 
-    with pytest.raises(sources.DataError) as caught:
+    with pytest.raises(DataError) as caught:
         sources.load_splits(Config(dataset="mnist", data_dir=str(tmp_path / "data")))
     message = str(caught.value)
     assert str(tmp_path / "data") in message and TRAIN_LABELS in message and TEST_IMAGES in message
@@ -279,7 +280,7 @@ def test_nothing_found_offline_points_to_digits(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
 
-    with pytest.raises(sources.DataError, match="--dataset=digits"):
+    with pytest.raises(DataError, match="--dataset=digits"):
         sources.load_splits(Config(dataset="mnist", data_dir=str(empty)))
 
 
@@ -288,7 +289,7 @@ def test_nothing_found_names_the_keras_home_searched(tmp_path: Path, keras_home:
     empty = tmp_path / "empty"
     empty.mkdir()
 
-    with pytest.raises(sources.DataError) as caught:
+    with pytest.raises(DataError) as caught:
         sources.load_splits(Config(dataset="mnist", data_dir=str(empty)))
     assert str(keras_home / "datasets") in str(caught.value)
 
@@ -297,7 +298,7 @@ def test_missing_data_dir_is_named(tmp_path: Path) -> None:
     """A --data_dir that does not exist is a DataError naming it, not a silent fall-through."""
     missing = tmp_path / "no-such-folder"
 
-    with pytest.raises(sources.DataError, match="--data_dir") as caught:
+    with pytest.raises(DataError, match="--data_dir") as caught:
         sources.load_splits(Config(dataset="mnist", data_dir=str(missing)))
     assert str(missing) in str(caught.value)
 
@@ -389,7 +390,7 @@ def test_corrupt_input_is_a_data_error_naming_the_file(
     folder.mkdir()
     offending, detail = corrupt(folder)
 
-    with pytest.raises(sources.DataError) as caught:
+    with pytest.raises(DataError) as caught:
         sources.load_splits(Config(dataset="mnist", data_dir=str(folder)))
     message = str(caught.value)
     assert str(offending) in message
@@ -403,7 +404,7 @@ def test_truncated_npz_is_a_data_error_naming_the_file(tmp_path: Path) -> None:
     content = path.read_bytes()
     path.write_bytes(content[: len(content) // 2])
 
-    with pytest.raises(sources.DataError) as caught:
+    with pytest.raises(DataError) as caught:
         sources.load_splits(Config(dataset="mnist", data_dir=str(tmp_path / "data")))
     assert str(path) in str(caught.value)
 
@@ -445,11 +446,11 @@ def test_uint8_images_of_any_size_are_scaled_and_given_a_channel(tmp_path: Path)
 def test_arrays_are_checked_against_their_fingerprint() -> None:
     """`arrays:<fingerprint>` is what train(data=...) records: other arrays do not resume that run."""
     arrays = user_arrays()
-    config = Config(dataset=sources.ARRAYS_PREFIX + sources.fingerprint(arrays), model="linear")
+    config = Config(dataset=sources.ARRAYS_PREFIX + fingerprint(arrays), model="linear")
     assert sources.load_splits(config, arrays).num_classes == 3
-    with pytest.raises(sources.DataError, match="give the same arrays again"):
+    with pytest.raises(DataError, match="give the same arrays again"):
         sources.load_splits(config, user_arrays(seed=1))
-    with pytest.raises(sources.DataError, match="give the same arrays again"):
+    with pytest.raises(DataError, match="give the same arrays again"):
         sources.load_splits(config)
 
 
@@ -494,9 +495,9 @@ def test_bad_user_data_is_one_line_naming_the_file_or_array(tmp_path: Path, brea
         config, given = Config(dataset=where, model="linear"), None
     else:
         where, given = "data[", arrays
-        config = Config(dataset=sources.ARRAYS_PREFIX + sources.fingerprint(arrays), model="linear")
+        config = Config(dataset=sources.ARRAYS_PREFIX + fingerprint(arrays), model="linear")
 
-    with pytest.raises(sources.DataError) as caught:
+    with pytest.raises(DataError) as caught:
         sources.load_splits(config, given)
     message = str(caught.value)
     for detail in (where, key, *details):
@@ -509,7 +510,7 @@ def test_bad_user_data_is_one_line_naming_the_file_or_array(tmp_path: Path, brea
 def test_mnist_npz_with_one_hot_or_string_labels_says_what_they_are(tmp_path: Path, labels) -> None:
     """Named data sets share the checks: no more 'N labels for N images: the counts must agree'."""
     path = write_npz(tmp_path / "data", {**make_arrays(), "y_train": labels})
-    with pytest.raises(sources.DataError, match="argmax|np.unique") as caught:
+    with pytest.raises(DataError, match="argmax|np.unique") as caught:
         sources.load_splits(Config(dataset="mnist", data_dir=str(tmp_path / "data")))
     assert f"y_train in {path}" in str(caught.value)
 
@@ -569,7 +570,7 @@ def test_synthetic_is_mnist_shaped_and_seeded() -> None:
 # Steps and pipelines, on tiny splits whose labels are the examples' indices.
 
 
-def index_splits(n_train: int, n_test: int) -> sources.Splits:
+def index_splits(n_train: int, n_test: int) -> Splits:
     """Example i has label i and every pixel i: a batch shows which examples it holds."""
 
     def split(count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -578,7 +579,7 @@ def index_splits(n_train: int, n_test: int) -> sources.Splits:
         return images.copy(), indices
 
     (x_train, y_train), (x_test, y_test) = split(n_train), split(n_test)
-    return sources.Splits(x_train, y_train, x_test, y_test, "indices")
+    return Splits(x_train, y_train, x_test, y_test, "indices")
 
 
 def test_steps_per_epoch_drops_the_remainder_and_rejects_huge_batches() -> None:
@@ -591,7 +592,7 @@ def test_steps_per_epoch_drops_the_remainder_and_rejects_huge_batches() -> None:
         inputs.steps_per_epoch(splits, 11)
 
 
-def train_stream(splits: sources.Splits, *, batch: int, seed: int = 0, epochs: int = 3, start_step: int = 0,
+def train_stream(splits: Splits, *, batch: int, seed: int = 0, epochs: int = 3, start_step: int = 0,
                  context: tf.distribute.InputContext | None = None) -> list[np.ndarray]:
     """The training pipeline's batches as arrays of example indices, checking images match labels."""
     dataset_fn = inputs.train_dataset_fn(
@@ -699,17 +700,17 @@ def test_hold_out_moves_a_seeded_share_of_the_training_split() -> None:
     """The validation examples are drawn by the seed alone, apart from the rest, and the test
     split is untouched; a share of 0 holds nothing out."""
     splits = index_splits(50, 7)
-    held = sources.hold_out(splits, 0.2, seed=3)
+    held = hold_out(splits, 0.2, seed=3)
     assert (len(held.x_validation), len(held.x_train)) == (10, 40)
     assert sorted([*held.y_train, *held.y_validation]) == list(range(50))
     assert list(held.y_train) == sorted(held.y_train), "the rest keep their order"
     np.testing.assert_array_equal(held.x_validation[:, 0, 0, 0], held.y_validation.astype(np.float32))
     assert held.y_test is splits.y_test
-    np.testing.assert_array_equal(sources.hold_out(splits, 0.2, seed=3).y_validation, held.y_validation)
-    assert set(sources.hold_out(splits, 0.2, seed=4).y_validation) != set(held.y_validation)
-    assert sources.hold_out(splits, 0.0, seed=3) is splits
+    np.testing.assert_array_equal(hold_out(splits, 0.2, seed=3).y_validation, held.y_validation)
+    assert set(hold_out(splits, 0.2, seed=4).y_validation) != set(held.y_validation)
+    assert hold_out(splits, 0.0, seed=3) is splits
     with pytest.raises(UsageError, match=r"--validation_split=0.001 of 50 training examples holds out none"):
-        sources.hold_out(splits, 0.001, seed=3)
+        hold_out(splits, 0.001, seed=3)
 
 
 @pytest.mark.parametrize("array", [

@@ -16,6 +16,7 @@ from helpers import kill_at_first_checkpoint, numpy_regularization
 
 from train_loop import Config
 from train_loop.data import sources
+from train_loop.data.arrays import hold_out
 from train_loop.model import models
 from train_loop.outputs.events import scalar_series
 
@@ -46,7 +47,7 @@ def test_digits_reaches_90_percent_in_three_epochs(run_cli, tmp_path):
     assert_metrics_file(run_dir, result)
     assert finished.stderr == "", "TensorFlow's start-up noise reached the user"
     config = Config(dataset="digits")
-    splits = sources.hold_out(sources.load_splits(config), config.validation_split, config.seed)
+    splits = hold_out(sources.load_splits(config), config.validation_split, config.seed)
     assert finished.stdout.splitlines()[1] == (
         f"{len(splits.x_train):,} training, {len(splits.x_validation):,} validation and "
         f"{len(splits.x_test):,} test examples; OneDeviceStrategy, 1 replica in sync, here on CPU:0")

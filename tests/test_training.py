@@ -12,6 +12,7 @@ from helpers import numpy_regularization
 import train_loop
 from train_loop import Config
 from train_loop.data import inputs, sources
+from train_loop.data.arrays import hold_out
 from train_loop.model import measurements, models, optimizers, steps
 from train_loop.model.state import LossScale, build_state
 from train_loop.outputs.events import scalar_series
@@ -330,7 +331,7 @@ def test_validation_every_n_steps_and_the_test_split_once_at_the_end(tmp_path):
     validation = scalar_series(run_dir, "validation", "accuracy")
     assert list(validation) == sorted({*range(15, total + 1, 15), total})
     assert list(scalar_series(run_dir, "test", "accuracy")) == [total]
-    splits = sources.hold_out(sources.load_splits(config), 0.1, seed=0)
+    splits = hold_out(sources.load_splits(config), 0.1, seed=0)
     model = keras.models.load_model(tmp_path / "r" / "model.keras")
     for split, images, labels in (("validation", splits.x_validation, splits.y_validation),
                                   ("test", splits.x_test, splits.y_test)):
@@ -358,7 +359,7 @@ def test_best_model_early_stopping_and_export_on_a_run_that_overfits(tmp_path):
     assert all(series[step] >= series[best_step] for step in steps_logged[steps_logged.index(best_step):])
     assert tf.train.latest_checkpoint(str(run_dir / "checkpoints")).endswith(f"-{result['steps']}")
 
-    splits = sources.hold_out(sources.load_splits(config), 0.1, seed=0)
+    splits = hold_out(sources.load_splits(config), 0.1, seed=0)
     kept = keras.models.load_model(run_dir / "model.keras")
     best = keras.models.load_model(run_dir / "best" / "model.keras")
     for first, second in zip(kept.get_weights(), best.get_weights()):

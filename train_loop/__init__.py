@@ -25,7 +25,7 @@ def train(config: Config | None = None, *, model_fn: Callable[[], Any] | str | N
     fingerprint of their bytes, so that a resumed run is checked against both.
     TensorFlow is imported on the first call, not on `import train_loop`.
     """
-    from train_loop.data import sources
+    from train_loop.data.arrays import fingerprint
     from train_loop.model import models  # Deferred: importing TensorFlow takes seconds.
     from train_loop.training.run import train as train_config
 
@@ -36,7 +36,7 @@ def train(config: Config | None = None, *, model_fn: Callable[[], Any] | str | N
     if model_fn is not None:
         changes["model"] = models.model_function_name(function) if function else model_fn
     if data is not None:
-        changes["dataset"] = ARRAYS_PREFIX + sources.fingerprint(arrays) if arrays is not None else data
+        changes["dataset"] = ARRAYS_PREFIX + fingerprint(arrays) if arrays is not None else data
     return train_config(dataclasses.replace(config, **changes), model_fn=function, arrays=arrays)
 
 

@@ -106,12 +106,12 @@ def _write_subset(folder: str, steps: int) -> str:
     import numpy as np
 
     from train_loop.configs import Config
-    from train_loop.data import sources
+    from train_loop.data import arrays, sources
 
     try:
         splits = sources.load_splits(Config(dataset=_DATASET.value))
         dataset = _DATASET.value
-    except sources.DataError:
+    except arrays.DataError:
         splits, dataset = sources.load_splits(Config(dataset="synthetic")), "synthetic"
     count = (steps + 20) * _BATCH_SIZE.value
     to_bytes = [(array[..., 0] * 255).round().astype(np.uint8) for array in (splits.x_train, splits.x_test)]

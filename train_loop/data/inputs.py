@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import tensorflow as tf
 
-from train_loop.data.sources import Splits
+from train_loop.data.arrays import Splits
 from train_loop.errors import UsageError
 
 # Batches each pipeline prepares ahead of the step: one gather each, far quicker than a step.

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 import keras
 
-from train_loop.data.sources import Splits
+from train_loop.data.arrays import Splits
 
 
 class Console:

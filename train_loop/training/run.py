@@ -44,7 +44,7 @@ def train(config: Config, *, model_fn: ModelFunction | None = None,
     started, stopwatch = time.perf_counter(), Stopwatch()
     # The data first, so that every user error comes before a single file is written.
     with stopwatch.phase("data"):
-        splits = sources.hold_out(sources.load_splits(config, arrays), config.validation_split, seed=config.seed)
+        splits = arrays.hold_out(sources.load_splits(config, arrays), config.validation_split, seed=config.seed)
     steps_per_epoch = inputs.steps_per_epoch(splits, config.batch_size)
     model_fn = model_fn or (None if config.model in MODELS else load_model_function(config.model))
     run_dir = runs.choose_run_dir(config)

@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from train_loop.configs import Config
-from train_loop.data import inputs, sources
+from train_loop.data import arrays, inputs, sources
 from train_loop.model import steps
 from train_loop.model.models import ModelFunction
 from train_loop.model.state import build_state
@@ -63,7 +63,7 @@ class Decision:
         return f"{choice}, {where}: {evidence} (--jit_compile or --nojit_compile forces it)"
 
 
-def decide_jit_compile(config: Config, strategy: tf.distribute.Strategy, splits: sources.Splits,
+def decide_jit_compile(config: Config, strategy: tf.distribute.Strategy, splits: arrays.Splits,
                        saved_settings: dict[str, Any] | None, *, model_fn: ModelFunction | None = None) -> Decision:
     """`config.jit_compile` when forced; else the resumed run's choice, the cached one, or a measurement.
 
@@ -116,7 +116,7 @@ def step_key(config: Config, strategy: tf.distribute.Strategy, input_shape: tupl
     }, sort_keys=True)
 
 
-def measure_jit_compile(config: Config, strategy: tf.distribute.Strategy, splits: sources.Splits, *,
+def measure_jit_compile(config: Config, strategy: tf.distribute.Strategy, splits: arrays.Splits, *,
                         model_fn: ModelFunction | None = None) -> dict[str, float]:
     """Examples per second of the train step with and without XLA, on a throwaway model.
 
@@ -135,7 +135,7 @@ def measure_jit_compile(config: Config, strategy: tf.distribute.Strategy, splits
     return dict(zip(best, _mean_over_workers(strategy, list(best.values()))))
 
 
-def cached_batch_loop_call(config: Config, strategy: tf.distribute.Strategy, splits: sources.Splits, *,
+def cached_batch_loop_call(config: Config, strategy: tf.distribute.Strategy, splits: arrays.Splits, *,
                       jit_compile: bool, model_fn: ModelFunction | None = None,
                       ) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
     """`loop_call(num_steps)`: the run's loop call on a model and optimizer of its own, fed the first

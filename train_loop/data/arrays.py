@@ -1,0 +1,162 @@
+"""The four arrays of a data set once read: checked (one line naming the array and the fix), made
+model inputs (uint8 scaled to [0, 1], a channel axis added), a validation split held out, and
+their fingerprint. NumPy only: a bad array is refused before TensorFlow starts."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import numpy as np
+
+from train_loop.errors import UsageError
+
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+class DataError(UsageError):
+    """A data set that is missing, unreadable or inconsistent; the message names the file."""
+
+
+class Splits(NamedTuple):
+    """Inputs as float32, labels as int32 in 0..num_classes-1.
+
+    uint8 images are scaled to [0, 1], and (N, H, W) ones get a channel axis, as the study's
+    MNIST; float inputs are kept as they are.
+    """
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    source: str
+    num_classes: int = 10
+    # Held out of the training split by `hold_out`; empty when there is no validation split.
+    x_validation: np.ndarray | None = None
+    y_validation: np.ndarray | None = None
+
+
+def hold_out(splits: Splits, share: float, seed: int) -> Splits:
+    """Moves a seeded `share` of the training split into a validation split.
+
+    The examples are drawn by `seed` alone, so every worker, replica count and resumed run holds
+    out the same ones; the rest keep their order. The test split is left for the end of the run.
+
+    Raises:
+      UsageError: the share holds out no example at all.
+    """
+    if not share:
+        return splits
+    count = round(share * len(splits.x_train))
+    if count == 0:
+        raise UsageError(
+            f"--validation_split={share:g} of {len(splits.x_train)} training examples holds out none: "
+            f"use at least {1 / len(splits.x_train):.2g}, or 0 for no validation split.")
+    held = np.zeros(len(splits.x_train), bool)
+    held[np.random.default_rng(seed).permutation(len(held))[:count]] = True
+    return splits._replace(x_train=splits.x_train[~held], y_train=splits.y_train[~held],
+                           x_validation=splits.x_train[held], y_validation=splits.y_train[held])
+
+
+def fingerprint(arrays: Mapping[str, np.ndarray]) -> str:
+    """A digest of the arrays' names, types, shapes and bytes: what a resumed run must be given again."""
+    digest = hashlib.sha256()
+    for key in sorted(arrays):
+        array = np.ascontiguousarray(arrays[key])
+        digest.update(f"{key}:{array.dtype.str}:{array.shape};".encode())
+        digest.update(array.tobytes() if array.dtype.kind != "O" else repr(array.tolist()).encode())
+    return digest.hexdigest()[:16]
+
+
+def checked_splits(arrays: dict[str, np.ndarray], *, names: dict[str, str], source: str,
+                    named: bool) -> Splits:
+    """Checks every array (a named data set must be MNIST-shaped with labels 0..9), then converts.
+
+    `names` says how each array is named in an error: its file, or where in a file it sits.
+    """
+    for split in ("train", "test"):
+        images, labels = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        _check_inputs(images, names[f"x_{split}"], named=named)
+        arrays[f"y_{split}"] = _checked_labels(
+            labels, len(images), names[f"y_{split}"], names[f"x_{split}"], expected="0..9" if named else "0..K-1")
+    x_train, y_train, x_test, y_test = (arrays[key] for key in NPZ_KEYS)
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise DataError(
+            f"{names['x_test']}: examples of shape {x_test.shape[1:]}, but {names['x_train']} has "
+            f"{x_train.shape[1:]}: both splits must hold examples of one shape.")
+    top = max(int(y_train.max()), int(y_test.max()))
+    if named and top > 9:
+        label_name = names["y_train" if y_train.max() == top else "y_test"]
+        raise DataError(f"{label_name}: labels range up to {top}, expected 0..9.")
+    return Splits(_as_inputs(x_train), y_train, _as_inputs(x_test), y_test, source, top + 1)
+
+
+def _check_inputs(images: np.ndarray, name: str, *, named: bool) -> None:
+    """One example per row, at least one row, uint8 or finite floats (MNIST-shaped when `named`)."""
+    if named and (images.ndim != 3 or images.shape[1:] != (28, 28)):
+        raise DataError(f"{name}: images have shape {images.shape}, expected (N, 28, 28).")
+    if images.ndim < 2 or images.dtype.kind not in "uf" or (images.dtype.kind == "u" and images.dtype != np.uint8):
+        raise DataError(
+            f"{name}: inputs of shape {images.shape} and type {images.dtype}; expected one example "
+            "per row, (N, ...), as uint8 images (scaled to [0, 1]) or floats (used as they are).")
+    if len(images) == 0:
+        raise DataError(f"{name}: holds no examples; training and evaluation each need at least one.")
+    if images.dtype.kind == "f":
+        _check_finite(images, name, "values")
+
+
+def _checked_labels(labels: np.ndarray, count: int, name: str, images_name: str, *, expected: str) -> np.ndarray:
+    """`labels` as int32 class indices, one per example; else DataError saying what they are instead."""
+    if labels.dtype.kind not in "iuf":
+        example = f" (e.g. {labels.flat[0].item()!r})" if labels.size else ""
+        raise DataError(
+            f"{name}: labels of type {labels.dtype}{example}; expected integer class indices "
+            f"{expected}, which np.unique(labels, return_inverse=True)[1] makes from names.")
+    if labels.ndim == 2 and labels.shape[0] == count and labels.shape[1] > 1:
+        raise DataError(
+            f"{name}: labels of shape {labels.shape}, one row per example (one-hot or scores); expected "
+            "class indices of shape (N,): labels.argmax(axis=1) gives them.")
+    if labels.ndim != 1 or len(labels) != count:
+        raise DataError(
+            f"{name}: labels of shape {labels.shape} for {count} examples in {images_name}: expected "
+            f"one class index per example, shape ({count},).")
+    if labels.dtype.kind == "f":
+        _check_finite(labels, name, "labels")
+        fractional = np.flatnonzero(labels != np.round(labels))
+        if fractional.size:
+            raise DataError(
+                f"{name}: {fractional.size} labels are not whole numbers (e.g. {labels[fractional[0]]} "
+                f"at index {fractional[0]}); expected class indices {expected}.")
+    if labels.min() < 0:
+        raise DataError(f"{name}: labels range over {labels.min():g}..{labels.max():g}, expected {expected}.")
+    return labels.astype(np.int32)
+
+
+def _check_finite(array: np.ndarray, name: str, what: str) -> None:
+    """Non-finite data would show up later as a diverged loss; name it here, where it is."""
+    bad = ~np.isfinite(array)
+    if bad.any():
+        first = tuple(int(i) for i in np.unravel_index(np.argmax(bad), array.shape))
+        kinds = sorted({str(value) for value in np.unique(array[bad])})
+        fix = "drop those examples" if what == "labels" else "replace them (np.nan_to_num) or drop those examples"
+        raise DataError(
+            f"{name}: {int(bad.sum())} non-finite {what} ({', '.join(kinds)}), the first at index "
+            f"{first[0] if len(first) == 1 else first}; {fix}.")
+
+
+def _as_inputs(images: np.ndarray) -> np.ndarray:
+    """uint8 images scaled to [0, 1], with a channel axis when they have none; floats as they are."""
+    if images.dtype != np.uint8:
+        return images.astype(np.float32)
+    return scaled_with_channel(images, 255.0) if images.ndim == 3 else _divided(images, 255.0)
+
+
+def scaled_with_channel(images: np.ndarray, maximum: float) -> np.ndarray:
+    return _divided(images, maximum)[..., np.newaxis]
+
+
+def _divided(images: np.ndarray, maximum: float) -> np.ndarray:
+    """`images.astype(float32) / maximum`, bit for bit, in one float32 array instead of two: for
+    Fashion-MNIST's 188 MB that halved the time (0.10-0.74 s to 0.05-0.08 s, on a busy machine)."""
+    return np.divide(images, np.float32(maximum), dtype=np.float32)
