@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from train_loop.configs import MODELS, Config
 from train_loop.data import inputs, sources
+from train_loop.data.arrays import hold_out
 from train_loop.model import steps
 from train_loop.model.models import ModelFunction, load_model_function
 from train_loop.model.state import build_state
@@ -44,7 +45,7 @@ def train(config: Config, *, model_fn: ModelFunction | None = None,
     started, stopwatch = time.perf_counter(), Stopwatch()
     # The data first, so that every user error comes before a single file is written.
     with stopwatch.phase("data"):
-        splits = arrays.hold_out(sources.load_splits(config, arrays), config.validation_split, seed=config.seed)
+        splits = hold_out(sources.load_splits(config, arrays), config.validation_split, seed=config.seed)
     steps_per_epoch = inputs.steps_per_epoch(splits, config.batch_size)
     model_fn = model_fn or (None if config.model in MODELS else load_model_function(config.model))
     run_dir = runs.choose_run_dir(config)
