@@ -395,3 +395,17 @@ def test_compare_refuses_a_folder_without_runs(tmp_path, folder):
     assert refused.returncode == 2 and refused.stdout == ""
     assert refused.stderr.startswith("train_loop: error: ") and len(refused.stderr.splitlines()) == 1
     assert str(tmp_path / folder) in refused.stderr
+
+
+def test_flag_lines_become_a_config_and_leave_absls_flags_as_they_were(tmp_path):
+    """The study turns each experiment's flag lines into a Config in its own process: the lines,
+    flagfiles included, are parsed into copies of the training flags, never into absl's FLAGS."""
+    flagfile = tmp_path / "experiment.cfg"
+    flagfile.write_text("# an experiment\n--dataset=digits\n--l2=0.25\n")
+    before = {name: (cli.FLAGS[name].value, cli.FLAGS[name].present) for name in ("dataset", "l2", "epochs")}
+    config = cli.config_from_args([f"--flagfile={flagfile}", "--epochs=7"])
+    assert (config.dataset, config.l2, config.epochs, config.l1) == ("digits", 0.25, 7, Config().l1)
+    # The next experiment's lines start from the defaults again, not from the last one's.
+    assert cli.config_from_args(["--epochs=2"]) == Config(epochs=2)
+    assert {name: (cli.FLAGS[name].value, cli.FLAGS[name].present) for name in before} == before
+    assert not cli.FLAGS.is_parsed()

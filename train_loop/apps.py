@@ -38,11 +38,11 @@ def run(main: Callable[[list[str]], None], *, usage: str, flag_modules: Sequence
     app.run(_frozen_on_return(main), flags_parser=lambda argv: _exit_on_version(parse_flags(argv)))
 
 
-def parse_flags(argv: Sequence[str]) -> list[str]:
-    """absl's parsing, but a bad flag is one line and exit 2, like every other user error (absl's
-    own prints two lines and exits 1)."""
+def parse_flags(argv: Sequence[str], *, flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
+    """absl's parsing into `flag_values`, but a bad flag is one line and exit 2, like every other
+    user error (absl's own prints two lines and exits 1)."""
     try:
-        return flags.FLAGS(argv)
+        return flag_values(argv)
     except flags.CantOpenFlagFileError as error:
         cause = error.__context__  # absl keeps the OSError only in its message's text.
         fail(f"--flagfile: cannot read {cause.filename} ({cause.strerror}); give the path of a file "

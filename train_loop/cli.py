@@ -3,6 +3,7 @@ flags become a `Config`, user errors become one line on stderr and exit status 2
 
 from __future__ import annotations
 
+import copy
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -133,11 +134,6 @@ flags.DEFINE_enum("cluster_resolver", _DEFAULTS.cluster_resolver, configs.CLUSTE
 FLAGS = flags.FLAGS
 
 
-def config_from_flags() -> configs.Config:
-    """Every flag that `Config` has, by name: the two lists cannot drift apart."""
-    return configs.Config(**{field: FLAGS[field].value for field in configs.Config.__dataclass_fields__})
-
-
 def given_training_flags() -> list[str]:
     """The training flags set on this command line, as `--name=value`: for tools (study, launch)
     whose command lines accept them and pass them on."""
@@ -146,15 +142,28 @@ def given_training_flags() -> list[str]:
 
 def config_from_args(args: Sequence[str]) -> configs.Config:
     """A `Config` from command-line flags given as a list (flagfiles included), as if they were
-    the only ones: every other flag is back at its default. Bad flags exit as `apps.parse_flags` does.
+    the only ones: every other flag is at its default. Bad flags exit as `apps.parse_flags` does.
+
+    They are parsed into copies of the training flags, so absl's `FLAGS` (this process's own
+    command line) is left as it was: a study that turns each experiment's flag lines into a
+    `Config` does not leave the last experiment's settings in it.
     """
-    FLAGS.unparse_flags()
-    try:
-        apps.parse_flags(["train_loop", *args])
-    finally:
-        # Parsed or not, absl's app reads its own flags on the way out (an error exits from here).
-        FLAGS.mark_as_parsed()
-    return config_from_flags()
+    values = flags.FlagValues()
+    for name in configs.Config.__dataclass_fields__:
+        values[name] = copy.deepcopy(FLAGS[name])
+        values[name].unparse()
+    apps.parse_flags(["train_loop", *args], flag_values=values)
+    return _config(values)
+
+
+def config_from_flags() -> configs.Config:
+    """The `Config` of this command line's flags."""
+    return _config(FLAGS)
+
+
+def _config(values: flags.FlagValues) -> configs.Config:
+    """Every flag that `Config` has, by name: the two lists cannot drift apart."""
+    return configs.Config(**{field: values[field].value for field in configs.Config.__dataclass_fields__})
 
 
 def main(argv: Sequence[str]) -> None:
