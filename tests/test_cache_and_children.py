@@ -100,7 +100,7 @@ def test_a_fifo_as_the_decoded_data_cache_is_decoded_around(tmp_path, monkeypatc
 
 # --- The study's training processes --------------------------------------------------------------------
 
-STUDY = ("--experiments=baseline,l1", "--dataset=digits", "--epochs=8", "--steps_per_loop=5",
+STUDY = ("--experiments=baseline,l1", "--dataset=digits", "--epochs=5", "--steps_per_loop=5",
          "--checkpoint_every=10", "--study_name=mine", "--jobs=2")
 NAMES = ("baseline", "l1")
 
