@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 from absl import flags
 
-from train_loop import apps, configs, errors, startup
+from train_loop import apps, configs, errors, orphans, startup
 
 _DEFAULTS = configs.Config()
 
@@ -210,6 +210,7 @@ Flags may also come from a file: --flagfile=PATH, one --flag=value per line.
 
 def run() -> None:
     """The console script `train-loop` and `python -m train_loop`."""
+    orphans.end_with_parent()  # A child of `jobs` stops (with a checkpoint) when its parent dies.
     # Ctrl-C means KeyboardInterrupt (see `run_guarded`) even in a worker that the launcher
     # started with SIGINT ignored.
     signal.signal(signal.SIGINT, signal.default_int_handler)

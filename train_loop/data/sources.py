@@ -15,6 +15,7 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
+from train_loop import regular_files
 from train_loop.configs import ARRAYS_PREFIX, DATASETS, Config
 from train_loop.data.arrays import NPZ_KEYS, DataError, Splits, checked_splits, fingerprint, scaled_with_channel
 
@@ -194,27 +195,20 @@ def _decoded_cache_path(paths: list[str], dataset: str) -> str | None:
 
 def _read_decoded_cache(path: str | None) -> dict[str, np.ndarray] | None:
     """The cached arrays, or None when there are none or they cannot be read (npz checks each
-    array's CRC, so flipped bytes read as damaged too)."""
+    array's CRC, so flipped bytes read as damaged too; a FIFO or a device is not read at all)."""
     if path is None:
         return None
     try:
-        with open(path, "rb") as stream, np.load(stream, allow_pickle=False) as archive:
+        with regular_files.open_regular(path) as stream, np.load(stream, allow_pickle=False) as archive:
             return {key: archive[key] for key in NPZ_KEYS}
     except (OSError, ValueError, KeyError, EOFError, zlib.error, zipfile.BadZipFile):
         return None
 
 
 def _write_decoded_cache(path: str, arrays: dict[str, np.ndarray]) -> None:
-    """Writes through a temporary name, so a killed run leaves no half-written cache."""
-    temporary = f"{path}.{os.getpid()}.tmp"
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(temporary, "wb") as stream:
-            np.savez(stream, **arrays)  # Uncompressed: loading it is the point.
-        os.replace(temporary, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.remove(temporary)
+    """Uncompressed (loading it is the point), through a temporary name, so a killed run leaves no
+    half-written cache; never over a FIFO or a device."""
+    regular_files.replace_quietly(path, lambda stream: np.savez(stream, **arrays))
 
 
 def _read_idx(path: str, ndim: int) -> np.ndarray:

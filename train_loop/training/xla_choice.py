@@ -10,7 +10,6 @@ touched, so the run computes what a run forced to the same choice computes.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -23,6 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from train_loop import regular_files
 from train_loop.configs import Config
 from train_loop.data import arrays, inputs, sources
 from train_loop.model import steps
@@ -35,6 +35,7 @@ _FEATURES = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16",
 _ROUNDS = 3  # Alternating timed blocks per variant: drifts of a shared machine hit both alike.
 _BLOCK_SECONDS = 0.2
 _PROTOCOL = 1  # Bumped when the measurement changes, so older cached answers are measured again.
+_CACHE_BYTES = 1 << 20  # A cache holds a few KB; past this bound it is taken as unreadable.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,7 +187,8 @@ class SpeedCache:
     """Measured choices in one JSON file, keyed by `step_key`.
 
     A cache must never fail a run: an unreadable or corrupt file reads as empty, and a file that
-    cannot be written is left alone (the next run measures again).
+    cannot be written is left alone (the next run measures again). A FIFO, a device or a file
+    past `_CACHE_BYTES` is unreadable, and is never written over (see `regular_files`).
     """
 
     def __init__(self, path: str):
@@ -206,22 +208,13 @@ class SpeedCache:
         return entry if valid and isinstance(entry.get("examples_per_second"), dict) else None
 
     def put(self, key: str, entry: dict[str, Any]) -> None:
-        entries = {**self._read(), key: entry}
-        temporary = f"{self.path}.{os.getpid()}.tmp"
-        try:
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            with open(temporary, "w") as stream:
-                json.dump(entries, stream, indent=1)
-            os.replace(temporary, self.path)
-        except OSError:
-            with contextlib.suppress(OSError):
-                os.remove(temporary)
+        content = json.dumps({**self._read(), key: entry}, indent=1).encode()
+        regular_files.replace_quietly(self.path, lambda stream: stream.write(content))
 
     def _read(self) -> dict[str, Any]:
         try:
-            with open(self.path, encoding="utf-8") as stream:
-                entries = json.load(stream)
-        except (OSError, ValueError):
+            entries = json.loads(regular_files.read_regular(self.path, limit=_CACHE_BYTES))
+        except (OSError, ValueError, RecursionError):  # RecursionError: brackets nested too deep.
             return {}
         return entries if isinstance(entries, dict) else {}
 
