@@ -20,7 +20,10 @@ import pytest
 from conftest import REPO
 from test_data import make_arrays, write_idx_set
 
-from train_loop import locks, orphans, regular_files, sources, tuning
+from train_loop import files, orphans
+from train_loop.data import sources
+from train_loop.outputs import locks
+from train_loop.training import speed_cache
 
 # --- The caches: regular files only, up to a bound ---------------------------------------------------
 
@@ -48,7 +51,7 @@ def test_a_fifo_or_a_device_as_the_speed_cache_is_neither_read_nor_written(tmp_p
     command = [sys.executable, "-m", "train_loop", "--dataset=digits", "--steps_per_loop=10", "--jit_compile=auto",
                f"--logdir={tmp_path}", "--run_name=r"]
     finished = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO,
-                              env={**os.environ, tuning.CACHE_ENV: str(cache)})
+                              env={**os.environ, speed_cache.CACHE_ENV: str(cache)})
     assert finished.returncode == 0, finished.stderr
     assert json.loads((tmp_path / "r" / "result.json").read_text())["decided"]["by"] == "measured"
     assert "measured on this CPU:" in finished.stdout
@@ -58,7 +61,7 @@ def test_a_fifo_or_a_device_as_the_speed_cache_is_neither_read_nor_written(tmp_p
 def test_a_speed_cache_past_its_bound_reads_as_empty_and_is_replaced(tmp_path):
     """The same entry is found in a small file and not in one padded past the bound; the next
     measurement replaces the padded file by a small one."""
-    cache = tuning.SpeedCache(str(tmp_path / "speed.json"))
+    cache = speed_cache.SpeedCache(str(tmp_path / "speed.json"))
     entry = {"jit_compile": True, "examples_per_second": {"xla": 2.0, "no_xla": 1.0}}
     cache.put("step", entry)
     assert cache.get("step") == entry
@@ -74,8 +77,8 @@ def test_a_special_file_where_regular_files_reads_is_an_oserror_naming_it(tmp_pa
     path = special_file(tmp_path, kind)
     what = "a FIFO" if kind == "fifo" else "a character device"
     with pytest.raises(OSError, match=f"{what}, not a regular file"):
-        regular_files.read_regular(str(path), limit=100)  # Would block (FIFO) or fill memory (devices).
-    regular_files.replace_quietly(str(path), lambda stream: stream.write(b"{}"))
+        files.read_regular(str(path), limit=100)  # Would block (FIFO) or fill memory (devices).
+    files.replace_quietly(str(path), lambda stream: stream.write(b"{}"))
     assert_unchanged(path, kind)
     assert not Path(f"{path}.{os.getpid()}.tmp").exists()
 
@@ -86,7 +89,8 @@ def test_a_fifo_as_the_decoded_data_cache_is_decoded_around(tmp_path, monkeypatc
     monkeypatch.setenv(sources.DATA_CACHE_ENV, str(tmp_path / "cache"))
     arrays = make_arrays(seed=3)
     write_idx_set(tmp_path / "data", arrays, gz=True)
-    read = (f"from train_loop import Config, sources; splits = sources.load_splits(Config(dataset='mnist', "
+    read = ("from train_loop import Config; from train_loop.data import sources; "
+            f"splits = sources.load_splits(Config(dataset='mnist', "
             f"data_dir={str(tmp_path / 'data')!r})); print(len(splits.x_train), int(splits.y_test.sum()))")
     first = subprocess.run([sys.executable, "-c", read], capture_output=True, text=True, timeout=60, check=True)
     [cached] = (tmp_path / "cache").iterdir()

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from helpers import assert_one_line_error, snapshot
 
+from train_loop import files
 from train_loop.configs import Config
 from train_loop.launch import free_ports
 from train_loop.outputs import runs
@@ -212,7 +213,7 @@ def make_run(logdir: Path, name: str, *, finished: bool) -> None:
     Path(run_dir, "train").mkdir()
     Path(run_dir, "train", "events.out.tfevents.1.host").write_bytes(b"\x00\x01event\xff")
     if finished:
-        runs.write_json(os.path.join(run_dir, runs.RESULT_FILE), {"dataset": "digits", "steps": 44})
+        files.write_json(os.path.join(run_dir, runs.RESULT_FILE), {"dataset": "digits", "steps": 44})
 
 
 @pytest.mark.parametrize(("flags", "names", "existing", "env"), BAD_INPUTS)

@@ -24,9 +24,9 @@ from conftest import REPO
 from helpers import assert_one_line_error, snapshot
 from tensorboard.compat.proto import event_pb2
 
-from train_loop import Config
+from train_loop import Config, files
 from train_loop.data import sources
-from train_loop.outputs import locks, runs
+from train_loop.outputs import locks
 from train_loop.outputs.events import read_records
 
 # No validation split: 44 steps, so that the run goes on past its checkpoint at 40.
@@ -259,7 +259,7 @@ def test_a_name_that_fits_alone_but_not_with_its_suffix_is_refused(run_cli, tmp_
     """A finished run named with 254 bytes: its successor would be `-2`, 256 bytes, too long."""
     name = "n" * 254
     shutil.copytree(interrupted, tmp_path / "logs" / name)
-    runs.write_json(str(tmp_path / "logs" / name / "result.json"), {"train": {}, "test": {}})
+    files.write_json(str(tmp_path / "logs" / name / "result.json"), {"train": {}, "test": {}})
     before = snapshot(tmp_path / "logs")
     refused = run_cli("--dataset=digits", "--checkpoint_every=20", f"--run_name={name}")
     assert_one_line_error(refused, (f"{name}-2", "256 bytes", "--run_name"))

@@ -24,10 +24,10 @@ import user_models  # noqa: F401  (registers its layer, so that its model.keras 
 from conftest import REPO
 from helpers import events
 
-from train_loop import Config, train
+from train_loop import Config, files, train
 from train_loop import launch as launch_module
 from train_loop.errors import DivergedError, NoSpace
-from train_loop.outputs import checkpoints, locks, runs
+from train_loop.outputs import checkpoints, locks
 from train_loop.training.controller import check_finite
 
 pytestmark = pytest.mark.slow  # every test here trains a model
@@ -423,14 +423,14 @@ def fill(disk: Path) -> None:
 
 
 def test_a_full_disk_while_writing_result_or_model_keeps_the_old_file_and_no_temporary(small_disk):
-    runs.write_json(str(small_disk / "result.json"), {"steps": 1})
+    files.write_json(str(small_disk / "result.json"), {"steps": 1})
     before = (small_disk / "result.json").read_bytes()
     fill(small_disk)
     with pytest.raises(NoSpace, match=f"no space left on {small_disk / 'result.json'};"):
-        runs.write_json(str(small_disk / "result.json"), {"steps": 2, "padding": "x" * 10_000})
+        files.write_json(str(small_disk / "result.json"), {"steps": 2, "padding": "x" * 10_000})
     model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(500)])
     with pytest.raises(NoSpace, match=f"no space left on {small_disk / 'model.keras'};"):
-        runs.write_atomically(str(small_disk / "model.keras"), model.save)
+        files.write_atomically(str(small_disk / "model.keras"), model.save)
     assert (small_disk / "result.json").read_bytes() == before
     assert sorted(os.listdir(small_disk)) == ["filler", "result.json"]
 
@@ -439,7 +439,7 @@ def test_ctrl_c_during_a_final_write_leaves_the_old_file_and_no_temporary(tmp_pa
     """What a SIGINT in the final save meets: `result.json` and `model.keras` go through
     `write_atomically`, which removes its temporary whatever stops the write."""
     path = tmp_path / "result.json"
-    runs.write_json(str(path), {"steps": 1})
+    files.write_json(str(path), {"steps": 1})
     before = path.read_bytes()
 
     def interrupted(temporary: str) -> None:
@@ -447,5 +447,5 @@ def test_ctrl_c_during_a_final_write_leaves_the_old_file_and_no_temporary(tmp_pa
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        runs.write_atomically(str(path), interrupted)
+        files.write_atomically(str(path), interrupted)
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["result.json"]

@@ -62,7 +62,7 @@ def main(argv: list[str]) -> None:
         print(json.dumps(_run_worker(_WORKER.value)))
         return
     from train_loop import startup
-    from train_loop.training import xla_choice
+    from train_loop.training import cpu, speed_cache
 
     startup.start_tensorflow()
     steps = 100 if _QUICK.value else _STEPS.value
@@ -70,9 +70,9 @@ def main(argv: list[str]) -> None:
     contenders = QUICK if _QUICK.value else list(CONTENDERS)
     with tempfile.TemporaryDirectory() as folder:
         # A cache of the bench's own: `auto` measures afresh, and the whole run below reuses it.
-        os.environ[xla_choice.CACHE_ENV] = os.path.join(folder, "speed.json")
+        os.environ[speed_cache.CACHE_ENV] = os.path.join(folder, "speed.json")
         dataset = _write_subset(folder, steps)
-        figures: dict[str, Any] = {"cpu": xla_choice.cpu_model(), "cpu_features": xla_choice.cpu_features(),
+        figures: dict[str, Any] = {"cpu": cpu.model(), "cpu_features": cpu.features(),
                                    "cores": os.cpu_count(), "dataset": dataset, "batch_size": _BATCH_SIZE.value,
                                    "precision": _PRECISION.value, "steps": steps}
         rounds = _ROUNDS.value or (1 if _QUICK.value else 3)
@@ -299,11 +299,11 @@ def _matmul_peak(dtype, sizes: tuple[int, ...], repeats: int = 8) -> float:
 
 def _has_bfloat16_matmul(tf) -> bool:
     """True where bfloat16 matmuls run natively: a GPU or TPU, or a CPU with AMX or AVX-512 bf16."""
-    from train_loop.training import xla_choice
+    from train_loop.training import cpu
 
     if tf.config.list_physical_devices("GPU"):
         return True
-    return bool({"amx_bf16", "avx512_bf16"} & set(xla_choice.cpu_features()))
+    return bool({"amx_bf16", "avx512_bf16"} & set(cpu.features()))
 
 
 def _print_table(figures: dict[str, Any]) -> None:

@@ -73,7 +73,7 @@ class Config:
     histogram_every: int = 0
     checkpoint_every: int = 0
     seed: int = 0
-    jit_compile: bool | str = "auto"  # True, False, or "auto": measured on this machine (tuning.py).
+    jit_compile: bool | str = "auto"  # True, False, or "auto": measured on this machine (training/xla_choice.py).
     precision: str = "float32"
     profile_steps: str = ""
     deterministic: bool = False

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
-from train_loop import regular_files
+from train_loop import files
 from train_loop.configs import ARRAYS_PREFIX, DATASETS, Config
 from train_loop.data.arrays import NPZ_KEYS, DataError, Splits, checked_splits, fingerprint, scaled_with_channel
 
@@ -199,7 +199,7 @@ def _read_decoded_cache(path: str | None) -> dict[str, np.ndarray] | None:
     if path is None:
         return None
     try:
-        with regular_files.open_regular(path) as stream, np.load(stream, allow_pickle=False) as archive:
+        with files.open_regular(path) as stream, np.load(stream, allow_pickle=False) as archive:
             return {key: archive[key] for key in NPZ_KEYS}
     except (OSError, ValueError, KeyError, EOFError, zlib.error, zipfile.BadZipFile):
         return None
@@ -208,7 +208,7 @@ def _read_decoded_cache(path: str | None) -> dict[str, np.ndarray] | None:
 def _write_decoded_cache(path: str, arrays: dict[str, np.ndarray]) -> None:
     """Uncompressed (loading it is the point), through a temporary name, so a killed run leaves no
     half-written cache; never over a FIFO or a device."""
-    regular_files.replace_quietly(path, lambda stream: np.savez(stream, **arrays))
+    files.replace_quietly(path, lambda stream: np.savez(stream, **arrays))
 
 
 def _read_idx(path: str, ndim: int) -> np.ndarray:

@@ -12,6 +12,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.compat.proto import event_pb2
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 
+from train_loop import files
 from train_loop.outputs.stderr import warn
 from train_loop.outputs.summaries import WRITERS, writer_dir
 
@@ -94,8 +95,10 @@ def _parses(data: bytes) -> bool:
 def _rewrite_records(path: str, records: list[bytes]) -> None:
     """Through a temporary name, so a kill now leaves the old file or the new one. The name lacks
     "tfevents", so TensorBoard never reads a half-written one."""
-    temporary = os.path.join(os.path.dirname(path), "rewriting-events.tmp")
-    with tf.io.TFRecordWriter(temporary) as writer:
-        for record in records:
-            writer.write(record)
-    os.replace(temporary, path)
+
+    def write(temporary: str) -> None:
+        with tf.io.TFRecordWriter(temporary) as writer:
+            for record in records:
+                writer.write(record)
+
+    files.write_atomically(path, write, temporary=os.path.join(os.path.dirname(path), "rewriting-events.tmp"))

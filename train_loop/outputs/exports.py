@@ -8,14 +8,15 @@ import shutil
 
 import keras
 
+from train_loop import files
 from train_loop.model.models import plain_keras
-from train_loop.outputs import checkpoints, runs
+from train_loop.outputs import checkpoints
 
 
 def save_model(model: keras.Model, folder: str) -> None:
     """`<folder>/model.keras` through a temporary name, so a kill leaves no half-written model."""
     os.makedirs(folder, exist_ok=True)
-    runs.write_atomically(os.path.join(folder, "model.keras"), plain_keras(model).save)
+    files.write_atomically(os.path.join(folder, "model.keras"), plain_keras(model).save)
 
 
 def export_saved_model(model: keras.Model, run_dir: str) -> None:
@@ -23,7 +24,9 @@ def export_saved_model(model: keras.Model, run_dir: str) -> None:
     a batch of inputs and returns logits. Written beside it and renamed, as `model.keras` is."""
     final, temporary = os.path.join(run_dir, "saved_model"), os.path.join(run_dir, "saved_model.tmp")
     shutil.rmtree(temporary, ignore_errors=True)
-    with checkpoints.no_space_left(final, temporary=temporary):
-        plain_keras(model).export(temporary, format="tf_saved_model", verbose=False)
-    shutil.rmtree(final, ignore_errors=True)  # A killed process's export, before its result.json.
-    os.replace(temporary, final)
+
+    def export(folder: str) -> None:
+        with checkpoints.no_space_left(final, temporary=folder):
+            plain_keras(model).export(folder, format="tf_saved_model", verbose=False)
+
+    files.write_atomically(final, export, temporary=temporary)

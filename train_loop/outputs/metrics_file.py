@@ -9,8 +9,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from train_loop import files
 from train_loop.errors import NoSpace
-from train_loop.outputs import runs
 from train_loop.outputs.stderr import warn
 
 METRICS_FILE = "metrics.jsonl"
@@ -65,7 +65,7 @@ def drop_lines_after(run_dir: str, step: int | None) -> None:
     if damaged:
         warn(f"{path}: dropped {damaged} damaged line(s); the intact ones are kept.")
     if len(kept) < len(lines):
-        runs.write_atomically(path, lambda temporary: _write_lines(temporary, kept))
+        files.write_atomically(path, lambda temporary: _write_lines(temporary, kept))
 
 
 def _parse(line: bytes) -> dict[str, Any] | None:

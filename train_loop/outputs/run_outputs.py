@@ -14,6 +14,7 @@ from typing import Any
 
 import keras
 
+from train_loop import files
 from train_loop.configs import Config
 from train_loop.data import sources
 from train_loop.outputs import exports, metrics_file, runs
@@ -79,4 +80,4 @@ class RunOutputs:
     def write_result(self, result: Mapping[str, Any]) -> None:
         """`<run>/result.json`, last: it marks the run finished."""
         if self.writes:
-            runs.write_json(os.path.join(self.run_dir, runs.RESULT_FILE), dict(result))
+            files.write_json(os.path.join(self.run_dir, runs.RESULT_FILE), dict(result))

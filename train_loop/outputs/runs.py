@@ -8,11 +8,12 @@ import itertools
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
+from train_loop import files
 from train_loop.configs import Config
-from train_loop.errors import NoSpace, UsageError
+from train_loop.errors import UsageError
 from train_loop.outputs import locks
 
 RESULT_FILE = "result.json"
@@ -176,42 +177,7 @@ def create(run_dir: str, config: Config, decided: dict[str, Any] | None = None) 
     decided on this machine (`decided`, e.g. XLA or not), which a resumption reuses."""
     os.makedirs(run_dir, exist_ok=True)
     if not os.path.exists(os.path.join(run_dir, SETTINGS_FILE)):
-        write_json(os.path.join(run_dir, SETTINGS_FILE), {**config.to_dict(), "decided": decided or {}})
-
-
-def write_json(path: str, content: dict[str, Any]) -> None:
-    """Writes `content` as indented JSON through `write_atomically`."""
-
-    def write(temporary: str) -> None:
-        with open(temporary, "w") as stream:
-            json.dump(content, stream, indent=2)
-            stream.write("\n")
-            stream.flush()
-            os.fsync(stream.fileno())
-
-    write_atomically(path, write)
-
-
-def write_atomically(path: str, write: Callable[[str], None]) -> None:
-    """Calls `write` on a temporary name beside `path` (same extension, which Keras insists on),
-    then renames: a kill leaves the old file or the new one. Whatever stops the write (a full disk,
-    Ctrl-C) removes the temporary.
-
-    Raises:
-      NoSpace: the disk is full.
-    """
-    root, extension = os.path.splitext(path)
-    temporary = f"{root}.tmp{extension}"
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except OSError as error:
-        if error.errno != errno.ENOSPC:
-            raise
-        raise NoSpace(path) from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(temporary)
+        files.write_json(os.path.join(run_dir, SETTINGS_FILE), {**config.to_dict(), "decided": decided or {}})
 
 
 def read_result(run_dir: str) -> dict[str, Any]:

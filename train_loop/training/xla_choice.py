@@ -3,7 +3,7 @@
 Which way is faster is not a property of the code: XLA made the step 1.9x faster on an AVX2-only
 AMD EPYC, 1.8x slower on an AVX-512/AMX Xeon and 2x slower on an AVX-512 AMD EPYC (BENCHMARKS.md).
 So `auto` times both compiled steps here, on a throwaway copy of the model fed a real batch, and
-remembers the answer per CPU and step in a small JSON cache (`TRAIN_LOOP_CACHE`): the second run of
+remembers the answer per CPU and step in a small JSON cache (`speed_cache`): the second run of
 a setting on a machine pays nothing. The run's own model, optimizer and random state are not
 touched, so the run computes what a run forced to the same choice computes.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,20 +21,17 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from train_loop import regular_files
 from train_loop.configs import Config
-from train_loop.data import arrays, inputs, sources
+from train_loop.data import arrays, inputs
 from train_loop.model import steps
 from train_loop.model.models import ModelFunction
 from train_loop.model.state import build_state
+from train_loop.training import cpu
+from train_loop.training.speed_cache import SpeedCache
 
-CACHE_ENV = "TRAIN_LOOP_CACHE"  # A file path, or "off" to measure every time.
-# CPU features that change which kernels run fast (oneDNN's ISA, bfloat16 units).
-_FEATURES = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
 _ROUNDS = 3  # Alternating timed blocks per variant: drifts of a shared machine hit both alike.
 _BLOCK_SECONDS = 0.2
 _PROTOCOL = 1  # Bumped when the measurement changes, so older cached answers are measured again.
-_CACHE_BYTES = 1 << 20  # A cache holds a few KB; past this bound it is taken as unreadable.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +99,7 @@ def recorded_jit_compile(settings: dict[str, Any] | None) -> bool | None:
 def step_key(config: Config, strategy: tf.distribute.Strategy, input_shape: tuple[int, ...]) -> str:
     """What the step's speed depends on: the machine, the libraries and the settings of the step."""
     return json.dumps({
-        "protocol": _PROTOCOL, "cpu": cpu_model(), "features": cpu_features(), "cores": _cores(),
+        "protocol": _PROTOCOL, "cpu": cpu.model(), "features": cpu.features(), "cores": cpu.cores(),
         "tensorflow": tf.__version__, "keras": keras.__version__,
         "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", ""),
         "devices": [device.split("/")[-1] for device in strategy.extended.worker_devices],
@@ -181,66 +177,3 @@ def _mean_over_workers(strategy: tf.distribute.Strategy, values: list[float]) ->
         return values
     local = strategy.experimental_distribute_values_from_function(lambda _: tf.constant(values, tf.float64))
     return strategy.reduce(tf.distribute.ReduceOp.MEAN, local, axis=None).numpy().tolist()
-
-
-class SpeedCache:
-    """Measured choices in one JSON file, keyed by `step_key`.
-
-    A cache must never fail a run: an unreadable or corrupt file reads as empty, and a file that
-    cannot be written is left alone (the next run measures again). A FIFO, a device or a file
-    past `_CACHE_BYTES` is unreadable, and is never written over (see `regular_files`).
-    """
-
-    def __init__(self, path: str):
-        self.path = path
-
-    @classmethod
-    def open(cls) -> SpeedCache | None:
-        """The cache `TRAIN_LOOP_CACHE` names (default: the user's cache folder); None if it says off."""
-        path = os.environ.get(CACHE_ENV, "")
-        if path.lower() == "off":
-            return None
-        return cls(path or os.path.join(sources.user_cache_folder(), "speed.json"))
-
-    def get(self, key: str) -> dict[str, Any] | None:
-        entry = self._read().get(key)
-        valid = isinstance(entry, dict) and isinstance(entry.get("jit_compile"), bool)
-        return entry if valid and isinstance(entry.get("examples_per_second"), dict) else None
-
-    def put(self, key: str, entry: dict[str, Any]) -> None:
-        content = json.dumps({**self._read(), key: entry}, indent=1).encode()
-        regular_files.replace_quietly(self.path, lambda stream: stream.write(content))
-
-    def _read(self) -> dict[str, Any]:
-        try:
-            entries = json.loads(regular_files.read_regular(self.path, limit=_CACHE_BYTES))
-        except (OSError, ValueError, RecursionError):  # RecursionError: brackets nested too deep.
-            return {}
-        return entries if isinstance(entries, dict) else {}
-
-
-def cpu_model() -> str:
-    """The CPU's model name as /proc/cpuinfo gives it (platform's guess elsewhere)."""
-    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
-
-
-def cpu_features() -> list[str]:
-    """Which of the speed-relevant instruction sets (AVX2, AVX-512, AMX, bfloat16) the CPU has."""
-    flags = set(_cpuinfo_field("flags").split())
-    return [feature for feature in _FEATURES if feature in flags]
-
-
-def _cpuinfo_field(name: str) -> str:
-    try:
-        with open("/proc/cpuinfo") as stream:
-            for line in stream:
-                key, _, value = line.partition(":")
-                if key.strip() == name:
-                    return value.strip()
-    except OSError:
-        pass
-    return ""
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
