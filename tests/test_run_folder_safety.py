@@ -127,6 +127,25 @@ def test_a_model_function_that_changes_the_working_folder_keeps_the_run_in_one_f
     assert epochs == list(range(1, 31))
 
 
+def test_a_study_whose_model_function_changes_the_working_folder_keeps_its_runs_in_its_folder(tmp_path):
+    """Two experiments trained one after the other in the study's process, from a relative
+    --logdir: the second run and study.md go where the first run went, not where the model moved."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "moving.py").write_text(CHANGES_FOLDER.format(elsewhere=str(elsewhere)))
+    finished = subprocess.run(
+        [sys.executable, "-m", "train_loop.study", "--experiments=baseline,l2", "--study_name=s", "--logdir=logs",
+         "--dataset=digits", f"--model={tmp_path / 'moving.py'}:build", "--nojit_compile"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, env=ENV)
+
+    assert finished.returncode == 0, finished.stderr
+    assert os.listdir(elsewhere) == []
+    study = tmp_path / "logs" / "s"
+    assert (study / "study.md").exists()
+    for name in ("baseline", "l2"):
+        assert (study / name / "result.json").exists(), name
+
+
 def test_deleting_lock_does_not_let_a_second_process_train_the_run(tmp_path):
     """The first process keeps the folder itself locked: the same command, started after `.lock`
     was deleted, is refused naming the first process (found in the kernel's lock table), which
