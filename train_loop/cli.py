@@ -73,7 +73,8 @@ flags.DEFINE_enum("strategy", _DEFAULTS.strategy, configs.STRATEGIES,
                   "under a TF_CONFIG of several workers, else one device.")
 flags.DEFINE_integer("cpu_replicas", _DEFAULTS.cpu_replicas,
                      "N >= 2 splits the host CPU into N logical devices (mirrored without GPUs).")
-flags.DEFINE_string("logdir", _DEFAULTS.logdir, "Root folder; a run writes into <logdir>/<run_name>/.")
+# The class's default as written: an instance's is made absolute.
+flags.DEFINE_string("logdir", configs.Config.logdir, "Root folder; a run writes into <logdir>/<run_name>/.")
 flags.DEFINE_string("run_name", _DEFAULTS.run_name,
                     "Run folder name; default: the model and the settings that differ from "
                     "their defaults, e.g. convnet-l2=0.001.")

@@ -66,7 +66,7 @@ class Config:
     export: str = "saved_model"
     strategy: str = "auto"
     cpu_replicas: int = 0
-    logdir: str = "logdir"
+    logdir: str = "logdir"  # Made absolute when the Config is built (the working folder's then).
     run_name: str = ""
     steps_per_loop: int = 100
     summary_every: int = 100
@@ -81,6 +81,10 @@ class Config:
     cluster_resolver: str = "tf_config"
 
     def __post_init__(self) -> None:
+        # Resolved once, where the run starts: a relative logdir would follow the working folder, which
+        # a user's code may change mid-run (splitting the run in two), and TensorFlow rewrites a
+        # checkpoint index under a relative folder with paths that climb out of it.
+        object.__setattr__(self, "logdir", os.path.abspath(self.logdir))
         _check_dataset(self.dataset)
         _check_model(self.model)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)

@@ -76,9 +76,12 @@ def make_plan(experiment_flags: dict[str, Sequence[str]], *, folder: str, seeds:
 
     Args:
       experiment_flags: each experiment's training flags, the reference first.
+      folder: the study's folder, made absolute here (as `Config` makes its logdir) so that a model
+        function that changes the working folder moves neither the later runs nor `study.md`.
       seeds: `--seeds`, or None for the one seed the flags give; run folders are then named by
         experiment alone, as a study before `--seeds` named them.
     """
+    folder = os.path.abspath(folder)
     experiments = dict(experiment_flags)
     reference = next(iter(experiments))
     for value in sweep.values if sweep else ():
