@@ -234,3 +234,21 @@ def test_a_sigkill_after_an_epochs_line_and_before_its_checkpoint_leaves_each_ep
     assert [sorted(line) for line in resumed] == [sorted(line) for line in whole]
     for line, uninterrupted in zip(resumed, whole):
         assert all(abs(line[key] - value) <= 1e-6 for key, value in uninterrupted.items()), (line, uninterrupted)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_special_file_as_settings_json_is_one_line_not_a_hang(run_cli, tmp_path, kind):
+    """A FIFO in settings.json's place would block the resume forever; /dev/zero would fill memory."""
+    run_dir = tmp_path / "logs" / "special"
+    run_dir.mkdir(parents=True)
+    settings = run_dir / "settings.json"
+    if kind == "fifo":
+        os.mkfifo(settings)
+    else:
+        settings.symlink_to("/dev/zero")
+    finished = run_cli("--dataset=digits", "--run_name=special", timeout=120)
+    assert finished.returncode == 2, finished.stderr
+    assert finished.stderr.strip().splitlines() == [
+        f"train_loop: error: cannot read {settings} "
+        f"({'a FIFO' if kind == 'fifo' else 'a character device'}, not a regular file): "
+        "nothing was changed: pass a new --run_name."]

@@ -19,6 +19,7 @@ from train_loop.outputs import locks
 RESULT_FILE = "result.json"
 SETTINGS_FILE = "settings.json"
 CHECKPOINTS_DIR = "checkpoints"
+_JSON_BYTES = 16 << 20  # settings.json and result.json hold a few KB (a confusion matrix of many classes, more).
 
 
 def choose_run_dir(config: Config) -> str:
@@ -206,11 +207,14 @@ def read_settings(run_dir: str) -> dict[str, Any] | None:
 
 
 def _read_json(path: str, fix: str) -> dict[str, Any]:
-    """A JSON object from `path`; anything else, or an unreadable file, is one line ending in `fix`."""
+    """A JSON object from `path`; anything else, or an unreadable file, is one line ending in `fix`.
+
+    Read as a regular file of at most `_JSON_BYTES`: a FIFO in its place would block the run, a
+    device fill its memory (see `files`).
+    """
     try:
-        with open(path, encoding="utf-8") as stream:
-            content = json.load(stream)
-    except (OSError, UnicodeDecodeError, ValueError) as error:
+        content = json.loads(files.read_regular(path, limit=_JSON_BYTES).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
         reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
         raise UsageError(f"cannot read {path} ({reason}): {fix}.") from None
     if not isinstance(content, dict):
