@@ -32,7 +32,8 @@ def run_cli(tmp_path):
 
     def run(*flags: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
         command = [sys.executable, "-m", "train_loop", f"--logdir={tmp_path / 'logs'}", *flags]
-        return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                              env={**os.environ, **(env or {})})
+        return subprocess.run(
+            command, capture_output=True, text=True, timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})}
+        )
 
     return run

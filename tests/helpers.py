@@ -28,7 +28,8 @@ def numpy_regularization(model: keras.Model, config: Config) -> float:
 
 def events(run_dir: str, writer: str) -> event_accumulator.EventAccumulator:
     accumulator = event_accumulator.EventAccumulator(
-        os.path.join(run_dir, writer), size_guidance={event_accumulator.TENSORS: 0})
+        os.path.join(run_dir, writer), size_guidance={event_accumulator.TENSORS: 0}
+    )
     return accumulator.Reload()
 
 

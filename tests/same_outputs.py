@@ -25,9 +25,20 @@ _TIMED = ("seconds", "examples_per_second", "seconds_to_first_step", "decided")
 _COMMON = ("--jit_compile=false", "--deterministic", "--seed=3", "--export=none")
 _RUNS = {
     "digits": ("--dataset=digits", "--epochs=2", "--l2=0.001", "--summary_every=10", "--histogram_every=20"),
-    "digits-features": ("--dataset=digits", "--epochs=2", "--l1=1e-4", "--dropout=0.2", "--ema=0.9",
-                        "--best_metric=validation/accuracy", "--global_clipnorm=1.0", "--lr_schedule=cosine",
-                        "--lr_decay_steps=80", "--warmup_steps=5", "--weight_decay=1e-4", "--eval_every=20"),
+    "digits-features": (
+        "--dataset=digits",
+        "--epochs=2",
+        "--l1=1e-4",
+        "--dropout=0.2",
+        "--ema=0.9",
+        "--best_metric=validation/accuracy",
+        "--global_clipnorm=1.0",
+        "--lr_schedule=cosine",
+        "--lr_decay_steps=80",
+        "--warmup_steps=5",
+        "--weight_decay=1e-4",
+        "--eval_every=20",
+    ),
     "two-replicas": ("--dataset=digits", "--epochs=1", "--l2=0.001", "--strategy=mirrored", "--cpu_replicas=2"),
     "fashion_mnist": ("--dataset=fashion_mnist", "--epochs=1", "--l2=0.001"),
 }
@@ -40,20 +51,39 @@ def record(checkout: str, out: str) -> None:
     for name, flags in _RUNS.items():
         if name == "fashion_mnist" and not os.path.isdir(_FASHION_MNIST):
             continue
-        _run([sys.executable, "-m", "train_loop", f"--logdir={logdir}", f"--run_name={name}", *_COMMON, *flags],
-             checkout, env)
-    _run([sys.executable, "-m", "train_loop.study", f"--logdir={logdir}", "--study_name=study",
-          "--experiments=baseline,l2", f"--extra_flags=--dataset=digits --epochs=1 {' '.join(_COMMON)}"],
-         checkout, env)
+        _run(
+            [sys.executable, "-m", "train_loop", f"--logdir={logdir}", f"--run_name={name}", *_COMMON, *flags],
+            checkout,
+            env,
+        )
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "train_loop.study",
+            f"--logdir={logdir}",
+            "--study_name=study",
+            "--experiments=baseline,l2",
+            f"--extra_flags=--dataset=digits --epochs=1 {' '.join(_COMMON)}",
+        ],
+        checkout,
+        env,
+    )
     read(logdir, out)
 
 
 def read(logdir: str, out: str) -> None:
     """Keeps the numbers of every run under `logdir` in `out`."""
-    runs = sorted(os.path.dirname(path) for path in glob.glob(os.path.join(logdir, "**", "result.json"),
-                                                                recursive=True))
-    outputs = {os.path.relpath(run, logdir): {"result": _untimed(_read(os.path.join(run, "result.json"))),
-                                              "scalars": _scalars(run)} for run in runs}
+    runs = sorted(
+        os.path.dirname(path) for path in glob.glob(os.path.join(logdir, "**", "result.json"), recursive=True)
+    )
+    outputs = {
+        os.path.relpath(run, logdir): {
+            "result": _untimed(_read(os.path.join(run, "result.json"))),
+            "scalars": _scalars(run),
+        }
+        for run in runs
+    }
     with open(out, "w") as stream:
         json.dump(outputs, stream, indent=1, sort_keys=True)
     print(f"{len(outputs)} runs recorded in {out} (from {logdir})")
@@ -92,8 +122,9 @@ def _scalars(run_dir: str) -> dict[str, dict[str, float]]:
             events = accumulator.Tensors(tag)
             first = tf.make_ndarray(events[0].tensor_proto) if events else None
             if first is not None and first.ndim == 0 and first.dtype.kind == "f":
-                scalars[f"{writer}/{tag}"] = {str(event.step): float(tf.make_ndarray(event.tensor_proto))
-                                              for event in events}
+                scalars[f"{writer}/{tag}"] = {
+                    str(event.step): float(tf.make_ndarray(event.tensor_proto)) for event in events
+                }
     return scalars
 
 

@@ -48,12 +48,16 @@ def moment(step: int, **settings) -> Moment:
     return Moment(step=step, epoch_end=step % STEPS_PER_EPOCH == 0, **settings)
 
 
-@pytest.mark.parametrize(("cadence", "due_steps"), [
-    (Cadence(6, STEPS_PER_EPOCH), [6, 12, 18, 24, 30]),
-    (Cadence(0, STEPS_PER_EPOCH), [10, 20, 30]),  # 0: at each epoch's end
-    (Cadence(6, STEPS_PER_EPOCH, at_epoch_end=True), [6, 10, 12, 18, 20, 24, 30]),
-    (Cadence(7, STEPS_PER_EPOCH, at_last=True), [7, 14, 21, 28, 30]),
-], ids=["every-6", "each-epoch", "every-6-and-epoch-ends", "every-7-and-last"])
+@pytest.mark.parametrize(
+    ("cadence", "due_steps"),
+    [
+        (Cadence(6, STEPS_PER_EPOCH), [6, 12, 18, 24, 30]),
+        (Cadence(0, STEPS_PER_EPOCH), [10, 20, 30]),  # 0: at each epoch's end
+        (Cadence(6, STEPS_PER_EPOCH, at_epoch_end=True), [6, 10, 12, 18, 20, 24, 30]),
+        (Cadence(7, STEPS_PER_EPOCH, at_last=True), [7, 14, 21, 28, 30]),
+    ],
+    ids=["every-6", "each-epoch", "every-6-and-epoch-ends", "every-7-and-last"],
+)
 def test_one_rule_says_when_an_action_is_due_and_which_step_ends_the_next_call(cadence, due_steps):
     total = 3 * STEPS_PER_EPOCH
     assert [step for step in range(1, total + 1) if cadence.due(moment(step, last=step == total))] == due_steps
@@ -85,15 +89,26 @@ class Calls:
     def __call__(self, num_steps: int, histograms: bool) -> dict[str, tf.Tensor]:
         self.sizes.append(num_steps)
         self.histograms.append(histograms)
-        return {**{name: tf.constant(self.value * num_steps) for name in measurements.PER_EPOCH},
-                "non_finite_gradients": tf.constant(0.0), "gradient_norm": tf.constant(1.0),
-                "gradient/dense": tf.fill([2, 3], float(num_steps) if histograms else 0.0)}
+        return {
+            **{name: tf.constant(self.value * num_steps) for name in measurements.PER_EPOCH},
+            "non_finite_gradients": tf.constant(0.0),
+            "gradient_norm": tf.constant(1.0),
+            "gradient/dense": tf.fill([2, 3], float(num_steps) if histograms else 0.0),
+        }
 
 
 def controller(calls: Calls, actions: list, **settings) -> Controller:
     state = build_state(Config(dataset="digits", model="linear"), tf.distribute.get_strategy(), (8, 8, 1))
-    return Controller(loop_call=calls, counters=state.counters, steps_per_epoch=STEPS_PER_EPOCH,
-                      total_steps=3 * STEPS_PER_EPOCH, steps_per_loop=4, batch_size=32, actions=actions, **settings)
+    return Controller(
+        loop_call=calls,
+        counters=state.counters,
+        steps_per_epoch=STEPS_PER_EPOCH,
+        total_steps=3 * STEPS_PER_EPOCH,
+        steps_per_loop=4,
+        batch_size=32,
+        actions=actions,
+        **settings,
+    )
 
 
 class HistogramRecorder(Recorder):
@@ -113,8 +128,11 @@ def test_each_loop_call_ends_where_an_action_is_due_and_is_at_most_steps_per_loo
     assert [at.histograms["gradient/dense"][0, 0] for at in periodic.ran] == [1, 2, 2, 4, 2]
     assert all(at.histograms == {} for at in epochs.ran if at.step % 6)
     assert [at.step for at in periodic.ran] == [6, 12, 18, 24, 30]
-    assert [(at.step, at.epoch_end, at.last) for at in epochs.ran] == [(10, True, False), (20, True, False),
-                                                                       (30, True, True)]
+    assert [(at.step, at.epoch_end, at.last) for at in epochs.ran] == [
+        (10, True, False),
+        (20, True, False),
+        (30, True, True),
+    ]
     assert run.counters.step == 30
 
 
@@ -148,34 +166,69 @@ def test_interval_means_sum_over_calls_and_keep_the_latest_gradient_norm():
 
 @pytest.fixture
 def state():
-    config = Config(dataset="digits", model="linear", l2=0.001, weight_decay=0.01, best_metric="validation/accuracy",
-                    early_stopping_patience=2)
+    config = Config(
+        dataset="digits",
+        model="linear",
+        l2=0.001,
+        weight_decay=0.01,
+        best_metric="validation/accuracy",
+        early_stopping_patience=2,
+    )
     return config, build_state(config, tf.distribute.get_strategy(), (8, 8, 1))
 
 
 def test_train_summaries_write_the_intervals_means_and_each_layers_terms(tmp_path, state, capsys):
     config, train_state = state
     summaries, interval = Summaries(str(tmp_path)), Interval()
-    interval.add({"cross_entropy": 4.0, "regularization": 2.0, "total": 6.0, "accuracy": 1.0,
-                  "non_finite_gradients": 0.0, "gradient_norm": 3.0, "gradient_norm/dense": 2.0},
-                 4, examples=128, seconds=2.0)
+    interval.add(
+        {
+            "cross_entropy": 4.0,
+            "regularization": 2.0,
+            "total": 6.0,
+            "accuracy": 1.0,
+            "non_finite_gradients": 0.0,
+            "gradient_norm": 3.0,
+            "gradient_norm/dense": 2.0,
+        },
+        4,
+        examples=128,
+        seconds=2.0,
+    )
     stopwatch = Stopwatch()
-    action = TrainSummaries(Cadence(5, STEPS_PER_EPOCH, at_epoch_end=True), config=config, state=train_state,
-                            summaries=summaries, console=Console(steps_per_epoch=10, num_epochs=1, interactive=False),
-                            means=interval.pop_means, stopwatch=stopwatch)
+    action = TrainSummaries(
+        Cadence(5, STEPS_PER_EPOCH, at_epoch_end=True),
+        config=config,
+        state=train_state,
+        summaries=summaries,
+        console=Console(steps_per_epoch=10, num_epochs=1, interactive=False),
+        means=interval.pop_means,
+        stopwatch=stopwatch,
+    )
     action.run(moment(4))
     summaries.close()
     assert list(stopwatch.seconds) == ["summaries"] and stopwatch.seconds["summaries"] > 0
     assert set(events(str(tmp_path), "train").Tags()["tensors"]) == {
-        "loss/cross_entropy", "loss/regularization", "loss/total", "accuracy", "learning_rate",
-        "examples_per_second", "gradient_norm", "gradient_norm/dense", "regularization/dense", "weight_norm/dense",
-        "weight_decay/dense", "sparsity/dense", "regularization_ratio"}
+        "loss/cross_entropy",
+        "loss/regularization",
+        "loss/total",
+        "accuracy",
+        "learning_rate",
+        "examples_per_second",
+        "gradient_norm",
+        "gradient_norm/dense",
+        "regularization/dense",
+        "weight_norm/dense",
+        "weight_decay/dense",
+        "sparsity/dense",
+        "regularization_ratio",
+    }
     assert scalar_series(str(tmp_path), "train", "loss/cross_entropy") == {4: 1.0}
     assert scalar_series(str(tmp_path), "train", "regularization_ratio") == {4: 0.5}
     assert scalar_series(str(tmp_path), "train", "examples_per_second") == {4: 64.0}
     kernel, bias = (np.asarray(weight, np.float64) for weight in train_state.model.get_weights())
     assert scalar_series(str(tmp_path), "train", "weight_decay/dense")[4] == pytest.approx(
-        0.01 / 2 * (np.square(kernel).sum() + np.square(bias).sum()), rel=1e-6)
+        0.01 / 2 * (np.square(kernel).sum() + np.square(bias).sum()), rel=1e-6
+    )
     assert scalar_series(str(tmp_path), "train", "sparsity/dense")[4] == pytest.approx(np.mean(np.abs(kernel) < 1e-3))
     assert "epoch 1/1 step 4/10: cross_entropy 1.0000" in capsys.readouterr().out
 
@@ -204,20 +257,25 @@ def test_validation_keeps_the_best_and_stops_after_patience_validations_without_
     _, train_state = state
     scores, saved = iter([0.5, 0.7, 0.6, 0.65]), []
     summaries = Summaries(str(tmp_path))
-    action = Validation(Cadence(5, STEPS_PER_EPOCH, at_last=True), state=train_state,
-                        validate=lambda: evaluation(next(scores)), summaries=summaries,
-                        console=Console(steps_per_epoch=10, num_epochs=2, interactive=False),
-                        save_best=lambda: saved.append(train_state.counters.step))
+    action = Validation(
+        Cadence(5, STEPS_PER_EPOCH, at_last=True),
+        state=train_state,
+        validate=lambda: evaluation(next(scores)),
+        summaries=summaries,
+        console=Console(steps_per_epoch=10, num_epochs=2, interactive=False),
+        save_best=lambda: saved.append(train_state.counters.step),
+    )
     for step in (5, 10, 15, 20):
         assert not train_state.best.stop
         action.run(moment(step))
     summaries.close()
     assert train_state.best.stop and (train_state.best.step, float(train_state.best.value.numpy())) == (10, 0.7)
     assert len(saved) == 2 and action.latest.metrics["accuracy"] == 0.65
-    assert scalar_series(str(tmp_path), "validation", "accuracy") == pytest.approx(
-        {5: 0.5, 10: 0.7, 15: 0.6, 20: 0.65})
-    assert "stopping early at step 20: validation/accuracy has not improved by more than 0 in 2 validations; " \
-           "the best, 0.7000, was at step 10" in capsys.readouterr().out
+    assert scalar_series(str(tmp_path), "validation", "accuracy") == pytest.approx({5: 0.5, 10: 0.7, 15: 0.6, 20: 0.65})
+    assert (
+        "stopping early at step 20: validation/accuracy has not improved by more than 0 in 2 validations; "
+        "the best, 0.7000, was at step 10" in capsys.readouterr().out
+    )
 
 
 def test_epoch_end_counts_the_epoch_and_starts_new_sums_but_the_last_keeps_them(tmp_path, state, capsys):
@@ -226,17 +284,32 @@ def test_epoch_end_counts_the_epoch_and_starts_new_sums_but_the_last_keeps_them(
     config, train_state = state
     counters, throughput = train_state.counters, Throughput(examples=320, seconds=2.0)
     console = Console(steps_per_epoch=10, num_epochs=2, interactive=False)
-    validation = Validation(Cadence(20, STEPS_PER_EPOCH), state=train_state, validate=lambda: evaluation(0.75),
-                            summaries=Summaries(None), console=console, latest=evaluation(0.5))
-    action = EpochEnd(Cadence(0, STEPS_PER_EPOCH), config=config, state=train_state, console=console,
-                      metrics_file=MetricsFile(str(tmp_path)), throughput=throughput, validation=validation)
+    validation = Validation(
+        Cadence(20, STEPS_PER_EPOCH),
+        state=train_state,
+        validate=lambda: evaluation(0.75),
+        summaries=Summaries(None),
+        console=console,
+        latest=evaluation(0.5),
+    )
+    action = EpochEnd(
+        Cadence(0, STEPS_PER_EPOCH),
+        config=config,
+        state=train_state,
+        console=console,
+        metrics_file=MetricsFile(str(tmp_path)),
+        throughput=throughput,
+        validation=validation,
+    )
     action.before_call(0)
     counters.advance(dict.fromkeys(measurements.PER_EPOCH, 5.0), 10)
     action.run(moment(10))
     assert int(counters.epoch) == 1 and counters.epoch_means() == dict.fromkeys(measurements.PER_EPOCH, 0.0)
     assert capsys.readouterr().out.splitlines() == [
-        "Epoch 1/2", "epoch 1/2: train cross_entropy 0.5000 regularization 0.5000 total 0.5000 accuracy 0.5000 | "
-        "validation cross_entropy 0.5000 accuracy 0.5000 | 160 examples/s"]
+        "Epoch 1/2",
+        "epoch 1/2: train cross_entropy 0.5000 regularization 0.5000 total 0.5000 accuracy 0.5000 | "
+        "validation cross_entropy 0.5000 accuracy 0.5000 | 160 examples/s",
+    ]
     action.before_call(10)
     counters.advance(dict.fromkeys(measurements.PER_EPOCH, 2.0), 10)
     validation.run(moment(20, last=True))
@@ -246,9 +319,17 @@ def test_epoch_end_counts_the_epoch_and_starts_new_sums_but_the_last_keeps_them(
     assert [line.pop("wall_time") > 0 for line in lines] == [True, True]
     train = {f"train/{name}": 0.5 for name in measurements.PER_EPOCH}
     common = {"learning_rate": config.learning_rate, "examples_per_second": 160.0}
-    assert lines == [{"step": 10, "epoch": 1, **train, **common},
-                     {"step": 20, "epoch": 2, **{key: 0.2 for key in train},
-                      "validation/cross_entropy": 0.25, "validation/accuracy": 0.75, **common}]
+    assert lines == [
+        {"step": 10, "epoch": 1, **train, **common},
+        {
+            "step": 20,
+            "epoch": 2,
+            **{key: 0.2 for key in train},
+            "validation/cross_entropy": 0.25,
+            "validation/accuracy": 0.75,
+            **common,
+        },
+    ]
 
 
 def test_count_training_times_calls_after_the_first_apart():
@@ -271,8 +352,10 @@ def test_checkpoint_saves_at_its_step_and_a_signal_saves_and_stops(tmp_path, sta
         os.kill(os.getpid(), signal.SIGTERM)
         with pytest.raises(Interrupted, match="stopped by SIGTERM at step 7 with a checkpoint"):
             action.run(moment(7))
-    assert sorted(os.path.basename(path) for path in glob.glob(str(tmp_path / "ckpt-*.index"))) == \
-        ["ckpt-5.index", "ckpt-7.index"]
+    assert sorted(os.path.basename(path) for path in glob.glob(str(tmp_path / "ckpt-*.index"))) == [
+        "ckpt-5.index",
+        "ckpt-7.index",
+    ]
 
 
 def test_profiling_traces_the_calls_from_start_to_end(tmp_path):

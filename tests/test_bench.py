@@ -30,8 +30,9 @@ def test_quick_benchmark_reports_every_figure():
     assert figures["peak_flops_per_second"]["float32"] > figures["achieved_flops_per_second"] > 0
     assert figures["cpu"] and figures["cores"] >= 1
     phases = figures["train_loop"]["seconds"]
-    assert {"imports", "data", "decide_xla", "first_step", "training", "summaries", "evaluation",
-            "save_model"} <= set(phases)
+    assert {"imports", "data", "decide_xla", "first_step", "training", "summaries", "evaluation", "save_model"} <= set(
+        phases
+    )
     assert phases["total"] >= phases["training"] > phases["summaries"] > 0
     assert "| Keras 3 fit, jit_compile=False" in finished.stdout
     assert figures["keras_fit_nojit"]["jit_compile"] is False

@@ -48,10 +48,24 @@ def test_a_fifo_or_a_device_as_the_speed_cache_is_neither_read_nor_written(tmp_p
     """A FIFO hung the run and /dev/zero was read until memory ran out: now the run measures, as
     with a corrupt cache, finishes, and leaves the FIFO or the device as it was."""
     cache = special_file(tmp_path, kind)
-    command = [sys.executable, "-m", "train_loop", "--dataset=digits", "--steps_per_loop=10", "--jit_compile=auto",
-               f"--logdir={tmp_path}", "--run_name=r"]
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO,
-                              env={**os.environ, speed_cache.CACHE_ENV: str(cache)})
+    command = [
+        sys.executable,
+        "-m",
+        "train_loop",
+        "--dataset=digits",
+        "--steps_per_loop=10",
+        "--jit_compile=auto",
+        f"--logdir={tmp_path}",
+        "--run_name=r",
+    ]
+    finished = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env={**os.environ, speed_cache.CACHE_ENV: str(cache)},
+    )
     assert finished.returncode == 0, finished.stderr
     assert json.loads((tmp_path / "r" / "result.json").read_text())["decided"]["by"] == "measured"
     assert "measured on this CPU:" in finished.stdout
@@ -89,9 +103,11 @@ def test_a_fifo_as_the_decoded_data_cache_is_decoded_around(tmp_path, monkeypatc
     monkeypatch.setenv(sources.DATA_CACHE_ENV, str(tmp_path / "cache"))
     arrays = make_arrays(seed=3)
     write_idx_set(tmp_path / "data", arrays, gz=True)
-    read = ("from train_loop import Config; from train_loop.data import sources; "
-            f"splits = sources.load_splits(Config(dataset='mnist', "
-            f"data_dir={str(tmp_path / 'data')!r})); print(len(splits.x_train), int(splits.y_test.sum()))")
+    read = (
+        "from train_loop import Config; from train_loop.data import sources; "
+        f"splits = sources.load_splits(Config(dataset='mnist', "
+        f"data_dir={str(tmp_path / 'data')!r})); print(len(splits.x_train), int(splits.y_test.sum()))"
+    )
     first = subprocess.run([sys.executable, "-c", read], capture_output=True, text=True, timeout=60, check=True)
     [cached] = (tmp_path / "cache").iterdir()
     cached.unlink()
@@ -104,15 +120,27 @@ def test_a_fifo_as_the_decoded_data_cache_is_decoded_around(tmp_path, monkeypatc
 
 # --- The study's training processes --------------------------------------------------------------------
 
-STUDY = ("--experiments=baseline,l1", "--dataset=digits", "--epochs=5", "--steps_per_loop=5",
-         "--checkpoint_every=10", "--study_name=mine", "--jobs=2")
+STUDY = (
+    "--experiments=baseline,l1",
+    "--dataset=digits",
+    "--epochs=5",
+    "--steps_per_loop=5",
+    "--checkpoint_every=10",
+    "--study_name=mine",
+    "--jobs=2",
+)
 NAMES = ("baseline", "l1")
 
 
 def start_study(tmp_path: Path) -> subprocess.Popen:
     """A study of two trainings at once, returned once both are under way (each has a checkpoint)."""
-    study = subprocess.Popen([sys.executable, "-m", "train_loop.study", *STUDY, f"--logdir={tmp_path}"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    study = subprocess.Popen(
+        [sys.executable, "-m", "train_loop.study", *STUDY, f"--logdir={tmp_path}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
     indexes = [tmp_path / "mine" / name / "checkpoints" / "checkpoint" for name in NAMES]
     deadline = time.monotonic() + 300
     while not all(index.exists() for index in indexes) and study.poll() is None and time.monotonic() < deadline:
@@ -196,8 +224,13 @@ def test_the_trainings_of_a_killed_study_stop_at_a_checkpoint_and_the_study_resu
         assert lock is not None, name
         lock.release()
 
-    resumed = subprocess.run([sys.executable, "-m", "train_loop.study", *STUDY, f"--logdir={tmp_path}"],
-                             capture_output=True, text=True, timeout=600, cwd=REPO)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "train_loop.study", *STUDY, f"--logdir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert all(f"{name}: finished" in resumed.stdout for name in NAMES)
 
@@ -223,8 +256,13 @@ def test_a_child_whose_parent_died_before_it_asked_signals_itself(tmp_path):
     so it ends by SIGTERM at once, before it trains or writes anything."""
     gone = subprocess.Popen(["true"])
     gone.wait()
-    child = subprocess.run([sys.executable, "-m", "train_loop", "--dataset=digits", f"--logdir={tmp_path}"],
-                           capture_output=True, text=True, timeout=60, cwd=REPO,
-                           env={**os.environ, orphans.PARENT_ENV: str(gone.pid)})
+    child = subprocess.run(
+        [sys.executable, "-m", "train_loop", "--dataset=digits", f"--logdir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        env={**os.environ, orphans.PARENT_ENV: str(gone.pid)},
+    )
     assert child.returncode == -signal.SIGTERM, child.stderr
     assert not list(tmp_path.iterdir())

@@ -27,8 +27,12 @@ def test_the_checkpoint_keeps_one_variable_per_epoch_measurement(tmp_path):
     restored = digits_state()
     assert checkpoints.restore_latest(tf.train.Checkpoint(**restored.trackables()), str(tmp_path), repair=False)
     assert restored.counters.step == 4
-    assert restored.counters.epoch_means() == {"cross_entropy": 0.375, "regularization": 0.125, "total": 0.5,
-                                               "accuracy": 0.0625}
+    assert restored.counters.epoch_means() == {
+        "cross_entropy": 0.375,
+        "regularization": 0.125,
+        "total": 0.5,
+        "accuracy": 0.0625,
+    }
 
 
 def test_a_checkpoint_written_before_the_names_restores_its_epoch_sums_and_non_trainable_state(tmp_path):
@@ -45,12 +49,20 @@ def test_a_checkpoint_written_before_the_names_restores_its_epoch_sums_and_non_t
     checkpoints.save(checkpoints.make_manager(tf.train.Checkpoint(**old_names), str(tmp_path)), 8)
 
     state = digits_state()
-    assert checkpoints.restore_latest(tf.train.Checkpoint(**state.trackables()), str(tmp_path), repair=False,
-                                      positional=tf.train.Checkpoint(**state.positional_trackables()))
+    assert checkpoints.restore_latest(
+        tf.train.Checkpoint(**state.trackables()),
+        str(tmp_path),
+        repair=False,
+        positional=tf.train.Checkpoint(**state.positional_trackables()),
+    )
     state.counters.take_positional()
     assert state.counters.step == 8
-    assert state.counters.epoch_means() == {"cross_entropy": 0.375, "regularization": 0.125, "total": 0.5,
-                                            "accuracy": 0.25}
+    assert state.counters.epoch_means() == {
+        "cross_entropy": 0.375,
+        "regularization": 0.125,
+        "total": 0.5,
+        "accuracy": 0.25,
+    }
     for restored, before in zip(state.trackables()["non_trainable"], non_trainable):
         np.testing.assert_array_equal(restored.numpy(), before + (7 if restored.dtype.is_integer else 0.5))
     for restored, saved in zip(state.model.weights, old.model.weights):

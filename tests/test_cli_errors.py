@@ -26,8 +26,9 @@ FINISHED_RUN = "convnet-dataset=digits"  # the default run name of `--dataset=di
 UNFINISHED_RUN = "resume-me"
 
 
-def case(case_id: str, *flags: str, names: tuple[str, ...], existing: str = "",
-         env: dict[str, str] | None = None) -> pytest.param:
+def case(
+    case_id: str, *flags: str, names: tuple[str, ...], existing: str = "", env: dict[str, str] | None = None
+) -> pytest.param:
     """One bad input: its flags ('{tmp}' is the test's folder), the words its error must contain,
     the run folder ('finished' or 'unfinished') that exists in the logdir beforehand, if any, and
     the environment variables set."""
@@ -79,14 +80,28 @@ BAD_INPUTS = [
     # The optimizer's schedule, clipping, decay and average.
     case("lr_schedule-unknown", "--lr_schedule=linear", names=("--lr_schedule",)),
     case("lr_decay_steps-zero-with-cosine", "--lr_schedule=cosine", names=("--lr_decay_steps=0", "cosine")),
-    case("lr_decay_steps-negative-with-step", "--lr_schedule=step", "--lr_decay_steps=-10",
-         names=("--lr_decay_steps=-10",)),
+    case(
+        "lr_decay_steps-negative-with-step",
+        "--lr_schedule=step",
+        "--lr_decay_steps=-10",
+        names=("--lr_decay_steps=-10",),
+    ),
     case("lr_decay_steps-with-constant", "--lr_decay_steps=100", names=("--lr_decay_steps=100", "constant")),
-    case("lr_decay_rate-zero", "--lr_schedule=step", "--lr_decay_steps=10", "--lr_decay_rate=0",
-         names=("--lr_decay_rate=0",)),
+    case(
+        "lr_decay_rate-zero",
+        "--lr_schedule=step",
+        "--lr_decay_steps=10",
+        "--lr_decay_rate=0",
+        names=("--lr_decay_rate=0",),
+    ),
     case("lr_decay_rate-above-one", "--lr_decay_rate=2", names=("--lr_decay_rate=2",)),
-    case("lr_decay_rate-with-cosine", "--lr_schedule=cosine", "--lr_decay_steps=10", "--lr_decay_rate=0.5",
-         names=("--lr_decay_rate=0.5", "cosine")),
+    case(
+        "lr_decay_rate-with-cosine",
+        "--lr_schedule=cosine",
+        "--lr_decay_steps=10",
+        "--lr_decay_rate=0.5",
+        names=("--lr_decay_rate=0.5", "cosine"),
+    ),
     case("warmup_steps-negative", "--warmup_steps=-1", names=("--warmup_steps=-1",)),
     case("global_clipnorm-negative", "--global_clipnorm=-1", names=("--global_clipnorm=-1",)),
     case("weight_decay-nan", "--weight_decay=nan", names=("--weight_decay=nan",)),
@@ -94,96 +109,224 @@ BAD_INPUTS = [
     # The validation split and its evaluations.
     case("validation_split-one", "--validation_split=1", names=("--validation_split=1",)),
     case("validation_split-negative", "--validation_split=-0.1", names=("--validation_split=-0.1",)),
-    case("eval_every-without-validation-split", "--validation_split=0", "--eval_every=10",
-         names=("--eval_every=10", "--validation_split=0")),
+    case(
+        "eval_every-without-validation-split",
+        "--validation_split=0",
+        "--eval_every=10",
+        names=("--eval_every=10", "--validation_split=0"),
+    ),
     case("eval_every-negative", "--eval_every=-1", names=("--eval_every=-1",)),
     # The best model, early stopping, export.
     case("best_metric-unknown", "--best_metric=train/accuracy", names=("--best_metric='train/accuracy'",)),
-    case("best_metric-without-validation-split", "--best_metric=validation/accuracy", "--validation_split=0",
-         names=("--best_metric=validation/accuracy", "--validation_split=0")),
-    case("patience-without-best-metric", "--early_stopping_patience=3",
-         names=("--early_stopping_patience=3", "--best_metric")),
-    case("patience-negative", "--best_metric=validation/accuracy", "--early_stopping_patience=-1",
-         names=("--early_stopping_patience=-1",)),
-    case("min_delta-negative", "--best_metric=validation/accuracy", "--early_stopping_min_delta=-0.1",
-         names=("--early_stopping_min_delta=-0.1",)),
-    case("min_delta-without-best-metric", "--early_stopping_min_delta=0.01",
-         names=("--early_stopping_min_delta=0.01", "--best_metric")),
+    case(
+        "best_metric-without-validation-split",
+        "--best_metric=validation/accuracy",
+        "--validation_split=0",
+        names=("--best_metric=validation/accuracy", "--validation_split=0"),
+    ),
+    case(
+        "patience-without-best-metric",
+        "--early_stopping_patience=3",
+        names=("--early_stopping_patience=3", "--best_metric"),
+    ),
+    case(
+        "patience-negative",
+        "--best_metric=validation/accuracy",
+        "--early_stopping_patience=-1",
+        names=("--early_stopping_patience=-1",),
+    ),
+    case(
+        "min_delta-negative",
+        "--best_metric=validation/accuracy",
+        "--early_stopping_min_delta=-0.1",
+        names=("--early_stopping_min_delta=-0.1",),
+    ),
+    case(
+        "min_delta-without-best-metric",
+        "--early_stopping_min_delta=0.01",
+        names=("--early_stopping_min_delta=0.01", "--best_metric"),
+    ),
     case("export-unknown", "--export=onnx", names=("--export",)),
     # The command line itself.
     case("unknown-flag", "--no_such_flag=1", names=("no_such_flag",)),
     case("misspelled-flag", "--epoch=2", names=("'epoch'",)),
     case("positional-argument", "--dataset=digits", "train", names=("'train'",)),
-    case("slurm-without-multi_worker", "--cluster_resolver=slurm", names=("--cluster_resolver=slurm",
-                                                                           "--strategy=multi_worker")),
-    case("slurm-outside-a-job-step", "--dataset=digits", "--strategy=multi_worker", "--cluster_resolver=slurm",
-         names=("--cluster_resolver=slurm", "SLURM_PROCID", "srun")),
+    case(
+        "slurm-without-multi_worker",
+        "--cluster_resolver=slurm",
+        names=("--cluster_resolver=slurm", "--strategy=multi_worker"),
+    ),
+    case(
+        "slurm-outside-a-job-step",
+        "--dataset=digits",
+        "--strategy=multi_worker",
+        "--cluster_resolver=slurm",
+        names=("--cluster_resolver=slurm", "SLURM_PROCID", "srun"),
+    ),
     case("flagfile-missing", "--flagfile={tmp}/no_such.cfg", names=("--flagfile", "no_such.cfg", "No such file")),
     # Bad inputs beside a run that already finished: it must stay as it is.
-    case("l2-negative-beside-finished-run", "--dataset=digits", "--l2=-1", names=("--l2=",),
-         existing="finished"),
+    case("l2-negative-beside-finished-run", "--dataset=digits", "--l2=-1", names=("--l2=",), existing="finished"),
     # Where the run would be written.
     case("logdir-under-a-file", "--dataset=digits", "--logdir={tmp}/mnist.npz/logs", names=("--logdir=",)),
     case("logdir-not-writable", "--dataset=digits", "--logdir=/proc/logs", names=("--logdir='/proc/logs'",)),
     # These import TensorFlow and read data (about ten seconds each).
-    case("data_dir-missing", "--data_dir={tmp}/no-such-folder",
-         names=("--data_dir=", "{tmp}/no-such-folder")),
+    case("data_dir-missing", "--data_dir={tmp}/no-such-folder", names=("--data_dir=", "{tmp}/no-such-folder")),
     case("data_dir-is-a-file", "--data_dir={tmp}/mnist.npz", names=("--data_dir=", "{tmp}/mnist.npz")),
-    case("validation_split-holding-out-nothing", "--dataset=digits", "--validation_split=0.0001",
-         names=("--validation_split=0.0001", "holds out none")),
-    case("validation_split-leaving-no-batch", "--dataset=digits", "--validation_split=0.99",
-         names=("--batch_size=32", "left after --validation_split")),
-    case("batch_size-above-digits-train-split", "--dataset=digits",
-         f"--batch_size={DIGITS_TRAIN_EXAMPLES + 1}", names=(f"--batch_size={DIGITS_TRAIN_EXAMPLES + 1}",)),
+    case(
+        "validation_split-holding-out-nothing",
+        "--dataset=digits",
+        "--validation_split=0.0001",
+        names=("--validation_split=0.0001", "holds out none"),
+    ),
+    case(
+        "validation_split-leaving-no-batch",
+        "--dataset=digits",
+        "--validation_split=0.99",
+        names=("--batch_size=32", "left after --validation_split"),
+    ),
+    case(
+        "batch_size-above-digits-train-split",
+        "--dataset=digits",
+        f"--batch_size={DIGITS_TRAIN_EXAMPLES + 1}",
+        names=(f"--batch_size={DIGITS_TRAIN_EXAMPLES + 1}",),
+    ),
     # A malformed TF_CONFIG is refused before any worker waits for its peers.
     case("tf_config-not-json", "--dataset=digits", names=("TF_CONFIG", "JSON"), env={"TF_CONFIG": "{cluster"}),
     case("tf_config-no-workers", "--dataset=digits", names=("TF_CONFIG", "worker"), env=tf_config({})),
-    case("tf_config-address-without-port", "--dataset=digits", names=("TF_CONFIG", "host:port"),
-         env=tf_config({"worker": ["127.0.0.1:2222", "127.0.0.1"]})),
-    case("tf_config-task-index-out-of-range", "--dataset=digits", names=("TF_CONFIG", "task"),
-         env=tf_config({"worker": ["127.0.0.1:2222"]}, {"type": "worker", "index": 3})),
+    case(
+        "tf_config-address-without-port",
+        "--dataset=digits",
+        names=("TF_CONFIG", "host:port"),
+        env=tf_config({"worker": ["127.0.0.1:2222", "127.0.0.1"]}),
+    ),
+    case(
+        "tf_config-task-index-out-of-range",
+        "--dataset=digits",
+        names=("TF_CONFIG", "task"),
+        env=tf_config({"worker": ["127.0.0.1:2222"]}, {"type": "worker", "index": 3}),
+    ),
     # A leftover TF_CONFIG whose peers never come: the wait ends (TRAIN_LOOP_PEER_TIMEOUT).
-    case("tf_config-peers-never-come", "--dataset=digits", names=("TF_CONFIG", f"127.0.0.1:{PORTS[1]}"),
-         env={**tf_config({"worker": [f"127.0.0.1:{port}" for port in PORTS]}), "TRAIN_LOOP_PEER_TIMEOUT": "1"}),
-    case("peer-timeout-not-a-number", "--dataset=digits", names=("TRAIN_LOOP_PEER_TIMEOUT='soon'",),
-         env={**tf_config({"worker": [f"127.0.0.1:{port}" for port in PORTS]}), "TRAIN_LOOP_PEER_TIMEOUT": "soon"}),
-    case("tpu-that-does-not-answer", "--dataset=digits", "--strategy=tpu", "--tpu=grpc://127.0.0.1:1",
-         names=("--tpu=grpc://127.0.0.1:1",)),
+    case(
+        "tf_config-peers-never-come",
+        "--dataset=digits",
+        names=("TF_CONFIG", f"127.0.0.1:{PORTS[1]}"),
+        env={**tf_config({"worker": [f"127.0.0.1:{port}" for port in PORTS]}), "TRAIN_LOOP_PEER_TIMEOUT": "1"},
+    ),
+    case(
+        "peer-timeout-not-a-number",
+        "--dataset=digits",
+        names=("TRAIN_LOOP_PEER_TIMEOUT='soon'",),
+        env={**tf_config({"worker": [f"127.0.0.1:{port}" for port in PORTS]}), "TRAIN_LOOP_PEER_TIMEOUT": "soon"},
+    ),
+    case(
+        "tpu-that-does-not-answer",
+        "--dataset=digits",
+        "--strategy=tpu",
+        "--tpu=grpc://127.0.0.1:1",
+        names=("--tpu=grpc://127.0.0.1:1",),
+    ),
     # A user's model function (tests/bad_models.py) or data (npz files that clean_environment writes).
     case("model-without-function", "--model=tests/bad_models.py:", names=("--model=tests/bad_models.py: is not",)),
-    case("model-function-with-dropout", "--model=tests/user_models.py:build", "--dropout=0.2",
-         names=("--dropout=0.2", "built-in models only")),
-    case("model-file-missing", "--dataset=digits", "--model={tmp}/no_such.py:build",
-         names=("--model={tmp}/no_such.py:build", "no file")),
-    case("model-file-does-not-import", "--dataset=digits", "--model={tmp}/broken.py:build",
-         names=("{tmp}/broken.py", "SyntaxError")),
-    case("model-module-missing", "--dataset=digits", "--model=no_such_package.models:build",
-         names=("no_such_package", "ModuleNotFoundError")),
-    case("model-function-missing", "--dataset=digits", "--model=tests/bad_models.py:build",
-         names=("tests/bad_models.py", "no function build")),
-    case("model-not-a-function", "--dataset=digits", "--model=tests/bad_models.py:NOT_A_FUNCTION",
-         names=("no function NOT_A_FUNCTION",)),
-    case("model-function-raises", "--dataset=digits", "--model=tests/bad_models.py:raises",
-         names=("bad_models.py:raises", "RuntimeError: this model needs a GPU")),
-    case("model-function-returns-a-layer", "--dataset=digits", "--model=tests/bad_models.py:returns_a_layer",
-         names=("returned Dense", "keras.Model")),
-    case("model-for-other-classes", "--dataset=digits", "--model=tests/bad_models.py:five_classes",
-         names=("five_classes", "(2, 5)", "(2, 10)")),
-    case("model-for-other-inputs", "--dataset=digits", "--model=tests/bad_models.py:wants_vectors",
-         names=("wants_vectors", "(N, 8, 8, 1)")),
-    case("model-regularized-and-regularizer-flags", "--dataset=digits", "--model=tests/bad_models.py:regularized",
-         "--l2=0.001", names=("regularized", "already carry regularizers", "dense/kernel", "--l2")),
+    case(
+        "model-function-with-dropout",
+        "--model=tests/user_models.py:build",
+        "--dropout=0.2",
+        names=("--dropout=0.2", "built-in models only"),
+    ),
+    case(
+        "model-file-missing",
+        "--dataset=digits",
+        "--model={tmp}/no_such.py:build",
+        names=("--model={tmp}/no_such.py:build", "no file"),
+    ),
+    case(
+        "model-file-does-not-import",
+        "--dataset=digits",
+        "--model={tmp}/broken.py:build",
+        names=("{tmp}/broken.py", "SyntaxError"),
+    ),
+    case(
+        "model-module-missing",
+        "--dataset=digits",
+        "--model=no_such_package.models:build",
+        names=("no_such_package", "ModuleNotFoundError"),
+    ),
+    case(
+        "model-function-missing",
+        "--dataset=digits",
+        "--model=tests/bad_models.py:build",
+        names=("tests/bad_models.py", "no function build"),
+    ),
+    case(
+        "model-not-a-function",
+        "--dataset=digits",
+        "--model=tests/bad_models.py:NOT_A_FUNCTION",
+        names=("no function NOT_A_FUNCTION",),
+    ),
+    case(
+        "model-function-raises",
+        "--dataset=digits",
+        "--model=tests/bad_models.py:raises",
+        names=("bad_models.py:raises", "RuntimeError: this model needs a GPU"),
+    ),
+    case(
+        "model-function-returns-a-layer",
+        "--dataset=digits",
+        "--model=tests/bad_models.py:returns_a_layer",
+        names=("returned Dense", "keras.Model"),
+    ),
+    case(
+        "model-for-other-classes",
+        "--dataset=digits",
+        "--model=tests/bad_models.py:five_classes",
+        names=("five_classes", "(2, 5)", "(2, 10)"),
+    ),
+    case(
+        "model-for-other-inputs",
+        "--dataset=digits",
+        "--model=tests/bad_models.py:wants_vectors",
+        names=("wants_vectors", "(N, 8, 8, 1)"),
+    ),
+    case(
+        "model-regularized-and-regularizer-flags",
+        "--dataset=digits",
+        "--model=tests/bad_models.py:regularized",
+        "--l2=0.001",
+        names=("regularized", "already carry regularizers", "dense/kernel", "--l2"),
+    ),
     case("npz-missing", "--dataset={tmp}/no_such.npz", names=("--dataset={tmp}/no_such.npz", "no such file")),
-    case("npz-empty-test-split", "--dataset={tmp}/empty_test.npz", "--model=linear",
-         names=("x_test in {tmp}/empty_test.npz", "no examples")),
-    case("npz-non-finite-inputs", "--dataset={tmp}/nan.npz", "--model=linear",
-         names=("x_train in {tmp}/nan.npz", "1 non-finite values (nan)")),
-    case("npz-string-labels", "--dataset={tmp}/strings.npz", "--model=linear",
-         names=("y_train in {tmp}/strings.npz", "np.unique")),
-    case("npz-one-hot-labels", "--dataset={tmp}/one_hot.npz", "--model=linear",
-         names=("y_train in {tmp}/one_hot.npz", "argmax")),
-    case("unfinished-run-with-other-settings", "--dataset=digits", f"--run_name={UNFINISHED_RUN}",
-         "--l2=0.01", names=(f"{{tmp}}/logs/{UNFINISHED_RUN}", "l2"), existing="unfinished"),
+    case(
+        "npz-empty-test-split",
+        "--dataset={tmp}/empty_test.npz",
+        "--model=linear",
+        names=("x_test in {tmp}/empty_test.npz", "no examples"),
+    ),
+    case(
+        "npz-non-finite-inputs",
+        "--dataset={tmp}/nan.npz",
+        "--model=linear",
+        names=("x_train in {tmp}/nan.npz", "1 non-finite values (nan)"),
+    ),
+    case(
+        "npz-string-labels",
+        "--dataset={tmp}/strings.npz",
+        "--model=linear",
+        names=("y_train in {tmp}/strings.npz", "np.unique"),
+    ),
+    case(
+        "npz-one-hot-labels",
+        "--dataset={tmp}/one_hot.npz",
+        "--model=linear",
+        names=("y_train in {tmp}/one_hot.npz", "argmax"),
+    ),
+    case(
+        "unfinished-run-with-other-settings",
+        "--dataset=digits",
+        f"--run_name={UNFINISHED_RUN}",
+        "--l2=0.01",
+        names=(f"{{tmp}}/logs/{UNFINISHED_RUN}", "l2"),
+        existing="unfinished",
+    ),
 ]
 
 
@@ -198,10 +341,12 @@ def clean_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "broken.py").write_text("def build(:\n")
     inputs, labels = np.linspace(0, 1, 40 * 13, dtype=np.float32).reshape(40, 13), np.arange(40) % 3
     arrays = {"x_train": inputs, "y_train": labels, "x_test": inputs[:8], "y_test": labels[:8]}
-    for name, changed in (("empty_test", {"x_test": inputs[:0], "y_test": labels[:0]}),
-                          ("nan", {"x_train": np.where(inputs == inputs[7, 3], np.nan, inputs)}),
-                          ("strings", {"y_train": np.array(["red", "white", "rose"])[labels]}),
-                          ("one_hot", {"y_train": np.eye(3)[labels]})):
+    for name, changed in (
+        ("empty_test", {"x_test": inputs[:0], "y_test": labels[:0]}),
+        ("nan", {"x_train": np.where(inputs == inputs[7, 3], np.nan, inputs)}),
+        ("strings", {"y_train": np.array(["red", "white", "rose"])[labels]}),
+        ("one_hot", {"y_train": np.eye(3)[labels]}),
+    ):
         np.savez(tmp_path / f"{name}.npz", **{**arrays, **changed})
 
 
@@ -218,13 +363,12 @@ def make_run(logdir: Path, name: str, *, finished: bool) -> None:
 
 @pytest.mark.parametrize(("flags", "names", "existing", "env"), BAD_INPUTS)
 def test_bad_input_is_one_line_and_writes_nothing(
-        run_cli, tmp_path: Path, flags: tuple[str, ...], names: tuple[str, ...], existing: str,
-        env: dict[str, str]) -> None:
+    run_cli, tmp_path: Path, flags: tuple[str, ...], names: tuple[str, ...], existing: str, env: dict[str, str]
+) -> None:
     """Each bad input exits 2 with one error line naming its flag or file; the logdir is untouched."""
     logdir = tmp_path / "logs"
     if existing:
-        make_run(logdir, FINISHED_RUN if existing == "finished" else UNFINISHED_RUN,
-                 finished=existing == "finished")
+        make_run(logdir, FINISHED_RUN if existing == "finished" else UNFINISHED_RUN, finished=existing == "finished")
     before = snapshot(logdir) if existing else None
 
     result = run_cli(*(flag.format(tmp=tmp_path) for flag in flags), timeout=180, env=env)

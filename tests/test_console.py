@@ -20,8 +20,7 @@ def test_plain_lines_when_not_a_terminal(capsys):
     console.epoch_done(2, MEASURES, {"cross_entropy": 0.4, "accuracy": 0.9}, 1234.5)
     console.epoch_done(2, MEASURES, None, 1234.5)
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == ("epoch 2/2 step 5/10: cross_entropy 0.5000 regularization 0.2500 "
-                        "total 0.7500 accuracy 0.8750")
+    assert lines[0] == ("epoch 2/2 step 5/10: cross_entropy 0.5000 regularization 0.2500 total 0.7500 accuracy 0.8750")
     assert lines[1].startswith("epoch 2/2: train cross_entropy 0.5000 regularization 0.2500")
     assert lines[1].endswith("| validation cross_entropy 0.4000 accuracy 0.9000 | 1,234 examples/s")
     assert lines[2].endswith("accuracy 0.8750 | 1,234 examples/s"), "no validation split, no validation"
@@ -74,10 +73,23 @@ def test_what_a_run_prints(run_cli, tmp_path):
     finished = run_cli("--dataset=digits", "--epochs=2", "--summary_every=20", "--run_name=r")
     assert finished.returncode == 0, finished.stderr
     lines, run_dir, logdir = finished.stdout.splitlines(), tmp_path / "logs" / "r", tmp_path / "logs"
-    shown = [line.split(":")[0] if line.startswith("epoch") else line
-             for line in lines if line.startswith(("Epoch", "epoch"))]
-    assert shown == ["Epoch 1/2", "epoch 1/2 step 20/40", "epoch 1/2 step 40/40", "epoch 1/2",
-                     "Epoch 2/2", "epoch 2/2 step 20/40", "epoch 2/2 step 40/40", "epoch 2/2"]
+    shown = [
+        line.split(":")[0] if line.startswith("epoch") else line
+        for line in lines
+        if line.startswith(("Epoch", "epoch"))
+    ]
+    assert shown == [
+        "Epoch 1/2",
+        "epoch 1/2 step 20/40",
+        "epoch 1/2 step 40/40",
+        "epoch 1/2",
+        "Epoch 2/2",
+        "epoch 2/2 step 20/40",
+        "epoch 2/2 step 40/40",
+        "epoch 2/2",
+    ]
     assert lines[-2].startswith("test cross_entropy ")
-    assert lines[-1] == (f"saved {run_dir}/model.keras and {run_dir}/result.json; "
-                         f"to look at it: tensorboard --logdir {shlex.quote(str(logdir))}")
+    assert lines[-1] == (
+        f"saved {run_dir}/model.keras and {run_dir}/result.json; "
+        f"to look at it: tensorboard --logdir {shlex.quote(str(logdir))}"
+    )

@@ -39,8 +39,13 @@ def interrupted(tmp_path_factory) -> Path:
     """A run killed after its checkpoint at step 40: checkpoints 20 and 40, events and the epoch's
     line in metrics.jsonl up to 44."""
     logdir = tmp_path_factory.mktemp("template")
-    trained = subprocess.run([sys.executable, "-m", "train_loop", f"--logdir={logdir}", *FLAGS],
-                             capture_output=True, text=True, timeout=600, cwd=REPO)
+    trained = subprocess.run(
+        [sys.executable, "-m", "train_loop", f"--logdir={logdir}", *FLAGS],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
     assert trained.returncode == 0, trained.stderr
     run_dir = logdir / "r"
     for path in (run_dir / "result.json", run_dir / "model.keras", *(run_dir / "checkpoints").glob("ckpt-44.*")):
@@ -48,7 +53,8 @@ def interrupted(tmp_path_factory) -> Path:
     shutil.rmtree(run_dir / "saved_model")
     (run_dir / "checkpoints" / "checkpoint").write_text(
         'model_checkpoint_path: "ckpt-40"\nall_model_checkpoint_paths: "ckpt-20"\n'
-        'all_model_checkpoint_paths: "ckpt-40"\n')
+        'all_model_checkpoint_paths: "ckpt-40"\n'
+    )
     return run_dir
 
 
@@ -79,7 +85,7 @@ def damage_an_event_record(run_dir: Path) -> None:
     path = event_file(run_dir)
     content, offset = bytearray(path.read_bytes()), 0
     for _ in range(2):
-        offset += 16 + int.from_bytes(content[offset:offset + 8], "little")
+        offset += 16 + int.from_bytes(content[offset : offset + 8], "little")
     content[offset + 14] ^= 0x01
     path.write_bytes(bytes(content))
 
@@ -102,6 +108,7 @@ def replace_with_folder(relative: str) -> Callable[[Path], None]:
     def damage(run_dir: Path) -> None:
         (run_dir / relative).unlink()
         (run_dir / relative).mkdir()
+
     return damage
 
 
@@ -109,6 +116,7 @@ def replace_with_file(relative: str) -> Callable[[Path], None]:
     def damage(run_dir: Path) -> None:
         shutil.rmtree(run_dir / relative)
         (run_dir / relative).write_bytes(b"not a folder")
+
     return damage
 
 
@@ -138,30 +146,61 @@ def leave_a_temporary(run_dir: Path) -> None:
 # (id, damage, resumed step, words of the one warning line, or None for no warning)
 RESUMED = [
     pytest.param(remove("checkpoints/checkpoint"), 40, ("missing or unreadable", "ckpt-40"), id="index-missing"),
-    pytest.param(write("checkpoints/checkpoint", b"garbage {{\x00\xff"), 40, ("missing or unreadable", "ckpt-40"),
-                 id="index-garbage"),
-    pytest.param(write("checkpoints/checkpoint", b'model_checkpoint_path: "ckpt-90"\n'), 40,
-                 ("names ckpt-90", "ckpt-40"), id="index-names-a-deleted-checkpoint"),
-    pytest.param(lambda run_dir: truncate(checkpoint_file(run_dir, 40, "data")), 20, ("ckpt-40: damaged", "ckpt-20"),
-                 id="newest-data-truncated"),
-    pytest.param(lambda run_dir: zero(checkpoint_file(run_dir, 40, "data")), 20, ("ckpt-40: damaged", "ckpt-20"),
-                 id="newest-data-zeroed"),
-    pytest.param(lambda run_dir: flip_bit(checkpoint_file(run_dir, 40, "data")), 20, ("ckpt-40: damaged", "ckpt-20"),
-                 id="newest-data-bit-flipped"),
-    pytest.param(lambda run_dir: truncate(checkpoint_file(run_dir, 40, "index")), 20, ("ckpt-40: damaged", "ckpt-20"),
-                 id="newest-index-truncated"),
-    pytest.param(lambda run_dir: flip_bit(checkpoint_file(run_dir, 40, "index"), at=0.1), 20,
-                 ("ckpt-40: damaged", "ckpt-20"), id="newest-index-bit-flipped"),
+    pytest.param(
+        write("checkpoints/checkpoint", b"garbage {{\x00\xff"),
+        40,
+        ("missing or unreadable", "ckpt-40"),
+        id="index-garbage",
+    ),
+    pytest.param(
+        write("checkpoints/checkpoint", b'model_checkpoint_path: "ckpt-90"\n'),
+        40,
+        ("names ckpt-90", "ckpt-40"),
+        id="index-names-a-deleted-checkpoint",
+    ),
+    pytest.param(
+        lambda run_dir: truncate(checkpoint_file(run_dir, 40, "data")),
+        20,
+        ("ckpt-40: damaged", "ckpt-20"),
+        id="newest-data-truncated",
+    ),
+    pytest.param(
+        lambda run_dir: zero(checkpoint_file(run_dir, 40, "data")),
+        20,
+        ("ckpt-40: damaged", "ckpt-20"),
+        id="newest-data-zeroed",
+    ),
+    pytest.param(
+        lambda run_dir: flip_bit(checkpoint_file(run_dir, 40, "data")),
+        20,
+        ("ckpt-40: damaged", "ckpt-20"),
+        id="newest-data-bit-flipped",
+    ),
+    pytest.param(
+        lambda run_dir: truncate(checkpoint_file(run_dir, 40, "index")),
+        20,
+        ("ckpt-40: damaged", "ckpt-20"),
+        id="newest-index-truncated",
+    ),
+    pytest.param(
+        lambda run_dir: flip_bit(checkpoint_file(run_dir, 40, "index"), at=0.1),
+        20,
+        ("ckpt-40: damaged", "ckpt-20"),
+        id="newest-index-bit-flipped",
+    ),
     pytest.param(damage_an_event_record, 40, ("skipped 1 damaged event record",), id="event-record-damaged"),
     pytest.param(leave_a_temporary, 40, None, id="temporary-of-a-killed-save"),
-    pytest.param(damage_the_metrics_file, 40, ("metrics.jsonl", "dropped 2 damaged line(s)"),
-                 id="metrics-lines-garbage-and-cut-short"),
+    pytest.param(
+        damage_the_metrics_file,
+        40,
+        ("metrics.jsonl", "dropped 2 damaged line(s)"),
+        id="metrics-lines-garbage-and-cut-short",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("damage", "step", "words"), RESUMED)
-def test_a_damaged_run_resumes_from_its_newest_intact_checkpoint(
-        run_cli, tmp_path, interrupted, damage, step, words):
+def test_a_damaged_run_resumes_from_its_newest_intact_checkpoint(run_cli, tmp_path, interrupted, damage, step, words):
     """The run resumes where its newest intact checkpoint stands and finishes; the warning (if
     any) is one line; every event up to that step is kept, byte for byte, in order; metrics.jsonl
     holds the one epoch once (its line from before the kill, past the checkpoint, dropped)."""
@@ -190,27 +229,44 @@ def test_a_damaged_run_resumes_from_its_newest_intact_checkpoint(
 
 # (id, damage, extra flags, words the one error line must hold ({run} is the run folder))
 REFUSED = [
-    pytest.param(truncate_every_index, (), ("no checkpoint in {run}/checkpoints restores", "--run_name"),
-                 id="every-checkpoint-damaged"),
-    pytest.param(remove_checkpoint_files, (), ("no checkpoint in {run}/checkpoints restores", "--run_name"),
-                 id="index-naming-only-deleted-files"),
+    pytest.param(
+        truncate_every_index,
+        (),
+        ("no checkpoint in {run}/checkpoints restores", "--run_name"),
+        id="every-checkpoint-damaged",
+    ),
+    pytest.param(
+        remove_checkpoint_files,
+        (),
+        ("no checkpoint in {run}/checkpoints restores", "--run_name"),
+        id="index-naming-only-deleted-files",
+    ),
     pytest.param(replace_with_file("checkpoints"), (), ("{run}/checkpoints is a file",), id="checkpoints-is-a-file"),
     pytest.param(remove("settings.json"), (), ("{run}", "no settings.json"), id="settings-missing"),
-    pytest.param(write("settings.json", b'{"dataset": "dig'), (), ("{run}/settings.json",),
-                 id="settings-invalid-json"),
+    pytest.param(write("settings.json", b'{"dataset": "dig'), (), ("{run}/settings.json",), id="settings-invalid-json"),
     pytest.param(write("settings.json", b"[1, 2]"), (), ("{run}/settings.json", "list"), id="settings-a-list"),
-    pytest.param(write("settings.json", b'{"dataset": "\xff\xfe"}'), (), ("{run}/settings.json", "utf-8"),
-                 id="settings-not-utf-8"),
-    pytest.param(replace_with_folder("settings.json"), (), ("{run}/settings.json", "Is a directory"),
-                 id="settings-a-directory"),
-    pytest.param(claim_another_model, ("--model=linear",), ("{run}/checkpoints", "do not match the model"),
-                 id="checkpoint-of-another-model"),
+    pytest.param(
+        write("settings.json", b'{"dataset": "\xff\xfe"}'),
+        (),
+        ("{run}/settings.json", "utf-8"),
+        id="settings-not-utf-8",
+    ),
+    pytest.param(
+        replace_with_folder("settings.json"), (), ("{run}/settings.json", "Is a directory"), id="settings-a-directory"
+    ),
+    pytest.param(
+        claim_another_model,
+        ("--model=linear",),
+        ("{run}/checkpoints", "do not match the model"),
+        id="checkpoint-of-another-model",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("damage", "flags", "words"), REFUSED)
 def test_a_run_that_cannot_be_resumed_is_refused_and_left_as_it_was(
-        run_cli, tmp_path, interrupted, damage, flags, words):
+    run_cli, tmp_path, interrupted, damage, flags, words
+):
     run_dir = tmp_path / "logs" / "r"
     shutil.copytree(interrupted, run_dir)
     damage(run_dir)
@@ -266,20 +322,41 @@ def test_a_name_that_fits_alone_but_not_with_its_suffix_is_refused(run_cli, tmp_
     assert snapshot(tmp_path / "logs") == before
 
 
-@pytest.mark.parametrize("content", [b"", b'{"train": {"accur', b"[]", b'{"dataset": "digits"}'],
-                         ids=["empty", "cut-short", "a-list", "no-results"])
+@pytest.mark.parametrize(
+    "content",
+    [b"", b'{"train": {"accur', b"[]", b'{"dataset": "digits"}'],
+    ids=["empty", "cut-short", "a-list", "no-results"],
+)
 def test_compare_refuses_a_damaged_result_in_one_line(tmp_path, interrupted, content):
     shutil.copytree(interrupted, tmp_path / "r")
     (tmp_path / "r" / "result.json").write_bytes(content)
-    compared = subprocess.run([sys.executable, "-m", "train_loop.compare", str(tmp_path)], capture_output=True,
-                              text=True, timeout=300, cwd=REPO)
+    compared = subprocess.run(
+        [sys.executable, "-m", "train_loop.compare", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     assert_one_line_error(compared, (str(tmp_path / "r" / "result.json"),))
 
 
 def study(logdir: Path, *flags: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "train_loop.study", "--experiments=baseline", "--study_name=s", f"--logdir={logdir}",
-         "--dataset=digits", *flags], capture_output=True, text=True, timeout=600, cwd=REPO)
+        [
+            sys.executable,
+            "-m",
+            "train_loop.study",
+            "--experiments=baseline",
+            "--study_name=s",
+            f"--logdir={logdir}",
+            "--dataset=digits",
+            *flags,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
 
 
 def test_the_study_refuses_a_damaged_result_and_a_run_another_process_trains(tmp_path, interrupted):
@@ -303,5 +380,6 @@ def test_the_study_refuses_a_damaged_result_and_a_run_another_process_trains(tmp
     assert held.returncode == 2, held.stderr
     assert held.stderr.splitlines()[-1] == (
         f"train_loop: error: {baseline} is in use by process {os.getpid()}: wait for it to end, or pass another "
-        "--run_name (--study_name for a study).")
+        "--run_name (--study_name for a study)."
+    )
     assert snapshot(baseline, folder_times=False) == before

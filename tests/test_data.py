@@ -166,7 +166,7 @@ def test_a_changed_idx_file_is_decoded_again(tmp_path: Path, data_cache: Path) -
 
 def _flip_a_pixel(content: bytes) -> bytes:
     middle = len(content) // 2
-    return content[:middle] + bytes([content[middle] ^ 0xFF]) + content[middle + 1:]
+    return content[:middle] + bytes([content[middle] ^ 0xFF]) + content[middle + 1 :]
 
 
 def _labels_out_of_range(content: bytes) -> bytes:
@@ -175,12 +175,20 @@ def _labels_out_of_range(content: bytes) -> bytes:
     return stream.getvalue()
 
 
-@pytest.mark.parametrize("damage", [
-    lambda content: content[: len(content) // 2], lambda content: b"not an npz at all", lambda content: b"",
-    _flip_a_pixel, _labels_out_of_range,
-], ids=["truncated", "garbage", "empty", "flipped_byte", "labels_out_of_range"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda content: content[: len(content) // 2],
+        lambda content: b"not an npz at all",
+        lambda content: b"",
+        _flip_a_pixel,
+        _labels_out_of_range,
+    ],
+    ids=["truncated", "garbage", "empty", "flipped_byte", "labels_out_of_range"],
+)
 def test_a_damaged_data_cache_is_decoded_again_and_rewritten(
-        tmp_path: Path, data_cache: Path, damage: Callable[[bytes], bytes]) -> None:
+    tmp_path: Path, data_cache: Path, damage: Callable[[bytes], bytes]
+) -> None:
     """Whatever happened to the cached file, the run reads the real data, and the cache heals."""
     arrays = make_arrays(seed=8)
     write_idx_set(tmp_path / "data", arrays, gz=True)
@@ -194,7 +202,8 @@ def test_a_damaged_data_cache_is_decoded_again_and_rewritten(
 
 
 def test_an_unwritable_or_disabled_data_cache_still_reads_the_data(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A cache folder that cannot be made (a file is in the way), or one turned off: the data is
     read all the same, and nothing is written."""
     arrays = make_arrays(seed=9)
@@ -260,8 +269,10 @@ def test_fashion_mnist_from_keras_cache_folder(keras_home: Path) -> None:
     assert splits.source == str(folder)
 
 
-@pytest.mark.skipif(not os.path.isdir(sources.DEBIAN_FASHION_MNIST),
-                    reason=f"{sources.DEBIAN_FASHION_MNIST} missing (apt-get install dataset-fashion-mnist)")
+@pytest.mark.skipif(
+    not os.path.isdir(sources.DEBIAN_FASHION_MNIST),
+    reason=f"{sources.DEBIAN_FASHION_MNIST} missing (apt-get install dataset-fashion-mnist)",
+)
 def test_fashion_mnist_from_debian_folder() -> None:
     """With an empty KERAS_HOME, Debian's dataset-fashion-mnist folder is found and read whole."""
     splits = sources.load_splits(Config(dataset="fashion_mnist"))
@@ -378,13 +389,26 @@ def _npz_non_finite_images(folder: Path) -> tuple[Path, str]:
     return write_npz(folder, arrays), "1 non-finite values (inf), the first at index (3, 4, 5)"
 
 
-@pytest.mark.parametrize("corrupt", [
-    _bad_magic, _counts_disagree, _truncated_gzip, _truncated_plain_idx, _npz_missing_key,
-    _idx_label_out_of_range, _npz_negative_label, _idx_wrong_image_shape, _npz_flat_images,
-    _npz_empty_test_split, _npz_non_finite_images,
-], ids=lambda corrupt: corrupt.__name__.lstrip("_"))
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        _bad_magic,
+        _counts_disagree,
+        _truncated_gzip,
+        _truncated_plain_idx,
+        _npz_missing_key,
+        _idx_label_out_of_range,
+        _npz_negative_label,
+        _idx_wrong_image_shape,
+        _npz_flat_images,
+        _npz_empty_test_split,
+        _npz_non_finite_images,
+    ],
+    ids=lambda corrupt: corrupt.__name__.lstrip("_"),
+)
 def test_corrupt_input_is_a_data_error_naming_the_file(
-        tmp_path: Path, corrupt: Callable[[Path], tuple[Path, str]]) -> None:
+    tmp_path: Path, corrupt: Callable[[Path], tuple[Path, str]]
+) -> None:
     """Every broken file raises DataError (one line for the CLI) whose message names its path."""
     folder = tmp_path / "data"
     folder.mkdir()
@@ -469,10 +493,18 @@ BAD_USER_DATA = {
     "empty-test-split": (_set("x_test", lambda a: a["x_test"][:0]), "x_test", "no examples"),
     "empty-train-split": (_set("x_train", lambda a: a["x_train"][:0]), "x_train", "no examples"),
     "non-finite-inputs": (_set("x_train", _with_nan), "x_train", "2 non-finite values (-inf, nan)", "(5, 2)"),
-    "non-finite-labels": (_set("y_test", lambda a: np.where(np.arange(8) == 3, np.nan, a["y_test"])),
-                          "y_test", "non-finite labels (nan)", "index 3"),
-    "string-labels": (_set("y_train", lambda a: np.array(["red", "white", "rose"])[a["y_train"]]),
-                      "y_train", "<U5 (e.g. '", "np.unique"),
+    "non-finite-labels": (
+        _set("y_test", lambda a: np.where(np.arange(8) == 3, np.nan, a["y_test"])),
+        "y_test",
+        "non-finite labels (nan)",
+        "index 3",
+    ),
+    "string-labels": (
+        _set("y_train", lambda a: np.array(["red", "white", "rose"])[a["y_train"]]),
+        "y_train",
+        "<U5 (e.g. '",
+        "np.unique",
+    ),
     "one-hot-labels": (_set("y_train", lambda a: np.eye(3)[a["y_train"]]), "y_train", "(40, 3)", "argmax"),
     "fractional-labels": (_set("y_test", lambda a: a["y_test"] + 0.5), "y_test", "not whole numbers"),
     "negative-labels": (_set("y_test", lambda a: a["y_test"] - 1), "y_test", "-1..1", "0..K-1"),
@@ -485,8 +517,7 @@ BAD_USER_DATA = {
 
 @pytest.mark.parametrize("break_data", BAD_USER_DATA.values(), ids=BAD_USER_DATA.keys())
 @pytest.mark.parametrize("given_as", ["npz", "arrays"])
-def test_bad_user_data_is_one_line_naming_the_file_or_array(tmp_path: Path, break_data: tuple,
-                                                            given_as: str) -> None:
+def test_bad_user_data_is_one_line_naming_the_file_or_array(tmp_path: Path, break_data: tuple, given_as: str) -> None:
     """Checked at load, before any model sees it: each is a DataError naming the array and the file."""
     change, key, *details = break_data
     arrays = change(user_arrays())
@@ -505,8 +536,9 @@ def test_bad_user_data_is_one_line_naming_the_file_or_array(tmp_path: Path, brea
     assert "\n" not in message
 
 
-@pytest.mark.parametrize("labels", [np.eye(10)[np.arange(64) % 10], np.array(list("0123456789") * 7)[:64]],
-                         ids=["one-hot", "strings"])
+@pytest.mark.parametrize(
+    "labels", [np.eye(10)[np.arange(64) % 10], np.array(list("0123456789") * 7)[:64]], ids=["one-hot", "strings"]
+)
 def test_mnist_npz_with_one_hot_or_string_labels_says_what_they_are(tmp_path: Path, labels) -> None:
     """Named data sets share the checks: no more 'N labels for N images: the counts must agree'."""
     path = write_npz(tmp_path / "data", {**make_arrays(), "y_train": labels})
@@ -542,7 +574,8 @@ def test_bundled_digits_are_scikit_learns_split() -> None:
 
     digits = load_digits()
     x_train, x_test, y_train, y_test = train_test_split(
-        digits.images, digits.target, test_size=0.2, random_state=0, stratify=digits.target)
+        digits.images, digits.target, test_size=0.2, random_state=0, stratify=digits.target
+    )
     bundled = sources.load_splits(Config(dataset="digits"))
 
     np.testing.assert_array_equal(bundled.x_train, (x_train.astype(np.float32) / 16.0)[..., np.newaxis])
@@ -592,11 +625,19 @@ def test_steps_per_epoch_drops_the_remainder_and_rejects_huge_batches() -> None:
         inputs.steps_per_epoch(splits, 11)
 
 
-def train_stream(splits: Splits, *, batch: int, seed: int = 0, epochs: int = 3, start_step: int = 0,
-                 context: tf.distribute.InputContext | None = None) -> list[np.ndarray]:
+def train_stream(
+    splits: Splits,
+    *,
+    batch: int,
+    seed: int = 0,
+    epochs: int = 3,
+    start_step: int = 0,
+    context: tf.distribute.InputContext | None = None,
+) -> list[np.ndarray]:
     """The training pipeline's batches as arrays of example indices, checking images match labels."""
     dataset_fn = inputs.train_dataset_fn(
-        splits, global_batch_size=batch, seed=seed, num_epochs=epochs, start_step=start_step)
+        splits, global_batch_size=batch, seed=seed, num_epochs=epochs, start_step=start_step
+    )
     batches = []
     for images, labels in dataset_fn(context or tf.distribute.InputContext()):
         labels = labels.numpy()
@@ -615,7 +656,7 @@ def test_each_epoch_visits_its_examples_once(n_train: int) -> None:
 
     assert len(stream) == 3 * steps
     assert all(labels.shape == (batch,) for labels in stream)
-    epochs = [np.concatenate(stream[epoch * steps:(epoch + 1) * steps]) for epoch in range(3)]
+    epochs = [np.concatenate(stream[epoch * steps : (epoch + 1) * steps]) for epoch in range(3)]
     for order in epochs:
         assert len(set(order.tolist())) == steps * batch
         assert 0 <= order.min() and order.max() < n_train
@@ -654,11 +695,10 @@ def test_replica_batches_make_up_the_global_batch() -> None:
     splits = index_splits(24, 4)
     global_batches = train_stream(splits, batch=4, seed=2)
 
-    per_replica = train_stream(splits, batch=4, seed=2,
-                               context=tf.distribute.InputContext(num_replicas_in_sync=2))
+    per_replica = train_stream(splits, batch=4, seed=2, context=tf.distribute.InputContext(num_replicas_in_sync=2))
 
     assert all(labels.shape == (2,) for labels in per_replica)
-    joined = [np.concatenate(per_replica[i:i + 2]) for i in range(0, len(per_replica), 2)]
+    joined = [np.concatenate(per_replica[i : i + 2]) for i in range(0, len(per_replica), 2)]
     assert len(joined) == len(global_batches) and all(map(np.array_equal, joined, global_batches))
 
 
@@ -669,8 +709,16 @@ def test_two_workers_batches_are_the_global_batch_sharded_element_by_element(sta
     splits = index_splits(22, 4)
     global_batches = train_stream(splits, batch=4, seed=3, start_step=start_step)
 
-    workers = [train_stream(splits, batch=4, seed=3, start_step=start_step, context=tf.distribute.InputContext(
-        num_input_pipelines=2, input_pipeline_id=worker, num_replicas_in_sync=2)) for worker in (0, 1)]
+    workers = [
+        train_stream(
+            splits,
+            batch=4,
+            seed=3,
+            start_step=start_step,
+            context=tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=worker, num_replicas_in_sync=2),
+        )
+        for worker in (0, 1)
+    ]
 
     for worker, batches in enumerate(workers):
         assert len(batches) == len(global_batches)
@@ -713,14 +761,17 @@ def test_hold_out_moves_a_seeded_share_of_the_training_split() -> None:
         hold_out(splits, 0.001, seed=3)
 
 
-@pytest.mark.parametrize("array", [
-    np.random.default_rng(0).random((300, 28, 28, 1), dtype=np.float32)[:, 1:],  # a strided view
-    np.arange(-7, 1000, dtype=np.int64)[1:],  # a misaligned start
-    np.arange(12, dtype=np.uint8).reshape(3, 4),
-    np.array([True, False, True]),
-    np.zeros((0, 5), np.float64),
-    np.arange(6, dtype=">f4").reshape(2, 3),  # big-endian, as an npz may hold it
-])
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.random.default_rng(0).random((300, 28, 28, 1), dtype=np.float32)[:, 1:],  # a strided view
+        np.arange(-7, 1000, dtype=np.int64)[1:],  # a misaligned start
+        np.arange(12, dtype=np.uint8).reshape(3, 4),
+        np.array([True, False, True]),
+        np.zeros((0, 5), np.float64),
+        np.arange(6, dtype=">f4").reshape(2, 3),  # big-endian, as an npz may hold it
+    ],
+)
 def test_host_tensor_holds_a_private_copy_of_the_array(array: np.ndarray) -> None:
     """The split in TensorFlow without `tf.constant`'s copy: equal to the array, on the host, and
     unaffected when the caller changes or drops the array afterwards."""

@@ -36,9 +36,14 @@ DIGITS_STEPS = (1437 - round(0.1 * 1437)) // 32  # digits' training examples les
 
 
 def start(*args: str, module: str = "train_loop", env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, **(env or {})})
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def finish(process: subprocess.Popen, timeout: float = 600) -> tuple[int, str, str]:
@@ -56,12 +61,16 @@ def assert_same_numbers(result: dict, expected: dict, rel: float) -> None:
             assert result[split][name] == pytest.approx(value, rel=rel, abs=1e-7), (split, name)
 
 
-@pytest.mark.parametrize("model", [
-    # The best model's weights and counters live in mirrored variables on every worker.
-    dict(l2=0.001, best_metric="validation/accuracy", eval_every=15, global_clipnorm=0.5),
-    # Kernel, bias and activity regularizers, an add_loss term and a nested sub-model.
-    dict(model=os.path.join(REPO, "tests", "user_models.py") + ":build"),
-], ids=["convnet", "user-model"])
+@pytest.mark.parametrize(
+    "model",
+    [
+        # The best model's weights and counters live in mirrored variables on every worker.
+        dict(l2=0.001, best_metric="validation/accuracy", eval_every=15, global_clipnorm=0.5),
+        # Kernel, bias and activity regularizers, an add_loss term and a nested sub-model.
+        dict(model=os.path.join(REPO, "tests", "user_models.py") + ":build"),
+    ],
+    ids=["convnet", "user-model"],
+)
 def test_two_workers_match_one_process_and_only_the_chief_writes(tmp_path, model):
     """`launch --workers=2`: MultiWorkerMirroredStrategy over loopback; the workers agree on what
     `--jit_compile=auto` measured, and train the numbers of one device forced to that choice."""
@@ -69,8 +78,15 @@ def test_two_workers_match_one_process_and_only_the_chief_writes(tmp_path, model
     scratch = tmp_path / "scratch"  # The workers' TMPDIR: non-chief checkpoints go there, then away.
     scratch.mkdir()
     flags = [f"--{name}={value}" for name, value in settings.items()]
-    launched = start("--workers=2", "--", *flags, f"--logdir={tmp_path / 'two'}", "--run_name=run",
-                     module="train_loop.launch", env={"TMPDIR": str(scratch)})
+    launched = start(
+        "--workers=2",
+        "--",
+        *flags,
+        f"--logdir={tmp_path / 'two'}",
+        "--run_name=run",
+        module="train_loop.launch",
+        env={"TMPDIR": str(scratch)},
+    )
     status, stdout, stderr = finish(launched)
     assert status == 0, stdout[-3000:] + stderr[-3000:]
     assert "[worker 0] training" in stdout and "[worker 1] training" in stdout
@@ -84,14 +100,16 @@ def test_two_workers_match_one_process_and_only_the_chief_writes(tmp_path, model
     assert two["decided"]["by"] == "measured"
     said = {line.split("] ", 1)[1] for line in stdout.splitlines() if "] XLA " in line}
     assert len(said) == 1 and f"XLA {'on' if choice else 'off'}, measured" in said.pop()
-    one = train(Config(**settings, jit_compile=choice, logdir=str(tmp_path / "one"), run_name="run",
-                       strategy="one_device"))
+    one = train(
+        Config(**settings, jit_compile=choice, logdir=str(tmp_path / "one"), run_name="run", strategy="one_device")
+    )
     assert_same_numbers(two, one, rel=1e-4)
     assert two["best_step"] == one["best_step"]
     assert os.listdir(tmp_path / "two") == ["run"]
     assert not [name for name in os.listdir(scratch) if name.startswith("train_loop-worker-")]
-    weights = [keras.models.load_model(tmp_path / name / "run" / "model.keras").get_weights()
-               for name in ("one", "two")]
+    weights = [
+        keras.models.load_model(tmp_path / name / "run" / "model.keras").get_weights() for name in ("one", "two")
+    ]
     # Without XLA, oneDNN sums a half batch's gradient in another order than a whole one's: after
     # 88 steps a few of the smallest weights (|w| ~ 1e-3) differ by up to 2e-6.
     for first, second in zip(*weights):
@@ -121,11 +139,25 @@ def test_two_slurm_tasks_on_one_node_match_one_process(tmp_path):
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     port = consecutive_free_ports(2)
-    slurm = {"SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NODELIST": "localhost", "SLURM_STEP_TASKS_PER_NODE": "2",
-             "SLURM_STEP_RESV_PORTS": f"{port}-{port + 1}", "TMPDIR": str(scratch)}
+    slurm = {
+        "SLURM_STEP_NUM_TASKS": "2",
+        "SLURM_STEP_NODELIST": "localhost",
+        "SLURM_STEP_TASKS_PER_NODE": "2",
+        "SLURM_STEP_RESV_PORTS": f"{port}-{port + 1}",
+        "TMPDIR": str(scratch),
+    }
     flags = [f"--{name}={value}" for name, value in settings.items()]
-    tasks = [start("--strategy=multi_worker", "--cluster_resolver=slurm", *flags, f"--logdir={tmp_path / 'two'}",
-                   "--run_name=run", env={**slurm, "SLURM_PROCID": str(rank)}) for rank in range(2)]
+    tasks = [
+        start(
+            "--strategy=multi_worker",
+            "--cluster_resolver=slurm",
+            *flags,
+            f"--logdir={tmp_path / 'two'}",
+            "--run_name=run",
+            env={**slurm, "SLURM_PROCID": str(rank)},
+        )
+        for rank in range(2)
+    ]
     for rank, task in enumerate(tasks):
         status, stdout, stderr = finish(task)
         assert status == 0, (rank, stdout[-3000:] + stderr[-3000:])
@@ -137,11 +169,14 @@ def test_two_slurm_tasks_on_one_node_match_one_process(tmp_path):
     assert os.listdir(tmp_path / "two") == ["run"]
 
 
-@pytest.mark.parametrize(("args", "names"), [
-    (("--workers=0",), ("--workers",)),
-    (("--workers=2", "--", "--l2=-1"), ("--l2=",)),
-    (("--workers=2", "--", "--no_such_flag"), ("no_such_flag",)),
-])
+@pytest.mark.parametrize(
+    ("args", "names"),
+    [
+        (("--workers=0",), ("--workers",)),
+        (("--workers=2", "--", "--l2=-1"), ("--l2=",)),
+        (("--workers=2", "--", "--no_such_flag"), ("no_such_flag",)),
+    ],
+)
 def test_launch_refuses_bad_input_in_one_line(tmp_path, args, names):
     status, stdout, stderr = finish(start(*args, f"--logdir={tmp_path}", module="train_loop.launch"), timeout=120)
     assert (status, stdout) == (2, "")
@@ -165,8 +200,14 @@ def wait_for_output(process: subprocess.Popen, text: str, timeout: float = 120) 
 
 @pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_checkpoints_and_exits_then_the_same_command_resumes(tmp_path, signum, status):
-    flags = ("--dataset=digits", "--epochs=30", "--steps_per_loop=20", "--summary_every=20",
-             f"--logdir={tmp_path}", "--run_name=r")
+    flags = (
+        "--dataset=digits",
+        "--epochs=30",
+        "--steps_per_loop=20",
+        "--summary_every=20",
+        f"--logdir={tmp_path}",
+        "--run_name=r",
+    )
     process = start(*flags)
     wait_for_output(process, "step 20/")  # Training is under way.
     signalled = time.monotonic()
@@ -197,20 +238,42 @@ def logged_steps(run_dir: Path) -> dict[str, list[int]]:
     return steps
 
 
-@pytest.mark.parametrize("model_flags", [
-    # Dropout, and every loop feature: clipping, decoupled decay, the weights' average (in the
-    # optimizer's checkpointed state), a schedule that warms up and decays across the kill, and
-    # the best model with early stopping (their counters checkpointed too).
-    ("--dropout=0.2", "--l2=0.001", "--global_clipnorm=0.5", "--weight_decay=0.01", "--ema=0.99",
-     "--lr_schedule=cosine", "--lr_decay_steps=150", "--warmup_steps=10", "--eval_every=15",
-     "--best_metric=validation/accuracy", "--early_stopping_patience=4"),
-    # A user's model: kernel, bias and activity regularizers, add_loss, a nested sub-model.
-    ("--model=tests/user_models.py:build", "--epochs=20"),  # Fast steps: more of them, for the kill to land.
-], ids=["convnet-with-dropout-and-optimizer-features", "user-model"])
+@pytest.mark.parametrize(
+    "model_flags",
+    [
+        # Dropout, and every loop feature: clipping, decoupled decay, the weights' average (in the
+        # optimizer's checkpointed state), a schedule that warms up and decays across the kill, and
+        # the best model with early stopping (their counters checkpointed too).
+        (
+            "--dropout=0.2",
+            "--l2=0.001",
+            "--global_clipnorm=0.5",
+            "--weight_decay=0.01",
+            "--ema=0.99",
+            "--lr_schedule=cosine",
+            "--lr_decay_steps=150",
+            "--warmup_steps=10",
+            "--eval_every=15",
+            "--best_metric=validation/accuracy",
+            "--early_stopping_patience=4",
+        ),
+        # A user's model: kernel, bias and activity regularizers, add_loss, a nested sub-model.
+        ("--model=tests/user_models.py:build", "--epochs=20"),  # Fast steps: more of them, for the kill to land.
+    ],
+    ids=["convnet-with-dropout-and-optimizer-features", "user-model"],
+)
 def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_numbers(tmp_path, model_flags):
     """--deterministic: the resumed run's result, weights and curves are the same."""
-    flags = ("--dataset=digits", "--epochs=4", "--deterministic", *model_flags,
-             "--checkpoint_every=20", "--summary_every=10", "--steps_per_loop=5", f"--logdir={tmp_path}")
+    flags = (
+        "--dataset=digits",
+        "--epochs=4",
+        "--deterministic",
+        *model_flags,
+        "--checkpoint_every=20",
+        "--summary_every=10",
+        "--steps_per_loop=5",
+        f"--logdir={tmp_path}",
+    )
     code, _, stderr = finish(start(*flags, "--run_name=whole"))
     assert code == 0, stderr
 
@@ -224,8 +287,9 @@ def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_numbers(tm
     time.sleep(delay)
     killed.send_signal(signal.SIGKILL)
     killed.communicate(timeout=30)
-    assert killed.returncode == -signal.SIGKILL and not (tmp_path / "killed" / "result.json").exists(), \
+    assert killed.returncode == -signal.SIGKILL and not (tmp_path / "killed" / "result.json").exists(), (
         f"the run ended before the kill {delay:.2f} s after its first checkpoint"
+    )
 
     code, stdout, stderr = finish(start(*flags, "--run_name=killed"))
     assert code == 0, stderr
@@ -242,8 +306,9 @@ def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_numbers(tm
     steps, expected = logged_steps(tmp_path / "killed"), logged_steps(tmp_path / "whole")
     assert steps == expected, f"repeated or missing steps after a kill {delay:.2f} s in"
     epochs, expected = epoch_lines(tmp_path / "killed"), epoch_lines(tmp_path / "whole")
-    assert [sorted(line) for line in epochs] == [sorted(line) for line in expected], \
+    assert [sorted(line) for line in epochs] == [sorted(line) for line in expected], (
         f"repeated or missing epochs in metrics.jsonl after a kill {delay:.2f} s in"
+    )
     for line, uninterrupted in zip(epochs, expected):
         assert all(abs(line[key] - value) <= 1e-6 for key, value in uninterrupted.items()), (line, uninterrupted)
 
@@ -251,8 +316,9 @@ def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_numbers(tm
 def epoch_lines(run_dir: Path) -> list[dict]:
     """metrics.jsonl's lines, less what a kill changes: the time and the throughput."""
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{key: value for key, value in line.items() if key not in ("wall_time", "examples_per_second")}
-            for line in lines]
+    return [
+        {key: value for key, value in line.items() if key not in ("wall_time", "examples_per_second")} for line in lines
+    ]
 
 
 def test_a_non_finite_gradient_is_divergence_too():
@@ -279,8 +345,16 @@ def worker_pids(launcher: subprocess.Popen) -> dict[int, int]:
 
 
 def test_sigterm_to_one_worker_stops_all_at_one_checkpoint_and_the_run_resumes(tmp_path):
-    args = ("--workers=2", "--", "--dataset=digits", "--epochs=8", "--steps_per_loop=20", "--summary_every=20",
-            f"--logdir={tmp_path}", "--run_name=r")
+    args = (
+        "--workers=2",
+        "--",
+        "--dataset=digits",
+        "--epochs=8",
+        "--steps_per_loop=20",
+        "--summary_every=20",
+        f"--logdir={tmp_path}",
+        "--run_name=r",
+    )
     launcher = start(*args, module="train_loop.launch")
     wait_for_output(launcher, "[worker 0] epoch 1/8 step 20/")
     os.kill(worker_pids(launcher)[1], signal.SIGTERM)  # Not the chief: it must stop too, at the same step.
@@ -309,8 +383,9 @@ def test_sigint_during_start_up_is_one_line_and_status_130(tmp_path):
 
 
 def test_sigint_to_the_launcher_during_start_up_is_one_line_per_worker(tmp_path):
-    launcher = start("--workers=2", "--", "--dataset=digits", f"--logdir={tmp_path}", "--run_name=r",
-                     module="train_loop.launch")
+    launcher = start(
+        "--workers=2", "--", "--dataset=digits", f"--logdir={tmp_path}", "--run_name=r", module="train_loop.launch"
+    )
     deadline = time.monotonic() + 60
     while len(worker_pids(launcher)) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -326,8 +401,9 @@ def test_sigint_to_the_launcher_during_start_up_is_one_line_per_worker(tmp_path)
 def test_a_worker_dying_during_start_up_stops_the_launcher_without_its_grace_period(tmp_path):
     """Worker 0, waiting for its dead peer, stops at the launcher's SIGTERM instead of hanging
     until the 30 s grace period ends in SIGKILL."""
-    launcher = start("--workers=2", "--", "--dataset=digits", f"--logdir={tmp_path}", "--run_name=r",
-                     module="train_loop.launch")
+    launcher = start(
+        "--workers=2", "--", "--dataset=digits", f"--logdir={tmp_path}", "--run_name=r", module="train_loop.launch"
+    )
     deadline = time.monotonic() + 60
     while len(worker_pids(launcher)) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -342,8 +418,10 @@ def test_a_worker_dying_during_start_up_stops_the_launcher_without_its_grace_per
 def test_a_leftover_tf_config_waits_for_its_peers_until_a_signal(tmp_path):
     """A single run under a TF_CONFIG naming an absent peer: SIGTERM ends the wait in one line."""
     own, peer = launch_module.free_ports(2)
-    tf_config = {"cluster": {"worker": [f"127.0.0.1:{own}", f"127.0.0.1:{peer}"]},
-                 "task": {"type": "worker", "index": 0}}
+    tf_config = {
+        "cluster": {"worker": [f"127.0.0.1:{own}", f"127.0.0.1:{peer}"]},
+        "task": {"type": "worker", "index": 0},
+    }
     process = start("--dataset=digits", f"--logdir={tmp_path}", env={"TF_CONFIG": json.dumps(tf_config)})
     deadline = time.monotonic() + 120
     while not listening(own) and process.poll() is None and time.monotonic() < deadline:
@@ -386,8 +464,12 @@ def test_a_killed_workers_temporary_folder_is_removed_at_the_next_start(tmp_path
 
 def mounted(path: Path, size: str) -> bool:
     path.mkdir(exist_ok=True)
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                          capture_output=True).returncode == 0
+    return (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+        ).returncode
+        == 0
+    )
 
 
 @pytest.fixture
@@ -405,8 +487,10 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_the_run_resumes_once_sp
     flags = ("--dataset=digits", "--checkpoint_every=20", f"--logdir={small_disk}", "--run_name=r")
     code, _, stderr = finish(start(*flags))
     assert code == NoSpace.EXIT_STATUS, stderr
-    assert stderr == (f"train_loop: error: no space left on {small_disk / 'r' / 'checkpoints'}; the run resumes once "
-                      "space is freed.\n")
+    assert stderr == (
+        f"train_loop: error: no space left on {small_disk / 'r' / 'checkpoints'}; the run resumes once "
+        "space is freed.\n"
+    )
     assert os.listdir(small_disk / "r" / "checkpoints") == []  # The half-written ckpt-20_temp is gone.
     settings = json.loads((small_disk / "r" / "settings.json").read_text())
     subprocess.run(["mount", "-o", "remount,size=4m", str(small_disk)], check=True)

@@ -8,19 +8,46 @@ import pathlib
 import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "train_loop"
-ENTRY_POINTS = ("train_loop.cli", "train_loop.apps", "train_loop.launch", "train_loop.bench", "train_loop.compare",
-                "train_loop.startup", "train_loop.__main__")
+ENTRY_POINTS = (
+    "train_loop.cli",
+    "train_loop.apps",
+    "train_loop.launch",
+    "train_loop.bench",
+    "train_loop.compare",
+    "train_loop.startup",
+    "train_loop.__main__",
+)
 # A module (by the start of its dotted name) may not import any module starting with these.
 RULES = {
-    "train_loop.configs": ("train_loop.configs.", "train_loop.data", "train_loop.model", "train_loop.outputs",
-                           "train_loop.training", "train_loop.study", *ENTRY_POINTS),
+    "train_loop.configs": (
+        "train_loop.configs.",
+        "train_loop.data",
+        "train_loop.model",
+        "train_loop.outputs",
+        "train_loop.training",
+        "train_loop.study",
+        *ENTRY_POINTS,
+    ),
     "train_loop.errors": ("train_loop.",),
     # Leaves that every layer may use: writing files safely, and ending with the parent process.
-    "train_loop.files": ("train_loop.configs", "train_loop.files.", "train_loop.data", "train_loop.model",
-                         "train_loop.outputs", "train_loop.training", "train_loop.study", *ENTRY_POINTS),
+    "train_loop.files": (
+        "train_loop.configs",
+        "train_loop.files.",
+        "train_loop.data",
+        "train_loop.model",
+        "train_loop.outputs",
+        "train_loop.training",
+        "train_loop.study",
+        *ENTRY_POINTS,
+    ),
     "train_loop.orphans": ("train_loop.",),
-    "train_loop.data": ("train_loop.model", "train_loop.outputs", "train_loop.training", "train_loop.study",
-                        *ENTRY_POINTS),
+    "train_loop.data": (
+        "train_loop.model",
+        "train_loop.outputs",
+        "train_loop.training",
+        "train_loop.study",
+        *ENTRY_POINTS,
+    ),
     "train_loop.model": ("train_loop.outputs", "train_loop.training", "train_loop.study", *ENTRY_POINTS),
     "train_loop.outputs": ("train_loop.training", "train_loop.study", *ENTRY_POINTS),
     "train_loop.training": ("train_loop.study", *ENTRY_POINTS),
@@ -52,17 +79,22 @@ def imported(tree: ast.AST, module: str):
 
 
 def test_each_layer_imports_only_what_its_rules_allow():
-    broken = [f"{module} imports {name}"
-              for module, names in sorted(modules().items())
-              for layer, forbidden in RULES.items() if module == layer or module.startswith(f"{layer}.")
-              for name in sorted(names) if name.startswith(forbidden)]
+    broken = [
+        f"{module} imports {name}"
+        for module, names in sorted(modules().items())
+        for layer, forbidden in RULES.items()
+        if module == layer or module.startswith(f"{layer}.")
+        for name in sorted(names)
+        if name.startswith(forbidden)
+    ]
     assert broken == []
 
 
 def test_the_data_layer_imports_tensorflow_only_in_its_pipelines():
     data = {module: names for module, names in modules().items() if module.startswith("train_loop.data")}
-    assert {module for module, names in data.items()
-            if any(name.split(".")[0] == "tensorflow" for name in names)} <= TENSORFLOW_IN_DATA
+    assert {
+        module for module, names in data.items() if any(name.split(".")[0] == "tensorflow" for name in names)
+    } <= TENSORFLOW_IN_DATA
 
 
 def test_the_rules_name_real_modules_and_every_module_belongs_to_a_layer_or_the_top():

@@ -43,8 +43,11 @@ def numpy_weight_term(regularizer: keras.regularizers.Regularizer | None, weight
 def numpy_layer_terms(model: keras.Model) -> dict[str, float]:
     """Each layer's kernel and bias terms, by path, from the model's weights and regularizers."""
     layers = dict(models.weighted_layers(model))
-    return {path: numpy_weight_term(layers[path].kernel_regularizer, layers[path].kernel.numpy())
-            + numpy_weight_term(layers[path].bias_regularizer, layers[path].bias.numpy()) for path in USER_LAYERS}
+    return {
+        path: numpy_weight_term(layers[path].kernel_regularizer, layers[path].kernel.numpy())
+        + numpy_weight_term(layers[path].bias_regularizer, layers[path].bias.numpy())
+        for path in USER_LAYERS
+    }
 
 
 def numpy_batch_terms(model: keras.Model, images: np.ndarray) -> float:
@@ -70,8 +73,7 @@ def test_step_regularization_of_every_kind_of_term_equals_numpy(replicas):
     images, labels = splits.x_train[:32], splits.y_train[:32]
     expected = sum(numpy_layer_terms(model).values()) + numpy_batch_terms(model, images)
 
-    train_step = tf.function(steps.make_train_step(strategy, model, optimizer,
-                                                   steps.make_replica_gradients(model, 32)))
+    train_step = tf.function(steps.make_train_step(strategy, model, optimizer, steps.make_replica_gradients(model, 32)))
     measured = train_step((images, labels), tf.constant(False), tf.constant(False))
 
     assert float(measured["regularization"]) == pytest.approx(expected, rel=1e-5)
@@ -85,8 +87,9 @@ def test_layer_tags_by_path_equal_numpy_from_the_saved_model(run_cli, tmp_path, 
     run_dir = str(tmp_path / "logs" / "r")
     final_step = json.loads((tmp_path / "logs" / "r" / "result.json").read_text())["steps"]
     tags = events(run_dir, "train").Tags()
-    assert {tag for tag in tags["tensors"] if tag.startswith("regularization/")} == \
-        {f"regularization/{path}" for path in USER_LAYERS}
+    assert {tag for tag in tags["tensors"] if tag.startswith("regularization/")} == {
+        f"regularization/{path}" for path in USER_LAYERS
+    }
     assert {f"{kind}/{path}" for kind in ("kernel", "bias") for path in USER_LAYERS} <= set(tags["tensors"])
 
     monkeypatch.chdir(REPO)  # The model's path is the one given on the command line.
@@ -103,6 +106,7 @@ def test_layer_tags_by_path_equal_numpy_from_the_saved_model(run_cli, tmp_path, 
 
 def test_flags_regularize_a_user_model_without_its_own_regularizers():
     """--l2 and --bias_l1 go on every Dense kernel and bias, nested ones included."""
+
     def plain() -> keras.Model:
         encoder = keras.Sequential([keras.layers.Flatten(), keras.layers.Dense(4, name="hidden")], name="encoder")
         inputs = keras.Input((8, 8, 1))
@@ -123,14 +127,24 @@ def test_python_api_refuses_a_bad_model_function_and_writes_nothing(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", [
-    [sys.executable, "examples/own_model.py", "{logdir}"],
-    ["sh", "examples/wine.sh", "{logdir}"],
-], ids=["python-api", "command-line"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        [sys.executable, "examples/own_model.py", "{logdir}"],
+        ["sh", "examples/wine.sh", "{logdir}"],
+    ],
+    ids=["python-api", "command-line"],
+)
 def test_examples_run_and_learn(tmp_path, command):
     """Both examples train from the repository root and end far above chance on their test split."""
-    finished = subprocess.run([part.format(logdir=tmp_path) for part in command], cwd=REPO, capture_output=True,
-                              text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})
+    finished = subprocess.run(
+        [part.format(logdir=tmp_path) for part in command],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
     assert finished.returncode == 0, finished.stderr[-3000:]
     (result_file,) = tmp_path.glob("*/result.json")
     result = json.loads(result_file.read_text())

@@ -24,8 +24,14 @@ ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHON
 
 
 def start(*flags: str, cwd: Path | str = REPO, prefix: tuple[str, ...] = ()) -> subprocess.Popen:
-    return subprocess.Popen([*prefix, sys.executable, "-m", "train_loop", *flags], cwd=cwd, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    return subprocess.Popen(
+        [*prefix, sys.executable, "-m", "train_loop", *flags],
+        cwd=cwd,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=ENV,
+    )
 
 
 def finish(process: subprocess.Popen, timeout: float = 600) -> tuple[int, str, str]:
@@ -44,7 +50,7 @@ def wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 1
 
 def saved_steps(run_dir: Path) -> list[int]:
     indexes = (run_dir / "checkpoints").glob("ckpt-*.index")
-    return sorted(int(path.name[len("ckpt-"):-len(".index")]) for path in indexes)
+    return sorted(int(path.name[len("ckpt-") : -len(".index")]) for path in indexes)
 
 
 def damage_index(kind: str, checkpoint_dir: Path) -> None:
@@ -62,10 +68,22 @@ def test_a_relative_logdir_through_an_index_repair_rotates_the_run_and_nothing_e
     """A run stopped by SIGTERM, its index damaged, resumed from a working folder holding files
     named like its checkpoints: the repaired index names the run's own files, so the resumed run
     rotates them down to 3 and the working folder's are left alone."""
-    flags = ("--dataset=digits", "--validation_split=0", "--epochs=10", "--checkpoint_every=20",
-             "--steps_per_loop=10", "--summary_every=20", "--nojit_compile", "--logdir=logs", "--run_name=r")
-    decoys = {f"ckpt-{step}{suffix}": f"decoy {step}{suffix}"
-              for step in range(20, 10 * DIGITS_STEPS + 1, 20) for suffix in (".index", ".data-00000-of-00001")}
+    flags = (
+        "--dataset=digits",
+        "--validation_split=0",
+        "--epochs=10",
+        "--checkpoint_every=20",
+        "--steps_per_loop=10",
+        "--summary_every=20",
+        "--nojit_compile",
+        "--logdir=logs",
+        "--run_name=r",
+    )
+    decoys = {
+        f"ckpt-{step}{suffix}": f"decoy {step}{suffix}"
+        for step in range(20, 10 * DIGITS_STEPS + 1, 20)
+        for suffix in (".index", ".data-00000-of-00001")
+    }
     for name, content in decoys.items():
         (tmp_path / name).write_text(content)
     run_dir = tmp_path / "logs" / "r"
@@ -105,8 +123,16 @@ def test_a_model_function_that_changes_the_working_folder_keeps_the_run_in_one_f
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (tmp_path / "moving.py").write_text(CHANGES_FOLDER.format(elsewhere=str(elsewhere)))
-    flags = ("--dataset=digits", "--model=moving.py:build", "--epochs=30", "--checkpoint_every=20",
-             "--steps_per_loop=10", "--nojit_compile", "--logdir=logs", "--run_name=r")
+    flags = (
+        "--dataset=digits",
+        "--model=moving.py:build",
+        "--epochs=30",
+        "--checkpoint_every=20",
+        "--steps_per_loop=10",
+        "--nojit_compile",
+        "--logdir=logs",
+        "--run_name=r",
+    )
     run_dir = tmp_path / "logs" / "r"
     stopped = start(*flags, cwd=tmp_path)
     wait_for(lambda: saved_steps(run_dir), stopped, "checkpoint")
@@ -121,8 +147,9 @@ def test_a_model_function_that_changes_the_working_folder_keeps_the_run_in_one_f
     assert f"resuming {run_dir} from step {step}" in stdout
     assert os.listdir(elsewhere) == []
     assert sorted(os.listdir(tmp_path)) == ["elsewhere", "logs", "moving.py"]
-    assert {"result.json", "settings.json", "metrics.jsonl", "model.keras", "checkpoints", "train"} \
-        <= set(os.listdir(run_dir))
+    assert {"result.json", "settings.json", "metrics.jsonl", "model.keras", "checkpoints", "train"} <= set(
+        os.listdir(run_dir)
+    )
     epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert epochs == list(range(1, 31))
 
@@ -134,9 +161,23 @@ def test_a_study_whose_model_function_changes_the_working_folder_keeps_its_runs_
     elsewhere.mkdir()
     (tmp_path / "moving.py").write_text(CHANGES_FOLDER.format(elsewhere=str(elsewhere)))
     finished = subprocess.run(
-        [sys.executable, "-m", "train_loop.study", "--experiments=baseline,l2", "--study_name=s", "--logdir=logs",
-         "--dataset=digits", f"--model={tmp_path / 'moving.py'}:build", "--nojit_compile"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path, env=ENV)
+        [
+            sys.executable,
+            "-m",
+            "train_loop.study",
+            "--experiments=baseline,l2",
+            "--study_name=s",
+            "--logdir=logs",
+            "--dataset=digits",
+            f"--model={tmp_path / 'moving.py'}:build",
+            "--nojit_compile",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env=ENV,
+    )
 
     assert finished.returncode == 0, finished.stderr
     assert os.listdir(elsewhere) == []
@@ -161,8 +202,10 @@ def test_deleting_lock_does_not_let_a_second_process_train_the_run(tmp_path):
         first.send_signal(signal.SIGCONT)
 
     assert (code, stdout) == (2, ""), stderr
-    assert stderr == (f"train_loop: error: {tmp_path / 'r'} is in use by process {first.pid}: wait for it to end, "
-                      "or pass another --run_name (--study_name for a study).\n")
+    assert stderr == (
+        f"train_loop: error: {tmp_path / 'r'} is in use by process {first.pid}: wait for it to end, "
+        "or pass another --run_name (--study_name for a study).\n"
+    )
     code, _, stderr = finish(first)
     assert code == 0, stderr
     lines = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
@@ -174,12 +217,19 @@ def make_symlink(lock: Path, tmp_path: Path) -> None:
     lock.symlink_to(tmp_path / "target")
 
 
-@pytest.mark.parametrize(("make", "prefix"), [
-    (make_symlink, ()),
-    (lambda lock, _: lock.mkdir(), ()),
-    # Root reads any file: without its capabilities, the permission bits hold.
-    (lambda lock, _: (lock.write_text("1\n"), lock.chmod(0)), ("setpriv", "--inh-caps=-all", "--bounding-set=-all")),
-], ids=["symlink", "folder", "unreadable"])
+@pytest.mark.parametrize(
+    ("make", "prefix"),
+    [
+        (make_symlink, ()),
+        (lambda lock, _: lock.mkdir(), ()),
+        # Root reads any file: without its capabilities, the permission bits hold.
+        (
+            lambda lock, _: (lock.write_text("1\n"), lock.chmod(0)),
+            ("setpriv", "--inh-caps=-all", "--bounding-set=-all"),
+        ),
+    ],
+    ids=["symlink", "folder", "unreadable"],
+)
 def test_a_lock_file_of_the_wrong_kind_is_left_alone_and_the_run_trains(tmp_path, make, prefix):
     """The folder's own lock is the lock: a `.lock` that is a symlink (its target never written),
     a folder or unreadable is left as it was, and the run trains."""
@@ -188,8 +238,9 @@ def test_a_lock_file_of_the_wrong_kind_is_left_alone_and_the_run_trains(tmp_path
     make(lock, tmp_path)
     before = lock.lstat()
 
-    code, stdout, stderr = finish(start("--dataset=digits", "--nojit_compile", f"--logdir={tmp_path}", "--run_name=r",
-                                        prefix=prefix))
+    code, stdout, stderr = finish(
+        start("--dataset=digits", "--nojit_compile", f"--logdir={tmp_path}", "--run_name=r", prefix=prefix)
+    )
 
     assert code == 0, stderr
     assert f"training {tmp_path / 'r'} on " in stdout
@@ -202,16 +253,25 @@ def test_a_lock_file_of_the_wrong_kind_is_left_alone_and_the_run_trains(tmp_path
 def epoch_lines(run_dir: Path) -> list[dict]:
     """metrics.jsonl's lines, less what a kill changes: the time and the throughput."""
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{key: value for key, value in line.items() if key not in ("wall_time", "examples_per_second")}
-            for line in lines]
+    return [
+        {key: value for key, value in line.items() if key not in ("wall_time", "examples_per_second")} for line in lines
+    ]
 
 
 def test_a_sigkill_after_an_epochs_line_and_before_its_checkpoint_leaves_each_epoch_once(tmp_path):
     """Killed with epoch 2's line written and the newest checkpoint at step 79 (epoch 2 ends at 80):
     the resumed run drops that line and writes it again, so every epoch appears once, with the
     values of an uninterrupted run."""
-    flags = ("--dataset=digits", "--epochs=4", "--deterministic", "--checkpoint_every=79", "--steps_per_loop=2",
-             "--summary_every=2", "--nojit_compile", f"--logdir={tmp_path}")
+    flags = (
+        "--dataset=digits",
+        "--epochs=4",
+        "--deterministic",
+        "--checkpoint_every=79",
+        "--steps_per_loop=2",
+        "--summary_every=2",
+        "--nojit_compile",
+        f"--logdir={tmp_path}",
+    )
     code, _, stderr = finish(start(*flags, "--run_name=whole"))
     assert code == 0, stderr
 
@@ -251,4 +311,5 @@ def test_a_special_file_as_settings_json_is_one_line_not_a_hang(run_cli, tmp_pat
     assert finished.stderr.strip().splitlines() == [
         f"train_loop: error: cannot read {settings} "
         f"({'a FIFO' if kind == 'fifo' else 'a character device'}, not a regular file): "
-        "nothing was changed: pass a new --run_name."]
+        "nothing was changed: pass a new --run_name."
+    ]

@@ -22,8 +22,17 @@ from train_loop.outputs.events import scalar_series
 
 pytestmark = pytest.mark.slow  # every test here trains a model
 
-RESULT_KEYS = {"dataset", "strategy", "replicas", "steps", "epochs", "train", "validation", "test",
-               "examples_per_second"}
+RESULT_KEYS = {
+    "dataset",
+    "strategy",
+    "replicas",
+    "steps",
+    "epochs",
+    "train",
+    "validation",
+    "test",
+    "examples_per_second",
+}
 DIGITS_STEPS = (1437 - round(0.1 * 1437)) // 32  # digits' training examples less the validation split, batch 32.
 
 
@@ -42,7 +51,8 @@ def test_digits_reaches_90_percent_in_three_epochs(run_cli, tmp_path):
     assert result["test"]["accuracy"] >= 0.90 and result["validation"]["accuracy"] >= 0.90
     assert (result["steps"], result["epochs"], result["replicas"]) == (3 * DIGITS_STEPS, 3, 1)
     assert result["train"]["total"] == pytest.approx(
-        result["train"]["cross_entropy"] + result["train"]["regularization"], rel=1e-6)
+        result["train"]["cross_entropy"] + result["train"]["regularization"], rel=1e-6
+    )
     assert "epoch 3/3: train cross_entropy" in finished.stdout
     assert_metrics_file(run_dir, result)
     assert finished.stderr == "", "TensorFlow's start-up noise reached the user"
@@ -50,7 +60,8 @@ def test_digits_reaches_90_percent_in_three_epochs(run_cli, tmp_path):
     splits = hold_out(sources.load_splits(config), config.validation_split, config.seed)
     assert finished.stdout.splitlines()[1] == (
         f"{len(splits.x_train):,} training, {len(splits.x_validation):,} validation and "
-        f"{len(splits.x_test):,} test examples; OneDeviceStrategy, 1 replica in sync, here on CPU:0")
+        f"{len(splits.x_test):,} test examples; OneDeviceStrategy, 1 replica in sync, here on CPU:0"
+    )
 
 
 def assert_metrics_file(run_dir, result: dict) -> None:
@@ -93,12 +104,12 @@ def test_saved_model_loads_with_plain_keras_and_carries_its_regularizers(run_cli
     for path, layer in models.weighted_layers(model):
         logged = scalar_series(str(run_dir), "train", f"regularization/{path}")[final_step]
         assert float(sum(layer.losses)) == pytest.approx(logged, rel=1e-6)
-    assert float(sum(model.losses)) == pytest.approx(
-        numpy_regularization(model, Config(l1=0.001, l2=0.001)), rel=1e-5)
+    assert float(sum(model.losses)) == pytest.approx(numpy_regularization(model, Config(l1=0.001, l2=0.001)), rel=1e-5)
 
 
-@pytest.mark.skipif(not os.path.isdir(sources.DEBIAN_FASHION_MNIST),
-                    reason="needs Debian's dataset-fashion-mnist (.ci/run installs it)")
+@pytest.mark.skipif(
+    not os.path.isdir(sources.DEBIAN_FASHION_MNIST), reason="needs Debian's dataset-fashion-mnist (.ci/run installs it)"
+)
 def test_fashion_mnist_one_epoch_reaches_85_percent(run_cli, tmp_path):
     finished = run_cli("--dataset=fashion_mnist", "--l2=0.001", "--batch_size=32")
     assert finished.returncode == 0, finished.stderr
@@ -122,8 +133,17 @@ def test_a_finished_run_is_never_overwritten(run_cli, tmp_path):
 def test_an_interrupted_run_resumes_from_its_newest_checkpoint(tmp_path):
     """SIGKILL after the first checkpoint; the same command resumes there and finishes."""
     logdir = tmp_path / "logs"
-    command = [sys.executable, "-m", "train_loop", f"--logdir={logdir}", "--dataset=digits", "--epochs=15",
-               "--checkpoint_every=10", "--steps_per_loop=5", "--run_name=r"]
+    command = [
+        sys.executable,
+        "-m",
+        "train_loop",
+        f"--logdir={logdir}",
+        "--dataset=digits",
+        "--epochs=15",
+        "--checkpoint_every=10",
+        "--steps_per_loop=5",
+        "--run_name=r",
+    ]
     kill_at_first_checkpoint(command, logdir / "r")
     resumed = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
@@ -146,12 +166,21 @@ def test_resuming_with_other_settings_is_refused(run_cli, tmp_path):
 
 
 def test_a_diverging_run_stops_with_status_3_and_keeps_finite_checkpoints(run_cli, tmp_path):
-    finished = run_cli("--dataset=digits", "--epochs=3", "--optimizer=sgd", "--learning_rate=1e12",
-                       "--run_name=r", "--checkpoint_every=2", "--steps_per_loop=2", "--summary_every=2")
+    finished = run_cli(
+        "--dataset=digits",
+        "--epochs=3",
+        "--optimizer=sgd",
+        "--learning_rate=1e12",
+        "--run_name=r",
+        "--checkpoint_every=2",
+        "--steps_per_loop=2",
+        "--summary_every=2",
+    )
     assert finished.returncode == 3, finished.stderr
     assert finished.stderr.count("\n") == 1 and "diverged" in finished.stderr
-    assert re.search(r"(cross_entropy|regularization|gradient_norm) became (nan|inf|-inf) between steps \d+",
-                     finished.stderr), finished.stderr
+    assert re.search(
+        r"(cross_entropy|regularization|gradient_norm) became (nan|inf|-inf) between steps \d+", finished.stderr
+    ), finished.stderr
     checkpoints = tmp_path / "logs" / "r" / "checkpoints"
     assert not (tmp_path / "logs" / "r" / "result.json").exists()
     for index in checkpoints.glob("*.index"):

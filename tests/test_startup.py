@@ -22,10 +22,19 @@ WARNING = "W1128 05:00:00.000000  1234 some_op.cc:1] a warning the user must see
 
 def run_python(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     # As in a user's shell: none of the logging settings conftest makes for the test session.
-    environment = {key: value for key, value in os.environ.items()
-                   if key not in ("TRAIN_LOOP_VERBOSE_STARTUP", "TF_CPP_MIN_LOG_LEVEL")}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=300, cwd=REPO, env={**environment, **(env or {})})
+    environment = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("TRAIN_LOOP_VERBOSE_STARTUP", "TF_CPP_MIN_LOG_LEVEL")
+    }
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env={**environment, **(env or {})},
+    )
 
 
 def test_lines_written_before_a_crash_still_come_through():
@@ -68,4 +77,3 @@ def test_verbose_startup_shows_tensorflows_start_up_lines():
     assert quiet.returncode == verbose.returncode == 0
     assert "cpu_feature_guard" not in quiet.stderr
     assert "cpu_feature_guard" in verbose.stderr
-

@@ -32,8 +32,14 @@ from train_loop.study import plans, report, study
 
 
 def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
-                          timeout=600, cwd=REPO, env=dict(os.environ))
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+        env=dict(os.environ),
+    )
 
 
 def parse_table(markdown: str) -> dict[str, list[str]]:
@@ -63,12 +69,21 @@ def run_numbers(run_dir: Path) -> dict[str, float]:
     result = json.loads((run_dir / "result.json").read_text())
     train, validation, test = result["train"], result["validation"], result["test"]
     kernel = np.abs(first_kernel(run_dir))
-    return {"train CE": train["cross_entropy"], "regularization": train["regularization"], "total": train["total"],
-            "train acc": train["accuracy"], "val CE": validation["cross_entropy"],
-            "val acc": validation["accuracy"], "test CE": test["cross_entropy"], "test acc": test["accuracy"],
-            "gap (test - train CE)": test["cross_entropy"] - train["cross_entropy"],
-            "gap (val - train CE)": validation["cross_entropy"] - train["cross_entropy"],
-            "mean abs w": kernel.mean(), "max abs w": kernel.max(), "abs w < 0.001": np.mean(kernel < 1e-3)}
+    return {
+        "train CE": train["cross_entropy"],
+        "regularization": train["regularization"],
+        "total": train["total"],
+        "train acc": train["accuracy"],
+        "val CE": validation["cross_entropy"],
+        "val acc": validation["accuracy"],
+        "test CE": test["cross_entropy"],
+        "test acc": test["accuracy"],
+        "gap (test - train CE)": test["cross_entropy"] - train["cross_entropy"],
+        "gap (val - train CE)": validation["cross_entropy"] - train["cross_entropy"],
+        "mean abs w": kernel.mean(),
+        "max abs w": kernel.max(),
+        "abs w < 0.001": np.mean(kernel < 1e-3),
+    }
 
 
 def cell(column: str, values: list[float]) -> str:
@@ -82,12 +97,23 @@ def cell(column: str, values: list[float]) -> str:
 def expected_cells(run_dir: Path) -> list[str]:
     """A row of compare's per-run table, recomputed."""
     numbers = run_numbers(run_dir)
-    return [f"{value:+.4f}" if column.startswith("gap") else f"{value:.1%}" if column.startswith("abs w")
-            else f"{value:.4f}" for column, value in numbers.items()]
+    return [
+        f"{value:+.4f}"
+        if column.startswith("gap")
+        else f"{value:.1%}"
+        if column.startswith("abs w")
+        else f"{value:.4f}"
+        for column, value in numbers.items()
+    ]
 
 
-STUDY_FLAGS = ("--experiments=baseline,l1", "--seeds=0,1", "--sweep=l2=1e-4,1e-3", "--dataset=digits",
-               "--steps_per_loop=50")
+STUDY_FLAGS = (
+    "--experiments=baseline,l1",
+    "--seeds=0,1",
+    "--sweep=l2=1e-4,1e-3",
+    "--dataset=digits",
+    "--steps_per_loop=50",
+)
 EXPERIMENTS = ("baseline", "l1", "baseline-l2=0.0001", "baseline-l2=0.001")
 FIGURES = ("learning_curves.png", "first_layer_kernels.png", "near_zero_weights.png", "regularization_path.png")
 
@@ -104,8 +130,9 @@ def seeded_study(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
 @pytest.mark.slow
 def test_every_cell_is_the_mean_and_spread_over_seeds(seeded_study):
     folder, done = seeded_study
-    assert sorted(os.listdir(folder)) == sorted([*(f"{name}-seed={seed}" for name in EXPERIMENTS for seed in (0, 1)),
-                                                 "study.md", *FIGURES])
+    assert sorted(os.listdir(folder)) == sorted(
+        [*(f"{name}-seed={seed}" for name in EXPERIMENTS for seed in (0, 1)), "study.md", *FIGURES]
+    )
     markdown = (folder / "study.md").read_text()
     assert markdown in done.stdout
     rows = parse_table(parse_sections(markdown)[""])
@@ -136,11 +163,16 @@ def test_paired_differences_from_the_reference_and_the_rule(seeded_study):
     for name in EXPERIMENTS[1:]:
         expected = []
         for column in ("val CE", "val acc"):
-            differences = [run_numbers(folder / f"{name}-seed={seed}")[column]
-                           - run_numbers(folder / f"baseline-seed={seed}")[column] for seed in (0, 1)]
+            differences = [
+                run_numbers(folder / f"{name}-seed={seed}")[column]
+                - run_numbers(folder / f"baseline-seed={seed}")[column]
+                for seed in (0, 1)
+            ]
             error = np.std(differences, ddof=1) / np.sqrt(2)
-            expected += [f"{np.mean(differences):+.4f} ± {error:.4f}",
-                         "yes" if abs(np.mean(differences)) > 2 * error else "no"]
+            expected += [
+                f"{np.mean(differences):+.4f} ± {error:.4f}",
+                "yes" if abs(np.mean(differences)) > 2 * error else "no",
+            ]
         assert rows[name] == expected, name
 
 
@@ -163,8 +195,11 @@ def test_the_regularization_path(seeded_study):
     assert list(rows) == ["0", "0.0001", "0.001"]
     for strength, name in zip(rows, ("baseline", "baseline-l2=0.0001", "baseline-l2=0.001")):
         runs = [run_numbers(folder / f"{name}-seed={seed}") for seed in (0, 1)]
-        assert rows[strength] == [name, "2", *(cell(column, [run[column] for run in runs])
-                                               for column in headings[2:])], name
+        assert rows[strength] == [
+            name,
+            "2",
+            *(cell(column, [run[column] for run in runs]) for column in headings[2:]),
+        ], name
     assert headings[2:] == ["val CE", "val acc", "gap (val - train CE)", "abs w < 0.001"]
 
 
@@ -217,7 +252,12 @@ def test_without_matplotlib_the_tables_are_written_and_one_line_says_so(seeded_s
     shutil.copytree(folder, tmp_path / "copy", ignore=shutil.ignore_patterns("*.png", "study.md"))
     blocked = subprocess.run(
         [sys.executable, "-c", WITHOUT_MATPLOTLIB, *STUDY_FLAGS, f"--logdir={tmp_path}", "--study_name=copy"],
-        capture_output=True, text=True, timeout=600, cwd=REPO, env=dict(os.environ))
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+        env=dict(os.environ),
+    )
     assert blocked.returncode == 0, blocked.stderr
     said = [line for line in blocked.stderr.splitlines() if "matplotlib" in line]
     assert len(said) == 1 and said[0].startswith("train_loop: warning: ") and "train_loop[study]" in said[0]
@@ -234,8 +274,13 @@ def test_jobs_train_in_processes_of_their_own_and_report_a_failure_in_one_line(t
     study passes on with its run's name; the other run finishes and a rerun in one process reuses it."""
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "l1").write_text("in the way")
-    args = ("--experiments=baseline,l1", "--dataset=digits", "--steps_per_loop=50", f"--logdir={tmp_path}",
-            "--study_name=mine")
+    args = (
+        "--experiments=baseline,l1",
+        "--dataset=digits",
+        "--steps_per_loop=50",
+        f"--logdir={tmp_path}",
+        "--study_name=mine",
+    )
     failed = run_module("train_loop.study", *args, "--jobs=2")
     threads = max(1, len(os.sched_getaffinity(0)) // 2)  # Each of the two processes gets its share of the cores.
     assert f"baseline: training in a process of its own, TF_NUM_INTRAOP_THREADS={threads}" in failed.stdout
@@ -256,14 +301,26 @@ def test_jobs_train_in_processes_of_their_own_and_report_a_failure_in_one_line(t
 def test_sigterm_to_a_study_with_jobs_stops_every_training_at_a_checkpoint(tmp_path):
     """The study passes SIGTERM on to its training processes, which checkpoint and stop; it ends
     with their one line and 143, and leaves no process training behind it."""
-    args = ("--experiments=baseline,l1", "--dataset=digits", "--epochs=30", "--steps_per_loop=5",
-            "--checkpoint_every=10", f"--logdir={tmp_path}", "--study_name=mine", "--jobs=2")
-    study_process = subprocess.Popen([sys.executable, "-m", "train_loop.study", *args], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, cwd=REPO)
+    args = (
+        "--experiments=baseline,l1",
+        "--dataset=digits",
+        "--epochs=30",
+        "--steps_per_loop=5",
+        "--checkpoint_every=10",
+        f"--logdir={tmp_path}",
+        "--study_name=mine",
+        "--jobs=2",
+    )
+    study_process = subprocess.Popen(
+        [sys.executable, "-m", "train_loop.study", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
     indexes = [tmp_path / "mine" / name / "checkpoints" / "checkpoint" for name in ("baseline", "l1")]
     deadline = time.monotonic() + 300
-    while not all(index.exists() for index in indexes) and study_process.poll() is None \
-            and time.monotonic() < deadline:
+    while not all(index.exists() for index in indexes) and study_process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
     study_process.send_signal(signal.SIGTERM)
     _, stderr = study_process.communicate(timeout=300)
@@ -310,8 +367,14 @@ def test_study_passes_a_user_model_and_npz_on_to_every_experiment(tmp_path):
     """--model and --dataset given to the study reach each experiment; the folder is named after the npz."""
     made = subprocess.run([sys.executable, "examples/wine.py", str(tmp_path / "wine.npz")], cwd=REPO)
     assert made.returncode == 0
-    finished = run_module("train_loop.study", "--experiments=baseline,l2", "--model=examples/wine.py:build",
-                          f"--dataset={tmp_path / 'wine.npz'}", "--batch_size=16", f"--logdir={tmp_path / 'logs'}")
+    finished = run_module(
+        "train_loop.study",
+        "--experiments=baseline,l2",
+        "--model=examples/wine.py:build",
+        f"--dataset={tmp_path / 'wine.npz'}",
+        "--batch_size=16",
+        f"--logdir={tmp_path / 'logs'}",
+    )
     assert finished.returncode == 0, finished.stderr
     (folder,) = (tmp_path / "logs").glob("study-wine-*")
     rows = parse_table(parse_sections((folder / "study.md").read_text())[""])
@@ -325,11 +388,18 @@ def test_study_passes_a_user_model_and_npz_on_to_every_experiment(tmp_path):
 
 @pytest.mark.slow
 def test_study_refuses_a_changed_experiment_in_the_same_folder(tmp_path):
-    made = train(Config(dataset="digits", logdir=str(tmp_path / "mine"), run_name="baseline", epochs=1,
-                        steps_per_loop=50))
+    made = train(
+        Config(dataset="digits", logdir=str(tmp_path / "mine"), run_name="baseline", epochs=1, steps_per_loop=50)
+    )
     assert made["steps"] == (1437 - 144) // 32  # digits less its validation split, at batch 32
-    refused = run_module("train_loop.study", "--experiments=baseline", "--dataset=digits", "--epochs=2",
-                         f"--logdir={tmp_path}", "--study_name=mine")
+    refused = run_module(
+        "train_loop.study",
+        "--experiments=baseline",
+        "--dataset=digits",
+        "--epochs=2",
+        f"--logdir={tmp_path}",
+        "--study_name=mine",
+    )
     assert refused.returncode == 2 and refused.stdout == ""
     assert refused.stderr.splitlines() == [refused.stderr.strip()]
     assert "epochs (run has 1, flags say 2)" in refused.stderr and "--study_name" in refused.stderr
@@ -341,16 +411,24 @@ def test_five_experiments_in_one_process_print_no_retracing_warning(tmp_path):
     (tmp_path / "flags").mkdir()
     for index in range(5):
         (tmp_path / "flags" / f"e{index}.cfg").write_text(f"--l2={index / 1000}\n")
-    done = run_module("train_loop.study", f"--flags_dir={tmp_path / 'flags'}", "--experiments=e0,e1,e2,e3,e4",
-                      "--dataset=digits", "--steps_per_loop=50", f"--logdir={tmp_path / 'logs'}")
+    done = run_module(
+        "train_loop.study",
+        f"--flags_dir={tmp_path / 'flags'}",
+        "--experiments=e0,e1,e2,e3,e4",
+        "--dataset=digits",
+        "--steps_per_loop=50",
+        f"--logdir={tmp_path / 'logs'}",
+    )
     assert done.returncode == 0, done.stderr
     assert "retracing" not in done.stderr
 
 
 def test_default_study_folders_are_named_by_what_the_shared_flags_change():
     """The README's two studies (1 epoch, then --epochs=10) get folders of their own."""
-    one, ten = (study.default_study_name(flags) for flags in (["--dataset=fashion_mnist"],
-                                                              ["--dataset=fashion_mnist", "--epochs=10"]))
+    one, ten = (
+        study.default_study_name(flags)
+        for flags in (["--dataset=fashion_mnist"], ["--dataset=fashion_mnist", "--epochs=10"])
+    )
     today = datetime.date.today().isoformat()
     assert (one, ten) == (f"study-fashion_mnist-{today}", f"study-fashion_mnist-epochs=10-{today}")
     assert study.default_study_name(["--model=linear", "--l2=0.01"]) == f"study-mnist-linear-l2=0.01-{today}"
@@ -369,8 +447,7 @@ def test_study_reads_the_flagfiles_shipped_in_the_package_and_a_folder_of_ones_o
 
 def parse_flagfile(path):
     """(l1, l2) as the flagfile's `--name=value` lines set them."""
-    values = dict(line.removeprefix("--").split("=") for line in path.read_text().splitlines()
-                  if line.startswith("--"))
+    values = dict(line.removeprefix("--").split("=") for line in path.read_text().splitlines() if line.startswith("--"))
     return float(values.get("l1", 0)), float(values.get("l2", 0))
 
 

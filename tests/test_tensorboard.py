@@ -34,13 +34,19 @@ pytestmark = pytest.mark.slow  # every test here trains a model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUMMARY_EVERY = 10
-TRAIN_FLAGS = ("--dataset=digits", "--epochs=2", "--l2=0.001", "--bias_l1=0.0001",
-               f"--summary_every={SUMMARY_EVERY}")
+TRAIN_FLAGS = ("--dataset=digits", "--epochs=2", "--l2=0.001", "--bias_l1=0.0001", f"--summary_every={SUMMARY_EVERY}")
 LAYERS = ("conv1", "conv2", "dense")
-TRAIN_SCALARS = {"loss/cross_entropy", "loss/regularization", "loss/total", "accuracy", "learning_rate",
-                 "examples_per_second", "gradient_norm", "regularization_ratio",
-                 *(f"{kind}/{layer}" for layer in LAYERS
-                   for kind in ("regularization", "weight_norm", "sparsity", "gradient_norm"))}
+TRAIN_SCALARS = {
+    "loss/cross_entropy",
+    "loss/regularization",
+    "loss/total",
+    "accuracy",
+    "learning_rate",
+    "examples_per_second",
+    "gradient_norm",
+    "regularization_ratio",
+    *(f"{kind}/{layer}" for layer in LAYERS for kind in ("regularization", "weight_norm", "sparsity", "gradient_norm")),
+}
 INITIAL_SCALARS = ("regularization/", "loss/regularization", "weight_norm/", "sparsity/")  # also logged at step 0
 EVAL_SCALARS = {"loss/cross_entropy", "accuracy"}
 WEIGHT_HISTOGRAMS = {f"{kind}/{layer}" for layer in LAYERS for kind in ("kernel", "bias")}
@@ -103,8 +109,11 @@ class Client:
         """A JSON body: TensorBoard's HParams routes parse `request.data`, so the content type must not
         be the form encoding urllib defaults to (werkzeug would consume the body as a form)."""
         request = urllib.request.Request(
-            f"{self.base_url}{path}", data=json.dumps(body).encode(), method="POST",
-            headers={"Content-Type": "application/json", "X-XSRF-Protected": "1"})
+            f"{self.base_url}{path}",
+            data=json.dumps(body).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json", "X-XSRF-Protected": "1"},
+        )
         return self._json(request)
 
     def get_bytes(self, path_and_query: str) -> tuple[str, bytes]:
@@ -122,8 +131,7 @@ def run(tmp_path_factory) -> Run:
     """Trains one small run with the CLI, as `run_cli` does, once for the whole module."""
     logdir = str(tmp_path_factory.mktemp("tensorboard") / "logs")
     command = [sys.executable, "-m", "train_loop", f"--logdir={logdir}", *TRAIN_FLAGS]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO,
-                          env=dict(os.environ))
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO, env=dict(os.environ))
     assert done.returncode == 0, f"training failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     (name,) = os.listdir(logdir)
     with open(os.path.join(logdir, name, "result.json")) as stream:
@@ -146,11 +154,17 @@ def serve(logdir: str, loader: str, workdir) -> Iterator[Client]:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     log_path = workdir / "tensorboard.log"
-    command = [sys.executable, "-m", "tensorboard.main", f"--logdir={logdir}", "--host=127.0.0.1",
-               f"--port={port}", *LOADERS[loader]]
+    command = [
+        sys.executable,
+        "-m",
+        "tensorboard.main",
+        f"--logdir={logdir}",
+        "--host=127.0.0.1",
+        f"--port={port}",
+        *LOADERS[loader],
+    ]
     with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
-                                   env=dict(os.environ))
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, env=dict(os.environ))
     try:
         client = Client(f"http://127.0.0.1:{port}")
         _wait_until_loaded(client, process, logdir, log_path)
@@ -167,8 +181,10 @@ def serve(logdir: str, loader: str, workdir) -> Iterator[Client]:
 def _wait_until_loaded(client: Client, process: subprocess.Popen, logdir: str, log_path) -> None:
     """Polls until the server answers and every folder holding an event file shows up as a run with
     data (the Rust loader lists a run before its data; it commits a run's data all at once)."""
-    folders = {os.path.relpath(os.path.dirname(path), logdir)
-               for path in glob.glob(os.path.join(logdir, "**", "events.out.tfevents.*"), recursive=True)}
+    folders = {
+        os.path.relpath(os.path.dirname(path), logdir)
+        for path in glob.glob(os.path.join(logdir, "**", "events.out.tfevents.*"), recursive=True)
+    }
     deadline, loaded = time.monotonic() + STARTUP_SECONDS, set()
     while True:
         if process.poll() is not None:
@@ -185,8 +201,10 @@ def _wait_until_loaded(client: Client, process: subprocess.Popen, logdir: str, l
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass  # Not listening yet.
         if time.monotonic() > deadline:
-            pytest.fail(f"TensorBoard loaded {sorted(loaded)} of {sorted(folders)} "
-                        f"within {STARTUP_SECONDS} s:\n{log_path.read_text()[-3000:]}")
+            pytest.fail(
+                f"TensorBoard loaded {sorted(loaded)} of {sorted(folders)} "
+                f"within {STARTUP_SECONDS} s:\n{log_path.read_text()[-3000:]}"
+            )
         time.sleep(0.25)
 
 
@@ -281,14 +299,30 @@ def test_hparams_experiment(tensorboard: Client, run: Run):
     """The experiment lists the run's settings as hparams and its scalars as metrics."""
     experiment = tensorboard.post("/data/plugin/hparams/experiment", {"experimentName": ""})
     hparams = {info["name"]: info for info in experiment["hparamInfos"]}
-    assert {"l2", "l1", "bias_l1", "dataset", "batch_size", "epochs", "optimizer", "learning_rate",
-            "model", "seed", "replicas"} <= set(hparams)
+    assert {
+        "l2",
+        "l1",
+        "bias_l1",
+        "dataset",
+        "batch_size",
+        "epochs",
+        "optimizer",
+        "learning_rate",
+        "model",
+        "seed",
+        "replicas",
+    } <= set(hparams)
     assert not {"logdir", "run_name", "data_dir"} & set(hparams)
     assert hparams["l2"]["domainInterval"] == {"minValue": 0.001, "maxValue": 0.001}
     assert hparams["dataset"]["domainDiscrete"] == ["digits"]
     metrics = {(info["name"]["group"], info["name"]["tag"]) for info in experiment["metricInfos"]}
-    assert {("validation", "accuracy"), ("test", "accuracy"), ("test", "loss/cross_entropy"), ("train", "loss/total"),
-            ("train", "accuracy")} <= metrics
+    assert {
+        ("validation", "accuracy"),
+        ("test", "accuracy"),
+        ("test", "loss/cross_entropy"),
+        ("train", "loss/total"),
+        ("train", "accuracy"),
+    } <= metrics
 
 
 def test_hparams_session_group(tensorboard: Client, run: Run):
@@ -298,8 +332,10 @@ def test_hparams_session_group(tensorboard: Client, run: Run):
     body = {
         "experimentName": "",
         "allowedStatuses": ALL_STATUSES,
-        "colParams": [*({"hparam": name, "includeInResult": True} for name in hparam_names),
-                      *({"metric": name, "includeInResult": True} for name in metric_names)],
+        "colParams": [
+            *({"hparam": name, "includeInResult": True} for name in hparam_names),
+            *({"metric": name, "includeInResult": True} for name in metric_names),
+        ],
         "startIndex": 0,
         "sliceSize": 10,
         "includeMetrics": True,
@@ -322,8 +358,16 @@ def two_runs(tmp_path_factory) -> str:
     """A logdir of two one-epoch runs, `a` and then `b`, that differ in --l2 alone."""
     logdir = str(tmp_path_factory.mktemp("two-runs") / "logs")
     for name, l2 in (("a", 0.0), ("b", 0.001)):
-        command = [sys.executable, "-m", "train_loop", f"--logdir={logdir}", "--dataset=digits", "--epochs=1",
-                   f"--l2={l2}", f"--run_name={name}"]
+        command = [
+            sys.executable,
+            "-m",
+            "train_loop",
+            f"--logdir={logdir}",
+            "--dataset=digits",
+            "--epochs=1",
+            f"--l2={l2}",
+            f"--run_name={name}",
+        ]
         done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO, env=dict(os.environ))
         assert done.returncode == 0, f"training failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return logdir
@@ -333,23 +377,35 @@ def two_runs(tmp_path_factory) -> str:
 def test_hparams_lists_only_the_settings_that_differ(two_runs: str, loader: str, tmp_path):
     """The HParams table's columns are l2, the one setting the runs differ in, then the final
     metrics; the newest run holds the logdir's one experiment; each run is a session with its l2."""
-    body = {"experimentName": "", "allowedStatuses": ALL_STATUSES, "startIndex": 0, "sliceSize": 10,
-            "colParams": [{"hparam": "l2", "includeInResult": True}], "includeMetrics": True}
+    body = {
+        "experimentName": "",
+        "allowedStatuses": ALL_STATUSES,
+        "startIndex": 0,
+        "sliceSize": 10,
+        "colParams": [{"hparam": "l2", "includeInResult": True}],
+        "includeMetrics": True,
+    }
     with serve(two_runs, loader, tmp_path) as client:
         experiment = client.post("/data/plugin/hparams/experiment", {"experimentName": ""})
         groups = client.post("/data/plugin/hparams/session_groups", body)["sessionGroups"]
     assert [info["name"] for info in experiment["hparamInfos"]] == ["l2"]
     assert [(info["name"]["group"], info["name"]["tag"]) for info in experiment["metricInfos"]] == list(
-        COMPARED_METRICS)
+        COMPARED_METRICS
+    )
     assert {group["name"]: group["hparams"] for group in groups} == {"a": {"l2": 0.0}, "b": {"l2": 0.001}}
-    assert [os.path.relpath(path, two_runs).split(os.sep)[0]
-            for path in glob.glob(os.path.join(two_runs, "*", "events.out.tfevents.*.experiment"))] == ["b"]
+    assert [
+        os.path.relpath(path, two_runs).split(os.sep)[0]
+        for path in glob.glob(os.path.join(two_runs, "*", "events.out.tfevents.*.experiment"))
+    ] == ["b"]
 
 
 def test_settings_text(tensorboard: Client, run: Run):
     """The settings table is a text summary of the run's root, rendered with its values."""
     assert tensorboard.get("/data/plugin/text/tags") == {
-        run.name: ["settings"], run.validation: ["confusion_matrix_counts"], run.test: ["confusion_matrix_counts"]}
+        run.name: ["settings"],
+        run.validation: ["confusion_matrix_counts"],
+        run.test: ["confusion_matrix_counts"],
+    }
     (entry,) = tensorboard.get("/data/plugin/text/text", run=run.name, tag="settings")
     assert entry["step"] == 0
     for key, value in (("l2", "0.001"), ("dataset", "digits"), ("batch_size", "32")):

@@ -25,8 +25,8 @@ TRAINING_FLAGS = set(Config.__dataclass_fields__)
 # What each tool takes besides --version: study and launch pass the training flags on.
 EXPECTED_FLAGS = {
     "train-loop": TRAINING_FLAGS,
-    "train-loop-study": TRAINING_FLAGS | {"experiments", "extra_flags", "study_name", "flags_dir", "seeds", "sweep",
-                                          "jobs"},
+    "train-loop-study": TRAINING_FLAGS
+    | {"experiments", "extra_flags", "study_name", "flags_dir", "seeds", "sweep", "jobs"},
     "train-loop-launch": TRAINING_FLAGS | {"workers"},
     "train-loop-compare": set(),
     "train-loop-bench": {"dataset", "batch_size", "precision", "steps", "quick", "rounds", "whole_run"},
@@ -38,8 +38,9 @@ def run_script(tmp_path: Path, name: str, *args: str) -> subprocess.CompletedPro
     script = tmp_path / name
     script.write_text(f"import sys\nfrom {module} import {function}\nsys.exit({function}())\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
-                          timeout=120, cwd=tmp_path, env=env)
+    return subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env
+    )
 
 
 def listed_flags(helpshort: str) -> set[str]:
@@ -61,8 +62,9 @@ def test_helpshort_lists_the_flags_the_tool_takes_under_a_usage_line(tmp_path, n
 
 def test_python_m_lists_the_same_flags_as_the_script(tmp_path):
     module = SCRIPTS["train-loop-study"].split(":")[0]
-    shown = subprocess.run([sys.executable, "-m", module, "--helpshort"], capture_output=True, text=True,
-                           timeout=120, cwd=REPO)
+    shown = subprocess.run(
+        [sys.executable, "-m", module, "--helpshort"], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
     assert listed_flags(shown.stdout) == EXPECTED_FLAGS["train-loop-study"] | {"version"}
 
 
@@ -79,11 +81,13 @@ def test_version_prints_the_package_version_and_exits(tmp_path, name):
 def test_a_tool_freezes_the_collector_when_its_main_ends_however_it_ends(tmp_path, ending, status):
     # Frozen, the interpreter's exit skips collecting TensorFlow's objects; atexit handlers still run.
     script = tmp_path / "tool.py"
-    script.write_text("import atexit, gc, sys\n"
-                      "from train_loop import apps\n"
-                      "atexit.register(lambda: print('frozen at exit:', gc.get_freeze_count() > 0))\n"
-                      f"def main(argv):\n    {ending}\n"
-                      "apps.run(main, usage='Usage: tool', flag_modules=[])\n")
+    script.write_text(
+        "import atexit, gc, sys\n"
+        "from train_loop import apps\n"
+        "atexit.register(lambda: print('frozen at exit:', gc.get_freeze_count() > 0))\n"
+        f"def main(argv):\n    {ending}\n"
+        "apps.run(main, usage='Usage: tool', flag_modules=[])\n"
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
     ended = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
 
@@ -93,22 +97,37 @@ def test_a_tool_freezes_the_collector_when_its_main_ends_however_it_ends(tmp_pat
 
 def test_the_training_tool_freezes_the_collector_after_a_user_error(tmp_path):
     # A user error raised inside main (a stray argument): one line, status 2, and the fast exit.
-    code = ("import atexit, gc\n"
-            "atexit.register(lambda: print('frozen at exit:', gc.get_freeze_count() > 0))\n"
-            "from train_loop.cli import run\nrun()\n")
+    code = (
+        "import atexit, gc\n"
+        "atexit.register(lambda: print('frozen at exit:', gc.get_freeze_count() > 0))\n"
+        "from train_loop.cli import run\nrun()\n"
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
-    ended = subprocess.run([sys.executable, "-c", code, f"--logdir={tmp_path / 'logs'}", "stray"],
-                           capture_output=True, text=True, timeout=120, env=env)
+    ended = subprocess.run(
+        [sys.executable, "-c", code, f"--logdir={tmp_path / 'logs'}", "stray"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
 
     assert ended.returncode == 2
-    assert ended.stderr.strip().splitlines() == ["train_loop: error: unexpected arguments 'stray': every setting is a "
-                                                 "--flag=value."]
+    assert ended.stderr.strip().splitlines() == [
+        "train_loop: error: unexpected arguments 'stray': every setting is a --flag=value."
+    ]
     assert ended.stdout.strip() == "frozen at exit: True"
     assert not (tmp_path / "logs").exists()
 
 
-@pytest.mark.parametrize("name, bad_flag", [("train-loop-bench", "--rounds=0"), ("train-loop-bench", "--steps=5"),
-                                            ("train-loop", "--epochs=many"), ("train-loop-compare", "--nonsense=1")])
+@pytest.mark.parametrize(
+    "name, bad_flag",
+    [
+        ("train-loop-bench", "--rounds=0"),
+        ("train-loop-bench", "--steps=5"),
+        ("train-loop", "--epochs=many"),
+        ("train-loop-compare", "--nonsense=1"),
+    ],
+)
 def test_a_bad_flag_is_one_line_and_status_2_in_every_tool(tmp_path, name, bad_flag):
     shown = run_script(tmp_path, name, bad_flag)
 

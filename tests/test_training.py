@@ -20,8 +20,9 @@ from train_loop.training import distribute
 from train_loop.training.run import train
 
 # Every optimizer feature at once; short enough a decay and warm-up to show in a digits epoch.
-OPTIMIZER_FEATURES = dict(global_clipnorm=0.5, weight_decay=0.01, ema=0.9, lr_schedule="cosine",
-                          lr_decay_steps=30, warmup_steps=5)
+OPTIMIZER_FEATURES = dict(
+    global_clipnorm=0.5, weight_decay=0.01, ema=0.9, lr_schedule="cosine", lr_decay_steps=30, warmup_steps=5
+)
 
 REGULARIZED = [
     dict(l2=0.001),
@@ -51,11 +52,16 @@ def one_step(config: Config, strategy: tf.distribute.Strategy | None = None, *, 
         model_out.extend([model, [w.copy() for w in model.get_weights()]])
     images, labels = splits.x_train[: config.batch_size], splits.y_train[: config.batch_size]
     gradients = steps.make_replica_gradients(model, config.batch_size)
-    train_step = tf.function(steps.make_train_step(strategy, model, optimizer, gradients,
-                                                   global_clipnorm=config.global_clipnorm))
-    measured = train_step(strategy.experimental_distribute_values_from_function(
-        lambda context: _replica_slice(images, labels, context)) if strategy.num_replicas_in_sync > 1
-        else (images, labels), tf.constant(True), tf.constant(True))
+    train_step = tf.function(
+        steps.make_train_step(strategy, model, optimizer, gradients, global_clipnorm=config.global_clipnorm)
+    )
+    measured = train_step(
+        strategy.experimental_distribute_values_from_function(lambda context: _replica_slice(images, labels, context))
+        if strategy.num_replicas_in_sync > 1
+        else (images, labels),
+        tf.constant(True),
+        tf.constant(True),
+    )
     return initial, {name: float(value) if value.shape.rank == 0 else value.numpy() for name, value in measured.items()}
 
 
@@ -63,7 +69,7 @@ def _replica_slice(images: np.ndarray, labels: np.ndarray, context: tf.distribut
     """Replica i's consecutive share of the global batch, as the run's input deals it."""
     size = len(images) // context.num_replicas_in_sync
     start = context.replica_id_in_sync_group * size
-    return tf.constant(images[start:start + size]), tf.constant(labels[start:start + size])
+    return tf.constant(images[start : start + size]), tf.constant(labels[start : start + size])
 
 
 def test_convnet_has_the_studys_parameter_count():
@@ -83,7 +89,7 @@ def test_step_regularization_equals_numpy_on_initial_weights(settings):
 
 @pytest.mark.parametrize("replicas", [1, 2])
 def test_gradient_histograms_hold_the_whole_batchs_kernel_gradients(replicas):
-    """"gradient/<layer>" is the gradient of the batch's total loss (TensorFlow's, recomputed here
+    """ "gradient/<layer>" is the gradient of the batch's total loss (TensorFlow's, recomputed here
     on the weights the step started from) before clipping, on any replica count; its norm is
     the logged "gradient_norm/<layer>"."""
     strategy = distribute.mirrored_strategy([f"/cpu:{index}" for index in range(replicas)])
@@ -93,7 +99,7 @@ def test_gradient_histograms_hold_the_whole_batchs_kernel_gradients(replicas):
     model, initial = built
     model.set_weights(initial)
     splits = sources.load_splits(config)
-    images, labels = splits.x_train[:config.batch_size], splits.y_train[:config.batch_size]
+    images, labels = splits.x_train[: config.batch_size], splits.y_train[: config.batch_size]
     with tf.GradientTape() as tape:
         logits = model(images, training=True)
         total = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)) + tf.add_n(model.losses)
@@ -102,8 +108,9 @@ def test_gradient_histograms_hold_the_whole_batchs_kernel_gradients(replicas):
     assert {name for name in measured if name.startswith("gradient/")} == {f"gradient/{path}" for path, _ in layers}
     for (path, _), gradient in zip(layers, expected):
         np.testing.assert_allclose(measured[f"gradient/{path}"], gradient.numpy(), rtol=1e-4, atol=1e-6)
-        assert np.linalg.norm(measured[f"gradient/{path}"]) == pytest.approx(measured[f"gradient_norm/{path}"],
-                                                                           rel=1e-5)
+        assert np.linalg.norm(measured[f"gradient/{path}"]) == pytest.approx(
+            measured[f"gradient_norm/{path}"], rel=1e-5
+        )
 
 
 def test_step_without_regularizers_has_exactly_zero():
@@ -119,25 +126,47 @@ WHOLE_TRAIN_SPLIT = dict(validation_split=0.0)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("model", "tags", "jit_compile"), [
-    (dict(l2=0.001, bias_l2=0.01, **WHOLE_TRAIN_SPLIT), ("gradient_norm", "gradient_norm/conv1", "weight_norm/dense"),
-     True),
-    (dict(l2=0.001, bias_l2=0.01, **WHOLE_TRAIN_SPLIT), ("gradient_norm", "gradient_norm/conv1", "weight_norm/dense",
-                                                         "sparsity/conv1", "regularization_ratio"), False),
-    # Kernel, bias and activity regularizers, an add_loss term and a nested sub-model.
-    (dict(model_fn=user_models.build), ("loss/regularization", "regularization/encoder/hidden",
-                                        "gradient_norm/encoder/hidden", "weight_norm/logits"), False),
-    # Clipping (of the summed gradient), decoupled decay, the weights' average and a schedule.
-    (dict(l2=0.001, **OPTIMIZER_FEATURES), ("clipped_share", "weight_decay/conv1", "learning_rate",
-                                             "gradient_norm"), False),
-], ids=["convnet-xla", "convnet", "user-model", "clip-decay-ema-schedule"])
+@pytest.mark.parametrize(
+    ("model", "tags", "jit_compile"),
+    [
+        (
+            dict(l2=0.001, bias_l2=0.01, **WHOLE_TRAIN_SPLIT),
+            ("gradient_norm", "gradient_norm/conv1", "weight_norm/dense"),
+            True,
+        ),
+        (
+            dict(l2=0.001, bias_l2=0.01, **WHOLE_TRAIN_SPLIT),
+            ("gradient_norm", "gradient_norm/conv1", "weight_norm/dense", "sparsity/conv1", "regularization_ratio"),
+            False,
+        ),
+        # Kernel, bias and activity regularizers, an add_loss term and a nested sub-model.
+        (
+            dict(model_fn=user_models.build),
+            (
+                "loss/regularization",
+                "regularization/encoder/hidden",
+                "gradient_norm/encoder/hidden",
+                "weight_norm/logits",
+            ),
+            False,
+        ),
+        # Clipping (of the summed gradient), decoupled decay, the weights' average and a schedule.
+        (
+            dict(l2=0.001, **OPTIMIZER_FEATURES),
+            ("clipped_share", "weight_decay/conv1", "learning_rate", "gradient_norm"),
+            False,
+        ),
+    ],
+    ids=["convnet-xla", "convnet", "user-model", "clip-decay-ema-schedule"],
+)
 def test_mirrored_over_two_cpus_matches_one_device(tmp_path, model, tags, jit_compile):
     """Same seed and data: 2 replicas give one device's loss components, accuracy and weights.
 
     XLA is forced one way for both: `auto` measures per replica count and may pick either.
     """
-    settings = dict(dataset="digits", logdir=str(tmp_path), steps_per_loop=7, summary_every=11,
-                    jit_compile=jit_compile, **model)
+    settings = dict(
+        dataset="digits", logdir=str(tmp_path), steps_per_loop=7, summary_every=11, jit_compile=jit_compile, **model
+    )
     one = train_loop.train(strategy="one_device", run_name="one", **settings)
     two = train_loop.train(strategy="mirrored", cpu_replicas=2, run_name="two", **settings)
     assert (one["replicas"], two["replicas"]) == (1, 2)
@@ -159,8 +188,11 @@ def check_logged_features(run_dir: str) -> None:
     """`learning_rate` is the rate each logged step applied (Keras' schedule one update back), and
     the clipped share is a share of steps, some clipped with this clip norm."""
     schedule = keras.optimizers.schedules.CosineDecay(
-        0.0, OPTIMIZER_FEATURES["lr_decay_steps"], warmup_target=Config().learning_rate,
-        warmup_steps=OPTIMIZER_FEATURES["warmup_steps"])
+        0.0,
+        OPTIMIZER_FEATURES["lr_decay_steps"],
+        warmup_target=Config().learning_rate,
+        warmup_steps=OPTIMIZER_FEATURES["warmup_steps"],
+    )
     logged = scalar_series(run_dir, "train", "learning_rate")
     for step, rate in logged.items():
         assert rate == pytest.approx(float(schedule(step - 1)), rel=1e-5), step
@@ -173,8 +205,9 @@ def test_loop_call_is_traced_once_and_returns_named_measurements():
     strategy = tf.distribute.get_strategy()
     splits = sources.load_splits(config)
     state = build_state(config, strategy, splits.x_train.shape[1:])
-    replica_input = inputs.ReplicaInput(strategy, inputs.train_dataset_fn(
-        splits, global_batch_size=32, seed=0, num_epochs=1, start_step=0))
+    replica_input = inputs.ReplicaInput(
+        strategy, inputs.train_dataset_fn(splits, global_batch_size=32, seed=0, num_epochs=1, start_step=0)
+    )
     loop_call = steps.make_loop_call(strategy, state, replica_input.next_batch, global_batch_size=32)
     iterator = replica_input.iterator()
     histograms = (False, True, False)
@@ -182,8 +215,11 @@ def test_loop_call_is_traced_once_and_returns_named_measurements():
     assert loop_call.experimental_get_tracing_count() == 1
     layers = ("conv1", "conv2", "dense")
     # "clipped" only with --global_clipnorm.
-    assert set(measured[0]) == {*measurements.SUMMED, "gradient_norm", *(
-        f"gradient{kind}/{layer}" for layer in layers for kind in ("_norm", ""))} - {"clipped"}
+    assert set(measured[0]) == {
+        *measurements.SUMMED,
+        "gradient_norm",
+        *(f"gradient{kind}/{layer}" for layer in layers for kind in ("_norm", "")),
+    } - {"clipped"}
     for sums, num_steps, histogram in zip(measured, (3, 5, 7), histograms):
         # Sums over the call's steps: each step's accuracy is a share of its batch.
         assert 0 < float(sums["accuracy"]) <= num_steps and np.isfinite(float(sums["total"]))
@@ -208,8 +244,12 @@ def scaled_step(initial_scale: float, strategy: tf.distribute.Strategy):
     train_step = tf.function(steps.make_train_step(strategy, model, optimizer, gradients, loss_scale=loss_scale))
     measured = train_step((splits.x_train[:32], splits.y_train[:32]), tf.constant(True), tf.constant(True))
     changed = any(not np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
-    return (float(loss_scale.scale.numpy()), int(loss_scale.good_steps.numpy()), changed,
-            np.concatenate([np.ravel(value) for value in measured.values()]))
+    return (
+        float(loss_scale.scale.numpy()),
+        int(loss_scale.good_steps.numpy()),
+        changed,
+        np.concatenate([np.ravel(value) for value in measured.values()]),
+    )
 
 
 @pytest.mark.parametrize("replicas", [1, 2])
@@ -232,8 +272,9 @@ def test_mixed_precision_keeps_float32_weights_logits_and_losses():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("settings", [dict(jit_compile=True), dict(precision="mixed_float16", global_clipnorm=1.0)],
-                         ids=str)
+@pytest.mark.parametrize(
+    "settings", [dict(jit_compile=True), dict(precision="mixed_float16", global_clipnorm=1.0)], ids=str
+)
 def test_mirrored_runs_with_xla_and_float16(tmp_path, settings):
     """Both put control flow or a compiled function around the step: they must work under replicas."""
     result = train(Config(dataset="digits", strategy="mirrored", cpu_replicas=2, logdir=str(tmp_path), **settings))
@@ -249,8 +290,9 @@ def test_clipping_bounds_the_summed_gradients_norm_on_any_replica_count(replicas
     built: list = []
     _, measured = one_step(config, strategy, model_out=built)
     model, before = built
-    moved = np.sqrt(sum(np.sum(np.square(after - first, dtype=np.float64))
-                        for after, first in zip(model.get_weights(), before)))
+    moved = np.sqrt(
+        sum(np.sum(np.square(after - first, dtype=np.float64)) for after, first in zip(model.get_weights(), before))
+    )
     assert measured["gradient_norm"] > 0.05, "the norm is logged before clipping"
     assert moved == pytest.approx(0.05, rel=1e-4)
     assert measured["clipped"] == 1.0
@@ -265,8 +307,10 @@ def test_decoupled_weight_decay_step_equals_numpy(optimizer):
     rate, decay, results = 0.01, 0.1, []
     for weight_decay in (0.0, decay):
         built: list = []
-        one_step(Config(dataset="digits", optimizer=optimizer, learning_rate=rate, weight_decay=weight_decay),
-                 model_out=built)
+        one_step(
+            Config(dataset="digits", optimizer=optimizer, learning_rate=rate, weight_decay=weight_decay),
+            model_out=built,
+        )
         results.append(built)
     (plain, initial), (decayed, _) = results
     for start, without, with_decay in zip(initial, plain.get_weights(), decayed.get_weights()):
@@ -277,11 +321,15 @@ def test_decoupled_weight_decay_step_equals_numpy(optimizer):
         assert terms[path] == pytest.approx(expected, rel=1e-6)
 
 
-@pytest.mark.parametrize("schedule", [
-    dict(lr_schedule="cosine", lr_decay_steps=40, warmup_steps=8),
-    dict(lr_schedule="step", lr_decay_steps=10, lr_decay_rate=0.5, warmup_steps=5),
-    dict(lr_schedule="constant", warmup_steps=4),
-], ids=lambda s: s["lr_schedule"])
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        dict(lr_schedule="cosine", lr_decay_steps=40, warmup_steps=8),
+        dict(lr_schedule="step", lr_decay_steps=10, lr_decay_rate=0.5, warmup_steps=5),
+        dict(lr_schedule="constant", warmup_steps=4),
+    ],
+    ids=lambda s: s["lr_schedule"],
+)
 def test_learning_rate_schedules_equal_keras_schedules(schedule):
     """Warm-up then decay, against Keras' CosineDecay with its own warm-up, ExponentialDecay
     shifted past the warm-up, and a linear ramp."""
@@ -290,9 +338,13 @@ def test_learning_rate_schedules_equal_keras_schedules(schedule):
     warmup, keras_schedules = config.warmup_steps, keras.optimizers.schedules
     oracle = {
         "cosine": lambda step: keras_schedules.CosineDecay(
-            0.0, config.lr_decay_steps, warmup_target=0.02, warmup_steps=warmup)(step),
-        "step": lambda step: (0.02 * step / warmup if step < warmup else keras_schedules.ExponentialDecay(
-            0.02, config.lr_decay_steps, 0.5, staircase=True)(step - warmup)),
+            0.0, config.lr_decay_steps, warmup_target=0.02, warmup_steps=warmup
+        )(step),
+        "step": lambda step: (
+            0.02 * step / warmup
+            if step < warmup
+            else keras_schedules.ExponentialDecay(0.02, config.lr_decay_steps, 0.5, staircase=True)(step - warmup)
+        ),
         "constant": lambda step: 0.02 * min(step / warmup, 1.0),
     }[config.lr_schedule]
     for step in (0, 1, warmup - 1, warmup, warmup + 1, warmup + 9, warmup + 10, warmup + 39, warmup + 45):
@@ -302,14 +354,23 @@ def test_learning_rate_schedules_equal_keras_schedules(schedule):
 def test_ema_of_the_weights_follows_numpy_over_consecutive_checkpoints(tmp_path):
     """Checkpoints hold the weights and their averages; the average of step k+1 is
     m * average_k + (1 - m) * weights_(k+1), and model.keras holds the last average."""
-    config = Config(dataset="digits", model="linear", ema=0.9, checkpoint_every=1, steps_per_loop=1,
-                    logdir=str(tmp_path), run_name="ema", jit_compile=False)
+    config = Config(
+        dataset="digits",
+        model="linear",
+        ema=0.9,
+        checkpoint_every=1,
+        steps_per_loop=1,
+        logdir=str(tmp_path),
+        run_name="ema",
+        jit_compile=False,
+    )
     result = train(config)
     saved = []
     for step in (result["steps"] - 1, result["steps"]):
         state = build_state(config, tf.distribute.get_strategy(), (8, 8, 1))
         tf.train.Checkpoint(**state.trackables()).restore(
-            str(tmp_path / "ema" / "checkpoints" / f"ckpt-{step}")).expect_partial()
+            str(tmp_path / "ema" / "checkpoints" / f"ckpt-{step}")
+        ).expect_partial()
         averages = [v.numpy() for v in state.optimizer.variables if v.name.endswith("_average")]
         saved.append((state.model.get_weights(), averages))
     (_, previous), (weights, averages) = saved
@@ -324,8 +385,9 @@ def test_ema_of_the_weights_follows_numpy_over_consecutive_checkpoints(tmp_path)
 def test_validation_every_n_steps_and_the_test_split_once_at_the_end(tmp_path):
     """`--eval_every` validates at its multiples and the last step; the test split is scored once.
     Both equal the saved model's predictions on the held-out and the test examples."""
-    config = Config(dataset="digits", model="linear", epochs=2, eval_every=15, logdir=str(tmp_path),
-                    run_name="r", jit_compile=False)
+    config = Config(
+        dataset="digits", model="linear", epochs=2, eval_every=15, logdir=str(tmp_path), run_name="r", jit_compile=False
+    )
     result = train(config)
     run_dir, total = str(tmp_path / "r"), result["steps"]
     validation = scalar_series(run_dir, "validation", "accuracy")
@@ -333,8 +395,10 @@ def test_validation_every_n_steps_and_the_test_split_once_at_the_end(tmp_path):
     assert list(scalar_series(run_dir, "test", "accuracy")) == [total]
     splits = hold_out(sources.load_splits(config), 0.1, seed=0)
     model = keras.models.load_model(tmp_path / "r" / "model.keras")
-    for split, images, labels in (("validation", splits.x_validation, splits.y_validation),
-                                  ("test", splits.x_test, splits.y_test)):
+    for split, images, labels in (
+        ("validation", splits.x_validation, splits.y_validation),
+        ("test", splits.x_test, splits.y_test),
+    ):
         predicted = np.argmax(model.predict(images, verbose=0), axis=-1)
         assert result[split]["accuracy"] == pytest.approx(np.mean(predicted == labels), abs=1e-6), split
     assert validation[total] == pytest.approx(result["validation"]["accuracy"], abs=1e-6)
@@ -346,9 +410,19 @@ def test_best_model_early_stopping_and_export_on_a_run_that_overfits(tmp_path):
     stops `patience` validations after it, checkpoints the step it stopped at, and exports the
     kept model for serving."""
     patience, every = 3, 10
-    config = Config(dataset="digits", model="linear", learning_rate=0.05, epochs=30, eval_every=every, ema=0.5,
-                    best_metric="validation/cross_entropy", early_stopping_patience=patience,
-                    logdir=str(tmp_path), run_name="r", jit_compile=False)
+    config = Config(
+        dataset="digits",
+        model="linear",
+        learning_rate=0.05,
+        epochs=30,
+        eval_every=every,
+        ema=0.5,
+        best_metric="validation/cross_entropy",
+        early_stopping_patience=patience,
+        logdir=str(tmp_path),
+        run_name="r",
+        jit_compile=False,
+    )
     result = train(config)
     run_dir = tmp_path / "r"
     series = scalar_series(str(run_dir), "validation", "loss/cross_entropy")
@@ -356,7 +430,7 @@ def test_best_model_early_stopping_and_export_on_a_run_that_overfits(tmp_path):
     best_step = min(series, key=lambda step: (series[step], step))
     assert result["stopped_early"] and result["best_step"] == best_step
     assert result["steps"] == steps_logged[-1] == best_step + patience * every < 30 * 40
-    assert all(series[step] >= series[best_step] for step in steps_logged[steps_logged.index(best_step):])
+    assert all(series[step] >= series[best_step] for step in steps_logged[steps_logged.index(best_step) :])
     assert tf.train.latest_checkpoint(str(run_dir / "checkpoints")).endswith(f"-{result['steps']}")
 
     splits = hold_out(sources.load_splits(config), 0.1, seed=0)
@@ -366,7 +440,8 @@ def test_best_model_early_stopping_and_export_on_a_run_that_overfits(tmp_path):
         np.testing.assert_array_equal(first, second)
     logits = kept.predict(splits.x_validation, verbose=0)
     numpy_cross_entropy = -np.mean(
-        logits[np.arange(len(logits)), splits.y_validation] - np.log(np.exp(logits).sum(axis=1)))
+        logits[np.arange(len(logits)), splits.y_validation] - np.log(np.exp(logits).sum(axis=1))
+    )
     assert numpy_cross_entropy == pytest.approx(series[best_step], rel=1e-5)
     assert result["validation"]["cross_entropy"] == pytest.approx(series[best_step], rel=1e-6)
 

@@ -20,8 +20,9 @@ FLAGS = ("--dataset=digits", "--steps_per_loop=5")
 
 def run(logdir: Path, cache: str, *flags: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "train_loop", f"--logdir={logdir}", *FLAGS, *flags]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO,
-                          env={**os.environ, "TRAIN_LOOP_CACHE": cache})
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=600, cwd=REPO, env={**os.environ, "TRAIN_LOOP_CACHE": cache}
+    )
 
 
 def decided(run_dir: Path) -> tuple[dict, dict]:
@@ -69,8 +70,16 @@ def test_the_flag_forces_the_choice_without_measuring(tmp_path, flag, choice):
 
 def test_a_resumed_run_keeps_the_choice_it_started_with(tmp_path):
     cache = tmp_path / "speed.json"
-    command = [sys.executable, "-m", "train_loop", f"--logdir={tmp_path}", *FLAGS, "--epochs=20",
-               "--checkpoint_every=10", "--run_name=r"]
+    command = [
+        sys.executable,
+        "-m",
+        "train_loop",
+        f"--logdir={tmp_path}",
+        *FLAGS,
+        "--epochs=20",
+        "--checkpoint_every=10",
+        "--run_name=r",
+    ]
     environment = {**os.environ, "TRAIN_LOOP_CACHE": str(cache)}
     kill_at_first_checkpoint(command, tmp_path / "r", env=environment)
     started_with = json.loads((tmp_path / "r" / "settings.json").read_text())["decided"]
@@ -99,7 +108,8 @@ def test_a_cache_that_cannot_be_read_or_written_never_fails_the_run(tmp_path, da
     assert decided(tmp_path / "r")[1]["by"] == "measured"
     if damage in ("garbage", "list"):  # Replaced by a readable cache holding the new measurement.
         assert [entry["jit_compile"] for entry in json.loads(cache.read_text()).values()] == [
-            decided(tmp_path / "r")[1]["jit_compile"]]
+            decided(tmp_path / "r")[1]["jit_compile"]
+        ]
 
 
 def test_a_bad_jit_compile_value_is_one_line(run_cli):

@@ -32,9 +32,17 @@ def sgd_run(tmp_path_factory):
     With SGD and no momentum, w_k = w_(k-1) - lr * g_k: the gradient of step k is readable
     from two consecutive checkpoints, which makes the logged gradient norms checkable.
     """
-    config = Config(dataset="digits", optimizer="sgd", learning_rate=LEARNING_RATE, l2=0.001,
-                    summary_every=1, checkpoint_every=1, steps_per_loop=1,
-                    logdir=str(tmp_path_factory.mktemp("views")), run_name="sgd")
+    config = Config(
+        dataset="digits",
+        optimizer="sgd",
+        learning_rate=LEARNING_RATE,
+        l2=0.001,
+        summary_every=1,
+        checkpoint_every=1,
+        steps_per_loop=1,
+        logdir=str(tmp_path_factory.mktemp("views")),
+        run_name="sgd",
+    )
     result = train(config)
     return config, f"{config.logdir}/sgd", result
 
@@ -43,8 +51,10 @@ def checkpoint_weights(config: Config, path: str) -> dict[str, list[np.ndarray]]
     """Each weighted layer's [kernel, bias] in checkpoint `path`, restored into a fresh model."""
     state = build_state(config, tf.distribute.get_strategy(), sources.input_spec(config)[0])
     tf.train.Checkpoint(**state.trackables()).restore(path).expect_partial()
-    return {path: [np.asarray(w, np.float64) for w in layer.get_weights()]
-            for path, layer in models.weighted_layers(state.model)}
+    return {
+        path: [np.asarray(w, np.float64) for w in layer.get_weights()]
+        for path, layer in models.weighted_layers(state.model)
+    }
 
 
 def test_confusion_matrix_counts_match_the_saved_models_predictions(sgd_run):
@@ -70,7 +80,7 @@ def test_confusion_matrix_image_shades_each_cell_by_its_row_share(sgd_run):
     assert (int(width), int(height), pixels.shape) == (10 * cell, 10 * cell, (10 * cell, 10 * cell, 3))
     counts = np.array(result["confusion_matrix"], np.float64)
     shares = counts / counts.sum(axis=1, keepdims=True)
-    centres = pixels[cell // 2::cell, cell // 2::cell].astype(np.float64) / 255.0
+    centres = pixels[cell // 2 :: cell, cell // 2 :: cell].astype(np.float64) / 255.0
     empty, full = np.array(summaries._EMPTY), np.array(summaries._FULL)
     np.testing.assert_allclose(centres, empty + shares[..., None] * (full - empty), atol=1 / 255)
 
@@ -130,18 +140,27 @@ def test_profile_steps_write_a_trace_of_those_steps(run_cli, tmp_path):
 def test_gradient_histograms_at_histogram_steps_are_equal_on_one_device_and_two_replicas(tmp_path):
     """`gradient/<layer>` at each `--histogram_every` step (and no other), over every element of the
     kernel; the summed gradient's, so 2 replicas log one device's histograms."""
-    settings = dict(dataset="digits", logdir=str(tmp_path), histogram_every=10, steps_per_loop=7,
-                    validation_split=0.0, jit_compile=False)
+    settings = dict(
+        dataset="digits",
+        logdir=str(tmp_path),
+        histogram_every=10,
+        steps_per_loop=7,
+        validation_split=0.0,
+        jit_compile=False,
+    )
     train(Config(strategy="one_device", run_name="one", **settings))
     train(Config(strategy="mirrored", cpu_replicas=2, run_name="two", **settings))
     layers = models.weighted_layers(models.build_model(Config(), (8, 8, 1)))
     histograms = {}
     for name in ("one", "two"):
         accumulator = events(str(tmp_path / name), "train")
-        assert {tag for tag in accumulator.Tags()["tensors"] if tag.startswith("gradient/")} == \
-            {f"gradient/{path}" for path, _ in layers}
-        histograms[name] = {path: {event.step: tf.make_ndarray(event.tensor_proto)
-                                   for event in accumulator.Tensors(f"gradient/{path}")} for path, _ in layers}
+        assert {tag for tag in accumulator.Tags()["tensors"] if tag.startswith("gradient/")} == {
+            f"gradient/{path}" for path, _ in layers
+        }
+        histograms[name] = {
+            path: {event.step: tf.make_ndarray(event.tensor_proto) for event in accumulator.Tensors(f"gradient/{path}")}
+            for path, _ in layers
+        }
     for path, layer in layers:
         one, two = histograms["one"][path], histograms["two"][path]
         assert list(one) == list(two) == [10, 20, 30, 40], path

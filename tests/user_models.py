@@ -28,13 +28,20 @@ class MeanSquarePenalty(keras.layers.Layer):
 def build() -> keras.Model:
     """digits (8x8x1) to 10 logits through a nested `encoder` whose layer carries every kind of term."""
     inputs = keras.Input((8, 8, 1))
-    encoder = keras.Sequential([
-        keras.layers.Flatten(name="flatten"),
-        keras.layers.Dense(24, activation="relu", name="hidden",
-                           kernel_regularizer=keras.regularizers.L2(HIDDEN_KERNEL),
-                           bias_regularizer=keras.regularizers.L1(HIDDEN_BIAS),
-                           activity_regularizer=keras.regularizers.L2(HIDDEN_ACTIVITY)),
-        MeanSquarePenalty(PENALTY, name="penalty"),
-    ], name="encoder")
+    encoder = keras.Sequential(
+        [
+            keras.layers.Flatten(name="flatten"),
+            keras.layers.Dense(
+                24,
+                activation="relu",
+                name="hidden",
+                kernel_regularizer=keras.regularizers.L2(HIDDEN_KERNEL),
+                bias_regularizer=keras.regularizers.L1(HIDDEN_BIAS),
+                activity_regularizer=keras.regularizers.L2(HIDDEN_ACTIVITY),
+            ),
+            MeanSquarePenalty(PENALTY, name="penalty"),
+        ],
+        name="encoder",
+    )
     logits = keras.layers.Dense(10, name="logits", kernel_regularizer=keras.regularizers.L1L2(*LOGITS_KERNEL))
     return keras.Model(inputs, logits(encoder(inputs)), name="user")

@@ -13,8 +13,13 @@ from train_loop.errors import UsageError
 __version__ = "0.1.0"
 
 
-def train(config: Config | None = None, *, model_fn: Callable[[], Any] | str | None = None,
-          data: Mapping[str, Any] | str | None = None, **settings) -> dict:
+def train(
+    config: Config | None = None,
+    *,
+    model_fn: Callable[[], Any] | str | None = None,
+    data: Mapping[str, Any] | str | None = None,
+    **settings,
+) -> dict:
     """Trains one run and returns its result (what `result.json` holds).
 
     Pass a `Config`, or its fields as keywords: `train_loop.train(dataset="digits", l2=1e-3)`.

@@ -45,8 +45,12 @@ def parse_flags(argv: Sequence[str], *, flag_values: flags.FlagValues = flags.FL
         return flag_values(argv)
     except flags.CantOpenFlagFileError as error:
         cause = error.__context__  # absl keeps the OSError only in its message's text.
-        fail(f"--flagfile: cannot read {cause.filename} ({cause.strerror}); give the path of a file "
-             "of --flag=value lines." if isinstance(cause, OSError) else str(error))
+        fail(
+            f"--flagfile: cannot read {cause.filename} ({cause.strerror}); give the path of a file "
+            "of --flag=value lines."
+            if isinstance(cause, OSError)
+            else str(error)
+        )
     except flags.Error as error:
         fail(f"{error}. Run with --helpfull to see every flag.")
 
@@ -65,6 +69,7 @@ def _frozen_on_return(main: Callable[[list[str]], None]) -> Callable[[list[str]]
     Everything of ours is closed and flushed by then (files are written through temporary names
     and closed; summary writers closed); atexit handlers, TensorFlow's included, still run.
     """
+
     def main_then_freeze(argv: list[str]) -> None:
         try:
             main(argv)
@@ -76,8 +81,10 @@ def _frozen_on_return(main: Callable[[list[str]], None]) -> Callable[[list[str]]
 
 def _exit_on_version(argv: list[str]) -> list[str]:
     if _VERSION.value:
-        print(f"train_loop {train_loop.__version__} (tensorflow {_installed('tensorflow')}, "
-              f"keras {_installed('keras')}, Python {sys.version.split()[0]})")
+        print(
+            f"train_loop {train_loop.__version__} (tensorflow {_installed('tensorflow')}, "
+            f"keras {_installed('keras')}, Python {sys.version.split()[0]})"
+        )
         sys.exit(0)
     return argv
 

@@ -26,22 +26,31 @@ from train_loop import apps
 
 _STARTED = time.perf_counter()  # As near the process's start as this module gets.
 
-_DATASET = flags.DEFINE_enum("dataset", "fashion_mnist", ["fashion_mnist", "synthetic"],
-                             "Data to train on; synthetic is used when Fashion-MNIST is missing.")
+_DATASET = flags.DEFINE_enum(
+    "dataset",
+    "fashion_mnist",
+    ["fashion_mnist", "synthetic"],
+    "Data to train on; synthetic is used when Fashion-MNIST is missing.",
+)
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Global batch size.", lower_bound=1)
-_PRECISION = flags.DEFINE_enum("precision", "float32", ["float32", "mixed_bfloat16", "mixed_float16"],
-                               "Precision of every contender.")
+_PRECISION = flags.DEFINE_enum(
+    "precision", "float32", ["float32", "mixed_bfloat16", "mixed_float16"], "Precision of every contender."
+)
 _STEPS = flags.DEFINE_integer("steps", 600, "Training steps each contender times.", lower_bound=20)
 _QUICK = flags.DEFINE_bool("quick", False, "A smoke run under a minute: few steps, no whole-run timing.")
 _ROUNDS = flags.DEFINE_integer(
-    "rounds", None, "Rounds of every contender, run interleaved; each keeps its fastest round. "
-    "Default: 1 with --quick, else 3.", lower_bound=1)
+    "rounds",
+    None,
+    "Rounds of every contender, run interleaved; each keeps its fastest round. Default: 1 with --quick, else 3.",
+    lower_bound=1,
+)
 _WHOLE_RUN = flags.DEFINE_bool("whole_run", True, "Also time the study's whole one-epoch L2 run both ways.")
 # The bench's own child processes take these; under a module name of their own, --helpshort leaves them out.
 _INTERNAL = "train_loop.bench, internal"
 _WORKER = flags.DEFINE_string("worker", "", "Internal: run one contender and print its JSON.", module_name=_INTERNAL)
-_DATA_DIR = flags.DEFINE_string("data_dir", "", "Internal: the folder holding the benchmark's npz.",
-                                module_name=_INTERNAL)
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", "", "Internal: the folder holding the benchmark's npz.", module_name=_INTERNAL
+)
 
 CONTENDERS = {
     "keras_fit": "Keras 3 fit, default (jit_compile auto)",
@@ -72,9 +81,15 @@ def main(argv: list[str]) -> None:
         # A cache of the bench's own: `auto` measures afresh, and the whole run below reuses it.
         os.environ[speed_cache.CACHE_ENV] = os.path.join(folder, "speed.json")
         dataset = _write_subset(folder, steps)
-        figures: dict[str, Any] = {"cpu": cpu.model(), "cpu_features": cpu.features(),
-                                   "cores": os.cpu_count(), "dataset": dataset, "batch_size": _BATCH_SIZE.value,
-                                   "precision": _PRECISION.value, "steps": steps}
+        figures: dict[str, Any] = {
+            "cpu": cpu.model(),
+            "cpu_features": cpu.features(),
+            "cores": os.cpu_count(),
+            "dataset": dataset,
+            "batch_size": _BATCH_SIZE.value,
+            "precision": _PRECISION.value,
+            "steps": steps,
+        }
         rounds = _ROUNDS.value or (1 if _QUICK.value else 3)
         figures["rounds"] = rounds
         figures.update(_fastest_rounds(lambda: {name: _spawn(name, folder) for name in contenders}, rounds))
@@ -115,14 +130,26 @@ def _write_subset(folder: str, steps: int) -> str:
         splits, dataset = sources.load_splits(Config(dataset="synthetic")), "synthetic"
     count = (steps + 20) * _BATCH_SIZE.value
     to_bytes = [(array[..., 0] * 255).round().astype(np.uint8) for array in (splits.x_train, splits.x_test)]
-    np.savez(os.path.join(folder, "fashion_mnist.npz"), x_train=np.resize(to_bytes[0], (count, 28, 28)),
-             y_train=np.resize(splits.y_train, count), x_test=to_bytes[1][:1000], y_test=splits.y_test[:1000])
+    np.savez(
+        os.path.join(folder, "fashion_mnist.npz"),
+        x_train=np.resize(to_bytes[0], (count, 28, 28)),
+        y_train=np.resize(splits.y_train, count),
+        x_test=to_bytes[1][:1000],
+        y_test=splits.y_test[:1000],
+    )
     return dataset
 
 
 def _spawn(worker: str, folder: str) -> dict[str, Any]:
-    command = [sys.executable, "-m", "train_loop.bench", f"--worker={worker}", f"--data_dir={folder}",
-               f"--batch_size={_BATCH_SIZE.value}", f"--precision={_PRECISION.value}"]
+    command = [
+        sys.executable,
+        "-m",
+        "train_loop.bench",
+        f"--worker={worker}",
+        f"--data_dir={folder}",
+        f"--batch_size={_BATCH_SIZE.value}",
+        f"--precision={_PRECISION.value}",
+    ]
     finished = subprocess.run(command, capture_output=True, text=True, check=False)
     if finished.returncode:
         raise SystemExit(f"bench: {worker} failed:\n{finished.stderr[-3000:]}")
@@ -132,8 +159,15 @@ def _spawn(worker: str, folder: str) -> dict[str, Any]:
 def _config(folder: str, **settings: Any):
     from train_loop.configs import Config
 
-    return Config(dataset="fashion_mnist", data_dir=folder, l2=0.001, batch_size=_BATCH_SIZE.value,
-                  precision=_PRECISION.value, logdir=os.path.join(folder, "logs"), **settings)
+    return Config(
+        dataset="fashion_mnist",
+        data_dir=folder,
+        l2=0.001,
+        batch_size=_BATCH_SIZE.value,
+        precision=_PRECISION.value,
+        logdir=os.path.join(folder, "logs"),
+        **settings,
+    )
 
 
 def _run_worker(worker: str) -> dict[str, Any]:
@@ -143,16 +177,21 @@ def _run_worker(worker: str) -> dict[str, Any]:
     startup.start_tensorflow()
     folder, figures = _DATA_DIR.value, {}
     if worker.startswith("keras_fit"):
-        speed, figures["jit_compile"] = _keras_fit_speed(_config(folder),
-                                                         jit_compile="auto" if worker == "keras_fit" else False)
+        speed, figures["jit_compile"] = _keras_fit_speed(
+            _config(folder), jit_compile="auto" if worker == "keras_fit" else False
+        )
     elif worker == "train_loop_cached":
         speed = _cached_batch_speed(_config(folder))
     else:
         from train_loop.training.run import train
 
-        settings = {"train_loop_1": {"steps_per_loop": 1}, "train_loop": {},
-                    "train_loop_xla": {"jit_compile": True}, "train_loop_noxla": {"jit_compile": False},
-                    "train_loop_quiet": {"summary_every": 10**9}}[worker]
+        settings = {
+            "train_loop_1": {"steps_per_loop": 1},
+            "train_loop": {},
+            "train_loop_xla": {"jit_compile": True},
+            "train_loop_noxla": {"jit_compile": False},
+            "train_loop_quiet": {"summary_every": 10**9},
+        }[worker]
         imported = time.perf_counter() - _STARTED
         result = train(_config(folder, run_name=worker, **settings))
         figures["seconds_to_first_step"] = imported + result["seconds_to_first_step"]
@@ -182,8 +221,12 @@ def _keras_fit_speed(config, jit_compile: bool | str) -> tuple[float, bool]:
 
     splits = sources.load_splits(config)
     model = models.build_model(config, splits.x_train.shape[1:])
-    model.compile(optimizer=optimizers.build_optimizer(config), metrics=["accuracy"], jit_compile=jit_compile,
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        optimizer=optimizers.build_optimizer(config),
+        metrics=["accuracy"],
+        jit_compile=jit_compile,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
     warm = 20 * config.batch_size
     model.fit(splits.x_train[:warm], splits.y_train[:warm], batch_size=config.batch_size, verbose=0)
     started = time.perf_counter()
@@ -213,8 +256,14 @@ def _cached_batch_speed(config) -> float:
 def _time_whole_run(kind: str, folder: str) -> float:
     """Start to evaluated model, as a user times it: the study's one-epoch L2 run on Fashion-MNIST."""
     if kind == "train_loop":
-        command = [sys.executable, "-m", "train_loop", "--dataset=fashion_mnist", "--l2=0.001",
-                   f"--logdir={os.path.join(folder, 'whole')}"]
+        command = [
+            sys.executable,
+            "-m",
+            "train_loop",
+            "--dataset=fashion_mnist",
+            "--l2=0.001",
+            f"--logdir={os.path.join(folder, 'whole')}",
+        ]
     else:
         command = [sys.executable, "-c", _KERAS_SCRIPT]
     started = time.perf_counter()
@@ -252,8 +301,10 @@ def _training_flops_per_example(model) -> int:
 
     from train_loop.model import models
 
-    forward = [2 * math.prod(layer.output.shape[1:-1]) * math.prod(layer.kernel.shape)
-               for _, layer in models.weighted_layers(model)]
+    forward = [
+        2 * math.prod(layer.output.shape[1:-1]) * math.prod(layer.kernel.shape)
+        for _, layer in models.weighted_layers(model)
+    ]
     return sum(forward) + sum(2 * flops for flops in forward) - forward[0]
 
 
@@ -270,8 +321,12 @@ def _roofline(figures: dict[str, Any]) -> dict[str, Any]:
     if _has_bfloat16_matmul(tf):
         peaks["bfloat16"] = _matmul_peak(tf.bfloat16, sizes)
     compute = "bfloat16" if _PRECISION.value == "mixed_bfloat16" and "bfloat16" in peaks else "float32"
-    return {"training_flops_per_example": flops, "achieved_flops_per_second": achieved,
-            "peak_flops_per_second": peaks, "utilization": achieved / peaks[compute]}
+    return {
+        "training_flops_per_example": flops,
+        "achieved_flops_per_second": achieved,
+        "peak_flops_per_second": peaks,
+        "utilization": achieved / peaks[compute],
+    }
 
 
 def _matmul_peak(dtype, sizes: tuple[int, ...], repeats: int = 8) -> float:
@@ -283,6 +338,7 @@ def _matmul_peak(dtype, sizes: tuple[int, ...], repeats: int = 8) -> float:
     for size in sizes:
         a = tf.cast(tf.random.uniform([size, size], dtype=tf.float32), dtype)
         for jit_compile in (True, False):
+
             @tf.function(jit_compile=jit_compile)
             def chain(x, a=a):
                 for _ in range(repeats):
@@ -309,9 +365,11 @@ def _has_bfloat16_matmul(tf) -> bool:
 def _print_table(figures: dict[str, Any]) -> None:
     keras_speed = figures["keras_fit"]["examples_per_second"]
     keras_best = max(keras_speed, figures["keras_fit_nojit"]["examples_per_second"])
-    print(f"\n{figures['cpu']} ({', '.join(figures['cpu_features']) or 'no AVX2'}), {figures['cores']} cores; "
-          f"{figures['dataset']}, batch {figures['batch_size']}, {figures['precision']}, "
-          f"{figures['steps']} timed steps each, fastest of {figures['rounds']} interleaved round(s)")
+    print(
+        f"\n{figures['cpu']} ({', '.join(figures['cpu_features']) or 'no AVX2'}), {figures['cores']} cores; "
+        f"{figures['dataset']}, batch {figures['batch_size']}, {figures['precision']}, "
+        f"{figures['steps']} timed steps each, fastest of {figures['rounds']} interleaved round(s)"
+    )
     print(f"| {'contender':36} | examples/s | vs Keras default | vs Keras best | peak RSS |")
     print(f"|{'-' * 38}|-----------:|-----------------:|--------------:|---------:|")
     for name, title in CONTENDERS.items():
@@ -320,38 +378,55 @@ def _print_table(figures: dict[str, Any]) -> None:
         if name == "keras_fit":
             title = f"Keras 3 fit, default (chose XLA {'on' if figures[name]['jit_compile'] else 'off'})"
         speed = figures[name]["examples_per_second"]
-        print(f"| {title:36} | {speed:10,.0f} | {speed / keras_speed:15.2f}x | {speed / keras_best:12.2f}x | "
-              f"{figures[name]['peak_rss_bytes'] / 2**30:6.2f} GB |")
+        print(
+            f"| {title:36} | {speed:10,.0f} | {speed / keras_speed:15.2f}x | {speed / keras_best:12.2f}x | "
+            f"{figures[name]['peak_rss_bytes'] / 2**30:6.2f} GB |"
+        )
     if figures["rounds"] > 1:
-        shortfalls = [1 - min(figures[name]["rounds"]) / max(figures[name]["rounds"]) for name in CONTENDERS
-                      if name in figures]
-        print(f"each contender's slowest round ran {100 * min(shortfalls):.0f}-{100 * max(shortfalls):.0f}% below "
-              "its fastest: this machine's noise between processes")
+        shortfalls = [
+            1 - min(figures[name]["rounds"]) / max(figures[name]["rounds"]) for name in CONTENDERS if name in figures
+        ]
+        print(
+            f"each contender's slowest round ran {100 * min(shortfalls):.0f}-{100 * max(shortfalls):.0f}% below "
+            "its fastest: this machine's noise between processes"
+        )
     default = figures["train_loop"]
     xla, no_xla = (figures[name]["examples_per_second"] for name in ("train_loop_xla", "train_loop_noxla"))
-    print(f"auto chose XLA {'on' if default['jit_compile'] else 'off'}; the forced runs found XLA "
-          f"{'on' if xla > no_xla else 'off'} faster ({max(xla, no_xla):,.0f} vs {min(xla, no_xla):,.0f} examples/s); "
-          f"auto's own run: {default['examples_per_second'] / max(xla, no_xla):.2f}x the faster")
-    print("time to the first training step (process start, imports, data, tracing): "
-          f"{default['seconds_to_first_step']:.1f} s; the default run's phases: "
-          + ", ".join(f"{name} {value:.2f} s" for name, value in default["seconds"].items()))
+    print(
+        f"auto chose XLA {'on' if default['jit_compile'] else 'off'}; the forced runs found XLA "
+        f"{'on' if xla > no_xla else 'off'} faster ({max(xla, no_xla):,.0f} vs {min(xla, no_xla):,.0f} examples/s); "
+        f"auto's own run: {default['examples_per_second'] / max(xla, no_xla):.2f}x the faster"
+    )
+    print(
+        "time to the first training step (process start, imports, data, tracing): "
+        f"{default['seconds_to_first_step']:.1f} s; the default run's phases: "
+        + ", ".join(f"{name} {value:.2f} s" for name, value in default["seconds"].items())
+    )
     seconds = default["seconds"]
-    print(f"summaries and histograms at the default cadence: {100 * seconds['summaries'] / seconds['training']:.1f}% "
-          "of training time")
+    print(
+        f"summaries and histograms at the default cadence: {100 * seconds['summaries'] / seconds['training']:.1f}% "
+        "of training time"
+    )
     if "train_loop_quiet" in figures:
         quiet = figures["train_loop_quiet"]["examples_per_second"]
         cached = figures["train_loop_cached"]["examples_per_second"]
         speed = default["examples_per_second"]
-        print(f"summaries + histograms cost {100 * (quiet / speed - 1):.1f}% of training time; "
-              f"the input pipeline {100 * (cached / speed - 1):.1f}%")
-    print(f"training FLOPs per example {figures['training_flops_per_example'] / 1e6:.1f} M; achieved "
-          f"{figures['achieved_flops_per_second'] / 1e9:.1f} GFLOP/s; measured matmul peak "
-          + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in figures["peak_flops_per_second"].items())
-          + f"; utilization {100 * figures['utilization']:.0f}%")
+        print(
+            f"summaries + histograms cost {100 * (quiet / speed - 1):.1f}% of training time; "
+            f"the input pipeline {100 * (cached / speed - 1):.1f}%"
+        )
+    print(
+        f"training FLOPs per example {figures['training_flops_per_example'] / 1e6:.1f} M; achieved "
+        f"{figures['achieved_flops_per_second'] / 1e9:.1f} GFLOP/s; measured matmul peak "
+        + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in figures["peak_flops_per_second"].items())
+        + f"; utilization {100 * figures['utilization']:.0f}%"
+    )
     if "whole_run_seconds" in figures:
         whole = figures["whole_run_seconds"]
-        print(f"whole one-epoch L2 run: Keras script {whole['keras']:.1f} s, python -m train_loop "
-              f"{whole['train_loop']:.1f} s ({whole['keras'] / whole['train_loop']:.2f}x)")
+        print(
+            f"whole one-epoch L2 run: Keras script {whole['keras']:.1f} s, python -m train_loop "
+            f"{whole['train_loop']:.1f} s ({whole['keras'] / whole['train_loop']:.2f}x)"
+        )
 
 
 USAGE = """Usage: train-loop-bench [--quick] [--steps=N]   (or: python -m train_loop.bench ...)

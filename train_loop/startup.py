@@ -17,7 +17,8 @@ from train_loop.outputs.stderr import filtered_stderr
 # Anything else, warnings included, is passed through.
 _NOISE = re.compile(
     r"^I\d{4} |All log messages before absl::InitializeLog|cuda_platform\.cc.*cuInit"
-    r"|To enable the following instructions|rebuild TensorFlow with the appropriate compiler flags")
+    r"|To enable the following instructions|rebuild TensorFlow with the appropriate compiler flags"
+)
 
 
 VERBOSE_ENV = "TRAIN_LOOP_VERBOSE_STARTUP"  # 1: show TensorFlow's start-up lines, unfiltered.

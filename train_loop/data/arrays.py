@@ -52,11 +52,16 @@ def hold_out(splits: Splits, share: float, seed: int) -> Splits:
     if count == 0:
         raise UsageError(
             f"--validation_split={share:g} of {len(splits.x_train)} training examples holds out none: "
-            f"use at least {1 / len(splits.x_train):.2g}, or 0 for no validation split.")
+            f"use at least {1 / len(splits.x_train):.2g}, or 0 for no validation split."
+        )
     held = np.zeros(len(splits.x_train), bool)
     held[np.random.default_rng(seed).permutation(len(held))[:count]] = True
-    return splits._replace(x_train=splits.x_train[~held], y_train=splits.y_train[~held],
-                           x_validation=splits.x_train[held], y_validation=splits.y_train[held])
+    return splits._replace(
+        x_train=splits.x_train[~held],
+        y_train=splits.y_train[~held],
+        x_validation=splits.x_train[held],
+        y_validation=splits.y_train[held],
+    )
 
 
 def fingerprint(arrays: Mapping[str, np.ndarray]) -> str:
@@ -69,8 +74,7 @@ def fingerprint(arrays: Mapping[str, np.ndarray]) -> str:
     return digest.hexdigest()[:16]
 
 
-def checked_splits(arrays: dict[str, np.ndarray], *, names: dict[str, str], source: str,
-                    named: bool) -> Splits:
+def checked_splits(arrays: dict[str, np.ndarray], *, names: dict[str, str], source: str, named: bool) -> Splits:
     """Checks every array (a named data set must be MNIST-shaped with labels 0..9), then converts.
 
     `names` says how each array is named in an error: its file, or where in a file it sits.
@@ -79,12 +83,14 @@ def checked_splits(arrays: dict[str, np.ndarray], *, names: dict[str, str], sour
         images, labels = arrays[f"x_{split}"], arrays[f"y_{split}"]
         _check_inputs(images, names[f"x_{split}"], named=named)
         arrays[f"y_{split}"] = _checked_labels(
-            labels, len(images), names[f"y_{split}"], names[f"x_{split}"], expected="0..9" if named else "0..K-1")
+            labels, len(images), names[f"y_{split}"], names[f"x_{split}"], expected="0..9" if named else "0..K-1"
+        )
     x_train, y_train, x_test, y_test = (arrays[key] for key in NPZ_KEYS)
     if x_train.shape[1:] != x_test.shape[1:]:
         raise DataError(
             f"{names['x_test']}: examples of shape {x_test.shape[1:]}, but {names['x_train']} has "
-            f"{x_train.shape[1:]}: both splits must hold examples of one shape.")
+            f"{x_train.shape[1:]}: both splits must hold examples of one shape."
+        )
     top = max(int(y_train.max()), int(y_test.max()))
     if named and top > 9:
         label_name = names["y_train" if y_train.max() == top else "y_test"]
@@ -99,7 +105,8 @@ def _check_inputs(images: np.ndarray, name: str, *, named: bool) -> None:
     if images.ndim < 2 or images.dtype.kind not in "uf" or (images.dtype.kind == "u" and images.dtype != np.uint8):
         raise DataError(
             f"{name}: inputs of shape {images.shape} and type {images.dtype}; expected one example "
-            "per row, (N, ...), as uint8 images (scaled to [0, 1]) or floats (used as they are).")
+            "per row, (N, ...), as uint8 images (scaled to [0, 1]) or floats (used as they are)."
+        )
     if len(images) == 0:
         raise DataError(f"{name}: holds no examples; training and evaluation each need at least one.")
     if images.dtype.kind == "f":
@@ -112,22 +119,26 @@ def _checked_labels(labels: np.ndarray, count: int, name: str, images_name: str,
         example = f" (e.g. {labels.flat[0].item()!r})" if labels.size else ""
         raise DataError(
             f"{name}: labels of type {labels.dtype}{example}; expected integer class indices "
-            f"{expected}, which np.unique(labels, return_inverse=True)[1] makes from names.")
+            f"{expected}, which np.unique(labels, return_inverse=True)[1] makes from names."
+        )
     if labels.ndim == 2 and labels.shape[0] == count and labels.shape[1] > 1:
         raise DataError(
             f"{name}: labels of shape {labels.shape}, one row per example (one-hot or scores); expected "
-            "class indices of shape (N,): labels.argmax(axis=1) gives them.")
+            "class indices of shape (N,): labels.argmax(axis=1) gives them."
+        )
     if labels.ndim != 1 or len(labels) != count:
         raise DataError(
             f"{name}: labels of shape {labels.shape} for {count} examples in {images_name}: expected "
-            f"one class index per example, shape ({count},).")
+            f"one class index per example, shape ({count},)."
+        )
     if labels.dtype.kind == "f":
         _check_finite(labels, name, "labels")
         fractional = np.flatnonzero(labels != np.round(labels))
         if fractional.size:
             raise DataError(
                 f"{name}: {fractional.size} labels are not whole numbers (e.g. {labels[fractional[0]]} "
-                f"at index {fractional[0]}); expected class indices {expected}.")
+                f"at index {fractional[0]}); expected class indices {expected}."
+            )
     if labels.min() < 0:
         raise DataError(f"{name}: labels range over {labels.min():g}..{labels.max():g}, expected {expected}.")
     return labels.astype(np.int32)
@@ -142,7 +153,8 @@ def _check_finite(array: np.ndarray, name: str, what: str) -> None:
         fix = "drop those examples" if what == "labels" else "replace them (np.nan_to_num) or drop those examples"
         raise DataError(
             f"{name}: {int(bad.sum())} non-finite {what} ({', '.join(kinds)}), the first at index "
-            f"{first[0] if len(first) == 1 else first}; {fix}.")
+            f"{first[0] if len(first) == 1 else first}; {fix}."
+        )
 
 
 def _as_inputs(images: np.ndarray) -> np.ndarray:

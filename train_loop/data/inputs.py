@@ -25,12 +25,18 @@ def steps_per_epoch(splits: Splits, global_batch_size: int) -> int:
         held_out = "" if splits.x_validation is None else " left after --validation_split"
         raise UsageError(
             f"--batch_size={global_batch_size} is larger than the {len(splits.x_train)} training "
-            f"examples{held_out}: use a smaller --batch_size.")
+            f"examples{held_out}: use a smaller --batch_size."
+        )
     return steps
 
 
 def train_dataset_fn(
-    splits: Splits, *, global_batch_size: int, seed: int, num_epochs: int, start_step: int,
+    splits: Splits,
+    *,
+    global_batch_size: int,
+    seed: int,
+    num_epochs: int,
+    start_step: int,
 ) -> Callable[[tf.distribute.InputContext], tf.data.Dataset]:
     """A `distribute_datasets_from_function` input: every epoch from `start_step` on, in one stream.
 
@@ -48,9 +54,11 @@ def train_dataset_fn(
     def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
         def epoch_batches(epoch: tf.Tensor) -> tf.data.Dataset:
             order = tf.random.experimental.stateless_shuffle(
-                tf.range(num_examples), seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
+                tf.range(num_examples), seed=tf.stack([tf.constant(seed, tf.int64), epoch])
+            )
             return tf.data.Dataset.from_tensor_slices(
-                _pipeline_batches(order[: steps * global_batch_size], context, global_batch_size))
+                _pipeline_batches(order[: steps * global_batch_size], context, global_batch_size)
+            )
 
         # Each global batch holds one batch of every replica, so a step is that many of this pipeline's.
         replicas_per_pipeline = context.num_replicas_in_sync // context.num_input_pipelines
@@ -66,7 +74,9 @@ def train_dataset_fn(
 
 
 def eval_dataset_fn(
-    inputs: np.ndarray, labels: np.ndarray, global_batch_size: int,
+    inputs: np.ndarray,
+    labels: np.ndarray,
+    global_batch_size: int,
 ) -> tuple[Callable[[tf.distribute.InputContext], tf.data.Dataset], int]:
     """A split to evaluate (validation or test) padded to whole global batches, with a weight of 0
     on the padding.
@@ -123,7 +133,7 @@ def host_tensor(array: np.ndarray, *, alignment: int = 64) -> tf.Tensor:
     dtype = array.dtype.newbyteorder("=")  # DLPack takes the machine's byte order only.
     buffer = np.empty(array.nbytes + alignment, np.uint8)
     start = -buffer.ctypes.data % alignment
-    private = buffer[start: start + array.nbytes].view(dtype).reshape(array.shape)
+    private = buffer[start : start + array.nbytes].view(dtype).reshape(array.shape)
     np.copyto(private, array)
     return tf.experimental.dlpack.from_dlpack(private.__dlpack__())
 
@@ -154,13 +164,13 @@ class ReplicaInput:
     per-replica batches to replicas in order, so the numbers are the same either way.
     """
 
-    def __init__(self, strategy: tf.distribute.Strategy,
-                 dataset_fn: Callable[[tf.distribute.InputContext], tf.data.Dataset]):
+    def __init__(
+        self, strategy: tf.distribute.Strategy, dataset_fn: Callable[[tf.distribute.InputContext], tf.data.Dataset]
+    ):
         self._strategy = strategy
         self._on_host = _is_single_host_cpu(strategy)
         if self._on_host:
-            self._dataset = dataset_fn(tf.distribute.InputContext(
-                num_replicas_in_sync=strategy.num_replicas_in_sync))
+            self._dataset = dataset_fn(tf.distribute.InputContext(num_replicas_in_sync=strategy.num_replicas_in_sync))
         else:
             self._dataset = strategy.distribute_datasets_from_function(dataset_fn)
 
@@ -179,7 +189,8 @@ class ReplicaInput:
         if len(batches) == 1:
             return batches[0]
         return self._strategy.experimental_distribute_values_from_function(
-            lambda context: batches[context.replica_id_in_sync_group])
+            lambda context: batches[context.replica_id_in_sync_group]
+        )
 
 
 def _is_single_host_cpu(strategy: tf.distribute.Strategy) -> bool:

@@ -20,8 +20,10 @@ from train_loop.configs import ARRAYS_PREFIX, DATASETS, Config
 from train_loop.data.arrays import NPZ_KEYS, DataError, Splits, checked_splits, fingerprint, scaled_with_channel
 
 IDX_FILES = (
-    "train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte",
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
 )
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 # Set to skip the last resort, Keras' download (air-gapped clusters, tests).
@@ -63,8 +65,18 @@ def class_names(dataset: str) -> tuple[str, ...]:
 
 
 _CLASS_NAMES = {
-    "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                      "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),  # Zalando's labels, in order
+    "fashion_mnist": (
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ),  # Zalando's labels, in order
 }
 
 
@@ -80,14 +92,20 @@ def _given_arrays(dataset: str, arrays: Mapping[str, np.ndarray] | None) -> Spli
     if arrays is None or dataset != ARRAYS_PREFIX + fingerprint(arrays):
         raise DataError(
             f"--dataset={dataset!r} names arrays given to train_loop.train(data=...); give the same "
-            "arrays again, or a data set name or an .npz path.")
+            "arrays again, or a data set name or an .npz path."
+        )
     missing = [key for key in NPZ_KEYS if key not in arrays]
     if missing:
         raise DataError(
             f"{', '.join(f'data[{key!r}]' for key in missing)} missing: train_loop.train(data=...) takes a mapping of "
-            f"{', '.join(NPZ_KEYS)} (or an .npz path).")
-    return checked_splits({key: np.asarray(arrays[key]) for key in NPZ_KEYS},
-                           names={key: f"data[{key!r}]" for key in NPZ_KEYS}, source="data", named=False)
+            f"{', '.join(NPZ_KEYS)} (or an .npz path)."
+        )
+    return checked_splits(
+        {key: np.asarray(arrays[key]) for key in NPZ_KEYS},
+        names={key: f"data[{key!r}]" for key in NPZ_KEYS},
+        source="data",
+        named=False,
+    )
 
 
 def _search_folders(config: Config) -> Iterator[str]:
@@ -95,7 +113,8 @@ def _search_folders(config: Config) -> Iterator[str]:
         if not os.path.isdir(config.data_dir) or not os.access(config.data_dir, os.R_OK | os.X_OK):
             raise DataError(
                 f"--data_dir={config.data_dir!r} is not a readable folder: give the folder that "
-                f"holds {config.dataset}.npz or its four IDX files, or leave --data_dir empty.")
+                f"holds {config.dataset}.npz or its four IDX files, or leave --data_dir empty."
+            )
         yield config.data_dir
     keras_datasets = os.path.join(_keras_home(), "datasets")
     yield keras_datasets
@@ -120,7 +139,8 @@ def _read_folder(folder: str, dataset: str) -> Splits | None:
         missing = [name for name, path in zip(IDX_FILES, paths) if path is None]
         raise DataError(
             f"{folder} holds only some of the four {dataset} IDX files: {', '.join(missing)} (or .gz) "
-            f"missing; add them, or put {dataset}.npz there.")
+            f"missing; add them, or put {dataset}.npz there."
+        )
     return None
 
 
@@ -143,10 +163,10 @@ def _read_npz(path: str, *, named: bool) -> Splits:
         fix = "download it again" if named else "write it again with np.savez"
         raise DataError(f"{path}: not a readable npz archive ({error}); {fix}.") from None
     if missing:
-        raise DataError(
-            f"{path}: missing arrays {', '.join(missing)}; a Keras-layout npz holds {', '.join(NPZ_KEYS)}.")
-    return checked_splits(dict(zip(NPZ_KEYS, arrays)), names={key: f"{key} in {path}" for key in NPZ_KEYS},
-                           source=path, named=named)
+        raise DataError(f"{path}: missing arrays {', '.join(missing)}; a Keras-layout npz holds {', '.join(NPZ_KEYS)}.")
+    return checked_splits(
+        dict(zip(NPZ_KEYS, arrays)), names={key: f"{key} in {path}" for key in NPZ_KEYS}, source=path, named=named
+    )
 
 
 def _read_idx_set(paths: list[str], folder: str, dataset: str) -> Splits:
@@ -222,12 +242,14 @@ def _read_idx(path: str, ndim: int) -> np.ndarray:
     if len(raw) < header or struct.unpack(">I", raw[:4])[0] != _IDX_MAGIC[ndim]:
         raise DataError(
             f"{path}: bad magic number; expected an IDX file of {ndim}-dimensional unsigned bytes "
-            f"(0x{_IDX_MAGIC[ndim]:08x}).")
+            f"(0x{_IDX_MAGIC[ndim]:08x})."
+        )
     shape = struct.unpack(f">{ndim}I", raw[4:header])
     if len(raw) - header != int(np.prod(shape)):
         raise DataError(
             f"{path}: its header promises {'x'.join(map(str, shape))} bytes of data but it holds "
-            f"{len(raw) - header}: the file is truncated or corrupt; download it again.")
+            f"{len(raw) - header}: the file is truncated or corrupt; download it again."
+        )
     return np.frombuffer(raw, np.uint8, offset=header).reshape(shape)
 
 
@@ -236,9 +258,11 @@ def _download(dataset: str, searched: list[str]) -> Splits:
     places = ", ".join(searched)
     if dataset == "fashion_mnist":
         places += " (apt-get install dataset-fashion-mnist fills the last)"
-    hint = (f"no {dataset} data found in {places}; "
-            f"put {dataset}.npz or its four IDX files in --data_dir, or use --dataset=digits "
-            "(bundled, offline)")
+    hint = (
+        f"no {dataset} data found in {places}; "
+        f"put {dataset}.npz or its four IDX files in --data_dir, or use --dataset=digits "
+        "(bundled, offline)"
+    )
     if os.environ.get(OFFLINE_ENV):
         raise DataError(f"{hint}; downloading is off ({OFFLINE_ENV} is set).")
     import keras  # Imported here: only the download needs it.
@@ -250,8 +274,9 @@ def _download(dataset: str, searched: list[str]) -> Splits:
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DataError(f"{hint}; the download failed ({first_line}).") from None
     arrays = dict(zip(NPZ_KEYS, (x_train, y_train, x_test, y_test)))
-    return checked_splits(arrays, names={key: f"{key} of the keras download" for key in NPZ_KEYS},
-                           source="keras download", named=True)
+    return checked_splits(
+        arrays, names={key: f"{key} of the keras download" for key in NPZ_KEYS}, source="keras download", named=True
+    )
 
 
 def _digits() -> Splits:
@@ -259,8 +284,13 @@ def _digits() -> Splits:
     split scikit-learn gives, shipped so that this data set needs no scikit-learn and SciPy."""
     with importlib.resources.files("train_loop").joinpath("data", "digits.npz").open("rb") as stream:
         arrays = dict(np.load(stream))
-    return Splits(scaled_with_channel(arrays["x_train"], 16.0), arrays["y_train"].astype(np.int32),
-                  scaled_with_channel(arrays["x_test"], 16.0), arrays["y_test"].astype(np.int32), "bundled UCI digits")
+    return Splits(
+        scaled_with_channel(arrays["x_train"], 16.0),
+        arrays["y_train"].astype(np.int32),
+        scaled_with_channel(arrays["x_test"], 16.0),
+        arrays["y_test"].astype(np.int32),
+        "bundled UCI digits",
+    )
 
 
 def _synthetic(seed: int) -> Splits:

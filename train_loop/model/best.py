@@ -29,8 +29,9 @@ class BestModel:
         self.value = tf.Variable(-math.inf if self._higher_is_better else math.inf, dtype=tf.float64, trainable=False)
         self._step = tf.Variable(-1, dtype=tf.int64, trainable=False)
         self._since = tf.Variable(0, dtype=tf.int64, trainable=False)  # Validations without improvement.
-        self._weights = [tf.Variable(tf.zeros(weight.shape, weight.dtype), trainable=False)
-                         for weight in self._model_weights]
+        self._weights = [
+            tf.Variable(tf.zeros(weight.shape, weight.dtype), trainable=False) for weight in self._model_weights
+        ]
 
     @property
     def step(self) -> int | None:
@@ -39,8 +40,12 @@ class BestModel:
         return step if step >= 0 else None
 
     def trackables(self) -> dict[str, object]:
-        return {"best_value": self.value, "best_step": self._step, "best_since": self._since,
-                "best_weights": self._weights}
+        return {
+            "best_value": self.value,
+            "best_step": self._step,
+            "best_since": self._since,
+            "best_weights": self._weights,
+        }
 
     def update(self, step: int, metrics: dict[str, float]) -> bool:
         """Records a validation of the model's current weights; says whether it is the new best
@@ -65,7 +70,9 @@ class BestModel:
 
     def weights_in_model(self) -> contextlib.AbstractContextManager:
         """The model holds the best weights inside, its own outside."""
+
         def replace() -> None:
             for weight, kept in zip(self._model_weights, self._weights):
                 weight.assign(kept)
+
         return swapped_weights(self._model_weights, replace)

@@ -17,15 +17,23 @@ from train_loop.errors import UsageError
 
 ModelFunction = Callable[[], keras.Model]
 # The layers whose `kernel` and `bias` --l1/--l2/--bias_l1/--bias_l2 regularize and the logs show.
-KERNEL_LAYERS = (keras.layers.Dense, keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
-                 keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose, keras.layers.Conv3DTranspose)
+KERNEL_LAYERS = (
+    keras.layers.Dense,
+    keras.layers.Conv1D,
+    keras.layers.Conv2D,
+    keras.layers.Conv3D,
+    keras.layers.Conv1DTranspose,
+    keras.layers.Conv2DTranspose,
+    keras.layers.Conv3DTranspose,
+)
 # |w| under this counts as (nearly) zero: what L1 produces and L2 does not. The TensorBoard
 # `sparsity/<layer>` scalars, the study's table and its figures all count by it.
 NEAR_ZERO = 1e-3
 
 
-def build_model(config: Config, input_shape: tuple[int, ...], *, num_classes: int = 10,
-                model_fn: ModelFunction | None = None) -> keras.Model:
+def build_model(
+    config: Config, input_shape: tuple[int, ...], *, num_classes: int = 10, model_fn: ModelFunction | None = None
+) -> keras.Model:
     """The model `config.model` names, with the regularizers the flags ask for; call in the strategy's scope.
 
     A user's model comes from `model_fn`, else from importing `config.model`; it is built on a
@@ -98,8 +106,8 @@ def _call_model_function(config: Config, model_fn: ModelFunction) -> keras.Model
         keras.config.set_dtype_policy(previous)
     if not isinstance(model, keras.Model):
         raise UsageError(
-            f"--model={config.model}: returned {type(model).__name__}, not a keras.Model; return the "
-            "uncompiled model.")
+            f"--model={config.model}: returned {type(model).__name__}, not a keras.Model; return the uncompiled model."
+        )
     return model
 
 
@@ -110,12 +118,13 @@ def _check_outputs(model: keras.Model, name: str, input_shape: tuple[int, ...], 
         outputs = model(tf.zeros((2, *input_shape)), training=False)
     except Exception as error:  # The user's code, on the data's shape: any failure is a mismatch.
         raise UsageError(
-            f"--model={name}: cannot take inputs of shape (N, {', '.join(map(str, input_shape))}) "
-            f"({_one_line(error)}).") from None
+            f"--model={name}: cannot take inputs of shape (N, {', '.join(map(str, input_shape))}) ({_one_line(error)})."
+        ) from None
     if tuple(getattr(outputs, "shape", ())) != (2, num_classes):
         raise UsageError(
             f"--model={name}: outputs of shape {tuple(getattr(outputs, 'shape', ()))} for a batch of 2, "
-            f"expected (2, {num_classes}): one logit per class of the labels 0..{num_classes - 1}.")
+            f"expected (2, {num_classes}): one logit per class of the labels 0..{num_classes - 1}."
+        )
 
 
 def _apply_weight_regularizers(model: keras.Model, config: Config) -> None:
@@ -131,7 +140,8 @@ def _apply_weight_regularizers(model: keras.Model, config: Config) -> None:
     if carrying:
         raise UsageError(
             f"--model={config.model}: its weights already carry regularizers ({', '.join(carrying[:3])}): "
-            "leave --l1, --l2, --bias_l1 and --bias_l2 at 0, or remove them from the model.")
+            "leave --l1, --l2, --bias_l1 and --bias_l2 at 0, or remove them from the model."
+        )
     for _, layer in weighted_layers(model):
         # The variables hold the regularizer Keras applies; the attributes, what model.keras records.
         layer.kernel.regularizer = layer.kernel_regularizer = kernel
@@ -157,17 +167,27 @@ def _built_in(config: Config, input_shape: tuple[int, ...], num_classes: int) ->
         raise UsageError(
             f"--model=convnet takes images of shape (N, H, W) or (N, H, W, C); --dataset={config.dataset} "
             f"holds inputs of shape (N, {', '.join(map(str, input_shape))}): use --model=linear or a model "
-            "function.")
+            "function."
+        )
     seed, dtype = config.seed, config.precision  # A Keras policy name: float32 master weights.
     layers: list = [keras.Input(shape=input_shape)]
     if config.model == "convnet":
         for index, filters in enumerate((32, 16), start=1):
-            layers.append(keras.layers.Conv2D(
-                filters, 3, padding="same", activation="relu", name=f"conv{index}", dtype=dtype,
-                **_weights(config, seed + index)))
+            layers.append(
+                keras.layers.Conv2D(
+                    filters,
+                    3,
+                    padding="same",
+                    activation="relu",
+                    name=f"conv{index}",
+                    dtype=dtype,
+                    **_weights(config, seed + index),
+                )
+            )
             if config.dropout:
-                layers.append(PhiloxDropout(
-                    config.dropout, seed=seed + 10 + index, name=f"dropout{index}", dtype=dtype))
+                layers.append(
+                    PhiloxDropout(config.dropout, seed=seed + 10 + index, name=f"dropout{index}", dtype=dtype)
+                )
     layers.append(keras.layers.Flatten(name="flatten", dtype=dtype))
     layers.append(keras.layers.Dense(num_classes, name="dense", dtype=dtype, **_weights(config, seed + 3)))
     return keras.Sequential(layers, name=config.model)

@@ -30,7 +30,8 @@ def build_optimizer(config: Config) -> keras.optimizers.Optimizer:
         learning_rate=learning_rate_schedule(config),
         weight_decay=config.weight_decay or None,
         use_ema=config.ema > 0,
-        ema_momentum=config.ema or 0.99)
+        ema_momentum=config.ema or 0.99,
+    )
 
 
 def learning_rate_schedule(config: Config) -> float | keras.optimizers.schedules.LearningRateSchedule:
@@ -40,8 +41,9 @@ def learning_rate_schedule(config: Config) -> float | keras.optimizers.schedules
     if config.lr_schedule == "cosine":
         schedule = schedules.CosineDecay(config.learning_rate, config.lr_decay_steps)
     elif config.lr_schedule == "step":
-        schedule = schedules.ExponentialDecay(config.learning_rate, config.lr_decay_steps, config.lr_decay_rate,
-                                              staircase=True)
+        schedule = schedules.ExponentialDecay(
+            config.learning_rate, config.lr_decay_steps, config.lr_decay_rate, staircase=True
+        )
     if config.warmup_steps:
         return Warmup(schedule or (lambda step: config.learning_rate), config.learning_rate, config.warmup_steps)
     return schedule or config.learning_rate
@@ -60,8 +62,11 @@ class Warmup(keras.optimizers.schedules.LearningRateSchedule):
     def __call__(self, step: tf.Tensor) -> tf.Tensor:
         step = tf.cast(step, tf.float32)
         warmup_steps = tf.constant(float(self.warmup_steps))
-        return tf.where(step < warmup_steps, self.peak * step / warmup_steps,
-                        tf.cast(self.after(tf.maximum(step - warmup_steps, 0.0)), tf.float32))
+        return tf.where(
+            step < warmup_steps,
+            self.peak * step / warmup_steps,
+            tf.cast(self.after(tf.maximum(step - warmup_steps, 0.0)), tf.float32),
+        )
 
     def get_config(self) -> dict:
         return {"peak": self.peak, "warmup_steps": self.warmup_steps}
@@ -84,8 +89,11 @@ def layer_decay_terms(model: keras.Model, weight_decay: float) -> dict[str, floa
     with RMSprop or Adam, which rescale the gradient but not the decay, it differs from an L2
     penalty of that size; logging it beside `regularization/<layer>` shows both.
     """
-    return {path: weight_decay / 2 * sum(float(tf.reduce_sum(tf.square(weight))) for weight in layer.trainable_weights)
-            for path, layer in named_layers(model) if layer.trainable_weights}
+    return {
+        path: weight_decay / 2 * sum(float(tf.reduce_sum(tf.square(weight))) for weight in layer.trainable_weights)
+        for path, layer in named_layers(model)
+        if layer.trainable_weights
+    }
 
 
 def averaged_weights(model: keras.Model, optimizer: keras.optimizers.Optimizer) -> contextlib.AbstractContextManager:
@@ -96,8 +104,9 @@ def averaged_weights(model: keras.Model, optimizer: keras.optimizers.Optimizer) 
     """
     if not optimizer.use_ema:
         return contextlib.nullcontext()
-    return swapped_weights(model.trainable_variables,
-                           lambda: optimizer.finalize_variable_values(model.trainable_variables))
+    return swapped_weights(
+        model.trainable_variables, lambda: optimizer.finalize_variable_values(model.trainable_variables)
+    )
 
 
 @contextlib.contextmanager

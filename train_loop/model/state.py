@@ -61,8 +61,12 @@ class Counters:
         return int(self._step)
 
     def trackables(self) -> dict[str, object]:
-        return {"step": self._step, "epoch": self.epoch, "epoch_steps": self._epoch_steps,
-                "epoch_sum": dict(self._epoch_sums)}
+        return {
+            "step": self._step,
+            "epoch": self.epoch,
+            "epoch_steps": self._epoch_steps,
+            "epoch_sum": dict(self._epoch_sums),
+        }
 
     def positional_trackables(self) -> dict[str, object]:
         """The names of a checkpoint written before the sums had names; `take_positional` then
@@ -126,32 +130,53 @@ class TrainState:
     def weight_values(self) -> dict[str, tf.Tensor]:
         """Every trainable weight of every layer, for its histogram, as `<weight>/<layer path>`
         (`kernel/conv1`)."""
-        return {f"{weight.name}/{path}": tf.convert_to_tensor(weight)
-                for path, layer in named_layers(self.model) for weight in layer.trainable_weights}
+        return {
+            f"{weight.name}/{path}": tf.convert_to_tensor(weight)
+            for path, layer in named_layers(self.model)
+            for weight in layer.trainable_weights
+        }
 
     def trackables(self) -> dict[str, object]:
         """The checkpoint's objects by name. "non_trainable" holds every non-trainable variable
         (BatchNorm's statistics, the dropout layers' seed states): a resumed run then draws the
         masks an uninterrupted one would."""
-        return {"model": self.model, "optimizer": self.optimizer, "non_trainable": self._non_trainable(),
-                **self.counters.trackables(), **self._optional_trackables()}
+        return {
+            "model": self.model,
+            "optimizer": self.optimizer,
+            "non_trainable": self._non_trainable(),
+            **self.counters.trackables(),
+            **self._optional_trackables(),
+        }
 
     def positional_trackables(self) -> dict[str, object]:
         """The names of a checkpoint written before the measurements had names, which called the
         non-trainable variables "rng" and kept the epoch's sums in one vector (see `Counters`)."""
-        return {"model": self.model, "optimizer": self.optimizer, "rng": self._non_trainable(),
-                **self.counters.positional_trackables(), **self._optional_trackables()}
+        return {
+            "model": self.model,
+            "optimizer": self.optimizer,
+            "rng": self._non_trainable(),
+            **self.counters.positional_trackables(),
+            **self._optional_trackables(),
+        }
 
     def _non_trainable(self) -> list[tf.Variable]:
         return [variable.value for variable in self.model.non_trainable_variables]
 
     def _optional_trackables(self) -> dict[str, object]:
-        return {**({"loss_scale": self.loss_scale} if self.loss_scale else {}),
-                **(self.best.trackables() if self.best else {})}
+        return {
+            **({"loss_scale": self.loss_scale} if self.loss_scale else {}),
+            **(self.best.trackables() if self.best else {}),
+        }
 
 
-def build_state(config: Config, strategy: tf.distribute.Strategy, input_shape: tuple[int, ...], *,
-                num_classes: int = 10, model_fn: ModelFunction | None = None) -> TrainState:
+def build_state(
+    config: Config,
+    strategy: tf.distribute.Strategy,
+    input_shape: tuple[int, ...],
+    *,
+    num_classes: int = 10,
+    model_fn: ModelFunction | None = None,
+) -> TrainState:
     """The train state of `config`. The model's, the optimizer's, the loss scale's and the best
     model's variables are created inside `strategy.scope()`, so that they are mirrored (a Keras
     optimizer would otherwise build its slots lazily, inside a trace); the counters, which only

@@ -22,8 +22,11 @@ _SUM = tf.distribute.ReduceOp.SUM
 
 
 def make_replica_gradients(
-    model: keras.Model, global_batch_size: int, *,
-    loss_scale: LossScale | None = None, jit_compile: bool = False,
+    model: keras.Model,
+    global_batch_size: int,
+    *,
+    loss_scale: LossScale | None = None,
+    jit_compile: bool = False,
 ) -> Callable[[tf.Tensor, tf.Tensor], tuple[dict[str, tf.Tensor], list[tf.Tensor]]]:
     """The math of one update on one replica's slice of the batch: loss components and gradients.
 
@@ -51,17 +54,25 @@ def make_replica_gradients(
         if loss_scale is not None:
             gradients = [gradient / loss_scale.scale for gradient in gradients]
         non_finite = tf.cast(~tf.math.is_finite(tf.linalg.global_norm(gradients)), tf.float32)
-        return {"cross_entropy": cross_entropy, "regularization": regularization, "total": total,
-                "accuracy": losses.correct_share(labels, logits, global_batch_size),
-                "non_finite_gradients": non_finite}, gradients
+        return {
+            "cross_entropy": cross_entropy,
+            "regularization": regularization,
+            "total": total,
+            "accuracy": losses.correct_share(labels, logits, global_batch_size),
+            "non_finite_gradients": non_finite,
+        }, gradients
 
     return tf.function(replica_gradients, jit_compile=True, autograph=False) if jit_compile else replica_gradients
 
 
 def make_train_step(
-    strategy: tf.distribute.Strategy, model: keras.Model, optimizer: keras.optimizers.Optimizer,
-    replica_gradients: Callable[..., tuple[dict[str, tf.Tensor], list[tf.Tensor]]], *,
-    loss_scale: LossScale | None = None, global_clipnorm: float = 0.0,
+    strategy: tf.distribute.Strategy,
+    model: keras.Model,
+    optimizer: keras.optimizers.Optimizer,
+    replica_gradients: Callable[..., tuple[dict[str, tf.Tensor], list[tf.Tensor]]],
+    *,
+    loss_scale: LossScale | None = None,
+    global_clipnorm: float = 0.0,
 ) -> Callable[[tuple, tf.Tensor, tf.Tensor], dict[str, tf.Tensor]]:
     """One update over all replicas, for use inside the traced loop call.
 
@@ -79,17 +90,22 @@ def make_train_step(
       measurements, summed over replicas, and the `gradient_measurements(model)`, by name.
     """
     variables = model.trainable_variables
-    kernels = {path: next(i for i, v in enumerate(variables) if v is layer.kernel)
-               for path, layer in weighted_layers(model)}
+    kernels = {
+        path: next(i for i, v in enumerate(variables) if v is layer.kernel) for path, layer in weighted_layers(model)
+    }
 
     def summed_gradient(replica_gradients_: list, histograms: tf.Tensor) -> dict[str, tf.Tensor]:
         gradients = [strategy.reduce(_SUM, gradient, axis=None) for gradient in replica_gradients_]
         kernel_gradients = {path: gradients[index] for path, index in kernels.items()}
-        return {"gradient_norm": tf.linalg.global_norm(gradients),
-                **{f"gradient_norm/{path}": tf.norm(gradient) for path, gradient in kernel_gradients.items()},
-                **tf.cond(histograms, lambda: {f"gradient/{path}": gradient
-                                               for path, gradient in kernel_gradients.items()},
-                          lambda: _kernel_zeros(model))}
+        return {
+            "gradient_norm": tf.linalg.global_norm(gradients),
+            **{f"gradient_norm/{path}": tf.norm(gradient) for path, gradient in kernel_gradients.items()},
+            **tf.cond(
+                histograms,
+                lambda: {f"gradient/{path}": gradient for path, gradient in kernel_gradients.items()},
+                lambda: _kernel_zeros(model),
+            ),
+        }
 
     def measured_gradient(measure: tf.Tensor, gradients: list, histograms: tf.Tensor) -> dict[str, tf.Tensor]:
         return tf.cond(measure, lambda: summed_gradient(gradients, histograms), lambda: gradient_measurements(model))
@@ -115,7 +131,8 @@ def make_train_step(
     def scaled_train_step(batch: tuple, measure: tf.Tensor, histograms: tf.Tensor) -> dict[str, tf.Tensor]:
         # Called from a plain function, so that XLA's compiled function runs on each replica's device.
         measurements, gradients = _run_and_sum(
-            strategy, lambda *replica_batch: replica_gradients(*replica_batch), batch)
+            strategy, lambda *replica_batch: replica_gradients(*replica_batch), batch
+        )
         finite = measurements["non_finite_gradients"] == 0
 
         def apply_all() -> tf.Tensor:
@@ -126,14 +143,19 @@ def make_train_step(
         clipped = tf.cond(finite, apply_all, lambda: tf.constant(0.0))
         loss_scale.update(finite)
         # A skipped step's overflow is the loss scale's job, not divergence; its norms count as 0.
-        return {**measurements, "clipped": clipped, "non_finite_gradients": tf.constant(0.0),
-                **measured_gradient(tf.logical_and(measure, finite), gradients, histograms)}
+        return {
+            **measurements,
+            "clipped": clipped,
+            "non_finite_gradients": tf.constant(0.0),
+            **measured_gradient(tf.logical_and(measure, finite), gradients, histograms),
+        }
 
     return train_step if loss_scale is None else scaled_train_step
 
 
-def _run_and_sum(strategy: tf.distribute.Strategy, replica_fn: Callable[..., tuple[dict, list]],
-                 batch: tuple) -> tuple[dict[str, tf.Tensor], list]:
+def _run_and_sum(
+    strategy: tf.distribute.Strategy, replica_fn: Callable[..., tuple[dict, list]], batch: tuple
+) -> tuple[dict[str, tf.Tensor], list]:
     """`replica_fn` on every replica; its named measurements summed over replicas in ONE
     all-reduce (stacked, as a cluster pays per collective), its gradients left per replica."""
     names: list[str] = []  # Filled while tracing: the order the stacked vector holds.
@@ -165,9 +187,11 @@ def gradient_measurements(model: keras.Model) -> dict[str, tf.Tensor]:
     """What a train step measures of the gradient at the last step of a loop call, by name, as
     zeros: the values of the steps that do not measure it. "gradient/<layer path>" is a kernel's
     gradient, for its histogram; the others are norms."""
-    return {"gradient_norm": tf.constant(0.0),
-            **{f"gradient_norm/{path}": tf.constant(0.0) for path, _ in weighted_layers(model)},
-            **_kernel_zeros(model)}
+    return {
+        "gradient_norm": tf.constant(0.0),
+        **{f"gradient_norm/{path}": tf.constant(0.0) for path, _ in weighted_layers(model)},
+        **_kernel_zeros(model),
+    }
 
 
 def _kernel_zeros(model: keras.Model) -> dict[str, tf.Tensor]:
@@ -175,8 +199,13 @@ def _kernel_zeros(model: keras.Model) -> dict[str, tf.Tensor]:
 
 
 def make_loop_call(
-    strategy: tf.distribute.Strategy, state: TrainState, next_batch: Callable[[object], tuple], *,
-    global_batch_size: int, jit_compile: bool = False, global_clipnorm: float = 0.0,
+    strategy: tf.distribute.Strategy,
+    state: TrainState,
+    next_batch: Callable[[object], tuple],
+    *,
+    global_batch_size: int,
+    jit_compile: bool = False,
+    global_clipnorm: float = 0.0,
 ) -> Callable[[object, tf.Tensor, tf.Tensor], dict[str, tf.Tensor]]:
     """`loop_call(iterator, num_steps, histograms)`: `num_steps` updates of `state` in one traced call.
 
@@ -187,28 +216,38 @@ def make_loop_call(
     call reuses one trace.
     """
     model = state.model
-    replica_gradients = make_replica_gradients(model, global_batch_size, loss_scale=state.loss_scale,
-                                               jit_compile=jit_compile)
-    train_step = make_train_step(strategy, model, state.optimizer, replica_gradients,
-                                 loss_scale=state.loss_scale, global_clipnorm=global_clipnorm)
+    replica_gradients = make_replica_gradients(
+        model, global_batch_size, loss_scale=state.loss_scale, jit_compile=jit_compile
+    )
+    train_step = make_train_step(
+        strategy,
+        model,
+        state.optimizer,
+        replica_gradients,
+        loss_scale=state.loss_scale,
+        global_clipnorm=global_clipnorm,
+    )
     summed = [name for name in SUMMED if name != "clipped" or global_clipnorm]
 
     @tf.function(autograph=False)  # The loop is written out: see `_counted_loop`.
     def loop_call(iterator, num_steps: tf.Tensor, histograms: tf.Tensor) -> dict[str, tf.Tensor]:
         def step_once(step: tf.Tensor, sums: dict[str, tf.Tensor], gradient: dict[str, tf.Tensor]) -> tuple:
             measured = train_step(next_batch(iterator), step == num_steps - 1, histograms)
-            return ({name: sums[name] + measured[name] for name in summed},
-                    {name: measured[name] for name in gradient})
+            return ({name: sums[name] + measured[name] for name in summed}, {name: measured[name] for name in gradient})
 
-        sums, gradient = _counted_loop(num_steps, step_once,
-                                       (dict.fromkeys(summed, tf.constant(0.0)), gradient_measurements(model)))
+        sums, gradient = _counted_loop(
+            num_steps, step_once, (dict.fromkeys(summed, tf.constant(0.0)), gradient_measurements(model))
+        )
         return {**sums, **gradient}
 
     return loop_call
 
 
 def make_eval_pass(
-    model: keras.Model, strategy: tf.distribute.Strategy, next_batch: Callable[[object], tuple], *,
+    model: keras.Model,
+    strategy: tf.distribute.Strategy,
+    next_batch: Callable[[object], tuple],
+    *,
     num_classes: int,
 ) -> Callable[[object, tf.Tensor], dict[str, tf.Tensor]]:
     """`eval_pass(iterator, num_batches)`: cross-entropy, accuracy and the confusion matrix.
@@ -216,24 +255,35 @@ def make_eval_pass(
     Sums are weighted so the zero-weight padding of the last batch counts for nothing. The
     confusion matrix counts true labels by row and predictions by column.
     """
+
     def replica_eval(images: tf.Tensor, labels: tf.Tensor, weights: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         logits = tf.cast(model(images, training=False), tf.float32)
         per_example = losses.per_example_cross_entropy(labels, logits)
-        confusion = tf.math.confusion_matrix(labels, tf.argmax(logits, axis=-1, output_type=labels.dtype),
-                                             num_classes=num_classes, weights=weights, dtype=tf.float32)
+        confusion = tf.math.confusion_matrix(
+            labels,
+            tf.argmax(logits, axis=-1, output_type=labels.dtype),
+            num_classes=num_classes,
+            weights=weights,
+            dtype=tf.float32,
+        )
         return tf.stack([tf.reduce_sum(per_example * weights), tf.reduce_sum(weights)]), confusion
 
     @tf.function(autograph=False)  # The loop is written out: see `_counted_loop`.
     def eval_pass(iterator, num_batches: tf.Tensor) -> dict[str, tf.Tensor]:
         def batch_once(_: tf.Tensor, sums: tf.Tensor, confusion: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
             batch_sums, batch_confusion = strategy.run(replica_eval, args=next_batch(iterator))
-            return (sums + strategy.reduce(_SUM, batch_sums, axis=None),
-                    confusion + strategy.reduce(_SUM, batch_confusion, axis=None))
+            return (
+                sums + strategy.reduce(_SUM, batch_sums, axis=None),
+                confusion + strategy.reduce(_SUM, batch_confusion, axis=None),
+            )
 
         sums, confusion = _counted_loop(num_batches, batch_once, (tf.zeros([2]), tf.zeros([num_classes, num_classes])))
         # The correct predictions are the confusion matrix's diagonal.
-        return {"cross_entropy": sums[0] / sums[1], "accuracy": tf.linalg.trace(confusion) / sums[1],
-                "confusion_matrix": tf.cast(confusion, tf.int64)}
+        return {
+            "cross_entropy": sums[0] / sums[1],
+            "accuracy": tf.linalg.trace(confusion) / sums[1],
+            "confusion_matrix": tf.cast(confusion, tf.int64),
+        }
 
     return eval_pass
 
@@ -246,6 +296,7 @@ def _counted_loop(count: tf.Tensor, body: Callable[..., tuple], initial: tuple) 
     they call, 29 of them) took most of the first step's tracing; what they call branches with
     `tf.cond` where it must, and Keras does not convert a model's code either way.
     """
-    _, values = tf.while_loop(lambda i, _: i < count, lambda i, values: (i + 1, body(i, *values)),
-                               (tf.constant(0, count.dtype), initial))
+    _, values = tf.while_loop(
+        lambda i, _: i < count, lambda i, values: (i + 1, body(i, *values)), (tf.constant(0, count.dtype), initial)
+    )
     return values

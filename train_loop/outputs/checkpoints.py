@@ -73,8 +73,9 @@ def make_manager(checkpoint: tf.train.Checkpoint, checkpoint_dir: str) -> tf.tra
     return tf.train.CheckpointManager(checkpoint, checkpoint_dir, max_to_keep=MAX_TO_KEEP)
 
 
-def restore_latest(checkpoint: tf.train.Checkpoint, checkpoint_dir: str, *, repair: bool,
-                   positional: tf.train.Checkpoint | None = None) -> bool:
+def restore_latest(
+    checkpoint: tf.train.Checkpoint, checkpoint_dir: str, *, repair: bool, positional: tf.train.Checkpoint | None = None
+) -> bool:
     """Restores the newest checkpoint in `checkpoint_dir` that restores; says whether there was one.
 
     A checkpoint written before the measurements had names is restored into `positional`, the
@@ -104,7 +105,7 @@ def restore_latest(checkpoint: tf.train.Checkpoint, checkpoint_dir: str, *, repa
             trouble = "; ".join(failures) or _index_trouble(indexed)
             warn(f"{checkpoint_dir}: {trouble}; resuming from {os.path.basename(prefix)}.")
             if repair:
-                _rewrite_index(checkpoint_dir, saved[saved.index(prefix):])
+                _rewrite_index(checkpoint_dir, saved[saved.index(prefix) :])
         return True
     raise _none_restores(checkpoint_dir, "; ".join(failures))
 
@@ -144,7 +145,8 @@ def saved_checkpoints(checkpoint_dir: str) -> list[str]:
     except OSError as error:
         raise UsageError(
             f"cannot read {checkpoint_dir} ({error.strerror}); nothing was changed: fix it, or pass "
-            "a new --run_name to start over.") from None
+            "a new --run_name to start over."
+        ) from None
     steps = sorted((int(match[1]) for match in map(_SAVED.fullmatch, names) if match), reverse=True)
     return [os.path.join(checkpoint_dir, f"ckpt-{step}") for step in steps]
 
@@ -174,8 +176,10 @@ def save(manager: tf.train.CheckpointManager, step: int) -> str:
     if latest is not None and latest.endswith(f"-{step}"):
         return latest
     # A failed write is logged by TensorFlow's kernels too; the one line comes from `_no_space`.
-    with no_space_left(manager.directory, temporary=os.path.join(manager.directory, f"ckpt-{step}_temp")), \
-            quiet_stderr():
+    with (
+        no_space_left(manager.directory, temporary=os.path.join(manager.directory, f"ckpt-{step}_temp")),
+        quiet_stderr(),
+    ):
         return manager.save(checkpoint_number=step)
 
 
@@ -226,8 +230,12 @@ def _rewrite_index(checkpoint_dir: str, prefixes: list[str]) -> None:
     # be told about checkpoints it did not write; its deprecation warning is not the user's.
     with _tensorflow_warnings_off():
         tf.compat.v1.train.update_checkpoint_state(
-            checkpoint_dir, os.path.basename(prefixes[0]), [os.path.basename(path) for path in oldest_first],
-            all_model_checkpoint_timestamps=times, last_preserved_timestamp=min(times) - 1.0)
+            checkpoint_dir,
+            os.path.basename(prefixes[0]),
+            [os.path.basename(path) for path in oldest_first],
+            all_model_checkpoint_timestamps=times,
+            last_preserved_timestamp=min(times) - 1.0,
+        )
 
 
 @contextlib.contextmanager
@@ -254,4 +262,5 @@ def _reason(error: BaseException) -> str:
 def _none_restores(checkpoint_dir: str, reasons: str) -> UsageError:
     return UsageError(
         f"no checkpoint in {checkpoint_dir} restores ({reasons}); nothing was changed: pass a new "
-        "--run_name to start over.")
+        "--run_name to start over."
+    )

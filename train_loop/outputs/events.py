@@ -21,7 +21,8 @@ def scalar_series(run_dir: str, writer: str, tag: str) -> dict[int, float]:
     """A scalar as `write_scalars` logged it, by step, read back by TensorBoard's own loader (so
     what a figure draws is what TensorBoard shows); empty when the run never logged it."""
     accumulator = event_accumulator.EventAccumulator(
-        writer_dir(run_dir, writer), size_guidance={event_accumulator.TENSORS: 0}).Reload()
+        writer_dir(run_dir, writer), size_guidance={event_accumulator.TENSORS: 0}
+    ).Reload()
     if tag not in accumulator.Tags()["tensors"]:
         return {}
     return {event.step: float(tf.make_ndarray(event.tensor_proto)) for event in accumulator.Tensors(tag)}
@@ -64,12 +65,12 @@ def read_records(path: str) -> tuple[list[bytes], int]:
         content = stream.read()
     records, damaged, offset = [], 0, 0
     while offset < len(content):
-        header = content[offset:offset + 12]
+        header = content[offset : offset + 12]
         length = int.from_bytes(header[:8], "little")
         if len(header) < 12 or _crc(header[:8]) != header[8:]:
             return records, damaged + 1
-        data = content[offset + 12:offset + 12 + length]
-        checksum = content[offset + 12 + length:offset + 16 + length]
+        data = content[offset + 12 : offset + 12 + length]
+        checksum = content[offset + 12 + length : offset + 16 + length]
         offset += 16 + length
         if len(checksum) < 4 or _crc(data) != checksum:
             damaged += 1

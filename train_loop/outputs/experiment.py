@@ -15,9 +15,15 @@ from tensorboard.plugins.hparams import metadata as hparams_metadata
 from train_loop.outputs.events import read_records
 
 # What the HParams table compares after the settings that differ: the runs' final metrics.
-COMPARED_METRICS = (("validation", "accuracy"), ("validation", "loss/cross_entropy"),
-                    ("test", "accuracy"), ("test", "loss/cross_entropy"), ("train", "loss/cross_entropy"),
-                    ("train", "loss/regularization"), ("train", "accuracy"))
+COMPARED_METRICS = (
+    ("validation", "accuracy"),
+    ("validation", "loss/cross_entropy"),
+    ("test", "accuracy"),
+    ("test", "loss/cross_entropy"),
+    ("train", "loss/cross_entropy"),
+    ("train", "loss/regularization"),
+    ("train", "accuracy"),
+)
 
 
 _EXPERIMENT_SUFFIX = ".experiment"
@@ -44,8 +50,10 @@ def write_logdir_experiment(run_dir: str) -> None:
     with writer.as_default(step=0):
         hparams_api.hparams_config(
             hparams=[hparams_api.HParam(name) for name in differ],
-            metrics=[hparams_api.Metric(tag, group=group, display_name=f"{group} {tag}")
-                     for group, tag in COMPARED_METRICS])
+            metrics=[
+                hparams_api.Metric(tag, group=group, display_name=f"{group} {tag}") for group, tag in COMPARED_METRICS
+            ],
+        )
     writer.close()
 
 
@@ -57,6 +65,7 @@ def _session_hparams(run_dir: str) -> dict[str, bytes]:
             for value in event_pb2.Event.FromString(record).summary.value:
                 if value.tag == hparams_metadata.SESSION_START_INFO_TAG:
                     info = hparams_metadata.parse_session_start_info_plugin_data(value.metadata.plugin_data.content)
-                    return {name: setting.SerializeToString(deterministic=True)
-                            for name, setting in info.hparams.items()}
+                    return {
+                        name: setting.SerializeToString(deterministic=True) for name, setting in info.hparams.items()
+                    }
     return {}

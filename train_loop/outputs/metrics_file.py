@@ -37,13 +37,27 @@ class MetricsFile:
             raise NoSpace(self._path) from None
 
 
-def epoch_record(*, step: int, epoch: int, train: Mapping[str, float], validation: Mapping[str, float] | None,
-                 learning_rate: float, examples_per_second: float, wall_time: float) -> dict[str, Any]:
+def epoch_record(
+    *,
+    step: int,
+    epoch: int,
+    train: Mapping[str, float],
+    validation: Mapping[str, float] | None,
+    learning_rate: float,
+    examples_per_second: float,
+    wall_time: float,
+) -> dict[str, Any]:
     """An epoch's line: flat keys (`train/accuracy`, `validation/cross_entropy`) that a data frame
     takes as columns; the validation ones only when the epoch's end was validated."""
-    return {"step": step, "epoch": epoch, **{f"train/{name}": value for name, value in train.items()},
-            **{f"validation/{name}": value for name, value in (validation or {}).items()},
-            "learning_rate": learning_rate, "examples_per_second": examples_per_second, "wall_time": wall_time}
+    return {
+        "step": step,
+        "epoch": epoch,
+        **{f"train/{name}": value for name, value in train.items()},
+        **{f"validation/{name}": value for name, value in (validation or {}).items()},
+        "learning_rate": learning_rate,
+        "examples_per_second": examples_per_second,
+        "wall_time": wall_time,
+    }
 
 
 def drop_lines_after(run_dir: str, step: int | None) -> None:

@@ -34,8 +34,16 @@ class RunOutputs:
     metrics_file: MetricsFile
 
     @classmethod
-    def open(cls, config: Config, run_dir: str, *, chief: bool, restored_step: int | None,
-             decided: Mapping[str, Any], settings: Mapping[str, Any]) -> RunOutputs:
+    def open(
+        cls,
+        config: Config,
+        run_dir: str,
+        *,
+        chief: bool,
+        restored_step: int | None,
+        decided: Mapping[str, Any],
+        settings: Mapping[str, Any],
+    ) -> RunOutputs:
         """The run folder's writers, after its settings are recorded (with what was `decided` on
         this machine, which a resumption reuses).
 

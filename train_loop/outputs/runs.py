@@ -58,8 +58,10 @@ def owned(config: Config, run_dir: str, *, chief: bool) -> Iterator[str]:
         lock = _lock(run_dir) if not is_finished(run_dir) else None
         if lock is None:
             if os.path.lexists(run_dir) and not is_finished(run_dir) and config.run_name:
-                raise UsageError(f"{run_dir} is in use by {locks.owner(run_dir)}: wait for it to end, "
-                                 "or pass another --run_name (--study_name for a study).")
+                raise UsageError(
+                    f"{run_dir} is in use by {locks.owner(run_dir)}: wait for it to end, "
+                    "or pass another --run_name (--study_name for a study)."
+                )
             continue
         try:
             if is_finished(run_dir):
@@ -96,7 +98,8 @@ def _candidates(config: Config) -> Iterator[str]:
         if len(os.fsencode(candidate)) > limit:
             raise UsageError(
                 f"run folder name {candidate!r} is {len(os.fsencode(candidate))} bytes, more than the "
-                f"{limit} the file system under --logdir allows: pass a shorter --run_name.")
+                f"{limit} the file system under --logdir allows: pass a shorter --run_name."
+            )
         yield os.path.join(config.logdir, candidate)
 
 
@@ -127,7 +130,8 @@ def check_run_dir(run_dir: str, config: Config) -> None:
     if not os.path.lexists(os.path.join(run_dir, SETTINGS_FILE)) and _has_checkpoints(run_dir):
         raise UsageError(
             f"{run_dir} holds checkpoints but no {SETTINGS_FILE}, so its settings are unknown; nothing "
-            "was changed: pass a new --run_name.")
+            "was changed: pass a new --run_name."
+        )
     check_same_settings(run_dir, config)
     _check_writable(run_dir, run_dir, "pass another --run_name")
 
@@ -160,17 +164,20 @@ def _check_writable(path: str, what: str, fix: str) -> None:
         raise UsageError(f"{what} cannot be written ({existing}: {error.strerror or error}): {fix}.") from None
 
 
-def check_same_settings(run_dir: str, config: Config,
-                        fix: str = "pass a new --run_name, or the same settings to resume it") -> None:
+def check_same_settings(
+    run_dir: str, config: Config, fix: str = "pass a new --run_name, or the same settings to resume it"
+) -> None:
     """Raises UsageError, ending with `fix`, if `run_dir` holds a run with other naming settings."""
     saved = read_settings(run_dir)
     if saved is None:
         return
-    differ = [f"{name} (run has {saved.get(name)!r}, flags say {value!r})"
-              for name, value in config.naming_settings().items() if saved.get(name) != value]
+    differ = [
+        f"{name} (run has {saved.get(name)!r}, flags say {value!r})"
+        for name, value in config.naming_settings().items()
+        if saved.get(name) != value
+    ]
     if differ:
-        raise UsageError(
-            f"{run_dir} holds a run with other settings: {'; '.join(differ)}; {fix}.")
+        raise UsageError(f"{run_dir} holds a run with other settings: {'; '.join(differ)}; {fix}.")
 
 
 def create(run_dir: str, config: Config, decided: dict[str, Any] | None = None) -> None:
@@ -189,8 +196,10 @@ def read_result(run_dir: str) -> dict[str, Any]:
     """
     result = _read_json(os.path.join(run_dir, RESULT_FILE), "move the run away, or delete the file to train it again")
     if not isinstance(result.get("train"), dict) or not isinstance(result.get("test"), dict):
-        raise UsageError(f"{os.path.join(run_dir, RESULT_FILE)} is damaged (no train and test results): "
-                         "move the run away, or delete the file to train it again.")
+        raise UsageError(
+            f"{os.path.join(run_dir, RESULT_FILE)} is damaged (no train and test results): "
+            "move the run away, or delete the file to train it again."
+        )
     return result
 
 

@@ -43,8 +43,13 @@ def filtered_stderr(noise: re.Pattern) -> Iterator[None]:
     """Sends file descriptor 2 (C++ writes there directly) through a filter that drops `noise`."""
     sys.stderr.flush()
     saved = os.dup(2)
-    filter_process = subprocess.Popen([sys.executable, "-c", _FILTER, noise.pattern], stdin=subprocess.PIPE,
-                                      stdout=subprocess.DEVNULL, stderr=saved, text=True)
+    filter_process = subprocess.Popen(
+        [sys.executable, "-c", _FILTER, noise.pattern],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=saved,
+        text=True,
+    )
     os.dup2(filter_process.stdin.fileno(), 2)
     try:
         yield

@@ -55,8 +55,9 @@ class Summaries:
     def write_evaluation(self, writer: str, step: int, metrics: Mapping[str, float], counts: np.ndarray) -> None:
         """An evaluation of the `validation` or `test` split: its cross-entropy, accuracy and
         confusion matrix, under the train writer's tag names so TensorBoard draws them together."""
-        self.write_scalars(writer, step, {"loss/cross_entropy": metrics["cross_entropy"],
-                                          "accuracy": metrics["accuracy"]})
+        self.write_scalars(
+            writer, step, {"loss/cross_entropy": metrics["cross_entropy"], "accuracy": metrics["accuracy"]}
+        )
         self._write_confusion_matrix(writer, step, counts)
 
     def _write_confusion_matrix(self, writer: str, step: int, counts: np.ndarray) -> None:
@@ -66,11 +67,17 @@ class Summaries:
             names = self._class_names or tuple(str(label) for label in range(len(counts)))
             order = ", ".join(f"{label} {name}" for label, name in enumerate(self._class_names)) or "by label"
             with self._writers[writer].as_default(step=step):
-                tf.summary.image("confusion_matrix", confusion_image(counts),
-                                 description=f"Rows: true label; columns: predicted label ({order}); shade: "
-                                             "share of the row (white 0, dark blue 1).")
-                tf.summary.text("confusion_matrix_counts", confusion_table(counts, names),
-                                description="Examples by true label (rows) and predicted label (columns).")
+                tf.summary.image(
+                    "confusion_matrix",
+                    confusion_image(counts),
+                    description=f"Rows: true label; columns: predicted label ({order}); shade: "
+                    "share of the row (white 0, dark blue 1).",
+                )
+                tf.summary.text(
+                    "confusion_matrix_counts",
+                    confusion_table(counts, names),
+                    description="Examples by true label (rows) and predicted label (columns).",
+                )
 
     def write_settings(self, run_name: str, settings: Mapping[str, Any]) -> None:
         """The settings as an HParams session (compared across runs) and as a text table."""

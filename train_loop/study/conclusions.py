@@ -25,9 +25,11 @@ PATH_COLUMNS = ("validation_cross_entropy", "validation_accuracy", "validation_g
 COMPARED = ("validation_cross_entropy", "validation_accuracy")
 # How many standard errors of the paired difference count as beyond the seed-to-seed spread.
 SPREAD_FACTOR = 2.0
-RULE = (f"a difference counts as beyond the seed-to-seed spread when the mean of its per-seed differences "
-        f"(experiment minus reference, same seed) exceeds {SPREAD_FACTOR:g} standard errors of that mean "
-        "(their standard deviation / sqrt(n)); it needs 2 seeds or more")
+RULE = (
+    f"a difference counts as beyond the seed-to-seed spread when the mean of its per-seed differences "
+    f"(experiment minus reference, same seed) exceeds {SPREAD_FACTOR:g} standard errors of that mean "
+    "(their standard deviation / sqrt(n)); it needs 2 seeds or more"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,8 +81,11 @@ class PairedDifference:
 
 def spreads(numbers: BySeed, keys: Sequence[str]) -> dict[str, Spread]:
     """Each column over the experiment's seeds."""
-    return {key: Spread(tuple(run.row[key] for run in numbers.values())) for key in keys
-            if all(run.row[key] is not None for run in numbers.values())}
+    return {
+        key: Spread(tuple(run.row[key] for run in numbers.values()))
+        for key in keys
+        if all(run.row[key] is not None for run in numbers.values())
+    }
 
 
 def paired(numbers: BySeed, reference: BySeed, key: str) -> PairedDifference:
@@ -91,18 +96,25 @@ def paired(numbers: BySeed, reference: BySeed, key: str) -> PairedDifference:
 
 def select(plan_numbers: Numbers) -> str:
     """The experiment with the lowest mean validation cross-entropy: the test split ranks nothing."""
-    return min(plan_numbers, key=lambda name: spreads(plan_numbers[name], ["validation_cross_entropy"])
-               ["validation_cross_entropy"].mean)
+    return min(
+        plan_numbers,
+        key=lambda name: spreads(plan_numbers[name], ["validation_cross_entropy"])["validation_cross_entropy"].mean,
+    )
 
 
 def markdown(plan: Plan, numbers: Numbers, figures: Sequence[str]) -> str:
     """`study.md`: the tables, the rule they use, the selection, and links to the figures."""
     seeds = ", ".join(str(seed) for seed in plan.seeds if seed is not None) or "the one given by --seed"
-    parts = [f"# Study {os.path.basename(os.path.normpath(plan.folder))}\n",
-             f"Seeds: {seeds}. Each cell is the mean ± the sample standard deviation over the seeds (n "
-             "runs); the train columns are the last epoch's means, the validation ones the final "
-             f"model's, and `abs w < {NEAR_ZERO:g}` is the share of the first layer's kernel that is "
-             "nearly zero.\n", _experiments_table(numbers), _comparison(plan, numbers), _selection(numbers)]
+    parts = [
+        f"# Study {os.path.basename(os.path.normpath(plan.folder))}\n",
+        f"Seeds: {seeds}. Each cell is the mean ± the sample standard deviation over the seeds (n "
+        "runs); the train columns are the last epoch's means, the validation ones the final "
+        f"model's, and `abs w < {NEAR_ZERO:g}` is the share of the first layer's kernel that is "
+        "nearly zero.\n",
+        _experiments_table(numbers),
+        _comparison(plan, numbers),
+        _selection(numbers),
+    ]
     if plan.sweep:
         parts.append(_path_table(plan, numbers))
     parts.append("## Figures\n\n" + "\n".join(f"![{name}]({name})" for name in figures) + "\n" if figures else "")
@@ -126,8 +138,10 @@ def _comparison(plan: Plan, numbers: Numbers) -> str:
         for key in COMPARED:
             difference = paired(numbers[name], reference, key)
             error = difference.standard_error
-            row += [f"{difference.mean:+.4f}" + ("" if error is None else f" ± {error:.4f}"),
-                    {True: "yes", False: "no", None: "one seed"}[difference.beyond_spread]]
+            row += [
+                f"{difference.mean:+.4f}" + ("" if error is None else f" ± {error:.4f}"),
+                {True: "yes", False: "no", None: "one seed"}[difference.beyond_spread],
+            ]
         rows.append(row)
     heading = f"## Against the reference, {plan.reference}, seed by seed\n\nRule: {RULE}.\n"
     return heading + "\n" + _table(headings, rows) if rows else ""
@@ -136,17 +150,21 @@ def _comparison(plan: Plan, numbers: Numbers) -> str:
 def _selection(numbers: Numbers) -> str:
     best = select(numbers)
     cells = spreads(numbers[best], ["validation_cross_entropy", "test_accuracy"])
-    return (f"## Selection\n\nBest by validation cross-entropy: **{best}** "
-            f"({cells['validation_cross_entropy'].format('{:.4f}')}, n = {len(numbers[best])}). "
-            f"Its test accuracy, the test split's only use in this study (it ranks nothing): "
-            f"**{cells['test_accuracy'].format('{:.4f}')}**.\n")
+    return (
+        f"## Selection\n\nBest by validation cross-entropy: **{best}** "
+        f"({cells['validation_cross_entropy'].format('{:.4f}')}, n = {len(numbers[best])}). "
+        f"Its test accuracy, the test split's only use in this study (it ranks nothing): "
+        f"**{cells['test_accuracy'].format('{:.4f}')}**.\n"
+    )
 
 
 def _path_table(plan: Plan, numbers: Numbers) -> str:
     flag = plan.sweep.flag
     headings = [flag, "experiment", "n", *(COLUMNS[key][0] for key in PATH_COLUMNS)]
-    rows = [[f"{strength:g}", name, str(len(numbers[name])), *_cells(numbers[name], PATH_COLUMNS)]
-            for name, strength in path_points(plan).items()]
+    rows = [
+        [f"{strength:g}", name, str(len(numbers[name])), *_cells(numbers[name], PATH_COLUMNS)]
+        for name, strength in path_points(plan).items()
+    ]
     return f"## Regularization path: {flag} on top of {plan.reference}\n\n" + _table(headings, rows)
 
 

@@ -26,9 +26,11 @@ _DPI = 80  # Small files: the figures are read beside a table, not printed.
 
 def draw_all(plan: Plan, numbers: Numbers) -> list[str]:
     """Writes every figure the study has data for into its folder; returns their file names."""
-    drawn = {"learning_curves.png": _learning_curves(plan, numbers),
-             "first_layer_kernels.png": _kernel_histograms(numbers),
-             "near_zero_weights.png": _near_zero_over_training(plan, numbers)}
+    drawn = {
+        "learning_curves.png": _learning_curves(plan, numbers),
+        "first_layer_kernels.png": _kernel_histograms(numbers),
+        "near_zero_weights.png": _near_zero_over_training(plan, numbers),
+    }
     if plan.sweep:
         drawn["regularization_path.png"] = _regularization_path(plan, numbers)
     for name, figure in drawn.items():
@@ -41,8 +43,14 @@ def _learning_curves(plan: Plan, numbers: Numbers) -> plt.Figure:
     figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True, layout="constrained")
     for axis, writer in zip(axes, ("train", "validation")):
         for name in numbers:
-            _band(axis, name, [events.scalar_series(run_dir, writer, "loss/cross_entropy")
-                               for run_dir in plan.run_dirs()[name].values()])
+            _band(
+                axis,
+                name,
+                [
+                    events.scalar_series(run_dir, writer, "loss/cross_entropy")
+                    for run_dir in plan.run_dirs()[name].values()
+                ],
+            )
         axis.set(title=f"{writer} cross-entropy", xlabel="step")
     axes[0].set_ylabel("cross-entropy")
     axes[1].legend(fontsize="small")
@@ -53,8 +61,11 @@ def _near_zero_over_training(plan: Plan, numbers: Numbers) -> plt.Figure:
     figure, axis = plt.subplots(figsize=(6, 4), layout="constrained")
     for name, runs in numbers.items():
         layer = next(iter(runs.values())).layer_path
-        _band(axis, name, [events.scalar_series(run_dir, "train", f"sparsity/{layer}")
-                           for run_dir in plan.run_dirs()[name].values()])
+        _band(
+            axis,
+            name,
+            [events.scalar_series(run_dir, "train", f"sparsity/{layer}") for run_dir in plan.run_dirs()[name].values()],
+        )
     axis.set(title=f"first layer: share of |w| < {NEAR_ZERO:g} (sparsity/<layer>)", xlabel="step", ylabel="share")
     axis.legend(fontsize="small")
     return figure
@@ -80,8 +91,9 @@ def _regularization_path(plan: Plan, numbers: Numbers) -> plt.Figure:
     figure, axes = plt.subplots(1, len(conclusions.PATH_COLUMNS), figsize=(14, 3.6), layout="constrained")
     for axis, key in zip(axes, conclusions.PATH_COLUMNS):
         cells = [conclusions.spreads(numbers[name], [key])[key] for name in points]
-        axis.errorbar(strengths, [cell.mean for cell in cells], yerr=[cell.std or 0.0 for cell in cells],
-                      marker="o", capsize=3)
+        axis.errorbar(
+            strengths, [cell.mean for cell in cells], yerr=[cell.std or 0.0 for cell in cells], marker="o", capsize=3
+        )
         # symlog: the reference's strength is often 0, which a log axis cannot show.
         positive = [strength for strength in strengths if strength > 0]
         axis.set_xscale("symlog", linthresh=min(positive) if positive else 1.0)

@@ -69,7 +69,8 @@ class _Processes:
     def __init__(self, threads: int):
         # TensorFlow sizes its thread pools from these at start-up (tensorflow/core/common_runtime/process_util.cc).
         self._env = orphans.child_environment(
-            {**os.environ, "TF_NUM_INTRAOP_THREADS": str(threads), "TF_NUM_INTEROP_THREADS": str(threads)})
+            {**os.environ, "TF_NUM_INTRAOP_THREADS": str(threads), "TF_NUM_INTEROP_THREADS": str(threads)}
+        )
         self._running: set[subprocess.Popen] = set()
         self._stopping = False
         # Held while a process starts, so a signal is passed on to it or it does not start.
@@ -84,11 +85,15 @@ class _Processes:
             with self._starting:
                 if self.failures or self._stopping:
                     return
-                print(f"{run_name}: training in a process of its own, TF_NUM_INTRAOP_THREADS="
-                      f"{self._env['TF_NUM_INTRAOP_THREADS']}", flush=True)
+                print(
+                    f"{run_name}: training in a process of its own, TF_NUM_INTRAOP_THREADS="
+                    f"{self._env['TF_NUM_INTRAOP_THREADS']}",
+                    flush=True,
+                )
                 # Started from this thread, which waits for it: see `orphans` for why that matters.
-                process = subprocess.Popen([sys.executable, "-m", "train_loop", *args], stdout=subprocess.DEVNULL,
-                                           stderr=stderr, env=self._env)
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "train_loop", *args], stdout=subprocess.DEVNULL, stderr=stderr, env=self._env
+                )
                 self._running.add(process)
             process.wait()
             self._running.discard(process)

@@ -69,8 +69,14 @@ class Plan:
         return {self.sweep.experiment(self.reference, value): value for value in self.sweep.values}
 
 
-def make_plan(experiment_flags: dict[str, Sequence[str]], *, folder: str, seeds: Sequence[int] | None,
-              sweep: Sweep | None, reference_strength: float = 0.0) -> Plan:
+def make_plan(
+    experiment_flags: dict[str, Sequence[str]],
+    *,
+    folder: str,
+    seeds: Sequence[int] | None,
+    sweep: Sweep | None,
+    reference_strength: float = 0.0,
+) -> Plan:
     """The runs, seed by seed (every experiment at the first seed, then at the next), so that a
     study stopped early has whole seeds to compare.
 
@@ -91,13 +97,15 @@ def make_plan(experiment_flags: dict[str, Sequence[str]], *, folder: str, seeds:
         for name, flags in experiments.items():
             run_name = name if seed is None else f"{name}-seed={seed}"
             seed_flag = [] if seed is None else [f"--seed={seed}"]
-            runs.append(PlannedRun(name, seed, run_name,
-                                   (*flags, *seed_flag, f"--logdir={folder}", f"--run_name={run_name}")))
+            runs.append(
+                PlannedRun(name, seed, run_name, (*flags, *seed_flag, f"--logdir={folder}", f"--run_name={run_name}"))
+            )
     return Plan(folder, tuple(experiments), tuple(seeds or [None]), sweep, tuple(runs), reference_strength)
 
 
-def experiment_flags(experiments: Sequence[str], extra_flags: Sequence[str],
-                     flags_dir: str = "") -> dict[str, list[str]]:
+def experiment_flags(
+    experiments: Sequence[str], extra_flags: Sequence[str], flags_dir: str = ""
+) -> dict[str, list[str]]:
     """Each experiment's training flags: its flagfile (from `flags_dir`, or the package's own),
     then the extra flags.
 
@@ -115,10 +123,14 @@ def experiment_flags(experiments: Sequence[str], extra_flags: Sequence[str],
         # as_file: a real path for absl's --flagfile (the package's own folder is one, see pyproject.toml).
         with importlib.resources.as_file(folder.joinpath(f"{name}.cfg")) as path:
             if not path.is_file():
-                known = sorted(entry.name[:-4] for entry in folder.iterdir() if entry.name.endswith(".cfg")) \
-                    if folder.is_dir() else []
+                known = (
+                    sorted(entry.name[:-4] for entry in folder.iterdir() if entry.name.endswith(".cfg"))
+                    if folder.is_dir()
+                    else []
+                )
                 raise UsageError(
-                    f"--experiments: no flagfile {path} for {name!r}; known: {', '.join(known) or 'none'}.")
+                    f"--experiments: no flagfile {path} for {name!r}; known: {', '.join(known) or 'none'}."
+                )
             found[name] = [f"--flagfile={path}", *extra_flags]
     return found
 
@@ -159,8 +171,11 @@ def parse_sweep(text: str) -> Sweep | None:
     if not equals:
         raise UsageError(f"--sweep={text!r} has no '=': {fix}.")
     if flag not in SWEEPABLE:
-        known = "a training flag that is not a strength" if flag in configs.Config.__dataclass_fields__ else \
-            "not a training flag"
+        known = (
+            "a training flag that is not a strength"
+            if flag in configs.Config.__dataclass_fields__
+            else "not a training flag"
+        )
         raise UsageError(f"--sweep: {flag!r} cannot be swept ({known}): {fix}.")
     values = [value.strip() for value in listed.split(",") if value.strip()]
     if not values:
@@ -174,12 +189,15 @@ def _strengths(flag: str, values: list[str], fix: str) -> tuple[float, ...]:
     except ValueError:
         raise UsageError(f"--sweep={flag}={','.join(values)} holds a value that is not a number: {fix}.") from None
     if len(set(strengths)) != len(strengths):
-        raise UsageError(f"--sweep={flag}={','.join(values)} repeats a value, which would train the same "
-                         "experiment twice: list each strength once.")
+        raise UsageError(
+            f"--sweep={flag}={','.join(values)} repeats a value, which would train the same "
+            "experiment twice: list each strength once."
+        )
     upper = 1.0 if flag == "dropout" else math.inf
     for strength in strengths:
         if not (math.isfinite(strength) and 0.0 <= strength < upper):
             allowed = "in [0, 1)" if flag == "dropout" else "a finite number >= 0"
-            raise UsageError(f"--sweep={flag}={','.join(values)}: {strength:g} is not a strength; each must be "
-                             f"{allowed}.")
+            raise UsageError(
+                f"--sweep={flag}={','.join(values)}: {strength:g} is not a strength; each must be {allowed}."
+            )
     return strengths

@@ -65,21 +65,25 @@ def read_run(run_dir: str) -> RunNumbers:
     train, validation, test = result["train"], result["validation"] or {}, result["test"]
     layer_path, kernel = first_kernel(run_dir)
     validation_gap = validation["cross_entropy"] - train["cross_entropy"] if validation else None
-    return RunNumbers({
-        "train_cross_entropy": train["cross_entropy"],
-        "regularization": train["regularization"],
-        "total": train["total"],
-        "train_accuracy": train["accuracy"],
-        "validation_cross_entropy": validation.get("cross_entropy"),
-        "validation_accuracy": validation.get("accuracy"),
-        "test_cross_entropy": test["cross_entropy"],
-        "test_accuracy": test["accuracy"],
-        "gap": test["cross_entropy"] - train["cross_entropy"],
-        "validation_gap": validation_gap,
-        "kernel_mean_abs": float(np.abs(kernel).mean()),
-        "kernel_max_abs": float(np.abs(kernel).max()),
-        "kernel_small_share": near_zero_share(kernel),
-    }, layer_path, kernel)
+    return RunNumbers(
+        {
+            "train_cross_entropy": train["cross_entropy"],
+            "regularization": train["regularization"],
+            "total": train["total"],
+            "train_accuracy": train["accuracy"],
+            "validation_cross_entropy": validation.get("cross_entropy"),
+            "validation_accuracy": validation.get("accuracy"),
+            "test_cross_entropy": test["cross_entropy"],
+            "test_accuracy": test["accuracy"],
+            "gap": test["cross_entropy"] - train["cross_entropy"],
+            "validation_gap": validation_gap,
+            "kernel_mean_abs": float(np.abs(kernel).mean()),
+            "kernel_max_abs": float(np.abs(kernel).max()),
+            "kernel_small_share": near_zero_share(kernel),
+        },
+        layer_path,
+        kernel,
+    )
 
 
 def first_kernel(run_dir: str) -> tuple[str, np.ndarray]:
@@ -92,7 +96,8 @@ def first_kernel(run_dir: str) -> tuple[str, np.ndarray]:
     saved = runs.read_settings(run_dir)
     if saved is None:
         raise UsageError(
-            f"{run_dir} has a {runs.RESULT_FILE} but no {runs.SETTINGS_FILE}: its model cannot be rebuilt.")
+            f"{run_dir} has a {runs.RESULT_FILE} but no {runs.SETTINGS_FILE}: its model cannot be rebuilt."
+        )
     config = Config(**{name: value for name, value in saved.items() if name in Config.__dataclass_fields__})
     input_shape, num_classes = sources.input_spec(config)
     state = build_state(config, tf.distribute.get_strategy(), input_shape, num_classes=num_classes)

@@ -35,28 +35,48 @@ if TYPE_CHECKING:
 
 TABLE_FILE = "study.md"
 
-_EXPERIMENTS = flags.DEFINE_list("experiments", list(plans.EXPERIMENTS),
-                                 "Experiments to run, in order: names of flagfiles in --flags_dir. The first is "
-                                 "the reference: the others are compared with it, and --sweep varies it.")
-_EXTRA_FLAGS = flags.DEFINE_string("extra_flags", "",
-                                   "Training flags for every experiment, e.g. '--dataset=fashion_mnist --epochs=10'.")
-_STUDY_NAME = flags.DEFINE_string("study_name", "",
-                                  "Folder under --logdir; default study-<dataset>-<the settings the shared "
-                                  "flags change>-<date>, e.g. study-fashion_mnist-epochs=10-2026-11-28. "
-                                  "Reusing a name reuses its finished runs.")
-_FLAGS_DIR = flags.DEFINE_string("flags_dir", "",
-                                 "Folder holding the <experiment>.cfg flagfiles; default: the study's own, "
-                                 "shipped in the package (the source's flags/ folder).")
-_SEEDS = flags.DEFINE_list("seeds", None,
-                           "Seeds to train every experiment with, e.g. 0,1,2: the table gives mean ± standard "
-                           "deviation and which differences from the reference exceed the seed-to-seed spread. "
-                           "Runs are then named <experiment>-seed=<seed>. Default: the one --seed.")
-_SWEEP = flags.DEFINE_string("sweep", "",
-                             f"FLAG=V1,V2,...: one more experiment per strength on top of the reference, FLAG "
-                             f"one of {', '.join(plans.SWEEPABLE)}, e.g. --sweep=l2=1e-5,1e-4,1e-3; study.md "
-                             "then has the regularization path.")
-_JOBS = flags.DEFINE_integer("jobs", 1, "Trainings at once, each a process of its own with its share of the cores; "
-                             "1: one after another, in this process.", lower_bound=1)
+_EXPERIMENTS = flags.DEFINE_list(
+    "experiments",
+    list(plans.EXPERIMENTS),
+    "Experiments to run, in order: names of flagfiles in --flags_dir. The first is "
+    "the reference: the others are compared with it, and --sweep varies it.",
+)
+_EXTRA_FLAGS = flags.DEFINE_string(
+    "extra_flags", "", "Training flags for every experiment, e.g. '--dataset=fashion_mnist --epochs=10'."
+)
+_STUDY_NAME = flags.DEFINE_string(
+    "study_name",
+    "",
+    "Folder under --logdir; default study-<dataset>-<the settings the shared "
+    "flags change>-<date>, e.g. study-fashion_mnist-epochs=10-2026-11-28. "
+    "Reusing a name reuses its finished runs.",
+)
+_FLAGS_DIR = flags.DEFINE_string(
+    "flags_dir",
+    "",
+    "Folder holding the <experiment>.cfg flagfiles; default: the study's own, "
+    "shipped in the package (the source's flags/ folder).",
+)
+_SEEDS = flags.DEFINE_list(
+    "seeds",
+    None,
+    "Seeds to train every experiment with, e.g. 0,1,2: the table gives mean ± standard "
+    "deviation and which differences from the reference exceed the seed-to-seed spread. "
+    "Runs are then named <experiment>-seed=<seed>. Default: the one --seed.",
+)
+_SWEEP = flags.DEFINE_string(
+    "sweep",
+    "",
+    f"FLAG=V1,V2,...: one more experiment per strength on top of the reference, FLAG "
+    f"one of {', '.join(plans.SWEEPABLE)}, e.g. --sweep=l2=1e-5,1e-4,1e-3; study.md "
+    "then has the regularization path.",
+)
+_JOBS = flags.DEFINE_integer(
+    "jobs",
+    1,
+    "Trainings at once, each a process of its own with its share of the cores; 1: one after another, in this process.",
+    lower_bound=1,
+)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -64,15 +84,31 @@ def main(argv: Sequence[str]) -> None:
         apps.fail(f"unexpected arguments {' '.join(argv[1:])!r}: every setting is a --flag=value.")
     # Training flags given to the study itself apply to every experiment, like --extra_flags.
     given = cli.given_training_flags()
-    cli.run_guarded(lambda: study(
-        _EXPERIMENTS.value, [*given, *shlex.split(_EXTRA_FLAGS.value)], logdir=cli.FLAGS.logdir,
-        study_name=_STUDY_NAME.value, flags_dir=_FLAGS_DIR.value, seeds=plans.parse_seeds(_SEEDS.value),
-        sweep=plans.parse_sweep(_SWEEP.value), jobs=_JOBS.value))
+    cli.run_guarded(
+        lambda: study(
+            _EXPERIMENTS.value,
+            [*given, *shlex.split(_EXTRA_FLAGS.value)],
+            logdir=cli.FLAGS.logdir,
+            study_name=_STUDY_NAME.value,
+            flags_dir=_FLAGS_DIR.value,
+            seeds=plans.parse_seeds(_SEEDS.value),
+            sweep=plans.parse_sweep(_SWEEP.value),
+            jobs=_JOBS.value,
+        )
+    )
 
 
-def study(experiments: Sequence[str], extra_flags: Sequence[str], *, logdir: str, study_name: str = "",
-          flags_dir: str = "", seeds: Sequence[int] | None = None, sweep: plans.Sweep | None = None,
-          jobs: int = 1) -> str:
+def study(
+    experiments: Sequence[str],
+    extra_flags: Sequence[str],
+    *,
+    logdir: str,
+    study_name: str = "",
+    flags_dir: str = "",
+    seeds: Sequence[int] | None = None,
+    sweep: plans.Sweep | None = None,
+    jobs: int = 1,
+) -> str:
     """Trains each run not yet finished, then writes `study.md` and its figures and prints the tables.
 
     Every run's flags are checked before the first one trains, so a typo costs nothing.
@@ -80,8 +116,9 @@ def study(experiments: Sequence[str], extra_flags: Sequence[str], *, logdir: str
     Returns:
       The study's folder.
     """
-    plan, configs = _plan(experiments, extra_flags, logdir=logdir, study_name=study_name, flags_dir=flags_dir,
-                          seeds=seeds, sweep=sweep)
+    plan, configs = _plan(
+        experiments, extra_flags, logdir=logdir, study_name=study_name, flags_dir=flags_dir, seeds=seeds, sweep=sweep
+    )
     first = next(iter(configs.values()))
     startup.start_tensorflow(first.cpu_replicas, first.strategy)
     from train_loop.outputs import experiment
@@ -96,14 +133,24 @@ def study(experiments: Sequence[str], extra_flags: Sequence[str], *, logdir: str
             experiment.write_logdir_experiment(os.path.join(plan.folder, pending[-1].run_name))
     else:
         _train_here([configs[run.run_name] for run in pending])
-    numbers = {name: {seed: report.read_run(run_dir) for seed, run_dir in by_seed.items()}
-               for name, by_seed in plan.run_dirs().items()}
+    numbers = {
+        name: {seed: report.read_run(run_dir) for seed, run_dir in by_seed.items()}
+        for name, by_seed in plan.run_dirs().items()
+    }
     _write_findings(plan, numbers)
     return plan.folder
 
 
-def _plan(experiments: Sequence[str], extra_flags: Sequence[str], *, logdir: str, study_name: str, flags_dir: str,
-          seeds: Sequence[int] | None, sweep: plans.Sweep | None) -> tuple[plans.Plan, dict[str, Config]]:
+def _plan(
+    experiments: Sequence[str],
+    extra_flags: Sequence[str],
+    *,
+    logdir: str,
+    study_name: str,
+    flags_dir: str,
+    seeds: Sequence[int] | None,
+    sweep: plans.Sweep | None,
+) -> tuple[plans.Plan, dict[str, Config]]:
     """The study's runs and each one's `Config`, checked against what its folder already holds.
 
     Raises:
@@ -117,16 +164,21 @@ def _plan(experiments: Sequence[str], extra_flags: Sequence[str], *, logdir: str
     folder = os.path.join(logdir, study_name or default_study_name(extra_flags))
     strength = getattr(reference, sweep.flag) if sweep else 0.0
     if sweep and strength in sweep.values:
-        raise UsageError(f"--sweep: {sweep.flag}={strength:g} is the reference's own strength ({experiments[0]} has "
-                         "it), which the path already holds: leave it out of --sweep.")
+        raise UsageError(
+            f"--sweep: {sweep.flag}={strength:g} is the reference's own strength ({experiments[0]} has "
+            "it), which the path already holds: leave it out of --sweep."
+        )
     plan = plans.make_plan(flags_by_experiment, folder=folder, seeds=seeds, sweep=sweep, reference_strength=strength)
     configs = {run.run_name: cli.config_from_args(run.args) for run in plan.runs}
     for name, config in configs.items():
         if not config.validation_split:
-            raise UsageError(f"{name}: --validation_split=0 holds nothing out, and the study ranks its experiments "
-                             "on the validation split (never the test split): leave --validation_split at 0.1.")
-        runs.check_same_settings(os.path.join(plan.folder, name), config,
-                                 fix="pass another --study_name, or the same flags to reuse it")
+            raise UsageError(
+                f"{name}: --validation_split=0 holds nothing out, and the study ranks its experiments "
+                "on the validation split (never the test split): leave --validation_split at 0.1."
+            )
+        runs.check_same_settings(
+            os.path.join(plan.folder, name), config, fix="pass another --study_name, or the same flags to reuse it"
+        )
     return plan, configs
 
 
@@ -157,8 +209,10 @@ def _write_findings(plan: plans.Plan, numbers: conclusions.Numbers) -> None:
     except ImportError as missing:
         if missing.name != "matplotlib":
             raise
-        warn("matplotlib is not installed, so study.md has no figures: pip install 'train_loop[study]' and "
-             "run the study again (it reuses every run) to draw them.")
+        warn(
+            "matplotlib is not installed, so study.md has no figures: pip install 'train_loop[study]' and "
+            "run the study again (it reuses every run) to draw them."
+        )
         drawn = []
     else:
         drawn = figures.draw_all(plan, numbers)
@@ -199,4 +253,3 @@ Example: train-loop-study --dataset=fashion_mnist --epochs=10 --seeds=0,1,2
 def run() -> None:
     """The console script `train-loop-study` and `python -m train_loop.study`."""
     apps.run(main, usage=USAGE, flag_modules=[__name__, cli.__name__])
-

@@ -132,16 +132,25 @@ class TrainSummaries(Periodic):
 
     def _write(self, at: Moment) -> None:
         means, state = self.means(), self.state
-        self.summaries.write_scalars("train", at.step, {
-            **measurements.tagged(means),
-            "regularization_ratio": means["regularization"] / means["cross_entropy"],
-            "learning_rate": optimizers.applied_learning_rate(self.config, state.optimizer),
-            **({"loss_scale": float(state.loss_scale.scale.numpy())} if state.loss_scale else {}),
-            **state.layer_measurements(),
-            **({f"weight_decay/{path}": term
-                for path, term in optimizers.layer_decay_terms(state.model, self.config.weight_decay).items()}
-               if self.config.weight_decay else {}),
-        })
+        self.summaries.write_scalars(
+            "train",
+            at.step,
+            {
+                **measurements.tagged(means),
+                "regularization_ratio": means["regularization"] / means["cross_entropy"],
+                "learning_rate": optimizers.applied_learning_rate(self.config, state.optimizer),
+                **({"loss_scale": float(state.loss_scale.scale.numpy())} if state.loss_scale else {}),
+                **state.layer_measurements(),
+                **(
+                    {
+                        f"weight_decay/{path}": term
+                        for path, term in optimizers.layer_decay_terms(state.model, self.config.weight_decay).items()
+                    }
+                    if self.config.weight_decay
+                    else {}
+                ),
+            },
+        )
         self.console.progress(at.step, {name: means[name] for name in measurements.PER_EPOCH})
 
 
@@ -201,7 +210,8 @@ class Validation(Periodic):
             self.console.show(
                 f"stopping early at step {at.step}: {best.name} has not improved by more than "
                 f"{best.min_delta:g} in {best.patience} validations; "
-                f"the best, {float(best.value.numpy()):.4f}, was at step {best.step}")
+                f"the best, {float(best.value.numpy()):.4f}, was at step {best.step}"
+            )
 
 
 @dataclasses.dataclass
@@ -228,10 +238,17 @@ class EpochEnd(Periodic):
         latest = self.validation.latest if self.validation else None
         self.console.epoch_done(epoch, train, latest and latest.metrics, examples_per_second)
         validated_now = latest is not None and self.validation.due(at)
-        self.metrics_file.append(epoch_record(
-            step=at.step, epoch=epoch, train=train, validation=latest.metrics if validated_now else None,
-            learning_rate=optimizers.applied_learning_rate(self.config, self.state.optimizer),
-            examples_per_second=examples_per_second, wall_time=time.time()))
+        self.metrics_file.append(
+            epoch_record(
+                step=at.step,
+                epoch=epoch,
+                train=train,
+                validation=latest.metrics if validated_now else None,
+                learning_rate=optimizers.applied_learning_rate(self.config, self.state.optimizer),
+                examples_per_second=examples_per_second,
+                wall_time=time.time(),
+            )
+        )
         if not at.last:
             counters.start_epoch()
 
@@ -287,8 +304,11 @@ class Profiling(Action):
     def __post_init__(self) -> None:
         if importlib.util.find_spec(timing.PLUGIN) is None:
             # The trace is written either way (it can be viewed elsewhere); say what shows it.
-            print("train_loop: note: --profile_steps writes a trace; TensorBoard shows it with the "
-                  "profile plugin: pip install 'train_loop[profile]'.", file=sys.stderr)
+            print(
+                "train_loop: note: --profile_steps writes a trace; TensorBoard shows it with the "
+                "profile plugin: pip install 'train_loop[profile]'.",
+                file=sys.stderr,
+            )
 
     def next_due(self, step: int) -> int | None:
         return next((boundary for boundary in self.steps if boundary > step), None)

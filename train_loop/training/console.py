@@ -22,8 +22,9 @@ class Console:
     progress, the epochs and the end then appear once under `launch`, from the chief.
     """
 
-    def __init__(self, *, steps_per_epoch: int, num_epochs: int, interactive: bool | None = None,
-                 show_progress: bool = True):
+    def __init__(
+        self, *, steps_per_epoch: int, num_epochs: int, interactive: bool | None = None, show_progress: bool = True
+    ):
         self._steps_per_epoch = steps_per_epoch
         self._num_epochs = num_epochs
         self._interactive = dynamic_display() if interactive is None else interactive
@@ -34,14 +35,18 @@ class Console:
     def say(self, line: str) -> None:
         print(line, flush=True)
 
-    def say_start(self, run_dir: str, splits: Splits, devices: str, *, restored_step: int | None,
-                  ema: float) -> None:
+    def say_start(self, run_dir: str, splits: Splits, devices: str, *, restored_step: int | None, ema: float) -> None:
         """What the run starts from: its folder, its data and its `devices`; every worker says it."""
-        self.say(f"resuming {run_dir} from step {restored_step}" if restored_step is not None
-                 else f"training {run_dir} on {splits.source}")
+        self.say(
+            f"resuming {run_dir} from step {restored_step}"
+            if restored_step is not None
+            else f"training {run_dir} on {splits.source}"
+        )
         held_out = 0 if splits.x_validation is None else len(splits.x_validation)
-        self.say(f"{len(splits.x_train):,} training, {held_out:,} validation and {len(splits.x_test):,} test "
-                 f"examples; {devices}")
+        self.say(
+            f"{len(splits.x_train):,} training, {held_out:,} validation and {len(splits.x_test):,} test "
+            f"examples; {devices}"
+        )
         if ema:
             self.say(f"evaluation and model.keras use the weights' moving average (--ema={ema:g})")
 
@@ -59,22 +64,28 @@ class Console:
             return
         epoch, within = divmod(step - 1, self._steps_per_epoch)
         if not self._interactive:
-            self.say(f"epoch {epoch + 1}/{self._num_epochs} step {within + 1}/"
-                     f"{self._steps_per_epoch}: {_format(measurements)}")
+            self.say(
+                f"epoch {epoch + 1}/{self._num_epochs} step {within + 1}/"
+                f"{self._steps_per_epoch}: {_format(measurements)}"
+            )
             return
         if self._bar is None:
             self._bar = keras.utils.Progbar(
-                self._steps_per_epoch, stateful_metrics=list(measurements), unit_name="step")
+                self._steps_per_epoch, stateful_metrics=list(measurements), unit_name="step"
+            )
         self._bar.update(within + 1, values=list(measurements.items()))
         if within + 1 == self._steps_per_epoch:
             self._bar = None
 
-    def epoch_done(self, epoch: int, train: Mapping[str, float], validation: Mapping[str, float] | None,
-                   examples_per_second: float) -> None:
+    def epoch_done(
+        self, epoch: int, train: Mapping[str, float], validation: Mapping[str, float] | None, examples_per_second: float
+    ) -> None:
         """The epoch's means, and the latest validation unless there is no validation split."""
         held_out = "" if validation is None else f" | validation {_format(validation)}"
-        self.show(f"epoch {epoch}/{self._num_epochs}: train {_format(train)}{held_out} | "
-                   f"{examples_per_second:,.0f} examples/s")
+        self.show(
+            f"epoch {epoch}/{self._num_epochs}: train {_format(train)}{held_out} | "
+            f"{examples_per_second:,.0f} examples/s"
+        )
 
     def tested(self, metrics: Mapping[str, float]) -> None:
         """The test split's numbers, evaluated once at the end."""
@@ -82,8 +93,10 @@ class Console:
 
     def finished(self, run_dir: str, logdir: str) -> None:
         """Where the run's model and results are, and the command that shows its curves."""
-        self.show(f"saved {os.path.join(run_dir, 'model.keras')} and {os.path.join(run_dir, 'result.json')}; "
-                   f"to look at it: tensorboard --logdir {shlex.quote(logdir)}")
+        self.show(
+            f"saved {os.path.join(run_dir, 'model.keras')} and {os.path.join(run_dir, 'result.json')}; "
+            f"to look at it: tensorboard --logdir {shlex.quote(logdir)}"
+        )
 
     def show(self, line: str) -> None:
         """A line about the training itself, which every worker would repeat: the chief's alone."""

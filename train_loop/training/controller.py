@@ -33,7 +33,8 @@ def check_finite(measured: dict[str, float], step: int, num_steps: int) -> None:
         if not math.isfinite(measured[name]):
             raise DivergedError(
                 f"training diverged: {name} became {measured[name]} between steps {step + 1} and "
-                f"{step + num_steps}; nothing past step {step} was saved. Lower --learning_rate.")
+                f"{step + num_steps}; nothing past step {step} was saved. Lower --learning_rate."
+            )
 
 
 class Interval:
@@ -114,8 +115,9 @@ class Controller:
         histograms = any(action.wants_histograms(step + num_steps) for action in self.actions)
         output = self.loop_call(num_steps, histograms)
         measured = {name: float(value) for name, value in output.items() if value.shape.rank == 0}
-        self.interval.add(measured, num_steps, examples=num_steps * self.batch_size,
-                          seconds=time.perf_counter() - started)
+        self.interval.add(
+            measured, num_steps, examples=num_steps * self.batch_size, seconds=time.perf_counter() - started
+        )
         check_finite(measured, step, num_steps)
         self.counters.advance(measured, num_steps)
         return num_steps, {name: value.numpy() for name, value in output.items() if histograms and value.shape.rank}
@@ -124,17 +126,30 @@ class Controller:
         step = self.counters.step
         for action in self.actions:
             # Asked anew for each action: validation may have just decided to stop early.
-            at = Moment(step=step, epoch_end=step % self.steps_per_epoch == 0,
-                        last=step == self.total_steps or self.stopping(), num_steps=num_steps,
-                        histograms=histograms)
+            at = Moment(
+                step=step,
+                epoch_end=step % self.steps_per_epoch == 0,
+                last=step == self.total_steps or self.stopping(),
+                num_steps=num_steps,
+                histograms=histograms,
+            )
             if action.due(at):
                 action.run(at)
 
 
-def make_controller(config: Config, loop_call: Callable[[int, bool], dict[str, tf.Tensor]], *, steps_per_epoch: int,
-                    state: TrainState, outputs: RunOutputs, validation: actions.Validation | None,
-                    console: Console, manager: tf.train.CheckpointManager, signals: SignalStop,
-                    stopwatch: Stopwatch) -> Controller:
+def make_controller(
+    config: Config,
+    loop_call: Callable[[int, bool], dict[str, tf.Tensor]],
+    *,
+    steps_per_epoch: int,
+    state: TrainState,
+    outputs: RunOutputs,
+    validation: actions.Validation | None,
+    console: Console,
+    manager: tf.train.CheckpointManager,
+    signals: SignalStop,
+    stopwatch: Stopwatch,
+) -> Controller:
     """The run's controller with its actions, in the order they run after a loop call.
 
     The order keeps a resumed run exact: events are flushed before the checkpoint, and the
@@ -147,22 +162,40 @@ def make_controller(config: Config, loop_call: Callable[[int, bool], dict[str, t
 
     profiled = config.profile_range if outputs.profile_dir else None
     return Controller(
-        loop_call=loop_call, counters=state.counters, steps_per_epoch=steps_per_epoch,
-        total_steps=steps_per_epoch * config.epochs, steps_per_loop=config.steps_per_loop,
-        batch_size=config.batch_size, interval=interval, throughput=throughput,
+        loop_call=loop_call,
+        counters=state.counters,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=steps_per_epoch * config.epochs,
+        steps_per_loop=config.steps_per_loop,
+        batch_size=config.batch_size,
+        interval=interval,
+        throughput=throughput,
         stopping=lambda: state.best is not None and state.best.stop,
         actions=[
             *([actions.Profiling(profiled, os.path.join(outputs.profile_dir, "train"))] if profiled else []),
-            actions.TrainSummaries(cadence(config.summary_every, at_epoch_end=True), config=config, state=state,
-                                   summaries=summaries, console=console, means=interval.pop_means,
-                                   stopwatch=stopwatch),
-            actions.Histograms(cadence(config.histogram_every), state=state, summaries=summaries,
-                               stopwatch=stopwatch),
+            actions.TrainSummaries(
+                cadence(config.summary_every, at_epoch_end=True),
+                config=config,
+                state=state,
+                summaries=summaries,
+                console=console,
+                means=interval.pop_means,
+                stopwatch=stopwatch,
+            ),
+            actions.Histograms(cadence(config.histogram_every), state=state, summaries=summaries, stopwatch=stopwatch),
             actions.CountTraining(throughput, config.batch_size),
             *([validation] if validation else []),
-            actions.EpochEnd(cadence(0), config=config, state=state, console=console,
-                             metrics_file=outputs.metrics_file, throughput=throughput, validation=validation),
+            actions.EpochEnd(
+                cadence(0),
+                config=config,
+                state=state,
+                console=console,
+                metrics_file=outputs.metrics_file,
+                throughput=throughput,
+                validation=validation,
+            ),
             actions.Flush(summaries),
             actions.Checkpoint(cadence(config.checkpoint_every, at_last=True), manager, stopwatch),
             actions.Signals(signals, manager),
-        ])
+        ],
+    )

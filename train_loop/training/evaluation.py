@@ -27,8 +27,9 @@ class Evaluation:
 Weights = Callable[[], contextlib.AbstractContextManager]  # Inside it, the model holds the weights to score.
 
 
-def make_evaluator(strategy: tf.distribute.Strategy, model: keras.Model, *, batch_size: int, num_classes: int,
-                   stopwatch: Stopwatch) -> Callable[[np.ndarray, np.ndarray], Callable[[Weights], Evaluation]]:
+def make_evaluator(
+    strategy: tf.distribute.Strategy, model: keras.Model, *, batch_size: int, num_classes: int, stopwatch: Stopwatch
+) -> Callable[[np.ndarray, np.ndarray], Callable[[Weights], Evaluation]]:
     """`for_split(images, labels)` gives `evaluate(weights)`: that split's evaluation, of the model
     while it holds `weights()`.
 
@@ -48,7 +49,11 @@ def make_evaluator(strategy: tf.distribute.Strategy, model: keras.Model, *, batc
         def evaluate(weights: Weights) -> Evaluation:
             with stopwatch.phase("evaluation"), weights():
                 measured = eval_pass(eval_input.iterator(), tf.constant(num_batches))
-            return Evaluation({name: float(measured[name]) for name in ("cross_entropy", "accuracy")},
-                              measured["confusion_matrix"].numpy())
+            return Evaluation(
+                {name: float(measured[name]) for name in ("cross_entropy", "accuracy")},
+                measured["confusion_matrix"].numpy(),
+            )
+
         return evaluate
+
     return for_split

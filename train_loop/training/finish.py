@@ -19,9 +19,21 @@ from train_loop.training.timing import Stopwatch, Throughput, phases
 Evaluate = Callable[[Weights], Evaluation]
 
 
-def finish(config: Config, state: TrainState, outputs: RunOutputs, *, validate: Evaluate | None, test: Evaluate,
-           latest_validation: Evaluation | None, strategy: tf.distribute.Strategy, decided: dict[str, Any],
-           throughput: Throughput, stopwatch: Stopwatch, started: float, console: Console) -> dict[str, Any]:
+def finish(
+    config: Config,
+    state: TrainState,
+    outputs: RunOutputs,
+    *,
+    validate: Evaluate | None,
+    test: Evaluate,
+    latest_validation: Evaluation | None,
+    strategy: tf.distribute.Strategy,
+    decided: dict[str, Any],
+    throughput: Throughput,
+    stopwatch: Stopwatch,
+    started: float,
+    console: Console,
+) -> dict[str, Any]:
     """Scores the kept weights, saves them, writes `result.json` and says where the run is.
 
     The kept model's validation is the best weights' again, or the last validation (resumed past
@@ -31,14 +43,23 @@ def finish(config: Config, state: TrainState, outputs: RunOutputs, *, validate: 
     Returns:
       The content of `result.json`.
     """
-    validation = validate and (validate(state.kept_weights) if state.best
-                               else latest_validation or validate(state.validated_weights))
+    validation = validate and (
+        validate(state.kept_weights) if state.best else latest_validation or validate(state.validated_weights)
+    )
     tested = test(state.kept_weights)
     outputs.summaries.write_evaluation("test", state.counters.step, tested.metrics, tested.confusion_matrix)
     outputs.summaries.flush()  # Before result.json, which marks the run finished.
     console.tested(tested.metrics)
-    result = _result(config, strategy, state, decided=decided, validation=validation, test=tested,
-                     throughput=throughput, started=started)
+    result = _result(
+        config,
+        strategy,
+        state,
+        decided=decided,
+        validation=validation,
+        test=tested,
+        throughput=throughput,
+        started=started,
+    )
     with stopwatch.phase("save_model"), state.kept_weights():
         outputs.save_model(state.model, export=config.export)
     result["seconds"] = phases(stopwatch, throughput, started)
@@ -47,9 +68,17 @@ def finish(config: Config, state: TrainState, outputs: RunOutputs, *, validate: 
     return result
 
 
-def _result(config: Config, strategy: tf.distribute.Strategy, state: TrainState, *, decided: dict[str, Any],
-            validation: Evaluation | None, test: Evaluation, throughput: Throughput,
-            started: float) -> dict[str, Any]:
+def _result(
+    config: Config,
+    strategy: tf.distribute.Strategy,
+    state: TrainState,
+    *,
+    decided: dict[str, Any],
+    validation: Evaluation | None,
+    test: Evaluation,
+    throughput: Throughput,
+    started: float,
+) -> dict[str, Any]:
     """The content of `result.json`, but for its "seconds" (taken once the model is saved)."""
     best, counters = state.best, state.counters
     return {
@@ -70,4 +99,3 @@ def _result(config: Config, strategy: tf.distribute.Strategy, state: TrainState,
         # From train() to the end of the first step: data, model, tracing, compiling.
         "seconds_to_first_step": throughput.first_done_at - started if throughput.first else None,
     }
-

@@ -61,7 +61,11 @@ class SignalStop:
                 tf.train.CheckpointManager(tf.train.Checkpoint(), folder, max_to_keep=1),
                 termination_config=tf.distribute.experimental.TerminationConfig(
                     termination_watcher_fn=lambda: self._received is not None,
-                    exit_fn=self._exit, save_fn=self._save, grace_period=0))
+                    exit_fn=self._exit,
+                    save_fn=self._save,
+                    grace_period=0,
+                ),
+            )
             try:
                 yield
             finally:
@@ -90,8 +94,11 @@ class SignalStop:
 
     def _exit(self) -> None:
         signum = self._received or signal.SIGTERM  # A peer's signal stops this worker too.
-        raise Interrupted(f"stopped by {signal.Signals(signum).name} at step {self._pending[0]} with a "
-                          "checkpoint; the same command resumes the run.", signum)
+        raise Interrupted(
+            f"stopped by {signal.Signals(signum).name} at step {self._pending[0]} with a "
+            "checkpoint; the same command resumes the run.",
+            signum,
+        )
 
 
 def _own_deprecation(record: logging.LogRecord) -> bool:

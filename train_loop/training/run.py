@@ -26,8 +26,9 @@ from train_loop.training.preemption import SignalStop
 from train_loop.training.timing import Stopwatch
 
 
-def train(config: Config, *, model_fn: ModelFunction | None = None,
-          arrays: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
+def train(
+    config: Config, *, model_fn: ModelFunction | None = None, arrays: Mapping[str, np.ndarray] | None = None
+) -> dict[str, Any]:
     """Trains, validates periodically, tests once at the end, and writes the run; resumes an
     interrupted one.
 
@@ -54,14 +55,22 @@ def train(config: Config, *, model_fn: ModelFunction | None = None,
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     chief = distribute.is_chief(strategy)
-    with runs.owned(config, run_dir, chief=chief) as run_dir, checkpoints.save_directory(run_dir, chief) as save_dir, \
-            checkpoints.no_space_left(run_dir):
+    with (
+        runs.owned(config, run_dir, chief=chief) as run_dir,
+        checkpoints.save_directory(run_dir, chief) as save_dir,
+        checkpoints.no_space_left(run_dir),
+    ):
         # The train state, restored where a checkpoint holds it.
-        state = build_state(config, strategy, splits.x_train.shape[1:], num_classes=splits.num_classes,
-                            model_fn=model_fn)
+        state = build_state(
+            config, strategy, splits.x_train.shape[1:], num_classes=splits.num_classes, model_fn=model_fn
+        )
         checkpoint = tf.train.Checkpoint(**state.trackables())
-        restored = checkpoints.restore_latest(checkpoint, checkpoints.directory(run_dir), repair=chief,
-                                              positional=tf.train.Checkpoint(**state.positional_trackables()))
+        restored = checkpoints.restore_latest(
+            checkpoint,
+            checkpoints.directory(run_dir),
+            repair=chief,
+            positional=tf.train.Checkpoint(**state.positional_trackables()),
+        )
         state.counters.take_positional()
         restored_step = state.counters.step if restored else None
         # Under launch every worker trains; the chief alone shows the progress, once.
@@ -69,44 +78,86 @@ def train(config: Config, *, model_fn: ModelFunction | None = None,
         console.say_start(run_dir, splits, distribute.describe(strategy), restored_step=restored_step, ema=config.ema)
         # After the run's model is built: the throwaway models timed here must not shift its layers' names.
         with stopwatch.phase("decide_xla"):
-            decision = xla_choice.decide_jit_compile(config, strategy, splits, runs.read_settings(run_dir),
-                                                     model_fn=model_fn)
+            decision = xla_choice.decide_jit_compile(
+                config, strategy, splits, runs.read_settings(run_dir), model_fn=model_fn
+            )
         console.say(decision.describe())
-        outputs = RunOutputs.open(config, run_dir, chief=chief, restored_step=restored_step,
-                                  decided=decision.to_dict(), settings=_hparams(config, strategy))
+        outputs = RunOutputs.open(
+            config,
+            run_dir,
+            chief=chief,
+            restored_step=restored_step,
+            decided=decision.to_dict(),
+            settings=_hparams(config, strategy),
+        )
 
         # The loop call, and the data it pulls from, starting where the restored state stands.
-        train_input = inputs.ReplicaInput(strategy, inputs.train_dataset_fn(
-            splits, global_batch_size=config.batch_size, seed=config.seed,
-            num_epochs=config.epochs, start_step=state.counters.step))
-        loop_call = steps.make_loop_call(strategy, state, train_input.next_batch, global_batch_size=config.batch_size,
-                                         jit_compile=decision.jit_compile, global_clipnorm=config.global_clipnorm)
+        train_input = inputs.ReplicaInput(
+            strategy,
+            inputs.train_dataset_fn(
+                splits,
+                global_batch_size=config.batch_size,
+                seed=config.seed,
+                num_epochs=config.epochs,
+                start_step=state.counters.step,
+            ),
+        )
+        loop_call = steps.make_loop_call(
+            strategy,
+            state,
+            train_input.next_batch,
+            global_batch_size=config.batch_size,
+            jit_compile=decision.jit_compile,
+            global_clipnorm=config.global_clipnorm,
+        )
         iterator = train_input.iterator()
 
         # Validation scores the weights as they are (averaged, with --ema); the end scores the kept ones.
-        evaluator = make_evaluator(strategy, state.model, batch_size=config.batch_size,
-                                   num_classes=splits.num_classes, stopwatch=stopwatch)
+        evaluator = make_evaluator(
+            strategy, state.model, batch_size=config.batch_size, num_classes=splits.num_classes, stopwatch=stopwatch
+        )
         validate = None if splits.x_validation is None else evaluator(splits.x_validation, splits.y_validation)
         validation = validate and actions.Validation(
-            actions.Cadence(config.eval_every, steps_per_epoch, at_last=True), state=state,
-            validate=lambda: validate(state.validated_weights), summaries=outputs.summaries, console=console,
-            save_best=lambda: outputs.save_best(state.model))
+            actions.Cadence(config.eval_every, steps_per_epoch, at_last=True),
+            state=state,
+            validate=lambda: validate(state.validated_weights),
+            summaries=outputs.summaries,
+            console=console,
+            save_best=lambda: outputs.save_best(state.model),
+        )
         signals = SignalStop(strategy)
         controller = make_controller(
-            config, lambda num_steps, histograms: loop_call(iterator, tf.constant(num_steps), tf.constant(histograms)),
-            steps_per_epoch=steps_per_epoch, state=state, outputs=outputs, validation=validation, console=console,
-            manager=checkpoints.make_manager(checkpoint, save_dir), signals=signals, stopwatch=stopwatch)
+            config,
+            lambda num_steps, histograms: loop_call(iterator, tf.constant(num_steps), tf.constant(histograms)),
+            steps_per_epoch=steps_per_epoch,
+            state=state,
+            outputs=outputs,
+            validation=validation,
+            console=console,
+            manager=checkpoints.make_manager(checkpoint, save_dir),
+            signals=signals,
+            stopwatch=stopwatch,
+        )
         with outputs:
             with signals.catching():
                 controller.run()
-            return finish(config, state, outputs, validate=validate, test=evaluator(splits.x_test, splits.y_test),
-                          latest_validation=validation and validation.latest, strategy=strategy,
-                          decided=decision.to_dict(), throughput=controller.throughput, stopwatch=stopwatch,
-                          started=started, console=console)
+            return finish(
+                config,
+                state,
+                outputs,
+                validate=validate,
+                test=evaluator(splits.x_test, splits.y_test),
+                latest_validation=validation and validation.latest,
+                strategy=strategy,
+                decided=decision.to_dict(),
+                throughput=controller.throughput,
+                stopwatch=stopwatch,
+                started=started,
+                console=console,
+            )
 
 
 def _hparams(config: Config, strategy: tf.distribute.Strategy) -> dict[str, Any]:
     """The settings TensorBoard's HParams dashboard compares: where a run is written is left out."""
-    settings = {key: value for key, value in config.to_dict().items()
-                if key not in ("logdir", "run_name", "data_dir")}
+    settings = {key: value for key, value in config.to_dict().items() if key not in ("logdir", "run_name", "data_dir")}
     return {**settings, "replicas": strategy.num_replicas_in_sync}

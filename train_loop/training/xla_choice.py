@@ -60,8 +60,14 @@ class Decision:
         return f"{choice}, {where}: {evidence} (--jit_compile or --nojit_compile forces it)"
 
 
-def decide_jit_compile(config: Config, strategy: tf.distribute.Strategy, splits: arrays.Splits,
-                       saved_settings: dict[str, Any] | None, *, model_fn: ModelFunction | None = None) -> Decision:
+def decide_jit_compile(
+    config: Config,
+    strategy: tf.distribute.Strategy,
+    splits: arrays.Splits,
+    saved_settings: dict[str, Any] | None,
+    *,
+    model_fn: ModelFunction | None = None,
+) -> Decision:
     """`config.jit_compile` when forced; else the resumed run's choice, the cached one, or a measurement.
 
     On a multi-worker cluster every worker measures and the averaged timings decide, so all workers
@@ -98,30 +104,45 @@ def recorded_jit_compile(settings: dict[str, Any] | None) -> bool | None:
 
 def step_key(config: Config, strategy: tf.distribute.Strategy, input_shape: tuple[int, ...]) -> str:
     """What the step's speed depends on: the machine, the libraries and the settings of the step."""
-    return json.dumps({
-        "protocol": _PROTOCOL, "cpu": cpu.model(), "features": cpu.features(), "cores": cpu.cores(),
-        "tensorflow": tf.__version__, "keras": keras.__version__,
-        "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", ""),
-        "devices": [device.split("/")[-1] for device in strategy.extended.worker_devices],
-        "strategy": type(strategy).__name__, "replicas": strategy.num_replicas_in_sync,
-        "model": config.model, "input_shape": list(input_shape), "dropout": config.dropout > 0,
-        "regularizers": [name for name in ("l1", "l2", "bias_l1", "bias_l2") if getattr(config, name)],
-        "batch_size": config.batch_size, "precision": config.precision, "optimizer": config.optimizer,
-        # Each adds work to every step (an all-reduce, an update or an average of every weight).
-        "optimizer_extras": [name for name in ("global_clipnorm", "weight_decay", "ema") if getattr(config, name)],
-        "deterministic": config.deterministic,
-    }, sort_keys=True)
+    return json.dumps(
+        {
+            "protocol": _PROTOCOL,
+            "cpu": cpu.model(),
+            "features": cpu.features(),
+            "cores": cpu.cores(),
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+            "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", ""),
+            "devices": [device.split("/")[-1] for device in strategy.extended.worker_devices],
+            "strategy": type(strategy).__name__,
+            "replicas": strategy.num_replicas_in_sync,
+            "model": config.model,
+            "input_shape": list(input_shape),
+            "dropout": config.dropout > 0,
+            "regularizers": [name for name in ("l1", "l2", "bias_l1", "bias_l2") if getattr(config, name)],
+            "batch_size": config.batch_size,
+            "precision": config.precision,
+            "optimizer": config.optimizer,
+            # Each adds work to every step (an all-reduce, an update or an average of every weight).
+            "optimizer_extras": [name for name in ("global_clipnorm", "weight_decay", "ema") if getattr(config, name)],
+            "deterministic": config.deterministic,
+        },
+        sort_keys=True,
+    )
 
 
-def measure_jit_compile(config: Config, strategy: tf.distribute.Strategy, splits: arrays.Splits, *,
-                        model_fn: ModelFunction | None = None) -> dict[str, float]:
+def measure_jit_compile(
+    config: Config, strategy: tf.distribute.Strategy, splits: arrays.Splits, *, model_fn: ModelFunction | None = None
+) -> dict[str, float]:
     """Examples per second of the train step with and without XLA, on a throwaway model.
 
     Both are traced and compiled first, then timed in alternating blocks of about 0.2 s; each
     keeps its best block. Averaged over workers on a cluster, so every worker gets the same answer.
     """
-    loops = {name: cached_batch_loop_call(config, strategy, splits, jit_compile=jit, model_fn=model_fn)
-             for name, jit in (("xla", True), ("no_xla", False))}
+    loops = {
+        name: cached_batch_loop_call(config, strategy, splits, jit_compile=jit, model_fn=model_fn)
+        for name, jit in (("xla", True), ("no_xla", False))
+    }
     num_steps = {name: _block_steps(strategy, loop) for name, loop in loops.items()}
     best = dict.fromkeys(loops, 0.0)
     for _ in range(_ROUNDS):
@@ -132,9 +153,14 @@ def measure_jit_compile(config: Config, strategy: tf.distribute.Strategy, splits
     return dict(zip(best, _mean_over_workers(strategy, list(best.values()))))
 
 
-def cached_batch_loop_call(config: Config, strategy: tf.distribute.Strategy, splits: arrays.Splits, *,
-                      jit_compile: bool, model_fn: ModelFunction | None = None,
-                      ) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
+def cached_batch_loop_call(
+    config: Config,
+    strategy: tf.distribute.Strategy,
+    splits: arrays.Splits,
+    *,
+    jit_compile: bool,
+    model_fn: ModelFunction | None = None,
+) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
     """`loop_call(num_steps)`: the run's loop call on a model and optimizer of its own, fed the first
     global batch over and over (the input pipeline taken away); what `auto` and the bench time."""
     state = build_state(config, strategy, splits.x_train.shape[1:], num_classes=splits.num_classes, model_fn=model_fn)
@@ -143,12 +169,18 @@ def cached_batch_loop_call(config: Config, strategy: tf.distribute.Strategy, spl
     def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
         size = context.get_per_replica_batch_size(config.batch_size)
         start = context.input_pipeline_id * size
-        replica_batch = tuple(array[start: start + size] for array in batch)
+        replica_batch = tuple(array[start : start + size] for array in batch)
         return inputs.with_options(tf.data.Dataset.from_tensors(replica_batch).repeat())
 
     replica_input = inputs.ReplicaInput(strategy, dataset_fn)
-    loop_call = steps.make_loop_call(strategy, state, replica_input.next_batch, global_batch_size=config.batch_size,
-                                     jit_compile=jit_compile, global_clipnorm=config.global_clipnorm)
+    loop_call = steps.make_loop_call(
+        strategy,
+        state,
+        replica_input.next_batch,
+        global_batch_size=config.batch_size,
+        jit_compile=jit_compile,
+        global_clipnorm=config.global_clipnorm,
+    )
     iterator = replica_input.iterator()
     return lambda num_steps: loop_call(iterator, num_steps, tf.constant(False))
 
