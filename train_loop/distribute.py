@@ -170,7 +170,8 @@ def _multi_worker() -> tf.distribute.Strategy:
         raise UsageError(
             "--strategy=multi_worker needs TF_CONFIG naming the cluster and this worker's task; "
             "see README 'Running on several machines', or use python -m train_loop.launch.")
-    peers.wait_for_peers(tf_config, peers.peer_timeout())
+    peers.wait_for_peers(tf_config, peers.peer_timeout(), named_by="TF_CONFIG",
+                         remedy="start every worker, or unset TF_CONFIG for a single run")
     return tf.distribute.MultiWorkerMirroredStrategy()
 
 

@@ -1,0 +1,123 @@
+"""Finding the cluster and waiting for it: Slurm's and TF_CONFIG's variables checked in one line
+each, a peer wait on either path bounded and stopped by SIGTERM and SIGINT, something else on a
+peer's port told from a worker, and the TPU's connection stopped by a signal too.
+
+Every case is a real `python -m train_loop` process on the bundled digits, stopped before it
+trains; the cluster's other workers are absent or impostors on 127.0.0.1, bounded in time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from conftest import REPO
+from helpers import assert_one_line_error
+
+from train_loop.launch import free_ports
+
+LISTEN, SYN_SENT = "0A", "02"  # Socket states as /proc/net/tcp writes them.
+NEVER = {"TRAIN_LOOP_PEER_TIMEOUT": "600"}  # Longer than any test may take: a wait that ends is ours.
+
+
+def slurm_step(rank: str = "0", **changed: str) -> dict[str, str]:
+    """The variables srun sets for task `rank` of two on this node, on ports free now; `changed` replaces some."""
+    first, _ = consecutive_free_ports()
+    return {"SLURM_PROCID": rank, "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NODELIST": "localhost",
+            "SLURM_STEP_TASKS_PER_NODE": "2", "SLURM_STEP_RESV_PORTS": f"{first}-{first + 1}", **changed}
+
+
+def consecutive_free_ports() -> tuple[int, int]:
+    """Two consecutive ports free on 127.0.0.1 now, as `srun --resv-ports` reserves them."""
+    for first in range(30_000, 60_000, 2):
+        with contextlib.ExitStack() as probes:
+            try:
+                for port in (first, first + 1):
+                    probes.enter_context(socket.socket()).bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return first, first + 1
+    raise RuntimeError("no two consecutive free ports")
+
+
+def tf_config(own: int, peer: int) -> dict[str, str]:
+    cluster = {"worker": [f"127.0.0.1:{own}", f"127.0.0.1:{peer}"]}
+    return {"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 0}})}
+
+
+def start(*flags: str, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "train_loop", "--dataset=digits", *flags], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **env})
+
+
+def finish(process: subprocess.Popen, timeout: float = 120) -> subprocess.CompletedProcess:
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def wait_for_socket(process: subprocess.Popen, state: str, port: int, *, remote: bool = False) -> None:
+    """Until a socket in `state` has `port` as its local (or remote) port: the process waits there."""
+    deadline = time.monotonic() + 120
+    while not has_socket(state, port, remote=remote):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"never waited on port {port}: {finish(process).stderr[-3000:]}")
+        time.sleep(0.1)
+
+
+def has_socket(state: str, port: int, *, remote: bool) -> bool:
+    with open("/proc/net/tcp") as table:
+        rows = [line.split() for line in table.readlines()[1:]]
+    return any(row[3] == state and int(row[2 if remote else 1].split(":")[1], 16) == port for row in rows)
+
+
+# Something else on a peer's port is not the peer.
+
+@contextlib.contextmanager
+def impostor(port: int, answer: bytes | None) -> Iterator[None]:
+    """A program on `port` that accepts every connection and sends `answer` (None: says nothing)."""
+    listener = socket.create_server(("127.0.0.1", port))
+    listener.settimeout(0.1)
+    done, connections = threading.Event(), []
+
+    def serve() -> None:
+        while not done.is_set():
+            with contextlib.suppress(OSError):  # A timeout, or a worker that went away.
+                connection, _ = listener.accept()
+                connections.append(connection)
+                if answer is not None:
+                    connection.sendall(answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(timeout=10)
+        for connection in [*connections, listener]:
+            connection.close()
+
+
+@pytest.mark.parametrize("answer", [b"SSH-2.0-OpenSSH_9.6\r\n", b"0" * 64 + b" 127.0.0.1:1\n", None],
+                         ids=["garbage", "another-token", "silence"])
+def test_something_else_on_a_peers_port_is_not_taken_for_the_peer(tmp_path, answer):
+    own, peer = free_ports(2)
+    with impostor(peer, answer):
+        result = finish(start(f"--logdir={tmp_path}", env={**tf_config(own, peer), "TRAIN_LOOP_PEER_TIMEOUT": "3"}))
+    assert_one_line_error(result, ("waited 3 s", f"something else answers at 127.0.0.1:{peer}",
+                                   "not a train_loop worker of this run"))
+    assert os.listdir(tmp_path) == []
