@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -121,3 +122,58 @@ def test_something_else_on_a_peers_port_is_not_taken_for_the_peer(tmp_path, answ
     assert_one_line_error(result, ("waited 3 s", f"something else answers at 127.0.0.1:{peer}",
                                    "not a train_loop worker of this run"))
     assert os.listdir(tmp_path) == []
+
+
+# The wait for peers, on either path: bounded, and stopped by SIGTERM and SIGINT at once, in one line.
+
+def test_a_slurm_task_alone_ends_within_the_peer_timeout_in_one_line(tmp_path):
+    step = slurm_step()
+    peer = int(step["SLURM_STEP_RESV_PORTS"].split("-")[1])
+    result = finish(start("--strategy=multi_worker", "--cluster_resolver=slurm", f"--logdir={tmp_path}",
+                          env={**step, "TRAIN_LOOP_PEER_TIMEOUT": "2"}))
+    assert_one_line_error(result, ("waited 2 s", "Slurm step", f"localhost:{peer} did not answer", "srun"))
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("path", ["tf_config", "slurm"])
+def test_a_signal_ends_the_wait_for_peers_in_one_line(tmp_path, path, signum):
+    if path == "slurm":
+        env = slurm_step()
+        own = int(env["SLURM_STEP_RESV_PORTS"].split("-")[0])
+        flags = ("--strategy=multi_worker", "--cluster_resolver=slurm")
+    else:
+        own, peer = free_ports(2)
+        env, flags = tf_config(own, peer), ()
+    process = start(*flags, f"--logdir={tmp_path}", env={**env, **NEVER})
+    wait_for_socket(process, LISTEN, own)
+    process.send_signal(signum)
+    result = finish(process, timeout=60)
+    assert result.returncode == 128 + signum, result.stderr
+    name = signal.Signals(signum).name
+    assert result.stderr == f"train_loop: stopped by {name} while waiting for the other workers; nothing was written.\n"
+    assert os.listdir(tmp_path) == []
+
+
+# Malformed variables: one line naming the variable, before any wait.
+
+SLURM_CASES = {
+    "procid-not-a-number": ({"SLURM_PROCID": "abc"}, "SLURM_PROCID='abc'"),
+    "procid-past-the-tasks": ({"SLURM_PROCID": "2"}, "SLURM_PROCID=2"),
+    "no-tasks": ({"SLURM_STEP_NUM_TASKS": "0"}, "SLURM_STEP_NUM_TASKS='0'"),
+    "tasks-not-a-number": ({"SLURM_STEP_NUM_TASKS": "x"}, "SLURM_STEP_NUM_TASKS='x'"),
+    "ports-not-numbers": ({"SLURM_STEP_RESV_PORTS": "abc"}, "SLURM_STEP_RESV_PORTS='abc'"),
+    "ports-past-65535": ({"SLURM_STEP_RESV_PORTS": "65535-65536"}, "SLURM_STEP_RESV_PORTS='65535-65536'"),
+    "nodelist-unclosed": ({"SLURM_STEP_NODELIST": "node[01-02"}, "SLURM_STEP_NODELIST='node[01-02'"),
+    "nodelist-with-a-space": ({"SLURM_STEP_NODELIST": "local host"}, "SLURM_STEP_NODELIST='local host'"),
+    "tasks-per-node-other-total": ({"SLURM_STEP_TASKS_PER_NODE": "3"}, "SLURM_STEP_TASKS_PER_NODE='3'"),
+    "tasks-per-node-not-a-list": ({"SLURM_STEP_TASKS_PER_NODE": "2(x"}, "SLURM_STEP_TASKS_PER_NODE='2(x'"),
+}
+
+
+@pytest.mark.parametrize(("changed", "named"), SLURM_CASES.values(), ids=SLURM_CASES.keys())
+def test_a_malformed_slurm_variable_is_one_line_naming_it(run_cli, tmp_path, changed, named):
+    result = run_cli("--dataset=digits", "--strategy=multi_worker", "--cluster_resolver=slurm",
+                     env={**slurm_step(**changed), **NEVER}, timeout=120)
+    assert_one_line_error(result, (named,))
+    assert not (tmp_path / "logs").exists()

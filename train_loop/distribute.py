@@ -8,7 +8,7 @@ import socket
 
 import tensorflow as tf
 
-from train_loop import peers
+from train_loop import peers, slurm
 from train_loop.configs import Config
 from train_loop.errors import UsageError
 
@@ -176,35 +176,12 @@ def _multi_worker() -> tf.distribute.Strategy:
 
 
 def _slurm() -> tf.distribute.Strategy:
-    """MultiWorkerMirroredStrategy over the tasks of this Slurm job step, one worker per task.
-
-    TensorFlow's resolver hands each task a share of its node's GPUs and builds one address per
-    share, so on nodes without GPUs it finds no tasks at all (and it runs nvidia-smi to count
-    them); here every task gets one slot and GPUs are left to Slurm's own binding
-    (`--gpus-per-task`). Ports start at the step's reserved
-    ones (`srun --resv-ports`), else at 8888, one per task on a node.
-
-    Raises:
-      UsageError: this process is not a task of a Slurm job step.
-    """
-    missing = [name for name in _SLURM_VARIABLES if name not in os.environ]
-    if missing:
-        raise UsageError(
-            f"--cluster_resolver=slurm: {', '.join(missing)} not set, so this is not a task of a Slurm job "
-            "step; start it with srun inside an allocation (see README 'Slurm'), or use TF_CONFIG.")
-    ports = os.environ.get("SLURM_STEP_RESV_PORTS", "")
-    # A slot per task of the whole step: no node has more tasks than that.
-    slurm = tf.distribute.cluster_resolver.SlurmClusterResolver(
-        port_base=int(ports.split("-")[0]) if ports else 8888,
-        gpus_per_node=int(os.environ["SLURM_STEP_NUM_TASKS"]), gpus_per_task=1, auto_set_gpu=False)
-    # Its cluster and this task's place in it; the GPUs are the ones this task sees, not the slots.
-    resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
-        slurm.cluster_spec(), task_type=slurm.task_type, task_id=slurm.task_id, rpc_layer=slurm.rpc_layer,
-        num_accelerators={"GPU": len(tf.config.list_physical_devices("GPU"))})
-    return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
-
-
-_SLURM_VARIABLES = ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NODELIST", "SLURM_STEP_TASKS_PER_NODE")
+    """MultiWorkerMirroredStrategy over the tasks of this Slurm job step, one worker per task,
+    after they met as under TF_CONFIG."""
+    tf_config = slurm.read_cluster()
+    peers.wait_for_peers(tf_config, peers.peer_timeout(), named_by="the Slurm step",
+                         remedy="check that srun started every task of the step")
+    return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=slurm.cluster_resolver(tf_config))
 
 
 def _tpu(tpu: str) -> tf.distribute.Strategy:
