@@ -177,3 +177,30 @@ def test_a_malformed_slurm_variable_is_one_line_naming_it(run_cli, tmp_path, cha
                      env={**slurm_step(**changed), **NEVER}, timeout=120)
     assert_one_line_error(result, (named,))
     assert not (tmp_path / "logs").exists()
+
+
+TASKS = {
+    "index-true": {"type": "worker", "index": True},
+    "index-a-string": {"type": "worker", "index": "0"},
+    "index-a-float": {"type": "worker", "index": 0.0},
+    "type-a-list": {"type": ["worker"], "index": 0},
+    "type-not-a-worker": {"type": "ps", "index": 0},
+}
+
+
+@pytest.mark.parametrize("task", TASKS.values(), ids=TASKS.keys())
+def test_a_tf_config_task_of_the_wrong_type_is_one_line_at_once(run_cli, tmp_path, task):
+    """`"index": true` was worker 1 (a bool is an int to Python), and waited for worker 0."""
+    own, peer = free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{own}", f"127.0.0.1:{peer}"], "ps": [f"127.0.0.1:{peer}"]}
+    result = run_cli("--dataset=digits", env={"TF_CONFIG": json.dumps({"cluster": cluster, "task": task}), **NEVER},
+                     timeout=120)
+    assert_one_line_error(result, ('TF_CONFIG "task"', json.dumps(task)))
+    assert not (tmp_path / "logs").exists()
+
+
+def test_a_tf_config_port_past_65535_is_one_line(run_cli, tmp_path):
+    own, _ = free_ports(2)
+    result = run_cli("--dataset=digits", env={**tf_config(own, 70000), **NEVER}, timeout=120)
+    assert_one_line_error(result, ("TF_CONFIG", "127.0.0.1:70000"))
+    assert not (tmp_path / "logs").exists()

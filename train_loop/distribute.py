@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 
 import tensorflow as tf
@@ -140,11 +141,12 @@ def read_tf_config() -> dict:
         if not (isinstance(addresses, list) and all(_is_address(address) for address in addresses)):
             raise UsageError(f'TF_CONFIG cluster "{job}" must be a list of "host:port" strings, not {addresses!r}.')
     task = tf_config.get("task")
-    if not (isinstance(task, dict) and task.get("type") in cluster and isinstance(task.get("index"), int)
-            and 0 <= task["index"] < len(cluster[task["type"]])):
+    # Not a bool: `true` is an int to Python, and would be taken as worker 1.
+    if not (isinstance(task, dict) and task.get("type") in ("chief", "worker") and task["type"] in cluster
+            and type(task.get("index")) is int and 0 <= task["index"] < len(cluster[task["type"]])):
         raise UsageError(
-            f'TF_CONFIG "task" must name this process\'s job and index in the cluster, e.g. '
-            f'{{"type": "worker", "index": 0}}; it is {task!r}.')
+            f'TF_CONFIG "task" must name this process\'s job in the cluster ("chief" or "worker") and its '
+            f'"index" there, a whole number from 0, e.g. {{"type": "worker", "index": 0}}; it is {json.dumps(task)}.')
     return tf_config
 
 
@@ -160,8 +162,8 @@ def _check_reachable(tpu: str) -> None:
 
 
 def _is_address(address: object) -> bool:
-    host, _, port = str(address).rpartition(":") if isinstance(address, str) else ("", "", "")
-    return bool(host) and port.isdigit()
+    host, _, port = address.rpartition(":") if isinstance(address, str) else ("", "", "")
+    return bool(host) and re.fullmatch("[0-9]{1,5}", port) is not None and 0 < int(port) < 65536
 
 
 def _multi_worker() -> tf.distribute.Strategy:
