@@ -204,3 +204,42 @@ def test_a_tf_config_port_past_65535_is_one_line(run_cli, tmp_path):
     result = run_cli("--dataset=digits", env={**tf_config(own, 70000), **NEVER}, timeout=120)
     assert_one_line_error(result, ("TF_CONFIG", "127.0.0.1:70000"))
     assert not (tmp_path / "logs").exists()
+
+
+# A TPU's address whose connection hangs: stopped by SIGTERM and SIGINT too.
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_ends_the_connection_to_a_tpu_in_one_line(tmp_path, signum):
+    """A TPU address whose connection hangs (its listener's backlog is full, so the kernel drops
+    the SYN) is left at the signal, not after the connection's timeout."""
+    with full_listener() as port:
+        process = start("--strategy=tpu", f"--tpu=grpc://127.0.0.1:{port}", f"--logdir={tmp_path}", env={})
+        wait_for_socket(process, SYN_SENT, port, remote=True)
+        process.send_signal(signum)
+        result = finish(process, timeout=60)
+    assert result.returncode == 128 + signum, result.stderr
+    name = signal.Signals(signum).name
+    assert result.stderr == (f"train_loop: stopped by {name} while connecting to the TPU at grpc://127.0.0.1:{port}; "
+                             "nothing was written.\n")
+    assert os.listdir(tmp_path) == []
+
+
+@contextlib.contextmanager
+def full_listener() -> Iterator[int]:
+    """A port whose listener accepts nothing and whose backlog is full: a connection to it hangs."""
+    with contextlib.ExitStack() as stack:
+        listener = stack.enter_context(socket.socket())
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        for _ in range(8):
+            client = stack.enter_context(socket.socket())
+            client.settimeout(0.5)
+            try:
+                client.connect(("127.0.0.1", port))
+            except TimeoutError:
+                break
+        else:
+            raise RuntimeError("the listener's backlog never filled")
+        client.close()  # Its SYN, still unanswered, must not count as the process's.
+        yield port

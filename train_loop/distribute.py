@@ -156,7 +156,8 @@ def _check_reachable(tpu: str) -> None:
         return
     host, _, port = tpu[len("grpc://"):].rpartition(":")
     try:
-        socket.create_connection((host, int(port)), timeout=_CONNECT_SECONDS).close()
+        with peers.interruptible(f"connecting to the TPU at {tpu}"):
+            socket.create_connection((host, int(port)), timeout=_CONNECT_SECONDS).close()
     except (OSError, ValueError) as error:
         raise UsageError(f"--tpu={tpu}: nothing answers there ({error}); check the TPU's address.") from None
 
