@@ -46,25 +46,27 @@ def main(argv: Sequence[str]) -> None:
 def launch(num_workers: int, train_flags: Sequence[str]) -> int:
     """Runs the workers to the end; returns 0, or the first failing worker's exit status."""
     cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(num_workers)]}
-    # Started with SIGINT ignored: a Ctrl-C in a worker's first instants, before Python can turn
-    # it into one line, would be a traceback. `cli.run` restores it; `_wait` passes it on again.
-    ignored = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        workers = [_start(index, cluster, train_flags) for index in range(num_workers)]
-    finally:
-        signal.signal(signal.SIGINT, ignored)
-    forwarders = [threading.Thread(target=_forward, args=(index, worker.stdout), daemon=True)
-                  for index, worker in enumerate(workers)]
-    for thread in forwarders:
-        thread.start()
+    workers: list[subprocess.Popen] = []
     signalled: list[int] = []
 
     def pass_on(signum: int, _frame) -> None:
         signalled.append(signum)
         _send(workers, signum)
 
+    # Passed on from the start, with no moment of the default handlers between (a signal then
+    # ended the launcher and left its workers running). The workers are started with SIGINT
+    # ignored: a Ctrl-C in a worker's first instants, before Python can turn it into one line,
+    # would be a traceback. `cli.run` restores it; `_wait` passes it on again.
     signal.signal(signal.SIGTERM, pass_on)
-    signal.signal(signal.SIGINT, pass_on)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        workers.extend(_start(index, cluster, train_flags) for index in range(num_workers))
+    finally:
+        signal.signal(signal.SIGINT, pass_on)
+    forwarders = [threading.Thread(target=_forward, args=(index, worker.stdout), daemon=True)
+                  for index, worker in enumerate(workers)]
+    for thread in forwarders:
+        thread.start()
     status = _wait(workers, signalled)
     for thread in forwarders:
         thread.join(timeout=5)
