@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 from absl import flags
 
-from train_loop import apps, cli
+from train_loop import apps, cli, orphans
 from train_loop.study import jobs
 
 _WORKERS = flags.DEFINE_integer("workers", 2, "Local worker processes to start.", lower_bound=1)
@@ -47,25 +47,29 @@ def main(argv: Sequence[str]) -> None:
 def launch(num_workers: int, train_flags: Sequence[str]) -> int:
     """Runs the workers to the end; returns 0, or the first failing worker's exit status."""
     cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(num_workers)]}
-    # Started with SIGINT ignored: a Ctrl-C in a worker's first instants, before Python can turn
-    # it into one line, would be a traceback. `cli.run` restores it; `_wait` passes it on again.
-    ignored = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        workers = [_start(index, cluster, train_flags) for index in range(num_workers)]
-    finally:
-        signal.signal(signal.SIGINT, ignored)
-    forwarders = [threading.Thread(target=_forward, args=(index, worker.stdout), daemon=True)
-                  for index, worker in enumerate(workers)]
-    for thread in forwarders:
-        thread.start()
+    workers: list[subprocess.Popen] = []
     signalled: list[int] = []
 
     def pass_on(signum: int, _frame) -> None:
         signalled.append(signum)
         _send(workers, signum)
 
+    # Passed on from the start, with no moment of the default handlers between (a signal then
+    # ended the launcher and left its workers running). The workers are started with SIGINT
+    # ignored: a Ctrl-C in a worker's first instants, before Python can turn it into one line,
+    # would be a traceback. `cli.run` restores it; `_wait` passes it on again.
     signal.signal(signal.SIGTERM, pass_on)
-    signal.signal(signal.SIGINT, pass_on)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        workers.extend(_start(index, cluster, train_flags) for index in range(num_workers))
+    finally:
+        signal.signal(signal.SIGINT, pass_on)
+    forwarders = [
+        threading.Thread(target=_forward, args=(index, worker.stdout), daemon=True)
+        for index, worker in enumerate(workers)
+    ]
+    for thread in forwarders:
+        thread.start()
     status = _wait(workers, signalled)
     for thread in forwarders:
         thread.join(timeout=5)
@@ -88,8 +92,12 @@ def _start(index: int, cluster: dict, train_flags: Sequence[str]) -> subprocess.
     tf_config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
     return subprocess.Popen(
         [sys.executable, "-m", "train_loop", *train_flags],
-        env={**os.environ, "TF_CONFIG": json.dumps(tf_config), "PYTHONUNBUFFERED": "1"},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        env=orphans.child_environment({**os.environ, "TF_CONFIG": json.dumps(tf_config), "PYTHONUNBUFFERED": "1"}),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+    )
 
 
 def _forward(index: int, stream) -> None:

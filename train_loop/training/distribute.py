@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 
 import tensorflow as tf
 
 from train_loop.configs import Config
 from train_loop.errors import UsageError
-from train_loop.training import peers
+from train_loop.training import peers, slurm
 
 _CONNECT_SECONDS = 10
 
@@ -26,14 +27,14 @@ def split_cpu(num_devices: int) -> None:
     """
     cpu = tf.config.list_physical_devices("CPU")[0]
     try:
-        tf.config.set_logical_device_configuration(
-            cpu, [tf.config.LogicalDeviceConfiguration()] * num_devices)
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * num_devices)
     except RuntimeError:
         existing = len(tf.config.list_logical_devices("CPU"))
         if existing != num_devices:
             raise UsageError(
                 f"--cpu_replicas={num_devices}: TensorFlow already runs on {existing} CPU "
-                "devices in this process; start a new process to change the split.") from None
+                "devices in this process; start a new process to change the split."
+            ) from None
 
 
 def make_strategy(config: Config) -> tf.distribute.Strategy:
@@ -55,7 +56,6 @@ def make_strategy(config: Config) -> tf.distribute.Strategy:
     return tf.distribute.OneDeviceStrategy((_accelerators() or ["/cpu:0"])[0])
 
 
-
 def mirrored_strategy(devices: list[str]) -> tf.distribute.MirroredStrategy:
     """A MirroredStrategy whose collectives are keyed apart from every earlier one in this process.
 
@@ -66,6 +66,7 @@ def mirrored_strategy(devices: list[str]) -> tf.distribute.MirroredStrategy:
     """
     tf.distribute.MirroredStrategy._collective_key_base += 100_000
     return tf.distribute.MirroredStrategy(devices)
+
 
 def describe(strategy: tf.distribute.Strategy) -> str:
     """The strategy, its replicas and this process's devices, for the line a run starts with."""
@@ -85,7 +86,8 @@ def check_global_batch(strategy: tf.distribute.Strategy, global_batch_size: int)
     if global_batch_size % replicas:
         raise UsageError(
             f"--batch_size={global_batch_size} does not split evenly over {replicas} replicas: "
-            f"use a multiple of {replicas}.")
+            f"use a multiple of {replicas}."
+        )
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
@@ -140,11 +142,18 @@ def read_tf_config() -> dict:
         if not (isinstance(addresses, list) and all(_is_address(address) for address in addresses)):
             raise UsageError(f'TF_CONFIG cluster "{job}" must be a list of "host:port" strings, not {addresses!r}.')
     task = tf_config.get("task")
-    if not (isinstance(task, dict) and task.get("type") in cluster and isinstance(task.get("index"), int)
-            and 0 <= task["index"] < len(cluster[task["type"]])):
+    # Not a bool: `true` is an int to Python, and would be taken as worker 1.
+    if not (
+        isinstance(task, dict)
+        and task.get("type") in ("chief", "worker")
+        and task["type"] in cluster
+        and type(task.get("index")) is int
+        and 0 <= task["index"] < len(cluster[task["type"]])
+    ):
         raise UsageError(
-            f'TF_CONFIG "task" must name this process\'s job and index in the cluster, e.g. '
-            f'{{"type": "worker", "index": 0}}; it is {task!r}.')
+            f'TF_CONFIG "task" must name this process\'s job in the cluster ("chief" or "worker") and its '
+            f'"index" there, a whole number from 0, e.g. {{"type": "worker", "index": 0}}; it is {json.dumps(task)}.'
+        )
     return tf_config
 
 
@@ -152,16 +161,17 @@ def _check_reachable(tpu: str) -> None:
     """A `grpc://host:port` TPU that does not answer would make TensorFlow wait forever."""
     if not tpu.startswith("grpc://"):
         return
-    host, _, port = tpu[len("grpc://"):].rpartition(":")
+    host, _, port = tpu[len("grpc://") :].rpartition(":")
     try:
-        socket.create_connection((host, int(port)), timeout=_CONNECT_SECONDS).close()
+        with peers.interruptible(f"connecting to the TPU at {tpu}"):
+            socket.create_connection((host, int(port)), timeout=_CONNECT_SECONDS).close()
     except (OSError, ValueError) as error:
         raise UsageError(f"--tpu={tpu}: nothing answers there ({error}); check the TPU's address.") from None
 
 
 def _is_address(address: object) -> bool:
-    host, _, port = str(address).rpartition(":") if isinstance(address, str) else ("", "", "")
-    return bool(host) and port.isdigit()
+    host, _, port = address.rpartition(":") if isinstance(address, str) else ("", "", "")
+    return bool(host) and re.fullmatch("[0-9]{1,5}", port) is not None and 0 < int(port) < 65536
 
 
 def _multi_worker() -> tf.distribute.Strategy:
@@ -169,41 +179,28 @@ def _multi_worker() -> tf.distribute.Strategy:
     if not tf_config:
         raise UsageError(
             "--strategy=multi_worker needs TF_CONFIG naming the cluster and this worker's task; "
-            "see README 'Running on several machines', or use python -m train_loop.launch.")
-    peers.wait_for_peers(tf_config, peers.peer_timeout())
+            "see README 'Running on several machines', or use python -m train_loop.launch."
+        )
+    peers.wait_for_peers(
+        tf_config,
+        peers.peer_timeout(),
+        named_by="TF_CONFIG",
+        remedy="start every worker, or unset TF_CONFIG for a single run",
+    )
     return tf.distribute.MultiWorkerMirroredStrategy()
 
 
 def _slurm() -> tf.distribute.Strategy:
-    """MultiWorkerMirroredStrategy over the tasks of this Slurm job step, one worker per task.
-
-    TensorFlow's resolver hands each task a share of its node's GPUs and builds one address per
-    share, so on nodes without GPUs it finds no tasks at all (and it runs nvidia-smi to count
-    them); here every task gets one slot and GPUs are left to Slurm's own binding
-    (`--gpus-per-task`). Ports start at the step's reserved
-    ones (`srun --resv-ports`), else at 8888, one per task on a node.
-
-    Raises:
-      UsageError: this process is not a task of a Slurm job step.
-    """
-    missing = [name for name in _SLURM_VARIABLES if name not in os.environ]
-    if missing:
-        raise UsageError(
-            f"--cluster_resolver=slurm: {', '.join(missing)} not set, so this is not a task of a Slurm job "
-            "step; start it with srun inside an allocation (see README 'Slurm'), or use TF_CONFIG.")
-    ports = os.environ.get("SLURM_STEP_RESV_PORTS", "")
-    # A slot per task of the whole step: no node has more tasks than that.
-    slurm = tf.distribute.cluster_resolver.SlurmClusterResolver(
-        port_base=int(ports.split("-")[0]) if ports else 8888,
-        gpus_per_node=int(os.environ["SLURM_STEP_NUM_TASKS"]), gpus_per_task=1, auto_set_gpu=False)
-    # Its cluster and this task's place in it; the GPUs are the ones this task sees, not the slots.
-    resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
-        slurm.cluster_spec(), task_type=slurm.task_type, task_id=slurm.task_id, rpc_layer=slurm.rpc_layer,
-        num_accelerators={"GPU": len(tf.config.list_physical_devices("GPU"))})
-    return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
-
-
-_SLURM_VARIABLES = ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NODELIST", "SLURM_STEP_TASKS_PER_NODE")
+    """MultiWorkerMirroredStrategy over the tasks of this Slurm job step, one worker per task,
+    after they met as under TF_CONFIG."""
+    tf_config = slurm.read_cluster()
+    peers.wait_for_peers(
+        tf_config,
+        peers.peer_timeout(),
+        named_by="the Slurm step",
+        remedy="check that srun started every task of the step",
+    )
+    return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=slurm.cluster_resolver(tf_config))
 
 
 def _tpu(tpu: str) -> tf.distribute.Strategy:
@@ -221,5 +218,6 @@ def _tpu(tpu: str) -> tf.distribute.Strategy:
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UsageError(
             f"--strategy=tpu: no TPU {tpu or 'on this machine'} ({first_line}); run on a TPU VM, pass "
-            "--tpu=<name or grpc://address>, or pick --strategy=auto.") from None
+            "--tpu=<name or grpc://address>, or pick --strategy=auto."
+        ) from None
     return tf.distribute.TPUStrategy(resolver)
