@@ -126,11 +126,30 @@ def test_gradient_norms_match_the_step_between_two_checkpoints(sgd_run):
     assert logged[last] == pytest.approx(np.sqrt(squares), rel=1e-3)
 
 
+def traced_loop_calls(path: str) -> list[tuple[int, int]]:
+    """The loop calls a profiler trace holds, as (first step, number of steps), from the "train"
+    events the controller marks them with, read from the XSpace protobuf the profiler writes."""
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    space = xplane_pb2.XSpace.FromString(Path(path).read_bytes())
+    calls = []
+    for plane in space.planes:
+        names = {key: metadata.name for key, metadata in plane.stat_metadata.items()}
+        for line in plane.lines:
+            for event in line.events:
+                if plane.event_metadata[event.metadata_id].name == "train":
+                    stats = {names[stat.metadata_id]: stat.int64_value or stat.uint64_value for stat in event.stats}
+                    calls.append((stats["step_num"], stats["num_steps"]))
+    return sorted(calls)
+
+
 def test_profile_steps_write_a_trace_of_those_steps(run_cli, tmp_path):
     finished = run_cli("--dataset=digits", "--profile_steps=3,6", "--run_name=profiled")
     assert finished.returncode == 0, finished.stderr
     traces = glob.glob(str(tmp_path / "logs/profiled/train/plugins/profile/*/*.xplane.pb"))
     assert len(traces) == 1 and Path(traces[0]).stat().st_size > 0, traces
+    # One loop call, from step 3 to step 6 (both boundaries): steps 4, 5 and 6, and nothing else.
+    assert traced_loop_calls(traces[0]) == [(4, 3)]
     result = json.loads((tmp_path / "logs/profiled/result.json").read_text())
     assert result["steps"] == (1437 - 144) // 32  # digits less its validation split, at batch 32
     plugin_missing = importlib.util.find_spec("tensorboard_plugin_profile") is None

@@ -113,7 +113,9 @@ class Controller:
         self.throughput.start()
         started = time.perf_counter()
         histograms = any(action.wants_histograms(step + num_steps) for action in self.actions)
-        output = self.loop_call(num_steps, histograms)
+        # Marked for the profiler's trace viewer (`--profile_steps`): the steps this call trains.
+        with tf.profiler.experimental.Trace("train", step_num=step + 1, num_steps=num_steps, _r=1):
+            output = self.loop_call(num_steps, histograms)
         measured = {name: float(value) for name, value in output.items() if value.shape.rank == 0}
         self.interval.add(
             measured, num_steps, examples=num_steps * self.batch_size, seconds=time.perf_counter() - started
