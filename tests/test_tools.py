@@ -61,9 +61,10 @@ def test_helpshort_lists_the_flags_the_tool_takes_under_a_usage_line(tmp_path, n
 
 
 def test_python_m_lists_the_same_flags_as_the_script(tmp_path):
-    module = SCRIPTS["train-loop-study"].split(":")[0]
+    # The study is a package: `python -m train_loop.study` runs its __main__, which the README documents.
+    assert SCRIPTS["train-loop-study"] == "train_loop.study.study:run"
     shown = subprocess.run(
-        [sys.executable, "-m", module, "--helpshort"], capture_output=True, text=True, timeout=120, cwd=REPO
+        [sys.executable, "-m", "train_loop.study", "--helpshort"], capture_output=True, text=True, timeout=120, cwd=REPO
     )
     assert listed_flags(shown.stdout) == EXPECTED_FLAGS["train-loop-study"] | {"version"}
 
