@@ -18,6 +18,7 @@ import pytest
 from conftest import REPO
 
 import train_loop
+from train_loop import cli
 from train_loop.configs import Config
 
 SCRIPTS = tomllib.loads(Path(REPO, "pyproject.toml").read_text())["project"]["scripts"]
@@ -55,9 +56,18 @@ def test_every_tool_has_a_script():
 def test_helpshort_lists_the_flags_the_tool_takes_under_a_usage_line(tmp_path, name):
     shown = run_script(tmp_path, name, "--helpshort")
 
-    assert shown.returncode == 1, shown.stderr  # absl's status after printing help
+    assert shown.returncode == 0, shown.stderr
     assert shown.stdout.startswith(f"Usage: {name} ")
     assert listed_flags(shown.stdout) == EXPECTED_FLAGS[name] | {"version"}
+    headings = re.findall(r"^(\w[\w ]*):$", shown.stdout, flags=re.MULTILINE)
+    assert headings[-1] == "this tool"
+    if EXPECTED_FLAGS[name] >= TRAINING_FLAGS:
+        assert headings[-9:-1] == list(cli.GROUPS)
+
+
+def test_every_training_flag_is_in_exactly_one_group():
+    grouped = [name for names in cli.GROUPS.values() for name in names]
+    assert sorted(grouped) == sorted(TRAINING_FLAGS)
 
 
 def test_python_m_lists_the_same_flags_as_the_script(tmp_path):
@@ -87,7 +97,7 @@ def test_a_tool_freezes_the_collector_when_its_main_ends_however_it_ends(tmp_pat
         "from train_loop import apps\n"
         "atexit.register(lambda: print('frozen at exit:', gc.get_freeze_count() > 0))\n"
         f"def main(argv):\n    {ending}\n"
-        "apps.run(main, usage='Usage: tool', flag_modules=[])\n"
+        "apps.run(main, usage='Usage: tool', groups={})\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
     ended = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)

@@ -1,8 +1,8 @@
 """Starting a command-line tool: absl's app with a usage line for users, `--helpshort` listing the
 flags the tool takes, and `--version`, the same whether it runs as a console script or `python -m`.
 
-Flags live with the tool that reads them: `cli` holds the training flags (which `study` and
-`launch` pass on, and so list too), `study`, `launch` and `bench` their own. This module defines
+Flags live with the tool that reads them: `cli` holds the training flags and their groups (which
+`study` and `launch` pass on, and so list too), `study`, `launch` and `bench` their own. This module defines
 only `--version`, which every tool takes, and how a user error ends every tool (`fail`: one line,
 exit 2), a bad flag's included; it imports neither `cli` nor TensorFlow, so `bench`, whose flags
 share names with the training flags, can use it.
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import gc
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from importlib import metadata
 
 from absl import app, flags
@@ -22,20 +22,36 @@ import train_loop
 _VERSION = flags.DEFINE_bool("version", False, "Print the version of train_loop and its TensorFlow, and exit.")
 
 
-def run(main: Callable[[list[str]], None], *, usage: str, flag_modules: Sequence[str]) -> None:
-    """Runs `main` as an absl app, printing `usage` and the flags of `flag_modules` for
-    `--help`/`--helpshort`.
+def run(main: Callable[[list[str]], None], *, usage: str, groups: Mapping[str, Sequence[str]]) -> None:
+    """Runs `main` as an absl app; `--help` and `--helpshort` print `usage` and the tool's flags
+    under the headings of `groups` (heading: flag names, in order), then exit 0.
 
-    absl lists the key flags of the main module, which under a console script is the script
-    itself (no flags) and under `python -m` the tool's file: registering them here makes both
-    list the same flags. Its usage text is `__main__`'s docstring, hence the assignment.
+    absl's own `--helpshort` lists the key flags of the main module in one block and exits 1;
+    a newcomer reading forty flags wants them by purpose. `--helpfull` stays absl's (every flag,
+    absl's own included). The usage text is also `__main__`'s docstring, which absl prints for a
+    bad command line.
     """
     sys.modules["__main__"].__doc__ = usage
-    by_module = flags.FLAGS.flags_by_module_dict()
-    for module in (*flag_modules, __name__):
-        for flag in by_module.get(module, []):
-            flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+    if any(argument in ("--help", "--helpshort", "-h", "-?") for argument in sys.argv[1:]):
+        print(grouped_help(usage, {**groups, "this tool": ("version",)}))
+        sys.exit(0)
     app.run(_frozen_on_return(main), flags_parser=lambda argv: _exit_on_version(parse_flags(argv)))
+
+
+def grouped_help(usage: str, groups: Mapping[str, Sequence[str]]) -> str:
+    """`usage`, then each group's heading and its flags as absl prints them (`--name: help`, then
+    the default)."""
+    lines = [usage.rstrip(), ""]
+    for heading, names in groups.items():
+        lines.append(f"{heading}:")
+        for name in names:
+            flag = flags.FLAGS[name]
+            prefix = "[no]" if flag.boolean else ""
+            lines.append(flags.text_wrap(f"--{prefix}{name}: {flag.help}", indent="    ", firstline_indent="  "))
+            lines.append(flags.text_wrap(f"(default: {flag.default_as_str})", indent="    "))
+        lines.append("")
+    lines.append("--helpfull lists every flag, absl's own too.")
+    return "\n".join(lines)
 
 
 def parse_flags(argv: Sequence[str], *, flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:

@@ -438,7 +438,11 @@ prints a table with the measured matmul peak of this machine. Takes several minu
 
 def run() -> None:
     """The console script `train-loop-bench` and `python -m train_loop.bench`."""
-    apps.run(main, usage=USAGE, flag_modules=[__name__])
+    apps.run(
+        main,
+        usage=USAGE,
+        groups={"bench": ("quick", "rounds", "steps", "whole_run", "dataset", "batch_size", "precision")},
+    )
 
 
 if __name__ == "__main__":

@@ -76,8 +76,8 @@ flags.DEFINE_float(
 flags.DEFINE_float(
     "weight_decay",
     _DEFAULTS.weight_decay,
-    "Decoupled weight decay of every kernel (the optimizer's own, not a loss term): "
-    "w -= learning_rate * weight_decay * w at each step; 0: none.",
+    "Decoupled weight decay of every trainable weight, biases included (the optimizer's own, not a loss "
+    "term): w -= learning_rate * weight_decay * w at each step; 0: none.",
 )
 flags.DEFINE_float(
     "ema",
@@ -214,6 +214,35 @@ flags.DEFINE_enum(
 
 FLAGS = flags.FLAGS
 
+# The training flags by purpose, for --helpshort; every flag of `Config` is in one group (tested).
+GROUPS = {
+    "data": ("dataset", "data_dir", "validation_split", "batch_size", "epochs", "seed"),
+    "model": ("model", "dropout"),
+    "regularization": ("l1", "l2", "bias_l1", "bias_l2", "weight_decay"),
+    "optimizer": ("optimizer", "learning_rate", "global_clipnorm", "ema"),
+    "schedule": ("lr_schedule", "lr_decay_steps", "lr_decay_rate", "warmup_steps"),
+    "evaluation": ("eval_every", "best_metric", "early_stopping_patience", "early_stopping_min_delta"),
+    "distribution and speed": (
+        "strategy",
+        "cpu_replicas",
+        "cluster_resolver",
+        "tpu",
+        "precision",
+        "jit_compile",
+        "steps_per_loop",
+        "deterministic",
+    ),
+    "outputs": (
+        "logdir",
+        "run_name",
+        "summary_every",
+        "histogram_every",
+        "checkpoint_every",
+        "export",
+        "profile_steps",
+    ),
+}
+
 
 def given_training_flags() -> list[str]:
     """The training flags set on this command line, as `--name=value`: for tools (study, launch)
@@ -297,4 +326,4 @@ def run() -> None:
     # Ctrl-C means KeyboardInterrupt (see `run_guarded`) even in a worker that the launcher
     # started with SIGINT ignored.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    apps.run(main, usage=USAGE, flag_modules=[__name__])
+    apps.run(main, usage=USAGE, groups=GROUPS)

@@ -28,7 +28,7 @@ Prints the study's comparison table for the finished runs in FOLDER, without tra
 
 def run() -> None:
     """The console script `train-loop-compare` and `python -m train_loop.compare`."""
-    apps.run(main, usage=USAGE, flag_modules=[])
+    apps.run(main, usage=USAGE, groups={})
 
 
 if __name__ == "__main__":

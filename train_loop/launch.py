@@ -162,7 +162,7 @@ on free 127.0.0.1 ports, each with its own TF_CONFIG; the output of every worker
 
 def run() -> None:
     """The console script `train-loop-launch` and `python -m train_loop.launch`."""
-    apps.run(main, usage=USAGE, flag_modules=[__name__, cli.__name__])
+    apps.run(main, usage=USAGE, groups={"launch": ("workers",), **cli.GROUPS})
 
 
 if __name__ == "__main__":

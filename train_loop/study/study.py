@@ -252,4 +252,11 @@ Example: train-loop-study --dataset=fashion_mnist --epochs=10 --seeds=0,1,2
 
 def run() -> None:
     """The console script `train-loop-study` and `python -m train_loop.study`."""
-    apps.run(main, usage=USAGE, flag_modules=[__name__, cli.__name__])
+    apps.run(
+        main,
+        usage=USAGE,
+        groups={
+            "study": ("experiments", "seeds", "sweep", "extra_flags", "study_name", "flags_dir", "jobs"),
+            **cli.GROUPS,
+        },
+    )
