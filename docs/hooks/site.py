@@ -49,14 +49,21 @@ json.dump(found, sys.stdout)
 """
 
 
-def _flags_of(module: str) -> list[dict]:
+def _flags_of(modules: list[str]) -> dict[str, list[dict]]:
+    """Each module's flags, from processes started side by side (each imports absl and the tool)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    output = subprocess.run(
-        [sys.executable, "-c", _DUMP, module], check=True, capture_output=True, text=True, env=env
-    ).stdout
-    found = json.loads(output)
-    if not found:
-        raise RuntimeError(f"{module} defines no flags: the flags reference would be empty (docs/hooks/site.py).")
+    processes = {
+        module: subprocess.Popen([sys.executable, "-c", _DUMP, module], stdout=subprocess.PIPE, text=True, env=env)
+        for module in modules
+    }
+    found = {}
+    for module, process in processes.items():
+        output, _ = process.communicate()
+        if process.returncode != 0:
+            raise RuntimeError(f"listing the flags of {module} failed (exit status {process.returncode}); see above.")
+        found[module] = json.loads(output)
+        if not found[module]:
+            raise RuntimeError(f"{module} defines no flags: the flags reference would be empty (docs/hooks/site.py).")
     return found
 
 
@@ -81,9 +88,10 @@ def flags_page() -> str:
         "code says. [Flags](../flags.md) explains them at length. Every tool also takes `--version`, "
         "`--helpshort` and `--helpfull`, and `--flagfile=FILE`.\n",
     ]
+    found = _flags_of([module for _, module, _ in TOOLS])
     for script, module, takes_training_flags in TOOLS:
         also = " It takes the training flags of `train-loop` too." if takes_training_flags else ""
-        parts.append(f"## {script}\n\nDefined in `{module}`.{also}\n\n{_table(_flags_of(module))}\n")
+        parts.append(f"## {script}\n\nDefined in `{module}`.{also}\n\n{_table(found[module])}\n")
     parts.append("## train-loop-compare\n\nTakes one folder and no flags of its own.\n")
     return "\n".join(parts)
 
