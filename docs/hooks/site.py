@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -68,7 +69,8 @@ def _flags_of(modules: list[str]) -> dict[str, list[dict]]:
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    """Help text as a table cell's plain text: `<run_name>` stays text, `w**2` no emphasis, `|` no column."""
+    return re.sub(r"([\\`*_\[\]|])", r"\\\1", html.escape(text, quote=False)).replace("\n", " ")
 
 
 def _table(found: list[dict]) -> str:
@@ -77,7 +79,8 @@ def _table(found: list[dict]) -> str:
         name = f"--[no]{flag['name']}" if flag["boolean"] else f"--{flag['name']}"
         kind = " \\| ".join(f"`{value}`" for value in flag["values"]) if flag["values"] else flag["type"]
         default = flag["default"].strip("'\"")
-        rows.append(f"| `{name}` | {kind} | `{_cell(default)}` | {_cell(flag['help'])} |")
+        default = f"`{default}`".replace("|", "\\|") if default else "empty"
+        rows.append(f"| `{name}` | {kind} | {default} | {_cell(flag['help'])} |")
     return "\n".join(rows)
 
 
