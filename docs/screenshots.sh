@@ -1,5 +1,5 @@
 #!/bin/sh
-# Takes the README's TensorBoard screenshots: a real TensorBoard over a study folder, shot by
+# Takes the docs' TensorBoard screenshots (docs/tensorboard.md, one in the README): a real TensorBoard over a study folder, shot by
 # headless Chromium (Debian's `chromium`). Usage: docs/screenshots.sh <study folder> [out folder]
 set -eu
 study=$1
