@@ -424,7 +424,7 @@ def test_five_experiments_in_one_process_print_no_retracing_warning(tmp_path):
 
 
 def test_default_study_folders_are_named_by_what_the_shared_flags_change():
-    """The README's two studies (1 epoch, then --epochs=10) get folders of their own."""
+    """The two studies of docs/regularization-study.md (1 epoch, then --epochs=10) get folders of their own."""
     one, ten = (
         study.default_study_name(flags)
         for flags in (["--dataset=fashion_mnist"], ["--dataset=fashion_mnist", "--epochs=10"])

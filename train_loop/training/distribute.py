@@ -134,7 +134,9 @@ def read_tf_config() -> dict:
     try:
         tf_config = json.loads(text)
     except ValueError as error:
-        raise UsageError(f"TF_CONFIG is not valid JSON ({error}); see README 'Running on several machines'.") from None
+        raise UsageError(
+            f"TF_CONFIG is not valid JSON ({error}); see docs/several-machines.md, 'Running on several machines'."
+        ) from None
     cluster = tf_config.get("cluster") if isinstance(tf_config, dict) else None
     if not isinstance(cluster, dict) or not any(cluster.get(job) for job in ("chief", "worker")):
         raise UsageError('TF_CONFIG has no "cluster" with a "worker" (or "chief") list of host:port addresses.')
@@ -179,7 +181,7 @@ def _multi_worker() -> tf.distribute.Strategy:
     if not tf_config:
         raise UsageError(
             "--strategy=multi_worker needs TF_CONFIG naming the cluster and this worker's task; "
-            "see README 'Running on several machines', or use python -m train_loop.launch."
+            "see docs/several-machines.md, 'Running on several machines', or use python -m train_loop.launch."
         )
     peers.wait_for_peers(
         tf_config,

@@ -33,7 +33,7 @@ def read_cluster() -> dict:
     if missing:
         raise UsageError(
             f"--cluster_resolver=slurm: {', '.join(missing)} not set, so this is not a task of a Slurm job "
-            "step; start it with srun inside an allocation (see README 'Slurm'), or use TF_CONFIG."
+            "step; start it with srun inside an allocation (see docs/several-machines.md, 'Slurm'), or use TF_CONFIG."
         )
     num_tasks = _count("SLURM_STEP_NUM_TASKS", minimum=1)
     rank = _count("SLURM_PROCID", minimum=0)
