@@ -79,7 +79,13 @@ BAD_INPUTS = [
     case("profile_steps-not-numbers", "--profile_steps=a,b", names=("--profile_steps='a,b'",)),
     # The optimizer's schedule, clipping, decay and average.
     case("lr_schedule-unknown", "--lr_schedule=linear", names=("--lr_schedule",)),
-    case("lr_decay_steps-zero-with-cosine", "--lr_schedule=cosine", names=("--lr_decay_steps=0", "cosine")),
+    case(
+        "warmup-longer-than-the-run",
+        "--dataset=digits",
+        "--lr_schedule=cosine",
+        "--warmup_steps=1000",
+        names=("--warmup_steps=1000", "40 steps", "cosine"),
+    ),
     case(
         "lr_decay_steps-negative-with-step",
         "--lr_schedule=step",

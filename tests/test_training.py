@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import keras
 import numpy as np
@@ -472,3 +473,17 @@ def test_best_model_early_stopping_and_export_on_a_run_that_overfits(tmp_path):
     np.testing.assert_allclose(served.numpy(), kept.predict(splits.x_test, verbose=0), rtol=1e-5, atol=1e-6)
     predicted = np.argmax(served.numpy(), axis=-1)
     assert result["test"]["accuracy"] == pytest.approx(np.mean(predicted == splits.y_test), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_a_schedule_without_decay_steps_decays_over_the_run(tmp_path):
+    """As Hugging Face's and Lightning's: cosine over every step after the warm-up, to 0 at the end."""
+    result = train(Config(dataset="digits", epochs=2, lr_schedule="cosine", warmup_steps=10, logdir=str(tmp_path)))
+    total = result["steps"]
+    run_dir = tmp_path / "convnet-dataset=digits-epochs=2-lr_schedule=cosine-lr_decay_steps=70-warmup_steps=10"
+    settings = json.loads((run_dir / "settings.json").read_text())
+    assert (total, settings["lr_decay_steps"]) == (80, 70)
+    # The rate of the run's last update (step 80, counted from 1): cosine at step 69 of 70 after the
+    # warm-up, computed in float32 by Keras (hence 1e-4).
+    expected = 0.001 * 0.5 * (1 + np.cos(np.pi * 69 / 70))
+    assert scalar_series(str(run_dir), "train", "learning_rate")[total] == pytest.approx(expected, rel=1e-4)

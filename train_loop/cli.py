@@ -56,7 +56,8 @@ flags.DEFINE_enum(
 flags.DEFINE_integer(
     "lr_decay_steps",
     _DEFAULTS.lr_decay_steps,
-    "Steps (after the warm-up) over which cosine decays, or between step's decays.",
+    "Steps (after the warm-up) over which cosine decays, or between step's decays; 0: cosine decays over "
+    "the whole run after the warm-up, step decays at the end of each epoch.",
 )
 flags.DEFINE_float(
     "lr_decay_rate",

@@ -71,7 +71,7 @@ class Config:
     optimizer: str = "rmsprop"
     learning_rate: float = 0.001
     lr_schedule: str = "constant"
-    lr_decay_steps: int = 0  # Required (> 0) by cosine and step; refused with constant.
+    lr_decay_steps: int = 0  # 0 with cosine or step: from the run's length (`with_run_length`).
     lr_decay_rate: float = 0.1  # step: the factor applied every lr_decay_steps.
     warmup_steps: int = 0
     global_clipnorm: float = 0.0  # 0: no clipping.
@@ -192,6 +192,27 @@ class Config:
         """`--profile_steps=START,END` as (START, END), or None when not profiling."""
         return _parse_profile_steps(self.profile_steps)
 
+    def with_run_length(self, steps_per_epoch: int) -> Config:
+        """This config with a decaying schedule's `lr_decay_steps` of 0 taken from the run's length,
+        as Hugging Face's and Lightning's schedulers do: cosine decays to 0 over every step after
+        the warm-up; step multiplies the rate by `lr_decay_rate` at the end of each epoch.
+
+        The steps it takes name the run, as if they had been given.
+
+        Raises:
+          UsageError: the warm-up leaves no step of the run to decay over.
+        """
+        if self.lr_schedule == "constant" or self.lr_decay_steps:
+            return self
+        total = steps_per_epoch * self.epochs
+        steps = total - self.warmup_steps if self.lr_schedule == "cosine" else steps_per_epoch
+        if steps <= 0:
+            raise UsageError(
+                f"--warmup_steps={self.warmup_steps} leaves none of this run's {total} steps to decay over with "
+                "--lr_schedule=cosine: pass fewer --warmup_steps, more --epochs, or --lr_decay_steps."
+            )
+        return dataclasses.replace(self, lr_decay_steps=steps)
+
     def naming_settings(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run it resumes."""
         return {name: getattr(self, name) for name in ("model", *_NAMING_FIELDS)}
@@ -222,10 +243,11 @@ def _check_optimizer_settings(config: Config) -> None:
             f"--lr_decay_steps={config.lr_decay_steps} has no effect with --lr_schedule=constant: "
             "pass --lr_schedule=cosine or step, or leave --lr_decay_steps out."
         )
-    if config.lr_schedule != "constant" and config.lr_decay_steps <= 0:
+    if config.lr_decay_steps < 0:
         raise UsageError(
             f"--lr_decay_steps={config.lr_decay_steps} must be a positive integer with "
-            f"--lr_schedule={config.lr_schedule}: the steps over which the rate decays, e.g. --lr_decay_steps=1000."
+            f"--lr_schedule={config.lr_schedule}: the steps over which the rate decays, e.g. --lr_decay_steps=1000; "
+            "or leave it out to decay over the run's length."
         )
     if not (math.isfinite(config.lr_decay_rate) and 0.0 < config.lr_decay_rate <= 1.0):
         raise UsageError(

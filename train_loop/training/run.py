@@ -48,6 +48,7 @@ def train(
     with stopwatch.phase("data"):
         splits = hold_out(sources.load_splits(config, arrays), config.validation_split, seed=config.seed)
     steps_per_epoch = inputs.steps_per_epoch(splits, config.batch_size)
+    config = config.with_run_length(steps_per_epoch)
     model_fn = model_fn or (None if config.model in MODELS else load_model_function(config.model))
     run_dir = runs.choose_run_dir(config)
     strategy = distribute.make_strategy(config)
