@@ -147,3 +147,16 @@ def test_a_bad_flag_is_one_line_and_status_2_in_every_tool(tmp_path, name, bad_f
     assert len(lines) == 1 and lines[0].startswith("train_loop: error: ")
     assert bad_flag.split("=")[0].lstrip("-") in lines[0]
     assert os.listdir(tmp_path) == [name]  # nothing written beside the script
+
+
+def test_a_shipped_flagfile_is_named_without_a_path(tmp_path):
+    """`--flagfile=l2` from any folder: the package's own flagfile, as installed from the wheel."""
+    assert cli.config_from_args(["--flagfile=l2"]).l2 == 0.001
+    assert cli.config_from_args(["--flagfile=dropout.cfg"]).dropout > 0
+    refused = run_script(tmp_path, "train-loop", "--flagfile=l3")
+    assert refused.returncode == 2
+    assert refused.stderr.splitlines() == [
+        "train_loop: error: --flagfile=l3: no such file, and no shipped flagfile of that name; the shipped ones "
+        "are baseline, dropout, l1, l1l2, l2 (e.g. --flagfile=baseline), or give the path of a file of "
+        "--flag=value lines."
+    ]

@@ -11,6 +11,8 @@ share names with the training flags, can use it.
 from __future__ import annotations
 
 import gc
+import importlib.resources
+import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from importlib import metadata
@@ -56,9 +58,10 @@ def grouped_help(usage: str, groups: Mapping[str, Sequence[str]]) -> str:
 
 def parse_flags(argv: Sequence[str], *, flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
     """absl's parsing into `flag_values`, but a bad flag is one line and exit 2, like every other
-    user error (absl's own prints two lines and exits 1)."""
+    user error (absl's own prints two lines and exits 1); a shipped flagfile may be named alone
+    (`--flagfile=l2`, see `_with_shipped_flagfile`)."""
     try:
-        return flag_values(argv)
+        return flag_values([argv[0], *(_with_shipped_flagfile(argument) for argument in argv[1:])])
     except flags.CantOpenFlagFileError as error:
         cause = error.__context__  # absl keeps the OSError only in its message's text.
         fail(
@@ -69,6 +72,33 @@ def parse_flags(argv: Sequence[str], *, flag_values: flags.FlagValues = flags.FL
         )
     except flags.Error as error:
         fail(f"{error}. Run with --helpfull to see every flag.")
+
+
+def shipped_flagfiles() -> dict[str, str]:
+    """The flagfiles the package ships (the study's experiments), by name: `{"l2": "<path>/l2.cfg"}`.
+
+    The package's `flags/` is a real folder once installed (see pyproject.toml), so its paths can
+    be handed to absl as they are.
+    """
+    folder = importlib.resources.files("train_loop").joinpath("flags")
+    return {entry.name.removesuffix(".cfg"): str(entry) for entry in folder.iterdir() if entry.name.endswith(".cfg")}
+
+
+def _with_shipped_flagfile(argument: str) -> str:
+    """`--flagfile=NAME`, where NAME is no file here, as the shipped flagfile of that name, so that
+    `--flagfile=l2` works after a wheel install from any folder; a name that is neither is one line."""
+    name = argument.removeprefix("--flagfile=")
+    if name == argument or os.path.exists(name):
+        return argument
+    shipped = shipped_flagfiles()
+    if name.removesuffix(".cfg") in shipped:
+        return f"--flagfile={shipped[name.removesuffix('.cfg')]}"
+    fail(
+        f"--flagfile={name}: no such file, and no shipped flagfile of that name; the shipped ones are "
+        f"{', '.join(sorted(shipped))} (e.g. --flagfile={min(shipped)}), or give the path of a file of "
+        "--flag=value lines."
+    )
+    return argument
 
 
 def fail(message: str) -> None:
