@@ -7,11 +7,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import REPO
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.custom_scalar import metadata as custom_scalar_metadata
@@ -132,3 +135,32 @@ def test_load_refuses_a_folder_that_is_not_a_finished_run(logdir, tmp_path):
     for path in (str(unfinished), folder, str(tmp_path / "missing")):
         with pytest.raises(UsageError, match=r"is not a finished run \(no result.json and model.keras in it\)"):
             train_loop.load(path)
+
+
+@pytest.mark.slow
+def test_compare_reports_every_run_it_can_read(logdir, tmp_path):
+    """Two digits runs and an arrays run are all reported; a copy whose model.keras is damaged is
+    left out with one line naming it and why, and the exit status is still 0."""
+    folder, results = logdir
+    mixed = tmp_path / "mixed"
+    shutil.copytree(folder, mixed)
+    shutil.copytree(mixed / "r", mixed / "damaged")
+    (mixed / "damaged" / "model.keras").write_bytes(b"not a zip file")
+
+    done = subprocess.run(
+        [sys.executable, "-m", "train_loop.compare", str(mixed)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env=dict(os.environ),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split(" | ")[0].removeprefix("| ") for line in done.stdout.splitlines()[2:]]
+    assert rows == ["arrays", "r", "r-2"]
+    for result, line in zip(sorted(results, key=lambda result: result["run_dir"]), done.stdout.splitlines()[2:]):
+        assert f" {result['test']['accuracy']:.4f} " in line
+    (left_out,) = [line for line in done.stderr.splitlines() if "left out" in line]
+    assert left_out.startswith(
+        f"train_loop: warning: left out run damaged: cannot load {mixed / 'damaged' / 'model.keras'} ("
+    )
