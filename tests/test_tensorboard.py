@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 
+from train_loop.outputs.custom_scalars import scalars_layout
 from train_loop.outputs.experiment import COMPARED_METRICS
 
 pytestmark = pytest.mark.slow  # every test here trains a model
@@ -247,7 +248,8 @@ def test_confusion_matrix_image_at_each_evaluation(tensorboard: Client, run: Run
     assert [row["step"] for row in rows] == run.epoch_ends()
     content_type, png = tensorboard.get_bytes(f"/data/plugin/images/individualImage?{rows[-1]['query']}")
     assert content_type == "image/png" and png.startswith(b"\x89PNG\r\n\x1a\n")
-    assert struct.unpack(">II", png[16:24]) == (160, 160)  # The IHDR chunk's width and height.
+    # The IHDR chunk's width and height: 10 cells of 16 pixels, and a row and a column of labels.
+    assert struct.unpack(">II", png[16:24]) == (176, 176)
 
 
 def test_confusion_matrix_counts_as_a_table_at_each_evaluation(tensorboard: Client, run: Run):
@@ -410,3 +412,37 @@ def test_settings_text(tensorboard: Client, run: Run):
     assert entry["step"] == 0
     for key, value in (("l2", "0.001"), ("dataset", "digits"), ("batch_size", "32")):
         assert f"<td>{key}</td>\n<td>{value}</td>" in entry["text"], key
+
+
+def test_custom_scalars_layout_matches_the_logged_tags(tensorboard: Client, run: Run):
+    """The Custom Scalars dashboard's layout, as TensorBoard serves it, is the one written; its
+    charts, by their own regular expressions, find the loss and its terms in train (the
+    cross-entropy in validation and test too), each layer's regularization, weight and gradient
+    norms, the global gradient norm and the accuracy."""
+    layout = tensorboard.get("/data/plugin/custom_scalars/layout")
+    written = scalars_layout()
+    assert [category["title"] for category in layout["category"]] == [category.title for category in written.category]
+    found = {}
+    for category in layout["category"]:
+        for chart in category["chart"]:
+            for run_name in (run.train, run.validation, run.test):
+                for pattern in chart["multiline"]["tag"]:
+                    response = tensorboard.get("/data/plugin/custom_scalars/scalars", run=run_name, tag=pattern)
+                    assert response["regex_valid"], pattern
+                    found.setdefault(chart["title"], set()).update(
+                        (run_name, tag) for tag, rows in response["tag_to_events"].items() if rows
+                    )
+    losses = ("loss/cross_entropy", "loss/regularization", "loss/total")
+    evaluated = {(name, "loss/cross_entropy") for name in (run.validation, run.test)}
+    assert found == {
+        "the loss and its terms": {(run.train, tag) for tag in losses} | evaluated,
+        "loss/cross_entropy": {(run.train, "loss/cross_entropy")} | evaluated,
+        "loss/regularization": {(run.train, "loss/regularization")},
+        "loss/total": {(run.train, "loss/total")},
+        **{
+            f"{kind}/<layer>": {(run.train, f"{kind}/{layer}") for layer in LAYERS}
+            for kind in ("regularization", "weight_norm", "gradient_norm")
+        },
+        "gradient_norm (all weights)": {(run.train, "gradient_norm")},
+        "accuracy": {(name, "accuracy") for name in (run.train, run.validation, run.test)},
+    }

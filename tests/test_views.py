@@ -77,10 +77,11 @@ def test_confusion_matrix_image_shades_each_cell_by_its_row_share(sgd_run):
     width, height, png = tf.make_ndarray(images[0].tensor_proto)
     pixels = tf.io.decode_png(png).numpy()
     cell = summaries.CELL_PIXELS
-    assert (int(width), int(height), pixels.shape) == (10 * cell, 10 * cell, (10 * cell, 10 * cell, 3))
+    # A row and a column of cells more: the labels' indices along the top and the left.
+    assert (int(width), int(height), pixels.shape) == (11 * cell, 11 * cell, (11 * cell, 11 * cell, 3))
     counts = np.array(result["confusion_matrix"], np.float64)
     shares = counts / counts.sum(axis=1, keepdims=True)
-    centres = pixels[cell // 2 :: cell, cell // 2 :: cell].astype(np.float64) / 255.0
+    centres = pixels[cell + cell // 2 :: cell, cell + cell // 2 :: cell].astype(np.float64) / 255.0
     empty, full = np.array(summaries._EMPTY), np.array(summaries._FULL)
     np.testing.assert_allclose(centres, empty + shares[..., None] * (full - empty), atol=1 / 255)
 

@@ -20,7 +20,8 @@ def train(
     data: Mapping[str, Any] | str | None = None,
     **settings,
 ) -> dict:
-    """Trains one run and returns its result (what `result.json` holds).
+    """Trains one run and returns its result: what `result.json` holds, and "run_dir", the run
+    folder's absolute path (the name actually taken: `<run_name>-2` when `<run_name>` was).
 
     Pass a `Config`, or its fields as keywords: `train_loop.train(dataset="digits", l2=1e-3)`.
     `model_fn` is a function of no arguments returning an uncompiled `keras.Model` that outputs
@@ -45,4 +46,18 @@ def train(
     return train_config(dataclasses.replace(config, **changes), model_fn=function, arrays=arrays)
 
 
-__all__ = ["Config", "UsageError", "__version__", "train"]
+def load(run_dir: str) -> Any:
+    """The trained `keras.Model` of a finished run: its `model.keras`, which holds the best
+    weights where the run kept them (`best_metric`), else their moving average (`ema`), else the
+    last ones. A run of your own model function imports its module first, for the layers it
+    registers. TensorFlow is imported on the first call, as by `train`.
+
+    Raises:
+      UsageError: `run_dir` is not a finished run, or its model cannot be read.
+    """
+    from train_loop.outputs.exports import load_model  # Deferred: importing TensorFlow takes seconds.
+
+    return load_model(run_dir)
+
+
+__all__ = ["Config", "UsageError", "__version__", "load", "train"]

@@ -40,6 +40,18 @@ PER_EPOCH = tuple(measurement.name for measurement in TRAIN_STEP if measurement.
 # What the divergence check requires to be finite after each loop call.
 CHECKED_FINITE = ("cross_entropy", "regularization", "gradient_norm")
 
+# Each layer's own scalars are tagged `<prefix>/<layer path>` (`weight_norm/conv1`): its weight
+# regularization term, its kernel's L2 norm and sparsity (`state.layer_measurements`), and its
+# kernel gradient's norm (the step's, beside the global one under the same name).
+LAYER_REGULARIZATION = "regularization"
+LAYER_WEIGHT_NORM = "weight_norm"
+LAYER_SPARSITY = "sparsity"
+LAYER_GRADIENT_NORM = BY_NAME["gradient_norm"].tag
+
+
+def layer_tag(prefix: str, path: str) -> str:
+    return f"{prefix}/{path}"
+
 
 def tagged(values: dict[str, float]) -> dict[str, float]:
     """`values` by their TensorBoard tags: the table's for its names (those it does not log are

@@ -15,7 +15,13 @@ from train_loop.configs import Config
 from train_loop.model import optimizers
 from train_loop.model.best import BestModel
 from train_loop.model.losses import layer_weight_terms
-from train_loop.model.measurements import PER_EPOCH
+from train_loop.model.measurements import (
+    LAYER_REGULARIZATION,
+    LAYER_SPARSITY,
+    LAYER_WEIGHT_NORM,
+    PER_EPOCH,
+    layer_tag,
+)
 from train_loop.model.models import ModelFunction, build_model, named_layers, near_zero_share, weighted_layers
 
 # The epoch sums' order in the one vector that checkpoints written before the measurements had
@@ -122,9 +128,18 @@ class TrainState:
         regularization term, and each weighted layer's kernel L2 norm and sparsity (the share of
         |w| < `models.NEAR_ZERO`)."""
         return {
-            **{f"regularization/{path}": float(term) for path, term in layer_weight_terms(self.model).items()},
-            **{f"weight_norm/{path}": float(tf.norm(layer.kernel)) for path, layer in weighted_layers(self.model)},
-            **{f"sparsity/{path}": near_zero_share(layer.kernel) for path, layer in weighted_layers(self.model)},
+            **{
+                layer_tag(LAYER_REGULARIZATION, path): float(term)
+                for path, term in layer_weight_terms(self.model).items()
+            },
+            **{
+                layer_tag(LAYER_WEIGHT_NORM, path): float(tf.norm(layer.kernel))
+                for path, layer in weighted_layers(self.model)
+            },
+            **{
+                layer_tag(LAYER_SPARSITY, path): near_zero_share(layer.kernel)
+                for path, layer in weighted_layers(self.model)
+            },
         }
 
     def weight_values(self) -> dict[str, tf.Tensor]:

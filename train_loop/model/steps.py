@@ -14,7 +14,7 @@ import keras
 import tensorflow as tf
 
 from train_loop.model import losses
-from train_loop.model.measurements import SUMMED
+from train_loop.model.measurements import LAYER_GRADIENT_NORM, SUMMED, layer_tag
 from train_loop.model.models import weighted_layers
 from train_loop.model.state import LossScale, TrainState
 
@@ -99,7 +99,7 @@ def make_train_step(
         kernel_gradients = {path: gradients[index] for path, index in kernels.items()}
         return {
             "gradient_norm": tf.linalg.global_norm(gradients),
-            **{f"gradient_norm/{path}": tf.norm(gradient) for path, gradient in kernel_gradients.items()},
+            **{layer_tag(LAYER_GRADIENT_NORM, path): tf.norm(gradient) for path, gradient in kernel_gradients.items()},
             **tf.cond(
                 histograms,
                 lambda: {f"gradient/{path}": gradient for path, gradient in kernel_gradients.items()},
@@ -189,7 +189,7 @@ def gradient_measurements(model: keras.Model) -> dict[str, tf.Tensor]:
     gradient, for its histogram; the others are norms."""
     return {
         "gradient_norm": tf.constant(0.0),
-        **{f"gradient_norm/{path}": tf.constant(0.0) for path, _ in weighted_layers(model)},
+        **{layer_tag(LAYER_GRADIENT_NORM, path): tf.constant(0.0) for path, _ in weighted_layers(model)},
         **_kernel_zeros(model),
     }
 

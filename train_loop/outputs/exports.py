@@ -1,5 +1,6 @@
 """The trained model as files: `model.keras` (also the best model's) and the `saved_model/`
-export for serving, each written beside its final name and renamed."""
+export for serving, each written beside its final name and renamed; and a finished run's
+`model.keras` read back."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import shutil
 import keras
 
 from train_loop import files
-from train_loop.model.models import plain_keras
-from train_loop.outputs import checkpoints
+from train_loop.configs import MODELS
+from train_loop.errors import UsageError
+from train_loop.model.models import load_model_function, plain_keras
+from train_loop.outputs import checkpoints, runs
 
 
 def save_model(model: keras.Model, folder: str) -> None:
@@ -30,3 +33,34 @@ def export_saved_model(model: keras.Model, run_dir: str) -> None:
             plain_keras(model).export(folder, format="tf_saved_model", verbose=False)
 
     files.write_atomically(final, export, temporary=temporary)
+
+
+def load_model(run_dir: str) -> keras.Model:
+    """The model a finished run kept: its `model.keras`, which holds the best weights with
+    `--best_metric`, else the moving average with `--ema`, else the last ones.
+
+    A run of a user's model function imports that function's module first, so that the layers
+    it registers with Keras load; a module that cannot be imported now (a notebook's) is named
+    only if the model then fails to load without it.
+
+    Raises:
+      UsageError: `run_dir` is not a finished run, or its model cannot be read.
+    """
+    path = os.path.join(run_dir, "model.keras")
+    if not runs.is_finished(run_dir) or not os.path.isfile(path):
+        raise UsageError(
+            f"{run_dir!r} is not a finished run (no {runs.RESULT_FILE} and model.keras in it): "
+            "give a run folder that finished training, as its last line names it."
+        )
+    model_name = (runs.read_settings(run_dir) or {}).get("model", "")
+    unimported = ""
+    if model_name and model_name not in MODELS:
+        try:
+            load_model_function(model_name)
+        except UsageError as error:
+            unimported = f"; {error}"
+    try:
+        return keras.models.load_model(path)
+    except (OSError, TypeError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"cannot load {path} ({reason}){unimported}.") from None

@@ -11,12 +11,18 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 from tensorboard.compat.proto import summary_pb2
+from tensorboard.plugins.custom_scalar import summary as custom_scalar_summary
 from tensorboard.plugins.hparams import api as hparams_api
 from tensorboard.plugins.scalar import summary_v2 as scalar_summary
 
+from train_loop.outputs.custom_scalars import scalars_layout
 from train_loop.outputs.stderr import quiet_stderr
 
-# The settings writer writes into the run's own folder.
+# The settings writer writes into the run's own folder, which TensorBoard then lists as a run of
+# its own with no scalars. It cannot go elsewhere: TensorBoard's HParams plugin pairs a session
+# with the scalars of the runs *under* the session's folder (the metric's group is their path
+# from it, `backend_context._compute_metric_names`), so a session in `train/` would lose the
+# validation and test metrics, and one per writer would make three sessions of one run.
 WRITERS = ("train", "validation", "test", "settings")
 
 
@@ -70,8 +76,8 @@ class Summaries:
                 tf.summary.image(
                     "confusion_matrix",
                     confusion_image(counts),
-                    description=f"Rows: true label; columns: predicted label ({order}); shade: "
-                    "share of the row (white 0, dark blue 1).",
+                    description=f"Rows: true label, numbered on the left; columns: predicted label, "
+                    f"numbered along the top ({order}); shade: share of the row (white 0, dark blue 1).",
                 )
                 tf.summary.text(
                     "confusion_matrix_counts",
@@ -80,10 +86,12 @@ class Summaries:
                 )
 
     def write_settings(self, run_name: str, settings: Mapping[str, Any]) -> None:
-        """The settings as an HParams session (compared across runs) and as a text table."""
+        """The settings as an HParams session (compared across runs) and as a text table, and the
+        Custom Scalars dashboard's layout (every run holds the same one: TensorBoard merges them)."""
         if "settings" in self._writers:
             with self._writers["settings"].as_default(step=0):
                 hparams_api.hparams(dict(settings), trial_id=run_name)
+                tf.summary.experimental.write_raw_pb(custom_scalar_summary.pb(scalars_layout()).SerializeToString())
                 rows = "\n".join(f"| {key} | {value} |" for key, value in settings.items())
                 tf.summary.text("settings", f"| setting | value |\n|---|---|\n{rows}")
 
@@ -102,20 +110,69 @@ def writer_dir(run_dir: str, name: str) -> str:
 
 CELL_PIXELS = 16
 _EMPTY, _FULL = (1.0, 1.0, 1.0), (0.03, 0.19, 0.42)  # RGB of a share of 0 and of 1.
+_INK = (0.2, 0.2, 0.2)  # The labels' RGB.
+# A 3x5 pixel font of the ten digits, a row of three pixels per group ("1": drawn): enough to
+# number the rows and columns without a plotting library in training.
+_DIGITS = tuple(
+    np.array([[pixel == "1" for pixel in row] for row in glyph.split()])
+    for glyph in (
+        "111 101 101 101 111",
+        "010 110 010 010 111",
+        "111 001 111 100 111",
+        "111 001 111 001 111",
+        "101 101 111 001 001",
+        "111 100 111 001 111",
+        "111 100 111 101 111",
+        "111 001 001 001 001",
+        "111 101 111 101 111",
+        "111 101 111 001 111",
+    )
+)
 
 
-def confusion_image(counts: np.ndarray) -> tf.Tensor:
-    """A [1, H, W, 3] uint8 image of a confusion matrix, drawn with TensorFlow ops alone.
+def confusion_image(counts: np.ndarray) -> np.ndarray:
+    """A [1, H, W, 3] uint8 image of a confusion matrix: a cell of `CELL_PIXELS` square per count,
+    below a row of the predicted labels' indices and right of a column of the true labels'.
 
     Each cell's shade is its share of its row (the true label's examples), so a class with few
     examples shows its mistakes as clearly as a common one; a perfect model is a dark diagonal.
+    The class names are in the image's description and in the counts table.
     """
-    counts = tf.constant(counts, tf.float32)
-    shares = counts / tf.maximum(tf.reduce_sum(counts, axis=1, keepdims=True), 1.0)
-    empty, full = tf.constant(_EMPTY), tf.constant(_FULL)
-    colors = empty + shares[..., tf.newaxis] * (full - empty)
-    pixels = tf.repeat(tf.repeat(colors, CELL_PIXELS, axis=0), CELL_PIXELS, axis=1)
-    return tf.cast(tf.round(pixels * 255.0), tf.uint8)[tf.newaxis]
+    counts = np.asarray(counts, np.float64)
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
+    colors = np.array(_EMPTY) + shares[..., np.newaxis] * (np.array(_FULL) - np.array(_EMPTY))
+    size = (len(counts) + 1) * CELL_PIXELS
+    pixels = np.ones((size, size, 3))
+    pixels[CELL_PIXELS:, CELL_PIXELS:] = np.repeat(np.repeat(colors, CELL_PIXELS, axis=0), CELL_PIXELS, axis=1)
+    for label in range(len(counts)):
+        ink = _label_pixels(label)
+        offset = CELL_PIXELS * (label + 1)
+        for top, left in ((0, offset), (offset, 0)):  # Above its column, left of its row.
+            cell = pixels[top : top + CELL_PIXELS, left : left + CELL_PIXELS]
+            cell[_centred(ink)] = _INK
+    return np.round(pixels * 255.0).astype(np.uint8)[np.newaxis]
+
+
+def _label_pixels(label: int) -> np.ndarray:
+    """`label`'s digits in the 3x5 font, a column of space between them, scaled by 2 where two
+    digits still fit in a cell."""
+    text = str(label)
+    glyphs = [_DIGITS[int(digit)] for digit in text]
+    spaced = [part for glyph in glyphs for part in (glyph, np.zeros((5, 1), bool))][:-1]
+    ink = np.concatenate(spaced, axis=1)
+    scale = 2 if 2 * ink.shape[1] <= CELL_PIXELS - 2 else 1
+    return np.repeat(np.repeat(ink, scale, axis=0), scale, axis=1)
+
+
+def _centred(ink: np.ndarray) -> np.ndarray:
+    """`ink` in the middle of a blank cell, as a mask of the cell's pixels (cut to the cell: a
+    label of five digits or more loses its sides)."""
+    mask = np.zeros((CELL_PIXELS, CELL_PIXELS), bool)
+    top, left = (max((size - CELL_PIXELS) // 2, 0) for size in ink.shape)
+    ink = ink[top : top + CELL_PIXELS, left : left + CELL_PIXELS]
+    top, left = ((CELL_PIXELS - size) // 2 for size in ink.shape)
+    mask[top : top + ink.shape[0], left : left + ink.shape[1]] = ink
+    return mask
 
 
 def confusion_table(counts: np.ndarray, names: Sequence[str]) -> str:

@@ -8,12 +8,11 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from train_loop.configs import Config
-from train_loop.data import sources
 from train_loop.errors import UsageError
 from train_loop.model.models import NEAR_ZERO, near_zero_share, weighted_layers
-from train_loop.model.state import build_state
-from train_loop.outputs import checkpoints, runs
+from train_loop.outputs import runs
+from train_loop.outputs.exports import load_model
+from train_loop.outputs.stderr import warn
 
 # (heading, how to format it) for every column after the run's name.
 COLUMNS = {
@@ -87,30 +86,19 @@ def read_run(run_dir: str) -> RunNumbers:
 
 
 def first_kernel(run_dir: str) -> tuple[str, np.ndarray]:
-    """The first weighted layer's path and kernel in the run's latest checkpoint.
+    """The first weighted layer's path and kernel in the run's `model.keras`: the weights the run
+    kept (the best or the averaged ones, when it kept those). The saved model, not one rebuilt
+    from the settings, so that a run trained on arrays given in Python, which are not on disk, is
+    described too.
 
-    The train state is rebuilt from the run's saved settings and restored, so layers are found
-    by name, not by a checkpoint key that Keras might rename; the kernel is the one `model.keras`
-    holds (the best or the averaged weights, when the run kept those).
+    Raises:
+      UsageError: the model cannot be read, or has no Dense or Conv layer.
     """
-    saved = runs.read_settings(run_dir)
-    if saved is None:
-        raise UsageError(
-            f"{run_dir} has a {runs.RESULT_FILE} but no {runs.SETTINGS_FILE}: its model cannot be rebuilt."
-        )
-    config = Config(**{name: value for name, value in saved.items() if name in Config.__dataclass_fields__})
-    input_shape, num_classes = sources.input_spec(config)
-    state = build_state(config, tf.distribute.get_strategy(), input_shape, num_classes=num_classes)
-    prefixes = checkpoints.saved_checkpoints(checkpoints.directory(run_dir))
-    if not prefixes:
-        raise UsageError(f"{run_dir} has a {runs.RESULT_FILE} but no checkpoint: its weights are gone.")
-    tf.train.Checkpoint(**state.trackables()).restore(prefixes[0]).expect_partial()
-    layers = weighted_layers(state.model)
+    layers = weighted_layers(load_model(run_dir))
     if not layers:
         raise UsageError(f"{run_dir}: its model has no Dense or Conv layer, whose first kernel the table describes.")
     path, layer = layers[0]
-    with state.kept_weights():
-        return path, tf.convert_to_tensor(layer.kernel).numpy()
+    return path, tf.convert_to_tensor(layer.kernel).numpy()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,4 +117,24 @@ class Table:
 
 
 def table(run_dirs: list[str]) -> Table:
-    return Table({os.path.basename(os.path.normpath(run_dir)): read_run(run_dir).row for run_dir in run_dirs})
+    """The rows of every run that can be read; each one that cannot is left out and named in one
+    line on stderr with the reason, so that one odd run does not hide the others.
+
+    Raises:
+      UsageError: not one of the runs can be read (the first one's reason).
+    """
+    rows, refused = {}, {}
+    for run_dir in run_dirs:
+        name = os.path.basename(os.path.normpath(run_dir))
+        try:
+            rows[name] = read_run(run_dir).row
+        except UsageError as error:
+            refused[name] = error
+    if not rows:
+        first, *others = refused.values()
+        if not others:
+            raise first
+        raise UsageError(f"{str(first).rstrip('.')}; nor can the {len(others)} other run(s) here be read.")
+    for name, error in refused.items():
+        warn(f"left out run {name}: {error}")
+    return Table(rows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -37,7 +38,9 @@ def train(
     `train_loop.train`); otherwise `config.model` and `config.dataset` say where they are.
 
     Returns:
-      The content of `<run>/result.json`.
+      The content of `<run>/result.json`, and "run_dir": the run folder's absolute path (the name
+      actually taken, `-2` suffix and all). result.json does not hold it: it lives in that folder,
+      which may be moved.
 
     Raises:
       UsageError: bad settings, missing or corrupt data; raised before anything is written.
@@ -142,7 +145,7 @@ def train(
         with outputs:
             with signals.catching():
                 controller.run()
-            return finish(
+            result = finish(
                 config,
                 state,
                 outputs,
@@ -156,6 +159,7 @@ def train(
                 started=started,
                 console=console,
             )
+    return {**result, "run_dir": os.path.abspath(run_dir)}
 
 
 def _hparams(config: Config, strategy: tf.distribute.Strategy) -> dict[str, Any]:

@@ -31,8 +31,9 @@ class TrainSummaries(Periodic):
     def begin(self) -> None:
         """Step 0: each layer's measurements of the initial weights, the regularizers' starting point."""
         layers = self.state.layer_measurements()
-        initial_term = sum(value for tag, value in layers.items() if tag.startswith("regularization/"))
-        self.summaries.write_scalars("train", 0, {**layers, "loss/regularization": initial_term})
+        prefix = measurements.layer_tag(measurements.LAYER_REGULARIZATION, "")
+        initial_term = sum(value for tag, value in layers.items() if tag.startswith(prefix))
+        self.summaries.write_scalars("train", 0, {**layers, measurements.BY_NAME["regularization"].tag: initial_term})
 
     def run(self, at: Moment) -> None:
         with self.stopwatch.phase("summaries"):
