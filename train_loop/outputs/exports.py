@@ -10,19 +10,20 @@ import keras
 
 from train_loop import files
 from train_loop.model.models import plain_keras
-from train_loop.outputs import checkpoints
+from train_loop.outputs import checkpoints, runs
 
 
 def save_model(model: keras.Model, folder: str) -> None:
     """`<folder>/model.keras` through a temporary name, so a kill leaves no half-written model."""
     os.makedirs(folder, exist_ok=True)
-    files.write_atomically(os.path.join(folder, "model.keras"), plain_keras(model).save)
+    files.write_atomically(os.path.join(folder, runs.MODEL_FILE), plain_keras(model).save)
 
 
 def export_saved_model(model: keras.Model, run_dir: str) -> None:
     """`<run>/saved_model/` for serving, through Keras' `model.export`: its `serve` signature takes
     a batch of inputs and returns logits. Written beside it and renamed, as `model.keras` is."""
-    final, temporary = os.path.join(run_dir, "saved_model"), os.path.join(run_dir, "saved_model.tmp")
+    final = os.path.join(run_dir, runs.EXPORT_DIR)
+    temporary = f"{final}.tmp"
     shutil.rmtree(temporary, ignore_errors=True)
 
     def export(folder: str) -> None:

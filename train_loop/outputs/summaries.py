@@ -14,10 +14,11 @@ from tensorboard.compat.proto import summary_pb2
 from tensorboard.plugins.hparams import api as hparams_api
 from tensorboard.plugins.scalar import summary_v2 as scalar_summary
 
+from train_loop.outputs import runs
 from train_loop.outputs.stderr import quiet_stderr
 
 # The settings writer writes into the run's own folder.
-WRITERS = ("train", "validation", "test", "settings")
+WRITERS = (*runs.EVENT_DIRS, "settings")
 
 
 class Summaries:
