@@ -252,7 +252,10 @@ REFUSED = [
         id="settings-not-utf-8",
     ),
     pytest.param(
-        replace_with_folder("settings.json"), (), ("{run}/settings.json", "Is a directory"), id="settings-a-directory"
+        replace_with_folder("settings.json"),
+        (),
+        ("{run}/settings.json", "a folder, not a regular file"),
+        id="settings-a-directory",
     ),
     pytest.param(
         claim_another_model,

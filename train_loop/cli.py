@@ -245,6 +245,27 @@ GROUPS = {
 }
 
 
+def require_utf8(name: str) -> None:
+    """Makes the parsing of the flag `name`, a path or a folder's name, refuse bytes that are not
+    UTF-8 (the command line hands them over as surrogate escapes): TensorFlow takes file names as
+    UTF-8 text, so such a run would fail at its first TensorFlow write, after its folder was made."""
+    flags.register_validator(name, _check_utf8)
+
+
+def _check_utf8(value: str | None) -> bool:
+    try:
+        (value or "").encode("utf-8")
+    except UnicodeEncodeError:
+        raise flags.ValidationError(
+            "it holds bytes that are not UTF-8, and TensorFlow takes file names as UTF-8 text: use a UTF-8 name"
+        ) from None
+    return True
+
+
+require_utf8("logdir")
+require_utf8("run_name")
+
+
 def given_training_flags() -> list[str]:
     """The training flags set on this command line, as `--name=value`: for tools (study, launch)
     whose command lines accept them and pass them on."""

@@ -19,13 +19,14 @@ from train_loop.outputs import checkpoints, runs
 def save_model(model: keras.Model, folder: str) -> None:
     """`<folder>/model.keras` through a temporary name, so a kill leaves no half-written model."""
     os.makedirs(folder, exist_ok=True)
-    files.write_atomically(os.path.join(folder, "model.keras"), plain_keras(model).save)
+    files.write_atomically(os.path.join(folder, runs.MODEL_FILE), plain_keras(model).save)
 
 
 def export_saved_model(model: keras.Model, run_dir: str) -> None:
     """`<run>/saved_model/` for serving, through Keras' `model.export`: its `serve` signature takes
     a batch of inputs and returns logits. Written beside it and renamed, as `model.keras` is."""
-    final, temporary = os.path.join(run_dir, "saved_model"), os.path.join(run_dir, "saved_model.tmp")
+    final = os.path.join(run_dir, runs.EXPORT_DIR)
+    temporary = f"{final}.tmp"
     shutil.rmtree(temporary, ignore_errors=True)
 
     def export(folder: str) -> None:
@@ -46,7 +47,7 @@ def load_model(run_dir: str) -> keras.Model:
     Raises:
       UsageError: `run_dir` is not a finished run, or its model cannot be read.
     """
-    path = os.path.join(run_dir, "model.keras")
+    path = os.path.join(run_dir, runs.MODEL_FILE)
     if not runs.is_finished(run_dir) or not os.path.isfile(path):
         raise UsageError(
             f"{run_dir!r} is not a finished run (no {runs.RESULT_FILE} and model.keras in it): "

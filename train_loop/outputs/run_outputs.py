@@ -76,7 +76,7 @@ class RunOutputs:
     def save_best(self, model: keras.Model) -> None:
         """`<run>/best/model.keras`, from the model as it is now."""
         if self.writes:
-            exports.save_model(model, os.path.join(self.run_dir, "best"))
+            exports.save_model(model, os.path.join(self.run_dir, runs.BEST_DIR))
 
     def save_model(self, model: keras.Model, *, export: str) -> None:
         """`<run>/model.keras`, and `<run>/saved_model/` when `export` is "saved_model"."""

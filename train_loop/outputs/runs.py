@@ -15,10 +15,19 @@ from train_loop import files
 from train_loop.configs import Config
 from train_loop.errors import UsageError
 from train_loop.outputs import locks
+from train_loop.outputs.metrics_file import METRICS_FILE
 
 RESULT_FILE = "result.json"
 SETTINGS_FILE = "settings.json"
 CHECKPOINTS_DIR = "checkpoints"
+MODEL_FILE = "model.keras"
+BEST_DIR = "best"
+EXPORT_DIR = "saved_model"
+EVENT_DIRS = ("train", "validation", "test")  # The splits' TensorBoard writers (see `summaries`).
+# What a resumed run writes again, each of its kind: one of another kind, or a folder that cannot be
+# written, would fail the run only when it gets there (the export, after the whole training).
+_OWN_FOLDERS = (CHECKPOINTS_DIR, BEST_DIR, EXPORT_DIR, *EVENT_DIRS)
+_OWN_FILES = (METRICS_FILE, MODEL_FILE, os.path.join(BEST_DIR, MODEL_FILE))
 _JSON_BYTES = 16 << 20  # settings.json and result.json hold a few KB (a confusion matrix of many classes, more).
 
 
@@ -119,14 +128,19 @@ def _lock(run_dir: str) -> locks.Lock | None:
 
 
 def check_run_dir(run_dir: str, config: Config) -> None:
-    """Raises UsageError if `run_dir` cannot hold this run: a file in its place, a `checkpoints`
-    that is a file, a folder that cannot be written, damaged or missing settings beside
-    checkpoints (whose run could not be told apart from another), or other settings."""
+    """Raises UsageError if `run_dir` cannot hold this run: a file in its place, one of the run's own
+    outputs of the wrong kind (a folder where it writes a file, or the reverse) or that cannot be
+    written, damaged or missing settings beside checkpoints (whose run could not be told apart from
+    another), or other settings."""
     if not os.path.lexists(run_dir):
         return
-    for path in (run_dir, os.path.join(run_dir, CHECKPOINTS_DIR)):
+    for path in (run_dir, *(os.path.join(run_dir, name) for name in _OWN_FOLDERS)):
         if os.path.lexists(path) and not os.path.isdir(path):
             raise UsageError(f"{path} is a file, not a folder: move it away, or pass another --run_name.")
+    for path in (os.path.join(run_dir, name) for name in _OWN_FILES):
+        if os.path.lexists(path) and not os.path.isfile(path):
+            kind = "a folder, not a file" if os.path.isdir(path) else "not a regular file"
+            raise UsageError(f"{path} is {kind}: move it away, or pass another --run_name.")
     if not os.path.lexists(os.path.join(run_dir, SETTINGS_FILE)) and _has_checkpoints(run_dir):
         raise UsageError(
             f"{run_dir} holds checkpoints but no {SETTINGS_FILE}, so its settings are unknown; nothing "
@@ -134,6 +148,23 @@ def check_run_dir(run_dir: str, config: Config) -> None:
         )
     check_same_settings(run_dir, config)
     _check_writable(run_dir, run_dir, "pass another --run_name")
+    _check_own_outputs_writable(run_dir)
+
+
+def _check_own_outputs_writable(run_dir: str) -> None:
+    """The run's folders take new files, and `metrics.jsonl` takes lines (appended in place, while
+    the other files are replaced through a new name in their folder)."""
+    for name in _OWN_FOLDERS:
+        if os.path.isdir(path := os.path.join(run_dir, name)):
+            _check_writable(path, f"the run's {name}/ folder", "make it writable, or pass another --run_name")
+    metrics = os.path.join(run_dir, METRICS_FILE)
+    try:
+        if os.path.isfile(metrics):
+            open(metrics, "ab").close()  # Opened to append nothing: the file is left as it was.
+    except OSError as error:
+        raise UsageError(
+            f"{metrics} cannot be written ({error.strerror}): make it writable, or pass another --run_name."
+        ) from None
 
 
 def _has_checkpoints(run_dir: str) -> bool:

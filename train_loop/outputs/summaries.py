@@ -15,6 +15,7 @@ from tensorboard.plugins.custom_scalar import summary as custom_scalar_summary
 from tensorboard.plugins.hparams import api as hparams_api
 from tensorboard.plugins.scalar import summary_v2 as scalar_summary
 
+from train_loop.outputs import runs
 from train_loop.outputs.custom_scalars import scalars_layout
 from train_loop.outputs.stderr import quiet_stderr
 
@@ -23,7 +24,7 @@ from train_loop.outputs.stderr import quiet_stderr
 # with the scalars of the runs *under* the session's folder (the metric's group is their path
 # from it, `backend_context._compute_metric_names`), so a session in `train/` would lose the
 # validation and test metrics, and one per writer would make three sessions of one run.
-WRITERS = ("train", "validation", "test", "settings")
+WRITERS = (*runs.EVENT_DIRS, "settings")
 
 
 class Summaries:

@@ -3,10 +3,11 @@ elsewhere."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import keras
 
@@ -20,6 +21,9 @@ class Console:
     With `show_progress` false (a worker that is not the chief: every worker trains the same
     steps) only `say` prints, for the start lines that differ by worker (its devices); the
     progress, the epochs and the end then appear once under `launch`, from the chief.
+
+    A standard output that closes (`train-loop ... | head`) ends the printing, not the run: it trains
+    on, writes every file and exits 0, silently from then on (see `_closed_stdout_silenced`).
     """
 
     def __init__(
@@ -33,7 +37,8 @@ class Console:
         self._epoch_shown = 0
 
     def say(self, line: str) -> None:
-        print(line, flush=True)
+        with _closed_stdout_silenced():
+            print(line, flush=True)
 
     def say_start(self, run_dir: str, splits: Splits, devices: str, *, restored_step: int | None, ema: float) -> None:
         """What the run starts from: its folder, its data and its `devices`; every worker says it."""
@@ -73,7 +78,8 @@ class Console:
             self._bar = keras.utils.Progbar(
                 self._steps_per_epoch, stateful_metrics=list(measurements), unit_name="step"
             )
-        self._bar.update(within + 1, values=list(measurements.items()))
+        with _closed_stdout_silenced():
+            self._bar.update(within + 1, values=list(measurements.items()))
         if within + 1 == self._steps_per_epoch:
             self._bar = None
 
@@ -109,6 +115,19 @@ def dynamic_display() -> bool:
     Keras' Progbar decides, less its `"posix" in sys.modules`, true on every Linux and Mac, which
     would fill a log file with the bar's control characters."""
     return sys.stdout.isatty() or "ipykernel" in sys.modules
+
+
+@contextlib.contextmanager
+def _closed_stdout_silenced() -> Iterator[None]:
+    """A write to a standard output whose reader is gone (a pipe closed early) points it at
+    /dev/null, as Python's documentation advises for a broken pipe: the line is dropped, every later
+    one goes nowhere, and the flush at exit raises no second `BrokenPipeError`."""
+    try:
+        yield
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def _format(measurements: Mapping[str, float]) -> str:
