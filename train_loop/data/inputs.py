@@ -162,8 +162,8 @@ def with_options(dataset: tf.data.Dataset) -> tf.data.Dataset:
     options = tf.data.Options()
     options.autotune.enabled = False
     # The default rewrites serialize the pipeline with the split it gathers from, a transient copy
-    # of it (+161 MiB of peak memory for Fashion-MNIST's training images); they had nothing to
-    # rewrite in a map and a prefetch.
+    # of it (+161 MiB of peak memory for Fashion-MNIST's training images); without them a batch
+    # came no slower (0.91-0.99 ms against 1.11-1.21 ms per eager `next`, batch 32, busy machine).
     options.experimental_optimization.apply_default_optimizations = False
     # Every pipeline of ours shards by hand; the strategy must not shard a second time.
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
