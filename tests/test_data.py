@@ -746,16 +746,18 @@ def test_eval_covers_the_test_split_once_and_pads_with_zero_weight(n_test: int) 
 
 def test_hold_out_moves_a_seeded_share_of_the_training_split() -> None:
     """The validation examples are drawn by the seed alone, apart from the rest, and the test
-    split is untouched; a share of 0 holds nothing out."""
+    split is untouched; a share of 0 holds nothing out. (Each call is given new splits: it
+    reorders the training arrays it is given.)"""
     splits = index_splits(50, 7)
     held = hold_out(splits, 0.2, seed=3)
     assert (len(held.x_validation), len(held.x_train)) == (10, 40)
     assert sorted([*held.y_train, *held.y_validation]) == list(range(50))
     assert list(held.y_train) == sorted(held.y_train), "the rest keep their order"
     np.testing.assert_array_equal(held.x_validation[:, 0, 0, 0], held.y_validation.astype(np.float32))
+    np.testing.assert_array_equal(held.x_train[:, 0, 0, 0], held.y_train.astype(np.float32))
     assert held.y_test is splits.y_test
-    np.testing.assert_array_equal(hold_out(splits, 0.2, seed=3).y_validation, held.y_validation)
-    assert set(hold_out(splits, 0.2, seed=4).y_validation) != set(held.y_validation)
+    np.testing.assert_array_equal(hold_out(index_splits(50, 7), 0.2, seed=3).y_validation, held.y_validation)
+    assert set(hold_out(index_splits(50, 7), 0.2, seed=4).y_validation) != set(held.y_validation)
     assert hold_out(splits, 0.0, seed=3) is splits
     with pytest.raises(UsageError, match=r"--validation_split=0.001 of 50 training examples holds out none"):
         hold_out(splits, 0.001, seed=3)
