@@ -200,8 +200,8 @@ class ExampleDropout(keras.layers.Layer):
 
     Keras' Dropout draws one mask per call from a seed generator whose state every replica
     shares: N replicas each drew the same [batch/N, ...] mask where one device drew one
-    [batch, ...] mask, so the replica count changed the run (a digits run stopped early at step
-    375 on 2 replicas, 555 on one). Here example i of the global batch at step s is dropped by
+    [batch, ...] mask, so the replica count changed the run (issue 24: an early stop at step 375
+    instead of 555). Here example i of the global batch at step s is dropped by
     a stateless Philox draw keyed by (seed, s, i), on whichever replica or worker computes it.
     The step is the optimizer's (`use_step`), which the checkpoint already holds: the layer has
     no state of its own, and a resumed run draws the masks an uninterrupted one would.
@@ -220,7 +220,8 @@ class ExampleDropout(keras.layers.Layer):
             return inputs
         if self.step is None:
             raise RuntimeError(f"{self.name} trains only with a step to key its masks by: call models.use_step.")
-        # Stateless ops under XLA need an int32 seed.
+        # XLA's Philox gives other numbers than TensorFlow's kernels for a seed known only at run
+        # time: compiled or not changes the masks (as it changes rounding), the replica count does not.
         key = tf.random.experimental.stateless_fold_in(tf.constant([self.seed, 0], tf.int32), self.step())
 
         def row_uniform(position: tf.Tensor) -> tf.Tensor:
