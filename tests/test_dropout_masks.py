@@ -18,9 +18,13 @@ from train_loop.data import inputs
 from train_loop.model.models import ExampleDropout, use_step
 
 RATE = 0.3
+# SGD: RMSprop's first steps divide by the root of near-zero squared gradients, which turns the
+# replicas' other summation order (1e-7) into 1e-3 of the loss within 20 steps under XLA.
 SETTINGS = dict(
     dataset="digits",
     dropout=RATE,
+    optimizer="sgd",
+    learning_rate=0.05,
     batch_size=64,
     jit_compile=False,
     deterministic=True,
