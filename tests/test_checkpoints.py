@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from train_loop import Config
 from train_loop.model import measurements
+from train_loop.model.models import plain_keras
 from train_loop.model.state import build_state
 from train_loop.outputs import checkpoints
 
@@ -37,13 +38,15 @@ def test_the_checkpoint_keeps_one_variable_per_epoch_measurement(tmp_path):
 
 def test_a_checkpoint_written_before_the_names_restores_its_epoch_sums_and_non_trainable_state(tmp_path):
     """Such a checkpoint kept the epoch's sums as one vector (cross-entropy, regularization, total,
-    accuracy, then the step count) and the non-trainable variables as "rng"."""
+    accuracy, then the step count) and the non-trainable variables as "rng": the seed states of
+    Keras' Dropout, which the built-in models no longer hold (`ExampleDropout`) and leave unread."""
     old = digits_state()
+    old.model = plain_keras(old.model)
     old_names = old.positional_trackables()
     old_names["epoch_sums"].assign([3.0, 1.0, 4.0, 2.0, 8.0])
     old_names["step"].assign(8)
     non_trainable = [variable.numpy() for variable in old_names["rng"]]
-    assert non_trainable  # The dropout layer's seed state.
+    assert non_trainable  # Keras Dropout's seed states.
     for variable in old_names["rng"]:
         variable.assign(variable + 7 if variable.dtype.is_integer else variable + 0.5)
     checkpoints.save(checkpoints.make_manager(tf.train.Checkpoint(**old_names), str(tmp_path)), 8)
@@ -63,7 +66,7 @@ def test_a_checkpoint_written_before_the_names_restores_its_epoch_sums_and_non_t
         "total": 0.5,
         "accuracy": 0.25,
     }
-    for restored, before in zip(state.trackables()["non_trainable"], non_trainable):
-        np.testing.assert_array_equal(restored.numpy(), before + (7 if restored.dtype.is_integer else 0.5))
-    for restored, saved in zip(state.model.weights, old.model.weights):
+    assert state.trackables()["non_trainable"] == []
+    assert len(state.model.weights) == len(old.model.trainable_weights) > 0
+    for restored, saved in zip(state.model.weights, old.model.trainable_weights):
         np.testing.assert_array_equal(restored.numpy(), saved.numpy())

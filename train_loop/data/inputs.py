@@ -123,6 +123,19 @@ def _pipeline_batches(order: tf.Tensor, context: tf.distribute.InputContext, glo
     return by_pipeline[:, :, context.input_pipeline_id]
 
 
+def global_positions(rows: int, replica_id: tf.Tensor, num_replicas: int, num_input_pipelines: int) -> tf.Tensor:
+    """Where each of a replica's `rows` examples sits in the global batch: the inverse of
+    `_pipeline_batches` and of dealing each pipeline's consecutive batches to its replicas in
+    order (replica ids run pipeline by pipeline, as a strategy numbers its workers' devices).
+
+    What a replica can compute of an example's identity without the index travelling with it,
+    so that a draw keyed by it (dropout's masks) is the same on any replica and worker count.
+    """
+    replicas_per_pipeline = num_replicas // num_input_pipelines
+    pipeline, batch = replica_id // replicas_per_pipeline, replica_id % replicas_per_pipeline
+    return (batch * rows + tf.range(rows)) * num_input_pipelines + pipeline
+
+
 def host_tensor(array: np.ndarray, *, copy: bool = True) -> tf.Tensor:
     """`tf.constant(array)` on the host CPU, without `tf.constant`'s slow copy.
 

@@ -13,6 +13,7 @@ import keras
 import tensorflow as tf
 
 from train_loop.configs import MODELS, Config
+from train_loop.data.inputs import global_positions
 from train_loop.errors import UsageError
 
 ModelFunction = Callable[[], keras.Model]
@@ -186,38 +187,85 @@ def _built_in(config: Config, input_shape: tuple[int, ...], num_classes: int) ->
             )
             if config.dropout:
                 layers.append(
-                    PhiloxDropout(config.dropout, seed=seed + 10 + index, name=f"dropout{index}", dtype=dtype)
+                    ExampleDropout(config.dropout, seed=seed + 10 + index, name=f"dropout{index}", dtype=dtype)
                 )
     layers.append(keras.layers.Flatten(name="flatten", dtype=dtype))
     layers.append(keras.layers.Dense(num_classes, name="dense", dtype=dtype, **_weights(config, seed + 3)))
     return keras.Sequential(layers, name=config.model)
 
 
-class PhiloxDropout(keras.layers.Dropout):
-    """Keras' Dropout, its mask drawn with TensorFlow's Philox generator.
+class ExampleDropout(keras.layers.Layer):
+    """Dropout whose mask for an example depends only on the seed, the step and the example's
+    place in the global batch.
 
-    Keras leaves the algorithm to TensorFlow ("auto_select"), which XLA on CPU compiles into a
-    far slower kernel: one [32, 28, 28, 32] uniform draw took 531 ms compiled against 6.7 ms
-    with Philox named (7 ms uncompiled); a digits run with dropout went from 430 to 4,570
-    examples/s, with the same masks (the losses agree to every printed digit). Same rate, seed
-    and seed generator as Keras' layer; saved models hold Keras' own Dropout (`plain_keras`).
+    Keras' Dropout draws one mask per call from a seed generator whose state every replica
+    shares: N replicas each drew the same [batch/N, ...] mask where one device drew one
+    [batch, ...] mask, so the replica count changed the run (issue 24: an early stop at step 375
+    instead of 555). Here example i of the global batch at step s is dropped by
+    a stateless Philox draw keyed by (seed, s, i), on whichever replica or worker computes it.
+    The step is the optimizer's (`use_step`), which the checkpoint already holds: the layer has
+    no state of its own, and a resumed run draws the masks an uninterrupted one would.
+
+    Same rate and scaling as Keras' layer; saved models hold Keras' own Dropout (`plain_keras`).
     """
 
-    def call(self, inputs, training=False):
+    def __init__(self, rate: float, *, seed: int, **kwargs):
+        super().__init__(**kwargs)
+        self.rate, self.seed = rate, seed
+        self.supports_masking = True
+        self.step: Callable[[], tf.Tensor] | None = None
+
+    def call(self, inputs: tf.Tensor, training: bool = False) -> tf.Tensor:
         if not training or not self.rate:
             return inputs
-        # Stateless ops under XLA need an int32 seed; Keras' generator keeps int64 state.
-        seed = tf.cast(tf.math.floormod(self.seed_generator.next(), tf.int32.max), tf.int32)
-        return tf.nn.experimental.stateless_dropout(inputs, self.rate, seed, rng_alg="philox")
+        if self.step is None:
+            raise RuntimeError(f"{self.name} trains only with a step to key its masks by: call models.use_step.")
+        # XLA's Philox gives other numbers than TensorFlow's kernels for a seed known only at run
+        # time: compiled or not changes the masks (as it changes rounding), the replica count does not.
+        key = tf.random.experimental.stateless_fold_in(tf.constant([self.seed, 0], tf.int32), self.step())
+
+        def row_uniform(position: tf.Tensor) -> tf.Tensor:
+            seed = tf.random.experimental.stateless_fold_in(key, position)
+            return tf.random.stateless_uniform(inputs.shape[1:], seed=seed, alg="philox")
+
+        uniform = tf.map_fn(row_uniform, _global_positions(tf.shape(inputs)[0]), fn_output_signature=tf.float32)
+        return tf.where(uniform >= self.rate, inputs / tf.cast(1.0 - self.rate, inputs.dtype), tf.zeros_like(inputs))
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "rate": self.rate, "seed": self.seed}
+
+
+def _global_positions(rows: tf.Tensor) -> tf.Tensor:
+    """This replica's examples' places in the global batch (`global_positions`); outside
+    a strategy, its rows."""
+    if not tf.distribute.has_strategy():
+        return tf.range(rows)
+    strategy = tf.distribute.get_strategy()
+    replicas = strategy.num_replicas_in_sync
+    # A strategy holds this worker's replicas; each worker has one input pipeline.
+    pipelines = replicas // len(strategy.extended.worker_devices)
+    replica_id = tf.distribute.get_replica_context().replica_id_in_sync_group
+    return global_positions(rows, replica_id, replicas, pipelines)
+
+
+def use_step(model: keras.Model, step: Callable[[], tf.Tensor]) -> None:
+    """Keys the masks of `model`'s dropout layers by `step()` (the optimizer's `iterations`).
+
+    A function rather than the variable: a Keras layer tracks a variable it holds, which would
+    then count among the model's own variables and its checkpoint's.
+    """
+    for layer in model.layers:
+        if isinstance(layer, ExampleDropout):
+            layer.step = step
 
 
 def plain_keras(model: keras.Model) -> keras.Model:
     """`model` with Keras' own Dropout layers, so that its saved file loads with Keras alone."""
-    if not any(isinstance(layer, PhiloxDropout) for layer in model.layers):
+    if not any(isinstance(layer, ExampleDropout) for layer in model.layers):
         return model  # A user's model, which cloning might not handle, or a built-in one without dropout.
 
     def clone(layer: keras.layers.Layer) -> keras.layers.Layer:
-        kind = keras.layers.Dropout if isinstance(layer, PhiloxDropout) else type(layer)
+        kind = keras.layers.Dropout if isinstance(layer, ExampleDropout) else type(layer)
         return kind.from_config(layer.get_config())
 
     copy = keras.models.clone_model(model, clone_function=clone)

@@ -22,7 +22,14 @@ from train_loop.model.measurements import (
     PER_EPOCH,
     layer_tag,
 )
-from train_loop.model.models import ModelFunction, build_model, named_layers, near_zero_share, weighted_layers
+from train_loop.model.models import (
+    ModelFunction,
+    build_model,
+    named_layers,
+    near_zero_share,
+    use_step,
+    weighted_layers,
+)
 
 # The epoch sums' order in the one vector that checkpoints written before the measurements had
 # names kept them in (with the step count last); such checkpoints still restore.
@@ -153,8 +160,10 @@ class TrainState:
 
     def trackables(self) -> dict[str, object]:
         """The checkpoint's objects by name. "non_trainable" holds every non-trainable variable
-        (BatchNorm's statistics, the dropout layers' seed states): a resumed run then draws the
-        masks an uninterrupted one would."""
+        (BatchNorm's statistics, a user model's dropout seed states): a resumed run then draws
+        the masks an uninterrupted one would. The built-in models' dropout keys its masks by the
+        optimizer's step instead; their checkpoints written with Keras' Dropout hold its seed
+        states here, which a restore leaves unread."""
         return {
             "model": self.model,
             "optimizer": self.optimizer,
@@ -200,6 +209,7 @@ def build_state(
         model = build_model(config, input_shape, num_classes=num_classes, model_fn=model_fn)
         optimizer = optimizers.build_optimizer(config)
         optimizer.build(model.trainable_variables)
+        use_step(model, lambda: optimizer.iterations)
         loss_scale = LossScale() if config.precision == "mixed_float16" else None
         best = BestModel(config, model) if config.best_metric else None
     return TrainState(model, optimizer, loss_scale, best, Counters())
