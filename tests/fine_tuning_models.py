@@ -31,12 +31,15 @@ def all_frozen() -> keras.Model:
 
 def batch_norm() -> keras.Model:
     """digits to 10 logits through a Conv2D, BatchNormalization (its moving statistics are
-    non-trainable variables the step updates) and a Dense."""
+    non-trainable variables the step updates) and a Dense.
+
+    Synchronized: Keras' default normalizes each replica's share of the batch by its own
+    statistics, so N replicas would differ from one device."""
     return keras.Sequential(
         [
             keras.Input((8, 8, 1)),
-            keras.layers.Conv2D(4, 3, name="conv"),
-            keras.layers.BatchNormalization(name="norm"),
+            keras.layers.Conv2D(4, 3, use_bias=False, name="conv"),  # BatchNorm subtracts any bias.
+            keras.layers.BatchNormalization(synchronized=True, name="norm"),
             keras.layers.ReLU(name="relu"),
             keras.layers.Flatten(name="flatten"),
             keras.layers.Dense(10, name="logits"),
