@@ -236,7 +236,7 @@ def test_a_model_that_exits_in_training_mode_is_one_line_and_status_2(run_cli, t
     finished = run_cli(f"--model={tmp_path / 'x.py'}:build", "--dataset=digits", "--run_name=r")
     assert finished.returncode == 2, finished.stderr[-3000:]
     assert finished.stderr.splitlines() == [
-        "train_loop: error: the model 'model' called sys.exit(0) in training mode (the step's trace): "
+        "train_loop: error: Model.call called sys.exit(0) in training mode (the train step's trace): "
         "a model's call must return its logits, not end the process."
     ]
     assert not (tmp_path / "logs" / "r" / "checkpoints").exists()

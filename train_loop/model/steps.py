@@ -47,7 +47,7 @@ def make_replica_gradients(
         with tf.GradientTape() as tape:
             # Python runs here only while tracing: a user's model first runs in training mode here.
             with exits_refused(
-                f"the model {model.name!r}", during="in training mode (the step's trace)", fix=CALL_MUST_RETURN
+                f"{type(model).__name__}.call", during="in training mode (the train step's trace)", fix=CALL_MUST_RETURN
             ):
                 # Mixed precision computes in 16 bits; the losses are taken from float32 logits.
                 logits = tf.cast(model(images, training=True), tf.float32)
