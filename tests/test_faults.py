@@ -260,8 +260,11 @@ def logged_steps(run_dir: Path) -> dict[str, list[int]]:
         ),
         # A user's model: kernel, bias and activity regularizers, add_loss, a nested sub-model.
         ("--model=tests/user_models.py:build", "--epochs=20"),  # Fast steps: more of them, for the kill to land.
+        # Fine-tuning (frozen layers), and BatchNorm's moving statistics (tests/fine_tuning_models.py).
+        ("--model=tests/fine_tuning_models.py:frozen", "--epochs=20"),
+        ("--model=tests/fine_tuning_models.py:batch_norm", "--epochs=12"),
     ],
-    ids=["convnet-with-dropout-and-optimizer-features", "user-model"],
+    ids=["convnet-with-dropout-and-optimizer-features", "user-model", "frozen-layers", "batch-norm"],
 )
 def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_numbers(tmp_path, model_flags):
     """--deterministic: the resumed run's result, weights and curves are the same."""

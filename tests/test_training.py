@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import fine_tuning_models
 import keras
 import numpy as np
 import pytest
@@ -159,8 +160,22 @@ WHOLE_TRAIN_SPLIT = dict(validation_split=0.0)
             ("clipped_share", "weight_decay/conv1", "learning_rate", "gradient_norm"),
             False,
         ),
+        # Fine-tuning: a frozen Conv2D and Dense (tests/fine_tuning_models.py), decayed and clipped.
+        (
+            dict(model_fn=fine_tuning_models.frozen, weight_decay=0.01, global_clipnorm=0.5),
+            ("gradient_norm", "gradient_norm/logits", "weight_norm/features", "loss/regularization"),
+            False,
+        ),
+        # Synchronized BatchNorm: its moving statistics, updated on every replica, end as one device's.
+        # With SGD: RMSprop's first steps divide by a tiny mean square, and BatchNorm's division
+        # by the batch's deviation adds to it, which made rounding differences of 1e-5.
+        (
+            dict(model_fn=fine_tuning_models.batch_norm, optimizer="sgd"),
+            ("loss/total", "gradient_norm/conv", "weight_norm/conv", "weight_norm/logits"),
+            False,
+        ),
     ],
-    ids=["convnet-xla", "convnet", "user-model", "clip-decay-ema-schedule"],
+    ids=["convnet-xla", "convnet", "user-model", "clip-decay-ema-schedule", "frozen-layers", "batch-norm"],
 )
 def test_mirrored_over_two_cpus_matches_one_device(tmp_path, model, tags, jit_compile):
     """Same seed and data: 2 replicas give one device's loss components, accuracy and weights.

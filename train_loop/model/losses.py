@@ -33,6 +33,10 @@ def regularization(model: keras.Model) -> tf.Tensor:
     saw, making it a mean over the replica's examples, and the mean of N replicas' equal-sized
     means is the global batch's mean. `add_loss` terms must follow the same rule (a mean over
     the batch, as Keras' `fit` assumes too); a sum over the batch would count 1/N of itself.
+
+    A frozen layer's (`layer.trainable = False`) weight regularizers are not in `model.losses`
+    (Keras 3 sums the regularizers of trainable weights only): a constant would add nothing to
+    any gradient. Its activity regularizer and `add_loss` terms still count, as they do in Keras.
     """
     if not model.losses:
         return tf.constant(0.0)
@@ -40,7 +44,8 @@ def regularization(model: keras.Model) -> tf.Tensor:
 
 
 def layer_weight_terms(model: keras.Model) -> dict[str, tf.Tensor]:
-    """Each layer's weight regularization (kernel, bias, any weight's regularizer), by layer path.
+    """Each layer's weight regularization (kernel, bias, any trainable weight's regularizer), by
+    layer path: the weight terms of `regularization`, so a frozen layer has none.
 
     Computed from the weights alone, so it can be logged outside the step and at step 0; the
     activity and `add_loss` terms need a batch and count in the step's total only.

@@ -15,6 +15,7 @@ import tensorflow as tf
 from train_loop.configs import MODELS, Config
 from train_loop.data.inputs import global_positions
 from train_loop.errors import UsageError
+from train_loop.model.user_code import exits_refused
 
 ModelFunction = Callable[[], keras.Model]
 # The layers whose `kernel` and `bias` --l1/--l2/--bias_l1/--bias_l2 regularize and the logs show.
@@ -27,6 +28,8 @@ KERNEL_LAYERS = (
     keras.layers.Conv2DTranspose,
     keras.layers.Conv3DTranspose,
 )
+# The fix for a model whose call ends the process.
+CALL_MUST_RETURN = "a model's call must return its logits, not end the process."
 # |w| under this counts as (nearly) zero: what L1 produces and L2 does not. The TensorBoard
 # `sparsity/<layer>` scalars, the study's table and its figures all count by it.
 NEAR_ZERO = 1e-3
@@ -40,14 +43,23 @@ def build_model(
     A user's model comes from `model_fn`, else from importing `config.model`; it is built on a
     batch of `input_shape` and must output `num_classes` logits.
 
+    A user's layers may be frozen (`layer.trainable = False`): the step leaves their weights as
+    they are (see `steps.make_train_step`).
+
     Raises:
       UsageError: the function cannot be imported, fails, returns no `keras.Model`, does not fit
-        the data, or its layers carry regularizers while the flags ask for some too.
+        the data, has no trainable weight, or its layers carry regularizers while the flags ask
+        for some too.
     """
     if config.model in MODELS:
         return _built_in(config, input_shape, num_classes)
     model = _call_model_function(config, model_fn or load_model_function(config.model))
     _check_outputs(model, config.model, input_shape, num_classes)
+    if not model.trainable_variables:
+        raise UsageError(
+            f"--model={config.model}: every layer is frozen (trainable = False), so there is nothing to train; "
+            "leave at least one layer trainable."
+        )
     _apply_weight_regularizers(model, config)
     return model
 
@@ -67,10 +79,15 @@ def load_model_function(spec: str) -> ModelFunction:
     module_name, _, function_name = spec.rpartition(":")
     if module_name.endswith(".py") and not os.path.isfile(module_name):
         raise UsageError(f"--model={spec}: no file {module_name} (a path is taken from {os.getcwd()}).")
-    try:
-        module = _import_file(module_name) if module_name.endswith(".py") else importlib.import_module(module_name)
-    except Exception as error:  # The user's code: whatever stops its import is the same user problem.
-        raise UsageError(f"--model={spec}: importing {module_name} failed ({_one_line(error)}).") from None
+    with exits_refused(
+        f"--model={spec}: {module_name}",
+        during="when imported",
+        fix='a model file must not exit; put its script code under `if __name__ == "__main__":`.',
+    ):
+        try:
+            module = _import_file(module_name) if module_name.endswith(".py") else importlib.import_module(module_name)
+        except Exception as error:  # The user's code: whatever stops its import is the same user problem.
+            raise UsageError(f"--model={spec}: importing {module_name} failed ({_one_line(error)}).") from None
     function = getattr(module, function_name, None)
     if not callable(function):
         raise UsageError(f"--model={spec}: {module_name} has no function {function_name}.")
@@ -100,7 +117,14 @@ def _call_model_function(config: Config, model_fn: ModelFunction) -> keras.Model
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(config.precision)
     try:
-        model = model_fn()
+        with exits_refused(
+            f"--model={config.model}",
+            during="while building the model",
+            fix="a model function must return a keras.Model, not end the process.",
+        ):
+            model = model_fn()
+    except UsageError:
+        raise
     except Exception as error:  # The user's code: any failure is reported, not a traceback.
         raise UsageError(f"--model={config.model}: calling it raised {_one_line(error)}.") from None
     finally:
@@ -115,12 +139,14 @@ def _call_model_function(config: Config, model_fn: ModelFunction) -> keras.Model
 def _check_outputs(model: keras.Model, name: str, input_shape: tuple[int, ...], num_classes: int) -> None:
     """Calls the model on a batch of zeros (which builds a subclassed model's weights) and checks
     that it gives one logit per class."""
-    try:
-        outputs = model(tf.zeros((2, *input_shape)), training=False)
-    except Exception as error:  # The user's code, on the data's shape: any failure is a mismatch.
-        raise UsageError(
-            f"--model={name}: cannot take inputs of shape (N, {', '.join(map(str, input_shape))}) ({_one_line(error)})."
-        ) from None
+    with exits_refused(f"--model={name}: its model", during="on its first call", fix=CALL_MUST_RETURN):
+        try:
+            outputs = model(tf.zeros((2, *input_shape)), training=False)
+        except Exception as error:  # The user's code, on the data's shape: any failure is a mismatch.
+            shape = ", ".join(map(str, input_shape))
+            raise UsageError(
+                f"--model={name}: cannot take inputs of shape (N, {shape}) ({_one_line(error)})."
+            ) from None
     if tuple(getattr(outputs, "shape", ())) != (2, num_classes):
         raise UsageError(
             f"--model={name}: outputs of shape {tuple(getattr(outputs, 'shape', ()))} for a batch of 2, "
@@ -129,7 +155,8 @@ def _check_outputs(model: keras.Model, name: str, input_shape: tuple[int, ...], 
 
 
 def _apply_weight_regularizers(model: keras.Model, config: Config) -> None:
-    """--l1/--l2 on every kernel and --bias_l1/--bias_l2 on every bias of the KERNEL_LAYERS.
+    """--l1/--l2 on every kernel and --bias_l1/--bias_l2 on every bias of the KERNEL_LAYERS
+    (a frozen layer's too, where, as Keras does, they count for nothing: see `losses.regularization`).
 
     Raises:
       UsageError: the flags ask for regularizers and some weight carries one already.

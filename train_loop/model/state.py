@@ -133,7 +133,8 @@ class TrainState:
     def layer_measurements(self) -> dict[str, float]:
         """What the summaries log of the weights as they are, by tag: each layer's weight
         regularization term, and each weighted layer's kernel L2 norm and sparsity (the share of
-        |w| < `models.NEAR_ZERO`)."""
+        |w| < `models.NEAR_ZERO`), a frozen layer's too. A frozen layer has no regularization term:
+        as in Keras' `model.losses`, its weights' regularizers count for nothing (see `losses`)."""
         return {
             **{
                 layer_tag(LAYER_REGULARIZATION, path): float(term)
@@ -150,12 +151,13 @@ class TrainState:
         }
 
     def weight_values(self) -> dict[str, tf.Tensor]:
-        """Every trainable weight of every layer, for its histogram, as `<weight>/<layer path>`
-        (`kernel/conv1`)."""
+        """Every trainable weight of every layer, and every weight of a frozen one (which stays as
+        it was, logged so that a fine-tuned model shows all of itself), for its histogram, as
+        `<weight>/<layer path>` (`kernel/conv1`)."""
         return {
             f"{weight.name}/{path}": tf.convert_to_tensor(weight)
             for path, layer in named_layers(self.model)
-            for weight in layer.trainable_weights
+            for weight in (layer.trainable_weights if layer.trainable else layer.weights)
         }
 
     def trackables(self) -> dict[str, object]:

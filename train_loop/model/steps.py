@@ -15,8 +15,9 @@ import tensorflow as tf
 
 from train_loop.model import losses
 from train_loop.model.measurements import LAYER_GRADIENT_NORM, SUMMED, layer_tag
-from train_loop.model.models import weighted_layers
+from train_loop.model.models import CALL_MUST_RETURN, weighted_layers
 from train_loop.model.state import LossScale, TrainState
+from train_loop.model.user_code import exits_refused
 
 _SUM = tf.distribute.ReduceOp.SUM
 
@@ -44,8 +45,12 @@ def make_replica_gradients(
 
     def replica_gradients(images: tf.Tensor, labels: tf.Tensor) -> tuple[dict[str, tf.Tensor], list[tf.Tensor]]:
         with tf.GradientTape() as tape:
-            # Mixed precision computes in 16 bits; the losses are taken from float32 logits.
-            logits = tf.cast(model(images, training=True), tf.float32)
+            # Python runs here only while tracing: a user's model first runs in training mode here.
+            with exits_refused(
+                f"{type(model).__name__}.call", during="in training mode (the train step's trace)", fix=CALL_MUST_RETURN
+            ):
+                # Mixed precision computes in 16 bits; the losses are taken from float32 logits.
+                logits = tf.cast(model(images, training=True), tf.float32)
             cross_entropy = losses.cross_entropy(labels, logits, global_batch_size)
             regularization = losses.regularization(model)
             total = cross_entropy + regularization
@@ -85,14 +90,18 @@ def make_train_step(
     gradient to that global norm, as one device would (`clip_summed_gradient`), and "clipped"
     counts the steps it exceeded.
 
+    Only `model.trainable_variables` are updated, decayed (the optimizer's decoupled weight decay
+    applies to what it updates) and clipped, and count in the global norm; a frozen layer's
+    kernel (`layer.trainable = False`) has no gradient, so it has no per-layer gradient norm or
+    histogram either (`trained_kernel_layers`).
+
     Returns:
       A function of (every replica's batch, measure, histograms) giving the `SUMMED`
       measurements, summed over replicas, and the `gradient_measurements(model)`, by name.
     """
     variables = model.trainable_variables
-    kernels = {
-        path: next(i for i, v in enumerate(variables) if v is layer.kernel) for path, layer in weighted_layers(model)
-    }
+    index = {id(variable): position for position, variable in enumerate(variables)}
+    kernels = {path: index[id(layer.kernel)] for path, layer in trained_kernel_layers(model)}
 
     def summed_gradient(replica_gradients_: list, histograms: tf.Tensor) -> dict[str, tf.Tensor]:
         gradients = [strategy.reduce(_SUM, gradient, axis=None) for gradient in replica_gradients_]
@@ -185,17 +194,23 @@ def clip_summed_gradient(gradients: list[tf.Tensor], clip_norm: float) -> tuple[
 
 def gradient_measurements(model: keras.Model) -> dict[str, tf.Tensor]:
     """What a train step measures of the gradient at the last step of a loop call, by name, as
-    zeros: the values of the steps that do not measure it. "gradient/<layer path>" is a kernel's
-    gradient, for its histogram; the others are norms."""
+    zeros: the values of the steps that do not measure it. "gradient/<layer path>" is a trained
+    kernel's gradient, for its histogram; the others are norms."""
     return {
         "gradient_norm": tf.constant(0.0),
-        **{layer_tag(LAYER_GRADIENT_NORM, path): tf.constant(0.0) for path, _ in weighted_layers(model)},
+        **{layer_tag(LAYER_GRADIENT_NORM, path): tf.constant(0.0) for path, _ in trained_kernel_layers(model)},
         **_kernel_zeros(model),
     }
 
 
 def _kernel_zeros(model: keras.Model) -> dict[str, tf.Tensor]:
-    return {f"gradient/{path}": tf.zeros(layer.kernel.shape) for path, layer in weighted_layers(model)}
+    return {f"gradient/{path}": tf.zeros(layer.kernel.shape) for path, layer in trained_kernel_layers(model)}
+
+
+def trained_kernel_layers(model: keras.Model) -> list[tuple[str, keras.layers.Layer]]:
+    """The weighted layers whose kernel the step trains: not a frozen one's, which has no gradient."""
+    trained = {id(variable) for variable in model.trainable_variables}
+    return [(path, layer) for path, layer in weighted_layers(model) if id(layer.kernel) in trained]
 
 
 def make_loop_call(
