@@ -53,7 +53,7 @@ def train_all(trainings: Sequence[tuple[str, Sequence[str]]], *, jobs: int) -> N
     previous = {signum: signal.signal(signum, processes.pass_on) for signum in (signal.SIGTERM, signal.SIGINT)}
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=jobs)
     try:
-        for future in [pool.submit(processes.train, name, args) for name, args in trainings]:
+        for future in [pool.submit(processes.run_process, name, args) for name, args in trainings]:
             future.result()
     finally:
         pool.shutdown(cancel_futures=True)
@@ -78,7 +78,7 @@ class _Processes:
         self._starting = threading.RLock()
         self.failures: list[JobFailed] = []
 
-    def train(self, run_name: str, args: Sequence[str]) -> None:
+    def run_process(self, run_name: str, args: Sequence[str]) -> None:
         # Its stderr goes to a file, not a pipe: a process whose study was killed must still be
         # able to write its last lines while it stops.
         with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as stderr:
