@@ -85,11 +85,12 @@ def shipped_flagfiles() -> dict[str, str]:
 
 
 def _with_shipped_flagfile(argument: str) -> str:
-    """`--flagfile=NAME`, where NAME is no file here, as the shipped flagfile of that name, so that
-    `--flagfile=l2` works after a wheel install from any folder; a name that is neither is one line."""
+    """`--flagfile=NAME`, where NAME is a bare name and no file here, as the shipped flagfile of
+    that name, so that `--flagfile=l2` works after a wheel install from any folder; a bare name
+    that is neither is one line."""
     name = argument.removeprefix("--flagfile=")
-    if name == argument or os.path.exists(name):
-        return argument
+    if name == argument or os.path.exists(name) or os.sep in name:
+        return argument  # A path: absl reads it, or says in one line that it cannot.
     shipped = shipped_flagfiles()
     if name.removesuffix(".cfg") in shipped:
         return f"--flagfile={shipped[name.removesuffix('.cfg')]}"
