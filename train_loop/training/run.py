@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -12,16 +12,16 @@ import tensorflow as tf
 
 from train_loop.configs import MODELS, Config
 from train_loop.data import inputs, sources
-from train_loop.data.arrays import hold_out
+from train_loop.data.arrays import Splits, hold_out
 from train_loop.model import steps
 from train_loop.model.models import ModelFunction, load_model_function
-from train_loop.model.state import build_state
+from train_loop.model.state import TrainState, build_state
 from train_loop.outputs import checkpoints, runs
 from train_loop.outputs.run_outputs import RunOutputs
 from train_loop.training import actions, distribute, xla_choice
 from train_loop.training.console import Console
 from train_loop.training.controller import make_controller
-from train_loop.training.evaluation import make_evaluator
+from train_loop.training.evaluation import Evaluation, Weights, make_evaluator
 from train_loop.training.finish import finish
 from train_loop.training.preemption import SignalStop
 from train_loop.training.timing import Stopwatch
@@ -31,16 +31,11 @@ def train(
     config: Config, *, model_fn: ModelFunction | None = None, arrays: Mapping[str, np.ndarray] | None = None
 ) -> dict[str, Any]:
     """Trains, validates periodically, tests once at the end, and writes the run; resumes an
-    interrupted one.
+    interrupted one. On a multi-worker cluster every worker trains and the chief alone writes.
 
-    On a multi-worker cluster every worker trains; the chief alone writes the run. `model_fn`
-    and `arrays` are a user's model function and data, when given as Python objects (see
-    `train_loop.train`); otherwise `config.model` and `config.dataset` say where they are.
-
-    Returns:
-      The content of `<run>/result.json`, and "run_dir": the run folder's absolute path (the name
-      actually taken, `-2` suffix and all). result.json does not hold it: it lives in that folder,
-      which may be moved.
+    `model_fn` and `arrays` are a user's model function and data given as Python objects (see
+    `train_loop.train`). Returns what `<run>/result.json` holds, and "run_dir": the folder the run
+    took, absolute (result.json does not hold it: that folder may be moved).
 
     Raises:
       UsageError: bad settings, missing or corrupt data; raised before anything is written.
@@ -68,15 +63,7 @@ def train(
         state = build_state(
             config, strategy, splits.x_train.shape[1:], num_classes=splits.num_classes, model_fn=model_fn
         )
-        checkpoint = tf.train.Checkpoint(**state.trackables())
-        restored = checkpoints.restore_latest(
-            checkpoint,
-            checkpoints.directory(run_dir),
-            repair=chief,
-            positional=tf.train.Checkpoint(**state.positional_trackables()),
-        )
-        state.counters.take_positional()
-        restored_step = state.counters.step if restored else None
+        checkpoint, restored_step = _restore(state, run_dir, chief=chief)
         # Under launch every worker trains; the chief alone shows the progress, once.
         console = Console(steps_per_epoch=steps_per_epoch, num_epochs=config.epochs, show_progress=chief)
         console.say_start(run_dir, splits, distribute.describe(strategy), restored_step=restored_step, ema=config.ema)
@@ -86,59 +73,29 @@ def train(
                 config, strategy, splits, runs.read_settings(run_dir), model_fn=model_fn
             )
         console.say(decision.describe())
+        decided, settings = decision.to_dict(), _hparams(config, strategy)
         outputs = RunOutputs.open(
-            config,
-            run_dir,
-            chief=chief,
-            restored_step=restored_step,
-            decided=decision.to_dict(),
-            settings=_hparams(config, strategy),
+            config, run_dir, chief=chief, restored_step=restored_step, decided=decided, settings=settings
         )
-
-        # The loop call, and the data it pulls from, starting where the restored state stands.
-        train_input = inputs.ReplicaInput(
-            strategy,
-            inputs.train_dataset_fn(
-                splits,
-                global_batch_size=config.batch_size,
-                seed=config.seed,
-                num_epochs=config.epochs,
-                start_step=state.counters.step,
-            ),
-        )
-        loop_call = steps.make_loop_call(
-            strategy,
-            state,
-            train_input.next_batch,
-            global_batch_size=config.batch_size,
-            jit_compile=decision.jit_compile,
-            global_clipnorm=config.global_clipnorm,
-        )
-        iterator = train_input.iterator()
-
+        loop_call = _loop_call(config, strategy, state, splits, jit_compile=decision.jit_compile)
         # Validation scores the weights as they are (averaged, with --ema); the end scores the kept ones.
-        evaluator = make_evaluator(
+        evaluate = make_evaluator(
             strategy, state.model, batch_size=config.batch_size, num_classes=splits.num_classes, stopwatch=stopwatch
         )
-        validate = None if splits.x_validation is None else evaluator(splits.x_validation, splits.y_validation)
-        validation = validate and actions.Validation(
-            actions.Cadence(config.eval_every, steps_per_epoch, at_last=True),
-            state=state,
-            validate=lambda: validate(state.validated_weights),
-            summaries=outputs.summaries,
-            console=console,
-            save_best=lambda: outputs.save_best(state.model),
+        validate = None if splits.x_validation is None else evaluate(splits.x_validation, splits.y_validation)
+        validation = validate and _validation(
+            config, state, validate, outputs=outputs, console=console, steps_per_epoch=steps_per_epoch
         )
-        signals = SignalStop(strategy)
+        signals, manager = SignalStop(strategy), checkpoints.make_manager(checkpoint, save_dir)
         controller = make_controller(
             config,
-            lambda num_steps, histograms: loop_call(iterator, tf.constant(num_steps), tf.constant(histograms)),
+            loop_call,
             steps_per_epoch=steps_per_epoch,
             state=state,
             outputs=outputs,
             validation=validation,
             console=console,
-            manager=checkpoints.make_manager(checkpoint, save_dir),
+            manager=manager,
             signals=signals,
             stopwatch=stopwatch,
         )
@@ -150,16 +107,73 @@ def train(
                 state,
                 outputs,
                 validate=validate,
-                test=evaluator(splits.x_test, splits.y_test),
+                test=evaluate(splits.x_test, splits.y_test),
                 latest_validation=validation and validation.latest,
                 strategy=strategy,
-                decided=decision.to_dict(),
+                decided=decided,
                 throughput=controller.throughput,
                 stopwatch=stopwatch,
                 started=started,
                 console=console,
             )
     return {**result, "run_dir": os.path.abspath(run_dir)}
+
+
+def _restore(state: TrainState, run_dir: str, *, chief: bool) -> tuple[tf.train.Checkpoint, int | None]:
+    """The checkpoint of `state`, restored from the run's newest checkpoint that restores (one
+    written before the measurements had names too), and the step it restored; None: a fresh start."""
+    checkpoint = tf.train.Checkpoint(**state.trackables())
+    positional = tf.train.Checkpoint(**state.positional_trackables())
+    restored = checkpoints.restore_latest(
+        checkpoint, checkpoints.directory(run_dir), repair=chief, positional=positional
+    )
+    state.counters.take_positional()
+    return checkpoint, state.counters.step if restored else None
+
+
+def _loop_call(
+    config: Config, strategy: tf.distribute.Strategy, state: TrainState, splits: Splits, *, jit_compile: bool
+) -> Callable[[int, bool], dict[str, tf.Tensor]]:
+    """The controller's loop call: `num_steps` traced steps, pulling from the training data where
+    the restored state stands (the iterator is made once, here)."""
+    dataset_fn = inputs.train_dataset_fn(
+        splits,
+        global_batch_size=config.batch_size,
+        seed=config.seed,
+        num_epochs=config.epochs,
+        start_step=state.counters.step,
+    )
+    train_input = inputs.ReplicaInput(strategy, dataset_fn)
+    loop_call = steps.make_loop_call(
+        strategy,
+        state,
+        train_input.next_batch,
+        global_batch_size=config.batch_size,
+        jit_compile=jit_compile,
+        global_clipnorm=config.global_clipnorm,
+    )
+    iterator = train_input.iterator()
+    return lambda num_steps, histograms: loop_call(iterator, tf.constant(num_steps), tf.constant(histograms))
+
+
+def _validation(
+    config: Config,
+    state: TrainState,
+    validate: Callable[[Weights], Evaluation],
+    *,
+    outputs: RunOutputs,
+    console: Console,
+    steps_per_epoch: int,
+) -> actions.Validation:
+    """The validation action: the weights validation scores, the best model kept beside the run."""
+    return actions.Validation(
+        actions.Cadence(config.eval_every, steps_per_epoch, at_last=True),
+        state=state,
+        validate=lambda: validate(state.validated_weights),
+        summaries=outputs.summaries,
+        console=console,
+        save_best=lambda: outputs.save_best(state.model),
+    )
 
 
 def _hparams(config: Config, strategy: tf.distribute.Strategy) -> dict[str, Any]:
