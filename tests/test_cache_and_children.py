@@ -13,7 +13,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -132,8 +132,11 @@ STUDY = (
 NAMES = ("baseline", "l1")
 
 
-def start_study(tmp_path: Path) -> subprocess.Popen:
-    """A study of two trainings at once, returned once both are under way (each has a checkpoint)."""
+def start_study(tmp_path: Path) -> tuple[subprocess.Popen, dict[int, str]]:
+    """A study of two trainings at once, returned with both paused (SIGSTOP) mid-run, each just
+    after its first checkpoint, and their names by PID: `resume` them once the signal under test
+    is on its way. Paused, neither can finish before that signal arrives, however fast the
+    machine (on a fast one, the first training used to end before the second's first checkpoint)."""
     study = subprocess.Popen(
         [sys.executable, "-m", "train_loop.study", *STUDY, f"--logdir={tmp_path}"],
         stdout=subprocess.PIPE,
@@ -141,14 +144,38 @@ def start_study(tmp_path: Path) -> subprocess.Popen:
         text=True,
         cwd=REPO,
     )
-    indexes = [tmp_path / "mine" / name / "checkpoints" / "checkpoint" for name in NAMES]
+    paused: dict[int, str] = {}
     deadline = time.monotonic() + 300
-    while not all(index.exists() for index in indexes) and study.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if study.poll() is not None or not all(index.exists() for index in indexes):
+    while len(paused) < len(NAMES) and study.poll() is None and time.monotonic() < deadline:
+        for pid in set(trainings_of(study.pid)) - set(paused):
+            with contextlib.suppress(OSError, ValueError):  # It may have ended meanwhile.
+                name = run_name_of(pid)
+                if (tmp_path / "mine" / name / "checkpoints" / "checkpoint").exists():
+                    os.kill(pid, signal.SIGSTOP)
+                    paused[pid] = name
+        time.sleep(0.02)
+    if len(paused) < len(NAMES):
+        resume(paused)
         study.kill()
         pytest.fail(f"the trainings were not under way: {study.communicate(timeout=60)}")
-    return study
+    return study, paused
+
+
+def resume(pids: Iterable[int], *, pending: signal.Signals | None = None) -> None:
+    """SIGCONT to paused trainings; first, if `pending`, waits (bounded) until that signal is
+    pending in each, so that it is the first thing they see."""
+    for pid in pids:
+        deadline = time.monotonic() + 60
+        while pending and not signal_pending(pid, pending) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(pid, signal.SIGCONT)
+
+
+def signal_pending(pid: int, signum: signal.Signals) -> bool:
+    """Whether `signum` waits in `pid`'s pending sets (its thread's or its process's), from /proc."""
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    masks = [int(line.split()[1], 16) for line in status if line.startswith(("SigPnd:", "ShdPnd:"))]
+    return any(mask >> (signum - 1) & 1 for mask in masks)
 
 
 def trainings_of(pid: int) -> list[int]:
@@ -201,24 +228,21 @@ def test_the_trainings_of_a_killed_study_stop_at_a_checkpoint_and_the_study_resu
     """SIGKILL leaves the study no way to pass a signal on: Linux sends its trainings SIGTERM
     (PR_SET_PDEATHSIG), and each stops as on any SIGTERM, at a checkpoint of the step it names;
     the same study command then finishes both."""
-    with adopting_orphans():
-        study = start_study(tmp_path)
-        pids = trainings_of(study.pid)
-        assert len(pids) == 2, pids
-        runs = {pid: run_name_of(pid) for pid in pids}
+    with adopting_orphans(), contextlib.ExitStack() as stack:
+        study, runs = start_study(tmp_path)
         # Their stderr is a file the study made (and unlinked): kept open here to read their last lines.
-        stderrs = {pid: open(f"/proc/{pid}/fd/2") for pid in pids}
+        stderrs = {pid: stack.enter_context(open(f"/proc/{pid}/fd/2")) for pid in runs}
         study.kill()
         study.communicate(timeout=60)
-        statuses = wait_for(pids, timeout=120)
-    assert statuses == dict.fromkeys(pids, 128 + signal.SIGTERM)
-    assert sorted(runs.values()) == sorted(NAMES)
-    for pid, stderr in stderrs.items():
-        with stderr:
+        resume(runs, pending=signal.SIGTERM)
+        statuses = wait_for(list(runs), timeout=120)
+        assert statuses == dict.fromkeys(runs, 128 + signal.SIGTERM)
+        assert sorted(runs.values()) == sorted(NAMES)
+        for pid, stderr in stderrs.items():
             last = stderr.read().splitlines()[-1]
-        stopped = re.fullmatch(r"train_loop: stopped by SIGTERM at step (\d+) with a checkpoint; .*", last)
-        assert stopped, last
-        assert (tmp_path / "mine" / runs[pid] / "checkpoints" / f"ckpt-{stopped[1]}.index").exists()
+            stopped = re.fullmatch(r"train_loop: stopped by SIGTERM at step (\d+) with a checkpoint; .*", last)
+            assert stopped, last
+            assert (tmp_path / "mine" / runs[pid] / "checkpoints" / f"ckpt-{stopped[1]}.index").exists()
     for name in NAMES:
         lock = locks.acquire(str(tmp_path / "mine" / name))  # None while a process still trains it.
         assert lock is not None, name
@@ -236,14 +260,18 @@ def test_the_trainings_of_a_killed_study_stop_at_a_checkpoint_and_the_study_resu
 
 
 @pytest.mark.slow
-def test_sigint_to_the_study_alone_stops_every_training_at_a_checkpoint(tmp_path):
-    """`kill -INT` reaches the study only (a Ctrl-C reaches its whole process group): it passes the
-    signal on, as it does SIGTERM (tests/test_study.py), and ends with their one line and 130."""
-    study = start_study(tmp_path)
-    study.send_signal(signal.SIGINT)
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_to_the_study_alone_stops_every_training_at_a_checkpoint(tmp_path, signum):
+    """`kill -INT` (or `-TERM`) reaches the study only (a Ctrl-C reaches its whole process group):
+    it passes the signal on to its trainings, and ends with their one line and the signal's status."""
+    study, runs = start_study(tmp_path)
+    study.send_signal(signum)
+    resume(runs, pending=signum)
     _, stderr = study.communicate(timeout=120)
-    assert study.returncode == 128 + signal.SIGINT, stderr
-    assert re.fullmatch(r"train_loop: (baseline|l1): stopped by SIGINT at step \d+ with a checkpoint; .*\n", stderr)
+    assert study.returncode == 128 + signum, stderr
+    assert re.fullmatch(
+        rf"train_loop: (baseline|l1): stopped by {signum.name} at step \d+ with a checkpoint; .*\n", stderr
+    ), stderr
     for name in NAMES:
         assert not (tmp_path / "mine" / name / "result.json").exists()
         lock = locks.acquire(str(tmp_path / "mine" / name))

@@ -24,6 +24,7 @@ import pytest
 import user_models  # noqa: F401  (registers its layer, so that its model.keras loads)
 from conftest import REPO
 from helpers import events
+from test_data import make_arrays, write_npz
 
 from train_loop import Config, files, train
 from train_loop import launch as launch_module
@@ -233,6 +234,35 @@ def test_a_signal_checkpoints_and_exits_then_the_same_command_resumes(tmp_path, 
     assert code == 0, stderr
     assert f"from step {step}" in stdout.splitlines()[0]
     assert read_result(tmp_path / "r")["steps"] == 30 * DIGITS_STEPS
+
+
+def test_a_signal_while_the_test_split_is_scored_stops_at_the_last_checkpoint_and_resume_finishes(tmp_path):
+    """The end of the run scores the kept weights; on a large split that takes a while, and a
+    SIGTERM then stops the run before anything is written, at the last step's checkpoint. The same
+    command resumes into the end and finishes it."""
+    rng = np.random.default_rng(0)
+    arrays = make_arrays(n_train=320)
+    arrays["x_test"] = rng.integers(0, 256, size=(200_000, 28, 28), dtype=np.uint8)  # Seconds to score.
+    arrays["y_test"] = rng.integers(0, 10, size=200_000, dtype=np.uint8)
+    npz = write_npz(tmp_path, arrays)
+    flags = (f"--dataset={npz}", "--model=linear", "--epochs=2", f"--logdir={tmp_path}", "--run_name=r")
+    total = 2 * 9  # 288 training examples (320 less the validation split) at batch 32: 9 steps an epoch.
+    last = tmp_path / "r" / "checkpoints" / f"ckpt-{total}.index"
+    process = start(*flags)
+    deadline = time.monotonic() + 300
+    while not last.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    code, _, stderr = finish(process, timeout=120)
+    assert code == 143, stderr
+    assert stderr.splitlines() == [
+        f"train_loop: stopped by SIGTERM at step {total} with a checkpoint; the same command resumes the run."
+    ]
+    assert not (tmp_path / "r" / "result.json").exists() and not (tmp_path / "r" / "model.keras").exists()
+    code, stdout, stderr = finish(start(*flags))
+    assert code == 0, stderr
+    assert f"from step {total}" in stdout.splitlines()[0]
+    assert read_result(tmp_path / "r")["steps"] == total
 
 
 def logged_steps(run_dir: Path) -> dict[str, list[int]]:

@@ -6,11 +6,9 @@ import datetime
 import json
 import os
 import shutil
-import signal
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import keras
@@ -24,7 +22,6 @@ from tensorboard.backend.event_processing import plugin_event_multiplexer
 from train_loop import Config, cli, train
 from train_loop.errors import UsageError
 from train_loop.model import models
-from train_loop.outputs import locks
 from train_loop.outputs.events import scalar_series
 from train_loop.study import plans, report, study
 
@@ -295,43 +292,6 @@ def test_jobs_train_in_processes_of_their_own_and_report_a_failure_in_one_line(t
     assert (tmp_path / "mine" / "baseline" / "result.json").read_bytes() == result
     rows = parse_table(parse_sections((tmp_path / "mine" / "study.md").read_text())[""])
     assert rows["l1"][:2] == ["1", f"{run_numbers(tmp_path / 'mine' / 'l1')['train CE']:.4f}"]
-
-
-@pytest.mark.slow
-def test_sigterm_to_a_study_with_jobs_stops_every_training_at_a_checkpoint(tmp_path):
-    """The study passes SIGTERM on to its training processes, which checkpoint and stop; it ends
-    with their one line and 143, and leaves no process training behind it."""
-    args = (
-        "--experiments=baseline,l1",
-        "--dataset=digits",
-        "--epochs=30",
-        "--steps_per_loop=5",
-        "--checkpoint_every=10",
-        f"--logdir={tmp_path}",
-        "--study_name=mine",
-        "--jobs=2",
-    )
-    study_process = subprocess.Popen(
-        [sys.executable, "-m", "train_loop.study", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-    )
-    indexes = [tmp_path / "mine" / name / "checkpoints" / "checkpoint" for name in ("baseline", "l1")]
-    deadline = time.monotonic() + 300
-    while not all(index.exists() for index in indexes) and study_process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    study_process.send_signal(signal.SIGTERM)
-    _, stderr = study_process.communicate(timeout=300)
-    assert study_process.returncode == 143, stderr
-    assert stderr.splitlines() == [stderr.strip()] and stderr.startswith("train_loop: "), stderr
-    assert "stopped by SIGTERM" in stderr and "error" not in stderr
-    for name in ("baseline", "l1"):
-        assert not (tmp_path / "mine" / name / "result.json").exists()
-        lock = locks.acquire(str(tmp_path / "mine" / name))  # None while a process still trains it.
-        assert lock is not None, name
-        lock.release()
 
 
 BAD_STUDY_FLAGS = {

@@ -14,6 +14,7 @@ from train_loop.outputs.run_outputs import RunOutputs
 from train_loop.training import distribute
 from train_loop.training.console import Console
 from train_loop.training.evaluation import Evaluation, Weights
+from train_loop.training.preemption import SignalStop
 from train_loop.training.timing import Stopwatch, Throughput, phases
 
 Evaluate = Callable[[Weights], Evaluation]
@@ -33,8 +34,13 @@ def finish(
     stopwatch: Stopwatch,
     started: float,
     console: Console,
+    signals: SignalStop,
 ) -> dict[str, Any]:
     """Scores the kept weights, saves them, writes `result.json` and says where the run is.
+
+    A SIGTERM or SIGINT while the kept weights are scored (on a large split, the longest part)
+    stops the run there, before anything is written: the last step's checkpoint is saved, so
+    the same command resumes into this end again. Once the writing has begun, it finishes.
 
     The kept model's validation is the best weights' again, or the last validation (resumed past
     the last step, the restored weights'). The test split is scored once, here: it chooses
@@ -47,6 +53,7 @@ def finish(
         validate(state.kept_weights) if state.best else latest_validation or validate(state.validated_weights)
     )
     tested = test(state.kept_weights)
+    signals.stop_if_signalled(state.counters.step)
     outputs.summaries.write_evaluation("test", state.counters.step, tested.metrics, tested.confusion_matrix)
     outputs.summaries.flush()  # Before result.json, which marks the run finished.
     console.tested(tested.metrics)

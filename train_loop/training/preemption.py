@@ -34,7 +34,8 @@ class SignalStop:
 
     @contextlib.contextmanager
     def catching(self) -> Iterator[None]:
-        """Handles the signals while training; the previous handlers come back afterwards."""
+        """Handles the signals while training and scoring the end of the run (see `finish`); the
+        previous handlers come back afterwards."""
         if threading.current_thread() is not threading.main_thread():
             yield  # Python delivers signals to the main thread only; nothing to catch here.
             return
@@ -78,11 +79,12 @@ class SignalStop:
     def _note(self, signum: int, _frame) -> None:
         self._received = self._received or signum
 
-    def stop_if_signalled(self, step: int, save: Callable[[], None]) -> None:
+    def stop_if_signalled(self, step: int, save: Callable[[], None] | None = None) -> None:
         """Called after every loop call, which ended at `step`, with what saves a checkpoint
-        there: if a signal asks to stop, saves and raises `Interrupted`. On a cluster the
+        there, and once more at the end of the run (`save` None: the last step's checkpoint is
+        written): if a signal asks to stop, saves and raises `Interrupted`. On a cluster the
         workers first agree on the call to stop after (the next one, at the latest)."""
-        self._pending = (step, save)
+        self._pending = (step, save or (lambda: None))
         if self._handler is not None:
             self._handler.save_checkpoint_if_preempted()
         elif self._received:

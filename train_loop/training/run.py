@@ -99,9 +99,8 @@ def train(
             signals=signals,
             stopwatch=stopwatch,
         )
-        with outputs:
-            with signals.catching():
-                controller.run()
+        with outputs, signals.catching():
+            controller.run()
             result = finish(
                 config,
                 state,
@@ -115,6 +114,7 @@ def train(
                 stopwatch=stopwatch,
                 started=started,
                 console=console,
+                signals=signals,
             )
     return {**result, "run_dir": os.path.abspath(run_dir)}
 
