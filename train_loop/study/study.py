@@ -246,7 +246,8 @@ USAGE = """Usage: train-loop-study [--experiments=a,b] [--seeds=0,1,2] [--sweep=
 
 Trains the regularization study: one run per experiment flagfile (baseline, dropout, l1, l2,
 l1l2) and seed, each with the training flags given here, then writes study.md (mean ± std over
-seeds, differences from the baseline, the best by validation cross-entropy) and its figures.
+seeds, differences from the baseline and the findings in sentences, the best by validation
+cross-entropy) and its figures.
 Example: train-loop-study --dataset=fashion_mnist --epochs=10 --seeds=0,1,2
 """
 
