@@ -1,4 +1,4 @@
-"""The regularization study: its plans, its jobs, each run's numbers, the conclusions and the
+"""The regularization study: its plans, its jobs, each run's numbers, the conclusions, their write-up and the
 figures; `python -m train_loop.study` runs it.
 
 Rules: it runs trainings (through `training.run.train` or `python -m train_loop` processes),

@@ -1,12 +1,11 @@
-"""What a study's runs show, as `study.md`: each experiment's mean ± standard deviation over
-seeds, its paired difference from the reference, the experiment the validation split selects
-(with its test accuracy, reported once), and the regularization path of a sweep."""
+"""What a study's runs show: each experiment's mean ± standard deviation over seeds, its paired
+difference from the reference and whether that is beyond the seed-to-seed spread, the experiment
+the validation split selects, and the same findings in sentences (`writeup` puts them in `study.md`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -23,6 +22,12 @@ Numbers = Mapping[str, BySeed]
 STUDY_COLUMNS = tuple(key for key in COLUMNS if not key.startswith("test_") and key != "gap")
 PATH_COLUMNS = ("validation_cross_entropy", "validation_accuracy", "validation_gap", "kernel_small_share")
 COMPARED = ("validation_cross_entropy", "validation_accuracy")
+# The columns each experiment's sentence reads, in its words: the compared ones, then the first layer's sparsity.
+_WORDS = {
+    "validation_cross_entropy": "validation cross-entropy",
+    "validation_accuracy": "validation accuracy",
+    "kernel_small_share": "near-zero share",
+}
 # How many standard errors of the paired difference count as beyond the seed-to-seed spread.
 SPREAD_FACTOR = 2.0
 RULE = (
@@ -102,72 +107,6 @@ def select(plan_numbers: Numbers) -> str:
     )
 
 
-def markdown(plan: Plan, numbers: Numbers, figures: Sequence[str]) -> str:
-    """`study.md`: the tables, the rule they use, the selection, and links to the figures."""
-    seeds = ", ".join(str(seed) for seed in plan.seeds if seed is not None) or "the one given by --seed"
-    parts = [
-        f"# Study {os.path.basename(os.path.normpath(plan.folder))}\n",
-        f"Seeds: {seeds}. Each cell is the mean ± the sample standard deviation over the seeds (n "
-        "runs); the train columns are the last epoch's means, the validation ones the final "
-        f"model's, and `abs w < {NEAR_ZERO:g}` is the share of the first layer's kernel that is "
-        "nearly zero.\n",
-        _experiments_table(numbers),
-        _comparison(plan, numbers),
-        _selection(numbers),
-    ]
-    if plan.sweep:
-        parts.append(_path_table(plan, numbers))
-    parts.append("## Figures\n\n" + "\n".join(f"![{name}]({name})" for name in figures) + "\n" if figures else "")
-    return "\n".join(part for part in parts if part)
-
-
-def _experiments_table(numbers: Numbers) -> str:
-    headings = ["experiment", "n", *(COLUMNS[key][0] for key in STUDY_COLUMNS)]
-    rows = [[name, str(len(runs)), *_cells(runs, STUDY_COLUMNS)] for name, runs in numbers.items()]
-    return _table(headings, rows)
-
-
-def _comparison(plan: Plan, numbers: Numbers) -> str:
-    reference = numbers[plan.reference]
-    headings = ["experiment"]
-    for key in COMPARED:
-        headings += [f"Δ {COLUMNS[key][0]} (mean ± s.e.)", "beyond the spread"]
-    rows = []
-    for name in list(numbers)[1:]:
-        row = [name]
-        for key in COMPARED:
-            difference = paired(numbers[name], reference, key)
-            error = difference.standard_error
-            row += [
-                f"{difference.mean:+.4f}" + ("" if error is None else f" ± {error:.4f}"),
-                {True: "yes", False: "no", None: "one seed"}[difference.beyond_spread],
-            ]
-        rows.append(row)
-    heading = f"## Against the reference, {plan.reference}, seed by seed\n\nRule: {RULE}.\n"
-    return heading + "\n" + _table(headings, rows) if rows else ""
-
-
-def _selection(numbers: Numbers) -> str:
-    best = select(numbers)
-    cells = spreads(numbers[best], ["validation_cross_entropy", "test_accuracy"])
-    return (
-        f"## Selection\n\nBest by validation cross-entropy: **{best}** "
-        f"({cells['validation_cross_entropy'].format('{:.4f}')}, n = {len(numbers[best])}). "
-        f"Its test accuracy, the test split's only use in this study (it ranks nothing): "
-        f"**{cells['test_accuracy'].format('{:.4f}')}**.\n"
-    )
-
-
-def _path_table(plan: Plan, numbers: Numbers) -> str:
-    flag = plan.sweep.flag
-    headings = [flag, "experiment", "n", *(COLUMNS[key][0] for key in PATH_COLUMNS)]
-    rows = [
-        [f"{strength:g}", name, str(len(numbers[name])), *_cells(numbers[name], PATH_COLUMNS)]
-        for name, strength in path_points(plan).items()
-    ]
-    return f"## Regularization path: {flag} on top of {plan.reference}\n\n" + _table(headings, rows)
-
-
 def path_points(plan: Plan) -> dict[str, float]:
     """The path's experiments by strength, weakest first: the reference at its own strength and
     each experiment of the sweep."""
@@ -175,13 +114,49 @@ def path_points(plan: Plan) -> dict[str, float]:
     return dict(sorted(points.items(), key=lambda item: item[1]))
 
 
-def _cells(runs: BySeed, keys: Sequence[str]) -> list[str]:
-    """Each column as `mean ± std` in its format; `-` where a run lacks it (no validation split)."""
-    cells = spreads(runs, keys)
-    return [cells[key].format(COLUMNS[key][1]) if key in cells else "-" for key in keys]
+def sentences(numbers: Numbers, reference: str) -> list[str]:
+    """The study's findings in words, one sentence an experiment, every number read from the same
+    means and paired differences as the tables, so the words cannot drift from them: the reference's
+    own values, then what each other experiment changed against it and whether that is beyond the
+    seed-to-seed spread (said only when there are 2 seeds or more to tell)."""
+    found = [f"**{reference}**, the reference: " + "; ".join(_value(numbers[reference], key) for key in _WORDS) + "."]
+    for name in list(numbers)[1:]:
+        changes = [_change(numbers[name], numbers[reference], key, reference) for key in _WORDS]
+        found.append(f"**{name}**: " + "; ".join(changes) + ".")
+    return found
 
 
-def _table(headings: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(headings) + " |", "|" + "---|" * len(headings)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+def _value(runs: BySeed, key: str) -> str:
+    layer = _layer(runs) if key == "kernel_small_share" else ""
+    return f"{_WORDS[key]}{layer} {_mean_text(runs, key)}"
+
+
+def _change(runs: BySeed, reference_runs: BySeed, key: str, reference: str) -> str:
+    """`<what> <value>, <size> <higher|lower> than <reference>'s <value> (<beyond|within> the seed
+    spread)`; `the same as` when the difference rounds to nothing in the column's format."""
+    difference = paired(runs, reference_runs, key)
+    size = _size_text(key, difference.mean)
+    theirs = f"{reference}'s {_mean_text(reference_runs, key)}"
+    if not any(digit in "123456789" for digit in size):
+        said = f"{_value(runs, key)}, the same as {theirs}"
+    else:
+        said = f"{_value(runs, key)}, {size} {'higher' if difference.mean > 0 else 'lower'} than {theirs}"
+    verdict = difference.beyond_spread
+    return said if verdict is None else f"{said} ({'beyond' if verdict else 'within'} the seed spread)"
+
+
+def _mean_text(runs: BySeed, key: str) -> str:
+    return COLUMNS[key][1].format(spreads(runs, [key])[key].mean)
+
+
+def _size_text(key: str, difference: float) -> str:
+    """A difference's size as the comparison table shows it; a share's in percentage points, which
+    a `%` would leave open to being read as relative."""
+    if key == "kernel_small_share":
+        return f"{abs(difference) * 100:.1f} percentage points"
+    return f"{abs(difference):.4f}"
+
+
+def _layer(runs: BySeed) -> str:
+    """Which kernel the share counts, and what near zero means."""
+    return f" of {next(iter(runs.values())).layer_path}'s kernel (abs w < {NEAR_ZERO:g})"

@@ -1,12 +1,16 @@
 """The study's figures, drawn with matplotlib beside `study.md`: learning curves, the
-regularization path, the first layer's kernel histograms and its near-zero share over training.
+regularization path, the first layer's kernel histograms (one panel an experiment) and its
+near-zero share over training.
 
 Curves come from the runs' event files, read back through TensorBoard's loader
 (`events.scalar_series`), so a figure shows what TensorBoard shows; seeds are a band (mean ±
-standard deviation) around their mean.
+standard deviation) around their mean. A panel whose curves have a single point (one evaluation)
+shows each experiment's value as a marker with its spread instead: a one-point line is invisible.
 """
 
 from __future__ import annotations
+
+import math
 
 import matplotlib
 
@@ -15,81 +19,126 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from train_loop.model.models import NEAR_ZERO  # noqa: E402
-from train_loop.outputs import events
+from train_loop.outputs import events  # noqa: E402
 from train_loop.study import conclusions  # noqa: E402
 from train_loop.study.conclusions import Numbers  # noqa: E402
 from train_loop.study.plans import Plan  # noqa: E402
 from train_loop.study.report import COLUMNS  # noqa: E402
 
-_DPI = 80  # Small files: the figures are read beside a table, not printed.
+# 8 inches at 150 dpi: 1200 pixels, so that at the ~800 pixels of a README or a docs page the
+# 10-point text is about 14 pixels high, and sharp on a high-density screen.
+DPI = 150
+WIDTH = 8.0
+# Dash patterns and hollow markers of two co-prime lengths: no two of the first 20 experiments look alike.
+_DASHES = ("-", "--", ":", "-.")
+_MARKERS = ("o", "s", "^", "D", "v")
+Series = list[dict[int, float]]  # One experiment's curve, a {step: value} per seed.
 
 
 def draw_all(plan: Plan, numbers: Numbers) -> list[str]:
     """Writes every figure the study has data for into its folder; returns their file names."""
-    drawn = {
-        "learning_curves.png": _learning_curves(plan, numbers),
-        "first_layer_kernels.png": _kernel_histograms(numbers),
-        "near_zero_weights.png": _near_zero_over_training(plan, numbers),
-    }
-    if plan.sweep:
-        drawn["regularization_path.png"] = _regularization_path(plan, numbers)
+    drawn = draw(plan, numbers)
     for name, figure in drawn.items():
-        figure.savefig(f"{plan.folder}/{name}", dpi=_DPI)
+        figure.savefig(f"{plan.folder}/{name}", dpi=DPI)
         plt.close(figure)
     return list(drawn)
 
 
+def draw(plan: Plan, numbers: Numbers) -> dict[str, plt.Figure]:
+    """Every figure the study has data for, by file name, not yet saved."""
+    drawn = {
+        "learning_curves.png": _learning_curves(plan, numbers),
+        "first_layer_kernels.png": kernel_histograms(numbers),
+        "near_zero_weights.png": _near_zero_over_training(plan, numbers),
+    }
+    if plan.sweep:
+        drawn["regularization_path.png"] = _regularization_path(plan, numbers)
+    return drawn
+
+
+def line_styles(names: list[str]) -> dict[str, dict]:
+    """Each experiment's look: its colour, dash pattern and hollow marker differ from the others',
+    and each line is narrower than the one drawn before it, so where two curves coincide the later
+    one runs inside the earlier one instead of covering it."""
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return {
+        name: {
+            "color": colours[index % len(colours)],
+            "linestyle": _DASHES[index % len(_DASHES)],
+            "marker": _MARKERS[index % len(_MARKERS)],
+            "fillstyle": "none",
+            "markersize": 7,
+            "linewidth": 3.5 * 0.8**index,
+            "zorder": 2 + index,
+        }
+        for index, name in enumerate(names)
+    }
+
+
 def _learning_curves(plan: Plan, numbers: Numbers) -> plt.Figure:
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True, layout="constrained")
+    figure, axes = plt.subplots(1, 2, figsize=(WIDTH, 4), layout="constrained")
+    styles = line_styles(list(numbers))
     for axis, writer in zip(axes, ("train", "validation")):
-        for name in numbers:
-            _band(
-                axis,
-                name,
-                [
-                    events.scalar_series(run_dir, writer, "loss/cross_entropy")
-                    for run_dir in plan.run_dirs()[name].values()
-                ],
-            )
-        axis.set(title=f"{writer} cross-entropy", xlabel="step")
-    axes[0].set_ylabel("cross-entropy")
-    axes[1].legend(fontsize="small")
+        series = {
+            name: [events.scalar_series(run_dir, writer, "loss/cross_entropy") for run_dir in by_seed.values()]
+            for name, by_seed in plan.run_dirs().items()
+        }
+        _curves(axis, series, styles)
+        axis.set(title=f"{writer} cross-entropy", ylabel="cross-entropy")
+    _legend(figure, axes[0])
     return figure
 
 
 def _near_zero_over_training(plan: Plan, numbers: Numbers) -> plt.Figure:
-    figure, axis = plt.subplots(figsize=(6, 4), layout="constrained")
-    for name, runs in numbers.items():
-        layer = next(iter(runs.values())).layer_path
-        _band(
-            axis,
-            name,
-            [events.scalar_series(run_dir, "train", f"sparsity/{layer}") for run_dir in plan.run_dirs()[name].values()],
-        )
-    axis.set(title=f"first layer: share of |w| < {NEAR_ZERO:g} (sparsity/<layer>)", xlabel="step", ylabel="share")
-    axis.legend(fontsize="small")
+    figure, axis = plt.subplots(figsize=(WIDTH, 4), layout="constrained")
+    series = {
+        name: [
+            events.scalar_series(run_dir, "train", f"sparsity/{next(iter(numbers[name].values())).layer_path}")
+            for run_dir in by_seed.values()
+        ]
+        for name, by_seed in plan.run_dirs().items()
+    }
+    _curves(axis, series, line_styles(list(numbers)))
+    axis.set(title=f"first layer: share of |w| < {NEAR_ZERO:g} (sparsity/<layer>)", ylabel="share")
+    _legend(figure, axis)
     return figure
 
 
-def _kernel_histograms(numbers: Numbers) -> plt.Figure:
-    """The original study's picture: where the first layer's weights end up, every seed pooled."""
+def kernel_histograms(numbers: Numbers) -> plt.Figure:
+    """Where the first layer's weights end up, every seed pooled: one panel an experiment (five
+    histograms on one axis hide one another), the reference in grey behind each other panel."""
     kernels = {name: np.concatenate([run.kernel.ravel() for run in runs.values()]) for name, runs in numbers.items()}
     limit = max(float(np.abs(values).max()) for values in kernels.values())
-    bins = np.linspace(-limit, limit, 81)
-    figure, axis = plt.subplots(figsize=(6, 4), layout="constrained")
-    for name, values in kernels.items():
-        axis.hist(values, bins=bins, histtype="step", label=name)
+    bins = np.linspace(-limit, limit, 61)
+    columns = math.ceil(math.sqrt(len(kernels)))
+    rows = math.ceil(len(kernels) / columns)
+    figure, axes = plt.subplots(
+        rows, columns, figsize=(WIDTH, 0.6 + 2.2 * rows), sharex=True, sharey=True, layout="constrained", squeeze=False
+    )
+    reference, *_ = kernels
+    shares = {name: conclusions.spreads(runs, ["kernel_small_share"]) for name, runs in numbers.items()}
+    styles = line_styles(list(kernels))
+    for axis, (name, values) in zip(axes.flat, kernels.items()):
+        if name != reference:
+            axis.hist(kernels[reference], bins=bins, color="0.8", label=reference)
+        axis.hist(values, bins=bins, histtype="step", linewidth=1.5, color=styles[name]["color"])
+        share = COLUMNS["kernel_small_share"][1].format(shares[name]["kernel_small_share"].mean)
+        axis.set_title(f"{name}\n{share} with |w| < {NEAR_ZERO:g}", fontsize="medium")
+        axis.set_yscale("log")
+    for axis in axes.flat[len(kernels) :]:
+        axis.remove()  # A grid has more cells than experiments: an empty panel would read as one with no weights.
     layer = next(iter(next(iter(numbers.values())).values())).layer_path
-    axis.set(title=f"{layer} kernel at the end of training", xlabel="w", ylabel="weights", yscale="log")
-    axis.legend(fontsize="small")
+    figure.suptitle(f"{layer} kernel at the end of training (grey: {reference})")
+    figure.supxlabel("w")
+    figure.supylabel("weights")
     return figure
 
 
 def _regularization_path(plan: Plan, numbers: Numbers) -> plt.Figure:
     points = conclusions.path_points(plan)
     strengths = list(points.values())
-    figure, axes = plt.subplots(1, len(conclusions.PATH_COLUMNS), figsize=(14, 3.6), layout="constrained")
-    for axis, key in zip(axes, conclusions.PATH_COLUMNS):
+    figure, axes = plt.subplots(2, 2, figsize=(WIDTH, 6), layout="constrained")
+    for axis, key in zip(axes.flat, conclusions.PATH_COLUMNS):
         cells = [conclusions.spreads(numbers[name], [key])[key] for name in points]
         axis.errorbar(
             strengths, [cell.mean for cell in cells], yerr=[cell.std or 0.0 for cell in cells], marker="o", capsize=3
@@ -101,12 +150,48 @@ def _regularization_path(plan: Plan, numbers: Numbers) -> plt.Figure:
     return figure
 
 
-def _band(axis: plt.Axes, label: str, series: list[dict[int, float]]) -> None:
-    """The mean over seeds as a line, ± the standard deviation as a band (none from one seed)."""
-    steps = sorted(set.intersection(*(set(points) for points in series)))
-    values = np.array([[points[step] for step in steps] for points in series])
+def _curves(axis: plt.Axes, series: dict[str, Series], styles: dict[str, dict]) -> None:
+    """Each experiment's curve against step; at a single step, its value as a marker instead."""
+    steps = {name: _common_steps(runs) for name, runs in series.items()}
+    if all(len(found) <= 1 for found in steps.values()):
+        _markers(axis, series, styles)
+        return
+    for index, (name, runs) in enumerate(series.items()):
+        _band(axis, name, runs, steps[name], styles[name], offset=index)
+    axis.set_xlabel("step")
+
+
+def _markers(axis: plt.Axes, series: dict[str, Series], styles: dict[str, dict]) -> None:
+    """One evaluation: each experiment's value (± the seeds' standard deviation) at a place of its
+    own along x, so markers of close values sit side by side instead of on top of each other."""
+    for place, (name, runs) in enumerate(series.items()):
+        values = [value for points in runs for value in points.values()]
+        spread = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        style = {key: value for key, value in styles[name].items() if key not in ("linestyle", "linewidth")}
+        axis.errorbar([place], [np.mean(values)], yerr=[spread], capsize=4, label=name, **style)
+    steps = sorted({step for runs in series.values() for points in runs for step in points})
+    axis.set_xticks(range(len(series)), list(series), rotation=30, ha="right")
+    axis.set_xlim(-0.5, len(series) - 0.5)
+    axis.set_xlabel(f"at step {', '.join(map(str, steps))}")
+
+
+def _band(axis: plt.Axes, label: str, runs: Series, steps: list[int], style: dict, *, offset: int) -> None:
+    """The mean over seeds as a line, ± the standard deviation as a band (none from one seed);
+    about ten markers a line, each line's shifted so they do not land on one another's."""
+    values = np.array([[points[step] for step in steps] for points in runs])
     mean = values.mean(axis=0)
-    (line,) = axis.plot(steps, mean, label=label, marker="." if len(steps) < 3 else None)
-    if len(series) > 1:
+    every = max(1, len(steps) // 10)
+    axis.plot(steps, mean, label=label, markevery=(offset % every, every), **style)
+    if len(runs) > 1:
         spread = values.std(axis=0, ddof=1)
-        axis.fill_between(steps, mean - spread, mean + spread, color=line.get_color(), alpha=0.2)
+        axis.fill_between(steps, mean - spread, mean + spread, color=style["color"], alpha=0.15, linewidth=0)
+
+
+def _common_steps(runs: Series) -> list[int]:
+    return sorted(set.intersection(*(set(points) for points in runs)))
+
+
+def _legend(figure: plt.Figure, axis: plt.Axes) -> None:
+    """One legend under the panels, where it covers no curve."""
+    handles, labels = axis.get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 5), fontsize="small")

@@ -16,6 +16,7 @@ from train_loop.errors import UsageError
 EXPERIMENTS = ("baseline", "dropout", "l1", "l2", "l1l2")  # The study's own flagfiles, in flags/.
 # The strengths a sweep may vary: the regularizers the study is about (bias factors aside).
 SWEEPABLE = ("l1", "l2", "dropout", "weight_decay")
+SEEDS_FLAG = "seeds"  # The study's flag of several seeds, named where a one-seed study says it would help.
 
 
 @dataclasses.dataclass(frozen=True)

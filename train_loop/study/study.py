@@ -5,7 +5,7 @@ Every experiment is a flagfile (`flags/<experiment>.cfg`, shipped in the package
 the same `--extra_flags` into `<logdir>/<study>/<experiment>` (`<experiment>-seed=<seed>` with
 `--seeds`), one after another or `--jobs` at a time; finished runs are reused, so a study
 stopped half-way picks up where it was. What the runs show goes to `<study>/study.md` (see
-`conclusions`) with figures beside it (see `figures`), and to stdout.
+`writeup`) with figures beside it (see `figures`), and to stdout.
 
 Each run folder is owned by the process training it (see `runs.owned`): a second study started
 on the same folder reuses what the first has finished and stops, in one line naming the other
@@ -59,7 +59,7 @@ _FLAGS_DIR = flags.DEFINE_string(
     "shipped in the package (the source's flags/ folder).",
 )
 _SEEDS = flags.DEFINE_list(
-    "seeds",
+    plans.SEEDS_FLAG,
     None,
     "Seeds to train every experiment with, e.g. 0,1,2: the table gives mean ± standard "
     "deviation and which differences from the reference exceed the seed-to-seed spread. "
@@ -203,7 +203,7 @@ def _train_here(configs: Sequence[Config]) -> None:
 def _write_findings(plan: plans.Plan, numbers: conclusions.Numbers) -> None:
     """`study.md` and the figures beside it; without matplotlib, the tables and one line saying so."""
     from train_loop.outputs.stderr import warn
-    from train_loop.study import conclusions  # Deferred with TensorFlow, which it needs: --help should not wait.
+    from train_loop.study import writeup  # Deferred with TensorFlow, which it needs: --help should not wait.
 
     try:
         from train_loop.study import figures
@@ -217,7 +217,7 @@ def _write_findings(plan: plans.Plan, numbers: conclusions.Numbers) -> None:
         drawn = []
     else:
         drawn = figures.draw_all(plan, numbers)
-    findings = conclusions.markdown(plan, numbers, drawn)
+    findings = writeup.markdown(plan, numbers, drawn)
     with open(os.path.join(plan.folder, TABLE_FILE), "w") as stream:
         stream.write(findings)
     print(f"\n{findings}\nwritten to {os.path.join(plan.folder, TABLE_FILE)}", flush=True)
@@ -246,7 +246,8 @@ USAGE = """Usage: train-loop-study [--experiments=a,b] [--seeds=0,1,2] [--sweep=
 
 Trains the regularization study: one run per experiment flagfile (baseline, dropout, l1, l2,
 l1l2) and seed, each with the training flags given here, then writes study.md (mean ± std over
-seeds, differences from the baseline, the best by validation cross-entropy) and its figures.
+seeds, differences from the baseline and the findings in sentences, the best by validation
+cross-entropy) and its figures.
 Example: train-loop-study --dataset=fashion_mnist --epochs=10 --seeds=0,1,2
 """
 
