@@ -100,7 +100,8 @@ def train(
             stopwatch=stopwatch,
         )
         with outputs:
-            with signals.catching():
+            # Leaving the loop by a stop or an error ends the bar's line first: its message starts a line.
+            with signals.catching(), console:
                 controller.run()
             result = finish(
                 config,
