@@ -4,7 +4,6 @@ shapes: tests/test_console_lines.py)."""
 
 from __future__ import annotations
 
-import shlex
 import sys
 import types
 
@@ -67,28 +66,3 @@ def test_a_worker_that_is_not_the_chief_shows_no_progress(capsys):
     console.tested({"cross_entropy": 0.4, "accuracy": 0.9})
     console.finished("logs/run", "logs")
     assert capsys.readouterr().out == "training\n"
-
-
-@pytest.mark.slow
-def test_what_a_run_prints(run_cli, tmp_path):
-    """Off a terminal, each epoch's header and its one line; the last line says where the model and
-    result are, and how to look at the run."""
-    finished = run_cli("--dataset=digits", "--epochs=2", "--summary_every=20", "--run_name=r")
-    assert finished.returncode == 0, finished.stderr
-    lines, run_dir, logdir = finished.stdout.splitlines(), tmp_path / "logs" / "r", tmp_path / "logs"
-    shown = [
-        line.split(":")[0] if line.startswith("epoch") else line
-        for line in lines
-        if line.startswith(("Epoch", "epoch"))
-    ]
-    assert shown == [
-        "Epoch 1/2",
-        "epoch 1/2",
-        "Epoch 2/2",
-        "epoch 2/2",
-    ]
-    assert lines[-2].startswith("test cross_entropy ")
-    assert lines[-1] == (
-        f"saved {run_dir}/model.keras and {run_dir}/result.json; "
-        f"to look at it: tensorboard --logdir {shlex.quote(str(logdir))}"
-    )

@@ -9,6 +9,7 @@ import os
 import pty
 import re
 import select
+import shlex
 import signal
 import struct
 import subprocess
@@ -108,6 +109,26 @@ def test_off_a_terminal_an_epoch_is_one_line(capsys):
     )
 
 
+def test_on_a_narrow_terminal_a_frame_is_cut_to_its_width_and_the_epoch_line_is_not(monkeypatch):
+    """A frame that wrapped would leave its first rows behind at each redraw (`\\r` goes back one row)."""
+    leader, follower = pty.openpty()
+    tty.setraw(follower)
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 60, 0, 0))
+    with open(follower, "w") as terminal:
+        monkeypatch.setattr(sys, "stdout", terminal)
+        console = Console(steps_per_epoch=10, num_epochs=1)  # Tells a terminal by itself.
+        console.progress(10, MEASURES)
+        console.epoch_done(1, MEASURES, None, 1234.5)
+        monkeypatch.undo()
+        written = b""
+        while select.select([leader], [], [], 0)[0]:  # While the terminal is open: after, a read fails.
+            written += os.read(leader, 65536)
+    os.close(leader)
+    frame, epoch_line = written.decode().split("\r")[1:]
+    assert frame == "step 10/10 [====================] | train cross_entropy 0.5" and len(frame) == 60 - 1
+    assert epoch_line.startswith("epoch 1/1: train cross_entropy 0.5000 ") and epoch_line.endswith(" examples/s\n")
+
+
 def run_on_a_terminal(*flags: str, signal_at: bytes | None = None, timeout: float = 300) -> tuple[int, str]:
     """Runs `python -m train_loop` with stdout and stderr on one pseudo-terminal, as in a shell,
     and returns its status and everything it wrote; with `signal_at`, sends SIGTERM once that appears."""
@@ -189,8 +210,9 @@ def test_a_stop_message_starts_a_line_of_its_own(tmp_path):
 
 
 @pytest.mark.slow
-def test_off_a_terminal_each_line_is_whole(run_cli):
-    """A pipe: no carriage return, no progress line; each epoch is its header and its one line."""
+def test_off_a_terminal_each_line_is_whole(run_cli, tmp_path):
+    """A pipe: no carriage return, no progress line; each epoch is its header and its one line; the
+    last line says where the model and result are, and how to look at the run."""
     finished = run_cli("--dataset=digits", "--epochs=2", "--summary_every=10", "--run_name=r")
     assert finished.returncode == 0, finished.stderr
     assert "\r" not in finished.stdout
@@ -201,4 +223,8 @@ def test_off_a_terminal_each_line_is_whole(run_cli):
         match = EPOCH_LINE.fullmatch(line)
         assert match and (int(match[1]), int(match[2])) == (epoch, 2), line
     assert re.fullmatch(r"test cross_entropy \d\.\d{4} accuracy \d\.\d{4}", lines[start + 4])
-    assert lines[start + 5].startswith("saved ") and len(lines) == start + 6
+    run_dir, logdir = tmp_path / "logs" / "r", tmp_path / "logs"
+    assert lines[start + 5 :] == [
+        f"saved {run_dir}/model.keras and {run_dir}/result.json; "
+        f"to look at it: tensorboard --logdir {shlex.quote(str(logdir))}"
+    ]

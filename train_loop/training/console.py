@@ -197,11 +197,9 @@ class _Bar:
 
 
 def _columns() -> int:
-    """The terminal's width; 0 where standard output is no terminal (Jupyter, a test's capture)."""
-    try:
-        return os.get_terminal_size(sys.stdout.fileno()).columns
-    except (AttributeError, OSError, ValueError):  # No file descriptor, or not a terminal's.
-        return 0
+    """The terminal's width; 0 (nothing is cut) in Jupyter, whose cell wraps a line that `\\r`
+    then redraws whole."""
+    return os.get_terminal_size(sys.stdout.fileno()).columns if sys.stdout.isatty() else 0
 
 
 def _duration(seconds: float) -> str:
