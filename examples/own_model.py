@@ -9,17 +9,22 @@ carries an activity regularizer, and --l2 puts an L2 term on its kernels. Run fr
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
-import keras
 import numpy as np
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 import train_loop
 
+if TYPE_CHECKING:  # The model's type; keras itself is imported in build().
+    import keras
+
 
 def build() -> keras.Model:
     """Called by train_loop inside its distribution strategy's scope; returns logits, uncompiled."""
+    import keras  # Here, not at the top: train_loop starts TensorFlow first, without its start-up lines.
+
     return keras.Sequential(
         [
             keras.Input((8, 8, 1)),

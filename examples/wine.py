@@ -9,15 +9,20 @@ data as a Keras-layout npz (`examples/wine.sh` does both):
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
-import keras
 import numpy as np
 from sklearn.datasets import load_wine
 from sklearn.model_selection import train_test_split
 
+if TYPE_CHECKING:  # The model's type; keras itself is imported in build().
+    import keras
+
 
 def build() -> keras.Model:
     """A small MLP: 13 standardized measurements in, 3 logits out."""
+    import keras  # Here, not at the top: train_loop starts TensorFlow first, without its start-up lines.
+
     return keras.Sequential(
         [
             keras.Input((13,)),

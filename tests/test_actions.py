@@ -195,12 +195,13 @@ def test_train_summaries_write_the_intervals_means_and_each_layers_terms(tmp_pat
         seconds=2.0,
     )
     stopwatch = Stopwatch()
+    train_state.counters.advance(dict.fromkeys(measurements.PER_EPOCH, 2.0), 4)  # The epoch's sums so far.
     action = TrainSummaries(
         Cadence(5, STEPS_PER_EPOCH, at_epoch_end=True),
         config=config,
         state=train_state,
         summaries=summaries,
-        console=Console(steps_per_epoch=10, num_epochs=1, interactive=False),
+        console=Console(steps_per_epoch=10, num_epochs=1, interactive=True),
         means=interval.pop_means,
         stopwatch=stopwatch,
     )
@@ -230,7 +231,10 @@ def test_train_summaries_write_the_intervals_means_and_each_layers_terms(tmp_pat
         0.01 / 2 * (np.square(kernel).sum() + np.square(bias).sum()), rel=1e-6
     )
     assert scalar_series(str(tmp_path), "train", "sparsity/dense")[4] == pytest.approx(np.mean(np.abs(kernel) < 1e-3))
-    assert "epoch 1/1 step 4/10: cross_entropy 1.0000" in capsys.readouterr().out
+    # The bar shows the epoch's means so far, which its line will give, not the interval's.
+    assert "step  4/10 [========............] | train cross_entropy 0.5000 regularization 0.5000 " in (
+        capsys.readouterr().out
+    )
 
 
 def test_histograms_hold_each_trainable_weight_and_the_gradients_given_by_layer_path(tmp_path, state):

@@ -217,7 +217,7 @@ def test_a_signal_checkpoints_and_exits_then_the_same_command_resumes(tmp_path, 
         "--run_name=r",
     )
     process = start(*flags)
-    wait_for_output(process, "step 20/")  # Training is under way.
+    wait_for_output(process, "epoch 1/30: ")  # Training is under way: the first epoch has ended.
     signalled = time.monotonic()
     process.send_signal(signum)
     code, _, stderr = finish(process, timeout=60)
@@ -398,7 +398,7 @@ def test_sigterm_to_one_worker_stops_all_at_one_checkpoint_and_the_run_resumes(t
         "--run_name=r",
     )
     launcher = start(*args, module="train_loop.launch")
-    wait_for_output(launcher, "[worker 0] epoch 1/8 step 20/")
+    wait_for_output(launcher, "[worker 0] epoch 1/8: ")
     os.kill(worker_pids(launcher)[1], signal.SIGTERM)  # Not the chief: it must stop too, at the same step.
     signalled = time.monotonic()
     code, stdout, stderr = finish(launcher, timeout=120)

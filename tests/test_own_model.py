@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -146,6 +147,8 @@ def test_examples_run_and_learn(tmp_path, command):
         env={**os.environ, "PYTHON": sys.executable},
     )
     assert finished.returncode == 0, finished.stderr[-3000:]
+    # TensorFlow started as the tools start it: none of its start-up lines (`E0000 ... cuInit` without a GPU).
+    assert not re.search(r"cuInit|^[IWE]\d{4} ", finished.stderr, re.MULTILINE), finished.stderr[-3000:]
     (result_file,) = tmp_path.glob("*/result.json")
     result = json.loads(result_file.read_text())
     chance = 1 / len(result["confusion_matrix"])

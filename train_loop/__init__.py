@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -29,13 +30,15 @@ def train(
     model. `data` is a mapping of the arrays `x_train`, `y_train`, `x_test`, `y_test`, or a path
     to an .npz holding them. A run records the function as `module:name` and the arrays by a
     fingerprint of their bytes, so that a resumed run is checked against both.
-    TensorFlow is imported on the first call, not on `import train_loop`.
+    TensorFlow is imported on the first call, not on `import train_loop`, and quietly, as the
+    tools start it (`startup`), unless it was imported before.
     """
+    config = config if config is not None else Config(**settings)
+    _start_tensorflow(config.cpu_replicas, config.strategy)
     from train_loop.data.arrays import fingerprint
     from train_loop.model import models  # Deferred: importing TensorFlow takes seconds.
     from train_loop.training.run import train as train_config
 
-    config = config if config is not None else Config(**settings)
     function = model_fn if callable(model_fn) else None
     arrays = data if isinstance(data, Mapping) else None
     changes = {}
@@ -55,9 +58,19 @@ def load(run_dir: str) -> Any:
     Raises:
       UsageError: `run_dir` is not a finished run, or its model cannot be read.
     """
+    _start_tensorflow()
     from train_loop.outputs.exports import load_model  # Deferred: importing TensorFlow takes seconds.
 
     return load_model(run_dir)
+
+
+def _start_tensorflow(cpu_replicas: int = 0, strategy: str = "one_device") -> None:
+    """TensorFlow's start without its start-up lines (on a machine without a GPU, an `E0000 ...
+    cuInit` error), as the tools start it; a process that imported it already has them behind it."""
+    if "tensorflow" not in sys.modules:
+        from train_loop import startup
+
+        startup.start_tensorflow(cpu_replicas, strategy)
 
 
 __all__ = ["Config", "UsageError", "__version__", "load", "train"]

@@ -99,7 +99,8 @@ def train(
             signals=signals,
             stopwatch=stopwatch,
         )
-        with outputs, signals.catching():
+        # Leaving by a stop or an error ends the bar's line first: its message starts a line.
+        with outputs, signals.catching(), console:
             controller.run()
             result = finish(
                 config,

@@ -19,7 +19,7 @@ from train_loop.training.timing import Stopwatch
 class TrainSummaries(Periodic):
     """The train writer's scalars (the interval's means, the regularization's ratio to the
     cross-entropy, the learning rate, each layer's terms, norms and sparsity, the decoupled decay's
-    penalty) and the console's progress."""
+    penalty) and the console's progress (the epoch's means so far)."""
 
     config: Config
     state: TrainState
@@ -60,7 +60,8 @@ class TrainSummaries(Periodic):
                 ),
             },
         )
-        self.console.progress(at.step, {name: means[name] for name in measurements.PER_EPOCH})
+        # The epoch's means so far, which its line gives at its end: the bar agrees with it.
+        self.console.progress(at.step, state.counters.epoch_means())
 
 
 @dataclasses.dataclass
