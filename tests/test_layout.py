@@ -51,7 +51,7 @@ RULES = {
     "train_loop.model": ("train_loop.outputs", "train_loop.training", "train_loop.study", *ENTRY_POINTS),
     "train_loop.outputs": ("train_loop.training", "train_loop.study", *ENTRY_POINTS),
     "train_loop.training": ("train_loop.study", *ENTRY_POINTS),
-    "train_loop.study": ("train_loop.model.steps",),
+    "train_loop.study": ("train_loop.model.steps", "train_loop.model.loop_calls"),
 }
 # The data layer reads with NumPy, so that bad data is refused before TensorFlow starts; TensorFlow
 # only where the pipelines are built (and Keras, deferred, for its download of MNIST).

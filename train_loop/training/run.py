@@ -13,7 +13,7 @@ import tensorflow as tf
 from train_loop.configs import MODELS, Config
 from train_loop.data import inputs, sources
 from train_loop.data.arrays import Splits, hold_out
-from train_loop.model import steps
+from train_loop.model import loop_calls
 from train_loop.model.models import ModelFunction, load_model_function
 from train_loop.model.state import TrainState, build_state
 from train_loop.outputs import checkpoints, runs
@@ -143,17 +143,8 @@ def _loop_call(
         num_epochs=config.epochs,
         start_step=state.counters.step,
     )
-    train_input = inputs.ReplicaInput(strategy, dataset_fn)
-    loop_call = steps.make_loop_call(
-        strategy,
-        state,
-        train_input.next_batch,
-        global_batch_size=config.batch_size,
-        jit_compile=jit_compile,
-        global_clipnorm=config.global_clipnorm,
-    )
-    iterator = train_input.iterator()
-    return lambda num_steps, histograms: loop_call(iterator, tf.constant(num_steps), tf.constant(histograms))
+    loop_call = loop_calls.make_input_loop_call(config, strategy, state, dataset_fn, jit_compile=jit_compile)
+    return lambda num_steps, histograms: loop_call(tf.constant(num_steps), tf.constant(histograms))
 
 
 def _validation(
