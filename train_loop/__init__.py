@@ -32,7 +32,7 @@ def train(
     TensorFlow is imported on the first call, not on `import train_loop`.
     """
     from train_loop.data.arrays import fingerprint
-    from train_loop.model import models  # Deferred: importing TensorFlow takes seconds.
+    from train_loop.model import user_models  # Deferred: importing TensorFlow takes seconds.
     from train_loop.training.run import train as train_config
 
     config = config if config is not None else Config(**settings)
@@ -40,7 +40,7 @@ def train(
     arrays = data if isinstance(data, Mapping) else None
     changes = {}
     if model_fn is not None:
-        changes["model"] = models.model_function_name(function) if function else model_fn
+        changes["model"] = user_models.model_function_name(function) if function else model_fn
     if data is not None:
         changes["dataset"] = ARRAYS_PREFIX + fingerprint(arrays) if arrays is not None else data
     return train_config(dataclasses.replace(config, **changes), model_fn=function, arrays=arrays)

@@ -24,8 +24,8 @@ import tensorflow as tf
 from train_loop.configs import Config
 from train_loop.data import arrays, inputs
 from train_loop.model import loop_calls
-from train_loop.model.models import ModelFunction
 from train_loop.model.state import build_state
+from train_loop.model.user_models import ModelFunction
 from train_loop.training import cpu
 from train_loop.training.speed_cache import SpeedCache
 
