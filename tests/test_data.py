@@ -23,6 +23,7 @@ from train_loop.configs import Config
 from train_loop.data import idx, inputs, named_sets, sources
 from train_loop.data.arrays import DataError, Splits, fingerprint, hold_out
 from train_loop.errors import UsageError
+from train_loop.settings import ARRAYS_PREFIX
 
 IMAGES_MAGIC, LABELS_MAGIC = 0x00000803, 0x00000801
 TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS = idx.IDX_FILES
@@ -470,7 +471,7 @@ def test_uint8_images_of_any_size_are_scaled_and_given_a_channel(tmp_path: Path)
 def test_arrays_are_checked_against_their_fingerprint() -> None:
     """`arrays:<fingerprint>` is what train(data=...) records: other arrays do not resume that run."""
     arrays = user_arrays()
-    config = Config(dataset=sources.ARRAYS_PREFIX + fingerprint(arrays), model="linear")
+    config = Config(dataset=ARRAYS_PREFIX + fingerprint(arrays), model="linear")
     assert sources.load_splits(config, arrays).num_classes == 3
     with pytest.raises(DataError, match="give the same arrays again"):
         sources.load_splits(config, user_arrays(seed=1))
@@ -526,7 +527,7 @@ def test_bad_user_data_is_one_line_naming_the_file_or_array(tmp_path: Path, brea
         config, given = Config(dataset=where, model="linear"), None
     else:
         where, given = "data[", arrays
-        config = Config(dataset=sources.ARRAYS_PREFIX + fingerprint(arrays), model="linear")
+        config = Config(dataset=ARRAYS_PREFIX + fingerprint(arrays), model="linear")
 
     with pytest.raises(DataError) as caught:
         sources.load_splits(config, given)

@@ -28,6 +28,17 @@ RULES = {
         "train_loop.study",
         *ENTRY_POINTS,
     ),
+    # The values each setting may hold and the checks of a Config, which `configs` calls (it names
+    # `Config` for type checkers only).
+    "train_loop.settings": (
+        "train_loop.settings.",
+        "train_loop.data",
+        "train_loop.model",
+        "train_loop.outputs",
+        "train_loop.training",
+        "train_loop.study",
+        *ENTRY_POINTS,
+    ),
     "train_loop.errors": ("train_loop.",),
     # Leaves that every layer may use: writing files safely, and ending with the parent process.
     "train_loop.files": (

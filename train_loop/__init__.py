@@ -6,8 +6,9 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from train_loop.configs import ARRAYS_PREFIX, Config
+from train_loop.configs import Config
 from train_loop.errors import UsageError
+from train_loop.settings import ARRAYS_PREFIX
 
 # The one place the version is written: pyproject.toml reads it from here.
 __version__ = "0.1.0"

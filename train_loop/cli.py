@@ -10,14 +10,14 @@ from collections.abc import Callable, Sequence
 
 from absl import flags
 
-from train_loop import apps, configs, errors, orphans, startup
+from train_loop import apps, configs, errors, orphans, settings, startup
 
 _DEFAULTS = configs.Config()
 
 flags.DEFINE_string(
     "dataset",
     _DEFAULTS.dataset,
-    f"Data set to train on: one of {', '.join(configs.DATASETS)}, or a path to an .npz "
+    f"Data set to train on: one of {', '.join(settings.DATASETS)}, or a path to an .npz "
     "holding x_train, y_train, x_test, y_test (any input shape, labels 0..K-1).",
 )
 flags.DEFINE_string(
@@ -40,7 +40,7 @@ flags.DEFINE_float("bias_l1", _DEFAULTS.bias_l1, "L1 factor on every bias.")
 flags.DEFINE_float("bias_l2", _DEFAULTS.bias_l2, "L2 factor on every bias.")
 flags.DEFINE_integer("epochs", _DEFAULTS.epochs, "Passes over the training split.")
 flags.DEFINE_integer("batch_size", _DEFAULTS.batch_size, "Global batch, split across replicas.")
-flags.DEFINE_enum("optimizer", _DEFAULTS.optimizer, configs.OPTIMIZERS, "Keras optimizer.")
+flags.DEFINE_enum("optimizer", _DEFAULTS.optimizer, settings.OPTIMIZERS, "Keras optimizer.")
 flags.DEFINE_float(
     "learning_rate",
     _DEFAULTS.learning_rate,
@@ -49,7 +49,7 @@ flags.DEFINE_float(
 flags.DEFINE_enum(
     "lr_schedule",
     _DEFAULTS.lr_schedule,
-    configs.LR_SCHEDULES,
+    settings.LR_SCHEDULES,
     "constant; cosine: decays to 0 over --lr_decay_steps; step: multiplied by "
     "--lr_decay_rate every --lr_decay_steps (keras.optimizers.schedules).",
 )
@@ -100,7 +100,7 @@ flags.DEFINE_integer(
 flags.DEFINE_string(
     "best_metric",
     _DEFAULTS.best_metric,
-    f"{' or '.join(configs.BEST_METRICS)}: keep the weights that scored best on it "
+    f"{' or '.join(settings.BEST_METRICS)}: keep the weights that scored best on it "
     "(in <run>/best/; they become model.keras and are tested); empty: the last weights.",
 )
 flags.DEFINE_integer(
@@ -116,13 +116,13 @@ flags.DEFINE_float(
 flags.DEFINE_enum(
     "export",
     _DEFAULTS.export,
-    configs.EXPORTS,
+    settings.EXPORTS,
     "saved_model: write <run>/saved_model/ for serving (Keras' model.export; it serves logits); none: do not.",
 )
 flags.DEFINE_enum(
     "strategy",
     _DEFAULTS.strategy,
-    configs.STRATEGIES,
+    settings.STRATEGIES,
     "tf.distribute strategy; auto: mirrored over several GPUs, multi_worker "
     "under a TF_CONFIG of several workers, else one device.",
 )
@@ -146,11 +146,11 @@ flags.DEFINE_integer(
 flags.DEFINE_integer(
     "checkpoint_every", _DEFAULTS.checkpoint_every, "Steps between checkpoints; 0: at the end of each epoch."
 )
-flags.DEFINE_integer("seed", _DEFAULTS.seed, f"Seeds weights, shuffling and dropout; 0 to {configs.MAX_SEED}.")
+flags.DEFINE_integer("seed", _DEFAULTS.seed, f"Seeds weights, shuffling and dropout; 0 to {settings.MAX_SEED}.")
 flags.DEFINE_enum(
     "precision",
     _DEFAULTS.precision,
-    configs.PRECISIONS,
+    settings.PRECISIONS,
     "float32; mixed_bfloat16 (CPUs with AMX or AVX-512 bf16, TPUs); mixed_float16 "
     "(GPUs; the loss is scaled by hand). Weights, logits and losses stay float32.",
 )
@@ -208,7 +208,7 @@ flags.DEFINE_string(
 flags.DEFINE_enum(
     "cluster_resolver",
     _DEFAULTS.cluster_resolver,
-    configs.CLUSTER_RESOLVERS,
+    settings.CLUSTER_RESOLVERS,
     "With --strategy=multi_worker: where the cluster comes from; tf_config: the TF_CONFIG "
     "variable; slurm: the Slurm job step this task runs in (srun), by SlurmClusterResolver.",
 )

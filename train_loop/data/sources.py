@@ -7,10 +7,11 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from train_loop.configs import ARRAYS_PREFIX, DATASETS, Config
+from train_loop.configs import Config
 from train_loop.data.arrays import NPZ_KEYS, DataError, Splits, checked_splits, fingerprint
 from train_loop.data.named_sets import read_named_set
 from train_loop.data.npz import read_npz
+from train_loop.settings import ARRAYS_PREFIX, DATASETS
 
 
 def load_splits(config: Config, arrays: Mapping[str, np.ndarray] | None = None) -> Splits:

@@ -6,10 +6,11 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from train_loop.configs import MODELS, Config
+from train_loop.configs import Config
 from train_loop.errors import UsageError
 from train_loop.model.dropout import ExampleDropout
 from train_loop.model.user_models import ModelFunction, build_user_model
+from train_loop.settings import MODELS
 
 # The layers whose `kernel` and `bias` --l1/--l2/--bias_l1/--bias_l2 regularize and the logs show.
 KERNEL_LAYERS = (

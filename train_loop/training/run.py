@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from train_loop.configs import MODELS, Config
+from train_loop.configs import Config
 from train_loop.data import inputs, sources
 from train_loop.data.arrays import Splits, hold_out
 from train_loop.model import loop_calls
@@ -18,6 +18,7 @@ from train_loop.model.state import TrainState, build_state
 from train_loop.model.user_models import ModelFunction, load_model_function
 from train_loop.outputs import checkpoints, runs
 from train_loop.outputs.run_outputs import RunOutputs
+from train_loop.settings import MODELS
 from train_loop.training import actions, distribute, xla_choice
 from train_loop.training.console import Console
 from train_loop.training.controller import make_controller
