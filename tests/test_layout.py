@@ -10,6 +10,7 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "train_loop"
 ENTRY_POINTS = (
     "train_loop.cli",
+    "train_loop.training_flags",
     "train_loop.apps",
     "train_loop.launch",
     "train_loop.bench",
