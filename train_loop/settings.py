@@ -44,11 +44,7 @@ def check(config: Config) -> None:
         )
     for name in ("l1", "l2", "bias_l1", "bias_l2"):
         _check_factor(name, getattr(config, name))
-    if not (math.isfinite(config.dropout) and 0.0 <= config.dropout < 1.0):
-        raise UsageError(
-            f"--dropout={config.dropout} must be in [0, 1): it is the fraction of "
-            "activations dropped; use 0 for no Dropout layer."
-        )
+    _check_fraction("dropout", config.dropout, "it is the fraction of activations dropped; use 0 for no Dropout layer.")
     if config.dropout and config.model not in MODELS:
         raise UsageError(
             f"--dropout={config.dropout} applies to the built-in models only, not to --model={config.model}: "
@@ -61,11 +57,11 @@ def check(config: Config) -> None:
     _check_optimizer_settings(config)
     for name in ("epochs", "batch_size", "steps_per_loop", "summary_every"):
         _check_positive(name, getattr(config, name))
-    if not (math.isfinite(config.validation_split) and 0.0 <= config.validation_split < 1.0):
-        raise UsageError(
-            f"--validation_split={config.validation_split} must be in [0, 1): the share of the training "
-            "split held out for validation, e.g. 0.1; 0 for none."
-        )
+    _check_fraction(
+        "validation_split",
+        config.validation_split,
+        "the share of the training split held out for validation, e.g. 0.1; 0 for none.",
+    )
     if config.eval_every and not config.validation_split:
         raise UsageError(
             f"--eval_every={config.eval_every} evaluates the validation split, and --validation_split=0 "
@@ -134,11 +130,7 @@ def _check_optimizer_settings(config: Config) -> None:
         value = getattr(config, name)
         if not (math.isfinite(value) and value >= 0):
             raise UsageError(f"--{name}={value} must be a finite number >= 0 (0 turns it off).")
-    if not (math.isfinite(config.ema) and 0.0 <= config.ema < 1.0):
-        raise UsageError(
-            f"--ema={config.ema} must be in [0, 1): the momentum of the weights' moving average, "
-            "e.g. --ema=0.999; 0 turns it off."
-        )
+    _check_fraction("ema", config.ema, "the momentum of the weights' moving average, e.g. --ema=0.999; 0 turns it off.")
 
 
 def _check_best_model_settings(config: Config) -> None:
@@ -195,6 +187,11 @@ def _check_model(model: str) -> None:
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise UsageError(f"--{name}={value!r} is not one of {', '.join(choices)}.")
+
+
+def _check_fraction(name: str, value: float, meaning: str) -> None:
+    if not (math.isfinite(value) and 0.0 <= value < 1.0):
+        raise UsageError(f"--{name}={value} must be in [0, 1): {meaning}")
 
 
 def _check_factor(name: str, value: float) -> None:
