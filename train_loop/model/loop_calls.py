@@ -1,5 +1,6 @@
-"""The traced loops over the step: `num_steps` updates in one call (a "loop call"), a loop call
-bound to the input it pulls from, and the evaluation pass; each one `tf.function`, traced once."""
+"""The traced loops over the step, each one `tf.function` traced once: `num_steps` updates in one
+call (a "loop call"), which `make_input_loop_call` binds to the input it pulls from, and the
+evaluation pass."""
 
 from __future__ import annotations
 
