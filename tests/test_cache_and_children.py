@@ -21,7 +21,7 @@ from conftest import REPO
 from test_data import make_arrays, write_idx_set
 
 from train_loop import files, orphans
-from train_loop.data import sources
+from train_loop.data import idx
 from train_loop.outputs import locks
 from train_loop.training import speed_cache
 
@@ -100,7 +100,7 @@ def test_a_special_file_where_regular_files_reads_is_an_oserror_naming_it(tmp_pa
 def test_a_fifo_as_the_decoded_data_cache_is_decoded_around(tmp_path, monkeypatch):
     """A FIFO where the decoded IDX set is cached: the data is decoded from the IDX files, and
     the FIFO is left as it was. Read in a process of its own, bounded: a hang would block it."""
-    monkeypatch.setenv(sources.DATA_CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(idx.DATA_CACHE_ENV, str(tmp_path / "cache"))
     arrays = make_arrays(seed=3)
     write_idx_set(tmp_path / "data", arrays, gz=True)
     read = (

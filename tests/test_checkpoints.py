@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from train_loop import Config
 from train_loop.model import measurements
-from train_loop.model.models import plain_keras
+from train_loop.model.dropout import plain_keras
 from train_loop.model.state import build_state
 from train_loop.outputs import checkpoints
 

@@ -20,12 +20,13 @@ import pytest
 import tensorflow as tf
 
 from train_loop.configs import Config
-from train_loop.data import inputs, sources
+from train_loop.data import idx, inputs, named_sets, sources
 from train_loop.data.arrays import DataError, Splits, fingerprint, hold_out
 from train_loop.errors import UsageError
+from train_loop.settings import ARRAYS_PREFIX
 
 IMAGES_MAGIC, LABELS_MAGIC = 0x00000803, 0x00000801
-TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS = sources.IDX_FILES
+TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS = idx.IDX_FILES
 KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 
@@ -75,7 +76,7 @@ def write_idx(path: Path, array: np.ndarray, *, gz: bool = False, magic: int | N
 def write_idx_set(folder: Path, arrays: dict[str, np.ndarray], *, gz: bool = False) -> dict[str, Path]:
     """The four IDX files of `arrays` in `folder`; returns their paths by npz key."""
     folder.mkdir(parents=True, exist_ok=True)
-    names = zip(KEYS, sources.IDX_FILES, strict=True)
+    names = zip(KEYS, idx.IDX_FILES, strict=True)
     return {key: write_idx(folder / name, arrays[key], gz=gz) for key, name in names}
 
 
@@ -124,7 +125,7 @@ def test_reads_four_idx_files(tmp_path: Path, gz: bool) -> None:
 def data_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A decoded-data cache folder of the test's own (not created: the first write makes it)."""
     folder = tmp_path / "data_cache"
-    monkeypatch.setenv(sources.DATA_CACHE_ENV, str(folder))
+    monkeypatch.setenv(idx.DATA_CACHE_ENV, str(folder))
     return folder
 
 
@@ -213,7 +214,7 @@ def test_an_unwritable_or_disabled_data_cache_still_reads_the_data(
     before = sorted(tmp_path.rglob("*"))
 
     for setting in (str(blocker / "cache"), "off"):
-        monkeypatch.setenv(sources.DATA_CACHE_ENV, setting)
+        monkeypatch.setenv(idx.DATA_CACHE_ENV, setting)
         assert_splits_hold(read_mnist(tmp_path / "data"), arrays)
         assert sorted(tmp_path.rglob("*")) == before
 
@@ -270,14 +271,14 @@ def test_fashion_mnist_from_keras_cache_folder(keras_home: Path) -> None:
 
 
 @pytest.mark.skipif(
-    not os.path.isdir(sources.DEBIAN_FASHION_MNIST),
-    reason=f"{sources.DEBIAN_FASHION_MNIST} missing (apt-get install dataset-fashion-mnist)",
+    not os.path.isdir(named_sets.DEBIAN_FASHION_MNIST),
+    reason=f"{named_sets.DEBIAN_FASHION_MNIST} missing (apt-get install dataset-fashion-mnist)",
 )
 def test_fashion_mnist_from_debian_folder() -> None:
     """With an empty KERAS_HOME, Debian's dataset-fashion-mnist folder is found and read whole."""
     splits = sources.load_splits(Config(dataset="fashion_mnist"))
 
-    assert splits.source == sources.DEBIAN_FASHION_MNIST
+    assert splits.source == named_sets.DEBIAN_FASHION_MNIST
     assert splits.x_train.shape == (60_000, 28, 28, 1) and splits.x_test.shape == (10_000, 28, 28, 1)
     assert splits.y_train.shape == (60_000,) and splits.y_test.shape == (10_000,)
     assert splits.x_train.dtype == np.float32 and splits.y_train.dtype == np.int32
@@ -287,7 +288,7 @@ def test_fashion_mnist_from_debian_folder() -> None:
 
 def test_nothing_found_offline_points_to_digits(tmp_path: Path) -> None:
     """No data anywhere and downloading off: one DataError that suggests --dataset=digits."""
-    assert os.environ.get(sources.OFFLINE_ENV)  # conftest's promise that nothing downloads
+    assert os.environ.get(named_sets.OFFLINE_ENV)  # conftest's promise that nothing downloads
     empty = tmp_path / "empty"
     empty.mkdir()
 
@@ -470,7 +471,7 @@ def test_uint8_images_of_any_size_are_scaled_and_given_a_channel(tmp_path: Path)
 def test_arrays_are_checked_against_their_fingerprint() -> None:
     """`arrays:<fingerprint>` is what train(data=...) records: other arrays do not resume that run."""
     arrays = user_arrays()
-    config = Config(dataset=sources.ARRAYS_PREFIX + fingerprint(arrays), model="linear")
+    config = Config(dataset=ARRAYS_PREFIX + fingerprint(arrays), model="linear")
     assert sources.load_splits(config, arrays).num_classes == 3
     with pytest.raises(DataError, match="give the same arrays again"):
         sources.load_splits(config, user_arrays(seed=1))
@@ -526,7 +527,7 @@ def test_bad_user_data_is_one_line_naming_the_file_or_array(tmp_path: Path, brea
         config, given = Config(dataset=where, model="linear"), None
     else:
         where, given = "data[", arrays
-        config = Config(dataset=sources.ARRAYS_PREFIX + fingerprint(arrays), model="linear")
+        config = Config(dataset=ARRAYS_PREFIX + fingerprint(arrays), model="linear")
 
     with pytest.raises(DataError) as caught:
         sources.load_splits(config, given)

@@ -15,7 +15,7 @@ from test_faults import finish, read_result, start
 
 import train_loop
 from train_loop.data import inputs
-from train_loop.model.models import ExampleDropout, use_step
+from train_loop.model.dropout import ExampleDropout, use_step
 
 RATE = 0.3
 # SGD: RMSprop's first steps divide by the root of near-zero squared gradients, which turns the

@@ -10,6 +10,7 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "train_loop"
 ENTRY_POINTS = (
     "train_loop.cli",
+    "train_loop.training_flags",
     "train_loop.apps",
     "train_loop.launch",
     "train_loop.bench",
@@ -21,6 +22,17 @@ ENTRY_POINTS = (
 RULES = {
     "train_loop.configs": (
         "train_loop.configs.",
+        "train_loop.data",
+        "train_loop.model",
+        "train_loop.outputs",
+        "train_loop.training",
+        "train_loop.study",
+        *ENTRY_POINTS,
+    ),
+    # The values each setting may hold and the checks of a Config, which `configs` calls (it names
+    # `Config` for type checkers only).
+    "train_loop.settings": (
+        "train_loop.settings.",
         "train_loop.data",
         "train_loop.model",
         "train_loop.outputs",
@@ -51,7 +63,7 @@ RULES = {
     "train_loop.model": ("train_loop.outputs", "train_loop.training", "train_loop.study", *ENTRY_POINTS),
     "train_loop.outputs": ("train_loop.training", "train_loop.study", *ENTRY_POINTS),
     "train_loop.training": ("train_loop.study", *ENTRY_POINTS),
-    "train_loop.study": ("train_loop.model.steps",),
+    "train_loop.study": ("train_loop.model.steps", "train_loop.model.loop_calls"),
 }
 # The data layer reads with NumPy, so that bad data is refused before TensorFlow starts; TensorFlow
 # only where the pipelines are built (and Keras, deferred, for its download of MNIST).

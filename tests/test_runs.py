@@ -15,7 +15,7 @@ import tensorflow as tf
 from helpers import kill_at_first_checkpoint, numpy_regularization
 
 from train_loop import Config
-from train_loop.data import sources
+from train_loop.data import named_sets, sources
 from train_loop.data.arrays import hold_out
 from train_loop.model import models
 from train_loop.outputs.events import scalar_series
@@ -108,7 +108,8 @@ def test_saved_model_loads_with_plain_keras_and_carries_its_regularizers(run_cli
 
 
 @pytest.mark.skipif(
-    not os.path.isdir(sources.DEBIAN_FASHION_MNIST), reason="needs Debian's dataset-fashion-mnist (.ci/run installs it)"
+    not os.path.isdir(named_sets.DEBIAN_FASHION_MNIST),
+    reason="needs Debian's dataset-fashion-mnist (.ci/run installs it)",
 )
 def test_fashion_mnist_one_epoch_reaches_85_percent(run_cli, tmp_path):
     finished = run_cli("--dataset=fashion_mnist", "--l2=0.001", "--batch_size=32")

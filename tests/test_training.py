@@ -17,7 +17,7 @@ import train_loop
 from train_loop import Config
 from train_loop.data import inputs, sources
 from train_loop.data.arrays import hold_out
-from train_loop.model import measurements, models, optimizers, steps
+from train_loop.model import loop_calls, measurements, models, optimizers, steps
 from train_loop.model.state import LossScale, build_state
 from train_loop.outputs.events import scalar_series
 from train_loop.training import distribute
@@ -226,7 +226,7 @@ def test_loop_call_is_traced_once_and_returns_named_measurements():
     replica_input = inputs.ReplicaInput(
         strategy, inputs.train_dataset_fn(splits, global_batch_size=32, seed=0, num_epochs=1, start_step=0)
     )
-    loop_call = steps.make_loop_call(strategy, state, replica_input.next_batch, global_batch_size=32)
+    loop_call = loop_calls.make_loop_call(strategy, state, replica_input.next_batch, global_batch_size=32)
     iterator = replica_input.iterator()
     histograms = (False, True, False)
     measured = [loop_call(iterator, tf.constant(n), tf.constant(h)) for n, h in zip((3, 5, 7), histograms)]

@@ -7,8 +7,9 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from train_loop.configs import ARRAYS_PREFIX, Config
+from train_loop.configs import Config
 from train_loop.errors import UsageError
+from train_loop.settings import ARRAYS_PREFIX
 
 # The one place the version is written: pyproject.toml reads it from here.
 __version__ = "0.1.0"
@@ -36,14 +37,14 @@ def train(
     config = config if config is not None else Config(**settings)
     _start_tensorflow(config.cpu_replicas, config.strategy)
     from train_loop.data.arrays import fingerprint
-    from train_loop.model import models  # Deferred: importing TensorFlow takes seconds.
+    from train_loop.model import user_models  # Deferred: importing TensorFlow takes seconds.
     from train_loop.training.run import train as train_config
 
     function = model_fn if callable(model_fn) else None
     arrays = data if isinstance(data, Mapping) else None
     changes = {}
     if model_fn is not None:
-        changes["model"] = models.model_function_name(function) if function else model_fn
+        changes["model"] = user_models.model_function_name(function) if function else model_fn
     if data is not None:
         changes["dataset"] = ARRAYS_PREFIX + fingerprint(arrays) if arrays is not None else data
     return train_config(dataclasses.replace(config, **changes), model_fn=function, arrays=arrays)

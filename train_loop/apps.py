@@ -1,11 +1,12 @@
 """Starting a command-line tool: absl's app with a usage line for users, `--helpshort` listing the
 flags the tool takes, and `--version`, the same whether it runs as a console script or `python -m`.
 
-Flags live with the tool that reads them: `cli` holds the training flags and their groups (which
-`study` and `launch` pass on, and so list too), `study`, `launch` and `bench` their own. This module defines
-only `--version`, which every tool takes, and how a user error ends every tool (`fail`: one line,
-exit 2), a bad flag's included; it imports neither `cli` nor TensorFlow, so `bench`, whose flags
-share names with the training flags, can use it.
+Flags live with the tool that reads them: `training_flags` holds the training flags and `cli`
+their groups (which `study` and `launch` pass on, and so list too), `study`, `launch` and `bench`
+their own. This module defines only `--version`, which every tool takes, how a user error ends
+every tool (`fail`: one line, exit 2), a bad flag's included, and the check of a flag that names a
+file (`require_utf8`); it imports neither `cli` nor TensorFlow, so `bench`, whose flags share
+names with the training flags, can use it.
 """
 
 from __future__ import annotations
@@ -100,6 +101,23 @@ def _with_shipped_flagfile(argument: str) -> str:
         "--flag=value lines."
     )
     return argument
+
+
+def require_utf8(name: str) -> None:
+    """Makes the parsing of the flag `name`, a path or a folder's name, refuse bytes that are not
+    UTF-8 (the command line hands them over as surrogate escapes): TensorFlow takes file names as
+    UTF-8 text, so such a run would fail at its first TensorFlow write, after its folder was made."""
+    flags.register_validator(name, _check_utf8)
+
+
+def _check_utf8(value: str | None) -> bool:
+    try:
+        (value or "").encode("utf-8")
+    except UnicodeEncodeError:
+        raise flags.ValidationError(
+            "it holds bytes that are not UTF-8, and TensorFlow takes file names as UTF-8 text: use a UTF-8 name"
+        ) from None
+    return True
 
 
 def fail(message: str) -> None:

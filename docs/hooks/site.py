@@ -27,7 +27,7 @@ TOP_LEVEL = {"README.md": "index.md", "BUILD.md": "build.md", "BENCHMARKS.md": "
 # Each tool: its script, the module that defines its flags (as each tool's `apps.run(flag_modules=...)`
 # lists them), and whether it also takes the training flags. `--version` (train_loop.apps) is every tool's.
 TOOLS = [
-    ("train-loop", "train_loop.cli", False),
+    ("train-loop", "train_loop.training_flags", False),
     ("train-loop-study", "train_loop.study.study", True),
     ("train-loop-launch", "train_loop.launch", True),
     ("train-loop-bench", "train_loop.bench", False),

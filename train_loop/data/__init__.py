@@ -1,5 +1,6 @@
-"""The data layer: finding, reading and checking the data sets (NumPy, in `sources`), and the
-`tf.data` pipelines that feed the replicas (`inputs`).
+"""The data layer: finding, reading and checking the data sets (NumPy: `sources`, which reads a
+named set through `named_sets`, an npz through `npz` and IDX files through `idx`; `arrays`
+checks), and the `tf.data` pipelines that feed the replicas (`inputs`).
 
 Rules: it imports nothing from `model`, `outputs`, `training` or `study`, and no TensorFlow
 outside `inputs`, so that a bad data set is refused before TensorFlow starts. The bundled

@@ -9,8 +9,9 @@ import math
 import keras
 import tensorflow as tf
 
-from train_loop.configs import BEST_METRICS, Config
+from train_loop.configs import Config
 from train_loop.model.optimizers import swapped_weights
+from train_loop.settings import BEST_METRICS
 
 
 class BestModel:

@@ -14,6 +14,7 @@ import tensorflow as tf
 from train_loop.configs import Config
 from train_loop.model import optimizers
 from train_loop.model.best import BestModel
+from train_loop.model.dropout import use_step
 from train_loop.model.losses import layer_weight_terms
 from train_loop.model.measurements import (
     LAYER_REGULARIZATION,
@@ -22,14 +23,8 @@ from train_loop.model.measurements import (
     PER_EPOCH,
     layer_tag,
 )
-from train_loop.model.models import (
-    ModelFunction,
-    build_model,
-    named_layers,
-    near_zero_share,
-    use_step,
-    weighted_layers,
-)
+from train_loop.model.models import build_model, named_layers, near_zero_share, weighted_layers
+from train_loop.model.user_models import ModelFunction
 
 # The epoch sums' order in the one vector that checkpoints written before the measurements had
 # names kept them in (with the step count last); such checkpoints still restore.

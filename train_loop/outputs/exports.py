@@ -10,10 +10,11 @@ import shutil
 import keras
 
 from train_loop import files
-from train_loop.configs import MODELS
 from train_loop.errors import UsageError
-from train_loop.model.models import load_model_function, plain_keras
+from train_loop.model.dropout import plain_keras
+from train_loop.model.user_models import load_model_function
 from train_loop.outputs import checkpoints, runs
+from train_loop.settings import MODELS
 
 
 def save_model(model: keras.Model, folder: str) -> None:

@@ -2,5 +2,5 @@
 figures; `python -m train_loop.study` runs it.
 
 Rules: it runs trainings (through `training.run.train` or `python -m train_loop` processes),
-never a step, so it does not import `model.steps`.
+never a step, so it imports neither `model.steps` nor `model.loop_calls`.
 """

@@ -10,7 +10,7 @@ import os
 import pathlib
 from collections.abc import Sequence
 
-from train_loop import configs
+from train_loop import configs, settings
 from train_loop.errors import UsageError
 
 EXPERIMENTS = ("baseline", "dropout", "l1", "l2", "l1l2")  # The study's own flagfiles, in flags/.
@@ -153,8 +153,8 @@ def parse_seeds(values: Sequence[str] | None) -> list[int] | None:
         raise UsageError(f"--seeds={','.join(values)} holds a value that is not an integer: {fix}.") from None
     if len(set(seeds)) != len(seeds):
         raise UsageError(f"--seeds={','.join(values)} repeats a seed, which would train the same run twice: {fix}.")
-    if not all(0 <= seed <= configs.MAX_SEED for seed in seeds):
-        raise UsageError(f"--seeds={','.join(values)}: every seed must be in [0, {configs.MAX_SEED}].")
+    if not all(0 <= seed <= settings.MAX_SEED for seed in seeds):
+        raise UsageError(f"--seeds={','.join(values)}: every seed must be in [0, {settings.MAX_SEED}].")
     return seeds
 
 

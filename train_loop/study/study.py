@@ -51,7 +51,7 @@ _STUDY_NAME = flags.DEFINE_string(
     "flags change>-<date>, e.g. study-fashion_mnist-epochs=10-2026-11-28. "
     "Reusing a name reuses its finished runs.",
 )
-cli.require_utf8(_STUDY_NAME.name)
+apps.require_utf8(_STUDY_NAME.name)
 _FLAGS_DIR = flags.DEFINE_string(
     "flags_dir",
     "",

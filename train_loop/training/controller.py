@@ -1,6 +1,6 @@
 """The outer loop, as Orbit's controller has it: `while step < total: run a loop call; run the
 actions that are due` (see `actions`). Eager Python: it times, checks and counts; the traced loop
-call (`steps.make_loop_call`) trains."""
+call (`loop_calls.make_loop_call`) trains."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from train_loop.data import inputs
-from train_loop.model import steps
+from train_loop.model import loop_calls
 from train_loop.training.timing import Stopwatch
 
 
@@ -43,7 +43,7 @@ def make_evaluator(
         eval_fn, num_batches = inputs.eval_dataset_fn(images, labels, batch_size)
         eval_input = inputs.ReplicaInput(strategy, eval_fn)
         if not traced:
-            traced.append(steps.make_eval_pass(model, strategy, eval_input.next_batch, num_classes=num_classes))
+            traced.append(loop_calls.make_eval_pass(model, strategy, eval_input.next_batch, num_classes=num_classes))
         eval_pass = traced[0]
 
         def evaluate(weights: Weights) -> Evaluation:

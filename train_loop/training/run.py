@@ -10,14 +10,15 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from train_loop.configs import MODELS, Config
+from train_loop.configs import Config
 from train_loop.data import inputs, sources
 from train_loop.data.arrays import Splits, hold_out
-from train_loop.model import steps
-from train_loop.model.models import ModelFunction, load_model_function
+from train_loop.model import loop_calls
 from train_loop.model.state import TrainState, build_state
+from train_loop.model.user_models import ModelFunction, load_model_function
 from train_loop.outputs import checkpoints, runs
 from train_loop.outputs.run_outputs import RunOutputs
+from train_loop.settings import MODELS
 from train_loop.training import actions, distribute, xla_choice
 from train_loop.training.console import Console
 from train_loop.training.controller import make_controller
@@ -144,17 +145,8 @@ def _loop_call(
         num_epochs=config.epochs,
         start_step=state.counters.step,
     )
-    train_input = inputs.ReplicaInput(strategy, dataset_fn)
-    loop_call = steps.make_loop_call(
-        strategy,
-        state,
-        train_input.next_batch,
-        global_batch_size=config.batch_size,
-        jit_compile=jit_compile,
-        global_clipnorm=config.global_clipnorm,
-    )
-    iterator = train_input.iterator()
-    return lambda num_steps, histograms: loop_call(iterator, tf.constant(num_steps), tf.constant(histograms))
+    loop_call = loop_calls.make_input_loop_call(config, strategy, state, dataset_fn, jit_compile=jit_compile)
+    return lambda num_steps, histograms: loop_call(tf.constant(num_steps), tf.constant(histograms))
 
 
 def _validation(

@@ -8,7 +8,7 @@ import os
 from typing import Any
 
 from train_loop import files
-from train_loop.data import sources
+from train_loop.data import idx
 
 CACHE_ENV = "TRAIN_LOOP_CACHE"  # A file path, or "off" to measure every time.
 _CACHE_BYTES = 1 << 20  # A cache holds a few KB; past this bound it is taken as unreadable.
@@ -31,7 +31,7 @@ class SpeedCache:
         path = os.environ.get(CACHE_ENV, "")
         if path.lower() == "off":
             return None
-        return cls(path or os.path.join(sources.user_cache_folder(), "speed.json"))
+        return cls(path or os.path.join(idx.user_cache_folder(), "speed.json"))
 
     def get(self, key: str) -> dict[str, Any] | None:
         entry = self._read().get(key)

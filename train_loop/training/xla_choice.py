@@ -23,9 +23,9 @@ import tensorflow as tf
 
 from train_loop.configs import Config
 from train_loop.data import arrays, inputs
-from train_loop.model import steps
-from train_loop.model.models import ModelFunction
+from train_loop.model import loop_calls
 from train_loop.model.state import build_state
+from train_loop.model.user_models import ModelFunction
 from train_loop.training import cpu
 from train_loop.training.speed_cache import SpeedCache
 
@@ -172,17 +172,8 @@ def cached_batch_loop_call(
         replica_batch = tuple(array[start : start + size] for array in batch)
         return inputs.with_options(tf.data.Dataset.from_tensors(replica_batch).repeat())
 
-    replica_input = inputs.ReplicaInput(strategy, dataset_fn)
-    loop_call = steps.make_loop_call(
-        strategy,
-        state,
-        replica_input.next_batch,
-        global_batch_size=config.batch_size,
-        jit_compile=jit_compile,
-        global_clipnorm=config.global_clipnorm,
-    )
-    iterator = replica_input.iterator()
-    return lambda num_steps: loop_call(iterator, num_steps, tf.constant(False))
+    loop_call = loop_calls.make_input_loop_call(config, strategy, state, dataset_fn, jit_compile=jit_compile)
+    return lambda num_steps: loop_call(num_steps, tf.constant(False))
 
 
 def _block_steps(strategy: tf.distribute.Strategy, loop: Callable[[tf.Tensor], dict[str, tf.Tensor]]) -> int:

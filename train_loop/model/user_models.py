@@ -1,0 +1,141 @@
+"""A user's model: importing the function `--model=PATH.py:FUNCTION` names, calling it, and
+checking that what it returns can be trained on the data; every failure of the user's code is
+one `UsageError` line."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import re
+import sys
+from collections.abc import Callable
+
+import keras
+import tensorflow as tf
+
+from train_loop.configs import Config
+from train_loop.errors import UsageError
+from train_loop.model.user_code import exits_refused
+
+ModelFunction = Callable[[], keras.Model]
+# The fix for a model whose call ends the process.
+CALL_MUST_RETURN = "a model's call must return its logits, not end the process."
+
+
+def build_user_model(
+    config: Config, input_shape: tuple[int, ...], *, num_classes: int, model_fn: ModelFunction | None
+) -> keras.Model:
+    """The model of `model_fn`, else of the function `config.model` names, checked to take inputs
+    of `input_shape`, to output `num_classes` logits and to have a weight to train.
+
+    Raises:
+      UsageError: the function cannot be imported, fails, returns no `keras.Model`, does not fit
+        the data, or has no trainable weight.
+    """
+    model = _call_model_function(config, model_fn or load_model_function(config.model))
+    _check_outputs(model, config.model, input_shape, num_classes)
+    if not model.trainable_variables:
+        raise UsageError(
+            f"--model={config.model}: every layer is frozen (trainable = False), so there is nothing to train; "
+            "leave at least one layer trainable."
+        )
+    return model
+
+
+def model_function_name(model_fn: ModelFunction) -> str:
+    """`module:function` for a function given to `train_loop.train(model_fn=...)`: its run's setting."""
+    name = model_fn.__name__ if getattr(model_fn, "__name__", "").isidentifier() else "model_fn"
+    return f"{getattr(model_fn, '__module__', None) or 'python'}:{name}"
+
+
+def load_model_function(spec: str) -> ModelFunction:
+    """The function `PATH.py:FUNCTION` or `package.module:FUNCTION` names (a path is from the working folder).
+
+    Raises:
+      UsageError: the file or module cannot be imported, or holds no such function.
+    """
+    module_name, _, function_name = spec.rpartition(":")
+    if module_name.endswith(".py") and not os.path.isfile(module_name):
+        raise UsageError(f"--model={spec}: no file {module_name} (a path is taken from {os.getcwd()}).")
+    with exits_refused(
+        f"--model={spec}: {module_name}",
+        during="when imported",
+        fix='a model file must not exit; put its script code under `if __name__ == "__main__":`.',
+    ):
+        try:
+            module = _import_file(module_name) if module_name.endswith(".py") else importlib.import_module(module_name)
+        except Exception as error:  # The user's code: whatever stops its import is the same user problem.
+            raise UsageError(f"--model={spec}: importing {module_name} failed ({_one_line(error)}).") from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise UsageError(f"--model={spec}: {module_name} has no function {function_name}.")
+    return function
+
+
+def _import_file(path: str) -> object:
+    """Imports a .py file as a module named after it, registered so that its classes can be found;
+    a file imported already (a notebook's, or a resumed run's in the same process) is reused."""
+    name = os.path.basename(path).removesuffix(".py")
+    loaded = sys.modules.get(name)
+    if loaded is not None and os.path.realpath(getattr(loaded, "__file__", None) or "") == os.path.realpath(path):
+        return loaded
+    if loaded is not None:
+        name = f"train_loop_model_{name}"  # Another module holds the name; do not displace it.
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _call_model_function(config: Config, model_fn: ModelFunction) -> keras.Model:
+    """Calls `model_fn` with Keras' global seed and dtype policy set from the flags, so that unseeded
+    initializers draw the same weights in every process and --precision applies to its layers."""
+    keras.utils.set_random_seed(config.seed)
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(config.precision)
+    try:
+        with exits_refused(
+            f"--model={config.model}",
+            during="while building the model",
+            fix="a model function must return a keras.Model, not end the process.",
+        ):
+            model = model_fn()
+    except UsageError:
+        raise
+    except Exception as error:  # The user's code: any failure is reported, not a traceback.
+        raise UsageError(f"--model={config.model}: calling it raised {_one_line(error)}.") from None
+    finally:
+        keras.config.set_dtype_policy(previous)
+    if not isinstance(model, keras.Model):
+        raise UsageError(
+            f"--model={config.model}: returned {type(model).__name__}, not a keras.Model; return the uncompiled model."
+        )
+    return model
+
+
+def _check_outputs(model: keras.Model, name: str, input_shape: tuple[int, ...], num_classes: int) -> None:
+    """Calls the model on a batch of zeros (which builds a subclassed model's weights) and checks
+    that it gives one logit per class."""
+    with exits_refused(f"--model={name}: its model", during="on its first call", fix=CALL_MUST_RETURN):
+        try:
+            outputs = model(tf.zeros((2, *input_shape)), training=False)
+        except Exception as error:  # The user's code, on the data's shape: any failure is a mismatch.
+            shape = ", ".join(map(str, input_shape))
+            raise UsageError(
+                f"--model={name}: cannot take inputs of shape (N, {shape}) ({_one_line(error)})."
+            ) from None
+    if tuple(getattr(outputs, "shape", ())) != (2, num_classes):
+        raise UsageError(
+            f"--model={name}: outputs of shape {tuple(getattr(outputs, 'shape', ()))} for a batch of 2, "
+            f"expected (2, {num_classes}): one logit per class of the labels 0..{num_classes - 1}."
+        )
+
+
+def _one_line(error: BaseException) -> str:
+    """An exception as one line: Keras' terminal colours, its dumps of tensor values and its echo
+    of the call's arguments cut."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).split("Arguments received by")[0]
+    text = re.sub(r"\[[][0-9.,eE+\-\s]{20,}\]", "<values>", " ".join(text.split()))
+    return f"{type(error).__name__}: {text[:300]}" if text else type(error).__name__

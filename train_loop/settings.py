@@ -1,0 +1,204 @@
+"""What each setting of a run may hold (the choices the flags offer) and the checks of a `Config`
+against them: each bad setting is one `UsageError` line naming the flag, the value and the fix."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from train_loop.errors import UsageError
+
+if TYPE_CHECKING:
+    from train_loop.configs import Config
+
+DATASETS = ("mnist", "fashion_mnist", "digits", "synthetic")
+# What `--dataset` records for arrays given to `train_loop.train(data=...)`: this, then their fingerprint.
+ARRAYS_PREFIX = "arrays:"
+MODELS = ("convnet", "linear")
+OPTIMIZERS = ("rmsprop", "adam", "sgd")
+STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
+CLUSTER_RESOLVERS = ("tf_config", "slurm")  # Where a multi-worker run learns its cluster.
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+LR_SCHEDULES = ("constant", "cosine", "step")
+# What --best_metric may name, and whether a higher value is better.
+BEST_METRICS = {"validation/accuracy": True, "validation/cross_entropy": False}
+EXPORTS = ("saved_model", "none")
+# Keras' initializers take seeds in [0, 2**32); each layer adds a small offset to `seed`, so the
+# flag stays in the int32 range, which every seeded op accepts.
+MAX_SEED = 2**31 - 1
+
+
+def check(config: Config) -> None:
+    """Raises a `UsageError` for the first setting of `config` that is out of range, or that
+    contradicts another; `configs.Config` calls it where it is built."""
+    _check_dataset(config.dataset)
+    _check_model(config.model)
+    _check_choice("optimizer", config.optimizer, OPTIMIZERS)
+    _check_choice("strategy", config.strategy, STRATEGIES)
+    _check_choice("precision", config.precision, PRECISIONS)
+    _check_choice("cluster_resolver", config.cluster_resolver, CLUSTER_RESOLVERS)
+    if config.cluster_resolver != "tf_config" and config.strategy != "multi_worker":
+        raise UsageError(
+            f"--cluster_resolver={config.cluster_resolver} finds the workers of a multi-worker run: "
+            "add --strategy=multi_worker."
+        )
+    for name in ("l1", "l2", "bias_l1", "bias_l2"):
+        _check_factor(name, getattr(config, name))
+    _check_fraction("dropout", config.dropout, "it is the fraction of activations dropped; use 0 for no Dropout layer.")
+    if config.dropout and config.model not in MODELS:
+        raise UsageError(
+            f"--dropout={config.dropout} applies to the built-in models only, not to --model={config.model}: "
+            "add Dropout layers to your model instead."
+        )
+    if not (math.isfinite(config.learning_rate) and config.learning_rate > 0):
+        raise UsageError(
+            f"--learning_rate={config.learning_rate} must be a positive finite number, e.g. --learning_rate=0.001."
+        )
+    _check_optimizer_settings(config)
+    for name in ("epochs", "batch_size", "steps_per_loop", "summary_every"):
+        _check_positive(name, getattr(config, name))
+    _check_fraction(
+        "validation_split",
+        config.validation_split,
+        "the share of the training split held out for validation, e.g. 0.1; 0 for none.",
+    )
+    if config.eval_every and not config.validation_split:
+        raise UsageError(
+            f"--eval_every={config.eval_every} evaluates the validation split, and --validation_split=0 "
+            "holds none out: pass --validation_split=0.1, or leave --eval_every out."
+        )
+    _check_best_model_settings(config)
+    _check_choice("export", config.export, EXPORTS)
+    for name in ("histogram_every", "checkpoint_every", "eval_every", "cpu_replicas"):
+        if getattr(config, name) < 0:
+            raise UsageError(f"--{name}={getattr(config, name)} must be 0 or more (0 means its default).")
+    if not 0 <= config.seed <= MAX_SEED:
+        raise UsageError(f"--seed={config.seed} must be in [0, {MAX_SEED}], the range the weight initializers take.")
+    if config.cpu_replicas == 1:
+        raise UsageError("--cpu_replicas=1 splits nothing: use 0 (no split) or 2 or more.")
+    if config.jit_compile not in (True, False, "auto") or not isinstance(config.jit_compile, (bool, str)):
+        raise UsageError(
+            f"--jit_compile={config.jit_compile!r} must be auto (measure both on this machine), true or false."
+        )
+    parse_profile_steps(config.profile_steps)
+    if "/" in config.run_name or config.run_name in (".", ".."):
+        raise UsageError(f"--run_name={config.run_name!r} must be a plain folder name, without '/'.")
+
+
+def parse_profile_steps(text: str) -> tuple[int, int] | None:
+    """`--profile_steps=START,END` as (START, END), or None when empty."""
+    if not text:
+        return None
+    try:
+        start, end = (int(part) for part in text.split(","))
+    except ValueError:
+        start = end = -1
+    if not 0 <= start < end:
+        raise UsageError(
+            f"--profile_steps={text!r} must be START,END with 0 <= START < END, e.g. --profile_steps=100,110."
+        )
+    return start, end
+
+
+def _check_optimizer_settings(config: Config) -> None:
+    """The learning-rate schedule, clipping, decoupled weight decay and the weights' average."""
+    _check_choice("lr_schedule", config.lr_schedule, LR_SCHEDULES)
+    if config.lr_schedule == "constant" and config.lr_decay_steps:
+        raise UsageError(
+            f"--lr_decay_steps={config.lr_decay_steps} has no effect with --lr_schedule=constant: "
+            "pass --lr_schedule=cosine or step, or leave --lr_decay_steps out."
+        )
+    if config.lr_decay_steps < 0:
+        raise UsageError(
+            f"--lr_decay_steps={config.lr_decay_steps} must be a positive integer with "
+            f"--lr_schedule={config.lr_schedule}: the steps over which the rate decays, e.g. --lr_decay_steps=1000; "
+            "or leave it out to decay over the run's length."
+        )
+    if not (math.isfinite(config.lr_decay_rate) and 0.0 < config.lr_decay_rate <= 1.0):
+        raise UsageError(
+            f"--lr_decay_rate={config.lr_decay_rate} must be in (0, 1]: the factor --lr_schedule=step "
+            "multiplies the rate by every --lr_decay_steps, e.g. --lr_decay_rate=0.1."
+        )
+    if config.lr_schedule != "step" and config.lr_decay_rate != type(config).lr_decay_rate:
+        raise UsageError(
+            f"--lr_decay_rate={config.lr_decay_rate} has no effect with --lr_schedule={config.lr_schedule}: "
+            "pass --lr_schedule=step, or leave --lr_decay_rate out."
+        )
+    if config.warmup_steps < 0:
+        raise UsageError(f"--warmup_steps={config.warmup_steps} must be 0 or more (0: no warm-up).")
+    for name in ("global_clipnorm", "weight_decay"):
+        value = getattr(config, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise UsageError(f"--{name}={value} must be a finite number >= 0 (0 turns it off).")
+    _check_fraction("ema", config.ema, "the momentum of the weights' moving average, e.g. --ema=0.999; 0 turns it off.")
+
+
+def _check_best_model_settings(config: Config) -> None:
+    """`--best_metric` needs a validation split; early stopping needs a best metric."""
+    if config.best_metric and config.best_metric not in BEST_METRICS:
+        raise UsageError(
+            f"--best_metric={config.best_metric!r} is not one of {', '.join(BEST_METRICS)} (or empty: keep the "
+            "last weights)."
+        )
+    if config.best_metric and not config.validation_split:
+        raise UsageError(
+            f"--best_metric={config.best_metric} is measured on the validation split, and --validation_split=0 "
+            "holds none out: pass --validation_split=0.1."
+        )
+    if config.early_stopping_patience < 0:
+        raise UsageError(
+            f"--early_stopping_patience={config.early_stopping_patience} must be 0 or more: the validations "
+            "without improvement before the run stops (0: never stop early)."
+        )
+    if config.early_stopping_patience and not config.best_metric:
+        raise UsageError(
+            f"--early_stopping_patience={config.early_stopping_patience} needs --best_metric to say what "
+            "improves: pass --best_metric=validation/accuracy or validation/cross_entropy."
+        )
+    if not (math.isfinite(config.early_stopping_min_delta) and config.early_stopping_min_delta >= 0):
+        raise UsageError(
+            f"--early_stopping_min_delta={config.early_stopping_min_delta} must be a finite number >= 0: "
+            "the least change of --best_metric that counts as an improvement."
+        )
+    if config.early_stopping_min_delta and not config.best_metric:
+        raise UsageError(
+            f"--early_stopping_min_delta={config.early_stopping_min_delta} needs --best_metric: pass "
+            "--best_metric=validation/accuracy or validation/cross_entropy."
+        )
+
+
+def _check_dataset(dataset: str) -> None:
+    if dataset not in DATASETS and not dataset.endswith(".npz") and not dataset.startswith(ARRAYS_PREFIX):
+        raise UsageError(
+            f"--dataset={dataset} is not one of {', '.join(DATASETS)}, nor a path to an .npz holding "
+            "x_train, y_train, x_test, y_test."
+        )
+
+
+def _check_model(model: str) -> None:
+    module, _, function = model.rpartition(":")
+    if model not in MODELS and not (module and function.isidentifier()):
+        raise UsageError(
+            f"--model={model} is not one of {', '.join(MODELS)}, nor a model function given as "
+            "PATH.py:FUNCTION or package.module:FUNCTION."
+        )
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UsageError(f"--{name}={value!r} is not one of {', '.join(choices)}.")
+
+
+def _check_fraction(name: str, value: float, meaning: str) -> None:
+    if not (math.isfinite(value) and 0.0 <= value < 1.0):
+        raise UsageError(f"--{name}={value} must be in [0, 1): {meaning}")
+
+
+def _check_factor(name: str, value: float) -> None:
+    if not (math.isfinite(value) and value >= 0):
+        raise UsageError(f"--{name}={value} must be a finite number >= 0 (a regularization factor; 0 turns it off).")
+
+
+def _check_positive(name: str, value: int) -> None:
+    if value <= 0:
+        raise UsageError(f"--{name}={value} must be a positive integer.")
