@@ -2,8 +2,9 @@
 
 Every case runs `python -m train_loop` as a real subprocess (conftest's `run_cli`) that stops
 before training. Most fail while the flags are parsed or checked, before TensorFlow is imported
-(a fraction of a second each); the few that need data or a strategy import TensorFlow and load
-the bundled `digits` set (about ten seconds each), so they are kept to a handful.
+(a fraction of a second each); those that need data, a model file or a strategy import
+TensorFlow and load the bundled `digits` set (seconds each): `STARTS_TENSORFLOW` marks them
+`slow`, so that `-m 'not slow'` stays quick.
 """
 
 from __future__ import annotations
@@ -26,13 +27,52 @@ FINISHED_RUN = "convnet-dataset=digits"  # the default run name of `--dataset=di
 UNFINISHED_RUN = "resume-me"
 
 
+# The cases refused after TensorFlow is started (data, model files, the cluster, the run folder).
+STARTS_TENSORFLOW = {
+    "batch_size-above-digits-train-split",
+    "data_dir-is-a-file",
+    "data_dir-missing",
+    "logdir-not-writable",
+    "logdir-under-a-file",
+    "model-file-does-not-import",
+    "model-file-missing",
+    "model-for-other-classes",
+    "model-for-other-inputs",
+    "model-function-missing",
+    "model-function-raises",
+    "model-function-returns-a-layer",
+    "model-module-missing",
+    "model-not-a-function",
+    "model-regularized-and-regularizer-flags",
+    "npz-empty-test-split",
+    "npz-missing",
+    "npz-non-finite-inputs",
+    "npz-one-hot-labels",
+    "npz-string-labels",
+    "peer-timeout-not-a-number",
+    "run_name-too-long",
+    "slurm-outside-a-job-step",
+    "tf_config-address-without-port",
+    "tf_config-no-workers",
+    "tf_config-not-json",
+    "tf_config-peers-never-come",
+    "tf_config-task-index-out-of-range",
+    "tpu-that-does-not-answer",
+    "unfinished-run-with-other-settings",
+    "validation_split-holding-out-nothing",
+    "validation_split-leaving-no-batch",
+    "warmup-longer-than-the-run",
+}
+
+
 def case(
     case_id: str, *flags: str, names: tuple[str, ...], existing: str = "", env: dict[str, str] | None = None
 ) -> pytest.param:
     """One bad input: its flags ('{tmp}' is the test's folder), the words its error must contain,
     the run folder ('finished' or 'unfinished') that exists in the logdir beforehand, if any, and
     the environment variables set."""
-    return pytest.param(flags, names, existing, env or {}, id=case_id)
+    marks = [pytest.mark.slow] if case_id in STARTS_TENSORFLOW else []
+    return pytest.param(flags, names, existing, env or {}, id=case_id, marks=marks)
 
 
 def tf_config(cluster: object, task: object = None) -> dict[str, str]:
@@ -367,6 +407,10 @@ def make_run(logdir: Path, name: str, *, finished: bool) -> None:
         files.write_json(os.path.join(run_dir, runs.RESULT_FILE), {"dataset": "digits", "steps": 44})
 
 
+def test_the_cases_marked_slow_exist() -> None:
+    assert STARTS_TENSORFLOW <= {case.id for case in BAD_INPUTS}
+
+
 @pytest.mark.parametrize(("flags", "names", "existing", "env"), BAD_INPUTS)
 def test_bad_input_is_one_line_and_writes_nothing(
     run_cli, tmp_path: Path, flags: tuple[str, ...], names: tuple[str, ...], existing: str, env: dict[str, str]
@@ -386,6 +430,7 @@ def test_bad_input_is_one_line_and_writes_nothing(
         assert not logdir.exists()
 
 
+@pytest.mark.slow  # It starts TensorFlow.
 def test_finished_run_is_unchanged_byte_for_byte(run_cli, tmp_path: Path) -> None:
     """A bad input that gets past the run folder's choice (a finished run means `-2`) writes nothing.
 

@@ -126,6 +126,7 @@ def impostor(port: int, answer: bytes | None) -> Iterator[None]:
             connection.close()
 
 
+@pytest.mark.slow  # It starts TensorFlow in a process of its own.
 @pytest.mark.parametrize(
     "answer",
     [b"SSH-2.0-OpenSSH_9.6\r\n", b"0" * 64 + b" 127.0.0.1:1\n", None],
@@ -144,6 +145,7 @@ def test_something_else_on_a_peers_port_is_not_taken_for_the_peer(tmp_path, answ
 # The wait for peers, on either path: bounded, and stopped by SIGTERM and SIGINT at once, in one line.
 
 
+@pytest.mark.slow  # It starts TensorFlow in a process of its own.
 def test_a_slurm_task_alone_ends_within_the_peer_timeout_in_one_line(tmp_path):
     step = slurm_step()
     peer = int(step["SLURM_STEP_RESV_PORTS"].split("-")[1])
@@ -159,6 +161,7 @@ def test_a_slurm_task_alone_ends_within_the_peer_timeout_in_one_line(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow  # It starts TensorFlow in a process of its own.
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 @pytest.mark.parametrize("path", ["tf_config", "slurm"])
 def test_a_signal_ends_the_wait_for_peers_in_one_line(tmp_path, path, signum):
@@ -195,6 +198,7 @@ SLURM_CASES = {
 }
 
 
+@pytest.mark.slow  # It starts TensorFlow in a process of its own.
 @pytest.mark.parametrize(("changed", "named"), SLURM_CASES.values(), ids=SLURM_CASES.keys())
 def test_a_malformed_slurm_variable_is_one_line_naming_it(run_cli, tmp_path, changed, named):
     result = run_cli(
@@ -217,6 +221,7 @@ TASKS = {
 }
 
 
+@pytest.mark.slow  # It starts TensorFlow in a process of its own.
 @pytest.mark.parametrize("task", TASKS.values(), ids=TASKS.keys())
 def test_a_tf_config_task_of_the_wrong_type_is_one_line_at_once(run_cli, tmp_path, task):
     """`"index": true` was worker 1 (a bool is an int to Python), and waited for worker 0."""
@@ -229,6 +234,7 @@ def test_a_tf_config_task_of_the_wrong_type_is_one_line_at_once(run_cli, tmp_pat
     assert not (tmp_path / "logs").exists()
 
 
+@pytest.mark.slow  # It starts TensorFlow in a process of its own.
 def test_a_tf_config_port_past_65535_is_one_line(run_cli, tmp_path):
     own, _ = free_ports(2)
     result = run_cli("--dataset=digits", env={**tf_config(own, 70000), **NEVER}, timeout=120)
@@ -239,6 +245,7 @@ def test_a_tf_config_port_past_65535_is_one_line(run_cli, tmp_path):
 # A TPU's address whose connection hangs: stopped by SIGTERM and SIGINT too.
 
 
+@pytest.mark.slow  # It starts TensorFlow in a process of its own.
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_ends_the_connection_to_a_tpu_in_one_line(tmp_path, signum):
     """A TPU address whose connection hangs (its listener's backlog is full, so the kernel drops

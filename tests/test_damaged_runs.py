@@ -199,6 +199,7 @@ RESUMED = [
 ]
 
 
+@pytest.mark.slow  # It starts TensorFlow in a process of its own.
 @pytest.mark.parametrize(("damage", "step", "words"), RESUMED)
 def test_a_damaged_run_resumes_from_its_newest_intact_checkpoint(run_cli, tmp_path, interrupted, damage, step, words):
     """The run resumes where its newest intact checkpoint stands and finishes; the warning (if
@@ -266,6 +267,7 @@ REFUSED = [
 ]
 
 
+@pytest.mark.slow  # It starts TensorFlow in a process of its own.
 @pytest.mark.parametrize(("damage", "flags", "words"), REFUSED)
 def test_a_run_that_cannot_be_resumed_is_refused_and_left_as_it_was(
     run_cli, tmp_path, interrupted, damage, flags, words
@@ -281,6 +283,7 @@ def test_a_run_that_cannot_be_resumed_is_refused_and_left_as_it_was(
     assert snapshot(tmp_path / "logs", folder_times=False) == before
 
 
+@pytest.mark.slow  # It starts TensorFlow in a process of its own.
 def test_a_run_folder_that_is_a_file_or_cannot_be_written_is_refused(run_cli, tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir()
@@ -292,6 +295,7 @@ def test_a_run_folder_that_is_a_file_or_cannot_be_written_is_refused(run_cli, tm
     assert sorted(os.listdir(logs)) == ["r"] and (logs / "r").is_symlink()
 
 
+@pytest.mark.slow  # It starts TensorFlow in a process of its own.
 def test_a_run_owned_by_another_process_is_refused_or_skipped_by_a_default_name(run_cli, tmp_path, interrupted):
     """The lock is a real flock held by this test's process: a second command naming the run is
     refused naming this PID; one whose name is the default takes the next free name."""
@@ -314,6 +318,7 @@ def test_a_run_owned_by_another_process_is_refused_or_skipped_by_a_default_name(
             lock.release()
 
 
+@pytest.mark.slow  # It starts TensorFlow in a process of its own.
 def test_a_name_that_fits_alone_but_not_with_its_suffix_is_refused(run_cli, tmp_path, interrupted):
     """A finished run named with 254 bytes: its successor would be `-2`, 256 bytes, too long."""
     name = "n" * 254
@@ -325,6 +330,7 @@ def test_a_name_that_fits_alone_but_not_with_its_suffix_is_refused(run_cli, tmp_
     assert snapshot(tmp_path / "logs") == before
 
 
+@pytest.mark.slow  # It starts TensorFlow in a process of its own.
 @pytest.mark.parametrize(
     "content",
     [b"", b'{"train": {"accur', b"[]", b'{"dataset": "digits"}'],
@@ -362,6 +368,7 @@ def study(logdir: Path, *flags: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # It starts TensorFlow in a process of its own.
 def test_the_study_refuses_a_damaged_result_and_a_run_another_process_trains(tmp_path, interrupted):
     """A study reusing a damaged result.json, and a second study reaching the experiment a first
     one trains (its lock held here), each stop in one line and train nothing."""

@@ -585,6 +585,7 @@ def test_bundled_digits_are_scikit_learns_split() -> None:
     np.testing.assert_array_equal(bundled.y_test, y_test)
 
 
+@pytest.mark.slow  # It makes 70,000 images three times.
 def test_synthetic_is_mnist_shaped_and_seeded() -> None:
     """synthetic: 60,000/10,000 MNIST-shaped examples, identical for one seed, different for another."""
     first = sources.load_splits(Config(dataset="synthetic", seed=3))

@@ -64,6 +64,7 @@ def test_floats_of_different_widths_are_one_scale_and_read() -> None:
     np.testing.assert_array_equal(splits.x_test, arrays["x_test"])
 
 
+@pytest.mark.slow  # It starts TensorFlow in a process of its own.
 def test_mixed_types_exit_2_from_the_command_line(tmp_path: Path, run_cli) -> None:
     """The issue's case: uint8 training images, float test images: exit 2, one line, no run."""
     npz = tmp_path / "mixed.npz"
@@ -152,6 +153,7 @@ def big_npz(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.mark.slow  # It starts TensorFlow in a process of its own.
 def test_data_over_the_memory_limit_is_one_line_saying_how_much_it_needs(tmp_path: Path, big_npz: Path) -> None:
     """A real limit on the process's data memory (RLIMIT_DATA: TensorFlow's import reserves far
     more address space than RLIMIT_AS could leave room for). 1100 MiB holds TensorFlow (about
@@ -210,6 +212,7 @@ print("fits")
 """
 
 
+@pytest.mark.slow  # It starts TensorFlow in a process of its own.
 def test_loading_and_the_pipelines_fit_in_five_times_the_uint8_images(tmp_path: Path) -> None:
     """Read, held out and fed to the pipelines, 100 MB of uint8 images fit in 650 MiB more than
     TensorFlow holds: their float32 copy and themselves (500 MB), and room for the pipelines'

@@ -211,6 +211,7 @@ def build():
 }
 
 
+@pytest.mark.slow  # It starts TensorFlow in a process of its own.
 @pytest.mark.parametrize(
     ("when", "code", "words"),
     [
@@ -242,6 +243,7 @@ def test_a_model_that_exits_in_training_mode_is_one_line_and_status_2(run_cli, t
     assert not (tmp_path / "logs" / "r" / "checkpoints").exists()
 
 
+@pytest.mark.slow  # It starts TensorFlow in a process of its own.
 def test_a_real_ctrl_c_while_building_the_model_still_stops_as_sigint(tmp_path):
     """SIGINT while the model function runs is a Ctrl-C, not the model's doing: today's line and 130."""
     started = tmp_path / "started"

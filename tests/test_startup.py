@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 from absl import logging as absl_logging
 from conftest import REPO
 
@@ -53,6 +54,7 @@ def test_lines_written_before_a_crash_still_come_through():
     assert crashed.stderr.splitlines() == [WARNING]
 
 
+@pytest.mark.slow  # It starts TensorFlow in a process of its own.
 def test_verbosity_given_by_the_user_reaches_absl_and_tensorflows_logger():
     code = """
         import logging, sys
@@ -69,6 +71,7 @@ def test_verbosity_given_by_the_user_reaches_absl_and_tensorflows_logger():
     assert debug.stdout.split() == ["1", str(logging.DEBUG)], debug.stderr
 
 
+@pytest.mark.slow  # It starts TensorFlow in a process of its own.
 def test_verbose_startup_shows_tensorflows_start_up_lines():
     code = "from train_loop import startup; startup.start_tensorflow()"
     quiet = run_python(code)

@@ -425,6 +425,7 @@ def test_compare_prints_the_table_of_runs_in_a_folder(tmp_path):
     assert report.first_kernel(str(tmp_path / "b-l2"))[1].shape == (3, 3, 1, 32)
 
 
+@pytest.mark.slow  # It starts TensorFlow in a process of its own.
 @pytest.mark.parametrize("folder", ["missing", "empty"])
 def test_compare_refuses_a_folder_without_runs(tmp_path, folder):
     (tmp_path / "empty").mkdir()

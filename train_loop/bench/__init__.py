@@ -38,7 +38,9 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Global batch size.", lower
 _PRECISION = flags.DEFINE_enum(
     "precision", "float32", ["float32", "mixed_bfloat16", "mixed_float16"], "Precision of every contender."
 )
-_STEPS = flags.DEFINE_integer("steps", 600, "Training steps each contender times.", lower_bound=20)
+_STEPS = flags.DEFINE_integer(
+    "steps", 600, "Training steps each contender times; with --quick, 100 unless given.", lower_bound=20
+)
 _QUICK = flags.DEFINE_bool("quick", False, "A smoke run under a minute: few steps, no whole-run timing.")
 _ROUNDS = flags.DEFINE_integer(
     "rounds",
@@ -71,7 +73,7 @@ def main(argv: list[str]) -> None:
     from train_loop.training import cpu, speed_cache
 
     startup.start_tensorflow()
-    steps = 100 if _QUICK.value else _STEPS.value
+    steps = 100 if _QUICK.value and not _STEPS.present else _STEPS.value
     # --quick times the contenders the comparisons need; the diagnostics are skipped.
     timed = QUICK if _QUICK.value else list(CONTENDERS)
     with tempfile.TemporaryDirectory() as folder:
