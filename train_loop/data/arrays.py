@@ -30,8 +30,8 @@ class DataError(UsageError):
 class Splits(NamedTuple):
     """Inputs as float32, labels as int32 in 0..num_classes-1.
 
-    uint8 images are scaled to [0, 1], and (N, H, W) ones get a channel axis, as the study's
-    MNIST; float inputs are kept as they are. The inputs are the run's own arrays (never a
+    uint8 images are scaled to [0, 1], float inputs are kept as they are, and (N, H, W) images of
+    either kind get a channel axis, as the study's MNIST. The inputs are the run's own arrays (never a
     caller's), aligned to `ALIGNMENT` bytes, so that TensorFlow takes them without a copy.
     """
 
@@ -165,10 +165,15 @@ def _check_inputs(images: np.ndarray, name: str, *, named: bool) -> None:
     """One example per row, at least one row, uint8 or finite floats (MNIST-shaped when `named`)."""
     if named and (images.ndim != 3 or images.shape[1:] != (28, 28)):
         raise DataError(f"{name}: images have shape {images.shape}, expected (N, 28, 28).")
-    if images.ndim < 2 or images.dtype.kind not in "uf" or (images.dtype.kind == "u" and images.dtype != np.uint8):
+    if images.ndim < 2:
         raise DataError(
-            f"{name}: inputs of shape {images.shape} and type {images.dtype}; expected one example "
-            "per row, (N, ...), as uint8 images (scaled to [0, 1]) or floats (used as they are)."
+            f"{name}: inputs of shape {images.shape}, one number per example; expected one example per row "
+            "with at least one feature, (N, F) or (N, H, W): inputs.reshape(-1, 1) gives one feature each."
+        )
+    if images.dtype.kind not in "uf" or (images.dtype.kind == "u" and images.dtype != np.uint8):
+        raise DataError(
+            f"{name}: inputs of type {images.dtype}; expected uint8 images (scaled to [0, 1]) or floats "
+            "(used as they are): convert them with inputs.astype(np.float32), scaled as the model needs."
         )
     if len(images) == 0:
         raise DataError(f"{name}: holds no examples; training and evaluation each need at least one.")
@@ -221,15 +226,15 @@ def _check_finite(array: np.ndarray, name: str, what: str) -> None:
 
 
 def _as_inputs(images: np.ndarray, name: str) -> np.ndarray:
-    """uint8 images scaled to [0, 1], with a channel axis when they have none; floats as they are
-    (as float32, in a copy of the run's own)."""
-    shape = (*images.shape, 1) if images.dtype == np.uint8 and images.ndim == 3 else images.shape
+    """Images of shape (N, H, W), uint8 or float, with a channel axis (what the convnet takes);
+    uint8 scaled to [0, 1], floats as they are (as float32, in a copy of the run's own)."""
+    shape = (*images.shape, 1) if images.ndim == 3 else images.shape
     with memory_for(name, 4 * images.size, form=" as float32"):
         inputs = aligned_empty(shape, np.float32)
-    if images.dtype != np.uint8:
-        np.copyto(inputs, images, casting="unsafe")
-        return inputs
-    _divided(images, 255.0, out=inputs.reshape(images.shape))
+    if images.dtype == np.uint8:
+        _divided(images, 255.0, out=inputs.reshape(images.shape))
+    else:
+        np.copyto(inputs.reshape(images.shape), images, casting="unsafe")
     return inputs
 
 
