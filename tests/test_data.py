@@ -497,8 +497,7 @@ BAD_USER_DATA = {
     "non-finite-labels": (
         _set("y_test", lambda a: np.where(np.arange(8) == 3, np.nan, a["y_test"])),
         "y_test",
-        "non-finite labels (nan)",
-        "index 3",
+        "labels of type float64: float labels are targets",
     ),
     "string-labels": (
         _set("y_train", lambda a: np.array(["red", "white", "rose"])[a["y_train"]]),
@@ -507,7 +506,7 @@ BAD_USER_DATA = {
         "np.unique",
     ),
     "one-hot-labels": (_set("y_train", lambda a: np.eye(3)[a["y_train"]]), "y_train", "(40, 3)", "argmax"),
-    "fractional-labels": (_set("y_test", lambda a: a["y_test"] + 0.5), "y_test", "not whole numbers"),
+    "fractional-labels": (_set("y_test", lambda a: a["y_test"] + 0.5), "y_test", "float64", "labels.astype(int)"),
     "negative-labels": (_set("y_test", lambda a: a["y_test"] - 1), "y_test", "-1..1", "0..K-1"),
     "counts-disagree": (_set("y_train", lambda a: a["y_train"][:30]), "y_train", "(30,) for 40 examples"),
     "shapes-disagree": (_set("x_test", lambda a: a["x_test"][:, :12]), "x_test", "(12,)", "(13,)"),

@@ -157,6 +157,7 @@ def checked_splits(arrays: dict[str, np.ndarray], *, names: dict[str, str], sour
     if named and top > 9:
         label_name = names["y_train" if y_train.max() == top else "y_test"]
         raise DataError(f"{label_name}: labels range up to {top}, expected 0..9.")
+    _check_classes_supported(y_train, top + 1, names["y_train"])
     x_train = _as_inputs(x_train, names["x_train"])
     return Splits(x_train, y_train, _as_inputs(x_test, names["x_test"]), y_test, source, top + 1)
 
@@ -178,7 +179,7 @@ def _check_inputs(images: np.ndarray, name: str, *, named: bool) -> None:
     if len(images) == 0:
         raise DataError(f"{name}: holds no examples; training and evaluation each need at least one.")
     if images.dtype.kind == "f":
-        _check_finite(images, name, "values")
+        _check_finite(images, name)
 
 
 def _checked_labels(labels: np.ndarray, count: int, name: str, images_name: str, *, expected: str) -> np.ndarray:
@@ -194,34 +195,43 @@ def _checked_labels(labels: np.ndarray, count: int, name: str, images_name: str,
             f"{name}: labels of shape {labels.shape}, one row per example (one-hot or scores); expected "
             "class indices of shape (N,): labels.argmax(axis=1) gives them."
         )
+    if labels.dtype.kind == "f":  # Even whole numbers: diabetes' targets 25..346 trained a 347-class classifier.
+        raise DataError(
+            f"{name}: labels of type {labels.dtype}: float labels are targets (values to predict), not classes, "
+            f"and train_loop trains a classifier, which takes integer class indices {expected}; if these are "
+            "classes, give them as integers (labels.astype(int))."
+        )
     if labels.ndim != 1 or len(labels) != count:
         raise DataError(
             f"{name}: labels of shape {labels.shape} for {count} examples in {images_name}: expected "
             f"one class index per example, shape ({count},)."
         )
-    if labels.dtype.kind == "f":
-        _check_finite(labels, name, "labels")
-        fractional = np.flatnonzero(labels != np.round(labels))
-        if fractional.size:
-            raise DataError(
-                f"{name}: {fractional.size} labels are not whole numbers (e.g. {labels[fractional[0]]} "
-                f"at index {fractional[0]}); expected class indices {expected}."
-            )
     if labels.min() < 0:
         raise DataError(f"{name}: labels range over {labels.min():g}..{labels.max():g}, expected {expected}.")
     return labels.astype(np.int32)
 
 
-def _check_finite(array: np.ndarray, name: str, what: str) -> None:
-    """Non-finite data would show up later as a diverged loss; name it here, where it is."""
-    bad = ~np.isfinite(array)
-    if bad.any():
-        first = tuple(int(i) for i in np.unravel_index(np.argmax(bad), array.shape))
-        kinds = sorted({str(value) for value in np.unique(array[bad])})
-        fix = "drop those examples" if what == "labels" else "replace them (np.nan_to_num) or drop those examples"
+def _check_classes_supported(labels: np.ndarray, num_classes: int, name: str) -> None:
+    """Most classes with fewer than 2 training examples cannot be learnt, only memorized: such
+    labels are values to predict (diabetes' 25..346 on 442 examples) or ids, not classes."""
+    rare = int(np.count_nonzero(np.bincount(labels, minlength=num_classes) < 2))
+    if 2 * rare > num_classes:
         raise DataError(
-            f"{name}: {int(bad.sum())} non-finite {what} ({', '.join(kinds)}), the first at index "
-            f"{first[0] if len(first) == 1 else first}; {fix}."
+            f"{name}: {num_classes} classes (labels 0..{num_classes - 1}) for {len(labels)} examples, and {rare} "
+            "classes have fewer than 2 examples each: these look like regression targets or ids, not classes; "
+            "a classifier needs several examples of most classes."
+        )
+
+
+def _check_finite(images: np.ndarray, name: str) -> None:
+    """Non-finite inputs would show up later as a diverged loss; name them here, where they are."""
+    bad = ~np.isfinite(images)
+    if bad.any():
+        first = tuple(int(i) for i in np.unravel_index(np.argmax(bad), images.shape))
+        kinds = sorted({str(value) for value in np.unique(images[bad])})
+        raise DataError(
+            f"{name}: {int(bad.sum())} non-finite values ({', '.join(kinds)}), the first at index {first}; "
+            "replace them (np.nan_to_num) or drop those examples."
         )
 
 
