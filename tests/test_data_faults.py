@@ -61,7 +61,7 @@ def test_floats_of_different_widths_are_one_scale_and_read() -> None:
     config = Config(dataset="arrays:" + fingerprint(arrays))
     splits = sources.load_splits(config, arrays)
     assert splits.x_train.dtype == splits.x_test.dtype == np.float32
-    np.testing.assert_array_equal(splits.x_test, arrays["x_test"][..., np.newaxis])
+    np.testing.assert_array_equal(splits.x_test, arrays["x_test"])
 
 
 @pytest.mark.slow  # It starts TensorFlow in a process of its own.

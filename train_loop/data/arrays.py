@@ -30,9 +30,10 @@ class DataError(UsageError):
 class Splits(NamedTuple):
     """Inputs as float32, labels as int32 in 0..num_classes-1.
 
-    uint8 images are scaled to [0, 1], float inputs are kept as they are, and (N, H, W) images of
-    either kind get a channel axis, as the study's MNIST. The inputs are the run's own arrays (never a
-    caller's), aligned to `ALIGNMENT` bytes, so that TensorFlow takes them without a copy.
+    uint8 images are scaled to [0, 1], and (N, H, W) ones get a channel axis, as the study's
+    MNIST; float inputs are kept as they are (float (N, H, W) may be images or sequences: the
+    convnet adds the axis itself). The inputs are the run's own arrays (never a caller's),
+    aligned to `ALIGNMENT` bytes, so that TensorFlow takes them without a copy.
     """
 
     x_train: np.ndarray
@@ -236,15 +237,15 @@ def _check_finite(images: np.ndarray, name: str) -> None:
 
 
 def _as_inputs(images: np.ndarray, name: str) -> np.ndarray:
-    """Images of shape (N, H, W), uint8 or float, with a channel axis (what the convnet takes);
-    uint8 scaled to [0, 1], floats as they are (as float32, in a copy of the run's own)."""
-    shape = (*images.shape, 1) if images.ndim == 3 else images.shape
+    """uint8 images scaled to [0, 1], with a channel axis when they have none; floats as they are
+    (as float32, in a copy of the run's own)."""
+    shape = (*images.shape, 1) if images.dtype == np.uint8 and images.ndim == 3 else images.shape
     with memory_for(name, 4 * images.size, form=" as float32"):
         inputs = aligned_empty(shape, np.float32)
     if images.dtype == np.uint8:
         _divided(images, 255.0, out=inputs.reshape(images.shape))
     else:
-        np.copyto(inputs.reshape(images.shape), images, casting="unsafe")
+        np.copyto(inputs, images, casting="unsafe")
     return inputs
 
 

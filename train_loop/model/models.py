@@ -79,7 +79,7 @@ def _built_in(config: Config, input_shape: tuple[int, ...], num_classes: int) ->
     Layers have fixed names (`conv1`, `conv2`, `dense`) because TensorBoard tags and checkpoints
     are keyed by them; weights and dropout are seeded from `config.seed`.
     """
-    if config.model == "convnet" and len(input_shape) != 3:
+    if config.model == "convnet" and len(input_shape) not in (2, 3):
         raise UsageError(
             f"--model=convnet takes images of shape (N, H, W) or (N, H, W, C); --dataset={config.dataset} "
             f"holds inputs of shape (N, {', '.join(map(str, input_shape))}): use --model=linear or a model "
@@ -87,6 +87,8 @@ def _built_in(config: Config, input_shape: tuple[int, ...], num_classes: int) ->
         )
     seed, dtype = config.seed, config.precision  # A Keras policy name: float32 master weights.
     layers: list = [keras.Input(shape=input_shape)]
+    if config.model == "convnet" and len(input_shape) == 2:  # Float (N, H, W) images: uint8 ones have the axis.
+        layers.append(keras.layers.Reshape((*input_shape, 1), name="channel", dtype=dtype))
     if config.model == "convnet":
         for index, filters in enumerate((32, 16), start=1):
             layers.append(

@@ -33,11 +33,8 @@ def build_user_model(
       UsageError: the function cannot be imported, fails, returns no `keras.Model`, does not fit
         the data, or has no trainable weight.
     """
-    model_fn = model_fn or load_model_function(config.model)
-    model = _call_model_function(config, model_fn)
-    _check_outputs(
-        model, config.model, input_shape, num_classes, rebuild=lambda: _call_model_function(config, model_fn)
-    )
+    model = _call_model_function(config, model_fn or load_model_function(config.model))
+    _check_outputs(model, config.model, input_shape, num_classes)
     if not model.trainable_variables:
         raise UsageError(
             f"--model={config.model}: every layer is frozen (trainable = False), so there is nothing to train; "
@@ -118,49 +115,22 @@ def _call_model_function(config: Config, model_fn: ModelFunction) -> keras.Model
     return model
 
 
-def _check_outputs(
-    model: keras.Model,
-    name: str,
-    input_shape: tuple[int, ...],
-    num_classes: int,
-    *,
-    rebuild: Callable[[], keras.Model],
-) -> None:
+def _check_outputs(model: keras.Model, name: str, input_shape: tuple[int, ...], num_classes: int) -> None:
     """Calls the model on a batch of zeros (which builds a subclassed model's weights) and checks
-    that it gives one logit per class; `rebuild` makes another for `_channel_note` to try."""
+    that it gives one logit per class."""
     with exits_refused(f"--model={name}: its model", during="on its first call", fix=CALL_MUST_RETURN):
         try:
             outputs = model(tf.zeros((2, *input_shape)), training=False)
         except Exception as error:  # The user's code, on the data's shape: any failure is a mismatch.
-            shape, note = ", ".join(map(str, input_shape)), _channel_note(rebuild, input_shape)
+            shape = ", ".join(map(str, input_shape))
             raise UsageError(
-                f"--model={name}: cannot take inputs of shape (N, {shape}) ({_one_line(error)}){note}."
+                f"--model={name}: cannot take inputs of shape (N, {shape}) ({_one_line(error)})."
             ) from None
     if tuple(getattr(outputs, "shape", ())) != (2, num_classes):
         raise UsageError(
             f"--model={name}: outputs of shape {tuple(getattr(outputs, 'shape', ()))} for a batch of 2, "
             f"expected (2, {num_classes}): one logit per class of the labels 0..{num_classes - 1}."
         )
-
-
-def _channel_note(rebuild: Callable[[], keras.Model], input_shape: tuple[int, ...]) -> str:
-    """Why the inputs have an axis the user's data lacks, when a model takes the data without it:
-    else Keras' own "expected ndim=3" names as required the very shape of the user's (N, H, W) data.
-
-    A new model is tried: one whose first call failed may be half built for the shape it failed on.
-    """
-    if len(input_shape) != 3 or input_shape[-1] != 1:
-        return ""
-    height, width, _ = input_shape
-    try:
-        rebuild()(tf.zeros((2, height, width)), training=False)
-    except Exception:  # The user's code: failing without the axis too, the axis is not the problem.
-        return ""
-    return (
-        f"; it takes (N, {height}, {width}), but inputs of that shape are given a channel axis, as images: "
-        f"start the model with keras.Input(({height}, {width})), which drops a last axis of 1, or make it "
-        f"take ({height}, {width}, 1)"
-    )
 
 
 def _one_line(error: BaseException) -> str:
