@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import tomllib
 
 import pytest
 
@@ -121,3 +122,11 @@ def test_the_rules_name_real_modules_and_every_module_belongs_to_a_layer_or_the_
 def test_each_layers_docstring_states_its_rules(layer):
     docstring = ast.get_docstring(ast.parse((PACKAGE / layer / "__init__.py").read_text()))
     assert docstring and "Rules:" in docstring
+
+
+def test_the_wheel_ships_every_package_of_the_tree():
+    """setuptools is given the packages by name (pyproject.toml): a new one left out of the list
+    would be missing from the wheel while every test of the checkout still passes."""
+    listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    tree = {".".join(init.parent.relative_to(PACKAGE.parent).parts) for init in PACKAGE.rglob("__init__.py")}
+    assert tree <= listed, sorted(tree - listed)
