@@ -226,6 +226,7 @@ def build_state(
             num_classes=None if task.model_fn else num_classes,
             model_fn=task.model_fn or model_fn,
             flag=task.flag if task.model_fn else "",
+            targets=task.targets,
         )
         table = CLASSIFIER if sample is None else for_task(*tasks.checked_names(task, model, sample))
         optimizer = optimizers.build_optimizer(config)

@@ -89,15 +89,34 @@ def keras_loss(name: str, metric_names: tuple[str, ...] = ()) -> Task:
             f"--loss={name} is not a Keras loss name; use a registered one such as mean_squared_error, huber, "
             "binary_crossentropy or categorical_crossentropy (or --task for your own terms)."
         ) from None
+    targets = "classes" if function.__name__ == "sparse_categorical_crossentropy" else "values"
     if "from_logits" in inspect.signature(function).parameters:
         function = functools.partial(function, from_logits=True)
     term = name if name.isidentifier() else "loss"
 
     def loss_terms(batch: Batch, outputs: tf.Tensor) -> dict[str, tf.Tensor]:
+        if targets == "values":
+            _check_paired(f"--loss={name}", batch[1], outputs)
         return {term: function(batch[1], outputs)}
 
-    targets = "classes" if function.__name__ == "sparse_categorical_crossentropy" else "values"
     return Task(f"--loss={name}", loss_terms, _keras_metrics(metric_names), default_split, targets=targets)
+
+
+def _check_paired(flag: str, targets: tf.Tensor, outputs: tf.Tensor) -> None:
+    """Targets must be shaped as the outputs, as a Keras loss pairs them (a trailing axis of 1 on
+    either side aside): checked on the static shapes while tracing, so a mismatch is one line
+    before the first step rather than TensorFlow's error from inside the loss.
+
+    Raises:
+      UsageError: the shapes cannot be paired.
+    """
+    shape, wanted = targets.shape.as_list()[1:], outputs.shape.as_list()[1:]
+    if shape != wanted and shape + [1] != wanted and shape != wanted + [1]:
+        raise UsageError(
+            f"{flag}: targets of shape (N, {', '.join(map(str, shape))}) cannot be paired with the model's outputs "
+            f"of shape (N, {', '.join(map(str, wanted))}): the loss takes one target per output; give targets as "
+            "the model's outputs, e.g. targets.reshape(len(targets), -1)."
+        )
 
 
 def user_task(task: UserTask | str, metric_names: tuple[str, ...] = ()) -> Task:

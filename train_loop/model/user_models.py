@@ -30,11 +30,12 @@ def build_user_model(
     num_classes: int | None,
     model_fn: ModelFunction | None,
     flag: str = "",
+    targets: str = "classes",
 ) -> keras.Model:
     """The model of `model_fn`, else of the function `config.model` names, checked to take inputs
     of `input_shape`, to output `num_classes` values (any outputs when None: a task's model, whose
     terms `tasks.checked_names` checks) and to have a weight to train. `flag` names it in errors
-    (default: `--model=...`).
+    (default: `--model=...`); `targets` says what the outputs stand for there (see `tasks.Task`).
 
     Raises:
       UsageError: the function cannot be imported, fails, returns no `keras.Model`, does not fit
@@ -42,7 +43,7 @@ def build_user_model(
     """
     flag = flag or f"--model={config.model}"
     model = _call_model_function(config, model_fn or load_model_function(config.model), flag)
-    _check_outputs(model, flag, input_shape, num_classes)
+    _check_outputs(model, flag, input_shape, num_classes, targets)
     if not model.trainable_variables:
         raise UsageError(
             f"{flag}: every layer is frozen (trainable = False), so there is nothing to train; "
@@ -135,9 +136,11 @@ def _call_model_function(config: Config, model_fn: ModelFunction, flag: str) -> 
     return model
 
 
-def _check_outputs(model: keras.Model, flag: str, input_shape: tuple[int, ...], num_classes: int | None) -> None:
+def _check_outputs(
+    model: keras.Model, flag: str, input_shape: tuple[int, ...], num_classes: int | None, targets: str
+) -> None:
     """Calls the model on a batch of zeros (which builds a subclassed model's weights) and checks
-    that it gives one logit per class."""
+    that it gives one logit per class, or one output per target value."""
     with exits_refused(f"{flag}: its model", during="on its first call", fix=CALL_MUST_RETURN):
         try:
             outputs = model(tf.zeros((2, *input_shape)), training=False)
@@ -147,8 +150,14 @@ def _check_outputs(model: keras.Model, flag: str, input_shape: tuple[int, ...], 
     if num_classes is not None and tuple(getattr(outputs, "shape", ())) != (2, num_classes):
         raise UsageError(
             f"{flag}: outputs of shape {tuple(getattr(outputs, 'shape', ()))} for a batch of 2, "
-            f"expected (2, {num_classes}): one logit per class of the labels 0..{num_classes - 1}."
+            f"expected (2, {num_classes}): {_one_output_each(num_classes, targets)}."
         )
+
+
+def _one_output_each(count: int, targets: str) -> str:
+    if targets == "classes":
+        return f"one logit per class of the labels 0..{count - 1}"
+    return f"one output per target value (the targets hold {count} per example)"
 
 
 def one_line(error: BaseException) -> str:
