@@ -99,8 +99,9 @@ class Config:
 
     @property
     def default_run_name(self) -> str:
-        """The model plus every naming setting that differs from its default: `convnet-l2=0.001`."""
-        return "-".join([self.model_name, *self.changed_settings()])
+        """The model (a task's, which gives its model) plus every naming setting that differs from its
+        default: `convnet-l2=0.001`, `vae.VAE-dataset=fashion_mnist`."""
+        return "-".join([_short_name(self.task) if self.task else self.model_name, *self.changed_settings()])
 
     def changed_settings(self) -> list[str]:
         """Each naming setting that differs from its default, as `name=value` (`l2=0.001`)."""
@@ -151,7 +152,8 @@ class Config:
 
     def naming_settings(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run it resumes."""
-        return {name: getattr(self, name) for name in ("model", *_NAMING_FIELDS)}
+        # The task and its metrics name the measurements a checkpoint keeps, so they must match too.
+        return {name: getattr(self, name) for name in ("model", "task", "metrics", *_NAMING_FIELDS)}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -69,10 +69,6 @@ class Table:
         not evaluated; with one term the total is that term)."""
         return (*self.terms, *(("data_total",) if len(self.terms) > 1 else ()), *self.metrics)
 
-    def data_total(self, evaluated: dict[str, float]) -> float:
-        """The evaluation's sum of the data terms: what the study ranks runs on."""
-        return evaluated["data_total"] if len(self.terms) > 1 else evaluated[self.terms[0]]
-
     def higher_is_better(self, name: str) -> bool:
         """Whether a higher validation `name` is better: a metric named for a share of hits
         (accuracy, AUC, precision, recall); a loss term, the total and any other metric are lower-better."""
