@@ -10,6 +10,10 @@ scikit-learn's diabetes (442 patients, float targets 25..346), which ships with 
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import keras
@@ -17,6 +21,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import user_tasks
+from conftest import REPO
 from helpers import assert_one_line_error, events, numpy_regularization
 from sklearn.datasets import load_diabetes
 
@@ -236,3 +241,42 @@ def test_two_replicas_train_what_one_device_trains(tmp_path, settings):
     weights = [keras.models.load_model(Path(tmp_path) / name / "model.keras").get_weights() for name in ("one", "two")]
     for first, second in zip(*weights):
         np.testing.assert_allclose(second, first, rtol=1e-5, atol=1e-7)
+
+
+# The examples, as CI runs them.
+
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+
+def run_example(command: list[str], tmp_path: Path) -> dict:
+    finished = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable}
+    )
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    # TensorFlow started as the tools start it: none of its start-up lines (`E0000 ... cuInit` without a GPU).
+    assert not re.search(r"cuInit|^[IWE]\d{4} ", finished.stderr, re.MULTILINE), finished.stderr[-3000:]
+    (result_file,) = tmp_path.glob("*/result.json")
+    return json.loads(result_file.read_text())
+
+
+@pytest.mark.slow
+def test_the_diabetes_example_regresses_better_than_the_mean(tmp_path):
+    result = run_example(["sh", "examples/diabetes.sh", str(tmp_path)], tmp_path)
+    targets = np.load(tmp_path / "diabetes.npz")["y_test"]
+    # The targets are standardized by the training split: predicting its mean (0) errs by |y| on average.
+    assert result["test"]["mean_absolute_error"] < 0.85 * np.abs(targets).mean()
+    assert "confusion_matrix" not in result and set(result["test"]) == {"huber", "mean_absolute_error"}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST), reason="Debian's dataset-fashion-mnist is not installed")
+def test_the_vae_example_logs_reconstruction_and_kl_apart(tmp_path):
+    command = [sys.executable, "-m", "train_loop", "--task=examples/vae.py:VAE", "--dataset=fashion_mnist"]
+    result = run_example([*command, "--epochs=1", "--batch_size=128", f"--logdir={tmp_path}"], tmp_path)
+    assert set(result["train"]) == {"reconstruction", "kl", "regularization", "total"}
+    assert set(result["test"]) == {"reconstruction", "kl", "data_total"}
+    # A decoder that has learnt nothing (logits 0) costs 784 ln 2 = 543 nats an image.
+    assert result["test"]["reconstruction"] < 0.6 * 784 * np.log(2) and result["test"]["kl"] > 0
+    (run_dir,) = tmp_path.glob("*/result.json")
+    tags = set(events(str(run_dir.parent), "train").Tags()["tensors"])
+    assert {"loss/reconstruction", "loss/kl", "loss/regularization", "loss/total"} <= tags
