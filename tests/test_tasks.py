@@ -137,6 +137,7 @@ BAD_INPUTS = {
     "unknown-loss": (("--loss=squared_wrongness",), ("--loss=squared_wrongness is not a Keras loss name",)),
     "unknown-metric": (("--metrics=mean_absolute_error,nope",), ("nope is not a Keras metric name",)),
     "metric-with-state": (("--metrics=auc",), ("auc is not a mean of per-example values",)),
+    "task-and-model": (("--model=linear", f"--task={TASKS}:TwoTerms"), ("--model=linear and --task=",)),
     "loss-and-task": (("--loss=huber", f"--task={TASKS}:TwoTerms"), ("--loss=huber and --task=",)),
     "best-metric-unmeasured": (
         ("--loss=huber", "--model=linear", "--best_metric=validation/accuracy"),

@@ -177,6 +177,12 @@ def _check_task_settings(config: Config) -> None:
             f"--loss={config.loss} and --task={config.task} both say what the run minimizes: a task gives its "
             "own loss terms, so drop --loss (or --task)."
         )
+    if config.task and (config.model != "convnet" or config.dropout):
+        given = f"--model={config.model}" if config.model != "convnet" else f"--dropout={config.dropout}"
+        raise UsageError(
+            f"{given} and --task={config.task}: a task gives its own model, which {given} would not change; drop "
+            f"{given.split('=')[0]} (or put it into the task's model)."
+        )
     module, _, name = config.task.rpartition(":")
     if config.task and not (module and name.isidentifier()):
         raise UsageError(

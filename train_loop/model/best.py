@@ -42,6 +42,11 @@ class BestModel:
             tf.Variable(tf.zeros(weight.shape, weight.dtype), trainable=False) for weight in self._model_weights
         ]
 
+    def describe(self) -> str:
+        """What is kept, with the direction that counts as better: a user's metric may go either way."""
+        better = "higher" if self._higher_is_better else "lower"
+        return f"keeping the weights of the best {self.name} ({better} is better)"
+
     @property
     def step(self) -> int | None:
         """The step of the best validation so far; None before the first."""

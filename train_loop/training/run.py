@@ -86,6 +86,8 @@ def train(
                 config, strategy, splits, runs.read_settings(run_dir), model_fn=model_fn, task=run_task
             )
         console.say(decision.describe())
+        if state.best:
+            console.say(state.best.describe())
         decided, settings = decision.to_dict(), _hparams(config, strategy)
         outputs = RunOutputs.open(
             config,
