@@ -136,6 +136,7 @@ BAD_INPUTS = {
     "term-not-an-identifier": ((f"--task={TASKS}:SpacedTerm",), ("loss term 'my term' cannot be a name",)),
     "unknown-loss": (("--loss=squared_wrongness",), ("--loss=squared_wrongness is not a Keras loss name",)),
     "unknown-metric": (("--metrics=mean_absolute_error,nope",), ("nope is not a Keras metric name",)),
+    "metric-the-classifier-has": (("--metrics=accuracy",), ("the classifier logs its accuracy already",)),
     "metric-with-state": (("--metrics=auc",), ("auc is not a mean of per-example values",)),
     "task-and-model": (("--model=linear", f"--task={TASKS}:TwoTerms"), ("--model=linear and --task=",)),
     "loss-and-task": (("--loss=huber", f"--task={TASKS}:TwoTerms"), ("--loss=huber and --task=",)),

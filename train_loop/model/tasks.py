@@ -50,7 +50,8 @@ class Task:
     loss_terms: PerExample
     metrics: PerExample
     split: Callable[[Batch], tuple[Any, Any]]
-    targets: str = "classes"  # What the data's labels must be: "classes" (indices) or "values" (floats).
+    # What the data's labels must be: "classes" (indices), "values" (floats) or "any" (a user task's).
+    targets: str = "classes"
     model_fn: ModelFunction | None = None  # The task's own model; None: --model's.
     classifier: bool = False  # It has the confusion matrix.
 
@@ -61,7 +62,16 @@ def default_split(batch: Batch) -> tuple[Any, Any]:
 
 
 def classifier(metric_names: tuple[str, ...] = ()) -> Task:
-    """Today's objective: sparse cross-entropy from logits, accuracy, and the confusion matrix."""
+    """Today's objective: sparse cross-entropy from logits, accuracy, and the confusion matrix.
+
+    Raises:
+      UsageError: `metric_names` holds accuracy, which the classifier logs already (Keras' would
+        compare labels with logits and give 0).
+    """
+    if "accuracy" in metric_names:
+        raise UsageError(
+            f"--metrics={','.join(metric_names)}: the classifier logs its accuracy already; leave accuracy out."
+        )
 
     others = _keras_metrics(metric_names)
 
@@ -125,7 +135,7 @@ def user_task(task: UserTask | str, metric_names: tuple[str, ...] = ()) -> Task:
     Raises:
       UsageError: it cannot be imported, or lacks `model` or `loss_terms`.
     """
-    flag = f"--task={task}" if isinstance(task, str) else f"task={type(task).__name__}"
+    flag = f"--task={task}" if isinstance(task, str) else f"task={getattr(task, '__name__', type(task).__name__)}"
     if isinstance(task, str):
         task = load_user_object(task, flag="--task", kind="task")
     if inspect.isclass(task):
