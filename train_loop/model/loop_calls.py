@@ -100,8 +100,7 @@ def make_eval_pass(
     metrics (`table.evaluated`), and for the classifier the confusion matrix.
 
     Each batch is `(batch, weights)`: the weights make the zero-weight padding of the last batch
-    count for nothing. The confusion matrix counts true labels by row and predictions by column;
-    the classifier's accuracy is its diagonal's share, as the weighted mean of hits would be.
+    count for nothing. The confusion matrix counts true labels by row and predictions by column.
     """
     classes = num_classes if task.classifier else 0
 
@@ -132,9 +131,6 @@ def make_eval_pass(
         means = dict(zip((*table.terms, *table.metrics), tf.unstack(sums[:-1] / sums[-1])))
         if len(table.terms) > 1:
             means["data_total"] = tf.add_n([means[term] for term in table.terms])
-        if classes:
-            # The correct predictions are the confusion matrix's diagonal.
-            means["accuracy"] = tf.linalg.trace(confusion) / sums[-1]
         return {**means, "confusion_matrix": tf.cast(confusion, tf.int64)}
 
     return eval_pass
