@@ -90,7 +90,7 @@ class Calls:
         self.sizes.append(num_steps)
         self.histograms.append(histograms)
         return {
-            **{name: tf.constant(self.value * num_steps) for name in measurements.PER_EPOCH},
+            **{name: tf.constant(self.value * num_steps) for name in measurements.CLASSIFIER.per_epoch},
             "non_finite_gradients": tf.constant(0.0),
             "gradient_norm": tf.constant(1.0),
             "gradient/dense": tf.fill([2, 3], float(num_steps) if histograms else 0.0),
@@ -102,6 +102,7 @@ def controller(calls: Calls, actions: list, **settings) -> Controller:
     return Controller(
         loop_call=calls,
         counters=state.counters,
+        table=state.table,
         steps_per_epoch=STEPS_PER_EPOCH,
         total_steps=3 * STEPS_PER_EPOCH,
         steps_per_loop=4,
@@ -195,7 +196,7 @@ def test_train_summaries_write_the_intervals_means_and_each_layers_terms(tmp_pat
         seconds=2.0,
     )
     stopwatch = Stopwatch()
-    train_state.counters.advance(dict.fromkeys(measurements.PER_EPOCH, 2.0), 4)  # The epoch's sums so far.
+    train_state.counters.advance(dict.fromkeys(measurements.CLASSIFIER.per_epoch, 2.0), 4)  # The epoch's sums so far.
     action = TrainSummaries(
         Cadence(5, STEPS_PER_EPOCH, at_epoch_end=True),
         config=config,
@@ -306,22 +307,22 @@ def test_epoch_end_counts_the_epoch_and_starts_new_sums_but_the_last_keeps_them(
         validation=validation,
     )
     action.before_call(0)
-    counters.advance(dict.fromkeys(measurements.PER_EPOCH, 5.0), 10)
+    counters.advance(dict.fromkeys(measurements.CLASSIFIER.per_epoch, 5.0), 10)
     action.run(moment(10))
-    assert int(counters.epoch) == 1 and counters.epoch_means() == dict.fromkeys(measurements.PER_EPOCH, 0.0)
+    assert int(counters.epoch) == 1 and counters.epoch_means() == dict.fromkeys(measurements.CLASSIFIER.per_epoch, 0.0)
     assert capsys.readouterr().out.splitlines() == [
         "Epoch 1/2",
         "epoch 1/2: train cross_entropy 0.5000 regularization 0.5000 total 0.5000 accuracy 0.5000 | "
         "validation cross_entropy 0.5000 accuracy 0.5000 | 160 examples/s",
     ]
     action.before_call(10)
-    counters.advance(dict.fromkeys(measurements.PER_EPOCH, 2.0), 10)
+    counters.advance(dict.fromkeys(measurements.CLASSIFIER.per_epoch, 2.0), 10)
     validation.run(moment(20, last=True))
     action.run(moment(20, last=True))
-    assert int(counters.epoch) == 2 and counters.epoch_means() == dict.fromkeys(measurements.PER_EPOCH, 0.2)
+    assert int(counters.epoch) == 2 and counters.epoch_means() == dict.fromkeys(measurements.CLASSIFIER.per_epoch, 0.2)
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [line.pop("wall_time") > 0 for line in lines] == [True, True]
-    train = {f"train/{name}": 0.5 for name in measurements.PER_EPOCH}
+    train = {f"train/{name}": 0.5 for name in measurements.CLASSIFIER.per_epoch}
     common = {"learning_rate": config.learning_rate, "examples_per_second": 160.0}
     assert lines == [
         {"step": 10, "epoch": 1, **train, **common},

@@ -23,7 +23,11 @@ def test_the_checkpoint_keeps_one_variable_per_epoch_measurement(tmp_path):
     state.counters.advance({"cross_entropy": 1.5, "regularization": 0.5, "total": 2.0, "accuracy": 0.25}, 4)
     checkpoints.save(checkpoints.make_manager(tf.train.Checkpoint(**state.trackables()), str(tmp_path)), 4)
     names = {name.split("/.ATTRIBUTES")[0] for name, _ in tf.train.list_variables(str(tmp_path / "ckpt-4"))}
-    assert {f"epoch_sum/{name}" for name in measurements.PER_EPOCH} | {"step", "epoch", "epoch_steps"} <= names
+    assert {f"epoch_sum/{name}" for name in measurements.CLASSIFIER.per_epoch} | {
+        "step",
+        "epoch",
+        "epoch_steps",
+    } <= names
     assert "epoch_sums" not in names and "rng" not in names
     restored = digits_state()
     assert checkpoints.restore_latest(tf.train.Checkpoint(**restored.trackables()), str(tmp_path), repair=False)

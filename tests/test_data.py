@@ -732,7 +732,10 @@ def test_eval_covers_the_test_split_once_and_pads_with_zero_weight(n_test: int) 
     splits, batch = index_splits(8, n_test), 4
     dataset_fn, num_batches = inputs.eval_dataset_fn(splits.x_test, splits.y_test, batch)
 
-    batches = [tuple(part.numpy() for part in parts) for parts in dataset_fn(tf.distribute.InputContext())]
+    # Each element is the train batch's structure and the weights: ((images, labels), weights).
+    batches = [
+        tuple(part.numpy() for part in tf.nest.flatten(parts)) for parts in dataset_fn(tf.distribute.InputContext())
+    ]
 
     assert num_batches == -(-n_test // batch) and len(batches) == num_batches
     images = np.concatenate([images for images, _, _ in batches])

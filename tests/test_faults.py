@@ -29,6 +29,7 @@ from test_data import make_arrays, write_npz
 from train_loop import Config, files, train
 from train_loop import launch as launch_module
 from train_loop.errors import DivergedError, NoSpace
+from train_loop.model.measurements import CLASSIFIER
 from train_loop.outputs import checkpoints, locks
 from train_loop.training.controller import check_finite
 
@@ -365,9 +366,9 @@ def epoch_lines(run_dir: Path) -> list[dict]:
 
 def test_a_non_finite_gradient_is_divergence_too():
     finite = {"cross_entropy": 1.0, "regularization": 0.1, "gradient_norm": 2.0}
-    check_finite(finite, step=10, num_steps=5)
+    check_finite(finite, step=10, num_steps=5, table=CLASSIFIER)
     with pytest.raises(DivergedError, match="gradient_norm became inf between steps 11 and 15"):
-        check_finite({**finite, "gradient_norm": float("inf")}, step=10, num_steps=5)
+        check_finite({**finite, "gradient_norm": float("inf")}, step=10, num_steps=5, table=CLASSIFIER)
 
 
 def worker_pids(launcher: subprocess.Popen) -> dict[int, int]:

@@ -22,6 +22,7 @@ from tensorboard.plugins.custom_scalar import metadata as custom_scalar_metadata
 import train_loop
 from train_loop import Config, UsageError
 from train_loop.data import sources
+from train_loop.model.measurements import CLASSIFIER
 from train_loop.outputs import summaries
 from train_loop.outputs.custom_scalars import scalars_layout
 
@@ -36,7 +37,7 @@ def test_custom_scalars_layout_reads_back_through_tensorboard(tmp_path):
     settings = event_accumulator.EventAccumulator(summaries.writer_dir(str(tmp_path), "settings")).Reload()
     (event,) = settings.Tensors(custom_scalar_metadata.CONFIG_SUMMARY_TAG)
     layout = layout_pb2.Layout.FromString(tf.make_ndarray(event.tensor_proto).item())
-    assert layout == scalars_layout()
+    assert layout == scalars_layout(CLASSIFIER)
     first = layout.category[0].chart[0].multiline.tag
     assert list(first) == ["^loss/cross_entropy$", "^loss/regularization$", "^loss/total$"]
     assert [chart.multiline.tag[0] for chart in layout.category[1].chart] == ["^regularization/"]

@@ -25,9 +25,9 @@ from train_loop.model import models
 from train_loop.settings import ARRAYS_PREFIX
 
 FLOAT_LABELS = (
-    "labels of type {dtype}: float labels are targets (values to predict), not classes, and train_loop trains a "
-    "classifier, which takes integer class indices 0..K-1; if these are classes, give them as integers "
-    "(labels.astype(int))."
+    "labels of type {dtype}: float labels are targets (values to predict), not classes, and the default "
+    "classifier takes integer class indices 0..K-1; for values pass a loss that takes them "
+    "(--loss=mean_squared_error, --loss=huber), or if these are classes give them as integers (labels.astype(int))."
 )
 # Diabetes' first 400 patients train: 227 of the classes 0..346 have fewer than 2 of them.
 DIABETES_CLASSES = (

@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 
+from train_loop.model.measurements import CLASSIFIER
 from train_loop.outputs.custom_scalars import scalars_layout
 from train_loop.outputs.experiment import COMPARED_METRICS
 
@@ -420,7 +421,7 @@ def test_custom_scalars_layout_matches_the_logged_tags(tensorboard: Client, run:
     cross-entropy in validation and test too), each layer's regularization, weight and gradient
     norms, the global gradient norm and the accuracy."""
     layout = tensorboard.get("/data/plugin/custom_scalars/layout")
-    written = scalars_layout()
+    written = scalars_layout(CLASSIFIER)
     assert [category["title"] for category in layout["category"]] == [category.title for category in written.category]
     found = {}
     for category in layout["category"]:

@@ -234,7 +234,7 @@ def test_loop_call_is_traced_once_and_returns_named_measurements():
     layers = ("conv1", "conv2", "dense")
     # "clipped" only with --global_clipnorm.
     assert set(measured[0]) == {
-        *measurements.SUMMED,
+        *measurements.CLASSIFIER.summed,
         "gradient_norm",
         *(f"gradient{kind}/{layer}" for layer in layers for kind in ("_norm", "")),
     } - {"clipped"}

@@ -91,7 +91,7 @@ def test_confusion_matrix_of_a_named_data_set_carries_its_class_names(tmp_path):
     names = sources.class_names("fashion_mnist")
     counts = np.arange(100).reshape(10, 10)
     writer = summaries.Summaries(str(tmp_path), class_names=names)
-    writer.write_evaluation("validation", 7, {"cross_entropy": 0.5, "accuracy": 0.9}, counts)
+    writer.write_evaluation("validation", 7, {"loss/cross_entropy": 0.5, "accuracy": 0.9}, counts)
     writer.close()
 
     (table,) = events(str(tmp_path), "validation").Tensors("confusion_matrix_counts")

@@ -20,6 +20,7 @@ def train(
     *,
     model_fn: Callable[[], Any] | str | None = None,
     data: Mapping[str, Any] | str | None = None,
+    task: Any = None,
     **settings,
 ) -> dict:
     """Trains one run and returns its result: what `result.json` holds, and "run_dir", the run
@@ -30,7 +31,10 @@ def train(
     logits; it is called inside the strategy's scope, which is why it is a function and not a
     model. `data` is a mapping of the arrays `x_train`, `y_train`, `x_test`, `y_test`, or a path
     to an .npz holding them. A run records the function as `module:name` and the arrays by a
-    fingerprint of their bytes, so that a resumed run is checked against both.
+    fingerprint of their bytes, so that a resumed run is checked against both. `task` is what the
+    run minimizes, an object (or class) giving `model()` and `loss_terms(batch, outputs)` (see
+    `train_loop.model.tasks.UserTask`), or its `PATH.py:NAME`; a task object is recorded by its
+    class's `module:name`.
     TensorFlow is imported on the first call, not on `import train_loop`, and quietly, as the
     tools start it (`startup`), unless it was imported before.
     """
@@ -47,7 +51,12 @@ def train(
         changes["model"] = user_models.model_function_name(function) if function else model_fn
     if data is not None:
         changes["dataset"] = ARRAYS_PREFIX + fingerprint(arrays) if arrays is not None else data
-    return train_config(dataclasses.replace(config, **changes), model_fn=function, arrays=arrays)
+    task_object = task if task is not None and not isinstance(task, str) else None
+    if task is not None:
+        # A task is recorded by its class: `module:Name`.
+        task_class = task_object if isinstance(task_object, type) else type(task_object)
+        changes["task"] = user_models.model_function_name(task_class) if task_object else task
+    return train_config(dataclasses.replace(config, **changes), model_fn=function, arrays=arrays, task=task_object)
 
 
 def load(run_dir: str) -> Any:

@@ -25,6 +25,7 @@ FLAGS = flags.FLAGS
 GROUPS = {
     "data": ("dataset", "data_dir", "validation_split", "batch_size", "epochs", "seed"),
     "model": ("model", "dropout"),
+    "objective": ("loss", "metrics", "task"),
     "regularization": ("l1", "l2", "bias_l1", "bias_l2", "weight_decay"),
     "optimizer": ("optimizer", "learning_rate", "global_clipnorm", "ema"),
     "schedule": ("lr_schedule", "lr_decay_steps", "lr_decay_rate", "warmup_steps"),

@@ -26,6 +26,7 @@ _NAMING_FIELDS = (
     "learning_rate",
     "seed",
     "precision",
+    "loss",
     "lr_schedule",
     "lr_decay_steps",
     "lr_decay_rate",
@@ -65,7 +66,7 @@ class Config:
     ema: float = 0.0  # 0: no moving average of the weights.
     validation_split: float = 0.1  # Held out of the training split; 0: none.
     eval_every: int = 0  # Steps between validations; 0: at the end of each epoch.
-    best_metric: str = ""  # One of BEST_METRICS; empty: the run keeps its last weights.
+    best_metric: str = ""  # validation/<a term or metric of the task>; empty: the run keeps its last weights.
     early_stopping_patience: int = 0  # Validations without improvement before stopping; 0: never.
     early_stopping_min_delta: float = 0.0
     export: str = "saved_model"
@@ -84,6 +85,10 @@ class Config:
     deterministic: bool = False
     tpu: str = ""
     cluster_resolver: str = "tf_config"
+    # What the run minimizes (model/tasks.py): the classifier when all three are empty.
+    loss: str = ""  # A Keras loss's registered name.
+    metrics: str = ""  # Keras metric names, comma-separated.
+    task: str = ""  # PATH.py:NAME or package.module:NAME of a task object.
 
     def __post_init__(self) -> None:
         # Resolved once, where the run starts: a relative logdir would follow the working folder, which
@@ -94,8 +99,9 @@ class Config:
 
     @property
     def default_run_name(self) -> str:
-        """The model plus every naming setting that differs from its default: `convnet-l2=0.001`."""
-        return "-".join([self.model_name, *self.changed_settings()])
+        """The model (a task's, which gives its model) plus every naming setting that differs from its
+        default: `convnet-l2=0.001`, `vae.VAE-dataset=fashion_mnist`."""
+        return "-".join([_short_name(self.task) if self.task else self.model_name, *self.changed_settings()])
 
     def changed_settings(self) -> list[str]:
         """Each naming setting that differs from its default, as `name=value` (`l2=0.001`)."""
@@ -146,7 +152,8 @@ class Config:
 
     def naming_settings(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run it resumes."""
-        return {name: getattr(self, name) for name in ("model", *_NAMING_FIELDS)}
+        # The task and its metrics name the measurements a checkpoint keeps, so they must match too.
+        return {name: getattr(self, name) for name in ("model", "task", "metrics", *_NAMING_FIELDS)}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -20,8 +20,9 @@ STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
 CLUSTER_RESOLVERS = ("tf_config", "slurm")  # Where a multi-worker run learns its cluster.
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 LR_SCHEDULES = ("constant", "cosine", "step")
-# What --best_metric may name, and whether a higher value is better.
-BEST_METRICS = {"validation/accuracy": True, "validation/cross_entropy": False}
+# What --best_metric names: a validation measurement of the run's task (its terms' and metrics'
+# names, which the task alone knows: `best.BestModel` checks the name).
+BEST_METRIC_PREFIX = "validation/"
 EXPORTS = ("saved_model", "none")
 # Keras' initializers take seeds in [0, 2**32); each layer adds a small offset to `seed`, so the
 # flag stays in the int32 range, which every seeded op accepts.
@@ -33,6 +34,7 @@ def check(config: Config) -> None:
     contradicts another; `configs.Config` calls it where it is built."""
     _check_dataset(config.dataset)
     _check_model(config.model)
+    _check_task_settings(config)
     _check_choice("optimizer", config.optimizer, OPTIMIZERS)
     _check_choice("strategy", config.strategy, STRATEGIES)
     _check_choice("precision", config.precision, PRECISIONS)
@@ -135,10 +137,11 @@ def _check_optimizer_settings(config: Config) -> None:
 
 def _check_best_model_settings(config: Config) -> None:
     """`--best_metric` needs a validation split; early stopping needs a best metric."""
-    if config.best_metric and config.best_metric not in BEST_METRICS:
+    measured = config.best_metric.removeprefix(BEST_METRIC_PREFIX)
+    if config.best_metric and not (config.best_metric.startswith(BEST_METRIC_PREFIX) and measured.isidentifier()):
         raise UsageError(
-            f"--best_metric={config.best_metric!r} is not one of {', '.join(BEST_METRICS)} (or empty: keep the "
-            "last weights)."
+            f"--best_metric={config.best_metric!r} is not validation/<a loss term or metric>, e.g. "
+            "validation/accuracy or validation/cross_entropy (or empty: keep the last weights)."
         )
     if config.best_metric and not config.validation_split:
         raise UsageError(
@@ -164,6 +167,32 @@ def _check_best_model_settings(config: Config) -> None:
         raise UsageError(
             f"--early_stopping_min_delta={config.early_stopping_min_delta} needs --best_metric: pass "
             "--best_metric=validation/accuracy or validation/cross_entropy."
+        )
+
+
+def _check_task_settings(config: Config) -> None:
+    """--loss and --task are two ways to say what is minimized; --metrics are names."""
+    if config.loss and config.task:
+        raise UsageError(
+            f"--loss={config.loss} and --task={config.task} both say what the run minimizes: a task gives its "
+            "own loss terms, so drop --loss (or --task)."
+        )
+    if config.task and (config.model != "convnet" or config.dropout):
+        given = f"--model={config.model}" if config.model != "convnet" else f"--dropout={config.dropout}"
+        raise UsageError(
+            f"{given} and --task={config.task}: a task gives its own model, which {given} would not change; drop "
+            f"{given.split('=')[0]} (or put it into the task's model)."
+        )
+    module, _, name = config.task.rpartition(":")
+    if config.task and not (module and name.isidentifier()):
+        raise UsageError(
+            f"--task={config.task} is not PATH.py:NAME or package.module:NAME (an object with model and loss_terms)."
+        )
+    bad = [name for name in config.metrics.split(",") if not name.isidentifier()]
+    if config.metrics and bad:
+        raise UsageError(
+            f"--metrics={config.metrics}: {bad[0]!r} is not a metric name; give Keras metric names separated by "
+            "commas, e.g. --metrics=mean_absolute_error."
         )
 
 

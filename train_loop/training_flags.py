@@ -96,8 +96,10 @@ flags.DEFINE_integer(
 flags.DEFINE_string(
     "best_metric",
     _DEFAULTS.best_metric,
-    f"{' or '.join(settings.BEST_METRICS)}: keep the weights that scored best on it "
-    "(in <run>/best/; they become model.keras and are tested); empty: the last weights.",
+    "validation/<a loss term or metric of the task> (the classifier's: validation/accuracy or "
+    "validation/cross_entropy): keep the weights that scored best on it (in <run>/best/; they become "
+    "model.keras and are tested); lower is better but for metrics of hits (accuracy, auc, precision, "
+    "recall); empty: the last weights.",
 )
 flags.DEFINE_integer(
     "early_stopping_patience",
@@ -211,3 +213,24 @@ flags.DEFINE_enum(
 
 apps.require_utf8("logdir")
 apps.require_utf8("run_name")
+
+# What the run minimizes (model/tasks.py).
+flags.DEFINE_string(
+    "loss",
+    _DEFAULTS.loss,
+    "A Keras loss by its registered name (mean_squared_error, huber, binary_crossentropy, ...), per "
+    "example, from logits where it takes from_logits; targets may be floats of any shape. Empty: the "
+    "classifier (sparse cross-entropy on class indices 0..K-1, accuracy, confusion matrix).",
+)
+flags.DEFINE_string(
+    "metrics",
+    _DEFAULTS.metrics,
+    "Keras metric names, comma-separated (mean_absolute_error, binary_accuracy, ...): per-example "
+    "means, logged beside the loss terms.",
+)
+flags.DEFINE_string(
+    "task",
+    _DEFAULTS.task,
+    "PATH.py:NAME or package.module:NAME: an object giving model() and loss_terms(batch, outputs) "
+    "(named per-example terms), and optionally metrics(batch, outputs) and split(batch).",
+)

@@ -28,7 +28,8 @@ class DataError(UsageError):
 
 
 class Splits(NamedTuple):
-    """Inputs as float32, labels as int32 in 0..num_classes-1.
+    """Inputs as float32; labels as int32 in 0..num_classes-1 for a classifier, else targets (float32
+    values to predict, `num_classes` of them per example; a user task's kept as they are, integers as int32).
 
     uint8 images are scaled to [0, 1], and (N, H, W) ones get a channel axis, as the study's
     MNIST; float inputs are kept as they are (float (N, H, W) may be images or sequences: the
@@ -41,7 +42,7 @@ class Splits(NamedTuple):
     x_test: np.ndarray
     y_test: np.ndarray
     source: str
-    num_classes: int = 10
+    num_classes: int = 10  # For targets: the model's outputs per example.
     # Held out of the training split by `hold_out`; empty when there is no validation split.
     x_validation: np.ndarray | None = None
     y_validation: np.ndarray | None = None
@@ -131,14 +132,23 @@ def fingerprint(arrays: Mapping[str, np.ndarray]) -> str:
     return digest.hexdigest()[:16]
 
 
-def checked_splits(arrays: dict[str, np.ndarray], *, names: dict[str, str], source: str, named: bool) -> Splits:
+def checked_splits(
+    arrays: dict[str, np.ndarray], *, names: dict[str, str], source: str, named: bool, targets: str = "classes"
+) -> Splits:
     """Checks every array (a named data set must be MNIST-shaped with labels 0..9), then converts.
 
     `names` says how each array is named in an error: its file, or where in a file it sits.
+    `targets` is what the run's task takes (`tasks.Task.targets`): "classes" (integer class
+    indices), "values" (numbers to predict, as float32) or "any" (a user task's, kept as they are).
     """
     for split in ("train", "test"):
         images, labels = arrays[f"x_{split}"], arrays[f"y_{split}"]
         _check_inputs(images, names[f"x_{split}"], named=named)
+        if targets != "classes":
+            arrays[f"y_{split}"] = _checked_targets(
+                labels, len(images), names[f"y_{split}"], floats=targets == "values"
+            )
+            continue
         arrays[f"y_{split}"] = _checked_labels(
             labels, len(images), names[f"y_{split}"], names[f"x_{split}"], expected="0..9" if named else "0..K-1"
         )
@@ -154,13 +164,19 @@ def checked_splits(arrays: dict[str, np.ndarray], *, names: dict[str, str], sour
             "scaled to [0, 1] and floats used as they are, so the two splits would be on different scales; "
             "give both as uint8, or both as float32 (scaled alike)."
         )
+    if targets != "classes":
+        width = int(np.prod(y_train.shape[1:]))
+        return Splits(
+            _as_inputs(x_train, names["x_train"]), y_train, _as_inputs(x_test, names["x_test"]), y_test, source, width
+        )
     top = max(int(y_train.max()), int(y_test.max()))
     if named and top > 9:
         label_name = names["y_train" if y_train.max() == top else "y_test"]
         raise DataError(f"{label_name}: labels range up to {top}, expected 0..9.")
     _check_classes_supported(y_train, top + 1, names["y_train"])
-    x_train = _as_inputs(x_train, names["x_train"])
-    return Splits(x_train, y_train, _as_inputs(x_test, names["x_test"]), y_test, source, top + 1)
+    return Splits(
+        _as_inputs(x_train, names["x_train"]), y_train, _as_inputs(x_test, names["x_test"]), y_test, source, top + 1
+    )
 
 
 def _check_inputs(images: np.ndarray, name: str, *, named: bool) -> None:
@@ -199,8 +215,9 @@ def _checked_labels(labels: np.ndarray, count: int, name: str, images_name: str,
     if labels.dtype.kind == "f":  # Even whole numbers: diabetes' targets 25..346 trained a 347-class classifier.
         raise DataError(
             f"{name}: labels of type {labels.dtype}: float labels are targets (values to predict), not classes, "
-            f"and train_loop trains a classifier, which takes integer class indices {expected}; if these are "
-            "classes, give them as integers (labels.astype(int))."
+            f"and the default classifier takes integer class indices {expected}; for values pass a loss that "
+            "takes them (--loss=mean_squared_error, --loss=huber), or if these are classes give them as "
+            "integers (labels.astype(int))."
         )
     if labels.ndim != 1 or len(labels) != count:
         raise DataError(
@@ -209,6 +226,21 @@ def _checked_labels(labels: np.ndarray, count: int, name: str, images_name: str,
         )
     if labels.min() < 0:
         raise DataError(f"{name}: labels range over {labels.min():g}..{labels.max():g}, expected {expected}.")
+    return labels.astype(np.int32)
+
+
+def _checked_targets(labels: np.ndarray, count: int, name: str, *, floats: bool) -> np.ndarray:
+    """`labels` as targets, one row per example: float32 values (`floats`), else as they are
+    (integers as int32); else DataError saying what they are instead."""
+    if labels.dtype.kind not in "iufb" or labels.ndim == 0 or len(labels) != count:
+        raise DataError(
+            f"{name}: labels of type {labels.dtype} and shape {labels.shape} for {count} examples; expected "
+            f"numbers, one row per example: shape ({count},) or ({count}, K)."
+        )
+    if labels.dtype.kind == "f":
+        _check_finite(labels, name)
+    if floats or labels.dtype.kind == "f":
+        return labels.astype(np.float32)
     return labels.astype(np.int32)
 
 

@@ -30,6 +30,11 @@ def steps_per_epoch(splits: Splits, global_batch_size: int) -> int:
     return steps
 
 
+def sample_batch(splits: Splits, size: int = 2) -> tuple[tf.Tensor, tf.Tensor]:
+    """The first `size` training examples as a batch: what a task is checked on before a step is traced."""
+    return tf.constant(splits.x_train[:size]), tf.constant(splits.y_train[:size])
+
+
 def train_dataset_fn(
     splits: Splits,
     *,
@@ -81,8 +86,9 @@ def eval_dataset_fn(
     labels: np.ndarray,
     global_batch_size: int,
 ) -> tuple[Callable[[tf.distribute.InputContext], tf.data.Dataset], int]:
-    """A split to evaluate (validation or test) padded to whole global batches, with a weight of 0
-    on the padding.
+    """A split to evaluate (validation or test) padded to whole global batches, each element
+    `((inputs, labels), weights)`: a train batch's structure and a weight per example, 0 on the
+    padding.
 
     Whole batches keep every replica in lockstep and every shape static; the weights keep the
     metrics exact over the real examples. The arrays go to TensorFlow without a copy where they
@@ -95,10 +101,10 @@ def eval_dataset_fn(
     num_batches = -(-num_examples // global_batch_size)
     images, labels = host_tensor(inputs, copy=False), host_tensor(labels, copy=False)
 
-    def lookup(index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    def lookup(index: tf.Tensor) -> tuple[tuple[tf.Tensor, tf.Tensor], tf.Tensor]:
         clipped = tf.minimum(index, num_examples - 1)
         weights = tf.cast(index < num_examples, tf.float32)
-        return tf.gather(images, clipped), tf.gather(labels, clipped), weights
+        return (tf.gather(images, clipped), tf.gather(labels, clipped)), weights
 
     def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
         order = tf.range(num_batches * global_batch_size)
@@ -209,8 +215,8 @@ class ReplicaInput:
     def iterator(self) -> Iterator:
         return iter(self._dataset)
 
-    def next_batch(self, iterator: Iterator) -> tuple:
-        """The next batch of every replica; call inside the traced loop call.
+    def next_batch(self, iterator: Iterator) -> object:
+        """The next batch of every replica, of the dataset's structure; call inside the traced loop call.
 
         It depends on the strategy alone, so a function traced with it can pull from any of the
         strategy's inputs (the evaluation pass serves every split).
@@ -220,9 +226,9 @@ class ReplicaInput:
         if not self._on_host or num_replicas == 1:
             return batch
         # Splitting along the first axis shares the batch's memory where each part is aligned.
-        parts = [tf.split(tensor, num_replicas) for tensor in batch]
+        parts = [tf.split(tensor, num_replicas) for tensor in tf.nest.flatten(batch)]
         return self._strategy.experimental_distribute_values_from_function(
-            lambda context: tuple(part[context.replica_id_in_sync_group] for part in parts)
+            lambda context: tf.nest.pack_sequence_as(batch, [part[context.replica_id_in_sync_group] for part in parts])
         )
 
 

@@ -13,7 +13,7 @@ from train_loop import files
 from train_loop.data.arrays import NPZ_KEYS, DataError, Splits, checked_splits, memory_for
 
 
-def read_npz(path: str, *, named: bool) -> Splits:
+def read_npz(path: str, *, named: bool, targets: str = "classes") -> Splits:
     """A Keras-layout npz: MNIST-shaped for a named data set, any shape and classes otherwise.
 
     Only a regular file is opened (a FIFO would block the open), and only a zip is handed to
@@ -36,7 +36,8 @@ def read_npz(path: str, *, named: bool) -> Splits:
         raise DataError(f"{path}: not a readable npz archive ({error}); {fix}.") from None
     if missing:
         raise DataError(f"{path}: missing arrays {', '.join(missing)}; a Keras-layout npz holds {', '.join(NPZ_KEYS)}.")
-    return checked_splits(arrays, names={key: f"{key} in {path}" for key in NPZ_KEYS}, source=path, named=named)
+    names = {key: f"{key} in {path}" for key in NPZ_KEYS}
+    return checked_splits(arrays, names=names, source=path, named=named, targets=targets)
 
 
 def _read_npz_array(archive: np.lib.npyio.NpzFile, key: str, path: str, fix: str) -> np.ndarray:

@@ -14,20 +14,27 @@ from train_loop.data.npz import read_npz
 from train_loop.settings import ARRAYS_PREFIX, DATASETS
 
 
-def load_splits(config: Config, arrays: Mapping[str, np.ndarray] | None = None) -> Splits:
+def load_splits(config: Config, arrays: Mapping[str, np.ndarray] | None = None, *, targets: str = "classes") -> Splits:
     """Reads `config.dataset` from the first place that has it, or checks the user's `arrays`.
 
     `arrays` (the four Keras-layout arrays) go with a `config.dataset` of `arrays:<fingerprint>`,
-    which is what `train_loop.train(data=...)` records.
+    which is what `train_loop.train(data=...)` records. `targets` is what the labels must be for
+    the run's task (see `arrays.checked_splits`); a named data set's digits 0..9 are taken as
+    values too, as float32.
 
     Raises:
       DataError: the data is nowhere to be found, or a file or array that holds it is corrupt.
     """
     if config.dataset.startswith(ARRAYS_PREFIX) or arrays is not None:
-        return _given_arrays(config.dataset, arrays)
+        return _given_arrays(config.dataset, arrays, targets)
     if config.dataset.endswith(".npz"):
-        return read_npz(config.dataset, named=False)
-    return read_named_set(config)
+        return read_npz(config.dataset, named=False, targets=targets)
+    splits = read_named_set(config)
+    if targets != "values":
+        return splits
+    return splits._replace(
+        y_train=splits.y_train.astype(np.float32), y_test=splits.y_test.astype(np.float32), num_classes=1
+    )
 
 
 def class_names(dataset: str) -> tuple[str, ...]:
@@ -59,7 +66,7 @@ def input_spec(config: Config) -> tuple[tuple[int, ...], int]:
     return splits.x_train.shape[1:], splits.num_classes
 
 
-def _given_arrays(dataset: str, arrays: Mapping[str, np.ndarray] | None) -> Splits:
+def _given_arrays(dataset: str, arrays: Mapping[str, np.ndarray] | None, targets: str) -> Splits:
     if arrays is None or dataset != ARRAYS_PREFIX + fingerprint(arrays):
         raise DataError(
             f"--dataset={dataset!r} names arrays given to train_loop.train(data=...); give the same "
@@ -76,4 +83,5 @@ def _given_arrays(dataset: str, arrays: Mapping[str, np.ndarray] | None) -> Spli
         names={key: f"data[{key!r}]" for key in NPZ_KEYS},
         source="data",
         named=False,
+        targets=targets,
     )

@@ -10,8 +10,9 @@ import keras
 import tensorflow as tf
 
 from train_loop.configs import Config
+from train_loop.errors import UsageError
+from train_loop.model.measurements import Table
 from train_loop.model.optimizers import swapped_weights
-from train_loop.settings import BEST_METRICS
 
 
 class BestModel:
@@ -22,9 +23,16 @@ class BestModel:
     step, the patience counter and the weights are part of the run's checkpoint.
     """
 
-    def __init__(self, config: Config, model: keras.Model):
+    def __init__(self, config: Config, model: keras.Model, table: Table):
+        """Raises UsageError when `--best_metric` names nothing the run's validation measures."""
         self.name = config.best_metric
-        self._higher_is_better = BEST_METRICS[config.best_metric]
+        measured = self.name.removeprefix("validation/")
+        if measured not in table.evaluated:
+            raise UsageError(
+                f"--best_metric={self.name}: the validation measures "
+                f"{', '.join('validation/' + name for name in table.evaluated)}; name one of them."
+            )
+        self._higher_is_better = table.higher_is_better(measured)
         self.patience, self.min_delta = config.early_stopping_patience, config.early_stopping_min_delta
         self._model_weights = model.weights
         self.value = tf.Variable(-math.inf if self._higher_is_better else math.inf, dtype=tf.float64, trainable=False)
@@ -33,6 +41,11 @@ class BestModel:
         self._weights = [
             tf.Variable(tf.zeros(weight.shape, weight.dtype), trainable=False) for weight in self._model_weights
         ]
+
+    def describe(self) -> str:
+        """What is kept, with the direction that counts as better: a user's metric may go either way."""
+        better = "higher" if self._higher_is_better else "lower"
+        return f"keeping the weights of the best {self.name} ({better} is better)"
 
     @property
     def step(self) -> int | None:

@@ -11,10 +11,10 @@ import tensorflow as tf
 
 from train_loop.configs import Config
 from train_loop.data import inputs
-from train_loop.model import losses
-from train_loop.model.measurements import SUMMED
+from train_loop.model.measurements import Table
 from train_loop.model.state import TrainState
 from train_loop.model.steps import gradient_measurements, make_replica_gradients, make_train_step
+from train_loop.model.tasks import Batch, Task, float_outputs
 
 _SUM = tf.distribute.ReduceOp.SUM
 
@@ -31,14 +31,14 @@ def make_loop_call(
     """`loop_call(iterator, num_steps, histograms)`: `num_steps` updates of `state` in one traced call.
 
     `next_batch(iterator)` gives every replica its batch (see `inputs.ReplicaInput`). Returns the
-    `measurements.SUMMED` ones ("clipped" only with `global_clipnorm`) summed over the steps, and
+    state's table's `summed` ones ("clipped" only with `global_clipnorm`) summed over the steps, and
     the gradient's (`gradient_measurements`) at the last step, its kernels' only when
     `histograms` is true (else zeros); pass `num_steps` and `histograms` as tensors so that every
     call reuses one trace.
     """
     model = state.model
     replica_gradients = make_replica_gradients(
-        model, global_batch_size, loss_scale=state.loss_scale, jit_compile=jit_compile
+        model, global_batch_size, task=state.task, loss_scale=state.loss_scale, jit_compile=jit_compile
     )
     train_step = make_train_step(
         strategy,
@@ -48,7 +48,7 @@ def make_loop_call(
         loss_scale=state.loss_scale,
         global_clipnorm=global_clipnorm,
     )
-    summed = [name for name in SUMMED if name != "clipped" or global_clipnorm]
+    summed = [name for name in state.table.summed if name != "clipped" or global_clipnorm]
 
     @tf.function(autograph=False)  # The loop is written out: see `_counted_loop`.
     def loop_call(iterator, num_steps: tf.Tensor, histograms: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -92,25 +92,30 @@ def make_eval_pass(
     strategy: tf.distribute.Strategy,
     next_batch: Callable[[object], tuple],
     *,
+    task: Task,
+    table: Table,
     num_classes: int,
 ) -> Callable[[object, tf.Tensor], dict[str, tf.Tensor]]:
-    """`eval_pass(iterator, num_batches)`: cross-entropy, accuracy and the confusion matrix.
+    """`eval_pass(iterator, num_batches)`: the weighted mean of each of the task's terms and
+    metrics (`table.evaluated`), and for the classifier the confusion matrix.
 
-    Sums are weighted so the zero-weight padding of the last batch counts for nothing. The
-    confusion matrix counts true labels by row and predictions by column.
+    Each batch is `(batch, weights)`: the weights make the zero-weight padding of the last batch
+    count for nothing. The confusion matrix counts true labels by row and predictions by column.
     """
+    classes = num_classes if task.classifier else 0
 
-    def replica_eval(images: tf.Tensor, labels: tf.Tensor, weights: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        logits = tf.cast(model(images, training=False), tf.float32)
-        per_example = losses.per_example_cross_entropy(labels, logits)
-        confusion = tf.math.confusion_matrix(
-            labels,
-            tf.argmax(logits, axis=-1, output_type=labels.dtype),
-            num_classes=num_classes,
-            weights=weights,
-            dtype=tf.float32,
-        )
-        return tf.stack([tf.reduce_sum(per_example * weights), tf.reduce_sum(weights)]), confusion
+    def replica_eval(batch: Batch, weights: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        inputs, targets = task.split(batch)
+        outputs = float_outputs(model(inputs, training=False))
+        values = {**task.loss_terms(batch, outputs), **task.metrics(batch, outputs)}
+        confusion = tf.zeros([0, 0])
+        if classes:
+            predictions = tf.argmax(outputs, axis=-1, output_type=targets.dtype)
+            confusion = tf.math.confusion_matrix(
+                targets, predictions, num_classes=classes, weights=weights, dtype=tf.float32
+            )
+        sums = [tf.reduce_sum(value * weights) for value in values.values()]
+        return tf.stack([*sums, tf.reduce_sum(weights)]), confusion
 
     @tf.function(autograph=False)  # The loop is written out: see `_counted_loop`.
     def eval_pass(iterator, num_batches: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -121,13 +126,12 @@ def make_eval_pass(
                 confusion + strategy.reduce(_SUM, batch_confusion, axis=None),
             )
 
-        sums, confusion = _counted_loop(num_batches, batch_once, (tf.zeros([2]), tf.zeros([num_classes, num_classes])))
-        # The correct predictions are the confusion matrix's diagonal.
-        return {
-            "cross_entropy": sums[0] / sums[1],
-            "accuracy": tf.linalg.trace(confusion) / sums[1],
-            "confusion_matrix": tf.cast(confusion, tf.int64),
-        }
+        count = len(table.terms) + len(table.metrics) + 1
+        sums, confusion = _counted_loop(num_batches, batch_once, (tf.zeros([count]), tf.zeros([classes, classes])))
+        means = dict(zip((*table.terms, *table.metrics), tf.unstack(sums[:-1] / sums[-1])))
+        if len(table.terms) > 1:
+            means["data_total"] = tf.add_n([means[term] for term in table.terms])
+        return {**means, "confusion_matrix": tf.cast(confusion, tf.int64)}
 
     return eval_pass
 

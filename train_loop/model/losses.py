@@ -1,4 +1,4 @@
-"""The loss components, each scaled for replicas: cross-entropy, regularization, and their total."""
+"""The loss's parts, each scaled for replicas: a data term's share of the global batch, and the regularization."""
 
 from __future__ import annotations
 
@@ -8,19 +8,15 @@ import tensorflow as tf
 from train_loop.model.models import named_layers
 
 
-def cross_entropy(labels: tf.Tensor, logits: tf.Tensor, global_batch_size: int) -> tf.Tensor:
-    """This replica's share of the global batch's mean cross-entropy.
+def global_share(per_example: tf.Tensor, global_batch_size: int) -> tf.Tensor:
+    """This replica's share of the global batch's mean of a per-example value (a loss term, a metric).
 
     Divided by the global batch, not the replica's, so that summing over replicas gives exactly
     the mean one device computes on the whole batch. This is `tf.nn.compute_average_loss` minus
     its run-time asserts on `global_batch_size`, a Python constant here, which XLA drops with a
     warning at every compile.
     """
-    return tf.reduce_sum(per_example_cross_entropy(labels, logits)) / global_batch_size
-
-
-def per_example_cross_entropy(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
-    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+    return tf.reduce_sum(per_example) / global_batch_size
 
 
 def regularization(model: keras.Model) -> tf.Tensor:
@@ -56,13 +52,3 @@ def layer_weight_terms(model: keras.Model) -> dict[str, tf.Tensor]:
         if parts:
             terms[path] = tf.add_n(parts)
     return terms
-
-
-def correct_share(labels: tf.Tensor, logits: tf.Tensor, global_batch_size: int) -> tf.Tensor:
-    """This replica's correct predictions over the global batch: accuracy once summed over replicas."""
-    return tf.reduce_sum(correct(labels, logits)) / global_batch_size
-
-
-def correct(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
-    """1.0 where the highest logit is the label, else 0.0, per example."""
-    return tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=labels.dtype), labels), tf.float32)

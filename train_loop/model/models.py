@@ -28,12 +28,19 @@ NEAR_ZERO = 1e-3
 
 
 def build_model(
-    config: Config, input_shape: tuple[int, ...], *, num_classes: int = 10, model_fn: ModelFunction | None = None
+    config: Config,
+    input_shape: tuple[int, ...],
+    *,
+    num_classes: int | None = 10,
+    model_fn: ModelFunction | None = None,
+    flag: str = "",
+    targets: str = "classes",
 ) -> keras.Model:
     """The model `config.model` names, with the regularizers the flags ask for; call in the strategy's scope.
 
-    A user's model comes from `model_fn`, else from importing `config.model`; it is built on a
-    batch of `input_shape` and must output `num_classes` logits.
+    A user's model comes from `model_fn` (a task's, named `flag` in errors), else from importing
+    `config.model`; it is built on a batch of `input_shape` and must output `num_classes` values
+    (logits of classes or one per target value, as `targets` says; None: anything, a task's model).
 
     A user's layers may be frozen (`layer.trainable = False`): the step leaves their weights as
     they are (see `steps.make_train_step`).
@@ -43,9 +50,11 @@ def build_model(
         the data, has no trainable weight, or its layers carry regularizers while the flags ask
         for some too.
     """
-    if config.model in MODELS:
+    if model_fn is None and config.model in MODELS:
         return _built_in(config, input_shape, num_classes)
-    model = build_user_model(config, input_shape, num_classes=num_classes, model_fn=model_fn)
+    model = build_user_model(
+        config, input_shape, num_classes=num_classes, model_fn=model_fn, flag=flag, targets=targets
+    )
     _apply_weight_regularizers(model, config)
     return model
 

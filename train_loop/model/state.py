@@ -12,15 +12,17 @@ import keras
 import tensorflow as tf
 
 from train_loop.configs import Config
-from train_loop.model import optimizers
+from train_loop.model import optimizers, tasks
 from train_loop.model.best import BestModel
 from train_loop.model.dropout import use_step
 from train_loop.model.losses import layer_weight_terms
 from train_loop.model.measurements import (
+    CLASSIFIER,
     LAYER_REGULARIZATION,
     LAYER_SPARSITY,
     LAYER_WEIGHT_NORM,
-    PER_EPOCH,
+    Table,
+    for_task,
     layer_tag,
 )
 from train_loop.model.models import build_model, named_layers, near_zero_share, weighted_layers
@@ -53,15 +55,15 @@ class LossScale(tf.Module):
 
 class Counters:
     """The controller's counters, kept in variables so that checkpoints carry them: the step, the
-    epoch, and the current epoch's sum of each `PER_EPOCH` measurement (one variable a name) with
-    its step count, so a run resumed mid-epoch, or after its last checkpoint, still reports the
-    whole epoch's means."""
+    epoch, and the current epoch's sum of each of the table's `per_epoch` measurements (one
+    variable a name) with its step count, so a run resumed mid-epoch, or after its last
+    checkpoint, still reports the whole epoch's means."""
 
-    def __init__(self) -> None:
+    def __init__(self, per_epoch: tuple[str, ...] = CLASSIFIER.per_epoch) -> None:
         self._step = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
         self._epoch_steps = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self._epoch_sums = {name: tf.Variable(0.0, dtype=tf.float64, trainable=False) for name in PER_EPOCH}
+        self._epoch_sums = {name: tf.Variable(0.0, dtype=tf.float64, trainable=False) for name in per_epoch}
         self._positional = tf.Variable(tf.zeros([len(_POSITIONAL_SUMS) + 1], tf.float64), trainable=False)
 
     @property
@@ -82,6 +84,7 @@ class Counters:
         return {"step": self._step, "epoch": self.epoch, "epoch_sums": self._positional}
 
     def take_positional(self) -> None:
+        """Only the classifier's checkpoints were ever positional: its names are those sums'."""
         *totals, count = self._positional.numpy().tolist()
         if count:
             for name, total in zip(_POSITIONAL_SUMS, totals):
@@ -115,6 +118,8 @@ class TrainState:
     loss_scale: LossScale | None
     best: BestModel | None
     counters: Counters
+    task: tasks.Task = dataclasses.field(default_factory=tasks.classifier)
+    table: Table = CLASSIFIER  # The task's measurements.
 
     def validated_weights(self) -> contextlib.AbstractContextManager:
         """The model holds the weights validation scores inside: with `--ema`, their average."""
@@ -195,18 +200,38 @@ def build_state(
     strategy: tf.distribute.Strategy,
     input_shape: tuple[int, ...],
     *,
-    num_classes: int = 10,
+    num_classes: int | None = 10,
     model_fn: ModelFunction | None = None,
+    task: tasks.Task | None = None,
+    sample: tasks.Batch | None = None,
 ) -> TrainState:
     """The train state of `config`. The model's, the optimizer's, the loss scale's and the best
     model's variables are created inside `strategy.scope()`, so that they are mirrored (a Keras
     optimizer would otherwise build its slots lazily, inside a trace); the counters, which only
-    the eager loop reads and writes, are plain variables outside it."""
+    the eager loop reads and writes, are plain variables outside it.
+
+    `task` (default: the classifier) names the measurements, from one call on `sample`, a few of
+    the data's examples (`tasks.checked_names`); without a sample, the classifier's. The model is
+    the task's own when it gives one, else `model_fn`'s or `config.model`'s, with `num_classes`
+    outputs (None: unchecked).
+
+    Raises:
+      UsageError: the model or the task cannot be built, or fails on `sample`.
+    """
+    task = task or tasks.classifier()
     with strategy.scope():
-        model = build_model(config, input_shape, num_classes=num_classes, model_fn=model_fn)
+        model = build_model(
+            config,
+            input_shape,
+            num_classes=None if task.model_fn else num_classes,
+            model_fn=task.model_fn or model_fn,
+            flag=task.flag if task.model_fn else "",
+            targets=task.targets,
+        )
+        table = CLASSIFIER if sample is None else for_task(*tasks.checked_names(task, model, sample))
         optimizer = optimizers.build_optimizer(config)
         optimizer.build(model.trainable_variables)
         use_step(model, lambda: optimizer.iterations)
         loss_scale = LossScale() if config.precision == "mixed_float16" else None
-        best = BestModel(config, model) if config.best_metric else None
-    return TrainState(model, optimizer, loss_scale, best, Counters())
+        best = BestModel(config, model, table) if config.best_metric else None
+    return TrainState(model, optimizer, loss_scale, best, Counters(table.per_epoch), task, table)

@@ -17,6 +17,7 @@ from train_loop.model import losses
 from train_loop.model.measurements import LAYER_GRADIENT_NORM, layer_tag
 from train_loop.model.models import weighted_layers
 from train_loop.model.state import LossScale
+from train_loop.model.tasks import Batch, Task, classifier, float_outputs
 from train_loop.model.user_code import exits_refused
 from train_loop.model.user_models import CALL_MUST_RETURN
 
@@ -27,48 +28,59 @@ def make_replica_gradients(
     model: keras.Model,
     global_batch_size: int,
     *,
+    task: Task | None = None,
     loss_scale: LossScale | None = None,
     jit_compile: bool = False,
-) -> Callable[[tf.Tensor, tf.Tensor], tuple[dict[str, tf.Tensor], list[tf.Tensor]]]:
-    """The math of one update on one replica's slice of the batch: loss components and gradients.
+) -> Callable[[Batch], tuple[dict[str, tf.Tensor], list[tf.Tensor]]]:
+    """The math of one update on one replica's slice of the batch: loss terms and gradients.
 
-    The cross-entropy and the regularization are computed apart and added by hand, so each can
-    be logged; both are this replica's share, and summing over replicas gives the batch's value.
-    With `jit_compile` XLA compiles this function alone: it holds no iterator (XLA has no
-    IteratorGetNext) and no cross-replica synchronization (the optimizer's lives outside it).
+    Each of the task's data terms is summed over the replica's examples and divided by the
+    global batch; the regularization is computed apart (`losses.regularization`); all are added
+    by hand, so each can be logged. Every one is this replica's share: summing over replicas
+    gives the batch's value, and so do the metrics. With `jit_compile` XLA compiles this function
+    alone: it holds no iterator (XLA has no IteratorGetNext) and no cross-replica synchronization
+    (the optimizer's lives outside it).
 
     Returns:
-      A function of (images, labels) giving the loss's measurements by name (see
-      `measurements`) and "non_finite_gradients", and the (unscaled) gradients of the total with respect to
-      `model.trainable_variables`.
+      A function of the replica's batch (one structure, which `task.split` opens) giving the
+      measurements by name (see `measurements.for_task`) and "non_finite_gradients", and the
+      (unscaled) gradients of the total with respect to `model.trainable_variables`. `task`
+      defaults to the classifier.
     """
+    task = task or classifier()
     variables = model.trainable_variables
 
-    def replica_gradients(images: tf.Tensor, labels: tf.Tensor) -> tuple[dict[str, tf.Tensor], list[tf.Tensor]]:
+    def replica_gradients(batch: Batch) -> tuple[dict[str, tf.Tensor], list[tf.Tensor]]:
         with tf.GradientTape() as tape:
+            inputs, _ = task.split(batch)
             # Python runs here only while tracing: a user's model first runs in training mode here.
             with exits_refused(
                 f"{type(model).__name__}.call", during="in training mode (the train step's trace)", fix=CALL_MUST_RETURN
             ):
-                # Mixed precision computes in 16 bits; the losses are taken from float32 logits.
-                logits = tf.cast(model(images, training=True), tf.float32)
-            cross_entropy = losses.cross_entropy(labels, logits, global_batch_size)
+                outputs = float_outputs(model(inputs, training=True))
+            terms = _shares(task.loss_terms(batch, outputs), global_batch_size)
             regularization = losses.regularization(model)
-            total = cross_entropy + regularization
+            total = tf.add_n([*terms.values(), regularization])
             scaled = total if loss_scale is None else total * loss_scale.scale
         gradients = tape.gradient(scaled, variables)
         if loss_scale is not None:
             gradients = [gradient / loss_scale.scale for gradient in gradients]
         non_finite = tf.cast(~tf.math.is_finite(tf.linalg.global_norm(gradients)), tf.float32)
         return {
-            "cross_entropy": cross_entropy,
+            **terms,
             "regularization": regularization,
             "total": total,
-            "accuracy": losses.correct_share(labels, logits, global_batch_size),
+            **_shares(task.metrics(batch, outputs), global_batch_size),
             "non_finite_gradients": non_finite,
         }, gradients
 
     return tf.function(replica_gradients, jit_compile=True, autograph=False) if jit_compile else replica_gradients
+
+
+def _shares(per_example: dict[str, tf.Tensor], global_batch_size: int) -> dict[str, tf.Tensor]:
+    """Each value summed over the replica's examples and divided by the global batch: this
+    replica's share of the global batch's mean (`losses.global_share`)."""
+    return {name: losses.global_share(values, global_batch_size) for name, values in per_example.items()}
 
 
 def make_train_step(
@@ -130,19 +142,17 @@ def make_train_step(
         optimizer.apply_gradients(zip(gradients, variables))
         return clipped
 
-    def replica_step(images: tf.Tensor, labels: tf.Tensor) -> tuple[dict[str, tf.Tensor], list[tf.Tensor]]:
-        measurements, gradients = replica_gradients(images, labels)
+    def replica_step(batch: Batch) -> tuple[dict[str, tf.Tensor], list[tf.Tensor]]:
+        measurements, gradients = replica_gradients(batch)
         return {**measurements, "clipped": apply(gradients)}, gradients
 
-    def train_step(batch: tuple, measure: tf.Tensor, histograms: tf.Tensor) -> dict[str, tf.Tensor]:
+    def train_step(batch: Batch, measure: tf.Tensor, histograms: tf.Tensor) -> dict[str, tf.Tensor]:
         measurements, gradients = _run_and_sum(strategy, replica_step, batch)
         return {**measurements, **measured_gradient(measure, gradients, histograms)}
 
-    def scaled_train_step(batch: tuple, measure: tf.Tensor, histograms: tf.Tensor) -> dict[str, tf.Tensor]:
+    def scaled_train_step(batch: Batch, measure: tf.Tensor, histograms: tf.Tensor) -> dict[str, tf.Tensor]:
         # Called from a plain function, so that XLA's compiled function runs on each replica's device.
-        measurements, gradients = _run_and_sum(
-            strategy, lambda *replica_batch: replica_gradients(*replica_batch), batch
-        )
+        measurements, gradients = _run_and_sum(strategy, lambda replica_batch: replica_gradients(replica_batch), batch)
         finite = measurements["non_finite_gradients"] == 0
 
         def apply_all() -> tf.Tensor:
@@ -164,18 +174,18 @@ def make_train_step(
 
 
 def _run_and_sum(
-    strategy: tf.distribute.Strategy, replica_fn: Callable[..., tuple[dict, list]], batch: tuple
+    strategy: tf.distribute.Strategy, replica_fn: Callable[[Batch], tuple[dict, list]], batch: Batch
 ) -> tuple[dict[str, tf.Tensor], list]:
     """`replica_fn` on every replica; its named measurements summed over replicas in ONE
     all-reduce (stacked, as a cluster pays per collective), its gradients left per replica."""
     names: list[str] = []  # Filled while tracing: the order the stacked vector holds.
 
-    def stacked(*replica_batch: tf.Tensor) -> tuple[tf.Tensor, list]:
-        measurements, gradients = replica_fn(*replica_batch)
+    def stacked(replica_batch: Batch) -> tuple[tf.Tensor, list]:
+        measurements, gradients = replica_fn(replica_batch)
         names[:] = measurements
         return tf.stack(list(measurements.values())), gradients
 
-    vector, gradients = strategy.run(stacked, args=batch)
+    vector, gradients = strategy.run(stacked, args=(batch,))
     return dict(zip(names, tf.unstack(strategy.reduce(_SUM, vector, axis=None)))), gradients
 
 

@@ -1,7 +1,8 @@
 """The layout of TensorBoard's Custom Scalars dashboard (`#custom_scalars`): the loss and its terms
 first, then each layer's regularization term, then the weight and gradient norms, which the Time
-Series page would otherwise bury under `accuracy` and the histograms. Each chart matches its tags
-by a regular expression in every run, so the validation and test cross-entropy join the train one."""
+Series page would otherwise bury under the metrics and the histograms, then the metrics. Each
+chart matches its tags by a regular expression in every run, so the validation and test terms
+join the train ones."""
 
 from __future__ import annotations
 
@@ -10,24 +11,22 @@ import re
 from tensorboard.plugins.custom_scalar import layout_pb2
 
 from train_loop.model.measurements import (
-    BY_NAME,
     LAYER_GRADIENT_NORM,
     LAYER_REGULARIZATION,
     LAYER_WEIGHT_NORM,
+    Table,
     layer_tag,
 )
 
-# The loss and the two terms it sums, by their measurement names.
-LOSS_TERMS = ("cross_entropy", "regularization", "total")
 
-
-def scalars_layout() -> layout_pb2.Layout:
-    """The dashboard's categories, in the order it shows them."""
-    losses = [BY_NAME[name].tag for name in LOSS_TERMS]
+def scalars_layout(table: Table) -> layout_pb2.Layout:
+    """The dashboard's categories for a run of `table`'s task, in the order it shows them."""
+    losses = [table.tag(name) for name in (*table.terms, "regularization", "total")]
+    terms = " + ".join(name.replace("_", "-") for name in table.terms)
     return layout_pb2.Layout(
         category=[
             _category(
-                "Loss: cross-entropy + regularization = total (train; validation and test: cross-entropy)",
+                f"Loss: {terms} + regularization = total (train; validation and test: {terms})",
                 _chart("the loss and its terms", *map(_exactly, losses)),
                 *(_chart(tag, _exactly(tag)) for tag in losses),
             ),
@@ -39,9 +38,9 @@ def scalars_layout() -> layout_pb2.Layout:
                 "Weight and gradient norms",
                 _chart(layer_tag(LAYER_WEIGHT_NORM, "<layer>"), _per_layer(LAYER_WEIGHT_NORM)),
                 _chart(layer_tag(LAYER_GRADIENT_NORM, "<layer>"), _per_layer(LAYER_GRADIENT_NORM)),
-                _chart(f"{BY_NAME['gradient_norm'].tag} (all weights)", _exactly(BY_NAME["gradient_norm"].tag)),
+                _chart(f"{table.tag('gradient_norm')} (all weights)", _exactly(table.tag("gradient_norm"))),
             ),
-            _category("Accuracy", _chart(BY_NAME["accuracy"].tag, _exactly(BY_NAME["accuracy"].tag))),
+            *(_category(name.replace("_", " ").capitalize(), _chart(name, _exactly(name))) for name in table.metrics),
         ]
     )
 

@@ -17,6 +17,7 @@ import keras
 from train_loop import files
 from train_loop.configs import Config
 from train_loop.data import sources
+from train_loop.model.measurements import CLASSIFIER, Table
 from train_loop.outputs import exports, metrics_file, runs
 from train_loop.outputs.events import drop_events_after
 from train_loop.outputs.experiment import write_logdir_experiment
@@ -43,13 +44,15 @@ class RunOutputs:
         restored_step: int | None,
         decided: Mapping[str, Any],
         settings: Mapping[str, Any],
+        table: Table = CLASSIFIER,
     ) -> RunOutputs:
         """The run folder's writers, after its settings are recorded (with what was `decided` on
         this machine, which a resumption reuses).
 
         Whatever the killed process logged after `restored_step` is dropped first, so a resumed
         run's curves and epochs continue without repeats; a fresh start (`restored_step` None)
-        logs its `settings` for TensorBoard's HParams and renews the logdir's experiment.
+        logs its `settings` for TensorBoard's HParams (and the Custom Scalars layout of the task's
+        measurements, `table`) and renews the logdir's experiment.
         """
         if not chief:
             return cls(run_dir, False, Summaries(None), MetricsFile(None))
@@ -58,7 +61,7 @@ class RunOutputs:
         metrics_file.drop_lines_after(run_dir, restored_step)
         summaries = Summaries(run_dir, class_names=sources.class_names(config.dataset))
         if restored_step is None:
-            summaries.write_settings(os.path.basename(run_dir), settings)
+            summaries.write_settings(os.path.basename(run_dir), settings, table)
             write_logdir_experiment(run_dir)  # Its HParams table shows what differs, this run's settings included.
         return cls(run_dir, True, summaries, MetricsFile(run_dir))
 

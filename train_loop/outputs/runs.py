@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import itertools
 import json
@@ -202,10 +203,12 @@ def check_same_settings(
     saved = read_settings(run_dir)
     if saved is None:
         return
+    # A setting added since the run was written is missing from its settings: it ran with its default.
+    defaults = {field.name: field.default for field in dataclasses.fields(config)}
     differ = [
-        f"{name} (run has {saved.get(name)!r}, flags say {value!r})"
+        f"{name} (run has {saved.get(name, defaults[name])!r}, flags say {value!r})"
         for name, value in config.naming_settings().items()
-        if saved.get(name) != value
+        if saved.get(name, defaults[name]) != value
     ]
     if differ:
         raise UsageError(f"{run_dir} holds a run with other settings: {'; '.join(differ)}; {fix}.")

@@ -15,6 +15,7 @@ from tensorboard.plugins.custom_scalar import summary as custom_scalar_summary
 from tensorboard.plugins.hparams import api as hparams_api
 from tensorboard.plugins.scalar import summary_v2 as scalar_summary
 
+from train_loop.model.measurements import CLASSIFIER, Table
 from train_loop.outputs import runs
 from train_loop.outputs.custom_scalars import scalars_layout
 from train_loop.outputs.stderr import quiet_stderr
@@ -59,13 +60,12 @@ class Summaries:
                 for tag, values in histograms.items():
                     tf.summary.histogram(tag, values)
 
-    def write_evaluation(self, writer: str, step: int, metrics: Mapping[str, float], counts: np.ndarray) -> None:
-        """An evaluation of the `validation` or `test` split: its cross-entropy, accuracy and
-        confusion matrix, under the train writer's tag names so TensorBoard draws them together."""
-        self.write_scalars(
-            writer, step, {"loss/cross_entropy": metrics["cross_entropy"], "accuracy": metrics["accuracy"]}
-        )
-        self._write_confusion_matrix(writer, step, counts)
+    def write_evaluation(self, writer: str, step: int, scalars: Mapping[str, float], counts: np.ndarray | None) -> None:
+        """An evaluation of the `validation` or `test` split: its scalars, by the train writer's
+        tags so TensorBoard draws them together, and a classifier's confusion matrix (`counts`)."""
+        self.write_scalars(writer, step, scalars)
+        if counts is not None:
+            self._write_confusion_matrix(writer, step, counts)
 
     def _write_confusion_matrix(self, writer: str, step: int, counts: np.ndarray) -> None:
         """A confusion matrix on the `writer` given: an image (`confusion_matrix`) and its counts as a
@@ -86,13 +86,15 @@ class Summaries:
                     description="Examples by true label (rows) and predicted label (columns).",
                 )
 
-    def write_settings(self, run_name: str, settings: Mapping[str, Any]) -> None:
+    def write_settings(self, run_name: str, settings: Mapping[str, Any], table: Table = CLASSIFIER) -> None:
         """The settings as an HParams session (compared across runs) and as a text table, and the
         Custom Scalars dashboard's layout (every run holds the same one: TensorBoard merges them)."""
         if "settings" in self._writers:
             with self._writers["settings"].as_default(step=0):
                 hparams_api.hparams(dict(settings), trial_id=run_name)
-                tf.summary.experimental.write_raw_pb(custom_scalar_summary.pb(scalars_layout()).SerializeToString())
+                tf.summary.experimental.write_raw_pb(
+                    custom_scalar_summary.pb(scalars_layout(table)).SerializeToString()
+                )
                 rows = "\n".join(f"| {key} | {value} |" for key, value in settings.items())
                 tf.summary.text("settings", f"| setting | value |\n|---|---|\n{rows}")
 

@@ -59,23 +59,29 @@ class RunNumbers:
 
 def read_run(run_dir: str) -> RunNumbers:
     """The run's final numbers from its `result.json`, and its first layer's kernel statistics;
-    the validation columns are None for a run without a validation split."""
+    the validation columns are None for a run without a validation split.
+
+    The cross-entropy columns hold the sum of the run's data terms, which is the cross-entropy
+    for the classifier (`--loss` and `--task` runs are ranked on it too); the accuracy columns
+    are None for a task without accuracy.
+    """
     result = runs.read_result(run_dir)
     train, validation, test = result["train"], result["validation"] or {}, result["test"]
     layer_path, kernel = first_kernel(run_dir)
-    validation_gap = validation["cross_entropy"] - train["cross_entropy"] if validation else None
+    train_data = data_total(train, train)
+    validation_data = data_total(validation, train) if validation else None
     return RunNumbers(
         {
-            "train_cross_entropy": train["cross_entropy"],
+            "train_cross_entropy": train_data,
             "regularization": train["regularization"],
             "total": train["total"],
-            "train_accuracy": train["accuracy"],
-            "validation_cross_entropy": validation.get("cross_entropy"),
+            "train_accuracy": train.get("accuracy"),
+            "validation_cross_entropy": validation_data,
             "validation_accuracy": validation.get("accuracy"),
-            "test_cross_entropy": test["cross_entropy"],
-            "test_accuracy": test["accuracy"],
-            "gap": test["cross_entropy"] - train["cross_entropy"],
-            "validation_gap": validation_gap,
+            "test_cross_entropy": data_total(test, train),
+            "test_accuracy": test.get("accuracy"),
+            "gap": data_total(test, train) - train_data,
+            "validation_gap": None if validation_data is None else validation_data - train_data,
             "kernel_mean_abs": float(np.abs(kernel).mean()),
             "kernel_max_abs": float(np.abs(kernel).max()),
             "kernel_small_share": near_zero_share(kernel),
@@ -83,6 +89,14 @@ def read_run(run_dir: str) -> RunNumbers:
         layer_path,
         kernel,
     )
+
+
+def data_total(measured: dict[str, float], train: dict[str, float]) -> float:
+    """The sum of a split's data terms: the terms are what `train` (result.json's, in the order
+    of the measurement table) holds before the regularization; an evaluation of several holds
+    their sum as "data_total"."""
+    terms = list(train)[: list(train).index("regularization")]
+    return measured["data_total"] if "data_total" in measured else sum(measured[term] for term in terms)
 
 
 def first_kernel(run_dir: str) -> tuple[str, np.ndarray]:

@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from train_loop.configs import Config
 from train_loop.errors import DivergedError
-from train_loop.model import measurements
+from train_loop.model.measurements import CLASSIFIER, Table
 from train_loop.model.state import Counters, TrainState
 from train_loop.outputs.run_outputs import RunOutputs
 from train_loop.training import actions
@@ -25,14 +25,15 @@ from train_loop.training.preemption import SignalStop
 from train_loop.training.timing import Stopwatch, Throughput
 
 
-def check_finite(measured: dict[str, float], step: int, num_steps: int) -> None:
-    """Raises DivergedError if a loss component or the gradient of the last loop call is not finite."""
+def check_finite(measured: dict[str, float], step: int, num_steps: int, *, table: Table) -> None:
+    """Raises DivergedError naming the first loss term (of the task's, then the regularization)
+    or the gradient of the last loop call that is not finite."""
     if measured.get("non_finite_gradients", 0.0) > 0:
         measured = {**measured, "gradient_norm": math.inf}  # A step before the last, whose norm was not taken.
-    for name in measurements.CHECKED_FINITE:
+    for name in table.checked_finite:
         if not math.isfinite(measured[name]):
             raise DivergedError(
-                f"training diverged: {name} became {measured[name]} between steps {step + 1} and "
+                f"training diverged: {table.tag(name)} became {measured[name]} between steps {step + 1} and "
                 f"{step + num_steps}; nothing past step {step} was saved. Lower --learning_rate."
             )
 
@@ -41,7 +42,8 @@ class Interval:
     """Sums since the last train summary, so each logged point is the mean over its interval;
     the gradient's norms, taken at the last step of each loop call, are the latest ones instead."""
 
-    def __init__(self) -> None:
+    def __init__(self, summed: tuple[str, ...] = CLASSIFIER.summed) -> None:
+        self._summed = summed  # The names summed over the interval; the others are the latest.
         self._sums: dict[str, float] = {}
         self._latest: dict[str, float] = {}
         self._steps = 0
@@ -50,7 +52,7 @@ class Interval:
 
     def add(self, measured: dict[str, float], num_steps: int, *, examples: int, seconds: float) -> None:
         for name, value in measured.items():
-            if name in measurements.SUMMED:
+            if name in self._summed:
                 self._sums[name] = self._sums.get(name, 0.0) + value
             else:
                 self._latest[name] = value
@@ -63,7 +65,7 @@ class Interval:
         new interval."""
         means = {name: value / self._steps for name, value in self._sums.items()}
         means.update(self._latest, examples_per_second=self._examples / self._seconds)
-        self.__init__()
+        self.__init__(self._summed)
         return means
 
 
@@ -75,6 +77,7 @@ class Controller:
     # Trains that many steps; gives their measurements, and the gradient's histograms when asked.
     loop_call: Callable[[int, bool], dict[str, tf.Tensor]]
     counters: Counters
+    table: Table
     steps_per_epoch: int
     total_steps: int
     steps_per_loop: int
@@ -120,7 +123,7 @@ class Controller:
         self.interval.add(
             measured, num_steps, examples=num_steps * self.batch_size, seconds=time.perf_counter() - started
         )
-        check_finite(measured, step, num_steps)
+        check_finite(measured, step, num_steps, table=self.table)
         self.counters.advance(measured, num_steps)
         return num_steps, {name: value.numpy() for name, value in output.items() if histograms and value.shape.rank}
 
@@ -157,7 +160,7 @@ def make_controller(
     The order keeps a resumed run exact: events are flushed before the checkpoint, and the
     checkpoint comes before a signal's stop. Training time counts the summaries, not the rest.
     """
-    interval, throughput, summaries = Interval(), Throughput(), outputs.summaries
+    interval, throughput, summaries = Interval(state.table.summed), Throughput(), outputs.summaries
 
     def cadence(every: int, **also: bool) -> Cadence:
         return Cadence(every, steps_per_epoch, **also)
@@ -166,6 +169,7 @@ def make_controller(
     return Controller(
         loop_call=loop_call,
         counters=state.counters,
+        table=state.table,
         steps_per_epoch=steps_per_epoch,
         total_steps=steps_per_epoch * config.epochs,
         steps_per_loop=config.steps_per_loop,

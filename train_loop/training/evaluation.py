@@ -7,28 +7,29 @@ import contextlib
 import dataclasses
 from collections.abc import Callable
 
-import keras
 import numpy as np
 import tensorflow as tf
 
 from train_loop.data import inputs
 from train_loop.model import loop_calls
+from train_loop.model.state import TrainState
 from train_loop.training.timing import Stopwatch
 
 
 @dataclasses.dataclass(frozen=True)
 class Evaluation:
-    """One pass over a split: cross-entropy and accuracy, and the confusion matrix."""
+    """One pass over a split: the weighted mean of each term and metric of the task by name, and
+    the classifier's confusion matrix (None for other tasks: it means nothing without classes)."""
 
     metrics: dict[str, float]
-    confusion_matrix: np.ndarray
+    confusion_matrix: np.ndarray | None
 
 
 Weights = Callable[[], contextlib.AbstractContextManager]  # Inside it, the model holds the weights to score.
 
 
 def make_evaluator(
-    strategy: tf.distribute.Strategy, model: keras.Model, *, batch_size: int, num_classes: int, stopwatch: Stopwatch
+    strategy: tf.distribute.Strategy, state: TrainState, *, batch_size: int, num_classes: int, stopwatch: Stopwatch
 ) -> Callable[[np.ndarray, np.ndarray], Callable[[Weights], Evaluation]]:
     """`for_split(images, labels)` gives `evaluate(weights)`: that split's evaluation, of the model
     while it holds `weights()`.
@@ -43,15 +44,24 @@ def make_evaluator(
         eval_fn, num_batches = inputs.eval_dataset_fn(images, labels, batch_size)
         eval_input = inputs.ReplicaInput(strategy, eval_fn)
         if not traced:
-            traced.append(loop_calls.make_eval_pass(model, strategy, eval_input.next_batch, num_classes=num_classes))
+            traced.append(
+                loop_calls.make_eval_pass(
+                    state.model,
+                    strategy,
+                    eval_input.next_batch,
+                    task=state.task,
+                    table=state.table,
+                    num_classes=num_classes,
+                )
+            )
         eval_pass = traced[0]
 
         def evaluate(weights: Weights) -> Evaluation:
             with stopwatch.phase("evaluation"), weights():
                 measured = eval_pass(eval_input.iterator(), tf.constant(num_batches))
             return Evaluation(
-                {name: float(measured[name]) for name in ("cross_entropy", "accuracy")},
-                measured["confusion_matrix"].numpy(),
+                {name: float(measured[name]) for name in state.table.evaluated},
+                measured["confusion_matrix"].numpy() if state.task.classifier else None,
             )
 
         return evaluate

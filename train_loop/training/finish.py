@@ -54,7 +54,8 @@ def finish(
     )
     tested = test(state.kept_weights)
     signals.stop_if_signalled(state.counters.step)
-    outputs.summaries.write_evaluation("test", state.counters.step, tested.metrics, tested.confusion_matrix)
+    scalars = state.table.tagged(tested.metrics)
+    outputs.summaries.write_evaluation("test", state.counters.step, scalars, tested.confusion_matrix)
     outputs.summaries.flush()  # Before result.json, which marks the run finished.
     console.tested(tested.metrics)
     result = _result(
@@ -100,8 +101,8 @@ def _result(
         "best_step": best.step if best else None,
         "stopped_early": bool(best and best.stop),
         "test": test.metrics,
-        # Rows: true label, columns: predicted label, over the test split.
-        "confusion_matrix": test.confusion_matrix.tolist(),
+        # Rows: true label, columns: predicted label, over the test split; the classifier's alone.
+        **({"confusion_matrix": test.confusion_matrix.tolist()} if test.confusion_matrix is not None else {}),
         "examples_per_second": throughput.examples_per_second,
         # From train() to the end of the first step: data, model, tracing, compiling.
         "seconds_to_first_step": throughput.first_done_at - started if throughput.first else None,

@@ -13,7 +13,7 @@ import tensorflow as tf
 from train_loop.configs import Config
 from train_loop.data import inputs, sources
 from train_loop.data.arrays import Splits, hold_out
-from train_loop.model import loop_calls
+from train_loop.model import loop_calls, tasks
 from train_loop.model.state import TrainState, build_state
 from train_loop.model.user_models import ModelFunction, load_model_function
 from train_loop.outputs import checkpoints, runs
@@ -29,13 +29,17 @@ from train_loop.training.timing import Stopwatch
 
 
 def train(
-    config: Config, *, model_fn: ModelFunction | None = None, arrays: Mapping[str, np.ndarray] | None = None
+    config: Config,
+    *,
+    model_fn: ModelFunction | None = None,
+    arrays: Mapping[str, np.ndarray] | None = None,
+    task: tasks.UserTask | None = None,
 ) -> dict[str, Any]:
     """Trains, validates periodically, tests once at the end, and writes the run; resumes an
     interrupted one. On a multi-worker cluster every worker trains and the chief alone writes.
 
-    `model_fn` and `arrays` are a user's model function and data given as Python objects (see
-    `train_loop.train`). Returns what `<run>/result.json` holds, and "run_dir": the folder the run
+    `model_fn`, `arrays` and `task` are a user's model function, data and task given as Python
+    objects (see `train_loop.train`). Returns what `<run>/result.json` holds, and "run_dir": the folder the run
     took, absolute (result.json does not hold it: that folder may be moved).
 
     Raises:
@@ -43,9 +47,11 @@ def train(
       DivergedError, Interrupted: training stopped early (see `errors`).
     """
     started, stopwatch = time.perf_counter(), Stopwatch()
-    # The data first, so that every user error comes before a single file is written.
+    # The task and the data first, so that every user error comes before a single file is written.
+    run_task = tasks.task_for(config.loss, config.metrics, task or config.task)
     with stopwatch.phase("data"):
-        splits = hold_out(sources.load_splits(config, arrays), config.validation_split, seed=config.seed)
+        loaded = sources.load_splits(config, arrays, targets=run_task.targets)
+        splits = hold_out(loaded, config.validation_split, seed=config.seed)
     steps_per_epoch = inputs.steps_per_epoch(splits, config.batch_size)
     config = config.with_run_length(steps_per_epoch)
     model_fn = model_fn or (None if config.model in MODELS else load_model_function(config.model))
@@ -62,7 +68,13 @@ def train(
     ):
         # The train state, restored where a checkpoint holds it.
         state = build_state(
-            config, strategy, splits.x_train.shape[1:], num_classes=splits.num_classes, model_fn=model_fn
+            config,
+            strategy,
+            splits.x_train.shape[1:],
+            num_classes=splits.num_classes,
+            model_fn=model_fn,
+            task=run_task,
+            sample=inputs.sample_batch(splits),
         )
         checkpoint, restored_step = _restore(state, run_dir, chief=chief)
         # Under launch every worker trains; the chief alone shows the progress, once.
@@ -71,17 +83,25 @@ def train(
         # After the run's model is built: the throwaway models timed here must not shift its layers' names.
         with stopwatch.phase("decide_xla"):
             decision = xla_choice.decide_jit_compile(
-                config, strategy, splits, runs.read_settings(run_dir), model_fn=model_fn
+                config, strategy, splits, runs.read_settings(run_dir), model_fn=model_fn, task=run_task
             )
         console.say(decision.describe())
+        if state.best:
+            console.say(state.best.describe())
         decided, settings = decision.to_dict(), _hparams(config, strategy)
         outputs = RunOutputs.open(
-            config, run_dir, chief=chief, restored_step=restored_step, decided=decided, settings=settings
+            config,
+            run_dir,
+            chief=chief,
+            restored_step=restored_step,
+            decided=decided,
+            settings=settings,
+            table=state.table,
         )
         loop_call = _loop_call(config, strategy, state, splits, jit_compile=decision.jit_compile)
         # Validation scores the weights as they are (averaged, with --ema); the end scores the kept ones.
         evaluate = make_evaluator(
-            strategy, state.model, batch_size=config.batch_size, num_classes=splits.num_classes, stopwatch=stopwatch
+            strategy, state, batch_size=config.batch_size, num_classes=splits.num_classes, stopwatch=stopwatch
         )
         validate = None if splits.x_validation is None else evaluate(splits.x_validation, splits.y_validation)
         validation = validate and _validation(

@@ -25,6 +25,7 @@ from train_loop.configs import Config
 from train_loop.data import arrays, inputs
 from train_loop.model import loop_calls
 from train_loop.model.state import build_state
+from train_loop.model.tasks import Task
 from train_loop.model.user_models import ModelFunction
 from train_loop.training import cpu
 from train_loop.training.speed_cache import SpeedCache
@@ -67,6 +68,7 @@ def decide_jit_compile(
     saved_settings: dict[str, Any] | None,
     *,
     model_fn: ModelFunction | None = None,
+    task: Task | None = None,
 ) -> Decision:
     """`config.jit_compile` when forced; else the resumed run's choice, the cached one, or a measurement.
 
@@ -85,7 +87,7 @@ def decide_jit_compile(
     cached = cache.get(key) if cache else None
     if cached is not None:
         return Decision(cached["jit_compile"], "cached", cached["examples_per_second"])
-    speeds = measure_jit_compile(config, strategy, splits, model_fn=model_fn)
+    speeds = measure_jit_compile(config, strategy, splits, model_fn=model_fn, task=task)
     decision = Decision(speeds["xla"] > speeds["no_xla"], "measured", speeds)
     if cache:
         cache.put(key, {"jit_compile": decision.jit_compile, "examples_per_second": speeds})
@@ -132,7 +134,12 @@ def step_key(config: Config, strategy: tf.distribute.Strategy, input_shape: tupl
 
 
 def measure_jit_compile(
-    config: Config, strategy: tf.distribute.Strategy, splits: arrays.Splits, *, model_fn: ModelFunction | None = None
+    config: Config,
+    strategy: tf.distribute.Strategy,
+    splits: arrays.Splits,
+    *,
+    model_fn: ModelFunction | None = None,
+    task: Task | None = None,
 ) -> dict[str, float]:
     """Examples per second of the train step with and without XLA, on a throwaway model.
 
@@ -140,7 +147,7 @@ def measure_jit_compile(
     keeps its best block. Averaged over workers on a cluster, so every worker gets the same answer.
     """
     loops = {
-        name: cached_batch_loop_call(config, strategy, splits, jit_compile=jit, model_fn=model_fn)
+        name: cached_batch_loop_call(config, strategy, splits, jit_compile=jit, model_fn=model_fn, task=task)
         for name, jit in (("xla", True), ("no_xla", False))
     }
     num_steps = {name: _block_steps(strategy, loop) for name, loop in loops.items()}
@@ -160,10 +167,19 @@ def cached_batch_loop_call(
     *,
     jit_compile: bool,
     model_fn: ModelFunction | None = None,
+    task: Task | None = None,
 ) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
     """`loop_call(num_steps)`: the run's loop call on a model and optimizer of its own, fed the first
     global batch over and over (the input pipeline taken away); what `auto` and the bench time."""
-    state = build_state(config, strategy, splits.x_train.shape[1:], num_classes=splits.num_classes, model_fn=model_fn)
+    state = build_state(
+        config,
+        strategy,
+        splits.x_train.shape[1:],
+        num_classes=splits.num_classes,
+        model_fn=model_fn,
+        task=task,
+        sample=inputs.sample_batch(splits),
+    )
     batch = (splits.x_train[: config.batch_size], splits.y_train[: config.batch_size])
 
     def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:

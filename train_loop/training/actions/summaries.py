@@ -17,8 +17,8 @@ from train_loop.training.timing import Stopwatch
 
 @dataclasses.dataclass
 class TrainSummaries(Periodic):
-    """The train writer's scalars (the interval's means, the regularization's ratio to the
-    cross-entropy, the learning rate, each layer's terms, norms and sparsity, the decoupled decay's
+    """The train writer's scalars (the interval's means, the regularization's ratio to the data
+    terms' sum, the learning rate, each layer's terms, norms and sparsity, the decoupled decay's
     penalty) and the console's progress (the epoch's means so far)."""
 
     config: Config
@@ -33,7 +33,7 @@ class TrainSummaries(Periodic):
         layers = self.state.layer_measurements()
         prefix = measurements.layer_tag(measurements.LAYER_REGULARIZATION, "")
         initial_term = sum(value for tag, value in layers.items() if tag.startswith(prefix))
-        self.summaries.write_scalars("train", 0, {**layers, measurements.BY_NAME["regularization"].tag: initial_term})
+        self.summaries.write_scalars("train", 0, {**layers, self.state.table.tag("regularization"): initial_term})
 
     def run(self, at: Moment) -> None:
         with self.stopwatch.phase("summaries"):
@@ -41,12 +41,13 @@ class TrainSummaries(Periodic):
 
     def _write(self, at: Moment) -> None:
         means, state = self.means(), self.state
+        data = sum(means[term] for term in state.table.terms)
         self.summaries.write_scalars(
             "train",
             at.step,
             {
-                **measurements.tagged(means),
-                "regularization_ratio": means["regularization"] / means["cross_entropy"],
+                **state.table.tagged(means),
+                "regularization_ratio": means["regularization"] / data,
                 "learning_rate": optimizers.applied_learning_rate(self.config, state.optimizer),
                 **({"loss_scale": float(state.loss_scale.scale.numpy())} if state.loss_scale else {}),
                 **state.layer_measurements(),

@@ -26,7 +26,8 @@ class Validation(Periodic):
 
     def run(self, at: Moment) -> None:
         self.latest = self.validate()
-        self.summaries.write_evaluation("validation", at.step, self.latest.metrics, self.latest.confusion_matrix)
+        scalars = self.state.table.tagged(self.latest.metrics)
+        self.summaries.write_evaluation("validation", at.step, scalars, self.latest.confusion_matrix)
         best = self.state.best
         # The weights validated, which with --ema are the averaged ones, are the ones to keep.
         with self.state.validated_weights():

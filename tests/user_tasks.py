@@ -1,0 +1,98 @@
+"""Tasks of a user's, for tests/test_tasks.py (given as --task=tests/user_tasks.py:NAME): two good
+ones (two named terms on digits, and an autoencoder whose batches have no targets) and ones that
+each break one rule."""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+PENALTY = 0.01  # The weight of TwoTerms' penalty on the logits.
+
+
+def small_classifier() -> keras.Model:
+    return keras.Sequential(
+        [
+            keras.layers.Input((8, 8, 1)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(16, activation="relu", name="hidden"),
+            keras.layers.Dense(10, name="logits"),
+        ]
+    )
+
+
+class TwoTerms:
+    """A data term and a penalty on the logits' size: two terms logged apart, and a metric."""
+
+    def model(self) -> keras.Model:
+        return small_classifier()
+
+    def loss_terms(self, batch, outputs):
+        labels = batch[1]
+        return {
+            "data": tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=outputs),
+            "logit_penalty": PENALTY * tf.reduce_mean(tf.square(outputs), axis=-1),
+        }
+
+    def metrics(self, batch, outputs):
+        hits = tf.equal(tf.argmax(outputs, axis=-1, output_type=batch[1].dtype), batch[1])
+        return {"hits": tf.cast(hits, tf.float32)}
+
+
+class Autoencoder:
+    """Reconstructs its inputs: `split` gives no targets, and the labels are never read."""
+
+    def model(self) -> keras.Model:
+        return keras.Sequential(
+            [
+                keras.layers.Input((8, 8, 1)),
+                keras.layers.Flatten(),
+                keras.layers.Dense(8, activation="relu"),
+                keras.layers.Dense(64),
+                keras.layers.Reshape((8, 8, 1)),
+            ]
+        )
+
+    def split(self, batch):
+        return batch[0], None
+
+    def loss_terms(self, batch, outputs):
+        return {"reconstruction": tf.reduce_mean(tf.square(outputs - batch[0]), axis=[1, 2, 3])}
+
+
+class WideTerm(TwoTerms):
+    """A term of shape (B, 10): not reduced over its last axis."""
+
+    def loss_terms(self, batch, outputs):
+        return {"data": tf.square(outputs)}
+
+
+class IntegerTerm(TwoTerms):
+    def loss_terms(self, batch, outputs):
+        return {"data": tf.cast(batch[1], tf.int32)}
+
+
+class TotalTerm(TwoTerms):
+    def loss_terms(self, batch, outputs):
+        return {"total": tf.reduce_mean(tf.square(outputs), axis=-1)}
+
+
+class SpacedTerm(TwoTerms):
+    def loss_terms(self, batch, outputs):
+        return {"my term": tf.reduce_mean(tf.square(outputs), axis=-1)}
+
+
+class NoLossTerms:
+    def model(self) -> keras.Model:
+        return small_classifier()
+
+
+not_a_task = 3
+
+
+class NonFiniteTerm(TwoTerms):
+    """A second term that is -inf from the first step (its gradient is 0: only the term shows it)."""
+
+    def loss_terms(self, batch, outputs):
+        terms = super().loss_terms(batch, outputs)
+        return {"data": terms["data"], "blowup": tf.math.log(tf.zeros_like(terms["data"]))}
