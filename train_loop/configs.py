@@ -84,6 +84,8 @@ class Config:
     deterministic: bool = False
     tpu: str = ""
     cluster_resolver: str = "tf_config"
+    # Gradient accumulation: each update's batch run as this many micro-batches, one after another.
+    accumulation_steps: int = 1
 
     def __post_init__(self) -> None:
         # Resolved once, where the run starts: a relative logdir would follow the working folder, which

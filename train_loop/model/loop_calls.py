@@ -14,7 +14,7 @@ from train_loop.data import inputs
 from train_loop.model import losses
 from train_loop.model.measurements import SUMMED
 from train_loop.model.state import TrainState
-from train_loop.model.steps import gradient_measurements, make_replica_gradients, make_train_step
+from train_loop.model.steps import accumulate, gradient_measurements, make_replica_gradients, make_train_step
 
 _SUM = tf.distribute.ReduceOp.SUM
 
@@ -27,6 +27,7 @@ def make_loop_call(
     global_batch_size: int,
     jit_compile: bool = False,
     global_clipnorm: float = 0.0,
+    accumulation_steps: int = 1,
 ) -> Callable[[object, tf.Tensor, tf.Tensor], dict[str, tf.Tensor]]:
     """`loop_call(iterator, num_steps, histograms)`: `num_steps` updates of `state` in one traced call.
 
@@ -34,12 +35,19 @@ def make_loop_call(
     `measurements.SUMMED` ones ("clipped" only with `global_clipnorm`) summed over the steps, and
     the gradient's (`gradient_measurements`) at the last step, its kernels' only when
     `histograms` is true (else zeros); pass `num_steps` and `histograms` as tensors so that every
-    call reuses one trace.
+    call reuses one trace. With `accumulation_steps` K > 1 each replica's batch is run as K
+    micro-batches and their gradients summed (`steps.accumulate`): still one update a step.
     """
     model = state.model
     replica_gradients = make_replica_gradients(
-        model, global_batch_size, loss_scale=state.loss_scale, jit_compile=jit_compile
+        model,
+        global_batch_size,
+        loss_scale=state.loss_scale,
+        jit_compile=jit_compile,
+        regularization_share=1.0 / accumulation_steps,
     )
+    if accumulation_steps > 1:
+        replica_gradients = accumulate(replica_gradients, accumulation_steps)
     train_step = make_train_step(
         strategy,
         model,
@@ -82,6 +90,7 @@ def make_input_loop_call(
         global_batch_size=config.batch_size,
         jit_compile=jit_compile,
         global_clipnorm=config.global_clipnorm,
+        accumulation_steps=config.accumulation_steps,
     )
     iterator = replica_input.iterator()
     return lambda num_steps, histograms: loop_call(iterator, num_steps, histograms)

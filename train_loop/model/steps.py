@@ -29,6 +29,7 @@ def make_replica_gradients(
     *,
     loss_scale: LossScale | None = None,
     jit_compile: bool = False,
+    regularization_share: float = 1.0,
 ) -> Callable[[tf.Tensor, tf.Tensor], tuple[dict[str, tf.Tensor], list[tf.Tensor]]]:
     """The math of one update on one replica's slice of the batch: loss components and gradients.
 
@@ -36,6 +37,10 @@ def make_replica_gradients(
     be logged; both are this replica's share, and summing over replicas gives the batch's value.
     With `jit_compile` XLA compiles this function alone: it holds no iterator (XLA has no
     IteratorGetNext) and no cross-replica synchronization (the optimizer's lives outside it).
+
+    `regularization_share` multiplies the regularization, in the total and in its measurement:
+    1/K when the slice is one of K micro-batches (`accumulate`), so that their sum counts the
+    weight terms once and averages the activity terms.
 
     Returns:
       A function of (images, labels) giving the loss's measurements by name (see
@@ -54,6 +59,8 @@ def make_replica_gradients(
                 logits = tf.cast(model(images, training=True), tf.float32)
             cross_entropy = losses.cross_entropy(labels, logits, global_batch_size)
             regularization = losses.regularization(model)
+            if regularization_share != 1.0:
+                regularization *= regularization_share
             total = cross_entropy + regularization
             scaled = total if loss_scale is None else total * loss_scale.scale
         gradients = tape.gradient(scaled, variables)
@@ -69,6 +76,46 @@ def make_replica_gradients(
         }, gradients
 
     return tf.function(replica_gradients, jit_compile=True, autograph=False) if jit_compile else replica_gradients
+
+
+def accumulate(
+    replica_gradients: Callable[..., tuple[dict[str, tf.Tensor], list[tf.Tensor]]], accumulation_steps: int
+) -> Callable[..., tuple[dict[str, tf.Tensor], list[tf.Tensor]]]:
+    """`replica_gradients` run on `accumulation_steps` micro-batches of the replica's batch, one
+    after another, with their measurements and gradients summed.
+
+    Every tensor of the batch (any nested structure) is split on its first axis. The function
+    must give each micro-batch's share of the global batch's values (`make_replica_gradients`
+    with `regularization_share=1/accumulation_steps`): then the sums are what the whole batch
+    gives, as the sum over replicas is; "non_finite_gradients" counts micro-batches.
+
+    The micro-batches run in a `tf.while_loop` of one iteration at a time, its sums the loop's
+    values: a micro-batch's activations are freed before the next one's are made, which a loop
+    unrolled in Python would not ensure (a graph runs independent ops at once). The first
+    micro-batch runs before the loop, so that the sums start from its values (no zeros to make).
+    """
+
+    def accumulated(*batch: object) -> tuple[dict[str, tf.Tensor], list[tf.Tensor]]:
+        micro_batches = tf.nest.map_structure(lambda tensor: _split_first_axis(tensor, accumulation_steps), batch)
+
+        def run(index: tf.Tensor | int) -> tuple[dict[str, tf.Tensor], list[tf.Tensor]]:
+            return replica_gradients(*tf.nest.map_structure(lambda parts: parts[index], micro_batches))
+
+        def add_next(index: tf.Tensor, sums: tuple) -> tuple:
+            return index + 1, tf.nest.map_structure(tf.add, sums, run(index))
+
+        _, sums = tf.while_loop(
+            lambda index, _: index < accumulation_steps, add_next, (tf.constant(1), run(0)), parallel_iterations=1
+        )
+        return sums
+
+    return accumulated
+
+
+def _split_first_axis(tensor: tf.Tensor, parts: int) -> tf.Tensor:
+    """`tensor` as `parts` equal slices along a new first axis, without a copy; static shapes kept."""
+    rows = tensor.shape[0] if tensor.shape[0] is not None else tf.shape(tensor)[0]
+    return tf.reshape(tensor, tf.concat([[parts, rows // parts], tf.shape(tensor)[1:]], axis=0))
 
 
 def make_train_step(

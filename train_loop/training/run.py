@@ -51,7 +51,7 @@ def train(
     model_fn = model_fn or (None if config.model in MODELS else load_model_function(config.model))
     run_dir = runs.choose_run_dir(config)
     strategy = distribute.make_strategy(config)
-    distribute.check_global_batch(strategy, config.batch_size)
+    distribute.check_global_batch(strategy, config.batch_size, config.accumulation_steps)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     chief = distribute.is_chief(strategy)
