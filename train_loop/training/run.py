@@ -79,9 +79,14 @@ def train(
             config, run_dir, chief=chief, restored_step=restored_step, decided=decided, settings=settings
         )
         loop_call = _loop_call(config, strategy, state, splits, jit_compile=decision.jit_compile)
-        # Validation scores the weights as they are (averaged, with --ema); the end scores the kept ones.
+        # Validation scores the weights as they are (averaged, with --ema); the end scores the kept ones,
+        # in batches of the micro-batch: accumulation is there because the whole batch does not fit.
         evaluate = make_evaluator(
-            strategy, state.model, batch_size=config.batch_size, num_classes=splits.num_classes, stopwatch=stopwatch
+            strategy,
+            state.model,
+            batch_size=config.batch_size // config.accumulation_steps,
+            num_classes=splits.num_classes,
+            stopwatch=stopwatch,
         )
         validate = None if splits.x_validation is None else evaluate(splits.x_validation, splits.y_validation)
         validation = validate and _validation(
