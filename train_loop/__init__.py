@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from train_loop.configs import Config
 from train_loop.errors import UsageError
 from train_loop.settings import ARRAYS_PREFIX
+from train_loop.user_actions import ActionContext, PeriodicAction, checked_actions
 
 # The one place the version is written: pyproject.toml reads it from here.
 __version__ = "0.1.0"
@@ -20,6 +21,7 @@ def train(
     *,
     model_fn: Callable[[], Any] | str | None = None,
     data: Mapping[str, Any] | str | None = None,
+    actions: Sequence[PeriodicAction] = (),
     **settings,
 ) -> dict:
     """Trains one run and returns its result: what `result.json` holds, and "run_dir", the run
@@ -30,11 +32,14 @@ def train(
     logits; it is called inside the strategy's scope, which is why it is a function and not a
     model. `data` is a mapping of the arrays `x_train`, `y_train`, `x_test`, `y_test`, or a path
     to an .npz holding them. A run records the function as `module:name` and the arrays by a
-    fingerprint of their bytes, so that a resumed run is checked against both.
+    fingerprint of their bytes, so that a resumed run is checked against both. `actions` are
+    your own `PeriodicAction`s: functions the run calls as it calls its own summaries, with the
+    step, the last loop call's measurements and the model (see `PeriodicAction`).
     TensorFlow is imported on the first call, not on `import train_loop`, and quietly, as the
     tools start it (`startup`), unless it was imported before.
     """
     config = config if config is not None else Config(**settings)
+    user_actions = checked_actions(actions)
     _start_tensorflow(config.cpu_replicas, config.strategy)
     from train_loop.data.arrays import fingerprint
     from train_loop.model import user_models  # Deferred: importing TensorFlow takes seconds.
@@ -47,7 +52,9 @@ def train(
         changes["model"] = user_models.model_function_name(function) if function else model_fn
     if data is not None:
         changes["dataset"] = ARRAYS_PREFIX + fingerprint(arrays) if arrays is not None else data
-    return train_config(dataclasses.replace(config, **changes), model_fn=function, arrays=arrays)
+    return train_config(
+        dataclasses.replace(config, **changes), model_fn=function, arrays=arrays, user_actions=user_actions
+    )
 
 
 def load(run_dir: str) -> Any:
@@ -74,4 +81,4 @@ def _start_tensorflow(cpu_replicas: int = 0, strategy: str = "one_device") -> No
         startup.start_tensorflow(cpu_replicas, strategy)
 
 
-__all__ = ["Config", "UsageError", "__version__", "load", "train"]
+__all__ = ["ActionContext", "Config", "PeriodicAction", "UsageError", "__version__", "load", "train"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,21 +26,27 @@ from train_loop.training.evaluation import Evaluation, Weights, make_evaluator
 from train_loop.training.finish import finish
 from train_loop.training.preemption import SignalStop
 from train_loop.training.timing import Stopwatch
+from train_loop.user_actions import PeriodicAction
 
 
 def train(
-    config: Config, *, model_fn: ModelFunction | None = None, arrays: Mapping[str, np.ndarray] | None = None
+    config: Config,
+    *,
+    model_fn: ModelFunction | None = None,
+    arrays: Mapping[str, np.ndarray] | None = None,
+    user_actions: Sequence[PeriodicAction] = (),
 ) -> dict[str, Any]:
     """Trains, validates periodically, tests once at the end, and writes the run; resumes an
     interrupted one. On a multi-worker cluster every worker trains and the chief alone writes.
 
-    `model_fn` and `arrays` are a user's model function and data given as Python objects (see
-    `train_loop.train`). Returns what `<run>/result.json` holds, and "run_dir": the folder the run
-    took, absolute (result.json does not hold it: that folder may be moved).
+    `model_fn` and `arrays` are a user's model function and data given as Python objects, and
+    `user_actions` the user's periodic actions (see `train_loop.train`). Returns what
+    `<run>/result.json` holds, and "run_dir": the folder the run took, absolute (result.json does
+    not hold it: that folder may be moved).
 
     Raises:
       UsageError: bad settings, missing or corrupt data; raised before anything is written.
-      DivergedError, Interrupted: training stopped early (see `errors`).
+      DivergedError, Interrupted, ActionFailed: training stopped early (see `errors`).
     """
     started, stopwatch = time.perf_counter(), Stopwatch()
     # The data first, so that every user error comes before a single file is written.
@@ -104,6 +110,7 @@ def train(
             manager=manager,
             signals=signals,
             stopwatch=stopwatch,
+            user_actions=user_actions,
         )
         # Leaving by a stop or an error ends the bar's line first: its message starts a line.
         with outputs, signals.catching(), console:
