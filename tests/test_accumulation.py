@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import REPO
 from helpers import assert_one_line_error
 
 import train_loop
@@ -133,6 +137,24 @@ def test_two_replicas_accumulating_train_what_one_device_trains(tmp_path):
     two = train_loop.train(run_name="two", strategy="mirrored", cpu_replicas=2, accumulation_steps=2, **common)
     assert two["replicas"] == 2
     assert_same_runs(tmp_path / "one", tmp_path / "two", tags=TAGS, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_workers_accumulating_train_what_one_process_trains(tmp_path):
+    """`launch`: 2 workers with K=2 against one device with K=1 (SGD: see test_faults' Slurm test)."""
+    settings = dict(dataset="digits", epochs=2, l2=0.001, jit_compile=False, optimizer="sgd", learning_rate=0.05)
+    flags = [f"--{name}={value}" for name, value in settings.items()]
+    launch = [sys.executable, "-m", "train_loop.launch", "--workers=2", f"--logdir={tmp_path}", "--", *flags]
+    launched = subprocess.run(
+        [*launch, "--accumulation_steps=2", "--run_name=two"], capture_output=True, text=True, timeout=600, cwd=REPO
+    )
+    assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]
+    one = train_loop.train(logdir=str(tmp_path), run_name="one", **settings)
+    two = json.loads((tmp_path / "two" / "result.json").read_text())
+    assert (two["strategy"], two["replicas"], two["steps"]) == ("multi_worker", 2, one["steps"])
+    for split in ("train", "validation", "test"):
+        for name, value in one[split].items():
+            assert two[split][name] == pytest.approx(value, rel=1e-5), (split, name)
 
 
 def assert_same_runs(first: Path, second: Path, *, tags: tuple[str, ...], rtol: float, weights: bool = True) -> None:
