@@ -66,8 +66,7 @@ def test_micro_batches_run_one_at_a_time_in_a_loop():
     """One traced step of the model in a while loop of one iteration at a time, not K unrolled
     copies a graph may run at once (then every micro-batch's activations are alive together).
 
-    Without the wait, the second micro-batch ran beside the first: peak RSS 1489 MiB at K=4,
-    batch 4096 on the convnet, against 1180 MiB with it and 1164 MiB at K=1, batch 1024."""
+    Without the wait the second micro-batch ran beside the first (see `steps.accumulate`)."""
     model = small_model()
     accumulated = steps.accumulate(steps.make_replica_gradients(model, 16, regularization_share=0.25), 4)
     graph = (

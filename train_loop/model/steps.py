@@ -93,8 +93,9 @@ def accumulate(
     values: a micro-batch's activations are freed before the next one's are made, which a loop
     unrolled in Python would not ensure (a graph runs independent ops at once). The first
     micro-batch runs before the loop, so that the sums start from its values (no zeros to make),
-    and the loop waits for it (peak RSS of the convnet at batch 4096, K=4: 1,180 MiB; 1,489 MiB
-    when the second micro-batch ran beside the first; 1,908 MiB at K=1).
+    and the loop waits for it: the training loop's peak RSS, convnet at batch 4096 with glibc's
+    mmap threshold fixed at 128 KiB, was 1,489 MiB at K=4 while the second micro-batch ran beside
+    the first, 1,180 MiB with the wait (1,908 MiB at K=1; 1,164 MiB at K=1 and batch 1024).
     """
 
     def accumulated(*batch: object) -> tuple[dict[str, tf.Tensor], list[tf.Tensor]]:
