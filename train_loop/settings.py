@@ -91,8 +91,8 @@ def _check_accumulation(config: Config) -> None:
     known (`distribute.check_global_batch`)."""
     if config.accumulation_steps < 1:
         raise UsageError(
-            f"--accumulation_steps={config.accumulation_steps} must be 1 or more: the micro-batches each "
-            "update's batch is run in (1: the whole batch at once)."
+            f"--accumulation_steps={config.accumulation_steps} must be 1 or more: the number of micro-batches "
+            "each update's batch is split into (1: the whole batch at once)."
         )
     if config.dropout and config.accumulation_steps > 1:
         # Its masks are keyed by the step and the example's place in the replica's batch: every

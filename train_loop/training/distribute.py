@@ -92,10 +92,14 @@ def check_global_batch(strategy: tf.distribute.Strategy, global_batch_size: int,
     per_replica = global_batch_size // replicas
     if per_replica % accumulation_steps:
         divisors = [k for k in range(1, per_replica + 1) if per_replica % k == 0]
-        over = f" (--batch_size={global_batch_size} over {replicas} replicas)" if replicas > 1 else ""
+        batch = (
+            f"the per-replica batch of {per_replica} (--batch_size={global_batch_size} over {replicas} replicas)"
+            if replicas > 1
+            else f"--batch_size={global_batch_size}"
+        )
         raise UsageError(
-            f"--accumulation_steps={accumulation_steps} does not divide the per-replica batch of "
-            f"{per_replica}{over}: use one of {', '.join(map(str, divisors))}, or change --batch_size."
+            f"--accumulation_steps={accumulation_steps} does not divide {batch}: "
+            f"use one of {', '.join(map(str, divisors))}, or change --batch_size."
         )
 
 
