@@ -94,13 +94,6 @@ def _check_accumulation(config: Config) -> None:
             f"--accumulation_steps={config.accumulation_steps} must be 1 or more: the number of micro-batches "
             "each update's batch is split into (1: the whole batch at once)."
         )
-    if config.dropout and config.accumulation_steps > 1:
-        # Its masks are keyed by the step and the example's place in the replica's batch: every
-        # micro-batch of an update would draw the first micro-batch's masks.
-        raise UsageError(
-            f"--dropout={config.dropout} cannot be combined with --accumulation_steps={config.accumulation_steps} "
-            "yet: pass --accumulation_steps=1, or --dropout=0."
-        )
 
 
 def parse_profile_steps(text: str) -> tuple[int, int] | None:

@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from train_loop.configs import Config
 from train_loop.data import inputs
-from train_loop.model import losses
+from train_loop.model import dropout, losses
 from train_loop.model.measurements import SUMMED
 from train_loop.model.state import TrainState
 from train_loop.model.steps import accumulate, gradient_measurements, make_replica_gradients, make_train_step
@@ -47,7 +47,8 @@ def make_loop_call(
         regularization_share=1.0 / accumulation_steps,
     )
     if accumulation_steps > 1:
-        replica_gradients = accumulate(replica_gradients, accumulation_steps)
+        micro_batch = dropout.use_micro_batches(model, strategy, accumulation_steps)
+        replica_gradients = accumulate(replica_gradients, accumulation_steps, micro_batch=micro_batch)
     train_step = make_train_step(
         strategy,
         model,

@@ -79,7 +79,10 @@ def make_replica_gradients(
 
 
 def accumulate(
-    replica_gradients: Callable[..., tuple[dict[str, tf.Tensor], list[tf.Tensor]]], accumulation_steps: int
+    replica_gradients: Callable[..., tuple[dict[str, tf.Tensor], list[tf.Tensor]]],
+    accumulation_steps: int,
+    *,
+    micro_batch: tf.Variable | None = None,
 ) -> Callable[..., tuple[dict[str, tf.Tensor], list[tf.Tensor]]]:
     """`replica_gradients` run on `accumulation_steps` micro-batches of the replica's batch, one
     after another, with their measurements and gradients summed.
@@ -87,7 +90,9 @@ def accumulate(
     Every tensor of the batch (any nested structure) is split on its first axis. The function
     must give each micro-batch's share of the global batch's values (`make_replica_gradients`
     with `regularization_share=1/accumulation_steps`): then the sums are what the whole batch
-    gives, as the sum over replicas is; "non_finite_gradients" counts micro-batches.
+    gives, as the sum over replicas is; "non_finite_gradients" counts micro-batches. Each
+    micro-batch's index is set in `micro_batch` before it runs, for the dropout masks
+    (`dropout.use_micro_batches`).
 
     The micro-batches run in a `tf.while_loop` of one iteration at a time, its sums the loop's
     values: a micro-batch's activations are freed before the next one's are made, which a loop
@@ -102,6 +107,9 @@ def accumulate(
         micro_batches = tf.nest.map_structure(lambda tensor: _split_first_axis(tensor, accumulation_steps), batch)
 
         def run(index: tf.Tensor | int) -> tuple[dict[str, tf.Tensor], list[tf.Tensor]]:
+            if micro_batch is not None:
+                # Ordered before the function's read of it: both use the variable (automatic control dependencies).
+                micro_batch.assign(index)
             return replica_gradients(*tf.nest.map_structure(lambda parts: parts[index], micro_batches))
 
         def add_next(index: tf.Tensor, sums: tuple) -> tuple:
