@@ -305,8 +305,8 @@ LOOP_FEATURES = (
         # Fine-tuning (frozen layers), and BatchNorm's moving statistics (tests/fine_tuning_models.py).
         ("--model=tests/fine_tuning_models.py:frozen", "--epochs=20"),
         ("--model=tests/fine_tuning_models.py:batch_norm", "--epochs=12"),
-        # Gradient accumulation with every optimizer feature: the micro-batches live inside one update.
-        ("--accumulation_steps=4", *LOOP_FEATURES),
+        # Gradient accumulation with dropout and every loop feature: the micro-batches live inside one update.
+        ("--accumulation_steps=4", "--dropout=0.2", *LOOP_FEATURES),
     ],
     ids=["convnet-with-dropout-and-optimizer-features", "user-model", "frozen-layers", "batch-norm", "accumulation"],
 )
