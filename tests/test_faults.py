@@ -276,21 +276,27 @@ def logged_steps(run_dir: Path) -> dict[str, list[int]]:
     return steps
 
 
+# Every loop feature: clipping, decoupled decay, the weights' average (in the optimizer's
+# checkpointed state), and a schedule that warms up and decays across the kill.
+LOOP_FEATURES = (
+    "--l2=0.001",
+    "--global_clipnorm=0.5",
+    "--weight_decay=0.01",
+    "--ema=0.99",
+    "--lr_schedule=cosine",
+    "--lr_decay_steps=150",
+    "--warmup_steps=10",
+)
+
+
 @pytest.mark.parametrize(
     "model_flags",
     [
-        # Dropout, and every loop feature: clipping, decoupled decay, the weights' average (in the
-        # optimizer's checkpointed state), a schedule that warms up and decays across the kill, and
-        # the best model with early stopping (their counters checkpointed too).
+        # Dropout, every loop feature, and the best model with early stopping (their counters
+        # checkpointed too).
         (
             "--dropout=0.2",
-            "--l2=0.001",
-            "--global_clipnorm=0.5",
-            "--weight_decay=0.01",
-            "--ema=0.99",
-            "--lr_schedule=cosine",
-            "--lr_decay_steps=150",
-            "--warmup_steps=10",
+            *LOOP_FEATURES,
             "--eval_every=15",
             "--best_metric=validation/accuracy",
             "--early_stopping_patience=4",
@@ -300,8 +306,10 @@ def logged_steps(run_dir: Path) -> dict[str, list[int]]:
         # Fine-tuning (frozen layers), and BatchNorm's moving statistics (tests/fine_tuning_models.py).
         ("--model=tests/fine_tuning_models.py:frozen", "--epochs=20"),
         ("--model=tests/fine_tuning_models.py:batch_norm", "--epochs=12"),
+        # Gradient accumulation with dropout and every loop feature: the micro-batches live inside one update.
+        ("--accumulation_steps=4", "--dropout=0.2", *LOOP_FEATURES),
     ],
-    ids=["convnet-with-dropout-and-optimizer-features", "user-model", "frozen-layers", "batch-norm"],
+    ids=["convnet-with-dropout-and-optimizer-features", "user-model", "frozen-layers", "batch-norm", "accumulation"],
 )
 def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_numbers(tmp_path, model_flags):
     """--deterministic: the resumed run's result, weights and curves are the same."""

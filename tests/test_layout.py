@@ -42,6 +42,18 @@ RULES = {
         *ENTRY_POINTS,
     ),
     "train_loop.errors": ("train_loop.",),
+    # A user's periodic actions as declared, plain Python: `import train_loop` imports it.
+    "train_loop.user_actions": (
+        "train_loop.configs",
+        "train_loop.settings",
+        "train_loop.user_actions.",
+        "train_loop.data",
+        "train_loop.model",
+        "train_loop.outputs",
+        "train_loop.training",
+        "train_loop.study",
+        *ENTRY_POINTS,
+    ),
     # Leaves that every layer may use: writing files safely, and ending with the parent process.
     "train_loop.files": (
         "train_loop.configs",

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from train_loop.configs import Config
 from train_loop.errors import UsageError
 from train_loop.settings import ARRAYS_PREFIX
+from train_loop.user_actions import ActionContext, PeriodicAction, checked_actions
 
 # The one place the version is written: pyproject.toml reads it from here.
 __version__ = "0.1.0"
@@ -21,6 +22,7 @@ def train(
     model_fn: Callable[[], Any] | str | None = None,
     data: Mapping[str, Any] | str | None = None,
     task: Any = None,
+    actions: Sequence[PeriodicAction] = (),
     **settings,
 ) -> dict:
     """Trains one run and returns its result: what `result.json` holds, and "run_dir", the run
@@ -34,11 +36,14 @@ def train(
     fingerprint of their bytes, so that a resumed run is checked against both. `task` is what the
     run minimizes, an object (or class) giving `model()` and `loss_terms(batch, outputs)` (see
     `train_loop.model.tasks.UserTask`), or its `PATH.py:NAME`; a task object is recorded by its
-    class's `module:name`.
+    class's `module:name`. `actions` are
+    your own `PeriodicAction`s: functions the run calls as it calls its own summaries, with the
+    step, the last loop call's measurements and the model (see `PeriodicAction`).
     TensorFlow is imported on the first call, not on `import train_loop`, and quietly, as the
     tools start it (`startup`), unless it was imported before.
     """
     config = config if config is not None else Config(**settings)
+    user_actions = checked_actions(actions)
     _start_tensorflow(config.cpu_replicas, config.strategy)
     from train_loop.data.arrays import fingerprint
     from train_loop.model import user_models  # Deferred: importing TensorFlow takes seconds.
@@ -56,7 +61,13 @@ def train(
         # A task is recorded by its class: `module:Name`.
         task_class = task_object if isinstance(task_object, type) else type(task_object)
         changes["task"] = user_models.model_function_name(task_class) if task_object else task
-    return train_config(dataclasses.replace(config, **changes), model_fn=function, arrays=arrays, task=task_object)
+    return train_config(
+        dataclasses.replace(config, **changes),
+        model_fn=function,
+        arrays=arrays,
+        task=task_object,
+        user_actions=user_actions,
+    )
 
 
 def load(run_dir: str) -> Any:
@@ -83,4 +94,4 @@ def _start_tensorflow(cpu_replicas: int = 0, strategy: str = "one_device") -> No
         startup.start_tensorflow(cpu_replicas, strategy)
 
 
-__all__ = ["Config", "UsageError", "__version__", "load", "train"]
+__all__ = ["ActionContext", "Config", "PeriodicAction", "UsageError", "__version__", "load", "train"]

@@ -39,6 +39,7 @@ GROUPS = {
         "jit_compile",
         "steps_per_loop",
         "deterministic",
+        "accumulation_steps",
     ),
     "outputs": (
         "logdir",

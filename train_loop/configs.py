@@ -89,6 +89,8 @@ class Config:
     loss: str = ""  # A Keras loss's registered name.
     metrics: str = ""  # Keras metric names, comma-separated.
     task: str = ""  # PATH.py:NAME or package.module:NAME of a task object.
+    # Gradient accumulation: each update's batch run as this many micro-batches, one after another.
+    accumulation_steps: int = 1
 
     def __post_init__(self) -> None:
         # Resolved once, where the run starts: a relative logdir would follow the working folder, which

@@ -49,3 +49,15 @@ class NoSpace(RunStopped):
 
     def __init__(self, path: str):
         super().__init__(f"no space left on {path}; the run resumes once space is freed.", self.EXIT_STATUS)
+
+
+class ActionFailed(RunStopped):
+    """A user's periodic action raised: the run was checkpointed at the step it ran at, and the same
+    command resumes there once the action is fixed. Exit status 2, as a failing model function's
+    (a `UsageError`): the fault is in the user's code, and so is the fix."""
+
+    EXIT_STATUS = 2
+    is_error = True
+
+    def __init__(self, message: str):
+        super().__init__(message, self.EXIT_STATUS)

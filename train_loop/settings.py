@@ -85,6 +85,17 @@ def check(config: Config) -> None:
     parse_profile_steps(config.profile_steps)
     if "/" in config.run_name or config.run_name in (".", ".."):
         raise UsageError(f"--run_name={config.run_name!r} must be a plain folder name, without '/'.")
+    _check_accumulation(config)
+
+
+def _check_accumulation(config: Config) -> None:
+    """What `--accumulation_steps` can split: the per-replica batch is checked once the replicas are
+    known (`distribute.check_global_batch`)."""
+    if config.accumulation_steps < 1:
+        raise UsageError(
+            f"--accumulation_steps={config.accumulation_steps} must be 1 or more: the number of micro-batches "
+            "each update's batch is split into (1: the whole batch at once)."
+        )
 
 
 def parse_profile_steps(text: str) -> tuple[int, int] | None:

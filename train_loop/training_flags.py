@@ -211,6 +211,13 @@ flags.DEFINE_enum(
     "variable; slurm: the Slurm job step this task runs in (srun), by SlurmClusterResolver.",
 )
 
+flags.DEFINE_integer(
+    "accumulation_steps",
+    _DEFAULTS.accumulation_steps,
+    "Run each update's --batch_size as this many micro-batches, one after another, and sum their "
+    "gradients: the same update in less memory (BatchNorm sees micro-batches). Must divide the per-replica batch.",
+)
+
 apps.require_utf8("logdir")
 apps.require_utf8("run_name")
 

@@ -1,5 +1,6 @@
-"""`ExampleDropout`: dropout whose masks do not depend on the replica count, keyed by the step
-(`use_step`); and the model with Keras' own Dropout in its place, for saving (`plain_keras`)."""
+"""`ExampleDropout`: dropout whose masks do not depend on the replica count or the micro-batches,
+keyed by the step (`use_step`, `use_micro_batches`); and the model with Keras' own Dropout in its
+place, for saving (`plain_keras`)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ class ExampleDropout(keras.layers.Layer):
     375 on two replicas, 555 on one). Here the mask of the whole global batch at step s is one
     stateless Philox draw keyed by (seed, s), and each replica keeps the rows of its examples:
     one op, as fast as Keras' own on one device (a draw per example, by `tf.map_fn`, took 2.4x
-    as long without XLA and 20x with it), and N replicas draw what one device draws.
+    as long without XLA and 20x with it), and N replicas draw what one device draws; so do K
+    micro-batches (`--accumulation_steps`), each keeping its slice of its replica's rows.
     The step is the optimizer's (`use_step`), which the checkpoint already holds: the layer has
     no state of its own, and a resumed run draws the masks an uninterrupted one would.
 
@@ -33,6 +35,9 @@ class ExampleDropout(keras.layers.Layer):
         self.rate, self.seed = rate, seed
         self.supports_masking = True
         self.step: Callable[[], tf.Tensor] | None = None
+        # With gradient accumulation: the micro-batch being run and their number (`use_micro_batches`).
+        self.micro_batch: Callable[[], tf.Tensor] | None = None
+        self.micro_batches = 1
 
     def call(self, inputs: tf.Tensor, training: bool = False) -> tf.Tensor:
         if not training or not self.rate:
@@ -44,8 +49,13 @@ class ExampleDropout(keras.layers.Layer):
         key = tf.random.experimental.stateless_fold_in(tf.constant([self.seed, 0], tf.int32), self.step())
 
         rows, replicas = tf.shape(inputs)[0], tf.distribute.get_strategy().num_replicas_in_sync
-        shape = tf.concat([[rows * replicas], tf.shape(inputs)[1:]], axis=0)
-        uniform = tf.gather(tf.random.stateless_uniform(shape, seed=key, alg="philox"), _global_positions(rows))
+        # A micro-batch's rows are a slice of its replica's batch: the whole update's mask is drawn.
+        replica_rows = rows * self.micro_batches
+        shape = tf.concat([[replica_rows * replicas], tf.shape(inputs)[1:]], axis=0)
+        positions = _global_positions(replica_rows)
+        if self.micro_batch is not None:
+            positions = tf.slice(positions, [self.micro_batch() * rows], [rows])
+        uniform = tf.gather(tf.random.stateless_uniform(shape, seed=key, alg="philox"), positions)
         return tf.where(uniform >= self.rate, inputs / tf.cast(1.0 - self.rate, inputs.dtype), tf.zeros_like(inputs))
 
     def get_config(self) -> dict:
@@ -74,6 +84,31 @@ def use_step(model: keras.Model, step: Callable[[], tf.Tensor]) -> None:
     for layer in model.layers:
         if isinstance(layer, ExampleDropout):
             layer.step = step
+
+
+def use_micro_batches(
+    model: keras.Model, strategy: tf.distribute.Strategy, accumulation_steps: int
+) -> tf.Variable | None:
+    """With gradient accumulation, keys each example's mask by its place in its replica's whole
+    batch, as without: the index of the micro-batch being run, a variable for `steps.accumulate`
+    to set (local to each replica, and in no checkpoint); None when `model` has no such layer.
+
+    A variable, not an argument: the per-replica function's arguments are the batch alone, and
+    under XLA it is compiled once for every micro-batch.
+    """
+    layers = [layer for layer in model.layers if isinstance(layer, ExampleDropout)]
+    if not layers:
+        return None
+    with strategy.scope():
+        index = tf.Variable(
+            0,
+            trainable=False,
+            synchronization=tf.VariableSynchronization.ON_READ,
+            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+        )
+    for layer in layers:
+        layer.micro_batch, layer.micro_batches = index.read_value, accumulation_steps
+    return index
 
 
 def plain_keras(model: keras.Model) -> keras.Model:

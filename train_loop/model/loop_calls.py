@@ -11,9 +11,10 @@ import tensorflow as tf
 
 from train_loop.configs import Config
 from train_loop.data import inputs
+from train_loop.model import dropout
 from train_loop.model.measurements import Table
 from train_loop.model.state import TrainState
-from train_loop.model.steps import gradient_measurements, make_replica_gradients, make_train_step
+from train_loop.model.steps import accumulate, gradient_measurements, make_replica_gradients, make_train_step
 from train_loop.model.tasks import Batch, Task, float_outputs
 
 _SUM = tf.distribute.ReduceOp.SUM
@@ -27,6 +28,7 @@ def make_loop_call(
     global_batch_size: int,
     jit_compile: bool = False,
     global_clipnorm: float = 0.0,
+    accumulation_steps: int = 1,
 ) -> Callable[[object, tf.Tensor, tf.Tensor], dict[str, tf.Tensor]]:
     """`loop_call(iterator, num_steps, histograms)`: `num_steps` updates of `state` in one traced call.
 
@@ -34,12 +36,21 @@ def make_loop_call(
     state's table's `summed` ones ("clipped" only with `global_clipnorm`) summed over the steps, and
     the gradient's (`gradient_measurements`) at the last step, its kernels' only when
     `histograms` is true (else zeros); pass `num_steps` and `histograms` as tensors so that every
-    call reuses one trace.
+    call reuses one trace. With `accumulation_steps` K > 1 each replica's batch is run as K
+    micro-batches and their gradients summed (`steps.accumulate`): still one update a step.
     """
     model = state.model
     replica_gradients = make_replica_gradients(
-        model, global_batch_size, task=state.task, loss_scale=state.loss_scale, jit_compile=jit_compile
+        model,
+        global_batch_size,
+        task=state.task,
+        loss_scale=state.loss_scale,
+        jit_compile=jit_compile,
+        regularization_share=1.0 / accumulation_steps,
     )
+    if accumulation_steps > 1:
+        micro_batch = dropout.use_micro_batches(model, strategy, accumulation_steps)
+        replica_gradients = accumulate(replica_gradients, accumulation_steps, micro_batch=micro_batch)
     train_step = make_train_step(
         strategy,
         model,
@@ -82,6 +93,7 @@ def make_input_loop_call(
         global_batch_size=config.batch_size,
         jit_compile=jit_compile,
         global_clipnorm=config.global_clipnorm,
+        accumulation_steps=config.accumulation_steps,
     )
     iterator = replica_input.iterator()
     return lambda num_steps, histograms: loop_call(iterator, num_steps, histograms)

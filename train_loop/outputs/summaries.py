@@ -4,8 +4,9 @@ resume is `events`; the logdir's HParams experiment is `experiment`.)"""
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -97,6 +98,17 @@ class Summaries:
                 )
                 rows = "\n".join(f"| {key} | {value} |" for key, value in settings.items())
                 tf.summary.text("settings", f"| setting | value |\n|---|---|\n{rows}")
+
+    @contextlib.contextmanager
+    def as_default(self, writer: str, step: int) -> Iterator[None]:
+        """`writer` as TensorFlow's default summary writer at `step`, so that code of a user's
+        writes to it with `tf.summary` alone; without writers (not the chief), none, and
+        `tf.summary` writes nothing."""
+        if writer not in self._writers:
+            yield
+            return
+        with self._writers[writer].as_default(step=step):
+            yield
 
     def flush(self) -> None:
         for writer in self._writers.values():

@@ -17,12 +17,14 @@ from train_loop.configs import Config
 from train_loop.errors import DivergedError
 from train_loop.model.measurements import CLASSIFIER, Table
 from train_loop.model.state import Counters, TrainState
+from train_loop.outputs import checkpoints
 from train_loop.outputs.run_outputs import RunOutputs
 from train_loop.training import actions
 from train_loop.training.actions import Action, Cadence, Moment
 from train_loop.training.console import Console
 from train_loop.training.preemption import SignalStop
 from train_loop.training.timing import Stopwatch, Throughput
+from train_loop.user_actions import PeriodicAction
 
 
 def check_finite(measured: dict[str, float], step: int, num_steps: int, *, table: Table) -> None:
@@ -36,6 +38,16 @@ def check_finite(measured: dict[str, float], step: int, num_steps: int, *, table
                 f"training diverged: {table.tag(name)} became {measured[name]} between steps {step + 1} and "
                 f"{step + num_steps}; nothing past step {step} was saved. Lower --learning_rate."
             )
+
+
+def call_means(measured: dict[str, float], num_steps: int, *, table: Table) -> dict[str, float]:
+    """A loop call's logged measurements by name: the summed ones as means over its steps, the
+    gradient's norms as taken at its last step."""
+    return {
+        name: value / num_steps if name in table.summed else value
+        for name, value in measured.items()
+        if table.tag(name)
+    }
 
 
 class Interval:
@@ -104,9 +116,9 @@ class Controller:
         due = (action.next_due(step) for action in self.actions)
         return min(self.steps_per_loop, self.total_steps - step, *(when - step for when in due if when is not None))
 
-    def _loop_call_checked(self) -> tuple[int, dict[str, np.ndarray]]:
-        """One loop call, checked and counted; returns its number of steps, and the gradient's
-        histograms when an action wants them at the step it ends at."""
+    def _loop_call_checked(self) -> tuple[int, dict[str, np.ndarray], dict[str, float]]:
+        """One loop call, checked and counted; returns its number of steps, the gradient's
+        histograms when an action wants them at the step it ends at, and its `call_means`."""
         step = self.counters.step
         # The first call of a process traces and compiles: one step, so that it is timed apart.
         num_steps = 1 if self.calls == 0 else self.call_size(step)
@@ -125,9 +137,10 @@ class Controller:
         )
         check_finite(measured, step, num_steps, table=self.table)
         self.counters.advance(measured, num_steps)
-        return num_steps, {name: value.numpy() for name, value in output.items() if histograms and value.shape.rank}
+        arrays = {name: value.numpy() for name, value in output.items() if histograms and value.shape.rank}
+        return num_steps, arrays, call_means(measured, num_steps, table=self.table)
 
-    def _run_due_actions(self, num_steps: int, histograms: dict[str, np.ndarray]) -> None:
+    def _run_due_actions(self, num_steps: int, histograms: dict[str, np.ndarray], measured: dict[str, float]) -> None:
         step = self.counters.step
         for action in self.actions:
             # Asked anew for each action: validation may have just decided to stop early.
@@ -137,6 +150,7 @@ class Controller:
                 last=step == self.total_steps or self.stopping(),
                 num_steps=num_steps,
                 histograms=histograms,
+                measured=measured,
             )
             if action.due(at):
                 action.run(at)
@@ -154,11 +168,14 @@ def make_controller(
     manager: tf.train.CheckpointManager,
     signals: SignalStop,
     stopwatch: Stopwatch,
+    user_actions: Sequence[PeriodicAction] = (),
 ) -> Controller:
     """The run's controller with its actions, in the order they run after a loop call.
 
     The order keeps a resumed run exact: events are flushed before the checkpoint, and the
     checkpoint comes before a signal's stop. Training time counts the summaries, not the rest.
+    A user's actions run after the built-in ones that report the step and before the flush, so
+    that what they write is in the checkpoint's events; one that raises saves them itself.
     """
     interval, throughput, summaries = Interval(state.table.summed), Throughput(), outputs.summaries
 
@@ -199,6 +216,16 @@ def make_controller(
                 metrics_file=outputs.metrics_file,
                 throughput=throughput,
                 validation=validation,
+            ),
+            *(
+                actions.UserAction(
+                    cadence(declared.every, at_epoch_end=declared.at_epoch_end, at_last=declared.at_last),
+                    declared=declared,
+                    state=state,
+                    summaries=summaries,
+                    save=lambda step: (summaries.flush(), checkpoints.save(manager, step)),
+                )
+                for declared in user_actions
             ),
             actions.Flush(summaries),
             actions.Checkpoint(cadence(config.checkpoint_every, at_last=True), manager, stopwatch),

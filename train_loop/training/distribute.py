@@ -80,13 +80,26 @@ def describe(strategy: tf.distribute.Strategy) -> str:
 _PUBLIC_NAMES = ((tf.distribute.MultiWorkerMirroredStrategy, "MultiWorkerMirroredStrategy"),)
 
 
-def check_global_batch(strategy: tf.distribute.Strategy, global_batch_size: int) -> None:
-    """Raises UsageError unless the global batch splits evenly over the replicas."""
+def check_global_batch(strategy: tf.distribute.Strategy, global_batch_size: int, accumulation_steps: int = 1) -> None:
+    """Raises UsageError unless the global batch splits evenly over the replicas, and each
+    replica's batch into `accumulation_steps` micro-batches."""
     replicas = strategy.num_replicas_in_sync
     if global_batch_size % replicas:
         raise UsageError(
             f"--batch_size={global_batch_size} does not split evenly over {replicas} replicas: "
             f"use a multiple of {replicas}."
+        )
+    per_replica = global_batch_size // replicas
+    if per_replica % accumulation_steps:
+        divisors = [k for k in range(1, per_replica + 1) if per_replica % k == 0]
+        batch = (
+            f"the per-replica batch of {per_replica} (--batch_size={global_batch_size} over {replicas} replicas)"
+            if replicas > 1
+            else f"--batch_size={global_batch_size}"
+        )
+        raise UsageError(
+            f"--accumulation_steps={accumulation_steps} does not divide {batch}: "
+            f"use one of {', '.join(map(str, divisors))}, or change --batch_size."
         )
 
 

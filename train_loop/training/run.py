@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,6 +26,7 @@ from train_loop.training.evaluation import Evaluation, Weights, make_evaluator
 from train_loop.training.finish import finish
 from train_loop.training.preemption import SignalStop
 from train_loop.training.timing import Stopwatch
+from train_loop.user_actions import PeriodicAction
 
 
 def train(
@@ -34,17 +35,19 @@ def train(
     model_fn: ModelFunction | None = None,
     arrays: Mapping[str, np.ndarray] | None = None,
     task: tasks.UserTask | None = None,
+    user_actions: Sequence[PeriodicAction] = (),
 ) -> dict[str, Any]:
     """Trains, validates periodically, tests once at the end, and writes the run; resumes an
     interrupted one. On a multi-worker cluster every worker trains and the chief alone writes.
 
     `model_fn`, `arrays` and `task` are a user's model function, data and task given as Python
-    objects (see `train_loop.train`). Returns what `<run>/result.json` holds, and "run_dir": the folder the run
-    took, absolute (result.json does not hold it: that folder may be moved).
+    objects, and `user_actions` the user's periodic actions (see `train_loop.train`). Returns
+    what `<run>/result.json` holds, and "run_dir": the folder the run took, absolute (result.json
+    does not hold it: that folder may be moved).
 
     Raises:
       UsageError: bad settings, missing or corrupt data; raised before anything is written.
-      DivergedError, Interrupted: training stopped early (see `errors`).
+      DivergedError, Interrupted, ActionFailed: training stopped early (see `errors`).
     """
     started, stopwatch = time.perf_counter(), Stopwatch()
     # The task and the data first, so that every user error comes before a single file is written.
@@ -57,7 +60,7 @@ def train(
     model_fn = model_fn or (None if config.model in MODELS else load_model_function(config.model))
     run_dir = runs.choose_run_dir(config)
     strategy = distribute.make_strategy(config)
-    distribute.check_global_batch(strategy, config.batch_size)
+    distribute.check_global_batch(strategy, config.batch_size, config.accumulation_steps)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     chief = distribute.is_chief(strategy)
@@ -99,9 +102,14 @@ def train(
             table=state.table,
         )
         loop_call = _loop_call(config, strategy, state, splits, jit_compile=decision.jit_compile)
-        # Validation scores the weights as they are (averaged, with --ema); the end scores the kept ones.
+        # Validation scores the weights as they are (averaged, with --ema); the end scores the kept ones,
+        # in batches of the micro-batch: accumulation is there because the whole batch does not fit.
         evaluate = make_evaluator(
-            strategy, state, batch_size=config.batch_size, num_classes=splits.num_classes, stopwatch=stopwatch
+            strategy,
+            state,
+            batch_size=config.batch_size // config.accumulation_steps,
+            num_classes=splits.num_classes,
+            stopwatch=stopwatch,
         )
         validate = None if splits.x_validation is None else evaluate(splits.x_validation, splits.y_validation)
         validation = validate and _validation(
@@ -119,6 +127,7 @@ def train(
             manager=manager,
             signals=signals,
             stopwatch=stopwatch,
+            user_actions=user_actions,
         )
         # Leaving by a stop or an error ends the bar's line first: its message starts a line.
         with outputs, signals.catching(), console:

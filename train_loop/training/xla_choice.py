@@ -128,6 +128,8 @@ def step_key(config: Config, strategy: tf.distribute.Strategy, input_shape: tupl
             # Each adds work to every step (an all-reduce, an update or an average of every weight).
             "optimizer_extras": [name for name in ("global_clipnorm", "weight_decay", "ema") if getattr(config, name)],
             "deterministic": config.deterministic,
+            # Only when on, so that the choices measured before the setting existed still apply.
+            **({"accumulation_steps": config.accumulation_steps} if config.accumulation_steps > 1 else {}),
         },
         sort_keys=True,
     )

@@ -37,13 +37,15 @@ class Cadence:
 class Moment:
     """Where training stands after a loop call of `num_steps` that ended at `step`: whether an
     epoch ended there, whether it is the run's last step (the last of all, or an early stop),
-    and the gradient's histograms at `step` when an action asked for them."""
+    the gradient's histograms at `step` when an action asked for them, and the loop call's
+    logged measurements (`controller.call_means`)."""
 
     step: int
     epoch_end: bool = False
     last: bool = False
     num_steps: int = 1
     histograms: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    measured: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 class Action:
