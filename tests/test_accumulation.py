@@ -49,9 +49,9 @@ def test_micro_batches_sum_to_the_whole_batchs_measurements_and_gradients(accumu
     batch = {"images": tf.constant(splits.x_train[:16]), "labels": tf.constant(splits.y_train[:16])}
     whole = steps.make_replica_gradients(model, 16)
     micro = steps.make_replica_gradients(model, 16, regularization_share=1 / accumulation_steps)
-    accumulated = steps.accumulate(lambda part: micro(part["images"], part["labels"]), accumulation_steps)
+    accumulated = steps.accumulate(lambda part: micro((part["images"], part["labels"])), accumulation_steps)
 
-    expected, expected_gradients = whole(batch["images"], batch["labels"])
+    expected, expected_gradients = whole((batch["images"], batch["labels"]))
     measured, gradients = tf.function(accumulated, autograph=False)(batch)
 
     assert set(measured) == set(expected)
@@ -71,7 +71,7 @@ def test_micro_batches_run_one_at_a_time_in_a_loop():
     accumulated = steps.accumulate(steps.make_replica_gradients(model, 16, regularization_share=0.25), 4)
     graph = (
         tf.function(accumulated, autograph=False)
-        .get_concrete_function(tf.TensorSpec([16, 8, 8, 1]), tf.TensorSpec([16], tf.int64))
+        .get_concrete_function((tf.TensorSpec([16, 8, 8, 1]), tf.TensorSpec([16], tf.int64)))
         .graph
     )
     [loop] = [op for op in graph.get_operations() if op.type in ("While", "StatelessWhile")]
