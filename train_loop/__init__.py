@@ -20,6 +20,7 @@ def train(
     *,
     model_fn: Callable[[], Any] | str | None = None,
     data: Mapping[str, Any] | str | None = None,
+    input_fn: Callable[[str, Any], Any] | None = None,
     **settings,
 ) -> dict:
     """Trains one run and returns its result: what `result.json` holds, and "run_dir", the run
@@ -31,23 +32,28 @@ def train(
     model. `data` is a mapping of the arrays `x_train`, `y_train`, `x_test`, `y_test`, or a path
     to an .npz holding them. A run records the function as `module:name` and the arrays by a
     fingerprint of their bytes, so that a resumed run is checked against both.
+    `input_fn(split, context)` streams the data instead (see `--input` and docs/streams.md): it
+    returns a `tf.data.Dataset` of unbatched examples for "train", "validation" (or None) and
+    "test"; the run records it as `module:name`.
     TensorFlow is imported on the first call, not on `import train_loop`, and quietly, as the
     tools start it (`startup`), unless it was imported before.
     """
     config = config if config is not None else Config(**settings)
     _start_tensorflow(config.cpu_replicas, config.strategy)
     from train_loop.data.arrays import fingerprint
-    from train_loop.model import user_models  # Deferred: importing TensorFlow takes seconds.
-    from train_loop.training.run import train as train_config
+    from train_loop.training.run import train as train_config  # Deferred: importing TensorFlow takes seconds.
+    from train_loop.user_code import function_name
 
     function = model_fn if callable(model_fn) else None
     arrays = data if isinstance(data, Mapping) else None
     changes = {}
     if model_fn is not None:
-        changes["model"] = user_models.model_function_name(function) if function else model_fn
+        changes["model"] = function_name(function, "model_fn") if function else model_fn
     if data is not None:
         changes["dataset"] = ARRAYS_PREFIX + fingerprint(arrays) if arrays is not None else data
-    return train_config(dataclasses.replace(config, **changes), model_fn=function, arrays=arrays)
+    if input_fn is not None:
+        changes["input"] = function_name(input_fn, "input_fn")
+    return train_config(dataclasses.replace(config, **changes), model_fn=function, arrays=arrays, input_fn=input_fn)
 
 
 def load(run_dir: str) -> Any:

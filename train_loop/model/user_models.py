@@ -4,11 +4,6 @@ one `UsageError` line."""
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import os
-import re
-import sys
 from collections.abc import Callable
 
 import keras
@@ -16,7 +11,7 @@ import tensorflow as tf
 
 from train_loop.configs import Config
 from train_loop.errors import UsageError
-from train_loop.model.user_code import exits_refused
+from train_loop.user_code import exits_refused, load_function, one_line
 
 ModelFunction = Callable[[], keras.Model]
 # The fix for a model whose call ends the process.
@@ -43,50 +38,13 @@ def build_user_model(
     return model
 
 
-def model_function_name(model_fn: ModelFunction) -> str:
-    """`module:function` for a function given to `train_loop.train(model_fn=...)`: its run's setting."""
-    name = model_fn.__name__ if getattr(model_fn, "__name__", "").isidentifier() else "model_fn"
-    return f"{getattr(model_fn, '__module__', None) or 'python'}:{name}"
-
-
 def load_model_function(spec: str) -> ModelFunction:
     """The function `PATH.py:FUNCTION` or `package.module:FUNCTION` names (a path is from the working folder).
 
     Raises:
       UsageError: the file or module cannot be imported, or holds no such function.
     """
-    module_name, _, function_name = spec.rpartition(":")
-    if module_name.endswith(".py") and not os.path.isfile(module_name):
-        raise UsageError(f"--model={spec}: no file {module_name} (a path is taken from {os.getcwd()}).")
-    with exits_refused(
-        f"--model={spec}: {module_name}",
-        during="when imported",
-        fix='a model file must not exit; put its script code under `if __name__ == "__main__":`.',
-    ):
-        try:
-            module = _import_file(module_name) if module_name.endswith(".py") else importlib.import_module(module_name)
-        except Exception as error:  # The user's code: whatever stops its import is the same user problem.
-            raise UsageError(f"--model={spec}: importing {module_name} failed ({_one_line(error)}).") from None
-    function = getattr(module, function_name, None)
-    if not callable(function):
-        raise UsageError(f"--model={spec}: {module_name} has no function {function_name}.")
-    return function
-
-
-def _import_file(path: str) -> object:
-    """Imports a .py file as a module named after it, registered so that its classes can be found;
-    a file imported already (a notebook's, or a resumed run's in the same process) is reused."""
-    name = os.path.basename(path).removesuffix(".py")
-    loaded = sys.modules.get(name)
-    if loaded is not None and os.path.realpath(getattr(loaded, "__file__", None) or "") == os.path.realpath(path):
-        return loaded
-    if loaded is not None:
-        name = f"train_loop_model_{name}"  # Another module holds the name; do not displace it.
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_function("model", spec, role="a model file")
 
 
 def _call_model_function(config: Config, model_fn: ModelFunction) -> keras.Model:
@@ -105,7 +63,7 @@ def _call_model_function(config: Config, model_fn: ModelFunction) -> keras.Model
     except UsageError:
         raise
     except Exception as error:  # The user's code: any failure is reported, not a traceback.
-        raise UsageError(f"--model={config.model}: calling it raised {_one_line(error)}.") from None
+        raise UsageError(f"--model={config.model}: calling it raised {one_line(error)}.") from None
     finally:
         keras.config.set_dtype_policy(previous)
     if not isinstance(model, keras.Model):
@@ -123,19 +81,9 @@ def _check_outputs(model: keras.Model, name: str, input_shape: tuple[int, ...], 
             outputs = model(tf.zeros((2, *input_shape)), training=False)
         except Exception as error:  # The user's code, on the data's shape: any failure is a mismatch.
             shape = ", ".join(map(str, input_shape))
-            raise UsageError(
-                f"--model={name}: cannot take inputs of shape (N, {shape}) ({_one_line(error)})."
-            ) from None
+            raise UsageError(f"--model={name}: cannot take inputs of shape (N, {shape}) ({one_line(error)}).") from None
     if tuple(getattr(outputs, "shape", ())) != (2, num_classes):
         raise UsageError(
             f"--model={name}: outputs of shape {tuple(getattr(outputs, 'shape', ()))} for a batch of 2, "
             f"expected (2, {num_classes}): one logit per class of the labels 0..{num_classes - 1}."
         )
-
-
-def _one_line(error: BaseException) -> str:
-    """An exception as one line: Keras' terminal colours, its dumps of tensor values and its echo
-    of the call's arguments cut."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).split("Arguments received by")[0]
-    text = re.sub(r"\[[][0-9.,eE+\-\s]{20,}\]", "<values>", " ".join(text.split()))
-    return f"{type(error).__name__}: {text[:300]}" if text else type(error).__name__
