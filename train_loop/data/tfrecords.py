@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 
 import tensorflow as tf
 
@@ -107,10 +108,15 @@ def _damaged(name: str, path: str, start: int) -> UsageError:
             index += 1
     except tf.errors.OpError as error:
         return UsageError(
-            f"{name}: {path} is damaged at record {index} (counting from 0; {one_line(error)}); the records "
+            f"{name}: {path} is damaged at record {index} (counting from 0; {_reason(error)}); the records "
             "after it cannot be read: write the file again, or move it out of the folder."
         )
     return UsageError(f"{name}: {path} could not be read past record {start}; write the file again.")
+
+
+def _reason(error: tf.errors.OpError) -> str:
+    """TensorFlow's message without the op that failed ("{{function_node ...}}", "[Op:...]")."""
+    return re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:.*$", "", error.message.splitlines()[0]) or type(error).__name__
 
 
 def _check_features(name: str, path: str) -> None:

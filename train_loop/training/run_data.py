@@ -15,6 +15,7 @@ from train_loop.data import inputs, sources, streams, tfrecords
 from train_loop.data.arrays import Splits, hold_out
 from train_loop.model import loop_calls
 from train_loop.model.state import TrainState
+from train_loop.outputs.stderr import quiet_stderr
 from train_loop.settings import TFRECORD_PREFIX, is_stream
 from train_loop.training.console import DataSummary
 from train_loop.training.evaluation import Evaluation, Evaluator, Weights
@@ -48,11 +49,13 @@ class RunData:
         if not is_stream(config):
             return cls(hold_out(sources.load_splits(config, arrays), config.validation_split, seed=config.seed), None)
         if config.dataset.startswith(TFRECORD_PREFIX):
-            stream = tfrecords.open_folder(
-                config.dataset.removeprefix(TFRECORD_PREFIX),
-                validation_split=config.validation_split,
-                deterministic=config.deterministic,
-            )
+            # A damaged record is our one line; TensorFlow's C++ side logs it too, from the reader.
+            with quiet_stderr():
+                stream = tfrecords.open_folder(
+                    config.dataset.removeprefix(TFRECORD_PREFIX),
+                    validation_split=config.validation_split,
+                    deterministic=config.deterministic,
+                )
         else:
             function = input_fn or load_function("input", config.input, role="an input file")
             stream = streams.open_input(f"--input={config.input}", function)
@@ -89,7 +92,8 @@ class RunData:
         if self.stream is None:
             return self.splits
         fn = streams.train_dataset_fn(self.stream, global_batch_size=config.batch_size, seed=0, shuffle_buffer=0)
-        images, labels = (np.asarray(part) for part in next(iter(fn(tf.distribute.InputContext()))))
+        with streams.read_errors(self.stream):
+            images, labels = (np.asarray(part) for part in next(iter(fn(tf.distribute.InputContext()))))
         return Splits(images, labels, images, labels, self.stream.name, self.stream.num_classes)
 
     def position(self, config: Config, strategy: tf.distribute.Strategy) -> dict[str, object]:
