@@ -282,3 +282,19 @@ def test_an_input_function_trains_one_pass_an_epoch(run_cli, tmp_path):
     assert "1,437 training, 0 validation and 360 test examples" in result.stdout
     [run_dir] = (tmp_path / "logs").iterdir()
     assert read_result(run_dir)["steps"] == 1437 // 64
+
+
+@pytest.mark.slow
+def test_the_tfrecord_example_is_killed_mid_epoch_and_resumes(tmp_path):
+    finished = subprocess.run(
+        ["sh", "examples/tfrecord_resume.sh", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert f"resuming {tmp_path / 'fashion-streamed'} from step 40" in finished.stdout
+    result = read_result(tmp_path / "fashion-streamed")
+    assert result["steps"] == 2 * (5400 // 64) and result["test"]["accuracy"] > 0.5
