@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import tensorflow as tf
 from conftest import REPO
 from helpers import assert_one_line_error, kill_at_first_checkpoint, snapshot
 
+from train_loop import Config
 from train_loop.data import streams, tfrecords
 from train_loop.errors import UsageError
 
@@ -107,6 +109,22 @@ def test_sharding_by_file_needs_a_file_for_each_worker(tmp_path):
     dataset_fn = streams.train_dataset_fn(stream, global_batch_size=6, seed=0, shuffle_buffer=4)
     with pytest.raises(UsageError, match="2 training files for 3 workers.*--deterministic"):
         dataset_fn(tf.distribute.InputContext(3, 0, num_replicas_in_sync=3))
+
+
+@pytest.mark.parametrize(
+    ("settings", "words"),
+    [
+        ({"dataset": "tfrecord:shards", "strategy": "multi_worker"}, "--strategy=multi_worker: streamed data runs"),
+        ({"input": "x.py:f", "strategy": "tpu"}, "--strategy=tpu: streamed data runs"),
+        ({"steps_per_epoch": 10}, "--steps_per_epoch=10 applies to streamed data"),
+        ({"shuffle_buffer": 5}, "--shuffle_buffer=5 applies to streamed data"),
+        ({"input": "x.py:f", "dataset": "digits"}, "and so does --dataset=digits"),
+        ({"input": "x.py"}, "--input=x.py is not an input function"),
+    ],
+)
+def test_stream_settings_that_contradict_are_one_line(settings, words):
+    with pytest.raises(UsageError, match=re.escape(words)):
+        Config(**settings)
 
 
 def damage(path: Path, record: int) -> None:

@@ -196,6 +196,11 @@ def _check_stream_settings(config: Config) -> None:
         raise UsageError(
             f"--input={config.input} gives the data, and so does --dataset={config.dataset}: pass one of them."
         )
+    if is_stream(config) and config.strategy in ("multi_worker", "tpu"):
+        raise UsageError(
+            f"--strategy={config.strategy}: streamed data runs on one machine's devices for now (its position in "
+            "the checkpoint is one iterator's); use --strategy=mirrored or one_device, or arrays."
+        )
     for name in ("shuffle_buffer", "steps_per_epoch"):
         if getattr(config, name) < 0:
             raise UsageError(f"--{name}={getattr(config, name)} must be 0 or more.")

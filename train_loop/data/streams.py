@@ -80,7 +80,7 @@ class Stream:
         return dataset.map(check)
 
 
-def open_input(name: str, input_fn: InputFunction, *, extra_fingerprint: str = "") -> Stream:
+def open_input(name: str, input_fn: InputFunction) -> Stream:
     """The `Stream` of a user's `input_fn`: every split called once, checked (a dataset, not
     batched, not empty), the validation and test splits counted, and the classes taken from the
     largest label of the test split.
@@ -106,7 +106,7 @@ def open_input(name: str, input_fn: InputFunction, *, extra_fingerprint: str = "
         counts,
         shapes,
         num_classes=largest + 1,
-        fingerprint=function_fingerprint(input_fn) + extra_fingerprint,
+        fingerprint=function_fingerprint(input_fn),
     )
 
 
