@@ -8,7 +8,10 @@ import os
 import numpy as np
 import tensorflow as tf
 
-_DIGITS = np.load(os.path.join(os.path.dirname(__file__), "..", "train_loop", "data", "digits.npz"))
+import train_loop.data
+
+# Found through the package, so that a copy of this file elsewhere reads them too.
+_DIGITS = np.load(os.path.join(os.path.dirname(train_loop.data.__file__), "digits.npz"))
 
 
 def _split(split: str) -> tf.data.Dataset:

@@ -208,13 +208,25 @@ def read_result(run_dir: Path) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("replicas", [(), ("--cpu_replicas=2",)], ids=["one-device", "two-replicas"])
-def test_sigkill_at_a_random_moment_then_resume_gives_the_uninterrupted_numbers(tmp_path, replicas):
+@pytest.mark.parametrize(
+    ("source", "replicas"),
+    [
+        ("tfrecord", ()),
+        ("tfrecord", ("--cpu_replicas=2",)),
+        # An endless stream of a user's function: epochs of --steps_per_epoch steps across its passes.
+        ("endless", ()),
+    ],
+    ids=["one-device", "two-replicas", "input-function"],
+)
+def test_sigkill_at_a_random_moment_then_resume_gives_the_uninterrupted_numbers(tmp_path, source, replicas):
     """A shuffle buffer larger than a checkpoint interval's examples: its content is part of the
     position. The uninterrupted run is on one device, so two replicas are checked against it too."""
-    folder = write_digits(tmp_path / "shards")
+    if source == "tfrecord":
+        data = (f"--dataset=tfrecord:{write_digits(tmp_path / 'shards')}",)
+    else:
+        data = ("--input=tests/stream_inputs.py:endless", "--steps_per_epoch=30")
     flags = (
-        f"--dataset=tfrecord:{folder}",
+        *data,
         "--model=linear",
         "--epochs=3",
         "--batch_size=32",
@@ -227,7 +239,7 @@ def test_sigkill_at_a_random_moment_then_resume_gives_the_uninterrupted_numbers(
         f"--logdir={tmp_path}",
     )
     finish(start(*flags, "--run_name=whole"))
-    share = random.Random(zlib.crc32(repr(replicas).encode())).uniform(0.0, 0.5)
+    share = random.Random(zlib.crc32(repr((source, replicas)).encode())).uniform(0.0, 0.5)
     delay = share * read_result(tmp_path / "whole")["seconds"]["training"]
     killed = start(*flags, *replicas, "--run_name=killed")
     index = tmp_path / "killed" / "checkpoints" / "checkpoint"
@@ -243,7 +255,8 @@ def test_sigkill_at_a_random_moment_then_resume_gives_the_uninterrupted_numbers(
     assert finish(start(*flags, *replicas, "--run_name=killed")).startswith(f"resuming {tmp_path / 'killed'}")
     whole, resumed = read_result(tmp_path / "whole"), read_result(tmp_path / "killed")
     for split in ("train", "validation", "test"):
-        for name, value in whole[split].items():
+        assert (resumed[split] is None) == (whole[split] is None), split  # The function has no validation split.
+        for name, value in (whole[split] or {}).items():
             assert abs(resumed[split][name] - value) <= 1e-6, (split, name, share)
     weights = [keras.models.load_model(tmp_path / name / "model.keras").get_weights() for name in ("whole", "killed")]
     for expected, got in zip(*weights):
@@ -251,20 +264,24 @@ def test_sigkill_at_a_random_moment_then_resume_gives_the_uninterrupted_numbers(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("change", ["added", "touched"])
-def test_a_resume_against_a_changed_file_list_is_refused(run_cli, tmp_path, change):
-    folder = write_digits(tmp_path / "shards")
-    flags = (f"--dataset=tfrecord:{folder}", "--model=linear", "--epochs=20", "--jit_compile=false", "--run_name=r")
+@pytest.mark.parametrize("change", ["file-added", "file-touched", "function-edited"])
+def test_a_resume_against_a_changed_source_is_refused(run_cli, tmp_path, change):
+    folder, function_file = write_digits(tmp_path / "shards"), tmp_path / "my_input.py"
+    function_file.write_text((Path(REPO) / "tests" / "stream_inputs.py").read_text())
+    source = f"--input={function_file}:digits" if change == "function-edited" else f"--dataset=tfrecord:{folder}"
+    flags = (source, "--model=linear", "--epochs=20", "--jit_compile=false", "--run_name=r")
     flags += ("--checkpoint_every=5", "--steps_per_loop=5")
     kill_at_first_checkpoint(
         [sys.executable, "-m", "train_loop", f"--logdir={tmp_path / 'logs'}", *flags], tmp_path / "logs" / "r"
     )
-    if change == "added":
+    if change == "file-added":
         (folder / "train-extra.tfrecord").write_bytes((folder / "train-0000-of-0004.tfrecord").read_bytes())
-    else:
+    elif change == "file-touched":
         os.utime(folder / "test-0000-of-0001.tfrecord", ns=(0, 0))
+    else:
+        function_file.write_text(function_file.read_text() + "# edited\n")
     before = snapshot(tmp_path / "logs", folder_times=False)
-    assert_one_line_error(run_cli(*flags), ("holds a run of --dataset=tfrecord:", "changed since", "--run_name"))
+    assert_one_line_error(run_cli(*flags), (f"holds a run of {source}", "changed since", "--run_name"))
     assert snapshot(tmp_path / "logs", folder_times=False) == before
 
 
