@@ -66,6 +66,17 @@ RULES = {
         *ENTRY_POINTS,
     ),
     "train_loop.orphans": ("train_loop.",),
+    # Calling a user's code (a model or input function): the data and model layers both do.
+    "train_loop.user_code": (
+        "train_loop.configs",
+        "train_loop.user_code.",
+        "train_loop.data",
+        "train_loop.model",
+        "train_loop.outputs",
+        "train_loop.training",
+        "train_loop.study",
+        *ENTRY_POINTS,
+    ),
     "train_loop.data": (
         "train_loop.model",
         "train_loop.outputs",
@@ -80,7 +91,7 @@ RULES = {
 }
 # The data layer reads with NumPy, so that bad data is refused before TensorFlow starts; TensorFlow
 # only where the pipelines are built (and Keras, deferred, for its download of MNIST).
-TENSORFLOW_IN_DATA = {"train_loop.data.inputs"}
+TENSORFLOW_IN_DATA = {"train_loop.data.inputs", "train_loop.data.streams", "train_loop.data.tfrecords"}
 
 
 def modules() -> dict[str, set[str]]:

@@ -23,6 +23,7 @@ def train(
     data: Mapping[str, Any] | str | None = None,
     task: Any = None,
     actions: Sequence[PeriodicAction] = (),
+    input_fn: Callable[[str, Any], Any] | None = None,
     **settings,
 ) -> dict:
     """Trains one run and returns its result: what `result.json` holds, and "run_dir", the run
@@ -39,6 +40,9 @@ def train(
     class's `module:name`. `actions` are
     your own `PeriodicAction`s: functions the run calls as it calls its own summaries, with the
     step, the last loop call's measurements and the model (see `PeriodicAction`).
+    `input_fn(split, context)` streams the data instead (see `--input` and docs/streams.md): it
+    returns a `tf.data.Dataset` of unbatched examples for "train", "validation" (or None) and
+    "test"; the run records it as `module:name`.
     TensorFlow is imported on the first call, not on `import train_loop`, and quietly, as the
     tools start it (`startup`), unless it was imported before.
     """
@@ -46,27 +50,30 @@ def train(
     user_actions = checked_actions(actions)
     _start_tensorflow(config.cpu_replicas, config.strategy)
     from train_loop.data.arrays import fingerprint
-    from train_loop.model import user_models  # Deferred: importing TensorFlow takes seconds.
-    from train_loop.training.run import train as train_config
+    from train_loop.training.run import train as train_config  # Deferred: importing TensorFlow takes seconds.
+    from train_loop.user_code import function_name
 
     function = model_fn if callable(model_fn) else None
     arrays = data if isinstance(data, Mapping) else None
     changes = {}
     if model_fn is not None:
-        changes["model"] = user_models.model_function_name(function) if function else model_fn
+        changes["model"] = function_name(function, "model_fn") if function else model_fn
     if data is not None:
         changes["dataset"] = ARRAYS_PREFIX + fingerprint(arrays) if arrays is not None else data
     task_object = task if task is not None and not isinstance(task, str) else None
     if task is not None:
         # A task is recorded by its class: `module:Name`.
         task_class = task_object if isinstance(task_object, type) else type(task_object)
-        changes["task"] = user_models.model_function_name(task_class) if task_object else task
+        changes["task"] = function_name(task_class, "task") if task_object else task
+    if input_fn is not None:
+        changes["input"] = function_name(input_fn, "input_fn")
     return train_config(
         dataclasses.replace(config, **changes),
         model_fn=function,
         arrays=arrays,
         task=task_object,
         user_actions=user_actions,
+        input_fn=input_fn,
     )
 
 

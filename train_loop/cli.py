@@ -24,6 +24,7 @@ FLAGS = flags.FLAGS
 # The training flags by purpose, for --helpshort; every flag of `Config` is in one group (tested).
 GROUPS = {
     "data": ("dataset", "data_dir", "validation_split", "batch_size", "epochs", "seed"),
+    "streamed data": ("input", "shuffle_buffer", "steps_per_epoch"),
     "model": ("model", "dropout"),
     "objective": ("loss", "metrics", "task"),
     "regularization": ("l1", "l2", "bias_l1", "bias_l2", "weight_decay"),

@@ -9,7 +9,7 @@ from typing import Any
 
 from train_loop import settings
 from train_loop.errors import UsageError
-from train_loop.settings import ARRAYS_PREFIX
+from train_loop.settings import ARRAYS_PREFIX, TFRECORD_PREFIX
 
 # Settings that change what is computed, so they name the run; the rest (where and how fast)
 # may differ between a run and its resumption without changing a single number.
@@ -38,6 +38,10 @@ _NAMING_FIELDS = (
     "best_metric",
     "early_stopping_patience",
     "early_stopping_min_delta",
+    # Streamed data (issue 21).
+    "input",
+    "shuffle_buffer",
+    "steps_per_epoch",
 )
 
 
@@ -91,6 +95,10 @@ class Config:
     task: str = ""  # PATH.py:NAME or package.module:NAME of a task object.
     # Gradient accumulation: each update's batch run as this many micro-batches, one after another.
     accumulation_steps: int = 1
+    # Streamed data (data/streams.py): an input function, the shuffle buffer, and an epoch's steps.
+    input: str = ""  # PATH.py:FUNCTION or package.module:FUNCTION, `input_fn(split, context)`; replaces --dataset.
+    shuffle_buffer: int = 10_000  # Examples in a stream's shuffle buffer; 0: no shuffling.
+    steps_per_epoch: int = 0  # 0: one pass over a finite stream; needed for an infinite or unknown-length one.
 
     def __post_init__(self) -> None:
         # Resolved once, where the run starts: a relative logdir would follow the working folder, which
@@ -112,7 +120,7 @@ class Config:
         for name in _NAMING_FIELDS:
             value = getattr(self, name)
             if value != getattr(defaults, name):
-                value = self.dataset_name if name == "dataset" else value
+                value = {"dataset": self.dataset_name, "input": _short_name(self.input)}.get(name, value)
                 parts.append(f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}")
         return parts
 
@@ -165,6 +173,8 @@ def _short_name(setting: str) -> str:
     """A model function or data path as a folder-name part: `examples/wine.py:build` is `wine.build`."""
     if setting.startswith(ARRAYS_PREFIX):
         return "arrays"
+    if setting.startswith(TFRECORD_PREFIX):
+        return f"tfrecord.{os.path.basename(os.path.normpath(setting.removeprefix(TFRECORD_PREFIX)))}"
     module, _, function = setting.rpartition(":")
     stem = os.path.basename(module or setting).removesuffix(".py").removesuffix(".npz")
     return f"{stem}.{function}" if module else stem

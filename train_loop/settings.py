@@ -14,6 +14,8 @@ if TYPE_CHECKING:
 DATASETS = ("mnist", "fashion_mnist", "digits", "synthetic")
 # What `--dataset` records for arrays given to `train_loop.train(data=...)`: this, then their fingerprint.
 ARRAYS_PREFIX = "arrays:"
+# `--dataset=tfrecord:FOLDER`: a folder of TFRecord shards, streamed (`data/tfrecords.py`).
+TFRECORD_PREFIX = "tfrecord:"
 MODELS = ("convnet", "linear")
 OPTIMIZERS = ("rmsprop", "adam", "sgd")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
@@ -83,6 +85,7 @@ def check(config: Config) -> None:
             f"--jit_compile={config.jit_compile!r} must be auto (measure both on this machine), true or false."
         )
     parse_profile_steps(config.profile_steps)
+    _check_stream_settings(config)
     if "/" in config.run_name or config.run_name in (".", ".."):
         raise UsageError(f"--run_name={config.run_name!r} must be a plain folder name, without '/'.")
     _check_accumulation(config)
@@ -208,11 +211,45 @@ def _check_task_settings(config: Config) -> None:
 
 
 def _check_dataset(dataset: str) -> None:
+    if dataset.startswith(TFRECORD_PREFIX) and dataset != TFRECORD_PREFIX:
+        return
     if dataset not in DATASETS and not dataset.endswith(".npz") and not dataset.startswith(ARRAYS_PREFIX):
         raise UsageError(
             f"--dataset={dataset} is not one of {', '.join(DATASETS)}, nor a path to an .npz holding "
-            "x_train, y_train, x_test, y_test."
+            f"x_train, y_train, x_test, y_test, nor {TFRECORD_PREFIX}FOLDER (a folder of TFRecord shards)."
         )
+
+
+def is_stream(config: Config) -> bool:
+    """Whether the run streams its data (`--input`, or a TFRecord folder) rather than holding it."""
+    return bool(config.input) or config.dataset.startswith(TFRECORD_PREFIX)
+
+
+def _check_stream_settings(config: Config) -> None:
+    """`--input` replaces `--dataset`; `--shuffle_buffer` and `--steps_per_epoch` are a stream's."""
+    module, _, function = config.input.rpartition(":")
+    if config.input and not (module and function.isidentifier()):
+        raise UsageError(
+            f"--input={config.input} is not an input function given as PATH.py:FUNCTION or package.module:FUNCTION."
+        )
+    if config.input and config.dataset != type(config).dataset:
+        raise UsageError(
+            f"--input={config.input} gives the data, and so does --dataset={config.dataset}: pass one of them."
+        )
+    if is_stream(config) and config.strategy in ("multi_worker", "tpu"):
+        raise UsageError(
+            f"--strategy={config.strategy}: streamed data runs on one machine's devices for now (its position in "
+            "the checkpoint is one iterator's); use --strategy=mirrored or one_device, or arrays."
+        )
+    for name in ("shuffle_buffer", "steps_per_epoch"):
+        if getattr(config, name) < 0:
+            raise UsageError(f"--{name}={getattr(config, name)} must be 0 or more.")
+    for name in ("shuffle_buffer", "steps_per_epoch"):
+        if getattr(config, name) != getattr(type(config), name) and not is_stream(config):
+            raise UsageError(
+                f"--{name}={getattr(config, name)} applies to streamed data (--input, "
+                f"--dataset={TFRECORD_PREFIX}FOLDER); arrays are shuffled whole, one pass an epoch: leave it out."
+            )
 
 
 def _check_model(model: str) -> None:

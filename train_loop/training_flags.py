@@ -14,7 +14,8 @@ flags.DEFINE_string(
     "dataset",
     _DEFAULTS.dataset,
     f"Data set to train on: one of {', '.join(settings.DATASETS)}, or a path to an .npz "
-    "holding x_train, y_train, x_test, y_test (any input shape, labels 0..K-1).",
+    "holding x_train, y_train, x_test, y_test (any input shape, labels 0..K-1), "
+    f"or {settings.TFRECORD_PREFIX}FOLDER, TFRecord shards streamed (docs/streams.md).",
 )
 flags.DEFINE_string(
     "data_dir",
@@ -216,6 +217,25 @@ flags.DEFINE_integer(
     _DEFAULTS.accumulation_steps,
     "Run each update's --batch_size as this many micro-batches, one after another, and sum their "
     "gradients: the same update in less memory (BatchNorm sees micro-batches). Must divide the per-replica batch.",
+)
+# Streamed data (data/streams.py).
+flags.DEFINE_string(
+    "input",
+    _DEFAULTS.input,
+    "PATH.py:FUNCTION or package.module:FUNCTION: input_fn(split, context) returning a tf.data.Dataset of "
+    "unbatched examples for split train, validation (or None) and test; replaces --dataset. See docs/streams.md.",
+)
+flags.DEFINE_integer(
+    "shuffle_buffer",
+    _DEFAULTS.shuffle_buffer,
+    "Streamed data: the examples of the seeded shuffle buffer (part of every checkpoint); 0: no shuffling.",
+    lower_bound=0,
+)
+flags.DEFINE_integer(
+    "steps_per_epoch",
+    _DEFAULTS.steps_per_epoch,
+    "Streamed data: the steps of an epoch; 0: one pass (an infinite or unknown-length stream needs it).",
+    lower_bound=0,
 )
 
 apps.require_utf8("logdir")

@@ -199,13 +199,27 @@ class ReplicaInput:
     without AutoGraph that calls `get_next()` more than 32 times, so 33 replicas failed. On GPUs
     and TPUs the strategy's own iterator prefetches to the devices. Both deal consecutive
     per-replica batches to replicas in order, so the numbers are the same either way.
+
+    With `checkpointable`, the host iterator serves every single-host strategy, GPUs too: the
+    strategy's distributed iterator cannot join a `tf.train.Checkpoint` (TensorFlow 2.21 raises
+    ValueError: not a trackable object), and a stream's position must.
     """
 
     def __init__(
-        self, strategy: tf.distribute.Strategy, dataset_fn: Callable[[tf.distribute.InputContext], tf.data.Dataset]
+        self,
+        strategy: tf.distribute.Strategy,
+        dataset_fn: Callable[[tf.distribute.InputContext], tf.data.Dataset],
+        *,
+        checkpointable: bool = False,
     ):
         self._strategy = strategy
-        self._on_host = _is_single_host_cpu(strategy)
+        self._on_host = _is_single_host(strategy) if checkpointable else _is_single_host_cpu(strategy)
+        if checkpointable and not self._on_host:
+            raise UsageError(
+                "streamed data (--input, --dataset=tfrecord:FOLDER) runs on one machine's devices: its position in "
+                "the checkpoint needs an iterator that several workers' strategies cannot save yet; use "
+                "--strategy=mirrored or one_device."
+            )
         if self._on_host:
             # One pipeline of global batches: each is its replicas' batches, consecutive, in order.
             self._dataset = dataset_fn(tf.distribute.InputContext(num_replicas_in_sync=1))
@@ -233,6 +247,8 @@ class ReplicaInput:
 
 
 def _is_single_host_cpu(strategy: tf.distribute.Strategy) -> bool:
-    if not isinstance(strategy, (tf.distribute.OneDeviceStrategy, tf.distribute.MirroredStrategy)):
-        return False
-    return all("CPU" in device.upper() for device in strategy.extended.worker_devices)
+    return _is_single_host(strategy) and all("CPU" in device.upper() for device in strategy.extended.worker_devices)
+
+
+def _is_single_host(strategy: tf.distribute.Strategy) -> bool:
+    return isinstance(strategy, (tf.distribute.OneDeviceStrategy, tf.distribute.MirroredStrategy))

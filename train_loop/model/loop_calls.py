@@ -4,7 +4,7 @@ evaluation pass."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import keras
 import tensorflow as tf
@@ -79,13 +79,14 @@ def make_input_loop_call(
     config: Config,
     strategy: tf.distribute.Strategy,
     state: TrainState,
-    dataset_fn: Callable[[tf.distribute.InputContext], tf.data.Dataset],
+    replica_input: inputs.ReplicaInput,
     *,
     jit_compile: bool,
+    iterator: Iterator | None = None,
 ) -> Callable[[tf.Tensor, tf.Tensor], dict[str, tf.Tensor]]:
-    """`loop_call(num_steps, histograms)`: `state`'s loop call (`make_loop_call`) with the
-    iterator over `dataset_fn`'s input made once, here; the run's and the XLA timing's alike."""
-    replica_input = inputs.ReplicaInput(strategy, dataset_fn)
+    """`loop_call(num_steps, histograms)`: `state`'s loop call (`make_loop_call`) pulling from
+    `iterator` over `replica_input` (made here when not given: a stream's is made before the
+    checkpoint that holds it is restored); the run's and the XLA timing's alike."""
     loop_call = make_loop_call(
         strategy,
         state,
@@ -95,7 +96,7 @@ def make_input_loop_call(
         global_clipnorm=config.global_clipnorm,
         accumulation_steps=config.accumulation_steps,
     )
-    iterator = replica_input.iterator()
+    iterator = iterator or replica_input.iterator()
     return lambda num_steps, histograms: loop_call(iterator, num_steps, histograms)
 
 

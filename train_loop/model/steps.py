@@ -18,8 +18,8 @@ from train_loop.model.measurements import LAYER_GRADIENT_NORM, layer_tag
 from train_loop.model.models import weighted_layers
 from train_loop.model.state import LossScale
 from train_loop.model.tasks import Batch, Task, classifier, float_outputs
-from train_loop.model.user_code import exits_refused
 from train_loop.model.user_models import CALL_MUST_RETURN
+from train_loop.user_code import exits_refused
 
 _SUM = tf.distribute.ReduceOp.SUM
 

@@ -24,8 +24,8 @@ import tensorflow as tf
 
 from train_loop.errors import UsageError
 from train_loop.model.measurements import RESERVED
-from train_loop.model.user_code import exits_refused
-from train_loop.model.user_models import ModelFunction, load_user_object, one_line
+from train_loop.model.user_models import ModelFunction
+from train_loop.user_code import exits_refused, load_object, one_line
 
 Batch = Any  # One nested structure of tensors: what the data yields per replica.
 PerExample = Callable[[Batch, Any], dict[str, tf.Tensor]]
@@ -137,7 +137,7 @@ def user_task(task: UserTask | str, metric_names: tuple[str, ...] = ()) -> Task:
     """
     flag = f"--task={task}" if isinstance(task, str) else f"task={getattr(task, '__name__', type(task).__name__)}"
     if isinstance(task, str):
-        task = load_user_object(task, flag="--task", kind="task")
+        task = load_object("task", task, role="a task file", kind="task")
     if inspect.isclass(task):
         task = task()
     missing = [name for name in ("model", "loss_terms") if not callable(getattr(task, name, None))]

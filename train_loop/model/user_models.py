@@ -4,11 +4,6 @@ one `UsageError` line."""
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import os
-import re
-import sys
 from collections.abc import Callable
 
 import keras
@@ -16,7 +11,7 @@ import tensorflow as tf
 
 from train_loop.configs import Config
 from train_loop.errors import UsageError
-from train_loop.model.user_code import exits_refused
+from train_loop.user_code import exits_refused, load_function, one_line
 
 ModelFunction = Callable[[], keras.Model]
 # The fix for a model whose call ends the process.
@@ -52,64 +47,13 @@ def build_user_model(
     return model
 
 
-def model_function_name(model_fn: ModelFunction) -> str:
-    """`module:function` for a function given to `train_loop.train(model_fn=...)`: its run's setting."""
-    name = model_fn.__name__ if getattr(model_fn, "__name__", "").isidentifier() else "model_fn"
-    return f"{getattr(model_fn, '__module__', None) or 'python'}:{name}"
-
-
 def load_model_function(spec: str) -> ModelFunction:
     """The function `PATH.py:FUNCTION` or `package.module:FUNCTION` names (a path is from the working folder).
 
     Raises:
       UsageError: the file or module cannot be imported, or holds no such function.
     """
-    function = load_user_object(spec, flag="--model", kind="model")
-    if not callable(function):
-        module_name, _, function_name = spec.rpartition(":")
-        raise UsageError(f"--model={spec}: {module_name} has no function {function_name}.")
-    return function
-
-
-def load_user_object(spec: str, *, flag: str, kind: str) -> object:
-    """What `PATH.py:NAME` or `package.module:NAME` names: a `kind` of the user's (a model function,
-    a task), given as `flag`; a path is from the working folder.
-
-    Raises:
-      UsageError: the file or module cannot be imported, or holds no such name.
-    """
-    module_name, _, name = spec.rpartition(":")
-    if module_name.endswith(".py") and not os.path.isfile(module_name):
-        raise UsageError(f"{flag}={spec}: no file {module_name} (a path is taken from {os.getcwd()}).")
-    with exits_refused(
-        f"{flag}={spec}: {module_name}",
-        during="when imported",
-        fix=f'a {kind} file must not exit; put its script code under `if __name__ == "__main__":`.',
-    ):
-        try:
-            module = _import_file(module_name) if module_name.endswith(".py") else importlib.import_module(module_name)
-        except Exception as error:  # The user's code: whatever stops its import is the same user problem.
-            raise UsageError(f"{flag}={spec}: importing {module_name} failed ({one_line(error)}).") from None
-    found = getattr(module, name, None)
-    if found is None:
-        raise UsageError(f"{flag}={spec}: {module_name} has no {'function' if kind == 'model' else kind} {name}.")
-    return found
-
-
-def _import_file(path: str) -> object:
-    """Imports a .py file as a module named after it, registered so that its classes can be found;
-    a file imported already (a notebook's, or a resumed run's in the same process) is reused."""
-    name = os.path.basename(path).removesuffix(".py")
-    loaded = sys.modules.get(name)
-    if loaded is not None and os.path.realpath(getattr(loaded, "__file__", None) or "") == os.path.realpath(path):
-        return loaded
-    if loaded is not None:
-        name = f"train_loop_model_{name}"  # Another module holds the name; do not displace it.
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_function("model", spec, role="a model file")
 
 
 def _call_model_function(config: Config, model_fn: ModelFunction, flag: str) -> keras.Model:
@@ -158,11 +102,3 @@ def _one_output_each(count: int, targets: str) -> str:
     if targets == "classes":
         return f"one logit per class of the labels 0..{count - 1}"
     return f"one output per target value (the targets hold {count} per example)"
-
-
-def one_line(error: BaseException) -> str:
-    """An exception as one line: Keras' terminal colours, its dumps of tensor values and its echo
-    of the call's arguments cut."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).split("Arguments received by")[0]
-    text = re.sub(r"\[[][0-9.,eE+\-\s]{20,}\]", "<values>", " ".join(text.split()))
-    return f"{type(error).__name__}: {text[:300]}" if text else type(error).__name__

@@ -45,9 +45,10 @@ class RunOutputs:
         decided: Mapping[str, Any],
         settings: Mapping[str, Any],
         table: Table = CLASSIFIER,
+        source: str = "",
     ) -> RunOutputs:
         """The run folder's writers, after its settings are recorded (with what was `decided` on
-        this machine, which a resumption reuses).
+        this machine, which a resumption reuses, and a streamed `source`'s fingerprint).
 
         Whatever the killed process logged after `restored_step` is dropped first, so a resumed
         run's curves and epochs continue without repeats; a fresh start (`restored_step` None)
@@ -56,7 +57,7 @@ class RunOutputs:
         """
         if not chief:
             return cls(run_dir, False, Summaries(None), MetricsFile(None))
-        runs.create(run_dir, config, decided=dict(decided))
+        runs.create(run_dir, config, decided=dict(decided), source=source)
         drop_events_after(run_dir, restored_step)
         metrics_file.drop_lines_after(run_dir, restored_step)
         summaries = Summaries(run_dir, class_names=sources.class_names(config.dataset))

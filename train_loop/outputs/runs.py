@@ -20,6 +20,7 @@ from train_loop.outputs.metrics_file import METRICS_FILE
 
 RESULT_FILE = "result.json"
 SETTINGS_FILE = "settings.json"
+SOURCE_KEY = "source_fingerprint"  # In settings.json: a streamed source's fingerprint (`check_same_source`).
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_FILE = "model.keras"
 BEST_DIR = "best"
@@ -199,7 +200,9 @@ def _check_writable(path: str, what: str, fix: str) -> None:
 def check_same_settings(
     run_dir: str, config: Config, fix: str = "pass a new --run_name, or the same settings to resume it"
 ) -> None:
-    """Raises UsageError, ending with `fix`, if `run_dir` holds a run with other naming settings."""
+    """Raises UsageError, ending with `fix`, if `run_dir` holds a run with other naming settings.
+
+    A setting that a run's `settings.json` lacks (written before the setting existed) had its default."""
     saved = read_settings(run_dir)
     if saved is None:
         return
@@ -214,12 +217,26 @@ def check_same_settings(
         raise UsageError(f"{run_dir} holds a run with other settings: {'; '.join(differ)}; {fix}.")
 
 
-def create(run_dir: str, config: Config, decided: dict[str, Any] | None = None) -> None:
+def create(run_dir: str, config: Config, decided: dict[str, Any] | None = None, *, source: str = "") -> None:
     """Makes the folder and records the settings that a resumption must match, with what was
-    decided on this machine (`decided`, e.g. XLA or not), which a resumption reuses."""
+    decided on this machine (`decided`, e.g. XLA or not), which a resumption reuses, and the
+    fingerprint of a streamed `source` (see `check_same_source`)."""
     os.makedirs(run_dir, exist_ok=True)
     if not os.path.exists(os.path.join(run_dir, SETTINGS_FILE)):
-        files.write_json(os.path.join(run_dir, SETTINGS_FILE), {**config.to_dict(), "decided": decided or {}})
+        recorded = {**config.to_dict(), "decided": decided or {}, **({SOURCE_KEY: source} if source else {})}
+        files.write_json(os.path.join(run_dir, SETTINGS_FILE), recorded)
+
+
+def check_same_source(run_dir: str, source: str, described: str) -> None:
+    """Raises UsageError if `run_dir` holds a run of a streamed source whose fingerprint (its
+    function, its files' names, sizes and modification times) differs from `source`'s;
+    `described` names the source."""
+    saved = read_settings(run_dir)
+    if saved is not None and saved.get(SOURCE_KEY, "") != source:
+        raise UsageError(
+            f"{run_dir} holds a run of {described} as it was (fingerprint {saved.get(SOURCE_KEY)!r}, now "
+            f"{source!r}): its function or files changed since; pass a new --run_name, or restore them to resume it."
+        )
 
 
 def read_result(run_dir: str) -> dict[str, Any]:

@@ -9,8 +9,17 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
+from typing import NamedTuple
 
-from train_loop.data.arrays import Splits
+
+class DataSummary(NamedTuple):
+    """What the start says of the data: where it comes from and each split's examples (None: an
+    endless or unknown-length training stream)."""
+
+    source: str
+    train: int | None
+    validation: int
+    test: int
 
 
 class Console:
@@ -58,18 +67,17 @@ class Console:
         with _closed_stdout_silenced():
             print(line, flush=True)
 
-    def say_start(self, run_dir: str, splits: Splits, devices: str, *, restored_step: int | None, ema: float) -> None:
+    def say_start(
+        self, run_dir: str, data: DataSummary, devices: str, *, restored_step: int | None, ema: float
+    ) -> None:
         """What the run starts from: its folder, its data and its `devices`; every worker says it."""
         self.say(
             f"resuming {run_dir} from step {restored_step}"
             if restored_step is not None
-            else f"training {run_dir} on {splits.source}"
+            else f"training {run_dir} on {data.source}"
         )
-        held_out = 0 if splits.x_validation is None else len(splits.x_validation)
-        self.say(
-            f"{len(splits.x_train):,} training, {held_out:,} validation and {len(splits.x_test):,} test "
-            f"examples; {devices}"
-        )
+        train = "an endless stream of" if data.train is None else f"{data.train:,}"
+        self.say(f"{train} training, {data.validation:,} validation and {data.test:,} test examples; {devices}")
         if ema:
             self.say(f"evaluation and model.keras use the weights' moving average (--ema={ema:g})")
 

@@ -11,9 +11,8 @@ import numpy as np
 import tensorflow as tf
 
 from train_loop.configs import Config
-from train_loop.data import inputs, sources
-from train_loop.data.arrays import Splits, hold_out
-from train_loop.model import loop_calls, tasks
+from train_loop.data.streams import InputFunction
+from train_loop.model import tasks
 from train_loop.model.state import TrainState, build_state
 from train_loop.model.user_models import ModelFunction, load_model_function
 from train_loop.outputs import checkpoints, runs
@@ -25,6 +24,7 @@ from train_loop.training.controller import make_controller
 from train_loop.training.evaluation import Evaluation, Weights, make_evaluator
 from train_loop.training.finish import finish
 from train_loop.training.preemption import SignalStop
+from train_loop.training.run_data import RunData
 from train_loop.training.timing import Stopwatch
 from train_loop.user_actions import PeriodicAction
 
@@ -36,14 +36,15 @@ def train(
     arrays: Mapping[str, np.ndarray] | None = None,
     task: tasks.UserTask | None = None,
     user_actions: Sequence[PeriodicAction] = (),
+    input_fn: InputFunction | None = None,
 ) -> dict[str, Any]:
     """Trains, validates periodically, tests once at the end, and writes the run; resumes an
     interrupted one. On a multi-worker cluster every worker trains and the chief alone writes.
 
-    `model_fn`, `arrays` and `task` are a user's model function, data and task given as Python
-    objects, and `user_actions` the user's periodic actions (see `train_loop.train`). Returns
-    what `<run>/result.json` holds, and "run_dir": the folder the run took, absolute (result.json
-    does not hold it: that folder may be moved).
+    `model_fn`, `arrays`, `task` and `input_fn` are a user's model function, data, task and input
+    function given as Python objects, and `user_actions` the user's periodic actions (see
+    `train_loop.train`). Returns what `<run>/result.json` holds, and "run_dir": the folder the run
+    took, absolute (result.json does not hold it: that folder may be moved).
 
     Raises:
       UsageError: bad settings, missing or corrupt data; raised before anything is written.
@@ -53,12 +54,13 @@ def train(
     # The task and the data first, so that every user error comes before a single file is written.
     run_task = tasks.task_for(config.loss, config.metrics, task or config.task)
     with stopwatch.phase("data"):
-        loaded = sources.load_splits(config, arrays, targets=run_task.targets)
-        splits = hold_out(loaded, config.validation_split, seed=config.seed)
-    steps_per_epoch = inputs.steps_per_epoch(splits, config.batch_size)
+        data = RunData.read(config, arrays=arrays, input_fn=input_fn, targets=run_task.targets)
+    steps_per_epoch = data.steps_per_epoch(config)
     config = config.with_run_length(steps_per_epoch)
     model_fn = model_fn or (None if config.model in MODELS else load_model_function(config.model))
     run_dir = runs.choose_run_dir(config)
+    if data.fingerprint:
+        runs.check_same_source(run_dir, data.fingerprint, data.summary.source)
     strategy = distribute.make_strategy(config)
     distribute.check_global_batch(strategy, config.batch_size, config.accumulation_steps)
     if config.deterministic:
@@ -73,20 +75,27 @@ def train(
         state = build_state(
             config,
             strategy,
-            splits.x_train.shape[1:],
-            num_classes=splits.num_classes,
+            data.input_shape,
+            num_classes=data.num_classes,
             model_fn=model_fn,
             task=run_task,
-            sample=inputs.sample_batch(splits),
+            sample=data.sample_batch(),
         )
-        checkpoint, restored_step = _restore(state, run_dir, chief=chief)
+        checkpoint, restored_step = _restore(state, run_dir, chief=chief, position=data.position(config, strategy))
         # Under launch every worker trains; the chief alone shows the progress, once.
         console = Console(steps_per_epoch=steps_per_epoch, num_epochs=config.epochs, show_progress=chief)
-        console.say_start(run_dir, splits, distribute.describe(strategy), restored_step=restored_step, ema=config.ema)
+        console.say_start(
+            run_dir, data.summary, distribute.describe(strategy), restored_step=restored_step, ema=config.ema
+        )
         # After the run's model is built: the throwaway models timed here must not shift its layers' names.
         with stopwatch.phase("decide_xla"):
             decision = xla_choice.decide_jit_compile(
-                config, strategy, splits, runs.read_settings(run_dir), model_fn=model_fn, task=run_task
+                config,
+                strategy,
+                data.timing_splits(config),
+                runs.read_settings(run_dir),
+                model_fn=model_fn,
+                task=run_task,
             )
         console.say(decision.describe())
         if state.best:
@@ -100,18 +109,16 @@ def train(
             decided=decided,
             settings=settings,
             table=state.table,
+            source=data.fingerprint,
         )
-        loop_call = _loop_call(config, strategy, state, splits, jit_compile=decision.jit_compile)
+        loop_call = data.loop_call(config, strategy, state, jit_compile=decision.jit_compile)
         # Validation scores the weights as they are (averaged, with --ema); the end scores the kept ones,
         # in batches of the micro-batch: accumulation is there because the whole batch does not fit.
+        eval_batch_size = config.batch_size // config.accumulation_steps
         evaluate = make_evaluator(
-            strategy,
-            state,
-            batch_size=config.batch_size // config.accumulation_steps,
-            num_classes=splits.num_classes,
-            stopwatch=stopwatch,
+            strategy, state, batch_size=eval_batch_size, num_classes=data.num_classes, stopwatch=stopwatch
         )
-        validate = None if splits.x_validation is None else evaluate(splits.x_validation, splits.y_validation)
+        validate, test = data.evaluations(evaluate, eval_batch_size)
         validation = validate and _validation(
             config, state, validate, outputs=outputs, console=console, steps_per_epoch=steps_per_epoch
         )
@@ -137,7 +144,7 @@ def train(
                 state,
                 outputs,
                 validate=validate,
-                test=evaluate(splits.x_test, splits.y_test),
+                test=test,
                 latest_validation=validation and validation.latest,
                 strategy=strategy,
                 decided=decided,
@@ -150,32 +157,19 @@ def train(
     return {**result, "run_dir": os.path.abspath(run_dir)}
 
 
-def _restore(state: TrainState, run_dir: str, *, chief: bool) -> tuple[tf.train.Checkpoint, int | None]:
-    """The checkpoint of `state`, restored from the run's newest checkpoint that restores (one
-    written before the measurements had names too), and the step it restored; None: a fresh start."""
-    checkpoint = tf.train.Checkpoint(**state.trackables())
+def _restore(
+    state: TrainState, run_dir: str, *, chief: bool, position: dict[str, object]
+) -> tuple[tf.train.Checkpoint, int | None]:
+    """The checkpoint of `state` and the data's `position` (a stream's iterator), restored from the
+    run's newest checkpoint that restores (one written before the measurements had names too), and
+    the step it restored; None: a fresh start."""
+    checkpoint = tf.train.Checkpoint(**state.trackables(), **position)
     positional = tf.train.Checkpoint(**state.positional_trackables())
     restored = checkpoints.restore_latest(
         checkpoint, checkpoints.directory(run_dir), repair=chief, positional=positional
     )
     state.counters.take_positional()
     return checkpoint, state.counters.step if restored else None
-
-
-def _loop_call(
-    config: Config, strategy: tf.distribute.Strategy, state: TrainState, splits: Splits, *, jit_compile: bool
-) -> Callable[[int, bool], dict[str, tf.Tensor]]:
-    """The controller's loop call: `num_steps` traced steps, pulling from the training data where
-    the restored state stands (the iterator is made once, here)."""
-    dataset_fn = inputs.train_dataset_fn(
-        splits,
-        global_batch_size=config.batch_size,
-        seed=config.seed,
-        num_epochs=config.epochs,
-        start_step=state.counters.step,
-    )
-    loop_call = loop_calls.make_input_loop_call(config, strategy, state, dataset_fn, jit_compile=jit_compile)
-    return lambda num_steps, histograms: loop_call(tf.constant(num_steps), tf.constant(histograms))
 
 
 def _validation(

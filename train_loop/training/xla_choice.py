@@ -190,7 +190,8 @@ def cached_batch_loop_call(
         replica_batch = tuple(array[start : start + size] for array in batch)
         return inputs.with_options(tf.data.Dataset.from_tensors(replica_batch).repeat())
 
-    loop_call = loop_calls.make_input_loop_call(config, strategy, state, dataset_fn, jit_compile=jit_compile)
+    replica_input = inputs.ReplicaInput(strategy, dataset_fn)
+    loop_call = loop_calls.make_input_loop_call(config, strategy, state, replica_input, jit_compile=jit_compile)
     return lambda num_steps: loop_call(num_steps, tf.constant(False))
 
 

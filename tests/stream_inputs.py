@@ -1,0 +1,49 @@
+"""Input functions for `--input=tests/stream_inputs.py:NAME` (tests/test_streams.py): the bundled
+digits as a stream, and the ways an input function goes wrong."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import tensorflow as tf
+
+import train_loop.data
+
+# Found through the package, so that a copy of this file elsewhere reads them too.
+_DIGITS = np.load(os.path.join(os.path.dirname(train_loop.data.__file__), "digits.npz"))
+
+
+def _split(split: str) -> tf.data.Dataset:
+    prefix = "test" if split == "test" else "train"
+    images = (_DIGITS[f"x_{prefix}"][..., None] / 16.0).astype(np.float32)
+    labels = _DIGITS[f"y_{prefix}"].astype(np.int32)
+    return tf.data.Dataset.from_tensor_slices((images, labels))
+
+
+def digits(split: str, context: tf.distribute.InputContext) -> tf.data.Dataset | None:
+    """The digits' train and test splits, no validation split."""
+    return None if split == "validation" else _split(split)
+
+
+def endless(split: str, context: tf.distribute.InputContext) -> tf.data.Dataset | None:
+    """An infinite training stream: it needs --steps_per_epoch."""
+    return None if split == "validation" else _split(split).repeat() if split == "train" else _split(split)
+
+
+def batched(split: str, context: tf.distribute.InputContext) -> tf.data.Dataset:
+    return _split(split).batch(8).map(lambda images, labels: (images, labels))
+
+
+def raises(split: str, context: tf.distribute.InputContext) -> tf.data.Dataset:
+    raise FileNotFoundError(f"no such shard for {split}")
+
+
+def changes_shape(split: str, context: tf.distribute.InputContext) -> tf.data.Dataset | None:
+    """The 5th training example is cut to 7 rows (a ragged source)."""
+    if split == "validation":
+        return None
+    dataset = _split(split).enumerate()
+    return dataset.map(
+        lambda index, example: (tf.cond(index == 4, lambda: example[0][:7], lambda: example[0]), example[1])
+    )

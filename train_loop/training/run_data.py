@@ -1,0 +1,166 @@
+"""The run's data either way it comes: arrays held in memory (`Splits`) or streamed (`Stream`);
+what the wiring asks of it, answered for both."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping
+
+import numpy as np
+import tensorflow as tf
+
+from train_loop.configs import Config
+from train_loop.data import inputs, sources, streams, tfrecords
+from train_loop.data.arrays import Splits, hold_out
+from train_loop.model import loop_calls
+from train_loop.model.state import TrainState
+from train_loop.outputs.stderr import quiet_stderr
+from train_loop.settings import TFRECORD_PREFIX, is_stream
+from train_loop.training.console import DataSummary
+from train_loop.training.evaluation import Evaluation, Evaluator, Weights
+from train_loop.user_code import load_function
+
+Evaluate = Callable[[Weights], Evaluation]
+
+
+@dataclasses.dataclass
+class RunData:
+    """The arrays (`splits`) or the stream (`stream`) of a run: one of the two is None."""
+
+    splits: Splits | None
+    stream: streams.Stream | None
+    # A stream's training input and its iterator, whose state is the data's position (`position`).
+    _stream_input: tuple[inputs.ReplicaInput, Iterator] | None = None
+
+    @classmethod
+    def read(
+        cls,
+        config: Config,
+        *,
+        arrays: Mapping[str, np.ndarray] | None = None,
+        input_fn: streams.InputFunction | None = None,
+        targets: str = "classes",
+    ) -> RunData:
+        """Reads and checks the data `config` names, or the user's `arrays` or `input_fn`; arrays'
+        labels as the task's `targets` (see `tasks.Task`).
+
+        Raises:
+          UsageError: the data is missing, corrupt or unfit (one line naming what and where).
+        """
+        if not is_stream(config):
+            loaded = sources.load_splits(config, arrays, targets=targets)
+            return cls(hold_out(loaded, config.validation_split, seed=config.seed), None)
+        if config.dataset.startswith(TFRECORD_PREFIX):
+            # A damaged record is our one line; TensorFlow's C++ side logs it too, from the reader.
+            with quiet_stderr():
+                stream = tfrecords.open_folder(
+                    config.dataset.removeprefix(TFRECORD_PREFIX),
+                    validation_split=config.validation_split,
+                    deterministic=config.deterministic,
+                )
+        else:
+            function = input_fn or load_function("input", config.input, role="an input file")
+            stream = streams.open_input(f"--input={config.input}", function)
+        return cls(None, stream)
+
+    @property
+    def summary(self) -> DataSummary:
+        if self.stream is None:
+            held_out = 0 if self.splits.x_validation is None else len(self.splits.x_validation)
+            return DataSummary(self.splits.source, len(self.splits.x_train), held_out, len(self.splits.x_test))
+        counts = self.stream.counts
+        return DataSummary(self.stream.name, counts["train"], counts.get("validation", 0), counts["test"])
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.splits.x_train.shape[1:] if self.stream is None else self.stream.input_shape
+
+    @property
+    def num_classes(self) -> int:
+        return self.splits.num_classes if self.stream is None else self.stream.num_classes
+
+    @property
+    def fingerprint(self) -> str:
+        """A stream's fingerprint, which a resumed run must match ("" for arrays: their settings say it)."""
+        return "" if self.stream is None else streams.fingerprint_digest(self.stream)
+
+    def steps_per_epoch(self, config: Config) -> int:
+        if self.stream is None:
+            return inputs.steps_per_epoch(self.splits, config.batch_size)
+        return streams.steps_per_epoch(self.stream, config.batch_size, config.steps_per_epoch)
+
+    def sample_batch(self) -> tuple[tf.Tensor, ...]:
+        """A few training examples as a batch: what a task is checked on before a step is traced."""
+        if self.stream is None:
+            return inputs.sample_batch(self.splits)
+        fn = streams.train_dataset_fn(self.stream, global_batch_size=2, seed=0, shuffle_buffer=0)
+        with streams.read_errors(self.stream):
+            return next(iter(fn(tf.distribute.InputContext())))
+
+    def timing_splits(self, config: Config) -> Splits:
+        """Arrays for the XLA timing (`xla_choice`): the splits, or a stream's first global batch."""
+        if self.stream is None:
+            return self.splits
+        fn = streams.train_dataset_fn(self.stream, global_batch_size=config.batch_size, seed=0, shuffle_buffer=0)
+        with streams.read_errors(self.stream):
+            images, labels = (np.asarray(part) for part in next(iter(fn(tf.distribute.InputContext()))))
+        return Splits(images, labels, images, labels, self.stream.name, self.stream.num_classes)
+
+    def position(self, config: Config, strategy: tf.distribute.Strategy) -> dict[str, object]:
+        """The checkpoint's trackables of the data's position: a stream's training iterator, made
+        here before the checkpoint is restored; none for arrays, whose position is the step."""
+        if self.stream is None:
+            return {}
+        dataset_fn = streams.train_dataset_fn(
+            self.stream, global_batch_size=config.batch_size, seed=config.seed, shuffle_buffer=config.shuffle_buffer
+        )
+        replica_input = inputs.ReplicaInput(strategy, dataset_fn, checkpointable=True)
+        self._stream_input = (replica_input, replica_input.iterator())
+        return {"data_position": self._stream_input[1]}
+
+    def loop_call(
+        self, config: Config, strategy: tf.distribute.Strategy, state: TrainState, *, jit_compile: bool
+    ) -> Callable[[int, bool], dict[str, tf.Tensor]]:
+        """The controller's loop call: `num_steps` traced steps, pulling from the training data where
+        the restored state stands (arrays: from its step; a stream: its restored iterator)."""
+        if self.stream is None:
+            dataset_fn = inputs.train_dataset_fn(
+                self.splits,
+                global_batch_size=config.batch_size,
+                seed=config.seed,
+                num_epochs=config.epochs,
+                start_step=state.counters.step,
+            )
+            replica_input, iterator = inputs.ReplicaInput(strategy, dataset_fn), None
+        else:
+            replica_input, iterator = self._stream_input
+        loop_call = loop_calls.make_input_loop_call(
+            config, strategy, state, replica_input, jit_compile=jit_compile, iterator=iterator
+        )
+
+        def call(num_steps: int, histograms: bool) -> dict[str, tf.Tensor]:
+            with streams.read_errors(self.stream) if self.stream else contextlib.nullcontext():
+                return loop_call(tf.constant(num_steps), tf.constant(histograms))
+
+        return call
+
+    def evaluations(self, evaluator: Evaluator, batch_size: int) -> tuple[Evaluate | None, Evaluate]:
+        """The validation split's evaluation (None without one) and the test split's."""
+        if self.stream is None:
+            splits = self.splits
+            validate = None if splits.x_validation is None else evaluator(splits.x_validation, splits.y_validation)
+            return validate, evaluator(splits.x_test, splits.y_test)
+        validate = self._stream_evaluation(evaluator, "validation", batch_size)
+        return validate, self._stream_evaluation(evaluator, "test", batch_size)
+
+    def _stream_evaluation(self, evaluator: Evaluator, split: str, batch_size: int) -> Evaluate | None:
+        if not self.stream.counts.get(split):
+            return None
+        evaluate = evaluator.for_input(*streams.eval_dataset_fn(self.stream, split, batch_size))
+
+        def evaluate_read(weights: Weights) -> Evaluation:
+            with streams.read_errors(self.stream):
+                return evaluate(weights)
+
+        return evaluate_read
