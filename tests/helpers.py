@@ -61,6 +61,18 @@ def assert_one_line_error(result: subprocess.CompletedProcess, names: tuple[str,
     assert result.stdout == "", report
 
 
+def sigkill_after_first_checkpoint(process: subprocess.Popen, run_dir: Path, delay: float) -> None:
+    """SIGKILLs the running `process` `delay` seconds after `run_dir` holds its first checkpoint
+    (waited for at most 120 s), and reaps it: the "SIGKILL at a random moment" of the resume tests."""
+    index = run_dir / "checkpoints" / "checkpoint"
+    deadline = time.monotonic() + 120
+    while not index.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(delay)
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=30)
+
+
 def kill_at_first_checkpoint(command: list[str], run_dir: Path, env: dict | None = None) -> None:
     """Starts `command` and SIGKILLs it as soon as `run_dir` holds a checkpoint, before it finishes."""
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)

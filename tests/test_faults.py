@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import user_models  # noqa: F401  (registers its layer, so that its model.keras loads)
 from conftest import REPO
-from helpers import events
+from helpers import events, sigkill_after_first_checkpoint
 from test_data import make_arrays, write_npz
 
 from train_loop import Config, files, train
@@ -331,13 +331,7 @@ def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_numbers(tm
     share = random.Random(zlib.crc32(repr(model_flags).encode())).uniform(0.0, 0.5)
     delay = share * read_result(tmp_path / "whole")["seconds"]["training"]
     killed = start(*flags, "--run_name=killed")
-    index = tmp_path / "killed" / "checkpoints" / "checkpoint"
-    deadline = time.monotonic() + 120
-    while not index.exists() and killed.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(delay)
-    killed.send_signal(signal.SIGKILL)
-    killed.communicate(timeout=30)
+    sigkill_after_first_checkpoint(killed, tmp_path / "killed", delay)
     assert killed.returncode == -signal.SIGKILL and not (tmp_path / "killed" / "result.json").exists(), (
         f"the run ended before the kill {delay:.2f} s ({share:.3f} of the training time) after its first checkpoint"
     )

@@ -10,7 +10,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import zlib
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import REPO
-from helpers import assert_one_line_error, kill_at_first_checkpoint, snapshot
+from helpers import assert_one_line_error, kill_at_first_checkpoint, sigkill_after_first_checkpoint, snapshot
 
 from train_loop import Config
 from train_loop.data import streams, tfrecords
@@ -242,13 +241,7 @@ def test_sigkill_at_a_random_moment_then_resume_gives_the_uninterrupted_numbers(
     share = random.Random(zlib.crc32(repr((source, replicas)).encode())).uniform(0.0, 0.5)
     delay = share * read_result(tmp_path / "whole")["seconds"]["training"]
     killed = start(*flags, *replicas, "--run_name=killed")
-    index = tmp_path / "killed" / "checkpoints" / "checkpoint"
-    deadline = time.monotonic() + 120
-    while not index.exists() and killed.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(delay)
-    killed.send_signal(signal.SIGKILL)
-    killed.communicate(timeout=30)
+    sigkill_after_first_checkpoint(killed, tmp_path / "killed", delay)
     assert killed.returncode == -signal.SIGKILL and not (tmp_path / "killed" / "result.json").exists(), (
         f"the run ended before the kill, {delay:.2f} s after its first checkpoint"
     )
