@@ -26,7 +26,7 @@ from tensorboard.compat.proto import event_pb2
 
 from train_loop import Config, files
 from train_loop.data import sources
-from train_loop.outputs import locks
+from train_loop.outputs import locks, runs
 from train_loop.outputs.events import read_records
 
 # No validation split: 44 steps, so that the run goes on past its checkpoint at 40.
@@ -393,3 +393,12 @@ def test_the_study_refuses_a_damaged_result_and_a_run_another_process_trains(tmp
         "--run_name (--study_name for a study)."
     )
     assert snapshot(baseline, folder_times=False) == before
+
+
+def test_a_default_run_name_is_one_folder_even_when_a_setting_holds_a_slash(tmp_path):
+    """`--best_metric=validation/accuracy` used to name the run `convnet-best_metric=validation/accuracy`:
+    a folder `accuracy` inside a folder `convnet-best_metric=validation`."""
+    config = Config(dataset="digits", best_metric="validation/accuracy", logdir=str(tmp_path))
+    run_dir = runs.choose_run_dir(config)
+    assert os.path.dirname(run_dir) == str(tmp_path)
+    assert os.path.basename(run_dir) == "convnet-dataset=digits-best_metric=validation.accuracy"

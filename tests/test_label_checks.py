@@ -204,6 +204,20 @@ def test_bad_inputs_name_only_what_is_wrong_with_them(tmp_path: Path, inputs: np
     assert str(caught.value) == f"data['x_train']: {expected}"
 
 
+@pytest.mark.parametrize("given_as", ["npz", "arrays"])
+def test_a_column_of_labels_is_told_how_to_flatten(tmp_path: Path, given_as: str) -> None:
+    """Labels of shape (N, 1), as pandas and scikit-learn often give, were told only the shape expected."""
+    inputs = np.ones((40, 13), np.float32)
+    column = (np.arange(40) % 3).reshape(-1, 1)
+    arrays = {"x_train": inputs, "y_train": column, "x_test": inputs[:8], "y_test": np.arange(8) % 3}
+    with pytest.raises(DataError) as caught:
+        load(arrays, tmp_path, given_as)
+    assert str(caught.value) == (
+        f"{where(tmp_path, given_as, 'y_train')}: labels of shape (40, 1), a column; expected class indices of "
+        "shape (40,): labels.reshape(-1) gives them."
+    )
+
+
 # From the command line: exit 2, the one line, nothing written.
 
 

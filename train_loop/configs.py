@@ -110,8 +110,10 @@ class Config:
     @property
     def default_run_name(self) -> str:
         """The model (a task's, which gives its model) plus every naming setting that differs from its
-        default: `convnet-l2=0.001`, `vae.VAE-dataset=fashion_mnist`."""
-        return "-".join([_short_name(self.task) if self.task else self.model_name, *self.changed_settings()])
+        default: `convnet-l2=0.001`, `vae.VAE-dataset=fashion_mnist`. One folder: a value's "/"
+        (`best_metric=validation/accuracy`) becomes "." rather than a folder inside another."""
+        parts = [_short_name(self.task) if self.task else self.model_name, *self.changed_settings()]
+        return "-".join(parts).replace("/", ".")
 
     def changed_settings(self) -> list[str]:
         """Each naming setting that differs from its default, as `name=value` (`l2=0.001`)."""

@@ -219,6 +219,11 @@ def _checked_labels(labels: np.ndarray, count: int, name: str, images_name: str,
             "takes them (--loss=mean_squared_error, --loss=huber), or if these are classes give them as "
             "integers (labels.astype(int))."
         )
+    if labels.shape == (count, 1):  # A column, as pandas and scikit-learn often give.
+        raise DataError(
+            f"{name}: labels of shape {labels.shape}, a column; expected class indices of shape ({count},): "
+            "labels.reshape(-1) gives them."
+        )
     if labels.ndim != 1 or len(labels) != count:
         raise DataError(
             f"{name}: labels of shape {labels.shape} for {count} examples in {images_name}: expected "
