@@ -151,6 +151,7 @@ def test_two_seed_findings_agree_with_the_tables_and_the_spread_rule(tmp_path):
     assert "0.0900 higher than baseline's 0.3058 (beyond the seed spread)" in findings
     assert "38.2%, 37.7 percentage points higher than baseline's 0.5%" in findings
     assert NOTICE not in markdown and "Rule: " in markdown
+    assert "Each cell is the mean ± the sample standard deviation over the seeds (n runs)." in markdown
 
 
 def test_a_one_seed_study_says_so_once_at_the_top_and_judges_no_difference(tmp_path):
@@ -169,6 +170,7 @@ def check_one_seed_notice(markdown: str) -> None:
     cells = [cell.strip() for line in markdown.splitlines() if line.startswith("| ") for cell in line.split("|")]
     assert not [cell for cell in cells if "seed" in cell or cell in ("yes", "no")]
     assert "beyond the spread" not in markdown and "Rule: " not in markdown
+    assert "standard deviation" not in markdown and "Each cell is the one run's value." in markdown
 
 
 def test_kernel_histograms_are_one_panel_an_experiment(tmp_path):

@@ -32,10 +32,9 @@ def markdown(plan: Plan, numbers: Numbers, figures: Sequence[str]) -> str:
     parts = [
         f"# Study {os.path.basename(os.path.normpath(plan.folder))}\n",
         one_seed_notice() if _one_seed(plan) else "",
-        f"Seeds: {seeds}. Each cell is the mean ± the sample standard deviation over the seeds (n "
-        "runs); the train columns are the last epoch's means, the validation ones the final "
-        f"model's, and `abs w < {NEAR_ZERO:g}` is the share of the first layer's kernel that is "
-        "nearly zero.\n",
+        f"Seeds: {seeds}. {_cell_meaning(plan)} The train columns are the last epoch's means, the "
+        f"validation ones the final model's, and `abs w < {NEAR_ZERO:g}` is the share of the first "
+        "layer's kernel that is nearly zero.\n",
         _experiments_table(numbers),
         _findings(plan, numbers),
         _comparison(plan, numbers),
@@ -45,6 +44,13 @@ def markdown(plan: Plan, numbers: Numbers, figures: Sequence[str]) -> str:
         parts.append(_path_table(plan, numbers))
     parts.append("## Figures\n\n" + "\n".join(f"![{name}]({name})" for name in figures) + "\n" if figures else "")
     return "\n".join(part for part in parts if part)
+
+
+def _cell_meaning(plan: Plan) -> str:
+    """What a table's cell is: one run's value at one seed, with no spread to give."""
+    if _one_seed(plan):
+        return "Each cell is the one run's value."
+    return "Each cell is the mean ± the sample standard deviation over the seeds (n runs)."
 
 
 def one_seed_notice() -> str:
