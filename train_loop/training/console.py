@@ -89,10 +89,15 @@ class Console:
             self._epoch_shown = epoch
             self.show(f"Epoch {epoch}/{self._num_epochs}")
 
+    @property
+    def draws_progress(self) -> bool:
+        """Whether `progress` draws anything: a caller skips reading the means for a bar not shown."""
+        return self._show_progress and self._interactive
+
     def progress(self, step: int, train: Mapping[str, float]) -> None:
         """Redraws the bar at `step` with `train`, the epoch's means so far (the epoch line's
         "train" at its last step); on a terminal or in Jupyter only."""
-        if self._show_progress and self._interactive:
+        if self.draws_progress:
             with _closed_stdout_silenced():
                 self._bar.draw(step, f"train {_format(train)}")
 

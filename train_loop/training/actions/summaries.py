@@ -61,8 +61,10 @@ class TrainSummaries(Periodic):
                 ),
             },
         )
-        # The epoch's means so far, which its line gives at its end: the bar agrees with it.
-        self.console.progress(at.step, state.counters.epoch_means())
+        # The epoch's means so far, which its line gives at its end: the bar agrees with it. Off a
+        # terminal no bar is drawn, and the means' variable reads are skipped.
+        if self.console.draws_progress:
+            self.console.progress(at.step, state.counters.epoch_means())
 
 
 @dataclasses.dataclass
