@@ -63,9 +63,8 @@ def check_regularizers(
     """
     started = time.perf_counter()
     rows = coverage(state.model, state.optimizer, config)
-    say(
-        f"check_regularizers: {len(rows)} trainable weights, {sum(row.regularizer != '-' for row in rows)} regularized:"
-    )
+    regularized = sum(row.regularizer != "-" for row in rows)
+    say(f"check_regularizers: {_count(len(rows), 'trainable weight')}, {regularized} regularized:")
     for line in table(rows):
         say(line)
     _check_flags_reach_something(config, rows)
@@ -77,6 +76,10 @@ def check_regularizers(
     seconds = time.perf_counter() - started
     say(f"check_regularizers: passed in {seconds:.1f} s (relative tolerance {RELATIVE_TOLERANCE:g}).")
     return {"passed": True, "seconds": round(seconds, 2), "weights": [row.to_dict() for row in rows]}
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def _check_flags_reach_something(config: Config, rows: list[Row]) -> None:
