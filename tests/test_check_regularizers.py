@@ -16,7 +16,7 @@ from train_loop.checks.regularizers import check_regularizers
 from train_loop.configs import Config
 from train_loop.data import inputs, sources
 from train_loop.errors import CheckFailed, UsageError
-from train_loop.model import models, optimizers
+from train_loop.model import losses, models, optimizers, tasks
 from train_loop.model.state import build_state
 from train_loop.outputs import runs
 from train_loop.training import distribute
@@ -35,8 +35,10 @@ def digits_state(strategy: tf.distribute.Strategy, **settings) -> tuple:
     config = Config(dataset="digits", **settings)
     splits = sources.load_splits(config)
     model_fn = getattr(check_models, config.model.partition(":")[2]) if config.model.startswith("notebook:") else None
-    state = build_state(config, strategy, splits.x_train.shape[1:], model_fn=model_fn)
-    return config, state, inputs.sample_batch(splits, size=4)
+    task = tasks.task_for(config.loss, config.metrics, config.task)
+    sample = inputs.sample_batch(splits, size=4)
+    state = build_state(config, strategy, splits.x_train.shape[1:], model_fn=model_fn, task=task, sample=sample)
+    return config, state, sample
 
 
 @pytest.mark.slow
@@ -120,6 +122,44 @@ def test_a_regularizer_counted_once_per_micro_batch_is_caught():
         check_regularizers(config, strategy, state, sample, say=lambda line: None, regularization_share=1.0)
     after = [variable.numpy() for variable in state.model.variables + state.optimizer.variables]
     assert all(np.array_equal(old, new) for old, new in zip(before, after))
+
+
+def test_a_regularization_not_divided_by_the_replicas_is_caught(monkeypatch):
+    """The classic scaling bug (keras-team/keras#7178): each replica adds the whole weight term,
+    as the step's regularization would without `tf.nn.scale_regularization_loss`."""
+    strategy = distribute.mirrored_strategy(["/cpu:0", "/cpu:1"])
+    config, state, sample = digits_state(strategy, model="linear", l2=1e-3)
+    monkeypatch.setattr(
+        losses, "regularization", lambda model: tf.add_n(model.losses) if model.losses else tf.constant(0.0)
+    )
+    with pytest.raises(CheckFailed, match=r"dense/kernel \(L2\(0.001\)\).*counted once per replica \(2 times\)"):
+        check_regularizers(config, strategy, state, sample, say=lambda line: None)
+
+
+def test_a_user_model_with_every_kind_of_term_passes_on_two_replicas_with_accumulation():
+    """tests/user_models.py: kernel L2, bias L1, an activity regularizer and an add_loss term in a
+    nested encoder; the activity and add_loss gradients, the same with and without the weights'
+    regularizers, drop out of the proof."""
+    strategy = distribute.mirrored_strategy(["/cpu:0", "/cpu:1"])
+    config, state, sample = digits_state(strategy, model="tests/user_models.py:build", accumulation_steps=2)
+    verdict = check_regularizers(config, strategy, state, sample, say=lambda line: None)
+    assert {row["weight"]: row["regularizer"] for row in verdict["weights"] if row["regularizer"] != "-"} == {
+        "encoder/hidden/kernel": "L2(0.002)",
+        "encoder/hidden/bias": "L1(0.001)",
+        "logits/kernel": "L1L2(l1=0.0001, l2=0.001)",
+    }
+    assert {row["weight"]: row["activity"] for row in verdict["weights"]}["encoder/hidden/kernel"] == "L2(0.001)"
+
+
+def test_a_task_without_targets_passes_in_float16():
+    strategy = tf.distribute.get_strategy()
+    config, state, sample = digits_state(
+        strategy, task="tests/user_tasks.py:Autoencoder", l1=1e-4, l2=1e-3, precision="mixed_float16"
+    )
+    verdict = check_regularizers(config, strategy, state, sample, say=lambda line: None)
+    assert [row["regularizer"] for row in verdict["weights"] if row["weight"].endswith("kernel")] == [
+        "L1L2(l1=0.0001, l2=0.001)"
+    ] * 2
 
 
 def test_global_flags_that_reach_no_weight_fail_the_check():

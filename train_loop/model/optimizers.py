@@ -61,6 +61,7 @@ def exclude_from_decay(optimizer: keras.optimizers.Optimizer, config: Config, va
 
 def decayed(optimizer: keras.optimizers.Optimizer, variable: keras.Variable) -> bool:
     """Whether the optimizer's decoupled weight decay applies to `variable` (Keras' own rule)."""
+    # Keras' private test, the one `_apply_weight_decay` runs: a copy of its matching could drift from it.
     return optimizer.weight_decay is not None and optimizer._use_weight_decay(variable)
 
 
