@@ -99,6 +99,11 @@ class Config:
     input: str = ""  # PATH.py:FUNCTION or package.module:FUNCTION, `input_fn(split, context)`; replaces --dataset.
     shuffle_buffer: int = 10_000  # Examples in a stream's shuffle buffer; 0: no shuffling.
     steps_per_epoch: int = 0  # 0: one pass over a finite stream; needed for an infinite or unknown-length one.
+    # Weights exempt from the global regularizers and from weight decay (regular expressions; "": none).
+    l2_exclude: str = ""  # Searched in each weight's `<layer path>/<weight name>` (models.excluded_weights).
+    weight_decay_exclude: str = ""  # Searched in each weight's own name, by Keras' exclude_from_weight_decay.
+    # Before training, audit the regularizers and prove their gradients reach the update (checks/regularizers.py).
+    check_regularizers: bool = False
 
     def __post_init__(self) -> None:
         # Resolved once, where the run starts: a relative logdir would follow the working folder, which
@@ -164,8 +169,12 @@ class Config:
 
     def naming_settings(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run it resumes."""
-        # The task and its metrics name the measurements a checkpoint keeps, so they must match too.
-        return {name: getattr(self, name) for name in ("model", "task", "metrics", *_NAMING_FIELDS)}
+        # The task and its metrics name the measurements a checkpoint keeps, so they must match too; the
+        # exclusions change what is computed, but a regular expression does not belong in a folder name.
+        return {
+            name: getattr(self, name)
+            for name in ("model", "task", "metrics", "l2_exclude", "weight_decay_exclude", *_NAMING_FIELDS)
+        }
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

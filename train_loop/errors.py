@@ -61,3 +61,15 @@ class ActionFailed(RunStopped):
 
     def __init__(self, message: str):
         super().__init__(message, self.EXIT_STATUS)
+
+
+class CheckFailed(RunStopped):
+    """A check asked for before training (`--check_regularizers`) found the setup computing
+    something other than it claims: nothing was trained and nothing written. Exit status 70,
+    sysexits' EX_SOFTWARE: no flag is wrong (that is 2), the model's code or the loop's math is."""
+
+    EXIT_STATUS = 70
+    is_error = True
+
+    def __init__(self, message: str):
+        super().__init__(message, self.EXIT_STATUS)

@@ -4,6 +4,7 @@ against them: each bad setting is one `UsageError` line naming the flag, the val
 from __future__ import annotations
 
 import math
+import re
 from typing import TYPE_CHECKING
 
 from train_loop.errors import UsageError
@@ -48,6 +49,7 @@ def check(config: Config) -> None:
         )
     for name in ("l1", "l2", "bias_l1", "bias_l2"):
         _check_factor(name, getattr(config, name))
+    _check_exclusions(config)
     _check_fraction("dropout", config.dropout, "it is the fraction of activations dropped; use 0 for no Dropout layer.")
     if config.dropout and config.model not in MODELS:
         raise UsageError(
@@ -147,6 +149,30 @@ def _check_optimizer_settings(config: Config) -> None:
         if not (math.isfinite(value) and value >= 0):
             raise UsageError(f"--{name}={value} must be a finite number >= 0 (0 turns it off).")
     _check_fraction("ema", config.ema, "the momentum of the weights' moving average, e.g. --ema=0.999; 0 turns it off.")
+
+
+def _check_exclusions(config: Config) -> None:
+    """--l2_exclude and --weight_decay_exclude compile and exempt weights from something the flags
+    turn on; whether they match a weight is checked once the model is built."""
+    global_flags = any(getattr(config, name) for name in ("l1", "l2", "bias_l1", "bias_l2"))
+    for name, applies, what in (
+        ("l2_exclude", global_flags, "--l1, --l2, --bias_l1 or --bias_l2"),
+        ("weight_decay_exclude", config.weight_decay, "--weight_decay"),
+    ):
+        pattern = getattr(config, name)
+        if not pattern:
+            continue
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise UsageError(
+                f"--{name}={pattern!r} is not a regular expression ({error}): write one such as 'bias|gamma'."
+            ) from None
+        if not applies:
+            raise UsageError(
+                f"--{name}={pattern!r} exempts weights from {what}, which this run does not use: drop --{name} "
+                f"(or turn {what} on)."
+            )
 
 
 def _check_best_model_settings(config: Config) -> None:

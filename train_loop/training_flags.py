@@ -35,6 +35,13 @@ flags.DEFINE_float("l1", _DEFAULTS.l1, "L1 factor on every kernel: l1 * sum(|w|)
 flags.DEFINE_float("l2", _DEFAULTS.l2, "L2 factor on every kernel: l2 * sum(w**2).")
 flags.DEFINE_float("bias_l1", _DEFAULTS.bias_l1, "L1 factor on every bias.")
 flags.DEFINE_float("bias_l2", _DEFAULTS.bias_l2, "L2 factor on every bias.")
+flags.DEFINE_string(
+    "l2_exclude",
+    _DEFAULTS.l2_exclude,
+    "A regular expression searched (Python's re.search) in each weight's <layer path>/<weight name>, e.g. "
+    "dense/bias or encoder/norm/gamma: the weights it matches get no --l1, --l2, --bias_l1 or --bias_l2. "
+    "It must match some weight; empty: none is exempt.",
+)
 flags.DEFINE_integer("epochs", _DEFAULTS.epochs, "Passes over the training split.")
 flags.DEFINE_integer("batch_size", _DEFAULTS.batch_size, "Global batch, split across replicas.")
 flags.DEFINE_enum("optimizer", _DEFAULTS.optimizer, settings.OPTIMIZERS, "Keras optimizer.")
@@ -76,6 +83,20 @@ flags.DEFINE_float(
     _DEFAULTS.weight_decay,
     "Decoupled weight decay of every trainable weight, biases included (the optimizer's own, not a loss "
     "term): w -= learning_rate * weight_decay * w at each step; 0: none.",
+)
+flags.DEFINE_string(
+    "weight_decay_exclude",
+    _DEFAULTS.weight_decay_exclude,
+    "A regular expression searched (re.search, by Keras' optimizer.exclude_from_weight_decay) in each "
+    "trainable weight's own name only, not its layer's: kernel, bias, gamma, beta, embeddings, or a custom "
+    "weight's name; e.g. bias|gamma|beta. The weights it matches are not decayed. It must match some weight.",
+)
+flags.DEFINE_bool(
+    "check_regularizers",
+    _DEFAULTS.check_regularizers,
+    "Before training: print which regularizer covers each trainable weight, flag the weights --l1/--l2 miss, "
+    "and check under the run's strategy, precision and accumulation that each weight's regularization "
+    "gradient is its closed form, counted once per update, and moves the update (docs/checks.md).",
 )
 flags.DEFINE_float(
     "ema",

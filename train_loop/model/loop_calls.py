@@ -40,17 +40,13 @@ def make_loop_call(
     micro-batches and their gradients summed (`steps.accumulate`): still one update a step.
     """
     model = state.model
-    replica_gradients = make_replica_gradients(
-        model,
-        global_batch_size,
-        task=state.task,
-        loss_scale=state.loss_scale,
+    replica_gradients = make_update_gradients(
+        strategy,
+        state,
+        global_batch_size=global_batch_size,
         jit_compile=jit_compile,
-        regularization_share=1.0 / accumulation_steps,
+        accumulation_steps=accumulation_steps,
     )
-    if accumulation_steps > 1:
-        micro_batch = dropout.use_micro_batches(model, strategy, accumulation_steps)
-        replica_gradients = accumulate(replica_gradients, accumulation_steps, micro_batch=micro_batch)
     train_step = make_train_step(
         strategy,
         model,
@@ -73,6 +69,36 @@ def make_loop_call(
         return {**sums, **gradient}
 
     return loop_call
+
+
+def make_update_gradients(
+    strategy: tf.distribute.Strategy,
+    state: TrainState,
+    *,
+    global_batch_size: int,
+    jit_compile: bool = False,
+    accumulation_steps: int = 1,
+    task: Task | None = None,
+    regularization_share: float | None = None,
+) -> Callable[[Batch], tuple[dict[str, tf.Tensor], list[tf.Tensor]]]:
+    """One replica's measurements and gradients of an update, over its K micro-batches: the
+    replica math the train step runs, and the one `checks.regularizers` proves.
+
+    `task` defaults to the state's; `regularization_share` to 1/K, which counts the weight terms
+    once per update (another share is the accumulation pitfall the check must catch).
+    """
+    replica_gradients = make_replica_gradients(
+        state.model,
+        global_batch_size,
+        task=task or state.task,
+        loss_scale=state.loss_scale,
+        jit_compile=jit_compile,
+        regularization_share=1.0 / accumulation_steps if regularization_share is None else regularization_share,
+    )
+    if accumulation_steps == 1:
+        return replica_gradients
+    micro_batch = dropout.use_micro_batches(state.model, strategy, accumulation_steps)
+    return accumulate(replica_gradients, accumulation_steps, micro_batch=micro_batch)
 
 
 def make_input_loop_call(

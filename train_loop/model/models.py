@@ -3,6 +3,8 @@ model (`user_models`) regularized the same way, and naming their layers by path.
 
 from __future__ import annotations
 
+import re
+
 import keras
 import tensorflow as tf
 
@@ -47,16 +49,53 @@ def build_model(
 
     Raises:
       UsageError: the function cannot be imported, fails, returns no `keras.Model`, does not fit
-        the data, has no trainable weight, or its layers carry regularizers while the flags ask
-        for some too.
+        the data, has no trainable weight, its layers carry regularizers while the flags ask for
+        some too, or --l2_exclude matches none of its weights.
     """
     if model_fn is None and config.model in MODELS:
-        return _built_in(config, input_shape, num_classes)
-    model = build_user_model(
-        config, input_shape, num_classes=num_classes, model_fn=model_fn, flag=flag, targets=targets
-    )
-    _apply_weight_regularizers(model, config)
+        model = _built_in(config, input_shape, num_classes)
+    else:
+        model = build_user_model(
+            config, input_shape, num_classes=num_classes, model_fn=model_fn, flag=flag, targets=targets
+        )
+        _apply_weight_regularizers(model, config)
+    _exclude_weights(model, config, flag or f"--model={config.model}")
     return model
+
+
+def _exclude_weights(model: keras.Model, config: Config, flag: str) -> None:
+    """Takes the global regularizers off the weights --l2_exclude matches. With the global flags on,
+    every regularizer of the model is theirs (a user's model may carry none then), so all go.
+
+    Raises:
+      UsageError: the pattern matches no weight of the model: a typo would otherwise exempt nothing.
+    """
+    if not config.l2_exclude:
+        return
+    matched = excluded_weights(model, config.l2_exclude)
+    if not matched:
+        some = ", ".join(path for path, _ in named_weights(model)[:4])
+        raise UsageError(
+            f"--l2_exclude={config.l2_exclude!r} matches none of {flag}'s weights ({some}, ...): it is searched "
+            "in <layer path>/<weight name>; fix the pattern, or drop --l2_exclude."
+        )
+    for weight in matched.values():
+        weight.regularizer = None
+    for _, layer in weighted_layers(model):  # What model.keras records of the layer.
+        if layer.kernel.regularizer is None:
+            layer.kernel_regularizer = None
+        if layer.bias is not None and layer.bias.regularizer is None:
+            layer.bias_regularizer = None
+
+
+def excluded_weights(model: keras.Model, pattern: str) -> dict[str, keras.Variable]:
+    """The weights `pattern` (--l2_exclude) is found in (`re.search`), by `<layer path>/<weight name>`."""
+    return {path: weight for path, weight in named_weights(model) if pattern and re.search(pattern, path)}
+
+
+def named_weights(model: keras.Model) -> list[tuple[str, keras.Variable]]:
+    """Every layer's weights (a frozen layer's too) by `<layer path>/<weight name>` (`conv1/kernel`)."""
+    return [(f"{path}/{weight.name}", weight) for path, layer in named_layers(model) for weight in layer.weights]
 
 
 def _apply_weight_regularizers(model: keras.Model, config: Config) -> None:

@@ -4,12 +4,14 @@ moving average of the weights; and what the run logs of them."""
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable, Iterator
 
 import keras
 import tensorflow as tf
 
 from train_loop.configs import Config
+from train_loop.errors import UsageError
 from train_loop.model.models import named_layers
 
 _OPTIMIZERS = {
@@ -32,6 +34,35 @@ def build_optimizer(config: Config) -> keras.optimizers.Optimizer:
         use_ema=config.ema > 0,
         ema_momentum=config.ema or 0.99,
     )
+
+
+def exclude_from_decay(optimizer: keras.optimizers.Optimizer, config: Config, variables: list) -> None:
+    """Exempts the `variables` whose own name (`kernel`, `bias`, `gamma`: Keras' `variable.name`,
+    without its layer's) --weight_decay_exclude is found in from the decay; call before `build`.
+
+    Keras' own `exclude_from_weight_decay(var_names=...)` does the matching at each update, so
+    what is exempt is what Keras decides; this checks beforehand that it exempts something.
+
+    Raises:
+      UsageError: the pattern is found in no variable's name.
+    """
+    pattern = config.weight_decay_exclude
+    if not pattern:
+        return
+    names = sorted({variable.name for variable in variables})
+    if not any(re.search(pattern, name) for name in names):
+        raise UsageError(
+            f"--weight_decay_exclude={pattern!r} is found in none of the trainable weights' names "
+            f"({', '.join(names[:6])}): it is searched in a weight's own name, not its layer's; fix the pattern, "
+            "or drop --weight_decay_exclude."
+        )
+    optimizer.exclude_from_weight_decay(var_names=[pattern])
+
+
+def decayed(optimizer: keras.optimizers.Optimizer, variable: keras.Variable) -> bool:
+    """Whether the optimizer's decoupled weight decay applies to `variable` (Keras' own rule)."""
+    # Keras' private test, the one `_apply_weight_decay` runs: a copy of its matching could drift from it.
+    return optimizer.weight_decay is not None and optimizer._use_weight_decay(variable)
 
 
 def learning_rate_schedule(config: Config) -> float | keras.optimizers.schedules.LearningRateSchedule:
@@ -81,19 +112,23 @@ def applied_learning_rate(config: Config, optimizer: keras.optimizers.Optimizer)
     return float(schedule(tf.maximum(optimizer.iterations - 1, 0)))
 
 
-def layer_decay_terms(model: keras.Model, weight_decay: float) -> dict[str, float]:
-    """The L2 penalty each layer's decoupled weight decay amounts to with plain SGD, by layer path.
+def layer_decay_terms(
+    model: keras.Model, weight_decay: float, *, optimizer: keras.optimizers.Optimizer | None = None
+) -> dict[str, float]:
+    """The L2 penalty each layer's decoupled weight decay amounts to with plain SGD, by layer path;
+    with `optimizer`, of the weights it decays (--weight_decay_exclude exempts some).
 
     Decay subtracts `learning_rate * weight_decay * w` from every trainable weight at each step:
     the SGD step of the penalty `weight_decay / 2 * sum(w**2)`. It is not a term of the loss, and
     with RMSprop or Adam, which rescale the gradient but not the decay, it differs from an L2
     penalty of that size; logging it beside `regularization/<layer>` shows both.
     """
-    return {
-        path: weight_decay / 2 * sum(float(tf.reduce_sum(tf.square(weight))) for weight in layer.trainable_weights)
-        for path, layer in named_layers(model)
-        if layer.trainable_weights
-    }
+    terms = {}
+    for path, layer in named_layers(model):
+        weights = [weight for weight in layer.trainable_weights if optimizer is None or decayed(optimizer, weight)]
+        if weights:
+            terms[path] = weight_decay / 2 * sum(float(tf.reduce_sum(tf.square(weight))) for weight in weights)
+    return terms
 
 
 def averaged_weights(model: keras.Model, optimizer: keras.optimizers.Optimizer) -> contextlib.AbstractContextManager:

@@ -230,6 +230,7 @@ def build_state(
         )
         table = CLASSIFIER if sample is None else for_task(*tasks.checked_names(task, model, sample))
         optimizer = optimizers.build_optimizer(config)
+        optimizers.exclude_from_decay(optimizer, config, model.trainable_variables)
         optimizer.build(model.trainable_variables)
         use_step(model, lambda: optimizer.iterations)
         loss_scale = LossScale() if config.precision == "mixed_float16" else None

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from train_loop.checks.regularizers import check_regularizers
 from train_loop.configs import Config
 from train_loop.data.streams import InputFunction
 from train_loop.model import tasks
@@ -101,6 +102,10 @@ def train(
         if state.best:
             console.say(state.best.describe())
         decided, settings = decision.to_dict(), _hparams(config, strategy)
+        if config.check_regularizers:  # Before the run folder is written: a failed check leaves it as it was.
+            decided["check_regularizers"] = check_regularizers(
+                config, strategy, state, data.sample_batch(), say=console.say, jit_compile=decision.jit_compile
+            )
         outputs = RunOutputs.open(
             config,
             run_dir,

@@ -54,7 +54,9 @@ class TrainSummaries(Periodic):
                 **(
                     {
                         f"weight_decay/{path}": term
-                        for path, term in optimizers.layer_decay_terms(state.model, self.config.weight_decay).items()
+                        for path, term in optimizers.layer_decay_terms(
+                            state.model, self.config.weight_decay, optimizer=state.optimizer
+                        ).items()
                     }
                     if self.config.weight_decay
                     else {}

@@ -1,0 +1,52 @@
+"""Model functions for the regularizer check's tests (`--model=tests/check_models.py:NAME`):
+weights the global --l2 does not reach, and a regularization that does not reach its weight."""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+DETACHED_L2 = 1e-2
+
+
+def embedding() -> keras.Model:
+    """digits' pixels (0..16, read as indices) through an Embedding table, a LayerNormalization and a Dense."""
+    return keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Flatten(name="flatten"),
+            keras.layers.Embedding(17, 2, name="embed"),
+            keras.layers.Flatten(name="flat_embed"),
+            keras.layers.LayerNormalization(name="norm"),
+            keras.layers.Dense(10, name="dense"),
+        ]
+    )
+
+
+@keras.saving.register_keras_serializable(package="train_loop_check_tests")
+class DetachedDense(keras.layers.Layer):
+    """A dense layer whose L2 term is computed on `tf.stop_gradient` of its kernel: it adds to the
+    loss and never moves the kernel."""
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(shape=(input_shape[-1], 10), initializer="glorot_uniform", name="kernel")
+
+    def call(self, inputs):
+        self.add_loss(DETACHED_L2 * tf.reduce_sum(tf.square(tf.stop_gradient(self.kernel))))
+        return inputs @ self.kernel
+
+
+def detached() -> keras.Model:
+    return keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), DetachedDense(name="detached")])
+
+
+def embedding_only() -> keras.Model:
+    """digits' pixels through an Embedding table of 10 values each, averaged: no layer --l2 reaches."""
+    return keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Flatten(name="flatten"),
+            keras.layers.Embedding(17, 10, name="embed"),
+            keras.layers.GlobalAveragePooling1D(name="mean"),
+        ]
+    )

@@ -1,0 +1,224 @@
+"""--check_regularizers: the table of which regularizer covers each weight, and the proof under the
+run's strategy, precision and accumulation; --l2_exclude and --weight_decay_exclude."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import check_models
+import numpy as np
+import pytest
+import tensorflow as tf
+from helpers import assert_one_line_error
+
+from train_loop.checks.regularizers import check_regularizers
+from train_loop.configs import Config
+from train_loop.data import inputs, sources
+from train_loop.errors import CheckFailed, UsageError
+from train_loop.model import losses, models, optimizers, tasks
+from train_loop.model.state import build_state
+from train_loop.outputs import runs
+from train_loop.training import distribute
+
+EMBEDDING = "tests/check_models.py:embedding"
+DETACHED = "tests/check_models.py:detached"
+QUICK = ("--dataset=digits", "--batch_size=64", "--jit_compile=false", "--export=none", "--validation_split=0")
+
+
+def result(tmp_path, run_name: str) -> dict:
+    return json.loads((tmp_path / "logs" / run_name / "result.json").read_text())
+
+
+def digits_state(strategy: tf.distribute.Strategy, **settings) -> tuple:
+    """A digits run's config, train state (a `notebook:NAME` model is check_models' NAME) and sample."""
+    config = Config(dataset="digits", **settings)
+    splits = sources.load_splits(config)
+    model_fn = getattr(check_models, config.model.partition(":")[2]) if config.model.startswith("notebook:") else None
+    task = tasks.task_for(config.loss, config.metrics, config.task)
+    sample = inputs.sample_batch(splits, size=4)
+    state = build_state(config, strategy, splits.x_train.shape[1:], model_fn=model_fn, task=task, sample=sample)
+    return config, state, sample
+
+
+@pytest.mark.slow
+def test_an_embedding_table_and_a_norm_scale_missed_by_l2_are_flagged_not_failed(run_cli, tmp_path):
+    finished = run_cli(f"--model={EMBEDDING}", "--l2=0.001", "--check_regularizers", "--run_name=r", *QUICK)
+    assert finished.returncode == 0, finished.stderr
+    lines = finished.stdout.splitlines()
+    table = lines[lines.index(next(line for line in lines if line.startswith("check_regularizers: 5 trainable"))) :]
+    assert "  warning: --l2 misses an Embedding table" in "\n".join(table)
+    assert "  warning: --l2 misses a normalization layer's gamma" in "\n".join(table)
+    verdict = result(tmp_path, "r")["decided"]["check_regularizers"]
+    flagged = {row["weight"] for row in verdict["weights"] if row["flag"]}
+    assert verdict["passed"] and flagged == {"embed/embeddings", "norm/gamma"}
+    assert {row["weight"]: row["regularizer"] for row in verdict["weights"]}["dense/kernel"] == "L2(0.001)"
+
+
+@pytest.mark.slow
+def test_a_weight_exempt_on_purpose_is_not_flagged(run_cli, tmp_path):
+    finished = run_cli(
+        f"--model={EMBEDDING}", "--l2=0.001", "--l2_exclude=embed|norm", "--check_regularizers", "--run_name=r", *QUICK
+    )
+    assert finished.returncode == 0, finished.stderr
+    assert "warning" not in finished.stdout
+    settings = json.loads((tmp_path / "logs" / "r" / "settings.json").read_text())
+    assert settings["l2_exclude"] == "embed|norm" and settings["decided"]["check_regularizers"]["passed"]
+
+
+@pytest.mark.slow
+def test_a_float16_loss_scaled_mirrored_run_with_accumulation_passes_and_trains_as_without_the_check(run_cli, tmp_path):
+    flags = (
+        "--l2=0.001",
+        "--bias_l1=0.0001",
+        "--precision=mixed_float16",
+        "--strategy=mirrored",
+        "--accumulation_steps=2",
+        "--optimizer=adam",
+        "--weight_decay=0.01",
+        "--weight_decay_exclude=bias",
+        "--epochs=1",
+        *QUICK,
+    )
+    checked = run_cli(*flags, "--check_regularizers", "--run_name=checked")
+    assert checked.returncode == 0, checked.stderr
+    assert "check_regularizers: passed in" in checked.stdout
+    plain = run_cli(*flags, "--run_name=plain")
+    assert plain.returncode == 0, plain.stderr
+    # The check put every variable back: the run trained exactly as without it.
+    assert result(tmp_path, "checked")["train"] == result(tmp_path, "plain")["train"]
+    rows = result(tmp_path, "checked")["decided"]["check_regularizers"]["weights"]
+    assert {row["weight"]: row["decay"] for row in rows} == {
+        "conv1/kernel": True,
+        "conv1/bias": False,
+        "conv2/kernel": True,
+        "conv2/bias": False,
+        "dense/kernel": True,
+        "dense/bias": False,
+    }
+
+
+@pytest.mark.slow
+def test_a_detached_regularizer_fails_with_its_layer_named_and_nothing_written(run_cli, tmp_path):
+    finished = run_cli(f"--model={DETACHED}", "--check_regularizers", "--run_name=r", *QUICK)
+    assert finished.returncode == CheckFailed.EXIT_STATUS, finished.stderr
+    assert finished.stderr.splitlines() == [
+        f"train_loop: error: check_regularizers: layer detached: a loss term of value "
+        f"{float(finished.stderr.split('value ')[1].split(' ')[0]):.6g} (a regularizer or add_loss) has no gradient "
+        "with respect to any trainable weight, so it regularizes nothing: compute it from the weight itself, not "
+        "tf.stop_gradient(w) or a copy of its value."
+    ]
+    assert not (tmp_path / "logs").exists()
+
+
+def test_a_regularizer_counted_once_per_micro_batch_is_caught():
+    """The replica math with the regularization's share forced to 1 at K=2: the keras#19990
+    pitfall, each micro-batch adding the whole weight term."""
+    strategy = distribute.mirrored_strategy(["/cpu:0", "/cpu:1"])
+    config, state, sample = digits_state(strategy, model="linear", l2=1e-3, accumulation_steps=2)
+    before = [variable.numpy() for variable in state.model.variables + state.optimizer.variables]
+    check_regularizers(config, strategy, state, sample, say=lambda line: None)
+    with pytest.raises(CheckFailed, match=r"dense/kernel \(L2\(0.001\)\).*counted 2 times per update"):
+        check_regularizers(config, strategy, state, sample, say=lambda line: None, regularization_share=1.0)
+    after = [variable.numpy() for variable in state.model.variables + state.optimizer.variables]
+    assert all(np.array_equal(old, new) for old, new in zip(before, after))
+
+
+def test_a_regularization_not_divided_by_the_replicas_is_caught(monkeypatch):
+    """The classic scaling bug (keras-team/keras#7178): each replica adds the whole weight term,
+    as the step's regularization would without `tf.nn.scale_regularization_loss`."""
+    strategy = distribute.mirrored_strategy(["/cpu:0", "/cpu:1"])
+    config, state, sample = digits_state(strategy, model="linear", l2=1e-3)
+    monkeypatch.setattr(
+        losses, "regularization", lambda model: tf.add_n(model.losses) if model.losses else tf.constant(0.0)
+    )
+    with pytest.raises(CheckFailed, match=r"dense/kernel \(L2\(0.001\)\).*counted once per replica \(2 times\)"):
+        check_regularizers(config, strategy, state, sample, say=lambda line: None)
+
+
+def test_a_user_model_with_every_kind_of_term_passes_on_two_replicas_with_accumulation():
+    """tests/user_models.py: kernel L2, bias L1, an activity regularizer and an add_loss term in a
+    nested encoder; the activity and add_loss gradients, the same with and without the weights'
+    regularizers, drop out of the proof."""
+    strategy = distribute.mirrored_strategy(["/cpu:0", "/cpu:1"])
+    config, state, sample = digits_state(strategy, model="tests/user_models.py:build", accumulation_steps=2)
+    verdict = check_regularizers(config, strategy, state, sample, say=lambda line: None)
+    assert {row["weight"]: row["regularizer"] for row in verdict["weights"] if row["regularizer"] != "-"} == {
+        "encoder/hidden/kernel": "L2(0.002)",
+        "encoder/hidden/bias": "L1(0.001)",
+        "logits/kernel": "L1L2(l1=0.0001, l2=0.001)",
+    }
+    assert {row["weight"]: row["activity"] for row in verdict["weights"]}["encoder/hidden/kernel"] == "L2(0.001)"
+
+
+def test_a_task_without_targets_passes_in_float16():
+    strategy = tf.distribute.get_strategy()
+    config, state, sample = digits_state(
+        strategy, task="tests/user_tasks.py:Autoencoder", l1=1e-4, l2=1e-3, precision="mixed_float16"
+    )
+    verdict = check_regularizers(config, strategy, state, sample, say=lambda line: None)
+    assert [row["regularizer"] for row in verdict["weights"] if row["weight"].endswith("kernel")] == [
+        "L1L2(l1=0.0001, l2=0.001)"
+    ] * 2
+
+
+def test_global_flags_that_reach_no_weight_fail_the_check():
+    strategy = tf.distribute.get_strategy()
+    config, state, sample = digits_state(strategy, model="notebook:embedding_only", l2=1e-3)
+    with pytest.raises(
+        CheckFailed,
+        match=r"^check_regularizers: --l2=0.001 regularizes none of the model's weights \(embed/embeddings\)",
+    ):
+        check_regularizers(config, strategy, state, sample, say=lambda line: None)
+
+
+def test_l2_exclude_takes_the_global_terms_off_the_weights_it_matches():
+    config = Config(dataset="digits", l2=1e-3, bias_l2=1e-2, l2_exclude="conv2|dense/bias")
+    model = models.build_model(config, (8, 8))
+    weights = {path: np.asarray(weight, np.float64) for path, weight in models.named_weights(model)}
+    expected = 1e-3 * sum(np.square(weights[path]).sum() for path in ("conv1/kernel", "dense/kernel"))
+    expected += 1e-2 * np.square(weights["conv1/bias"]).sum()
+    assert float(tf.add_n(model.losses)) == pytest.approx(expected, rel=1e-6)
+    assert [path for path, weight in models.named_weights(model) if weight.regularizer] == [
+        "conv1/kernel",
+        "conv1/bias",
+        "dense/kernel",
+    ]
+    assert model.get_layer("conv2").get_config()["kernel_regularizer"] is None
+
+
+def test_weight_decay_exclude_exempts_what_keras_matches_in_the_names():
+    strategy = tf.distribute.get_strategy()
+    _, state, _ = digits_state(strategy, model="linear", weight_decay=0.1, weight_decay_exclude="bias")
+    decayed = {weight.name: optimizers.decayed(state.optimizer, weight) for weight in state.model.trainable_variables}
+    assert decayed == {"kernel": True, "bias": False}
+
+
+@pytest.mark.parametrize(
+    ("flags", "names"),
+    [
+        (("--l2=0.001", "--l2_exclude=(bias"), ("--l2_exclude='(bias'", "not a regular expression")),
+        (("--l2_exclude=bias",), ("--l2_exclude='bias'", "does not use")),
+        (("--l2=0.001", "--l2_exclude=gamma"), ("--l2_exclude='gamma'", "matches none", "conv1/kernel")),
+        (("--weight_decay=0.1", "--weight_decay_exclude=[z"), ("--weight_decay_exclude='[z'", "not a regular")),
+        (("--weight_decay=0.1", "--weight_decay_exclude=dense"), ("--weight_decay_exclude='dense'", "own name")),
+    ],
+)
+@pytest.mark.slow
+def test_a_bad_exclusion_is_one_line_and_writes_nothing(run_cli, tmp_path, flags, names):
+    finished = run_cli(*flags, "--run_name=r", *QUICK)
+    assert_one_line_error(finished, names)
+    assert not (tmp_path / "logs" / "r").exists()
+
+
+def test_a_run_resumes_only_with_the_same_exclusions(tmp_path):
+    config = Config(dataset="digits", l2=1e-3, l2_exclude="bias", logdir=str(tmp_path))
+    runs.create(str(tmp_path / "r"), config)
+    runs.check_same_settings(str(tmp_path / "r"), config)
+    with pytest.raises(UsageError, match=r"l2_exclude \(run has 'bias', flags say 'dense'\)"):
+        runs.check_same_settings(str(tmp_path / "r"), dataclasses.replace(config, l2_exclude="dense"))
+
+
+def test_a_pattern_that_does_not_compile_is_refused_where_the_config_is_built():
+    with pytest.raises(UsageError, match="not a regular expression"):
+        Config(l2=1e-3, l2_exclude="(")
