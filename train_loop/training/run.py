@@ -193,7 +193,7 @@ def _check_equivalence(
     console: Console,
 ) -> dict[str, object]:
     """`--check_equivalence` on the next update's batch: its lines, and its verdict, which the chief
-    records in settings.json (`runs.record_decided`) and returns for result.json; no training when
+    records in settings.json (`runs.record_check`) and returns for result.json; no training when
     it failed (`CheckFailed`, on every worker)."""
     next_batch, iterator = data.first_update_input(config, strategy, state)
     verdict = equivalence.check(
@@ -203,7 +203,7 @@ def _check_equivalence(
         console.say(line)
     if distribute.is_chief(strategy):
         recorded = {**decided, "check_equivalence": verdict.to_dict()}
-        runs.record_decided(run_dir, config, recorded, source=data.fingerprint)
+        runs.record_check(run_dir, config, recorded, "check_equivalence", source=data.fingerprint)
     verdict.raise_if_failed()
     return verdict.to_dict()
 
