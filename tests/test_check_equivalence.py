@@ -15,6 +15,7 @@ from test_faults import finish, start
 import train_loop
 from train_loop import Config
 from train_loop.checks import equivalence
+from train_loop.checks.differences import Verdict
 from train_loop.launch import free_ports
 from train_loop.model import tasks
 from train_loop.model.state import build_state
@@ -27,7 +28,7 @@ USER_TASKS = os.path.join(REPO, "tests", "user_tasks.py")
 TWO_REPLICAS = dict(strategy="mirrored", cpu_replicas=2)
 
 
-def check(*, model: str = "", task: str = "", jit_compile: bool = False, **settings) -> equivalence.Verdict:
+def check(*, model: str = "", task: str = "", jit_compile: bool = False, **settings) -> Verdict:
     """The check of a digits run as `train` wires it (no training), which must leave every
     variable of the model and the optimizer as it was."""
     config = Config(
