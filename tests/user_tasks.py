@@ -96,3 +96,19 @@ class NonFiniteTerm(TwoTerms):
     def loss_terms(self, batch, outputs):
         terms = super().loss_terms(batch, outputs)
         return {"data": terms["data"], "blowup": tf.math.log(tf.zeros_like(terms["data"]))}
+
+
+class ReplicaScaledTerm(TwoTerms):
+    """Its data term multiplied by the number of replicas, by hand (for tests/test_check_equivalence.py)."""
+
+    def loss_terms(self, batch, outputs):
+        terms = super().loss_terms(batch, outputs)
+        return {**terms, "data": terms["data"] * tf.distribute.get_strategy().num_replicas_in_sync}
+
+
+class ReplicaDividedTerm(TwoTerms):
+    """Its penalty divided by the number of replicas, by hand: averaged twice."""
+
+    def loss_terms(self, batch, outputs):
+        terms = super().loss_terms(batch, outputs)
+        return {**terms, "logit_penalty": terms["logit_penalty"] / tf.distribute.get_strategy().num_replicas_in_sync}

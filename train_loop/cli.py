@@ -28,7 +28,7 @@ GROUPS = {
     "model": ("model", "dropout"),
     "objective": ("loss", "metrics", "task"),
     "regularization": ("l1", "l2", "bias_l1", "bias_l2", "l2_exclude", "weight_decay", "weight_decay_exclude"),
-    "checks": ("check_regularizers",),
+    "checks": ("check_regularizers", "check_equivalence"),
     "optimizer": ("optimizer", "learning_rate", "global_clipnorm", "ema"),
     "schedule": ("lr_schedule", "lr_decay_steps", "lr_decay_rate", "warmup_steps"),
     "evaluation": ("eval_every", "best_metric", "early_stopping_patience", "early_stopping_min_delta"),

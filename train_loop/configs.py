@@ -104,6 +104,8 @@ class Config:
     weight_decay_exclude: str = ""  # Searched in each weight's own name, by Keras' exclude_from_weight_decay.
     # Before training, audit the regularizers and prove their gradients reach the update (checks/regularizers.py).
     check_regularizers: bool = False
+    # Before training, the first update on the run's strategy against one device (checks/equivalence.py).
+    check_equivalence: bool = False
 
     def __post_init__(self) -> None:
         # Resolved once, where the run starts: a relative logdir would follow the working folder, which

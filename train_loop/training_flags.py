@@ -98,6 +98,14 @@ flags.DEFINE_bool(
     "and check under the run's strategy, precision and accumulation that each weight's regularization "
     "gradient is its closed form, counted once per update, and moves the update (docs/checks.md).",
 )
+flags.DEFINE_bool(
+    "check_equivalence",
+    _DEFAULTS.check_equivalence,
+    "Before training: compute the first update's loss terms and gradients on the run's strategy, precision and "
+    "accumulation and again on one device on the same batch, print each difference, and stop (exit status 70, "
+    "nothing trained) when one differs, naming a term off by the number of replicas or micro-batches "
+    "(docs/checks-equivalence.md).",
+)
 flags.DEFINE_float(
     "ema",
     _DEFAULTS.ema,

@@ -4,7 +4,8 @@ place, for saving (`plain_keras`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import keras
 import tensorflow as tf
@@ -109,6 +110,21 @@ def use_micro_batches(
     for layer in layers:
         layer.micro_batch, layer.micro_batches = index.read_value, accumulation_steps
     return index
+
+
+@contextlib.contextmanager
+def whole_batches(model: keras.Model) -> Iterator[None]:
+    """Inside, `model`'s dropout takes each call's batch as a whole update's, as without
+    `use_micro_batches`: for a one-device reference computed beside an accumulating run."""
+    layers = [layer for layer in model.layers if isinstance(layer, ExampleDropout)]
+    kept = [(layer.micro_batch, layer.micro_batches) for layer in layers]
+    for layer in layers:
+        layer.micro_batch, layer.micro_batches = None, 1
+    try:
+        yield
+    finally:
+        for layer, (micro_batch, micro_batches) in zip(layers, kept, strict=True):
+            layer.micro_batch, layer.micro_batches = micro_batch, micro_batches
 
 
 def plain_keras(model: keras.Model) -> keras.Model:

@@ -80,12 +80,15 @@ def make_update_gradients(
     accumulation_steps: int = 1,
     task: Task | None = None,
     regularization_share: float | None = None,
+    layer_terms: bool = False,
 ) -> Callable[[Batch], tuple[dict[str, tf.Tensor], list[tf.Tensor]]]:
     """One replica's measurements and gradients of an update, over its K micro-batches: the
-    replica math the train step runs, and the one `checks.regularizers` proves.
+    replica math the train step runs, and the one `checks.regularizers` proves and
+    `checks.equivalence` compares with one device's.
 
     `task` defaults to the state's; `regularization_share` to 1/K, which counts the weight terms
-    once per update (another share is the accumulation pitfall the check must catch).
+    once per update (another share is the accumulation pitfall the check must catch); with
+    `layer_terms`, each layer's regularization is measured too (`steps.make_replica_gradients`).
     """
     replica_gradients = make_replica_gradients(
         state.model,
@@ -94,6 +97,7 @@ def make_update_gradients(
         loss_scale=state.loss_scale,
         jit_compile=jit_compile,
         regularization_share=1.0 / accumulation_steps if regularization_share is None else regularization_share,
+        layer_terms=layer_terms,
     )
     if accumulation_steps == 1:
         return replica_gradients

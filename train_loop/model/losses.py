@@ -39,6 +39,17 @@ def regularization(model: keras.Model) -> tf.Tensor:
     return tf.nn.scale_regularization_loss(tf.add_n(model.losses))
 
 
+def layer_regularization(model: keras.Model) -> dict[str, tf.Tensor]:
+    """Each layer's part of `regularization`, by layer path: its weight terms, its activity term
+    and its `add_loss` terms of the last call, this replica's share as there. Call after the
+    model, in the same trace; a term a model adds itself (not one of its layers) is in none."""
+    return {
+        path: tf.nn.scale_regularization_loss(tf.add_n(layer.losses))
+        for path, layer in named_layers(model)
+        if layer.losses
+    }
+
+
 def layer_weight_terms(model: keras.Model) -> dict[str, tf.Tensor]:
     """Each layer's weight regularization (kernel, bias, any trainable weight's regularizer), by
     layer path: the weight terms of `regularization`, so a frozen layer has none.

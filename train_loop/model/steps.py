@@ -14,7 +14,7 @@ import keras
 import tensorflow as tf
 
 from train_loop.model import losses
-from train_loop.model.measurements import LAYER_GRADIENT_NORM, layer_tag
+from train_loop.model.measurements import LAYER_GRADIENT_NORM, LAYER_REGULARIZATION, layer_tag
 from train_loop.model.models import weighted_layers
 from train_loop.model.state import LossScale
 from train_loop.model.tasks import Batch, Task, classifier, float_outputs
@@ -32,6 +32,7 @@ def make_replica_gradients(
     loss_scale: LossScale | None = None,
     jit_compile: bool = False,
     regularization_share: float = 1.0,
+    layer_terms: bool = False,
 ) -> Callable[[Batch], tuple[dict[str, tf.Tensor], list[tf.Tensor]]]:
     """The math of one update on one replica's slice of the batch: loss terms and gradients.
 
@@ -45,6 +46,11 @@ def make_replica_gradients(
     `regularization_share` multiplies the regularization, in the total and in its measurement:
     1/K when the slice is one of K micro-batches (`accumulate`), so that their sum counts the
     weight terms once and averages the activity terms.
+
+    With `layer_terms` the measurements also hold each layer's part of the regularization, as
+    `regularization/<layer path>` (`losses.layer_regularization`), with the same share: for
+    `--check_equivalence`, which names the layer of a term that scales wrong. The step leaves
+    them out (each would be one more value to all-reduce every step).
 
     Returns:
       A function of the replica's batch (one structure, which `task.split` opens) giving the
@@ -65,8 +71,10 @@ def make_replica_gradients(
                 outputs = float_outputs(model(inputs, training=True))
             terms = _shares(task.loss_terms(batch, outputs), global_batch_size)
             regularization = losses.regularization(model)
+            layers = _layer_terms(model) if layer_terms else {}
             if regularization_share != 1.0:
                 regularization *= regularization_share
+                layers = {name: term * regularization_share for name, term in layers.items()}
             total = tf.add_n([*terms.values(), regularization])
             scaled = total if loss_scale is None else total * loss_scale.scale
         gradients = tape.gradient(scaled, variables)
@@ -76,12 +84,17 @@ def make_replica_gradients(
         return {
             **terms,
             "regularization": regularization,
+            **layers,
             "total": total,
             **_shares(task.metrics(batch, outputs), global_batch_size),
             "non_finite_gradients": non_finite,
         }, gradients
 
     return tf.function(replica_gradients, jit_compile=True, autograph=False) if jit_compile else replica_gradients
+
+
+def _layer_terms(model: keras.Model) -> dict[str, tf.Tensor]:
+    return {layer_tag(LAYER_REGULARIZATION, path): term for path, term in losses.layer_regularization(model).items()}
 
 
 def _shares(per_example: dict[str, tf.Tensor], global_batch_size: int) -> dict[str, tf.Tensor]:
@@ -209,12 +222,12 @@ def make_train_step(
         return {**measurements, "clipped": apply(gradients)}, gradients
 
     def train_step(batch: Batch, measure: tf.Tensor, histograms: tf.Tensor) -> dict[str, tf.Tensor]:
-        measurements, gradients = _run_and_sum(strategy, replica_step, batch)
+        measurements, gradients = run_and_sum(strategy, replica_step, batch)
         return {**measurements, **measured_gradient(measure, gradients, histograms)}
 
     def scaled_train_step(batch: Batch, measure: tf.Tensor, histograms: tf.Tensor) -> dict[str, tf.Tensor]:
         # Called from a plain function, so that XLA's compiled function runs on each replica's device.
-        measurements, gradients = _run_and_sum(strategy, lambda replica_batch: replica_gradients(replica_batch), batch)
+        measurements, gradients = run_and_sum(strategy, lambda replica_batch: replica_gradients(replica_batch), batch)
         finite = measurements["non_finite_gradients"] == 0
 
         def apply_all() -> tf.Tensor:
@@ -235,7 +248,7 @@ def make_train_step(
     return train_step if loss_scale is None else scaled_train_step
 
 
-def _run_and_sum(
+def run_and_sum(
     strategy: tf.distribute.Strategy, replica_fn: Callable[[Batch], tuple[dict, list]], batch: Batch
 ) -> tuple[dict[str, tf.Tensor], list]:
     """`replica_fn` on every replica; its named measurements summed over replicas in ONE

@@ -227,6 +227,19 @@ def create(run_dir: str, config: Config, decided: dict[str, Any] | None = None, 
         files.write_json(os.path.join(run_dir, SETTINGS_FILE), recorded)
 
 
+def record_check(run_dir: str, config: Config, decided: dict[str, Any], name: str, *, source: str = "") -> None:
+    """settings.json with the verdict `decided[name]` of a check run before training: made as
+    `create` makes it when the run has none yet; else that verdict alone replaced (the newest
+    check's over an earlier one's), what else was decided (XLA) left as it was recorded.
+
+    A failed check's verdict is then the one file in its run folder, and no result.json, which
+    would mark the run finished: the same command takes the folder and starts the run."""
+    create(run_dir, config, decided, source=source)
+    settings = read_settings(run_dir)
+    recorded = {**settings, "decided": {**settings.get("decided", {}), name: decided[name]}}
+    files.write_json(os.path.join(run_dir, SETTINGS_FILE), recorded)
+
+
 def check_same_source(run_dir: str, source: str, described: str) -> None:
     """Raises UsageError if `run_dir` holds a run of a streamed source whose fingerprint (its
     function, its files' names, sizes and modification times) differs from `source`'s;

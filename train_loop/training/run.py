@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from train_loop.checks import equivalence
 from train_loop.checks.regularizers import check_regularizers
 from train_loop.configs import Config
 from train_loop.data.streams import InputFunction
@@ -106,6 +107,10 @@ def train(
             decided["check_regularizers"] = check_regularizers(
                 config, strategy, state, data.sample_batch(), say=console.say, jit_compile=decision.jit_compile
             )
+        if config.check_equivalence:  # Its verdict in settings.json even when it fails: see `_check_equivalence`.
+            decided["check_equivalence"] = _check_equivalence(
+                config, strategy, state, data, run_dir=run_dir, decided=decided, console=console
+            )
         outputs = RunOutputs.open(
             config,
             run_dir,
@@ -175,6 +180,32 @@ def _restore(
     )
     state.counters.take_positional()
     return checkpoint, state.counters.step if restored else None
+
+
+def _check_equivalence(
+    config: Config,
+    strategy: tf.distribute.Strategy,
+    state: TrainState,
+    data: RunData,
+    *,
+    run_dir: str,
+    decided: dict[str, Any],
+    console: Console,
+) -> dict[str, object]:
+    """`--check_equivalence` on the next update's batch: its lines, and its verdict, which the chief
+    records in settings.json (`runs.record_check`) and returns for result.json; no training when
+    it failed (`CheckFailed`, on every worker)."""
+    next_batch, iterator = data.first_update_input(config, strategy, state)
+    verdict = equivalence.check(
+        config, strategy, state, next_batch=next_batch, iterator=iterator, jit_compile=decided["jit_compile"]
+    )
+    for line in verdict.lines():
+        console.say(line)
+    if distribute.is_chief(strategy):
+        recorded = {**decided, "check_equivalence": verdict.to_dict()}
+        runs.record_check(run_dir, config, recorded, "check_equivalence", source=data.fingerprint)
+    verdict.raise_if_failed()
+    return verdict.to_dict()
 
 
 def _validation(

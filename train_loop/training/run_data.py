@@ -112,10 +112,7 @@ class RunData:
         here before the checkpoint is restored; none for arrays, whose position is the step."""
         if self.stream is None:
             return {}
-        dataset_fn = streams.train_dataset_fn(
-            self.stream, global_batch_size=config.batch_size, seed=config.seed, shuffle_buffer=config.shuffle_buffer
-        )
-        replica_input = inputs.ReplicaInput(strategy, dataset_fn, checkpointable=True)
+        replica_input = self._stream_replica_input(config, strategy)
         self._stream_input = (replica_input, replica_input.iterator())
         return {"data_position": self._stream_input[1]}
 
@@ -125,14 +122,7 @@ class RunData:
         """The controller's loop call: `num_steps` traced steps, pulling from the training data where
         the restored state stands (arrays: from its step; a stream: its restored iterator)."""
         if self.stream is None:
-            dataset_fn = inputs.train_dataset_fn(
-                self.splits,
-                global_batch_size=config.batch_size,
-                seed=config.seed,
-                num_epochs=config.epochs,
-                start_step=state.counters.step,
-            )
-            replica_input, iterator = inputs.ReplicaInput(strategy, dataset_fn), None
+            replica_input, iterator = self._arrays_input(config, strategy, state), None
         else:
             replica_input, iterator = self._stream_input
         loop_call = loop_calls.make_input_loop_call(
@@ -144,6 +134,35 @@ class RunData:
                 return loop_call(tf.constant(num_steps), tf.constant(histograms))
 
         return call
+
+    def first_update_input(
+        self, config: Config, strategy: tf.distribute.Strategy, state: TrainState
+    ) -> tuple[Callable[[Iterator], object], Iterator]:
+        """`next_batch` and an iterator of its own giving every replica its batch of the next update,
+        for `--check_equivalence`: the run's own iterator stays where it is. Arrays: the batch of the
+        step the state restored; a stream: its first batch (its restored position cannot be copied)."""
+        if self.stream is None:
+            replica_input = self._arrays_input(config, strategy, state)
+        else:
+            replica_input = self._stream_replica_input(config, strategy)
+        return replica_input.next_batch, replica_input.iterator()
+
+    def _arrays_input(self, config: Config, strategy: tf.distribute.Strategy, state: TrainState) -> inputs.ReplicaInput:
+        """The training arrays from the step `state` restored."""
+        dataset_fn = inputs.train_dataset_fn(
+            self.splits,
+            global_batch_size=config.batch_size,
+            seed=config.seed,
+            num_epochs=config.epochs,
+            start_step=state.counters.step,
+        )
+        return inputs.ReplicaInput(strategy, dataset_fn)
+
+    def _stream_replica_input(self, config: Config, strategy: tf.distribute.Strategy) -> inputs.ReplicaInput:
+        dataset_fn = streams.train_dataset_fn(
+            self.stream, global_batch_size=config.batch_size, seed=config.seed, shuffle_buffer=config.shuffle_buffer
+        )
+        return inputs.ReplicaInput(strategy, dataset_fn, checkpointable=True)
 
     def evaluations(self, evaluator: Evaluator, batch_size: int) -> tuple[Evaluate | None, Evaluate]:
         """The validation split's evaluation (None without one) and the test split's."""
