@@ -30,6 +30,7 @@ GROUPS = {
     "regularization": ("l1", "l2", "bias_l1", "bias_l2", "weight_decay"),
     "optimizer": ("optimizer", "learning_rate", "global_clipnorm", "ema"),
     "schedule": ("lr_schedule", "lr_decay_steps", "lr_decay_rate", "warmup_steps"),
+    "divergence": ("on_divergence", "divergence_lr_factor", "divergence_skip", "max_rollbacks"),
     "evaluation": ("eval_every", "best_metric", "early_stopping_patience", "early_stopping_min_delta"),
     "distribution and speed": (
         "strategy",

@@ -42,6 +42,11 @@ _NAMING_FIELDS = (
     "input",
     "shuffle_buffer",
     "steps_per_epoch",
+    # What a divergence does (issue 22): a rollback changes the numbers from there on.
+    "on_divergence",
+    "divergence_lr_factor",
+    "divergence_skip",
+    "max_rollbacks",
 )
 
 
@@ -99,6 +104,11 @@ class Config:
     input: str = ""  # PATH.py:FUNCTION or package.module:FUNCTION, `input_fn(split, context)`; replaces --dataset.
     shuffle_buffer: int = 10_000  # Examples in a stream's shuffle buffer; 0: no shuffling.
     steps_per_epoch: int = 0  # 0: one pass over a finite stream; needed for an infinite or unknown-length one.
+    # A loop call whose measurements are not finite (training/divergence.py): stop, or roll back and go on.
+    on_divergence: str = "stop"  # stop or rollback; either way the divergence is reported.
+    divergence_lr_factor: float = 1.0  # rollback: multiplies the learning rate from each rollback on.
+    divergence_skip: bool = False  # rollback: the step that diverged is skipped (its batch is not trained on).
+    max_rollbacks: int = 3  # rollback: past this many, the run stops as with stop.
 
     def __post_init__(self) -> None:
         # Resolved once, where the run starts: a relative logdir would follow the working folder, which
