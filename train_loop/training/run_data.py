@@ -33,6 +33,7 @@ class RunData:
     # A stream's training input and its iterator, whose state is the data's position (`position`).
     _stream_input: tuple[inputs.ReplicaInput, Iterator] | None = None
     _iterator: Iterator | None = None  # The latest loop call's: what `skip_batch` pulls from.
+    _traced: Callable[[object, tf.Tensor, tf.Tensor], dict[str, tf.Tensor]] | None = None
 
     @classmethod
     def read(
@@ -124,7 +125,8 @@ class RunData:
         self, config: Config, strategy: tf.distribute.Strategy, state: TrainState, *, jit_compile: bool
     ) -> Callable[[int, bool], dict[str, tf.Tensor]]:
         """The controller's loop call: `num_steps` traced steps, pulling from the training data where
-        the restored state stands (arrays: from its step; a stream: its restored iterator)."""
+        the restored state stands (arrays: from its step; a stream: its restored iterator). Called
+        again after a restore (`training/divergence`), it pulls from there with the same trace."""
         if self.stream is None:
             dataset_fn = inputs.train_dataset_fn(
                 self.splits,
@@ -138,13 +140,15 @@ class RunData:
         else:
             replica_input, iterator = self._stream_input
         self._iterator = iterator
-        loop_call = loop_calls.make_input_loop_call(
-            config, strategy, state, replica_input, jit_compile=jit_compile, iterator=iterator
+        # Traced once: a rollback's new iterator is of the same input, and the same trace takes it.
+        self._traced = self._traced or loop_calls.make_config_loop_call(
+            config, strategy, state, replica_input, jit_compile=jit_compile
         )
+        loop_call = self._traced
 
         def call(num_steps: int, histograms: bool) -> dict[str, tf.Tensor]:
             with streams.read_errors(self.stream) if self.stream else contextlib.nullcontext():
-                return loop_call(tf.constant(num_steps), tf.constant(histograms))
+                return loop_call(iterator, tf.constant(num_steps), tf.constant(histograms))
 
         return call
 
