@@ -55,7 +55,8 @@ class Report:
     order) whose gradient is not finite, the replica and the batch's examples."""
 
     steps: tuple[int, int]  # The loop call that diverged, its first and last step.
-    replayed_from: int | None  # The checkpoint's step; None: none to replay from.
+    replayed_from: int | None  # The checkpoint's step; None: not replayed.
+    replayable: bool = True  # False: a cluster's or a TPU's strategy, which this process cannot replay alone.
     step: int | None = None  # The first step that is not finite; None: not found.
     term: str = ""  # Its first non-finite term's tag, or "gradient" when the terms are finite.
     value: float = math.nan
@@ -69,7 +70,8 @@ class Report:
         """The report as the console says it."""
         first, last = self.steps
         if self.replayed_from is None:
-            return [f"divergence between steps {first} and {last}: no checkpoint before it to replay it from."]
+            why = "no checkpoint before it to replay it from" if self.replayable else "not replayed on several machines"
+            return [f"divergence between steps {first} and {last}: {why}."]
         if self.step is None:
             return [
                 f"divergence between steps {first} and {last}: replayed from the checkpoint at step "
@@ -146,7 +148,9 @@ class Divergence:
 
     def report(self, steps: tuple[int, int]) -> Report:
         """The divergence of the loop call over `steps`, replayed from the newest finite checkpoint."""
-        back_to = self._restore_finite() if replays_here(self.strategy) else None
+        if not replays_here(self.strategy):
+            return Report(steps, None, replayable=False)
+        back_to = self._restore_finite()
         if back_to is None:
             return Report(steps, None)
         first, last = steps
