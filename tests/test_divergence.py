@@ -166,3 +166,17 @@ def test_a_sigkill_after_a_rollback_resumes_exactly(run_cli, tmp_path):
     assert outcome(result) == outcome(finished_run(run_cli, tmp_path, "uninterrupted"))
     lines = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [line["rollback"] for line in lines if "rollback" in line] == [1, 2]
+
+
+@pytest.mark.slow
+def test_a_stream_is_replayed_from_its_restored_position_and_rolled_back(run_cli, tmp_path):
+    streamed = ("--input=tests/stream_inputs.py:digits", *FLAGS[1:], *ROLLBACK, "--checkpoint_every=5", "--run_name=s")
+    finished = run_cli(*streamed)
+    assert finished.returncode == 0, finished.stderr
+    run_dir = tmp_path / "logs" / "s"
+    rollbacks = json.loads((run_dir / "result.json").read_text())["rollbacks"]
+    # Once an epoch, where the stream's shuffle put the example, and back to the checkpoint before it.
+    assert len(rollbacks) == 2 and all(0 < r["diverged_at"] - r["back_to"] <= 5 for r in rollbacks), rollbacks
+    report = json.loads((run_dir / "divergence.json").read_text())
+    assert report["step"] == rollbacks[1]["diverged_at"] and report["term"] == "loss/spike"
+    assert report["examples"] is None and "streamed examples (they have no index" in finished.stdout

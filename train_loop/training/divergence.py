@@ -165,7 +165,8 @@ class Divergence:
         self._train(loop_call, back_to, step - 1)
         batch, examples = self.data.step_batch(self.config, step)
         replicas = replica_measurements(self.strategy, self.state, batch, global_batch_size=self.config.batch_size)
-        return Report(steps, back_to, step, **_first_non_finite(replicas, self.state), examples=_listed(examples))
+        found = _first_non_finite(replicas, self.state)
+        return Report(steps, back_to, step=step, examples=_listed(examples), **found)
 
     def _roll_back(self, report: Report) -> LoopCall:
         """Back to the checkpoint the report replayed from, counted (with the rate's factor and
