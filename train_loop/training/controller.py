@@ -118,10 +118,9 @@ class Controller:
                 self.divergence.begin()
         try:
             while self.counters.step < self.total_steps and not self.stopping():
-                try:
-                    self._run_due_actions(*(self._skip() if self._skips_next() else self._loop_call_checked()))
-                except DivergedError as error:
-                    self._diverged(error)
+                called = self._next_call()
+                if called:
+                    self._run_due_actions(*called)
         finally:
             for action in self.actions:
                 action.end()
@@ -138,8 +137,16 @@ class Controller:
             *(when - step for when in skipped),
         )
 
-    def _skips_next(self) -> bool:
-        return self.divergence is not None and self.counters.step + 1 in self.divergence.skipped
+    def _next_call(self) -> tuple[int, dict[str, np.ndarray], dict[str, float]] | None:
+        """The next loop call (`_loop_call_checked`), or the step a rollback skips; None after a
+        rollback, whose loop call starts from its checkpoint."""
+        if self.divergence is not None and self.counters.step + 1 in self.divergence.skipped:
+            return self._skip()
+        try:
+            return self._loop_call_checked()
+        except DivergedError as error:
+            self._diverged(error)
+            return None
 
     def _skip(self) -> tuple[int, dict[str, np.ndarray], dict[str, float]]:
         """The step a rollback skips: its batch is drawn and not trained on; the step counts, as
