@@ -112,3 +112,23 @@ class ReplicaDividedTerm(TwoTerms):
     def loss_terms(self, batch, outputs):
         terms = super().loss_terms(batch, outputs)
         return {**terms, "logit_penalty": terms["logit_penalty"] / tf.distribute.get_strategy().num_replicas_in_sync}
+
+
+INF_EXAMPLE = 200  # The digits training example (x_train[200], as given) that InfOnExample's term is inf on.
+
+
+class InfOnExample(TwoTerms):
+    """A term that is +inf on one example, x_train[INF_EXAMPLE] of the bundled digits (found by its
+    pixels), and 0 on every other: a run diverges at the step whose batch holds it, on the replica
+    that gets it, and the term's gradient is not finite from the logits down to the first layer."""
+
+    def __init__(self):
+        from train_loop import Config
+        from train_loop.data import sources
+
+        self._image = tf.constant(sources.load_splits(Config(dataset="digits")).x_train[INF_EXAMPLE])
+
+    def loss_terms(self, batch, outputs):
+        hit = tf.reduce_all(tf.equal(batch[0], self._image), axis=[1, 2, 3])
+        spike = tf.reduce_mean(tf.square(outputs), axis=-1) * tf.where(hit, float("inf"), 0.0)
+        return {**super().loss_terms(batch, outputs), "spike": spike}

@@ -31,6 +31,7 @@ GROUPS = {
     "checks": ("check_regularizers", "check_equivalence"),
     "optimizer": ("optimizer", "learning_rate", "global_clipnorm", "ema"),
     "schedule": ("lr_schedule", "lr_decay_steps", "lr_decay_rate", "warmup_steps"),
+    "divergence": ("on_divergence", "divergence_lr_factor", "divergence_skip", "max_rollbacks"),
     "evaluation": ("eval_every", "best_metric", "early_stopping_patience", "early_stopping_min_delta"),
     "distribution and speed": (
         "strategy",

@@ -42,6 +42,11 @@ _NAMING_FIELDS = (
     "input",
     "shuffle_buffer",
     "steps_per_epoch",
+    # What a divergence does (issue 22): a rollback changes the numbers from there on.
+    "on_divergence",
+    "divergence_lr_factor",
+    "divergence_skip",
+    "max_rollbacks",
 )
 
 
@@ -106,6 +111,11 @@ class Config:
     check_regularizers: bool = False
     # Before training, the first update on the run's strategy against one device (checks/equivalence.py).
     check_equivalence: bool = False
+    # A loop call whose measurements are not finite (training/divergence.py): stop, or roll back and go on.
+    on_divergence: str = "stop"  # stop or rollback; either way the divergence is reported.
+    divergence_lr_factor: float = 1.0  # rollback: multiplies the learning rate from each rollback on.
+    divergence_skip: bool = False  # rollback: the step that diverged is skipped (its batch is not trained on).
+    max_rollbacks: int = 3  # rollback: past this many, the run stops as with stop.
 
     def __post_init__(self) -> None:
         # Resolved once, where the run starts: a relative logdir would follow the working folder, which

@@ -24,8 +24,9 @@ class DivergedError(RunStopped):
     EXIT_STATUS = 3
     is_error = True
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, *, steps: tuple[int, int] = (0, 0)):
         super().__init__(message, self.EXIT_STATUS)
+        self.steps = steps  # The first and last step of the loop call that diverged.
 
 
 class Interrupted(RunStopped):

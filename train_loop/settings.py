@@ -27,6 +27,7 @@ LR_SCHEDULES = ("constant", "cosine", "step")
 # names, which the task alone knows: `best.BestModel` checks the name).
 BEST_METRIC_PREFIX = "validation/"
 EXPORTS = ("saved_model", "none")
+ON_DIVERGENCE = ("stop", "rollback")
 # Keras' initializers take seeds in [0, 2**32); each layer adds a small offset to `seed`, so the
 # flag stays in the int32 range, which every seeded op accepts.
 MAX_SEED = 2**31 - 1
@@ -91,6 +92,34 @@ def check(config: Config) -> None:
     if "/" in config.run_name or config.run_name in (".", ".."):
         raise UsageError(f"--run_name={config.run_name!r} must be a plain folder name, without '/'.")
     _check_accumulation(config)
+    _check_divergence_settings(config)
+
+
+def _check_divergence_settings(config: Config) -> None:
+    """`--on_divergence=rollback`'s options: a factor that keeps the rate positive, a count, and
+    nothing of a rollback's without one."""
+    _check_choice("on_divergence", config.on_divergence, ON_DIVERGENCE)
+    if not (math.isfinite(config.divergence_lr_factor) and config.divergence_lr_factor > 0):
+        raise UsageError(
+            f"--divergence_lr_factor={config.divergence_lr_factor} must be a positive finite number: it multiplies "
+            "the learning rate at each rollback, e.g. --divergence_lr_factor=0.5 (1: unchanged)."
+        )
+    if config.max_rollbacks < 0:
+        raise UsageError(
+            f"--max_rollbacks={config.max_rollbacks} must be 0 or more: the rollbacks before the run stops as "
+            "--on_divergence=stop does."
+        )
+    defaults = type(config)
+    given = [
+        f"--{name}={getattr(config, name)}"
+        for name in ("divergence_lr_factor", "divergence_skip", "max_rollbacks")
+        if getattr(config, name) != getattr(defaults, name)
+    ]
+    if given and config.on_divergence != "rollback":
+        raise UsageError(
+            f"{given[0]} applies to a rollback, and --on_divergence={config.on_divergence} stops at a divergence: "
+            f"pass --on_divergence=rollback, or leave {given[0].split('=')[0]} out."
+        )
 
 
 def _check_accumulation(config: Config) -> None:

@@ -290,3 +290,28 @@ flags.DEFINE_string(
     "PATH.py:NAME or package.module:NAME: an object giving model() and loss_terms(batch, outputs) "
     "(named per-example terms), and optionally metrics(batch, outputs) and split(batch).",
 )
+
+# What a divergence does (training/divergence.py).
+flags.DEFINE_enum(
+    "on_divergence",
+    _DEFAULTS.on_divergence,
+    settings.ON_DIVERGENCE,
+    "When a loop call's loss terms or gradient are not finite: stop (exit status 3), or rollback: restore the "
+    "last checkpoint and go on; either way the step, term, layer, replica and examples that diverged are "
+    "reported (<run>/divergence.json). See docs/reliability.md.",
+)
+flags.DEFINE_float(
+    "divergence_lr_factor",
+    _DEFAULTS.divergence_lr_factor,
+    "With --on_divergence=rollback: multiply the learning rate by this at each rollback, e.g. 0.5.",
+)
+flags.DEFINE_bool(
+    "divergence_skip",
+    _DEFAULTS.divergence_skip,
+    "With --on_divergence=rollback: skip the step that diverged (no update on its batch).",
+)
+flags.DEFINE_integer(
+    "max_rollbacks",
+    _DEFAULTS.max_rollbacks,
+    "With --on_divergence=rollback: the most rollbacks; at the next divergence the run stops.",
+)

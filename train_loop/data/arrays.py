@@ -69,8 +69,7 @@ def hold_out(splits: Splits, share: float, seed: int) -> Splits:
             f"--validation_split={share:g} of {len(splits.x_train)} training examples holds out none: "
             f"use at least {1 / len(splits.x_train):.2g}, or 0 for no validation split."
         )
-    held = np.zeros(len(splits.x_train), bool)
-    held[np.random.default_rng(seed).permutation(len(held))[:count]] = True
+    held = held_out_mask(len(splits.x_train), count, seed)
     kept = np.flatnonzero(~held)
     with memory_for("the validation split", splits.x_train[:count].nbytes):
         x_validation = aligned_empty(splits.x_train[:count].shape, splits.x_train.dtype)
@@ -83,6 +82,20 @@ def hold_out(splits: Splits, share: float, seed: int) -> Splits:
         x_validation=x_validation,
         y_validation=y_validation,
     )
+
+
+def held_out_mask(num_examples: int, count: int, seed: int) -> np.ndarray:
+    """Which of `num_examples` training examples `hold_out` moves to validation: `count` drawn by `seed`."""
+    held = np.zeros(num_examples, bool)
+    held[np.random.default_rng(seed).permutation(num_examples)[:count]] = True
+    return held
+
+
+def given_indices(splits: Splits, seed: int) -> np.ndarray:
+    """For each example of the training split after `hold_out`, its index in the training
+    arrays as they were given (the split that holds out none keeps them all, in order)."""
+    held_count = 0 if splits.x_validation is None else len(splits.x_validation)
+    return np.flatnonzero(~held_out_mask(len(splits.x_train) + held_count, held_count, seed))
 
 
 def _kept_in_place(array: np.ndarray, kept: np.ndarray) -> np.ndarray:

@@ -61,9 +61,7 @@ def train_dataset_fn(
 
     def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
         def epoch_batches(epoch: tf.Tensor) -> tf.data.Dataset:
-            order = tf.random.experimental.stateless_shuffle(
-                tf.range(num_examples), seed=tf.stack([tf.constant(seed, tf.int64), epoch])
-            )
+            order = epoch_order(num_examples, seed, epoch)
             return tf.data.Dataset.from_tensor_slices(
                 _pipeline_batches(order[: steps * global_batch_size], context, global_batch_size)
             )
@@ -79,6 +77,14 @@ def train_dataset_fn(
         return with_options(batches.prefetch(_PREFETCH))
 
     return dataset_fn
+
+
+def epoch_order(num_examples: int, seed: int, epoch: tf.Tensor | int) -> tf.Tensor:
+    """The training split's order in `epoch`: a stateless shuffle keyed by (seed, epoch). Its
+    first `global_batch_size` indices are the epoch's first global batch, and so on."""
+    return tf.random.experimental.stateless_shuffle(
+        tf.range(num_examples), seed=tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)])
+    )
 
 
 def eval_dataset_fn(

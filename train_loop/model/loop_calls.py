@@ -114,10 +114,25 @@ def make_input_loop_call(
     jit_compile: bool,
     iterator: Iterator | None = None,
 ) -> Callable[[tf.Tensor, tf.Tensor], dict[str, tf.Tensor]]:
-    """`loop_call(num_steps, histograms)`: `state`'s loop call (`make_loop_call`) pulling from
-    `iterator` over `replica_input` (made here when not given: a stream's is made before the
+    """`loop_call(num_steps, histograms)`: `state`'s loop call (`make_config_loop_call`) pulling
+    from `iterator` over `replica_input` (made here when not given: a stream's is made before the
     checkpoint that holds it is restored); the run's and the XLA timing's alike."""
-    loop_call = make_loop_call(
+    loop_call = make_config_loop_call(config, strategy, state, replica_input, jit_compile=jit_compile)
+    iterator = iterator or replica_input.iterator()
+    return lambda num_steps, histograms: loop_call(iterator, num_steps, histograms)
+
+
+def make_config_loop_call(
+    config: Config,
+    strategy: tf.distribute.Strategy,
+    state: TrainState,
+    replica_input: inputs.ReplicaInput,
+    *,
+    jit_compile: bool,
+) -> Callable[[object, tf.Tensor, tf.Tensor], dict[str, tf.Tensor]]:
+    """`make_loop_call` with `config`'s settings, pulling from any iterator of `replica_input`'s
+    kind: one trace serves a new iterator of the same input (a rollback's, `training/divergence`)."""
+    return make_loop_call(
         strategy,
         state,
         replica_input.next_batch,
@@ -126,8 +141,6 @@ def make_input_loop_call(
         global_clipnorm=config.global_clipnorm,
         accumulation_steps=config.accumulation_steps,
     )
-    iterator = iterator or replica_input.iterator()
-    return lambda num_steps, histograms: loop_call(iterator, num_steps, histograms)
 
 
 def make_eval_pass(

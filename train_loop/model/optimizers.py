@@ -21,15 +21,16 @@ _OPTIMIZERS = {
 }
 
 
-def build_optimizer(config: Config) -> keras.optimizers.Optimizer:
-    """The Keras optimizer `--optimizer` names; build it inside `strategy.scope()`.
+def build_optimizer(config: Config, learning_rate_factor: tf.Variable | None = None) -> keras.optimizers.Optimizer:
+    """The Keras optimizer `--optimizer` names; build it inside `strategy.scope()`. Its rate is
+    multiplied by `learning_rate_factor` when given (`Rescaled`: the rollbacks' factor).
 
     Clipping is not the optimizer's: under a distribution strategy Keras clips each replica's
     share of the gradient before the cross-replica sum, so the step clips the sum itself
     (`steps.make_train_step`).
     """
     return _OPTIMIZERS[config.optimizer](
-        learning_rate=learning_rate_schedule(config),
+        learning_rate=learning_rate_schedule(config, learning_rate_factor),
         weight_decay=config.weight_decay or None,
         use_ema=config.ema > 0,
         ema_momentum=config.ema or 0.99,
@@ -65,8 +66,18 @@ def decayed(optimizer: keras.optimizers.Optimizer, variable: keras.Variable) -> 
     return optimizer.weight_decay is not None and optimizer._use_weight_decay(variable)
 
 
-def learning_rate_schedule(config: Config) -> float | keras.optimizers.schedules.LearningRateSchedule:
-    """`--learning_rate` as `--lr_schedule` and `--warmup_steps` shape it over the optimizer's steps."""
+def learning_rate_schedule(
+    config: Config, factor: tf.Variable | None = None
+) -> float | keras.optimizers.schedules.LearningRateSchedule:
+    """`--learning_rate` as `--lr_schedule` and `--warmup_steps` shape it over the optimizer's steps,
+    times `factor` when given."""
+    schedule = _shaped_schedule(config)
+    if factor is None:
+        return schedule
+    return Rescaled(schedule if callable(schedule) else (lambda step: schedule), factor)
+
+
+def _shaped_schedule(config: Config) -> float | keras.optimizers.schedules.LearningRateSchedule:
     schedules = keras.optimizers.schedules
     schedule = None
     if config.lr_schedule == "cosine":
@@ -78,6 +89,21 @@ def learning_rate_schedule(config: Config) -> float | keras.optimizers.schedules
     if config.warmup_steps:
         return Warmup(schedule or (lambda step: config.learning_rate), config.learning_rate, config.warmup_steps)
     return schedule or config.learning_rate
+
+
+class Rescaled(keras.optimizers.schedules.LearningRateSchedule):
+    """`schedule(step)` times a variable `factor`: the rate that `--divergence_lr_factor` lowers at
+    each rollback. A variable, so that the traced step reads its new value without a new trace,
+    and the checkpoint keeps it."""
+
+    def __init__(self, schedule: Callable[[tf.Tensor], tf.Tensor], factor: tf.Variable):
+        self.schedule, self.factor = schedule, factor
+
+    def __call__(self, step: tf.Tensor) -> tf.Tensor:
+        return tf.cast(self.schedule(step), tf.float32) * self.factor
+
+    def get_config(self) -> dict:
+        return {"factor": float(self.factor.numpy())}
 
 
 class Warmup(keras.optimizers.schedules.LearningRateSchedule):
@@ -103,13 +129,13 @@ class Warmup(keras.optimizers.schedules.LearningRateSchedule):
         return {"peak": self.peak, "warmup_steps": self.warmup_steps}
 
 
-def applied_learning_rate(config: Config, optimizer: keras.optimizers.Optimizer) -> float:
-    """The rate the optimizer's latest update applied; Keras' `optimizer.learning_rate` is the
-    next update's (the schedule at `iterations`, already counted up)."""
-    schedule = learning_rate_schedule(config)
+def applied_learning_rate(config: Config, optimizer: keras.optimizers.Optimizer, factor: float = 1.0) -> float:
+    """The rate the optimizer's latest update applied (times the rollbacks' `factor`); Keras'
+    `optimizer.learning_rate` is the next update's (the schedule at `iterations`, already counted up)."""
+    schedule = _shaped_schedule(config)
     if not callable(schedule):
-        return schedule
-    return float(schedule(tf.maximum(optimizer.iterations - 1, 0)))
+        return schedule * factor
+    return float(schedule(tf.maximum(optimizer.iterations - 1, 0))) * factor
 
 
 def layer_decay_terms(

@@ -26,6 +26,7 @@ from train_loop.model.measurements import (
     layer_tag,
 )
 from train_loop.model.models import build_model, named_layers, near_zero_share, weighted_layers
+from train_loop.model.rollbacks import Rollbacks
 from train_loop.model.user_models import ModelFunction
 
 # The epoch sums' order in the one vector that checkpoints written before the measurements had
@@ -98,6 +99,10 @@ class Counters:
         for name, variable in self._epoch_sums.items():
             variable.assign_add(sums[name])
 
+    def skip(self) -> None:
+        """Counts a step that trained nothing (`--divergence_skip`): not in the epoch's means."""
+        self._step.assign_add(1)
+
     def epoch_means(self) -> dict[str, float]:
         count = max(int(self._epoch_steps), 1)
         return {name: float(variable) / count for name, variable in self._epoch_sums.items()}
@@ -120,6 +125,12 @@ class TrainState:
     counters: Counters
     task: tasks.Task = dataclasses.field(default_factory=tasks.classifier)
     table: Table = CLASSIFIER  # The task's measurements.
+    rollbacks: Rollbacks | None = None  # With --on_divergence=rollback.
+
+    @property
+    def learning_rate_factor(self) -> float:
+        """What the rollbacks multiplied the learning rate by (1 without any)."""
+        return float(self.rollbacks.learning_rate_factor.numpy()) if self.rollbacks else 1.0
 
     def validated_weights(self) -> contextlib.AbstractContextManager:
         """The model holds the weights validation scores inside: with `--ema`, their average."""
@@ -192,6 +203,7 @@ class TrainState:
         return {
             **({"loss_scale": self.loss_scale} if self.loss_scale else {}),
             **(self.best.trackables() if self.best else {}),
+            **({"rollbacks": self.rollbacks} if self.rollbacks else {}),
         }
 
 
@@ -219,6 +231,7 @@ def build_state(
       UsageError: the model or the task cannot be built, or fails on `sample`.
     """
     task = task or tasks.classifier()
+    rollbacks = Rollbacks(config.max_rollbacks, strategy) if config.on_divergence == "rollback" else None
     with strategy.scope():
         model = build_model(
             config,
@@ -229,10 +242,12 @@ def build_state(
             targets=task.targets,
         )
         table = CLASSIFIER if sample is None else for_task(*tasks.checked_names(task, model, sample))
-        optimizer = optimizers.build_optimizer(config)
+        # Without a factor other than 1, the rate stays the schedule's own: the step reads no factor.
+        factor = rollbacks.learning_rate_factor if rollbacks and config.divergence_lr_factor != 1.0 else None
+        optimizer = optimizers.build_optimizer(config, factor)
         optimizers.exclude_from_decay(optimizer, config, model.trainable_variables)
         optimizer.build(model.trainable_variables)
         use_step(model, lambda: optimizer.iterations)
         loss_scale = LossScale() if config.precision == "mixed_float16" else None
         best = BestModel(config, model, table) if config.best_metric else None
-    return TrainState(model, optimizer, loss_scale, best, Counters(table.per_epoch), task, table)
+    return TrainState(model, optimizer, loss_scale, best, Counters(table.per_epoch), task, table, rollbacks)

@@ -110,6 +110,11 @@ def restore_latest(
     raise _none_restores(checkpoint_dir, "; ".join(failures))
 
 
+def restore(checkpoint: tf.train.Checkpoint, prefix: str) -> str:
+    """Restores the checkpoint `prefix` into `checkpoint`; returns why it failed, or "" when it did not."""
+    return _restore(checkpoint, prefix, positional=None)
+
+
 def _restore(checkpoint: tf.train.Checkpoint, prefix: str, *, positional: tf.train.Checkpoint | None) -> str:
     """Restores `prefix` into `checkpoint` (or `positional`, if it was written with those names);
     returns why it failed, or "" when it did not."""

@@ -24,6 +24,8 @@ from train_loop.outputs.experiment import write_logdir_experiment
 from train_loop.outputs.metrics_file import MetricsFile
 from train_loop.outputs.summaries import Summaries
 
+DIVERGENCE_FILE = "divergence.json"
+
 
 @dataclasses.dataclass(frozen=True)
 class RunOutputs:
@@ -88,6 +90,20 @@ class RunOutputs:
             exports.save_model(model, self.run_dir)
             if export == "saved_model":
                 exports.export_saved_model(model, self.run_dir)
+
+    def rewind(self, step: int) -> None:
+        """Drops what was logged after `step` (events, `metrics.jsonl`): a rollback to the
+        checkpoint at `step` logs the steps after it again, as a resumed run does."""
+        if self.writes:
+            self.summaries.close()  # `drop_events_after` rewrites the files: none may be open.
+            drop_events_after(self.run_dir, step)
+            self.summaries.reopen()
+            metrics_file.drop_lines_after(self.run_dir, step)
+
+    def write_divergence(self, report: Mapping[str, Any]) -> None:
+        """`<run>/divergence.json`: the latest divergence's report."""
+        if self.writes:
+            files.write_json(os.path.join(self.run_dir, DIVERGENCE_FILE), dict(report))
 
     def write_result(self, result: Mapping[str, Any]) -> None:
         """`<run>/result.json`, last: it marks the run finished."""

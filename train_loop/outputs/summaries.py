@@ -40,12 +40,18 @@ class Summaries:
     def __init__(self, run_dir: str | None, *, class_names: Sequence[str] = ()):
         self._class_names = tuple(class_names)  # Empty: the labels are named by their index.
         self._writers: dict[str, Any] = {}
-        if run_dir is not None:
+        self._run_dir = run_dir
+        self.reopen()
+
+    def reopen(self) -> None:
+        """Opens the writers, each on a new file: at the start, and after `close` once the files
+        were cut back (`RunOutputs.rewind`)."""
+        if self._run_dir is not None:
             # A writer that cannot write its first record (a full disk) raises, and TensorFlow's
             # kernel logs the same failure: the caller reports it in one line.
             with quiet_stderr():
                 for name in WRITERS:
-                    self._writers[name] = tf.summary.create_file_writer(writer_dir(run_dir, name))
+                    self._writers[name] = tf.summary.create_file_writer(writer_dir(self._run_dir, name))
 
     def write_scalars(self, writer: str, step: int, scalars: Mapping[str, float]) -> None:
         """All of `scalars` in one record, each value as `tf.summary.scalar` writes it: one eager

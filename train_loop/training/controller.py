@@ -22,6 +22,7 @@ from train_loop.outputs.run_outputs import RunOutputs
 from train_loop.training import actions
 from train_loop.training.actions import Action, Cadence, Moment
 from train_loop.training.console import Console
+from train_loop.training.divergence import Divergence
 from train_loop.training.preemption import SignalStop
 from train_loop.training.timing import Stopwatch, Throughput
 from train_loop.user_actions import PeriodicAction
@@ -36,7 +37,8 @@ def check_finite(measured: dict[str, float], step: int, num_steps: int, *, table
         if not math.isfinite(measured[name]):
             raise DivergedError(
                 f"training diverged: {table.tag(name)} became {measured[name]} between steps {step + 1} and "
-                f"{step + num_steps}; nothing past step {step} was saved. Lower --learning_rate."
+                f"{step + num_steps}; nothing past step {step} was saved. Lower --learning_rate.",
+                steps=(step + 1, step + num_steps),
             )
 
 
@@ -72,12 +74,18 @@ class Interval:
         self._examples += examples
         self._seconds += seconds
 
+    def clear(self) -> None:
+        """Starts a new interval, as after a rollback."""
+        self.__init__(self._summed)
+
     def pop_means(self) -> dict[str, float]:
         """The interval's mean measurements, its latest gradient norms and its throughput; starts a
         new interval."""
+        if not self._steps:
+            return {}  # Only a skipped step since the last summary (`--divergence_skip`).
         means = {name: value / self._steps for name, value in self._sums.items()}
         means.update(self._latest, examples_per_second=self._examples / self._seconds)
-        self.__init__(self._summed)
+        self.clear()
         return means
 
 
@@ -99,22 +107,62 @@ class Controller:
     throughput: Throughput = dataclasses.field(default_factory=Throughput)
     stopping: Callable[[], bool] = lambda: False  # Early stopping, decided by an action.
     calls: int = dataclasses.field(default=0, init=False)  # Loop calls made by this process.
+    # What a divergence does (`--on_divergence`); None: it stops the run, unreported.
+    divergence: Divergence | None = None
 
     def run(self) -> None:
         if self.counters.step == 0:
             for action in self.actions:
                 action.begin()
+            if self.divergence:
+                self.divergence.begin()
         try:
             while self.counters.step < self.total_steps and not self.stopping():
-                self._run_due_actions(*self._loop_call_checked())
+                called = self._next_call()
+                if called:
+                    self._run_due_actions(*called)
         finally:
             for action in self.actions:
                 action.end()
 
     def call_size(self, step: int) -> int:
-        """The steps of the loop call starting at `step`: up to the next step an action is due at."""
+        """The steps of the loop call starting at `step`: up to the next step an action is due at,
+        and up to a step a rollback skips (`--divergence_skip`)."""
         due = (action.next_due(step) for action in self.actions)
-        return min(self.steps_per_loop, self.total_steps - step, *(when - step for when in due if when is not None))
+        skipped = (skip - 1 for skip in self.divergence.skipped if skip > step) if self.divergence else ()
+        return min(
+            self.steps_per_loop,
+            self.total_steps - step,
+            *(when - step for when in due if when is not None),
+            *(when - step for when in skipped),
+        )
+
+    def _next_call(self) -> tuple[int, dict[str, np.ndarray], dict[str, float]] | None:
+        """The next loop call (`_loop_call_checked`), or the step a rollback skips; None after a
+        rollback, whose loop call starts from its checkpoint."""
+        if self.divergence is not None and self.counters.step + 1 in self.divergence.skipped:
+            return self._skip()
+        try:
+            return self._loop_call_checked()
+        except DivergedError as error:
+            self._diverged(error)
+            return None
+
+    def _skip(self) -> tuple[int, dict[str, np.ndarray], dict[str, float]]:
+        """The step a rollback skips: its batch is drawn and not trained on; the step counts, as
+        a loop call of no step (its actions run: an epoch may end there)."""
+        self.throughput.start()
+        self.divergence.data.skip_batch()
+        self.counters.skip()
+        return 0, {}, {}
+
+    def _diverged(self, error: DivergedError) -> None:
+        """Reports the divergence and stops, or goes on from the rollback's checkpoint with a new
+        interval, as a resumed run does."""
+        if self.divergence is None:
+            raise error
+        self.loop_call = self.divergence.handle(error)
+        self.interval.clear()
 
     def _loop_call_checked(self) -> tuple[int, dict[str, np.ndarray], dict[str, float]]:
         """One loop call, checked and counted; returns its number of steps, the gradient's
@@ -169,6 +217,7 @@ def make_controller(
     signals: SignalStop,
     stopwatch: Stopwatch,
     user_actions: Sequence[PeriodicAction] = (),
+    divergence: Divergence | None = None,
 ) -> Controller:
     """The run's controller with its actions, in the order they run after a loop call.
 
@@ -194,6 +243,7 @@ def make_controller(
         interval=interval,
         throughput=throughput,
         stopping=lambda: state.best is not None and state.best.stop,
+        divergence=divergence,
         actions=[
             *([actions.Profiling(profiled, os.path.join(outputs.profile_dir, "train"))] if profiled else []),
             actions.TrainSummaries(

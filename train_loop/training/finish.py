@@ -104,6 +104,7 @@ def _result(
         # Rows: true label, columns: predicted label, over the test split; the classifier's alone.
         **({"confusion_matrix": test.confusion_matrix.tolist()} if test.confusion_matrix is not None else {}),
         "examples_per_second": throughput.examples_per_second,
+        **({"rollbacks": state.rollbacks.history} if state.rollbacks else {}),
         # From train() to the end of the first step: data, model, tracing, compiling.
         "seconds_to_first_step": throughput.first_done_at - started if throughput.first else None,
     }

@@ -20,7 +20,7 @@ from train_loop.model.user_models import ModelFunction, load_model_function
 from train_loop.outputs import checkpoints, runs
 from train_loop.outputs.run_outputs import RunOutputs
 from train_loop.settings import MODELS
-from train_loop.training import actions, distribute, xla_choice
+from train_loop.training import actions, distribute, divergence, xla_choice
 from train_loop.training.console import Console
 from train_loop.training.controller import make_controller
 from train_loop.training.evaluation import Evaluation, Weights, make_evaluator
@@ -65,6 +65,7 @@ def train(
         runs.check_same_source(run_dir, data.fingerprint, data.summary.source)
     strategy = distribute.make_strategy(config)
     distribute.check_global_batch(strategy, config.batch_size, config.accumulation_steps)
+    divergence.check_strategy(config, strategy)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     chief = distribute.is_chief(strategy)
@@ -145,6 +146,17 @@ def train(
             signals=signals,
             stopwatch=stopwatch,
             user_actions=user_actions,
+            divergence=divergence.Divergence(
+                config,
+                strategy,
+                state,
+                data,
+                checkpoint,
+                manager,
+                outputs,
+                console,
+                jit_compile=decision.jit_compile,
+            ),
         )
         # Leaving by a stop or an error ends the bar's line first: its message starts a line.
         with outputs, signals.catching(), console:

@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from train_loop.configs import Config
 from train_loop.data import inputs, sources, streams, tfrecords
-from train_loop.data.arrays import Splits, hold_out
+from train_loop.data.arrays import Splits, given_indices, hold_out
 from train_loop.model import loop_calls
 from train_loop.model.state import TrainState
 from train_loop.outputs.stderr import quiet_stderr
@@ -32,6 +32,8 @@ class RunData:
     stream: streams.Stream | None
     # A stream's training input and its iterator, whose state is the data's position (`position`).
     _stream_input: tuple[inputs.ReplicaInput, Iterator] | None = None
+    _iterator: Iterator | None = None  # The latest loop call's: what `skip_batch` pulls from.
+    _traced: Callable[[object, tf.Tensor, tf.Tensor], dict[str, tf.Tensor]] | None = None
 
     @classmethod
     def read(
@@ -120,18 +122,23 @@ class RunData:
         self, config: Config, strategy: tf.distribute.Strategy, state: TrainState, *, jit_compile: bool
     ) -> Callable[[int, bool], dict[str, tf.Tensor]]:
         """The controller's loop call: `num_steps` traced steps, pulling from the training data where
-        the restored state stands (arrays: from its step; a stream: its restored iterator)."""
+        the restored state stands (arrays: from its step; a stream: its restored iterator). Called
+        again after a restore (`training/divergence`), it pulls from there with the same trace."""
         if self.stream is None:
-            replica_input, iterator = self._arrays_input(config, strategy, state), None
+            replica_input = self._arrays_input(config, strategy, state)
+            iterator = replica_input.iterator()
         else:
             replica_input, iterator = self._stream_input
-        loop_call = loop_calls.make_input_loop_call(
-            config, strategy, state, replica_input, jit_compile=jit_compile, iterator=iterator
+        self._iterator = iterator
+        # Traced once: a rollback's new iterator is of the same input, and the same trace takes it.
+        self._traced = self._traced or loop_calls.make_config_loop_call(
+            config, strategy, state, replica_input, jit_compile=jit_compile
         )
+        loop_call = self._traced
 
         def call(num_steps: int, histograms: bool) -> dict[str, tf.Tensor]:
             with streams.read_errors(self.stream) if self.stream else contextlib.nullcontext():
-                return loop_call(tf.constant(num_steps), tf.constant(histograms))
+                return loop_call(iterator, tf.constant(num_steps), tf.constant(histograms))
 
         return call
 
@@ -163,6 +170,25 @@ class RunData:
             self.stream, global_batch_size=config.batch_size, seed=config.seed, shuffle_buffer=config.shuffle_buffer
         )
         return inputs.ReplicaInput(strategy, dataset_fn, checkpointable=True)
+
+    def skip_batch(self) -> None:
+        """Pulls the next step's batch out of the latest loop call's input untrained: a step that
+        `--divergence_skip` skips."""
+        with streams.read_errors(self.stream) if self.stream else contextlib.nullcontext():
+            next(self._iterator)
+
+    def step_batch(self, config: Config, step: int) -> tuple[object, np.ndarray | None]:
+        """The global batch of `step` (counted from 1), and its examples' indices in the training
+        arrays as given (None for a stream, whose examples have no index: its batch is the next one
+        of the latest loop call's input, which must stand right before `step`)."""
+        if self.stream is not None:
+            with streams.read_errors(self.stream):
+                return next(self._iterator), None
+        epoch, position = divmod(step - 1, self.steps_per_epoch(config))
+        order = inputs.epoch_order(len(self.splits.x_train), config.seed, epoch).numpy()
+        rows = order[position * config.batch_size : (position + 1) * config.batch_size]
+        batch = (self.splits.x_train[rows], self.splits.y_train[rows])
+        return batch, given_indices(self.splits, config.seed)[rows]
 
     def evaluations(self, evaluator: Evaluator, batch_size: int) -> tuple[Evaluate | None, Evaluate]:
         """The validation split's evaluation (None without one) and the test split's."""

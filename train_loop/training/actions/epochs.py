@@ -57,7 +57,9 @@ class EpochEnd(Periodic):
                 epoch=epoch,
                 train=train,
                 validation=latest.metrics if validated_now else None,
-                learning_rate=optimizers.applied_learning_rate(self.config, self.state.optimizer),
+                learning_rate=optimizers.applied_learning_rate(
+                    self.config, self.state.optimizer, self.state.learning_rate_factor
+                ),
                 examples_per_second=examples_per_second,
                 wall_time=time.time(),
             )

@@ -41,6 +41,8 @@ class TrainSummaries(Periodic):
 
     def _write(self, at: Moment) -> None:
         means, state = self.means(), self.state
+        if not means:
+            return  # No step was trained since the last summary: a skipped one alone.
         data = sum(means[term] for term in state.table.terms)
         self.summaries.write_scalars(
             "train",
@@ -48,7 +50,9 @@ class TrainSummaries(Periodic):
             {
                 **state.table.tagged(means),
                 "regularization_ratio": means["regularization"] / data,
-                "learning_rate": optimizers.applied_learning_rate(self.config, state.optimizer),
+                "learning_rate": optimizers.applied_learning_rate(
+                    self.config, state.optimizer, state.learning_rate_factor
+                ),
                 **({"loss_scale": float(state.loss_scale.scale.numpy())} if state.loss_scale else {}),
                 **state.layer_measurements(),
                 **(

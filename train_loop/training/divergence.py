@@ -1,0 +1,185 @@
+"""What a divergence does (`--on_divergence`): a report that names where the run diverged, taken
+after the fact, and with `rollback` a return to the last checkpoint, from which the run goes on.
+
+The report costs nothing while the run is healthy: the traced step stays as it is. When a loop
+call's measurements are not finite, the newest checkpoint whose weights are finite is restored,
+the steps up to that loop call are trained again, then its steps one at a time to the first one
+that is not finite; before that step, each replica's loss terms and per-variable gradients are
+computed on its share of the batch. Exact resume makes the replay the run's own steps (with
+`--deterministic`, bit for bit), and a batch's examples knowable from the seed and the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from train_loop.configs import Config
+from train_loop.errors import DivergedError, UsageError
+from train_loop.model.state import TrainState
+from train_loop.outputs import checkpoints
+from train_loop.outputs.run_outputs import DIVERGENCE_FILE, RunOutputs
+from train_loop.training.console import Console
+from train_loop.training.divergence_report import Report, first_non_finite, listed, replica_measurements
+from train_loop.training.run_data import RunData
+
+LoopCall = Callable[[int, bool], dict[str, tf.Tensor]]
+ROLLBACKS_TAG = "divergence/rollbacks"
+
+
+def check_strategy(config: Config, strategy: tf.distribute.Strategy) -> None:
+    """Raises UsageError when `--on_divergence=rollback` meets a strategy of several machines,
+    whose workers would each have to replay and restore in step: not done yet."""
+    if config.on_divergence == "rollback" and not replays_here(strategy):
+        raise UsageError(
+            "--on_divergence=rollback runs on one machine's devices for now (its replay and restore are not "
+            "collective across workers); use --on_divergence=stop, or --strategy=mirrored or one_device."
+        )
+
+
+def replays_here(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this process alone can replay steps: one machine's devices, not a cluster's or a TPU's."""
+    return isinstance(strategy, (tf.distribute.OneDeviceStrategy, tf.distribute.MirroredStrategy))
+
+
+@dataclasses.dataclass
+class Divergence:
+    """The run's answer to a divergence (`handle`): the report, then a stop or a rollback."""
+
+    config: Config
+    strategy: tf.distribute.Strategy
+    state: TrainState
+    data: RunData
+    checkpoint: tf.train.Checkpoint
+    manager: tf.train.CheckpointManager
+    outputs: RunOutputs
+    console: Console
+    jit_compile: bool
+
+    def begin(self) -> None:
+        """With rollback, a fresh run saves its start: there is always a checkpoint to go back to."""
+        if self.state.rollbacks is not None and self.manager.latest_checkpoint is None:
+            checkpoints.save(self.manager, 0)
+
+    @property
+    def skipped(self) -> frozenset[int]:
+        return self.state.rollbacks.skipped if self.state.rollbacks else frozenset()
+
+    def handle(self, error: DivergedError) -> LoopCall:
+        """Reports the divergence; raises `error` (stop, or too many rollbacks), else rolls back
+        and returns the loop call to go on with, from the checkpoint's step.
+
+        Raises:
+          DivergedError: the run stops.
+        """
+        counted = self._counted()
+        report = self.report(error.steps)
+        self._count_again(counted)
+        for line in report.lines(self.outputs.run_dir):
+            self.console.say(line)
+        self.outputs.write_divergence(report.to_dict())
+        rollbacks = self.state.rollbacks
+        if rollbacks is None or int(rollbacks.count) >= self.config.max_rollbacks or report.replayed_from is None:
+            self.outputs.metrics_file.append({"step": error.steps[1], "divergence": report.to_dict()})
+            raise DivergedError(f"{error} (report: {self.outputs.run_dir}/{DIVERGENCE_FILE})", steps=error.steps)
+        return self._roll_back(report)
+
+    def report(self, steps: tuple[int, int]) -> Report:
+        """The divergence of the loop call over `steps`, replayed from the newest finite checkpoint."""
+        if not replays_here(self.strategy):
+            return Report(steps, None, replayable=False)
+        back_to = self._restore_finite()
+        if back_to is None:
+            return Report(steps, None)
+        first, last = steps
+        loop_call = self.data.loop_call(self.config, self.strategy, self.state, jit_compile=self.jit_compile)
+        self._train(loop_call, back_to, first - 1)
+        step = next((step for step in range(first, last + 1) if not self._step_finite(loop_call, step)), None)
+        if step is None:
+            return Report(steps, back_to)
+        # Again to the step before it, whose weights the replicas' terms and gradients are taken at.
+        self._restore_finite()
+        loop_call = self.data.loop_call(self.config, self.strategy, self.state, jit_compile=self.jit_compile)
+        self._train(loop_call, back_to, step - 1)
+        batch, examples = self.data.step_batch(self.config, step)
+        replicas = replica_measurements(self.strategy, self.state, batch, global_batch_size=self.config.batch_size)
+        found = first_non_finite(replicas, self.state)
+        return Report(steps, back_to, step=step, examples=listed(examples), **found)
+
+    def _roll_back(self, report: Report) -> LoopCall:
+        """Back to the checkpoint the report replayed from, counted (with the rate's factor and
+        the skipped step) in the rollbacks, which the restore must not undo; logged again with
+        the earlier rollbacks since that step, as the files were cut back to it."""
+        rollbacks, counted = self.state.rollbacks, self._counted()
+        back_to = self._restore_finite()
+        self._count_again(counted)
+        diverged_at = report.step or report.steps[1]
+        rollbacks.record(
+            back_to=back_to,
+            diverged_at=diverged_at,
+            factor=self.config.divergence_lr_factor,
+            skip=self.config.divergence_skip,
+        )
+        self.outputs.rewind(back_to)
+        for number, rollback in enumerate(rollbacks.history, start=1):
+            if rollback["diverged_at"] > back_to:
+                details = {"divergence": report.to_dict()} if number == int(rollbacks.count) else {}
+                self._log_rollback(number, rollback, details)
+        self.console.say(
+            f"rolled back to step {back_to} (rollback {int(rollbacks.count)} of at most {self.config.max_rollbacks}); "
+            f"learning rate x{float(rollbacks.learning_rate_factor.numpy()):g}"
+            + (f", step {diverged_at} skipped." if self.config.divergence_skip else ".")
+        )
+        return self.data.loop_call(self.config, self.strategy, self.state, jit_compile=self.jit_compile)
+
+    def _counted(self) -> list[np.ndarray]:
+        """The rollbacks' counts as they are: a restore must not undo those made since its checkpoint."""
+        return [variable.numpy() for variable in self.state.rollbacks.values()] if self.state.rollbacks else []
+
+    def _count_again(self, counted: list[np.ndarray]) -> None:
+        for variable, value in zip(self.state.rollbacks.values() if self.state.rollbacks else (), counted):
+            variable.assign(value)
+
+    def _log_rollback(self, number: int, rollback: dict[str, int], details: dict[str, Any]) -> None:
+        step = rollback["diverged_at"]
+        self.outputs.summaries.write_scalars("train", step, {ROLLBACKS_TAG: float(number)})
+        self.outputs.metrics_file.append({"step": step, "rollback": number, **rollback, **details})
+        self.outputs.summaries.flush()
+
+    def _restore_finite(self) -> int | None:
+        """Restores the newest checkpoint whose weights are finite; its step, or None when none is."""
+        for prefix in checkpoints.saved_checkpoints(self.manager.directory):
+            if not checkpoints.restore(self.checkpoint, prefix) and _finite(self.state.model.variables):
+                return self.state.counters.step
+        return None
+
+    def _train(self, loop_call: LoopCall, start: int, end: int) -> None:
+        """Trains the steps after `start` up to `end` as the run did, skipping the skipped ones."""
+        step = start
+        while step < end:
+            if step + 1 in self.skipped:
+                self.data.skip_batch()
+                step += 1
+                continue
+            count = min([end, *(skip - 1 for skip in self.skipped if skip > step + 1)]) - step
+            loop_call(count, False)
+            step += count
+
+    def _step_finite(self, loop_call: LoopCall, step: int) -> bool:
+        if step in self.skipped:
+            self.data.skip_batch()
+            return True
+        measured = {name: float(value) for name, value in loop_call(1, False).items() if value.shape.rank == 0}
+        return all(math.isfinite(measured[name]) for name in self.state.table.checked_finite) and not measured.get(
+            "non_finite_gradients"
+        )
+
+
+def _finite(variables: list) -> bool:
+    arrays = (np.asarray(variable) for variable in variables)
+    return all(np.isfinite(array).all() for array in arrays if np.issubdtype(array.dtype, np.floating))
