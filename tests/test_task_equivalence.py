@@ -1,0 +1,138 @@
+"""The classifier's equivalences on the tasks of issue 20, the VAE (examples/vae.py, whose noise is
+`ExampleNoise`'s) and a `--loss=huber` regression on diabetes: 1 device = 2 replicas, 2 workers
+= 1 process, and SIGKILL + resume = uninterrupted; and a task holding state of its own is
+refused.
+
+The VAE reads scikit-learn's digits, scaled to [0, 1] and enlarged to the example's 28x28: real
+images at a fraction of Fashion-MNIST's cost.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import zlib
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import user_tasks
+from conftest import REPO
+from helpers import assert_one_line_error, sigkill_after_first_checkpoint
+from sklearn.datasets import load_digits
+from test_dropout_masks import logged
+from test_faults import finish, read_result, start
+from test_tasks import diabetes
+
+import train_loop
+from train_loop.user_code import load_object
+
+VAE = f"{REPO}/examples/vae.py:VAE"
+load_object("task", VAE, role="a task file", kind="task")  # Registers its Sampling layer, for loading model.keras.
+
+
+def digits_images(count: int) -> dict[str, np.ndarray]:
+    """The first `count` digits as uint8 images of 28x28 (each pixel 3x3, on a border of 2), a
+    fifth of them held out for the test."""
+    digits = load_digits()
+    images = np.round(digits.images[:count] * (255 / 16)).astype(np.uint8)
+    images = np.pad(images.repeat(3, axis=1).repeat(3, axis=2), ((0, 0), (2, 2), (2, 2)))
+    labels, train = digits.target[:count].astype(np.int64), count * 4 // 5
+    return {"x_train": images[:train], "y_train": labels[:train], "x_test": images[train:], "y_test": labels[train:]}
+
+
+CASES = {
+    "vae": (dict(task=VAE, l2=1e-3), digits_images),
+    "huber-regression": (dict(model="linear", loss="huber", metrics="mean_absolute_error", l2=1e-3), None),
+}
+
+
+def dataset(tmp_path: Path, arrays: dict[str, np.ndarray]) -> str:
+    path = tmp_path / "data.npz"
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def case_settings(tmp_path: Path, case: str, count: int) -> dict:
+    """The case's settings, on an .npz of its data (`count` digits for the VAE)."""
+    settings, images = CASES[case]
+    return dict(settings, dataset=dataset(tmp_path, images(count) if images else diabetes()))
+
+
+def as_flags(settings: dict) -> list[str]:
+    return [f"--{name}={str(value).lower() if isinstance(value, bool) else value}" for name, value in settings.items()]
+
+
+def assert_same_run(run: Path, reference: Path, *, rel: float, atol: float = 1e-7) -> None:
+    """The same result, every logged number at the same steps, and the same weights."""
+    result, expected = read_result(run), read_result(reference)
+    for split in ("train", "validation", "test"):
+        assert set(result[split]) == set(expected[split]), split
+        for name, value in expected[split].items():
+            assert result[split][name] == pytest.approx(value, rel=rel, abs=atol), (split, name)
+    series, expected_series = logged(run), logged(reference)
+    assert sorted(series) == sorted(expected_series) and len(expected_series) > 10
+    for tag, values in expected_series.items():
+        assert list(series[tag]) == list(values), tag
+        np.testing.assert_allclose(list(series[tag].values()), list(values.values()), rtol=rel, atol=atol, err_msg=tag)
+    weights = [keras.models.load_model(path / "model.keras").get_weights() for path in (run, reference)]
+    for got, want in zip(*weights, strict=True):
+        np.testing.assert_allclose(got, want, rtol=rel, atol=atol)
+
+
+# Few steps: 2 epochs of 9 (the VAE) or 11 (diabetes) updates of 32.
+QUICK = dict(epochs=2, steps_per_loop=3, summary_every=4, jit_compile=False, optimizer="sgd", learning_rate=0.002)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES)
+def test_two_replicas_train_what_one_device_trains(tmp_path, case):
+    settings = dict(case_settings(tmp_path, case, 400), logdir=str(tmp_path), **QUICK)
+    train_loop.train(strategy="one_device", run_name="one", **settings)
+    two = train_loop.train(strategy="mirrored", cpu_replicas=2, run_name="two", **settings)
+    assert two["replicas"] == 2
+    assert_same_run(tmp_path / "two", tmp_path / "one", rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES)
+def test_two_workers_train_what_one_process_trains(tmp_path, case):
+    settings = dict(case_settings(tmp_path, case, 400), **QUICK)
+    flags = [*as_flags(settings), f"--logdir={tmp_path}"]
+    status, stdout, stderr = finish(start("--workers=2", "--", *flags, "--run_name=two", module="train_loop.launch"))
+    assert status == 0, stdout[-3000:] + stderr[-3000:]
+    assert (read_result(tmp_path / "two")["strategy"], read_result(tmp_path / "two")["replicas"]) == ("multi_worker", 2)
+    train_loop.train(run_name="one", logdir=str(tmp_path), **settings)
+    assert_same_run(tmp_path / "two", tmp_path / "one", rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES)
+def test_sigkill_then_resume_gives_the_uninterrupted_run(tmp_path, case):
+    """--deterministic: within 1e-6, killed within the first half of the training time after the
+    first checkpoint (a share seeded by the case, so that a failure can be run again)."""
+    settings = dict(case_settings(tmp_path, case, 1797), epochs=8, checkpoint_every=20, summary_every=10)
+    flags = [*as_flags(settings), "--deterministic", "--steps_per_loop=5", f"--logdir={tmp_path}"]
+    status, _, stderr = finish(start(*flags, "--run_name=whole"))
+    assert status == 0, stderr[-3000:]
+
+    share = random.Random(zlib.crc32(case.encode())).uniform(0.0, 0.5)
+    delay = share * read_result(tmp_path / "whole")["seconds"]["training"]
+    killed = start(*flags, "--run_name=killed")
+    sigkill_after_first_checkpoint(killed, tmp_path / "killed", delay)
+    assert killed.returncode == -signal.SIGKILL and not (tmp_path / "killed" / "result.json").exists(), (
+        f"the run ended before the kill {delay:.2f} s ({share:.3f} of the training time) after its first checkpoint"
+    )
+    status, stdout, stderr = finish(start(*flags, "--run_name=killed"))
+    assert status == 0, stderr[-3000:]
+    assert stdout.startswith(f"resuming {tmp_path / 'killed'} from step ")
+    assert_same_run(tmp_path / "killed", tmp_path / "whole", rel=1e-6)
+
+
+@pytest.mark.slow  # Starts TensorFlow in a process of its own.
+def test_a_task_holding_state_no_checkpoint_keeps_is_refused_in_one_line(run_cli, tmp_path):
+    assert isinstance(user_tasks.SeededTask().seed, keras.random.SeedGenerator)
+    result = run_cli("--dataset=digits", "--epochs=1", "--jit_compile=false", "--task=tests/user_tasks.py:SeededTask")
+    assert_one_line_error(result, ("--task=tests/user_tasks.py:SeededTask", "attribute seed holds a SeedGenerator"))
+    assert not (tmp_path / "logs").exists()
