@@ -170,7 +170,10 @@ def _keras_metrics(names: tuple[str, ...]) -> PerExample:
     functions = {}
     for name in names:
         try:
-            metric = keras.metrics.get(name)
+            # Made in a graph of its own: a metric's variables made eagerly would start TensorFlow's
+            # runtime before the strategy, and a multi-worker strategy can then not configure it.
+            with tf.Graph().as_default():
+                metric = keras.metrics.get(name)
         except (ValueError, TypeError):
             raise UsageError(
                 f"--metrics={','.join(names)}: {name} is not a Keras metric name; use registered ones such as "
