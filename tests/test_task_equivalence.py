@@ -1,7 +1,7 @@
 """The classifier's equivalences on the tasks of issue 20, the VAE (examples/vae.py, whose noise is
 `ExampleNoise`'s) and a `--loss=huber` regression on diabetes: 1 device = 2 replicas, 2 workers
-= 1 process, and SIGKILL + resume = uninterrupted; and a task holding state of its own is
-refused.
+= 1 process, and SIGKILL + resume = uninterrupted; a task holding state of its own is refused;
+and a user's action that raises on one worker stops every worker.
 
 The VAE reads scikit-learn's digits, scaled to [0, 1] and enlarged to the example's 28x28: real
 images at a fraction of Fashion-MNIST's cost.
@@ -9,8 +9,12 @@ images at a fraction of Fashion-MNIST's cost.
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import signal
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -26,6 +30,7 @@ from test_faults import finish, read_result, start
 from test_tasks import diabetes
 
 import train_loop
+from train_loop.launch import free_ports
 from train_loop.user_code import load_object
 
 VAE = f"{REPO}/examples/vae.py:VAE"
@@ -136,3 +141,45 @@ def test_a_task_holding_state_no_checkpoint_keeps_is_refused_in_one_line(run_cli
     result = run_cli("--dataset=digits", "--epochs=1", "--jit_compile=false", "--task=tests/user_tasks.py:SeededTask")
     assert_one_line_error(result, ("--task=tests/user_tasks.py:SeededTask", "attribute seed holds a SeedGenerator"))
     assert not (tmp_path / "logs").exists()
+
+
+# A user's action that raises on one worker alone.
+
+
+@pytest.mark.slow
+def test_an_action_raising_on_one_worker_stops_every_worker_after_one_checkpoint(tmp_path):
+    """Both workers stop at the failing step with the line naming the action (its error where it
+    raised), within a bound. Before the agreement, worker 0 went on to its next loop call alone
+    and died in its all-reduce once worker 1 had left (exit status 1, TensorFlow's traceback): a
+    worker that leaves no sooner would have kept it waiting."""
+    ports = free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "tests/failing_worker.py", str(tmp_path)],
+            cwd=REPO,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={
+                **os.environ,
+                "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
+            },
+        )
+        for index in range(2)
+    ]
+    try:
+        ended = [finish(worker, timeout=240) for worker in workers]
+    finally:
+        for worker in workers:
+            worker.kill()
+    said = {
+        0: "action samples raised on another worker at step 10; the run is checkpointed there",
+        1: "action samples raised OSError: disk of worker 1 unplugged at step 10; the run is checkpointed there",
+    }
+    for index, (status, stdout, stderr) in enumerate(ended):
+        assert status == 2, (index, stdout[-2000:] + stderr[-3000:])
+        assert stderr.splitlines()[-1].startswith(said[index]), (index, stderr[-3000:])
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert (checkpoints / "ckpt-10.index").exists() and not (checkpoints / "ckpt-15.index").exists()
+    assert not (tmp_path / "run" / "result.json").exists()
