@@ -1,7 +1,8 @@
 """The classifier's equivalences on the tasks of issue 20, the VAE (examples/vae.py, whose noise is
 `ExampleNoise`'s) and a `--loss=huber` regression on diabetes: 1 device = 2 replicas, 2 workers
 = 1 process, and SIGKILL + resume = uninterrupted; a task holding state of its own is refused;
-and a user's action that raises on one worker stops every worker.
+a user's action that raises on one worker stops every worker; and train-loop-compare ranks both
+on their validation data totals.
 
 The VAE reads scikit-learn's digits, scaled to [0, 1] and enlarged to the example's 28x28: real
 images at a fraction of Fashion-MNIST's cost.
@@ -183,3 +184,34 @@ def test_an_action_raising_on_one_worker_stops_every_worker_after_one_checkpoint
     checkpoints = tmp_path / "run" / "checkpoints"
     assert (checkpoints / "ckpt-10.index").exists() and not (checkpoints / "ckpt-15.index").exists()
     assert not (tmp_path / "run" / "result.json").exists()
+
+
+# The comparison of finished runs, with --loss and --task.
+
+
+@pytest.mark.slow
+def test_compare_ranks_a_vae_and_a_regression_on_their_validation_data_totals(tmp_path):
+    """train-loop-compare, in a fresh process, loads the VAE's model (its Sampling layer registered
+    by importing the task's file, as the model function's is) and gives each run's validation sum
+    of its data terms in the "val CE" column."""
+    runs = tmp_path / "runs"
+    for case in CASES:
+        (tmp_path / case).mkdir()
+        settings = case_settings(tmp_path / case, case, 400)
+        train_loop.train(logdir=str(runs), run_name=case, epochs=1, jit_compile=False, **settings)
+    compared = subprocess.run(
+        [sys.executable, "-m", "train_loop.compare", str(runs)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert compared.returncode == 0 and compared.stderr == "", compared.stderr[-3000:]
+    header, _, *rows = compared.stdout.splitlines()
+    column = [cell.strip() for cell in header.split("|")].index("val CE")
+    cells = {row.split("|")[1].strip(): row.split("|")[column].strip() for row in rows}
+    assert set(cells) == set(CASES), compared.stdout
+    vae, regression = (read_result(runs / case)["validation"] for case in ("vae", "huber-regression"))
+    assert float(cells["vae"]) == pytest.approx(vae["reconstruction"] + vae["kl"], abs=1e-4)
+    assert float(cells["vae"]) == pytest.approx(vae["data_total"], abs=1e-4)
+    assert float(cells["huber-regression"]) == pytest.approx(regression["huber"], abs=1e-4)
