@@ -1,8 +1,8 @@
 """The classifier's equivalences on the tasks of issue 20, the VAE (examples/vae.py, whose noise is
 `ExampleNoise`'s) and a `--loss=huber` regression on diabetes: 1 device = 2 replicas, 2 workers
 = 1 process, and SIGKILL + resume = uninterrupted; a task holding state of its own is refused;
-a user's action that raises on one worker stops every worker; and train-loop-compare ranks both
-on their validation data totals.
+a user's action that raises on one worker stops every worker; and train-loop-compare and the
+study rank runs on their validation sums of the loss terms.
 
 The VAE reads scikit-learn's digits, scaled to [0, 1] and enlarged to the example's 28x28: real
 images at a fraction of Fashion-MNIST's cost.
@@ -28,6 +28,7 @@ from helpers import assert_one_line_error, sigkill_after_first_checkpoint
 from sklearn.datasets import load_digits
 from test_dropout_masks import logged
 from test_faults import finish, read_result, start
+from test_study import parse_sections, run_module
 from test_tasks import diabetes
 
 import train_loop
@@ -186,7 +187,7 @@ def test_an_action_raising_on_one_worker_stops_every_worker_after_one_checkpoint
     assert not (tmp_path / "run" / "result.json").exists()
 
 
-# The comparison of finished runs, with --loss and --task.
+# The comparison of finished runs and the study, with --loss and --task.
 
 
 @pytest.mark.slow
@@ -215,3 +216,45 @@ def test_compare_ranks_a_vae_and_a_regression_on_their_validation_data_totals(tm
     assert float(cells["vae"]) == pytest.approx(vae["reconstruction"] + vae["kl"], abs=1e-4)
     assert float(cells["vae"]) == pytest.approx(vae["data_total"], abs=1e-4)
     assert float(cells["huber-regression"]) == pytest.approx(regression["huber"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_a_study_of_a_regression_ranks_on_the_validation_sum_of_its_loss_terms(tmp_path):
+    """--loss=huber: no accuracy anywhere in study.md; the best experiment has the lowest mean
+    validation huber over its seeds, and is tested on the test huber."""
+    finished = run_module(
+        "train_loop.study",
+        "--experiments=baseline,l2",
+        "--seeds=0,1",
+        "--extra_flags=--model=linear",
+        "--loss=huber",
+        f"--dataset={dataset(tmp_path, diabetes())}",
+        "--epochs=1",
+        "--jit_compile=false",
+        f"--logdir={tmp_path / 'logs'}",
+    )
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    (folder,) = (tmp_path / "logs").glob("study-*")
+    markdown = (folder / "study.md").read_text()
+    sections = parse_sections(markdown)
+    assert "accuracy" not in markdown.split("## Figures")[0]
+    validation, test = (
+        {
+            name: np.mean([read_result(folder / f"{name}-seed={seed}")[split]["huber"] for seed in (0, 1)])
+            for name in ("baseline", "l2")
+        }
+        for split in ("validation", "test")
+    )
+    best = min(validation, key=validation.get)
+    assert sections["Selection"].startswith(
+        f"\nBest by validation sum of the loss terms: **{best}** ({validation[best]:.4f} ± "
+    ), sections["Selection"]
+    assert (
+        f"Its test sum of the loss terms, the test split's only use in this study (it ranks nothing): "
+        f"**{test[best]:.4f} ± " in sections["Selection"]
+    )
+    assert "validation sum of the loss terms" in sections["Findings"]
+    [headings] = [
+        line for line in sections["Against the reference, baseline, seed by seed"].splitlines() if "Δ" in line
+    ]
+    assert headings == "| experiment | Δ val CE (mean ± s.e.) | beyond the spread |"
