@@ -13,22 +13,28 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from train_loop.model.dropout import ExampleNoise
+
 LATENT = 8
 
 
 @keras.saving.register_keras_serializable(package="vae")
-class Sampling(keras.layers.Layer):
+class Sampling(ExampleNoise):
     """z = mean + exp(log_var / 2) * noise in training; the mean alone otherwise, so that an
-    evaluation scores the same reconstruction every time."""
+    evaluation scores the same reconstruction every time.
 
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.seed = keras.random.SeedGenerator(1)
+    The noise is `ExampleNoise`'s: an example's depends on the step and its place in the batch,
+    not on the replica that runs it, so 1 device, 2 replicas, 2 workers and a resumed run train
+    the same VAE (a Keras seed generator draws the same noise on every replica instead).
+    """
+
+    def __init__(self, seed: int = 1, **kwargs):
+        super().__init__(seed=seed, **kwargs)
 
     def call(self, mean, log_var, training=False):
         if not training:
             return mean
-        return mean + tf.exp(0.5 * log_var) * keras.random.normal(tf.shape(mean), seed=self.seed)
+        return mean + tf.exp(0.5 * log_var) * tf.cast(self.normal(mean), mean.dtype)
 
 
 class VAE:

@@ -1,6 +1,6 @@
-"""Tasks of a user's, for tests/test_tasks.py (given as --task=tests/user_tasks.py:NAME): two good
-ones (two named terms on digits, and an autoencoder whose batches have no targets) and ones that
-each break one rule."""
+"""Tasks of a user's, for tests/test_tasks.py and tests/test_task_equivalence.py (given as
+--task=tests/user_tasks.py:NAME): two good ones (two named terms on digits, and an autoencoder whose
+batches have no targets) and ones that each break one rule."""
 
 from __future__ import annotations
 
@@ -132,3 +132,14 @@ class InfOnExample(TwoTerms):
         hit = tf.reduce_all(tf.equal(batch[0], self._image), axis=[1, 2, 3])
         spike = tf.reduce_mean(tf.square(outputs), axis=-1) * tf.where(hit, float("inf"), 0.0)
         return {**super().loss_terms(batch, outputs), "spike": spike}
+
+
+class SeededTask(TwoTerms):
+    """Draws its noise from a seed generator of its own, which no checkpoint would keep."""
+
+    def __init__(self):
+        self.seed = keras.random.SeedGenerator(3)
+
+    def loss_terms(self, batch, outputs):
+        noisy = outputs + keras.random.normal(tf.shape(outputs), seed=self.seed)
+        return super().loss_terms(batch, noisy)

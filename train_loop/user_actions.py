@@ -37,7 +37,8 @@ class PeriodicAction:
     While it runs, the run's train writer is TensorFlow's default summary writer, at the step:
     `tf.summary.image("samples", images)` inside it writes to `<run>/train` (on a cluster, the
     chief's alone). If it raises, the run is checkpointed at that step and stops with one line
-    naming it (exit status 2, as a failing model function); the same command resumes once it is fixed.
+    naming it (exit status 2, as a failing model function), on every worker of a cluster if it
+    raised on one alone; the same command resumes once it is fixed.
 
     Raises:
       UsageError: `function` is not callable, or `every` is negative.

@@ -54,6 +54,7 @@ class Task:
     targets: str = "classes"
     model_fn: ModelFunction | None = None  # The task's own model; None: --model's.
     classifier: bool = False  # It has the confusion matrix.
+    user_object: object = None  # A user's task object, checked to hold no state (`checked_names`).
 
 
 def default_split(batch: Batch) -> tuple[Any, Any]:
@@ -155,6 +156,7 @@ def user_task(task: UserTask | str, metric_names: tuple[str, ...] = ()) -> Task:
         getattr(task, "split", None) or default_split,
         targets="any",
         model_fn=task.model,
+        user_object=task,
     )
 
 
@@ -168,7 +170,10 @@ def _keras_metrics(names: tuple[str, ...]) -> PerExample:
     functions = {}
     for name in names:
         try:
-            metric = keras.metrics.get(name)
+            # Made in a graph of its own: a metric's variables made eagerly would start TensorFlow's
+            # runtime before the strategy, and a multi-worker strategy can then not configure it.
+            with tf.Graph().as_default():
+                metric = keras.metrics.get(name)
         except (ValueError, TypeError):
             raise UsageError(
                 f"--metrics={','.join(names)}: {name} is not a Keras metric name; use registered ones such as "
@@ -227,7 +232,27 @@ def checked_names(task: Task, model: keras.Model, batch: Batch) -> tuple[tuple[s
     shared = set(terms) & set(metrics)
     if shared:
         raise UsageError(f"{task.flag}: {', '.join(sorted(shared))} names both a loss term and a metric; rename one.")
+    _check_stateless(task.flag, task.user_object)
     return tuple(terms), tuple(metrics)
+
+
+def _check_stateless(flag: str, user_object: object) -> None:
+    """A task object's own variables and random generators are in no checkpoint, so a resumed run
+    would start them over: refused (after the first call, which may have made them). The model's
+    are checkpointed, seed generators' states among them.
+
+    Raises:
+      UsageError: an attribute of `user_object` holds such state.
+    """
+    stateful = (tf.Variable, keras.Variable, keras.random.SeedGenerator, tf.random.Generator)
+    for name, value in sorted(getattr(user_object, "__dict__", {}).items()):
+        found = [item for item in tf.nest.flatten(value) if isinstance(item, stateful)]
+        if found:
+            raise UsageError(
+                f"{flag}: its attribute {name} holds a {type(found[0]).__name__}, TensorFlow state that no checkpoint "
+                "keeps (a resumed run would start it over); keep state in the model's layers, and draw noise with "
+                "train_loop.model.dropout.ExampleNoise (see docs/tasks.md)."
+            )
 
 
 def _check_value(flag: str, kind: str, name: object, value: object, count: int) -> None:

@@ -15,6 +15,7 @@ from train_loop.model.dropout import plain_keras
 from train_loop.model.user_models import load_model_function
 from train_loop.outputs import checkpoints, runs
 from train_loop.settings import MODELS
+from train_loop.user_code import load_object
 
 
 def save_model(model: keras.Model, folder: str) -> None:
@@ -41,9 +42,9 @@ def load_model(run_dir: str) -> keras.Model:
     """The model a finished run kept: its `model.keras`, which holds the best weights with
     `--best_metric`, else the moving average with `--ema`, else the last ones.
 
-    A run of a user's model function imports that function's module first, so that the layers
-    it registers with Keras load; a module that cannot be imported now (a notebook's) is named
-    only if the model then fails to load without it.
+    A run of a user's model function or task imports its module first, so that the layers it
+    registers with Keras load (the VAE example's sampling); a module that cannot be imported now
+    (a notebook's) is named only if the model then fails to load without it.
 
     Raises:
       UsageError: `run_dir` is not a finished run, or its model cannot be read.
@@ -54,13 +55,18 @@ def load_model(run_dir: str) -> keras.Model:
             f"{run_dir!r} is not a finished run (no {runs.RESULT_FILE} and model.keras in it): "
             "give a run folder that finished training, as its last line names it."
         )
-    model_name = (runs.read_settings(run_dir) or {}).get("model", "")
+    settings = runs.read_settings(run_dir) or {}
+    model_name, task_name = settings.get("model", ""), settings.get("task", "")
+    imports = [
+        *([lambda: load_model_function(model_name)] if model_name and model_name not in MODELS else []),
+        *([lambda: load_object("task", task_name, role="a task file", kind="task")] if task_name else []),
+    ]
     unimported = ""
-    if model_name and model_name not in MODELS:
+    for load_module in imports:
         try:
-            load_model_function(model_name)
+            load_module()
         except UsageError as error:
-            unimported = f"; {error}"
+            unimported += f"; {error}"
     try:
         return keras.models.load_model(path)
     except (OSError, TypeError, ValueError) as error:

@@ -119,28 +119,41 @@ def sentences(numbers: Numbers, reference: str) -> list[str]:
     means and paired differences as the tables, so the words cannot drift from them: the reference's
     own values, then what each other experiment changed against it and whether that is beyond the
     seed-to-seed spread (said only when there are 2 seeds or more to tell)."""
-    found = [f"**{reference}**, the reference: " + "; ".join(_value(numbers[reference], key) for key in _WORDS) + "."]
+    words = _words(numbers[reference])
+    values = [_value(numbers[reference], words, key) for key in words]
+    found = [f"**{reference}**, the reference: " + "; ".join(values) + "."]
     for name in list(numbers)[1:]:
-        changes = [_change(numbers[name], numbers[reference], key, reference) for key in _WORDS]
+        changes = [_change(numbers[name], numbers[reference], words, key, reference) for key in words]
         found.append(f"**{name}**: " + "; ".join(changes) + ".")
     return found
 
 
-def _value(runs: BySeed, key: str) -> str:
+def _words(runs: BySeed) -> dict[str, str]:
+    """The columns the sentences read, in words: a task without accuracy (`--loss`, `--task`) has
+    none to say, and its data terms' sum where the classifier has its cross-entropy."""
+    if "validation_accuracy" in spreads(runs, COMPARED):
+        return _WORDS
+    return {
+        "validation_cross_entropy": "validation sum of the loss terms",
+        "kernel_small_share": _WORDS["kernel_small_share"],
+    }
+
+
+def _value(runs: BySeed, words: Mapping[str, str], key: str) -> str:
     layer = _layer(runs) if key == "kernel_small_share" else ""
-    return f"{_WORDS[key]}{layer} {_mean_text(runs, key)}"
+    return f"{words[key]}{layer} {_mean_text(runs, key)}"
 
 
-def _change(runs: BySeed, reference_runs: BySeed, key: str, reference: str) -> str:
+def _change(runs: BySeed, reference_runs: BySeed, words: Mapping[str, str], key: str, reference: str) -> str:
     """`<what> <value>, <size> <higher|lower> than <reference>'s <value> (<beyond|within> the seed
     spread)`; `the same as` when the difference rounds to nothing in the column's format."""
     difference = paired(runs, reference_runs, key)
     size = _size_text(key, difference.mean)
     theirs = f"{reference}'s {_mean_text(reference_runs, key)}"
     if not any(digit in "123456789" for digit in size):
-        said = f"{_value(runs, key)}, the same as {theirs}"
+        said = f"{_value(runs, words, key)}, the same as {theirs}"
     else:
-        said = f"{_value(runs, key)}, {size} {'higher' if difference.mean > 0 else 'lower'} than {theirs}"
+        said = f"{_value(runs, words, key)}, {size} {'higher' if difference.mean > 0 else 'lower'} than {theirs}"
     verdict = difference.beyond_spread
     return said if verdict is None else f"{said} ({'beyond' if verdict else 'within'} the seed spread)"
 

@@ -20,7 +20,8 @@ import numpy as np  # noqa: E402
 
 from train_loop.model.models import NEAR_ZERO  # noqa: E402
 from train_loop.outputs import events  # noqa: E402
-from train_loop.study import conclusions  # noqa: E402
+from train_loop.outputs.runs import read_result  # noqa: E402
+from train_loop.study import conclusions, report  # noqa: E402
 from train_loop.study.conclusions import Numbers  # noqa: E402
 from train_loop.study.plans import Plan  # noqa: E402
 from train_loop.study.report import COLUMNS  # noqa: E402
@@ -78,15 +79,27 @@ def line_styles(names: list[str]) -> dict[str, dict]:
 def _learning_curves(plan: Plan, numbers: Numbers) -> plt.Figure:
     figure, axes = plt.subplots(1, 2, figsize=(WIDTH, 4), layout="constrained")
     styles = line_styles(list(numbers))
+    run_dirs = plan.run_dirs()
+    first_run = next(iter(next(iter(run_dirs.values())).values()))
+    terms = report.data_terms(read_result(first_run)["train"])
+    # A task's terms are summed, as the tables sum them; the classifier's one is its cross-entropy.
+    label = "cross-entropy" if terms == ["cross_entropy"] else "sum of the loss terms"
     for axis, writer in zip(axes, ("train", "validation")):
         series = {
-            name: [events.scalar_series(run_dir, writer, "loss/cross_entropy") for run_dir in by_seed.values()]
-            for name, by_seed in plan.run_dirs().items()
+            name: [_summed_series(run_dir, writer, terms) for run_dir in by_seed.values()]
+            for name, by_seed in run_dirs.items()
         }
         _curves(axis, series, styles)
-        axis.set(title=f"{writer} cross-entropy", ylabel="cross-entropy")
+        axis.set(title=f"{writer} {label}", ylabel=label)
     _legend(figure, axes[0])
     return figure
+
+
+def _summed_series(run_dir: str, writer: str, terms: list[str]) -> dict[int, float]:
+    """The sum of the loss terms `terms` by step, as `writer` logged them, at the steps it logged all."""
+    by_term = [events.scalar_series(run_dir, writer, f"loss/{term}") for term in terms]
+    steps = [step for step in by_term[0] if all(step in series for series in by_term)]
+    return {step: sum(series[step] for series in by_term) for step in steps}
 
 
 def _near_zero_over_training(plan: Plan, numbers: Numbers) -> plt.Figure:

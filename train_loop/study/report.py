@@ -92,11 +92,14 @@ def read_run(run_dir: str) -> RunNumbers:
 
 
 def data_total(measured: dict[str, float], train: dict[str, float]) -> float:
-    """The sum of a split's data terms: the terms are what `train` (result.json's, in the order
-    of the measurement table) holds before the regularization; an evaluation of several holds
-    their sum as "data_total"."""
-    terms = list(train)[: list(train).index("regularization")]
-    return measured["data_total"] if "data_total" in measured else sum(measured[term] for term in terms)
+    """The sum of a split's data terms (`data_terms`); an evaluation of several holds it as "data_total"."""
+    return measured["data_total"] if "data_total" in measured else sum(measured[term] for term in data_terms(train))
+
+
+def data_terms(train: dict[str, float]) -> list[str]:
+    """The run's data terms: what `train` (result.json's, in the order of the measurement table)
+    holds before the regularization."""
+    return list(train)[: list(train).index("regularization")]
 
 
 def first_kernel(run_dir: str) -> tuple[str, np.ndarray]:

@@ -88,13 +88,14 @@ def _comparison(plan: Plan, numbers: Numbers) -> str:
     """Experiment minus reference, seed by seed; with one seed, the differences alone (the notice at
     the top says why there is no verdict), not "one seed" in every cell."""
     reference, judged = numbers[plan.reference], not _one_seed(plan)
+    compared = list(spreads(reference, COMPARED))  # A task without accuracy compares its data terms alone.
     headings = ["experiment"]
-    for key in COMPARED:
+    for key in compared:
         headings += [f"Δ {COLUMNS[key][0]} (mean ± s.e.)", "beyond the spread"] if judged else [f"Δ {COLUMNS[key][0]}"]
     rows = []
     for name in list(numbers)[1:]:
         row = [name]
-        for key in COMPARED:
+        for key in compared:
             difference = paired(numbers[name], reference, key)
             error = difference.standard_error
             row.append(f"{difference.mean:+.4f}" + ("" if error is None else f" ± {error:.4f}"))
@@ -107,12 +108,19 @@ def _comparison(plan: Plan, numbers: Numbers) -> str:
 
 def _selection(numbers: Numbers) -> str:
     best = select(numbers)
-    cells = spreads(numbers[best], ["validation_cross_entropy", "test_accuracy"])
+    cells = spreads(numbers[best], ["validation_cross_entropy", "test_accuracy", "test_cross_entropy"])
+    # A task without accuracy (`--loss`, `--task`) is ranked and tested on the sum of its data terms.
+    ranked, tested = (
+        ("cross-entropy", "accuracy")
+        if "test_accuracy" in cells
+        else ("sum of the loss terms", "sum of the loss terms")
+    )
+    test = cells["test_accuracy" if "test_accuracy" in cells else "test_cross_entropy"]
     return (
-        f"## Selection\n\nBest by validation cross-entropy: **{best}** "
+        f"## Selection\n\nBest by validation {ranked}: **{best}** "
         f"({cells['validation_cross_entropy'].format('{:.4f}')}, n = {len(numbers[best])}). "
-        f"Its test accuracy, the test split's only use in this study (it ranks nothing): "
-        f"**{cells['test_accuracy'].format('{:.4f}')}**.\n"
+        f"Its test {tested}, the test split's only use in this study (it ranks nothing): "
+        f"**{test.format('{:.4f}')}**.\n"
     )
 
 

@@ -19,6 +19,7 @@ from train_loop.model.measurements import CLASSIFIER, Table
 from train_loop.model.state import Counters, TrainState
 from train_loop.outputs import checkpoints
 from train_loop.outputs.run_outputs import RunOutputs
+from train_loop.outputs.summaries import Summaries
 from train_loop.training import actions
 from train_loop.training.actions import Action, Cadence, Moment
 from train_loop.training.console import Console
@@ -208,6 +209,7 @@ def make_controller(
     config: Config,
     loop_call: Callable[[int, bool], dict[str, tf.Tensor]],
     *,
+    strategy: tf.distribute.Strategy,
     steps_per_epoch: int,
     state: TrainState,
     outputs: RunOutputs,
@@ -224,7 +226,8 @@ def make_controller(
     The order keeps a resumed run exact: events are flushed before the checkpoint, and the
     checkpoint comes before a signal's stop. Training time counts the summaries, not the rest.
     A user's actions run after the built-in ones that report the step and before the flush, so
-    that what they write is in the checkpoint's events; one that raises saves them itself.
+    that what they write is in the checkpoint's events; one that raises stops the run after
+    saving them, on every worker (`_user_actions`).
     """
     interval, throughput, summaries = Interval(state.table.summed), Throughput(), outputs.summaries
 
@@ -267,18 +270,39 @@ def make_controller(
                 throughput=throughput,
                 validation=validation,
             ),
-            *(
-                actions.UserAction(
-                    cadence(declared.every, at_epoch_end=declared.at_epoch_end, at_last=declared.at_last),
-                    declared=declared,
-                    state=state,
-                    summaries=summaries,
-                    save=lambda step: (summaries.flush(), checkpoints.save(manager, step)),
-                )
-                for declared in user_actions
-            ),
+            *_user_actions(user_actions, cadence, state=state, summaries=summaries, manager=manager, strategy=strategy),
             actions.Flush(summaries),
             actions.Checkpoint(cadence(config.checkpoint_every, at_last=True), manager, stopwatch),
             actions.Signals(signals, manager),
         ],
     )
+
+
+def _user_actions(
+    user_actions: Sequence[PeriodicAction],
+    cadence: Callable[..., Cadence],
+    *,
+    state: TrainState,
+    summaries: Summaries,
+    manager: tf.train.CheckpointManager,
+    strategy: tf.distribute.Strategy,
+) -> list[Action]:
+    """The user's actions, then the check that stops the run, on every worker, when one of them
+    raised on any (`UserActionFailures`); nothing without user actions."""
+    if not user_actions:
+        return []
+    declared_actions = [
+        actions.UserAction(
+            cadence(declared.every, at_epoch_end=declared.at_epoch_end, at_last=declared.at_last),
+            declared=declared,
+            state=state,
+            summaries=summaries,
+        )
+        for declared in user_actions
+    ]
+
+    def save(step: int) -> None:
+        summaries.flush()
+        checkpoints.save(manager, step)
+
+    return [*declared_actions, actions.UserActionFailures(declared_actions, strategy, save)]

@@ -115,6 +115,19 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
 
 
+def is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
+def mean_over_workers(strategy: tf.distribute.Strategy, values: list[float]) -> list[float]:
+    """`values` averaged over a cluster's replicas (each worker's replicas give its own values):
+    a collective every worker must call; elsewhere, `values`."""
+    if not is_multi_worker(strategy):
+        return values
+    local = strategy.experimental_distribute_values_from_function(lambda _: tf.constant(values, tf.float64))
+    return strategy.reduce(tf.distribute.ReduceOp.MEAN, local, axis=None).numpy().tolist()
+
+
 def resolve_strategy_name(strategy: str) -> str:
     """`auto` becomes multi_worker under a TF_CONFIG of several workers, mirrored over several
     GPUs, else one_device; other names stay as they are."""

@@ -137,6 +137,7 @@ def train(
         controller = make_controller(
             config,
             loop_call,
+            strategy=strategy,
             steps_per_epoch=steps_per_epoch,
             state=state,
             outputs=outputs,

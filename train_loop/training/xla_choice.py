@@ -28,6 +28,7 @@ from train_loop.model.state import build_state
 from train_loop.model.tasks import Task
 from train_loop.model.user_models import ModelFunction
 from train_loop.training import cpu
+from train_loop.training.distribute import is_multi_worker, mean_over_workers
 from train_loop.training.speed_cache import SpeedCache
 
 _ROUNDS = 3  # Alternating timed blocks per variant: drifts of a shared machine hit both alike.
@@ -82,7 +83,7 @@ def decide_jit_compile(
         return Decision(resumed, "resumed")
     if isinstance(strategy, tf.distribute.TPUStrategy):
         return Decision(True, "tpu")
-    cache = None if _is_multi_worker(strategy) else SpeedCache.open()
+    cache = None if is_multi_worker(strategy) else SpeedCache.open()
     key = step_key(config, strategy, splits.x_train.shape[1:])
     cached = cache.get(key) if cache else None
     if cached is not None:
@@ -159,7 +160,7 @@ def measure_jit_compile(
             started = time.perf_counter()
             float(loop(tf.constant(num_steps[name]))["total"])
             best[name] = max(best[name], num_steps[name] * config.batch_size / (time.perf_counter() - started))
-    return dict(zip(best, _mean_over_workers(strategy, list(best.values()))))
+    return dict(zip(best, mean_over_workers(strategy, list(best.values()))))
 
 
 def cached_batch_loop_call(
@@ -205,17 +206,5 @@ def _block_steps(strategy: tf.distribute.Strategy, loop: Callable[[tf.Tensor], d
     started = time.perf_counter()
     float(loop(tf.constant(2))["total"])
     per_step = (time.perf_counter() - started) / 2
-    [per_step] = _mean_over_workers(strategy, [per_step])
+    [per_step] = mean_over_workers(strategy, [per_step])
     return int(np.clip(_BLOCK_SECONDS / max(per_step, 1e-6), 2, 500))
-
-
-def _is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
-    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-
-
-def _mean_over_workers(strategy: tf.distribute.Strategy, values: list[float]) -> list[float]:
-    """`values` averaged over a cluster's replicas (each worker's replicas give its own values)."""
-    if not _is_multi_worker(strategy):
-        return values
-    local = strategy.experimental_distribute_values_from_function(lambda _: tf.constant(values, tf.float64))
-    return strategy.reduce(tf.distribute.ReduceOp.MEAN, local, axis=None).numpy().tolist()

@@ -12,7 +12,7 @@ from train_loop.training.actions.epochs import CountTraining, EpochEnd
 from train_loop.training.actions.profiling import Profiling
 from train_loop.training.actions.saving import Checkpoint, Signals
 from train_loop.training.actions.summaries import Flush, Histograms, TrainSummaries
-from train_loop.training.actions.user import UserAction
+from train_loop.training.actions.user import UserAction, UserActionFailures
 from train_loop.training.actions.validation import Validation
 
 __all__ = [
@@ -29,5 +29,6 @@ __all__ = [
     "Signals",
     "TrainSummaries",
     "UserAction",
+    "UserActionFailures",
     "Validation",
 ]
