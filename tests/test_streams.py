@@ -24,9 +24,6 @@ from train_loop import Config
 from train_loop.data import streams, tfrecords
 from train_loop.errors import UsageError
 
-sys.path.insert(0, os.path.join(REPO, "examples"))
-from tfrecord_shards import write_shards  # noqa: E402
-
 DIGITS = np.load(os.path.join(REPO, "train_loop", "data", "digits.npz"))
 
 
@@ -37,7 +34,7 @@ def write_digits(folder: Path, *, train_shards: int = 4, repeat: int = 1) -> Pat
         labels = DIGITS[f"y_{split}"]
         if split == "train":
             images, labels = np.concatenate([images] * repeat), np.concatenate([labels] * repeat)
-        write_shards(str(folder), split, images, labels, num_shards=shards)
+        tfrecords.write_shards(str(folder), split, images, labels, num_shards=shards)
     return folder
 
 
@@ -45,8 +42,8 @@ def write_numbered(folder: Path, count: int, *, num_shards: int) -> Path:
     """`count` training examples whose 8x8 image carries its id (pixels 0 and 1: id // 256, id % 256)."""
     images = np.zeros((count, 8, 8), np.uint8)
     images[:, 0, 0], images[:, 0, 1] = np.arange(count) // 256, np.arange(count) % 256
-    write_shards(str(folder), "train", images, np.arange(count) % 10, num_shards=num_shards)
-    write_shards(str(folder), "test", images[:10], np.arange(10), num_shards=1)
+    tfrecords.write_shards(str(folder), "train", images, np.arange(count) % 10, num_shards=num_shards)
+    tfrecords.write_shards(str(folder), "test", images[:10], np.arange(10), num_shards=1)
     return folder
 
 
