@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import REPO
-from helpers import assert_one_line_error, kill_at_first_checkpoint, sigkill_after_first_checkpoint, snapshot
+from helpers import assert_one_line_error, kill_at_first_checkpoint, peak_rss, sigkill_after_first_checkpoint, snapshot
 
 from train_loop import Config
 from train_loop.data import streams, tfrecords
@@ -273,18 +273,6 @@ def test_a_resume_against_a_changed_source_is_refused(run_cli, tmp_path, change)
     before = snapshot(tmp_path / "logs", folder_times=False)
     assert_one_line_error(run_cli(*flags), (f"holds a run of {source}", "changed since", "--run_name"))
     assert snapshot(tmp_path / "logs", folder_times=False) == before
-
-
-def peak_rss(log: Path, *flags: str) -> int:
-    """The peak resident memory of a training process, in bytes; its stderr goes to `log`."""
-    with log.open("w") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "train_loop", *flags], cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr
-        )
-        _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    assert process.returncode == 0, log.read_text()[-3000:]
-    return usage.ru_maxrss * 1024
 
 
 @pytest.mark.slow
