@@ -39,11 +39,18 @@ def raises(split: str, context: tf.distribute.InputContext) -> tf.data.Dataset:
     raise FileNotFoundError(f"no such shard for {split}")
 
 
-def changes_shape(split: str, context: tf.distribute.InputContext) -> tf.data.Dataset | None:
-    """The 5th training example is cut to 7 rows (a ragged source)."""
-    if split == "validation":
-        return None
-    dataset = _split(split).enumerate()
-    return dataset.map(
-        lambda index, example: (tf.cond(index == 4, lambda: example[0][:7], lambda: example[0]), example[1])
-    )
+def _changes_shape_at(index: int):
+    def changes_shape(split: str, context: tf.distribute.InputContext) -> tf.data.Dataset | None:
+        if split == "validation":
+            return None
+        dataset = _split(split).enumerate()
+        return dataset.map(
+            lambda at, example: (tf.cond(at == index, lambda: example[0][:7], lambda: example[0]), example[1])
+        )
+
+    changes_shape.__doc__ = f"Training example {index} (from 0) is cut to 7 rows (a ragged source)."
+    return changes_shape
+
+
+changes_shape = _changes_shape_at(4)
+changes_shape_late = _changes_shape_at(1000)  # At batch 16 unshuffled: in step 62.

@@ -174,13 +174,25 @@ def test_bad_stream_input_is_one_line_status_2_and_writes_nothing(run_cli, tmp_p
 
 
 @pytest.mark.slow
-def test_an_example_that_changes_shape_is_one_line_and_status_2(run_cli, tmp_path):
-    """Met while training (a stream is not read whole first), it ends the run in one line of ours,
-    after the line TensorFlow's C++ side logs as the pipeline fails."""
-    result = run_cli("--input=tests/stream_inputs.py:changes_shape", "--jit_compile=false", "--batch_size=16")
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert result.stderr.splitlines()[-1].startswith("train_loop: error: --input=tests/stream_inputs.py:changes_shape")
-    assert "the 'train' split changed shape" in result.stderr and "(8, 8, 1), ()" in result.stderr
+@pytest.mark.parametrize(
+    ("function", "flags"),
+    [
+        ("changes_shape", ()),
+        ("changes_shape_late", ("--shuffle_buffer=0", "--checkpoint_every=20", "--steps_per_loop=20")),
+    ],
+    ids=["first-batch", "after-checkpoints"],
+)
+def test_an_example_that_changes_shape_is_one_line_and_status_2(run_cli, tmp_path, function, flags):
+    """Met while training (a stream is not read whole first), it ends the run in one line of ours
+    (TensorFlow's own line about the failed call dropped), and the run folder made for it is gone,
+    with the checkpoints and summaries written before it."""
+    source = f"--input=tests/stream_inputs.py:{function}"
+    result = run_cli(source, "--jit_compile=false", "--batch_size=16", *flags)
+    assert result.returncode == 2, result.stderr[-3000:]
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"train_loop: error: {source}: an example of the 'train' split changed shape;")
+    assert "the first had (8, 8, 1), ()" in line
+    assert not (tmp_path / "logs").exists()
 
 
 def start(*flags: str) -> subprocess.Popen:

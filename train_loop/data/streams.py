@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import inspect
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping
 
 import tensorflow as tf
@@ -37,6 +38,9 @@ _PREFETCH = 2  # Batches ahead of the step, as the in-memory pipelines (`inputs`
 _BATCHING = {"_BatchDataset", "_ParallelBatchDataset", "_PaddedBatchDataset", "_DenseToRaggedDataset"}
 # Marks the assertion that an example has the first example's shapes, to tell its failure apart.
 _SHAPE_CHANGED = "train_loop: an example changed shape"
+# The line TensorFlow's C++ side logs when that assertion fails in a traced call (its rendezvous
+# aborts); `read_errors` says it in one line of ours, so the run's stderr drops it (`run_data`).
+SHAPE_CHANGED_LOG = re.compile(rf"^W\d{{4}} .*local_rendezvous\.cc.*{re.escape(_SHAPE_CHANGED)}")
 
 
 @dataclasses.dataclass(frozen=True)

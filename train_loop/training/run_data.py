@@ -15,7 +15,7 @@ from train_loop.data import inputs, sources, streams, tfrecords
 from train_loop.data.arrays import Splits, hold_out
 from train_loop.model import loop_calls
 from train_loop.model.state import TrainState
-from train_loop.outputs.stderr import quiet_stderr
+from train_loop.outputs.stderr import filtered_stderr, quiet_stderr
 from train_loop.settings import TFRECORD_PREFIX, is_stream
 from train_loop.training.console import DataSummary
 from train_loop.training.evaluation import Evaluation, Evaluator, Weights
@@ -84,6 +84,11 @@ class RunData:
     def fingerprint(self) -> str:
         """A stream's fingerprint, which a resumed run must match ("" for arrays: their settings say it)."""
         return "" if self.stream is None else streams.fingerprint_digest(self.stream)
+
+    def quiet_failed_reads(self) -> contextlib.AbstractContextManager[None]:
+        """For the run, a stream's example that changed shape is one line of ours on stderr
+        (`streams.read_errors`), without the line TensorFlow's C++ side logs as the traced call fails."""
+        return filtered_stderr(streams.SHAPE_CHANGED_LOG) if self.stream else contextlib.nullcontext()
 
     def steps_per_epoch(self, config: Config) -> int:
         if self.stream is None:
