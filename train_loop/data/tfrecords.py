@@ -38,9 +38,11 @@ _SHARE_SCALE = 1 << 20  # Exact for 2**43 records in int64.
 _DECODE_CALLS = 2  # Images decoded in parallel (in order: the stream stays deterministic).
 
 
-def open_folder(folder: str, *, validation_split: float, deterministic: bool) -> Stream:
+def open_folder(folder: str, *, validation_split: float, deterministic: bool, targets: str = "classes") -> Stream:
     """The TFRecord folder as a checked `Stream`; sharded by file over several workers unless
-    `deterministic` (by example then, so that the global batches are one device's).
+    `deterministic` (by example then, so that the global batches are one device's). Its labels are
+    classes 0 to the largest label of every file, or for a loss that takes values (`targets`, see
+    `tasks.Task`), one value each.
 
     Raises:
       UsageError: a pattern matches no file, a record is damaged or lacks a feature.
@@ -64,7 +66,7 @@ def open_folder(folder: str, *, validation_split: float, deterministic: bool) ->
             "test": sum(counts[path] for path in files["test"]),
         },
         first_shapes(name, input_fn("test", tf.distribute.InputContext()), "test"),
-        num_classes=largest + 1,
+        num_classes=largest + 1 if targets == "classes" else 1,
         fingerprint="".join(_file_fingerprint(path) for paths in files.values() for path in paths),
         shards_by_file=not deterministic,
     )

@@ -58,10 +58,11 @@ class RunData:
                     config.dataset.removeprefix(TFRECORD_PREFIX),
                     validation_split=config.validation_split,
                     deterministic=config.deterministic,
+                    targets=targets,
                 )
         else:
             function = input_fn or load_function("input", config.input, role="an input file")
-            stream = streams.open_input(f"--input={config.input}", function)
+            stream = streams.open_input(f"--input={config.input}", function, targets=targets)
         return cls(None, stream)
 
     @property
@@ -86,9 +87,10 @@ class RunData:
         return "" if self.stream is None else streams.fingerprint_digest(self.stream)
 
     def quiet_failed_reads(self) -> contextlib.AbstractContextManager[None]:
-        """For the run, a stream's example that changed shape is one line of ours on stderr
-        (`streams.read_errors`), without the line TensorFlow's C++ side logs as the traced call fails."""
-        return filtered_stderr(streams.SHAPE_CHANGED_LOG) if self.stream else contextlib.nullcontext()
+        """For the run, a stream's example that changed shape, or training label outside the classes,
+        is one line of ours on stderr (`streams.read_errors`), without the line TensorFlow's C++ side
+        logs as the traced call fails."""
+        return filtered_stderr(streams.FAILED_CHECK_LOG) if self.stream else contextlib.nullcontext()
 
     def steps_per_epoch(self, config: Config) -> int:
         if self.stream is None:
