@@ -17,6 +17,8 @@ import sys
 
 import numpy as np
 
+from train_loop.data.tfrecords import write_shards  # The layout's writer, next to its reader.
+
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 
@@ -27,27 +29,6 @@ def read_idx(path: str) -> np.ndarray:
     dimensions = data[3]
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dimensions))
     return np.frombuffer(data, np.uint8, offset=4 + 4 * dimensions).reshape(shape)
-
-
-def write_shards(folder: str, split: str, images: np.ndarray, labels: np.ndarray, *, num_shards: int) -> list[str]:
-    """Writes `images` (N, H, W) or (N, H, W, C) uint8 and their integer `labels` as `num_shards`
-    TFRecord files named `<split>-<i>-of-<n>.tfrecord`, the examples dealt in order."""
-    import tensorflow as tf  # Here, so that `--help`-like uses of this file start no TensorFlow.
-
-    os.makedirs(folder, exist_ok=True)
-    images = images if images.ndim == 4 else images[..., None]
-    paths = []
-    for shard in range(num_shards):
-        path = os.path.join(folder, f"{split}-{shard:04d}-of-{num_shards:04d}.tfrecord")
-        with tf.io.TFRecordWriter(path) as writer:
-            for image, label in zip(images[shard::num_shards], labels[shard::num_shards]):
-                feature = {
-                    "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[tf.io.encode_png(image).numpy()])),
-                    "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
-                }
-                writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
-        paths.append(path)
-    return paths
 
 
 def main(folder: str, num_train: int = 60_000) -> None:

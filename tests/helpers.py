@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import keras
 import numpy as np
+from conftest import REPO
 from tensorboard.backend.event_processing import event_accumulator
 
 from train_loop import Config
@@ -83,3 +85,15 @@ def kill_at_first_checkpoint(command: list[str], run_dir: Path, env: dict | None
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
     assert not (run_dir / "result.json").exists(), "the run finished before it could be interrupted"
+
+
+def peak_rss(log: Path, *flags: str) -> int:
+    """The peak resident memory of a training process, in bytes; its stderr goes to `log`."""
+    with log.open("w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "train_loop", *flags], cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr
+        )
+        _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    assert process.returncode == 0, log.read_text()[-3000:]
+    return usage.ru_maxrss * 1024

@@ -39,11 +39,34 @@ def raises(split: str, context: tf.distribute.InputContext) -> tf.data.Dataset:
     raise FileNotFoundError(f"no such shard for {split}")
 
 
-def changes_shape(split: str, context: tf.distribute.InputContext) -> tf.data.Dataset | None:
-    """The 5th training example is cut to 7 rows (a ragged source)."""
+def _changes_shape_at(index: int):
+    def changes_shape(split: str, context: tf.distribute.InputContext) -> tf.data.Dataset | None:
+        if split == "validation":
+            return None
+        dataset = _split(split).enumerate()
+        return dataset.map(
+            lambda at, example: (tf.cond(at == index, lambda: example[0][:7], lambda: example[0]), example[1])
+        )
+
+    changes_shape.__doc__ = f"Training example {index} (from 0) is cut to 7 rows (a ragged source)."
+    return changes_shape
+
+
+changes_shape = _changes_shape_at(4)
+changes_shape_late = _changes_shape_at(1000)  # At batch 16 unshuffled: in step 62.
+
+
+def values(split: str, context: tf.distribute.InputContext) -> tf.data.Dataset | None:
+    """The digits with float targets to predict (a regression): the digit times 1.5, plus 0.25."""
     if split == "validation":
         return None
-    dataset = _split(split).enumerate()
-    return dataset.map(
-        lambda index, example: (tf.cond(index == 4, lambda: example[0][:7], lambda: example[0]), example[1])
-    )
+    return _split(split).map(lambda image, label: (image, tf.cast(label, tf.float32) * 1.5 + 0.25))
+
+
+def no_nines_in_test(split: str, context: tf.distribute.InputContext) -> tf.data.Dataset | None:
+    """The digits, with the 9s left out of the test split (no validation split): the classes a
+    test split's labels make are one short of the training split's."""
+    if split == "validation":
+        return None
+    dataset = _split(split)
+    return dataset.filter(lambda image, label: label < 9) if split == "test" else dataset

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -12,12 +13,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import REPO
-from helpers import assert_one_line_error
+from helpers import assert_one_line_error, peak_rss
 
 import train_loop
 from train_loop import Config
 from train_loop.data import sources
-from train_loop.model import steps
+from train_loop.model import models, steps
 from train_loop.model.state import build_state
 from train_loop.outputs.events import scalar_series
 
@@ -195,3 +196,28 @@ def test_bad_accumulation_is_one_line_and_writes_nothing(run_cli, tmp_path, flag
     result = run_cli("--dataset=digits", *flags, timeout=180)
     assert_one_line_error(result, names)
     assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.slow
+def test_four_micro_batches_hold_a_quarter_of_the_activations(tmp_path):
+    """Peak RSS of one update of the convnet at batch 4096, where activations dominate: at K=4 it is
+    below K=1's by at least the three quarters of the batch's layer outputs that K=1 holds at once
+    and K=4 does not (each layer's output stays alive until the backward pass has used it)."""
+    batch = 4096
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (batch + 256, 28, 28), np.uint8)
+    np.savez(
+        tmp_path / "data.npz",
+        **{"x_train": images[:batch], "y_train": np.arange(batch) % 10},
+        **{"x_test": images[batch:], "y_test": np.arange(256) % 10},
+    )
+    model = models.build_model(Config(), (28, 28, 1))
+    outputs = sum(math.prod(layer.output.shape[1:]) * 4 for _, layer in models.weighted_layers(model))
+    flags = (f"--dataset={tmp_path / 'data.npz'}", f"--batch_size={batch}", "--validation_split=0")
+    flags += ("--jit_compile=false", f"--logdir={tmp_path}")
+    peaks = {
+        count: peak_rss(tmp_path / f"{count}.log", *flags, f"--accumulation_steps={count}", f"--run_name=k{count}")
+        for count in (1, 4)
+    }
+    print(f"peak RSS at batch {batch}: K=1 {peaks[1] / 2**20:.0f} MiB, K=4 {peaks[4] / 2**20:.0f} MiB")
+    assert peaks[1] - peaks[4] >= (1 - 1 / 4) * batch * outputs

@@ -18,14 +18,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import REPO
-from helpers import assert_one_line_error, kill_at_first_checkpoint, sigkill_after_first_checkpoint, snapshot
+from helpers import assert_one_line_error, kill_at_first_checkpoint, peak_rss, sigkill_after_first_checkpoint, snapshot
 
 from train_loop import Config
 from train_loop.data import streams, tfrecords
 from train_loop.errors import UsageError
-
-sys.path.insert(0, os.path.join(REPO, "examples"))
-from tfrecord_shards import write_shards  # noqa: E402
 
 DIGITS = np.load(os.path.join(REPO, "train_loop", "data", "digits.npz"))
 
@@ -37,7 +34,7 @@ def write_digits(folder: Path, *, train_shards: int = 4, repeat: int = 1) -> Pat
         labels = DIGITS[f"y_{split}"]
         if split == "train":
             images, labels = np.concatenate([images] * repeat), np.concatenate([labels] * repeat)
-        write_shards(str(folder), split, images, labels, num_shards=shards)
+        tfrecords.write_shards(str(folder), split, images, labels, num_shards=shards)
     return folder
 
 
@@ -45,8 +42,8 @@ def write_numbered(folder: Path, count: int, *, num_shards: int) -> Path:
     """`count` training examples whose 8x8 image carries its id (pixels 0 and 1: id // 256, id % 256)."""
     images = np.zeros((count, 8, 8), np.uint8)
     images[:, 0, 0], images[:, 0, 1] = np.arange(count) // 256, np.arange(count) % 256
-    write_shards(str(folder), "train", images, np.arange(count) % 10, num_shards=num_shards)
-    write_shards(str(folder), "test", images[:10], np.arange(10), num_shards=1)
+    tfrecords.write_shards(str(folder), "train", images, np.arange(count) % 10, num_shards=num_shards)
+    tfrecords.write_shards(str(folder), "test", images[:10], np.arange(10), num_shards=1)
     return folder
 
 
@@ -160,6 +157,11 @@ BAD_INPUTS = {
     "batched": (None, ("--input=tests/stream_inputs.py:batched",), ("already batched", "drop its .batch()")),
     "raises": (None, ("--input=tests/stream_inputs.py:raises",), ("split 'train' raised FileNotFoundError",)),
     "endless": (None, ("--input=tests/stream_inputs.py:endless",), ("unknown or infinite", "--steps_per_epoch=N")),
+    "float-labels": (
+        None,
+        ("--input=tests/stream_inputs.py:values",),
+        ("labels of type float32", "not classes", "--loss=mean_squared_error", "tf.cast(label, tf.int32)"),
+    ),
 }
 
 
@@ -176,14 +178,64 @@ def test_bad_stream_input_is_one_line_status_2_and_writes_nothing(run_cli, tmp_p
     assert not (tmp_path / "logs").exists()
 
 
+# Met while training, as the training split is not read whole first: the input function, its flags,
+# and the words of the line that stops the run.
+MET_WHILE_TRAINING = {
+    "changed-shape": ("changes_shape", (), ("an example of the 'train' split changed shape;", "had (8, 8, 1), ()")),
+    "changed-shape-after-checkpoints": (
+        "changes_shape_late",
+        ("--shuffle_buffer=0", "--checkpoint_every=20", "--steps_per_loop=20"),
+        ("an example of the 'train' split changed shape;",),
+    ),
+    # The classes are counted on the test split: a training 9 is past the 9 classes 0..8 it makes.
+    "label-outside-the-classes": (
+        "no_nines_in_test",
+        ("--model=linear",),
+        ("a training label is outside 0..8, the 9 classes", "give the test split an example of every class"),
+    ),
+}
+
+
 @pytest.mark.slow
-def test_an_example_that_changes_shape_is_one_line_and_status_2(run_cli, tmp_path):
-    """Met while training (a stream is not read whole first), it ends the run in one line of ours,
-    after the line TensorFlow's C++ side logs as the pipeline fails."""
-    result = run_cli("--input=tests/stream_inputs.py:changes_shape", "--jit_compile=false", "--batch_size=16")
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert result.stderr.splitlines()[-1].startswith("train_loop: error: --input=tests/stream_inputs.py:changes_shape")
-    assert "the 'train' split changed shape" in result.stderr and "(8, 8, 1), ()" in result.stderr
+@pytest.mark.parametrize("case", MET_WHILE_TRAINING)
+def test_bad_input_met_while_training_is_one_line_status_2_and_leaves_nothing(run_cli, tmp_path, case):
+    """One line of ours (TensorFlow's own line about the failed call dropped), and the run folder
+    made for the run is gone, with any checkpoints and summaries written before."""
+    function, flags, words = MET_WHILE_TRAINING[case]
+    source = f"--input=tests/stream_inputs.py:{function}"
+    result = run_cli(source, "--jit_compile=false", "--batch_size=16", *flags)
+    assert result.returncode == 2, result.stderr[-3000:]
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"train_loop: error: {source}: "), line
+    for word in words:
+        assert word in line, line
+    assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.slow
+def test_a_classifier_stream_has_the_classes_of_its_labels(run_cli, tmp_path):
+    result = run_cli("--input=tests/stream_inputs.py:digits", "--model=linear", "--jit_compile=false", "--run_name=r")
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = keras.models.load_model(tmp_path / "logs" / "r" / "model.keras")
+    assert model.output_shape == (None, 10)
+    assert {"accuracy", "cross_entropy"} <= set(read_result(tmp_path / "logs" / "r")["test"])
+
+
+@pytest.mark.slow
+def test_float_targets_with_a_loss_of_values_train_a_regression(run_cli, tmp_path):
+    """No classes taken from the targets (9 * 1.5 + 0.25 would make 14): one output, no accuracy,
+    and the test loss is the mean squared error of the saved model's predictions."""
+    flags = ("--input=tests/stream_inputs.py:values", "--loss=mean_squared_error", "--model=linear")
+    result = run_cli(*flags, "--jit_compile=false", "--run_name=r")
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = keras.models.load_model(tmp_path / "logs" / "r" / "model.keras")
+    assert model.output_shape == (None, 1)
+    images = (DIGITS["x_test"][..., None] / 16.0).astype(np.float32)
+    targets = DIGITS["y_test"] * 1.5 + 0.25
+    expected = np.mean((model.predict(images, verbose=0)[:, 0] - targets) ** 2)
+    test = read_result(tmp_path / "logs" / "r")["test"]
+    assert set(test) == {"mean_squared_error"}
+    assert test["mean_squared_error"] == pytest.approx(expected, rel=1e-5)
 
 
 def start(*flags: str) -> subprocess.Popen:
@@ -276,18 +328,6 @@ def test_a_resume_against_a_changed_source_is_refused(run_cli, tmp_path, change)
     before = snapshot(tmp_path / "logs", folder_times=False)
     assert_one_line_error(run_cli(*flags), (f"holds a run of {source}", "changed since", "--run_name"))
     assert snapshot(tmp_path / "logs", folder_times=False) == before
-
-
-def peak_rss(log: Path, *flags: str) -> int:
-    """The peak resident memory of a training process, in bytes; its stderr goes to `log`."""
-    with log.open("w") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "train_loop", *flags], cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr
-        )
-        _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    assert process.returncode == 0, log.read_text()[-3000:]
-    return usage.ru_maxrss * 1024
 
 
 @pytest.mark.slow

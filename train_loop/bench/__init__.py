@@ -4,7 +4,9 @@ Each contender trains the study's convnet (L2 0.001) on the same data, batch and
 process of its own, one after another, and reports its steady-state speed (the first call,
 which traces, left out) and its peak resident memory. Keras runs at its default and with
 `jit_compile=False`, train_loop with XLA, without, and at `auto` (which measures both here, in a
-cache of the bench's own). The chip's matmul peak is the best over several sizes, with and
+cache of the bench's own). Two rows are ratios to train_loop's default run, the speed targets of
+issues 21 and 20: the same data streamed from TFRecord shards (written here, untimed), and
+`--accumulation_steps=4`. The chip's matmul peak is the best over several sizes, with and
 without XLA, measured in the same run, so utilization = achieved FLOP/s / measured peak. The
 CPU's model and instruction sets head the table: on another CPU the answers differ.
 """
@@ -48,6 +50,17 @@ _ROUNDS = flags.DEFINE_integer(
     "Rounds of every contender, run interleaved; each keeps its fastest round. Default: 1 with --quick, else 3.",
     lower_bound=1,
 )
+_CONTENDERS = flags.DEFINE_list(
+    "contenders",
+    None,
+    f"The contenders to time, by name (keras_fit and train_loop, the baselines, among them); default: all, or with "
+    f"--quick those the comparisons need. Names: {', '.join(CONTENDERS)}.",
+)
+flags.register_validator(
+    "contenders",
+    lambda names: names is None or (set(names) <= set(CONTENDERS) and {"keras_fit", "train_loop"} <= set(names)),
+    message=f"--contenders takes names of {', '.join(CONTENDERS)}, keras_fit and train_loop among them.",
+)
 _WHOLE_RUN = flags.DEFINE_bool("whole_run", True, "Also time the study's whole one-epoch L2 run both ways.")
 # The bench's own child processes take these; under a module name of their own, --helpshort leaves them out.
 _INTERNAL = "train_loop.bench, internal"
@@ -75,11 +88,13 @@ def main(argv: list[str]) -> None:
     startup.start_tensorflow()
     steps = 100 if _QUICK.value and not _STEPS.present else _STEPS.value
     # --quick times the contenders the comparisons need; the diagnostics are skipped.
-    timed = QUICK if _QUICK.value else list(CONTENDERS)
+    chosen = _CONTENDERS.value or (QUICK if _QUICK.value else list(CONTENDERS))
     with tempfile.TemporaryDirectory() as folder:
         # A cache of the bench's own: `auto` measures afresh, and the whole run below reuses it.
         os.environ[speed_cache.CACHE_ENV] = os.path.join(folder, "speed.json")
-        dataset = _write_subset(folder, steps)
+        dataset = _write_subset(folder, steps, shards="train_loop_streamed" in chosen)
+        skipped = _skipped(chosen, dataset)
+        timed = [name for name in chosen if name not in skipped]
         figures: dict[str, Any] = {
             "cpu": cpu.model(),
             "cpu_features": cpu.features(),
@@ -88,6 +103,7 @@ def main(argv: list[str]) -> None:
             "batch_size": _BATCH_SIZE.value,
             "precision": _PRECISION.value,
             "steps": steps,
+            "skipped": skipped,
         }
         rounds = _ROUNDS.value or (1 if _QUICK.value else 3)
         figures["rounds"] = rounds
@@ -119,8 +135,26 @@ def _fastest_rounds(one_round: Callable[[], dict[str, dict[str, Any]]], rounds: 
     return fastest
 
 
-def _write_subset(folder: str, steps: int) -> str:
-    """The first `steps + warm-up` batches of the data set as an npz, so every contender sees the same."""
+def _skipped(chosen: list[str], dataset: str) -> dict[str, str]:
+    """The chosen contenders this run cannot time, each with the reason the table gives."""
+    skipped = {}
+    if "train_loop_streamed" in chosen and dataset != "fashion_mnist":
+        skipped["train_loop_streamed"] = (
+            "it streams Fashion-MNIST, whose files are missing (apt-get install dataset-fashion-mnist)"
+            if _DATASET.value == "fashion_mnist"
+            else "it streams Fashion-MNIST, and --dataset=synthetic was given"
+        )
+    if "train_loop_accumulation" in chosen and _BATCH_SIZE.value % contenders.ACCUMULATION_STEPS:
+        skipped["train_loop_accumulation"] = (
+            f"--batch_size={_BATCH_SIZE.value} does not split into {contenders.ACCUMULATION_STEPS} micro-batches"
+        )
+    return skipped
+
+
+def _write_subset(folder: str, steps: int, *, shards: bool) -> str:
+    """The first `steps + warm-up` batches of the data set as an npz, so every contender sees the
+    same; with `shards`, Fashion-MNIST's also as TFRecord shards (the streamed row's, written here
+    so that writing them is not timed)."""
     import numpy as np
 
     from train_loop.configs import Config
@@ -133,13 +167,24 @@ def _write_subset(folder: str, steps: int) -> str:
         splits, dataset = sources.load_splits(Config(dataset="synthetic")), "synthetic"
     count = (steps + 20) * _BATCH_SIZE.value
     to_bytes = [(array[..., 0] * 255).round().astype(np.uint8) for array in (splits.x_train, splits.x_test)]
-    np.savez(
-        os.path.join(folder, "fashion_mnist.npz"),
-        x_train=np.resize(to_bytes[0], (count, 28, 28)),
-        y_train=np.resize(splits.y_train, count),
-        x_test=to_bytes[1][:1000],
-        y_test=splits.y_test[:1000],
-    )
+    subset = {
+        "x_train": np.resize(to_bytes[0], (count, 28, 28)),
+        "y_train": np.resize(splits.y_train, count),
+        "x_test": to_bytes[1][:1000],
+        "y_test": splits.y_test[:1000],
+    }
+    np.savez(os.path.join(folder, "fashion_mnist.npz"), **subset)
+    if shards and dataset == "fashion_mnist":
+        from train_loop.data import tfrecords
+
+        for split in ("train", "test"):
+            tfrecords.write_shards(
+                os.path.join(folder, contenders.SHARDS),
+                split,
+                subset[f"x_{split}"],
+                subset[f"y_{split}"],
+                num_shards=4 if split == "train" else 1,
+            )
     return dataset
 
 
@@ -171,5 +216,5 @@ def run() -> None:
     apps.run(
         main,
         usage=USAGE,
-        groups={"bench": ("quick", "rounds", "steps", "whole_run", "dataset", "batch_size", "precision")},
+        groups={"bench": ("quick", "contenders", "rounds", "steps", "whole_run", "dataset", "batch_size", "precision")},
     )

@@ -10,6 +10,8 @@ import sys
 import time
 from typing import Any
 
+from train_loop.settings import TFRECORD_PREFIX
+
 CONTENDERS = {
     "keras_fit": "Keras 3 fit, default (jit_compile auto)",
     "keras_fit_nojit": "Keras 3 fit, jit_compile=False",
@@ -19,22 +21,34 @@ CONTENDERS = {
     "train_loop_1": "train_loop, 1 step per call",
     "train_loop_cached": "train_loop step, cached batch",
     "train_loop_quiet": "train_loop, no periodic summaries",
+    "train_loop_streamed": "train_loop, streamed from TFRecords",
+    "train_loop_accumulation": "train_loop --accumulation_steps=4",
 }
-QUICK = ("keras_fit", "keras_fit_nojit", "train_loop", "train_loop_xla", "train_loop_noxla")
+QUICK = (
+    "keras_fit",
+    "keras_fit_nojit",
+    "train_loop",
+    "train_loop_xla",
+    "train_loop_noxla",
+    "train_loop_streamed",
+    "train_loop_accumulation",
+)
+ACCUMULATION_STEPS = 4  # The accumulation row's K, against the default run's K = 1 (issue 20's target).
+SHARDS = "shards"  # The folder, in the bench's, of the streamed row's TFRecord shards.
 
 
 def bench_config(folder: str, *, batch_size: int, precision: str, **settings: Any):
-    """The study's convnet with L2 0.001 on the bench's npz in `folder`: every contender's settings."""
+    """The study's convnet with L2 0.001 on the bench's npz in `folder` (or, with a `dataset` in
+    `settings`, on that): every contender's settings."""
     from train_loop.configs import Config
 
     return Config(
-        dataset="fashion_mnist",
+        **{"dataset": "fashion_mnist", **settings},
         data_dir=folder,
         l2=0.001,
         batch_size=batch_size,
         precision=precision,
         logdir=os.path.join(folder, "logs"),
-        **settings,
     )
 
 
@@ -64,6 +78,9 @@ def run_worker(worker: str, *, folder: str, batch_size: int, precision: str, sta
             "train_loop_xla": {"jit_compile": True},
             "train_loop_noxla": {"jit_compile": False},
             "train_loop_quiet": {"summary_every": 10**9},
+            # The same examples as the npz's, read from shards written once per bench run.
+            "train_loop_streamed": {"dataset": TFRECORD_PREFIX + os.path.join(folder, SHARDS)},
+            "train_loop_accumulation": {"accumulation_steps": ACCUMULATION_STEPS},
         }[worker]
         imported = time.perf_counter() - started
         result = train(config(run_name=worker, **settings))

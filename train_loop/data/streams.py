@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import inspect
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping
 
 import tensorflow as tf
@@ -35,8 +36,15 @@ InputFunction = Callable[[str, tf.distribute.InputContext], "tf.data.Dataset | N
 _PREFETCH = 2  # Batches ahead of the step, as the in-memory pipelines (`inputs`).
 # The tf.data classes that batch; `_UnbatchDataset` undoes them (the walk in `_is_batched`).
 _BATCHING = {"_BatchDataset", "_ParallelBatchDataset", "_PaddedBatchDataset", "_DenseToRaggedDataset"}
-# Marks the assertion that an example has the first example's shapes, to tell its failure apart.
+# Mark the assertions that an example has the first example's shapes, and a training label is one
+# of the classes, to tell their failures apart.
 _SHAPE_CHANGED = "train_loop: an example changed shape"
+_LABEL_OUTSIDE = "train_loop: a training label outside the classes"
+# The line TensorFlow's C++ side logs when one of them fails in a traced call (its rendezvous
+# aborts); `read_errors` says it in one line of ours, so the run's stderr drops it (`run_data`).
+FAILED_CHECK_LOG = re.compile(
+    rf"^W\d{{4}} .*local_rendezvous\.cc.*({re.escape(_SHAPE_CHANGED)}|{re.escape(_LABEL_OUTSIDE)})"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +53,9 @@ class Stream:
 
     `counts` holds the examples of each split, None where unknown (an infinite or uncounted
     training split); a split missing from it has no examples (no validation). `shapes` is one
-    example's structure of shapes, which every example is held to.
+    example's structure of shapes, which every example is held to. `num_classes` is the classes
+    of a classifier's labels, or the width of a target (values to predict); with `labels_unseen`,
+    the classes were counted on the evaluated splits only, and each training label is held to them.
     """
 
     name: str  # How the source was given ("--input=x.py:fn"), for messages.
@@ -55,6 +65,7 @@ class Stream:
     num_classes: int
     fingerprint: str
     shards_by_file: bool = False
+    labels_unseen: bool = False
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -65,6 +76,8 @@ class Stream:
         """`split`'s examples as the function gives them for `context`, each held to `shapes`
         (checked one by one only where tf.data does not know them already: a decoded image's)."""
         dataset = call_input_fn(self.name, self.input_fn, split, context)
+        if split == "train" and self.labels_unseen:
+            dataset = dataset.map(self._check_label)
         specs = tf.nest.flatten(dataset.element_spec)
         if all(spec.shape == shape for spec, shape in zip(specs, tf.nest.flatten(self.shapes))):
             return dataset
@@ -83,14 +96,25 @@ class Stream:
 
         return dataset.map(check)
 
+    def _check_label(self, *parts: tf.Tensor) -> object:
+        """The example, once its label is one of the classes the evaluated splits' labels make."""
+        example = parts if len(parts) > 1 else parts[0]
+        label = tf.nest.flatten(example)[-1]
+        inside = tf.reduce_all((label >= 0) & (tf.cast(label, tf.int64) < self.num_classes))
+        with tf.control_dependencies([tf.debugging.Assert(inside, [_LABEL_OUTSIDE, label])]):
+            return tf.nest.map_structure(tf.identity, example)
 
-def open_input(name: str, input_fn: InputFunction) -> Stream:
+
+def open_input(name: str, input_fn: InputFunction, *, targets: str = "classes") -> Stream:
     """The `Stream` of a user's `input_fn`: every split called once, checked (a dataset, not
-    batched, not empty), the validation and test splits counted, and the classes taken from the
-    largest label of the test split.
+    batched, not empty), the validation and test splits counted. For a classifier (`targets`
+    "classes", see `tasks.Task`) the labels are integers and the classes are 0 to the largest label
+    of the validation and test splits (the training split is not read whole: its labels are checked
+    as they are read); else a target's width is its number of values.
 
     Raises:
-      UsageError: the function fails or exits, or gives something else than unbatched examples.
+      UsageError: the function fails or exits, gives something else than unbatched examples, or
+        float labels to a classifier.
     """
     context = tf.distribute.InputContext()
     datasets = {
@@ -104,6 +128,11 @@ def open_input(name: str, input_fn: InputFunction) -> Stream:
         if split in datasets:
             counts[split], split_largest = _count(name, datasets[split], split)
             largest = max(largest, split_largest)
+    if targets != "classes":
+        return Stream(
+            name, input_fn, counts, shapes, num_classes=_width(shapes), fingerprint=function_fingerprint(input_fn)
+        )
+    _check_integer_labels(name, datasets["train"])
     return Stream(
         name,
         input_fn,
@@ -111,7 +140,26 @@ def open_input(name: str, input_fn: InputFunction) -> Stream:
         shapes,
         num_classes=largest + 1,
         fingerprint=function_fingerprint(input_fn),
+        labels_unseen=True,
     )
+
+
+def _width(shapes: object) -> int:
+    """A target's number of values: the last part of an example, one value per entry."""
+    return int(tf.nest.flatten(shapes)[-1].num_elements() or 1)
+
+
+def _check_integer_labels(name: str, dataset: tf.data.Dataset) -> None:
+    """Raises UsageError unless the labels (an example's last part) are integers: float labels are
+    targets to predict, and a classifier's classes cannot be taken from them."""
+    label = tf.nest.flatten(dataset.element_spec)[-1]
+    if not label.dtype.is_integer:
+        raise UsageError(
+            f"{name}: labels of type {label.dtype.name}: float labels are targets (values to predict), not classes, "
+            "and the default classifier takes integer class indices 0..K-1; for values pass a loss that takes "
+            "them (--loss=mean_squared_error, --loss=huber), or if these are classes give them as integers "
+            "(tf.cast(label, tf.int32))."
+        )
 
 
 def call_input_fn(
@@ -228,10 +276,18 @@ def eval_dataset_fn(
 
 @contextlib.contextmanager
 def read_errors(stream: Stream) -> Iterator[None]:
-    """Turns an example that changed shape, met while the stream is read, into one usage line."""
+    """Turns an example that changed shape, or a training label outside the classes, met while the
+    stream is read, into one usage line."""
     try:
         yield
     except tf.errors.InvalidArgumentError as error:
+        if _LABEL_OUTSIDE in str(error):
+            raise UsageError(
+                f"{stream.name}: a training label is outside 0..{stream.num_classes - 1}, the {stream.num_classes} "
+                "classes that the validation and test splits' labels make (the training split is not read whole "
+                "first): give the test split an example of every class, or use a loss that takes these labels "
+                "(--loss=NAME)."
+            ) from None
         if _SHAPE_CHANGED not in str(error):
             raise
         split = str(error).split(_SHAPE_CHANGED)[1].split(")")[0].strip(" (")

@@ -10,6 +10,8 @@ labels' largest taken (the classes); its first record is parsed in full (a missi
 The validation split is held out of the training files' records by position: with
 `--validation_split=s`, record i (counted over the files in name order) is held out when
 floor((i + 1) s) > floor(i s), evenly spread, the same in every run and on every worker.
+
+`write_shards` writes arrays in this layout (the example `tfrecord_shards.py` and the bench use it).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import glob
 import os
 import re
 
+import numpy as np
 import tensorflow as tf
 
 from train_loop.data.streams import Stream, first_shapes
@@ -35,9 +38,11 @@ _SHARE_SCALE = 1 << 20  # Exact for 2**43 records in int64.
 _DECODE_CALLS = 2  # Images decoded in parallel (in order: the stream stays deterministic).
 
 
-def open_folder(folder: str, *, validation_split: float, deterministic: bool) -> Stream:
+def open_folder(folder: str, *, validation_split: float, deterministic: bool, targets: str = "classes") -> Stream:
     """The TFRecord folder as a checked `Stream`; sharded by file over several workers unless
-    `deterministic` (by example then, so that the global batches are one device's).
+    `deterministic` (by example then, so that the global batches are one device's). Its labels are
+    classes 0 to the largest label of every file, or for a loss that takes values (`targets`, see
+    `tasks.Task`), one value each.
 
     Raises:
       UsageError: a pattern matches no file, a record is damaged or lacks a feature.
@@ -61,7 +66,7 @@ def open_folder(folder: str, *, validation_split: float, deterministic: bool) ->
             "test": sum(counts[path] for path in files["test"]),
         },
         first_shapes(name, input_fn("test", tf.distribute.InputContext()), "test"),
-        num_classes=largest + 1,
+        num_classes=largest + 1 if targets == "classes" else 1,
         fingerprint="".join(_file_fingerprint(path) for paths in files.values() for path in paths),
         shards_by_file=not deterministic,
     )
@@ -213,6 +218,25 @@ def _decode(record: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     example = tf.io.parse_single_example(record, _FEATURES)
     image = tf.io.decode_image(example["image"], expand_animations=False)
     return tf.cast(image, tf.float32) / 255.0, tf.cast(example["label"], tf.int32)
+
+
+def write_shards(folder: str, split: str, images: np.ndarray, labels: np.ndarray, *, num_shards: int) -> list[str]:
+    """Writes `images` (N, H, W) or (N, H, W, C) uint8 and their integer `labels` as `num_shards`
+    TFRecord files named `<split>-<i>-of-<n>.tfrecord`, the examples dealt in order."""
+    os.makedirs(folder, exist_ok=True)
+    images = images if images.ndim == 4 else images[..., None]
+    paths = []
+    for shard in range(num_shards):
+        path = os.path.join(folder, f"{split}-{shard:04d}-of-{num_shards:04d}.tfrecord")
+        with tf.io.TFRecordWriter(path) as writer:
+            for image, label in zip(images[shard::num_shards], labels[shard::num_shards]):
+                feature = {
+                    "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[tf.io.encode_png(image).numpy()])),
+                    "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
+                }
+                writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+        paths.append(path)
+    return paths
 
 
 def _file_fingerprint(path: str) -> str:

@@ -8,6 +8,7 @@ import errno
 import itertools
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from typing import Any
@@ -56,7 +57,9 @@ def owned(config: Config, run_dir: str, *, chief: bool) -> Iterator[str]:
 
     A folder another process holds is refused, unless the run name was chosen by default: then
     the next free `-N` is taken, as for a finished run. A worker that is not the chief writes
-    nothing into the folder and takes no lock. A folder made here and left empty is removed.
+    nothing into the folder and takes no lock. A folder made here and left empty is removed, and so
+    is one made here for a run that bad input ended (a `UsageError` met while training, such as a
+    streamed example that changed shape): bad input leaves nothing written.
 
     Raises:
       UsageError: the run folder is held by another process, or became unfit meanwhile.
@@ -80,9 +83,26 @@ def owned(config: Config, run_dir: str, *, chief: bool) -> Iterator[str]:
             check_run_dir(run_dir, config)
             yield run_dir
             return
+        except UsageError:
+            if existing != os.path.abspath(run_dir):  # Made here: what is in it, this run wrote.
+                _remove_outputs(run_dir)
+            raise
         finally:
             lock.release()
             _remove_empty_folders(run_dir, up_to=existing)
+
+
+def _remove_outputs(run_dir: str) -> None:
+    """Removes what a run wrote into `run_dir`, all but the lock it still holds (the folder itself
+    goes with the empty ones once that is released)."""
+    for entry in os.scandir(run_dir):
+        if entry.name == locks.LOCK_FILE:
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
 
 
 def _remove_empty_folders(path: str, *, up_to: str) -> None:

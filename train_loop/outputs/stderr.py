@@ -25,8 +25,13 @@ _FILTER = """
 import re, signal, sys
 signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; this drains the pipe.
 noise = re.compile(sys.argv[1])
+dropped = False
 for line in sys.stdin:
-    if line.strip() and not noise.search(line):
+    if not line.strip():
+        continue
+    # A tab-led line continues the log line before it: it goes where that one went.
+    dropped = bool(noise.search(line)) or (dropped and line.startswith("\\t"))
+    if not dropped:
         sys.stderr.write(line)
         sys.stderr.flush()
 """

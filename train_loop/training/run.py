@@ -49,7 +49,8 @@ def train(
     took, absolute (result.json does not hold it: that folder may be moved).
 
     Raises:
-      UsageError: bad settings, missing or corrupt data; raised before anything is written.
+      UsageError: bad settings, missing or corrupt data; raised before anything is written, or, for
+        a streamed example that changed shape (met while training), with what the run wrote removed.
       DivergedError, Interrupted, ActionFailed: training stopped early (see `errors`).
     """
     started, stopwatch = time.perf_counter(), Stopwatch()
@@ -70,6 +71,7 @@ def train(
         tf.config.experimental.enable_op_determinism()
     chief = distribute.is_chief(strategy)
     with (
+        data.quiet_failed_reads(),
         runs.owned(config, run_dir, chief=chief) as run_dir,
         checkpoints.save_directory(run_dir, chief) as save_dir,
         checkpoints.no_space_left(run_dir),

@@ -15,7 +15,7 @@ from train_loop.data import inputs, sources, streams, tfrecords
 from train_loop.data.arrays import Splits, given_indices, hold_out
 from train_loop.model import loop_calls
 from train_loop.model.state import TrainState
-from train_loop.outputs.stderr import quiet_stderr
+from train_loop.outputs.stderr import filtered_stderr, quiet_stderr
 from train_loop.settings import TFRECORD_PREFIX, is_stream
 from train_loop.training.console import DataSummary
 from train_loop.training.evaluation import Evaluation, Evaluator, Weights
@@ -60,10 +60,11 @@ class RunData:
                     config.dataset.removeprefix(TFRECORD_PREFIX),
                     validation_split=config.validation_split,
                     deterministic=config.deterministic,
+                    targets=targets,
                 )
         else:
             function = input_fn or load_function("input", config.input, role="an input file")
-            stream = streams.open_input(f"--input={config.input}", function)
+            stream = streams.open_input(f"--input={config.input}", function, targets=targets)
         return cls(None, stream)
 
     @property
@@ -86,6 +87,12 @@ class RunData:
     def fingerprint(self) -> str:
         """A stream's fingerprint, which a resumed run must match ("" for arrays: their settings say it)."""
         return "" if self.stream is None else streams.fingerprint_digest(self.stream)
+
+    def quiet_failed_reads(self) -> contextlib.AbstractContextManager[None]:
+        """For the run, a stream's example that changed shape, or training label outside the classes,
+        is one line of ours on stderr (`streams.read_errors`), without the line TensorFlow's C++ side
+        logs as the traced call fails."""
+        return filtered_stderr(streams.FAILED_CHECK_LOG) if self.stream else contextlib.nullcontext()
 
     def steps_per_epoch(self, config: Config) -> int:
         if self.stream is None:
