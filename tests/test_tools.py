@@ -30,7 +30,7 @@ EXPECTED_FLAGS = {
     | {"experiments", "extra_flags", "study_name", "flags_dir", "seeds", "sweep", "jobs"},
     "train-loop-launch": TRAINING_FLAGS | {"workers"},
     "train-loop-compare": set(),
-    "train-loop-bench": {"dataset", "batch_size", "precision", "steps", "quick", "rounds", "whole_run"},
+    "train-loop-bench": {"dataset", "batch_size", "precision", "steps", "quick", "rounds", "contenders", "whole_run"},
 }
 
 

@@ -30,7 +30,7 @@ TOOLS = [
     ("train-loop", "train_loop.training_flags", False),
     ("train-loop-study", "train_loop.study.study", True),
     ("train-loop-launch", "train_loop.launch", True),
-    ("train-loop-bench", "train_loop.bench", False),
+    ("train-loop-bench", "train_loop.bench.main", False),
 ]
 
 # Run in a tool's own process: the flags defined by modules named `prefix...`, as JSON. A module

@@ -1,5 +1,5 @@
 """`python -m train_loop.bench`."""
 
-from train_loop.bench import run
+from train_loop.bench.main import run
 
 run()
