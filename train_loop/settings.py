@@ -236,10 +236,10 @@ def _check_stream_settings(config: Config) -> None:
         raise UsageError(
             f"--input={config.input} gives the data, and so does --dataset={config.dataset}: pass one of them."
         )
-    if is_stream(config) and config.strategy in ("multi_worker", "tpu"):
+    if is_stream(config) and config.strategy == "tpu":
         raise UsageError(
-            f"--strategy={config.strategy}: streamed data runs on one machine's devices for now (its position in "
-            "the checkpoint is one iterator's); use --strategy=mirrored or one_device, or arrays."
+            f"--strategy={config.strategy}: streamed data runs on CPUs and GPUs for now (its position in the "
+            "checkpoint is a host iterator's); use --strategy=mirrored, one_device or multi_worker, or arrays."
         )
     for name in ("shuffle_buffer", "steps_per_epoch"):
         if getattr(config, name) < 0:

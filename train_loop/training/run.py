@@ -15,9 +15,9 @@ from train_loop.data.streams import InputFunction
 from train_loop.model import tasks
 from train_loop.model.state import TrainState, build_state
 from train_loop.model.user_models import ModelFunction, load_model_function
-from train_loop.outputs import checkpoints, runs
+from train_loop.outputs import checkpoints, positions, runs
 from train_loop.outputs.run_outputs import RunOutputs
-from train_loop.settings import MODELS
+from train_loop.settings import MODELS, is_stream
 from train_loop.training import actions, distribute, xla_choice
 from train_loop.training.console import Console
 from train_loop.training.controller import make_controller
@@ -53,6 +53,8 @@ def train(
     started, stopwatch = time.perf_counter(), Stopwatch()
     # The task and the data first, so that every user error comes before a single file is written.
     run_task = tasks.task_for(config.loss, config.metrics, task or config.task)
+    # Reading a stream runs TensorFlow's ops, and a cluster's strategy must connect before the first one.
+    strategy = distribute.make_strategy(config) if is_stream(config) else None
     with stopwatch.phase("data"):
         data = RunData.read(config, arrays=arrays, input_fn=input_fn, targets=run_task.targets)
     steps_per_epoch = data.steps_per_epoch(config)
@@ -61,11 +63,12 @@ def train(
     run_dir = runs.choose_run_dir(config)
     if data.fingerprint:
         runs.check_same_source(run_dir, data.fingerprint, data.summary.source)
-    strategy = distribute.make_strategy(config)
+    strategy = strategy or distribute.make_strategy(config)
     distribute.check_global_batch(strategy, config.batch_size, config.accumulation_steps)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     chief = distribute.is_chief(strategy)
+    position = data.position(config, strategy)
     with (
         runs.owned(config, run_dir, chief=chief) as run_dir,
         checkpoints.save_directory(run_dir, chief) as save_dir,
@@ -81,7 +84,8 @@ def train(
             task=run_task,
             sample=data.sample_batch(),
         )
-        checkpoint, restored_step = _restore(state, run_dir, chief=chief, position=data.position(config, strategy))
+        worker = data.worker_position(run_dir, strategy)
+        checkpoint, restored_step = _restore(state, run_dir, chief=chief, position=position, worker=worker)
         # Under launch every worker trains; the chief alone shows the progress, once.
         console = Console(steps_per_epoch=steps_per_epoch, num_epochs=config.epochs, show_progress=chief)
         console.say_start(
@@ -122,7 +126,10 @@ def train(
         validation = validate and _validation(
             config, state, validate, outputs=outputs, console=console, steps_per_epoch=steps_per_epoch
         )
-        signals, manager = SignalStop(strategy), checkpoints.make_manager(checkpoint, save_dir)
+        signals, manager = (
+            SignalStop(strategy),
+            checkpoints.make_manager(checkpoint, save_dir, beside=worker and worker.manager()),
+        )
         controller = make_controller(
             config,
             loop_call,
@@ -158,17 +165,31 @@ def train(
 
 
 def _restore(
-    state: TrainState, run_dir: str, *, chief: bool, position: dict[str, object]
+    state: TrainState,
+    run_dir: str,
+    *,
+    chief: bool,
+    position: dict[str, object],
+    worker: positions.WorkerPosition | None,
 ) -> tuple[tf.train.Checkpoint, int | None]:
     """The checkpoint of `state` and the data's `position` (a stream's iterator), restored from the
     run's newest checkpoint that restores (one written before the measurements had names too), and
-    the step it restored; None: a fresh start."""
-    checkpoint = tf.train.Checkpoint(**state.trackables(), **position)
+    the step it restored; None: a fresh start. Under several workers, the iterator is each
+    `worker`'s, restored from its own checkpoint at the step every worker saved."""
+    if position:
+        positions.check_saved_alike(run_dir, worker.count if worker else 0)
+    checkpoint = tf.train.Checkpoint(**state.trackables(), **({} if worker else position))
     positional = tf.train.Checkpoint(**state.positional_trackables())
     restored = checkpoints.restore_latest(
-        checkpoint, checkpoints.directory(run_dir), repair=chief, positional=positional
+        checkpoint,
+        checkpoints.directory(run_dir),
+        repair=chief,
+        positional=positional,
+        steps=worker and worker.common_steps(),
     )
     state.counters.take_positional()
+    if restored and worker:
+        worker.restore(state.counters.step)
     return checkpoint, state.counters.step if restored else None
 
 

@@ -15,6 +15,7 @@ from train_loop.data import inputs, sources, streams, tfrecords
 from train_loop.data.arrays import Splits, hold_out
 from train_loop.model import loop_calls
 from train_loop.model.state import TrainState
+from train_loop.outputs.positions import WorkerPosition
 from train_loop.outputs.stderr import quiet_stderr
 from train_loop.settings import TFRECORD_PREFIX, is_stream
 from train_loop.training.console import DataSummary
@@ -109,7 +110,8 @@ class RunData:
 
     def position(self, config: Config, strategy: tf.distribute.Strategy) -> dict[str, object]:
         """The checkpoint's trackables of the data's position: a stream's training iterator, made
-        here before the checkpoint is restored; none for arrays, whose position is the step."""
+        here before the checkpoint is restored (and before the run folder is taken: a source
+        that cannot feed the workers is refused first); none for arrays, whose position is the step."""
         if self.stream is None:
             return {}
         dataset_fn = streams.train_dataset_fn(
@@ -118,6 +120,16 @@ class RunData:
         replica_input = inputs.ReplicaInput(strategy, dataset_fn, checkpointable=True)
         self._stream_input = (replica_input, replica_input.iterator())
         return {"data_position": self._stream_input[1]}
+
+    def worker_position(self, run_dir: str, strategy: tf.distribute.Strategy) -> WorkerPosition | None:
+        """Under several workers, this worker's data position (made by `position` first), which
+        the run's checkpoint cannot hold: it is saved beside it. None otherwise."""
+        if self._stream_input is None or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            return None
+        context = inputs.worker_input_context(strategy)
+        return WorkerPosition(
+            run_dir, self._stream_input[1], index=context.input_pipeline_id, count=context.num_input_pipelines
+        )
 
     def loop_call(
         self, config: Config, strategy: tf.distribute.Strategy, state: TrainState, *, jit_compile: bool
