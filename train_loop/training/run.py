@@ -53,10 +53,18 @@ def train(
     started, stopwatch = time.perf_counter(), Stopwatch()
     # The task and the data first, so that every user error comes before a single file is written.
     run_task = tasks.task_for(config.loss, config.metrics, task or config.task)
+    # A task's own data streams, unless the flags name other data.
+    task_input = run_task.input_fn if not (is_stream(config) or arrays or config.dataset != Config.dataset) else None
     # Reading a stream runs TensorFlow's ops, and a cluster's strategy must connect before the first one.
-    strategy = distribute.make_strategy(config) if is_stream(config) else None
+    strategy = distribute.make_strategy(config) if is_stream(config) or task_input else None
     with stopwatch.phase("data"):
-        data = RunData.read(config, arrays=arrays, input_fn=input_fn, targets=run_task.targets)
+        data = RunData.read(
+            config,
+            arrays=arrays,
+            input_fn=input_fn or task_input,
+            input_name=f"{run_task.flag}'s input_fn" if task_input else "",
+            targets=run_task.targets,
+        )
     steps_per_epoch = data.steps_per_epoch(config)
     config = config.with_run_length(steps_per_epoch)
     model_fn = model_fn or (None if config.model in MODELS else load_model_function(config.model))
@@ -96,7 +104,7 @@ def train(
             decision = xla_choice.decide_jit_compile(
                 config,
                 strategy,
-                data.timing_splits(config),
+                data.timing_data(config),
                 runs.read_settings(run_dir),
                 model_fn=model_fn,
                 task=run_task,
