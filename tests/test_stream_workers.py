@@ -1,12 +1,14 @@
 """Streamed data on several workers (`launch --workers=2`, MultiWorkerMirroredStrategy over
 127.0.0.1): each worker's own pipeline and its position beside the run's checkpoint. Real
-TFRecord shards, real worker processes, real SIGKILLs."""
+TFRecord shards, real worker processes, real SIGKILLs. Also a task's own input_fn as the stream,
+and the XLA timing on a stream of dicts."""
 
 from __future__ import annotations
 
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import zlib
@@ -20,7 +22,9 @@ from helpers import sigkill_after_first_checkpoint, snapshot
 from test_faults import consecutive_free_ports, finish, read_result, start, worker_pids
 from test_streams import ids, write_digits, write_numbered
 
-pytestmark = pytest.mark.slow  # Every test here starts worker processes of TensorFlow.
+from train_loop import Config
+from train_loop.errors import UsageError
+from train_loop.training.run_data import RunData
 
 # Batch 32 over 1,294 training records (digits less the validation split): 40 steps an epoch.
 COMMON = (
@@ -57,6 +61,7 @@ def data_flags(source: str, tmp_path: Path) -> tuple[str, ...]:
     return ("--input=tests/stream_inputs.py:digits", "--epochs=2")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", ["tfrecord", "input-function"])
 def test_two_workers_train_one_devices_global_batches(tmp_path, source):
     """With --deterministic both shard by example: the two workers' batches make up one device's."""
@@ -77,6 +82,7 @@ def test_two_workers_train_one_devices_global_batches(tmp_path, source):
         assert main_steps <= {path.name for path in (positions / worker).glob("ckpt-*.index")}
 
 
+@pytest.mark.slow
 def test_sigkill_of_the_workers_at_a_random_moment_then_resume_gives_the_uninterrupted_numbers(tmp_path):
     """A shuffle buffer larger than a checkpoint interval's examples, sharded by example: each
     worker's buffer is part of its position."""
@@ -95,6 +101,7 @@ def test_sigkill_of_the_workers_at_a_random_moment_then_resume_gives_the_uninter
     assert_same_results(tmp_path / "killed", tmp_path / "whole")
 
 
+@pytest.mark.slow
 def test_a_position_one_worker_did_not_save_is_skipped_for_the_step_all_saved(tmp_path):
     """A kill between a worker's position and the chief's checkpoint of a step (here: the newest
     step's position of worker 1 removed): the resume takes the step before, and still ends where
@@ -115,6 +122,7 @@ def test_a_position_one_worker_did_not_save_is_skipped_for_the_step_all_saved(tm
     assert_same_results(run_dir, tmp_path / "whole")
 
 
+@pytest.mark.slow
 def test_a_resume_on_another_number_of_workers_is_refused_and_changes_nothing(tmp_path):
     flags = (*data_flags("tfrecord", tmp_path), *COMMON, "--epochs=1", f"--logdir={tmp_path}", "--run_name=r")
     status, stdout, stderr = finish(launch(*flags))
@@ -148,6 +156,7 @@ def read_one_epoch(folder: str, deterministic: bool, out: str) -> None:
     Path(out).write_text(json.dumps(batches))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("deterministic", [False, True], ids=["by-file", "by-example"])
 def test_two_workers_lose_or_double_no_example_within_an_epoch(tmp_path, deterministic):
     """400 numbered examples in 4 files, 2 worker processes under one MultiWorkerMirroredStrategy."""
@@ -189,6 +198,7 @@ def test_two_workers_lose_or_double_no_example_within_an_epoch(tmp_path, determi
         assert {example % 4 for batch in per_worker[0] for example in batch} == {0, 2}
 
 
+@pytest.mark.slow
 def test_fewer_training_files_than_workers_is_one_line_per_worker_and_writes_nothing(tmp_path):
     folder = write_digits(tmp_path / "shards", train_shards=1)
     status, stdout, stderr = finish(
@@ -201,6 +211,7 @@ def test_fewer_training_files_than_workers_is_one_line_per_worker_and_writes_not
     assert not (tmp_path / "logs").exists()
 
 
+@pytest.mark.slow
 def test_a_tasks_input_fn_is_the_stream_without_input(run_cli, tmp_path):
     """Not the default --dataset: the task's own function, dict examples and all."""
     result = run_cli("--task=tests/stream_inputs.py:DictDigitsWithData", "--jit_compile=false", "--batch_size=64")
@@ -211,6 +222,7 @@ def test_a_tasks_input_fn_is_the_stream_without_input(run_cli, tmp_path):
     assert read_result(run_dir)["steps"] == 1437 // 64
 
 
+@pytest.mark.slow
 def test_the_xla_timing_runs_on_a_streams_own_batch_structure(run_cli, tmp_path):
     """A stream of dicts: --jit_compile=auto times the step on such batches (a cache of the test's
     own, so that it measures)."""
@@ -226,3 +238,10 @@ def test_the_xla_timing_runs_on_a_streams_own_batch_structure(run_cli, tmp_path)
     [run_dir] = (tmp_path / "logs").iterdir()
     decided = read_result(run_dir)["decided"]
     assert decided["by"] == "measured" and set(decided["examples_per_second"]) == {"xla", "no_xla"}
+
+
+def test_stream_settings_beside_a_task_without_input_fn_are_one_line():
+    """Such a task may stream (its input_fn), which is known once it is loaded: then it is refused."""
+    config = Config(task="tests/user_tasks.py:TwoTerms", dataset="digits", shuffle_buffer=5)
+    with pytest.raises(UsageError, match=re.escape("--shuffle_buffer=5 applies to streamed data")):
+        RunData.read(config)
