@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import keras
@@ -63,16 +64,20 @@ def assert_one_line_error(result: subprocess.CompletedProcess, names: tuple[str,
     assert result.stdout == "", report
 
 
-def sigkill_after_first_checkpoint(process: subprocess.Popen, run_dir: Path, delay: float) -> None:
+def sigkill_after_first_checkpoint(
+    process: subprocess.Popen, run_dir: Path, delay: float, *, pids: Callable[[], Iterable[int]] | None = None
+) -> None:
     """SIGKILLs the running `process` `delay` seconds after `run_dir` holds its first checkpoint
-    (waited for at most 120 s), and reaps it: the "SIGKILL at a random moment" of the resume tests."""
+    (waited for at most 120 s), and reaps it: the "SIGKILL at a random moment" of the resume tests.
+    With `pids`, the processes it gives are killed instead (a launcher's workers), all at once."""
     index = run_dir / "checkpoints" / "checkpoint"
     deadline = time.monotonic() + 120
     while not index.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     time.sleep(delay)
-    process.send_signal(signal.SIGKILL)
-    process.communicate(timeout=30)
+    for pid in pids() if pids else [process.pid]:
+        os.kill(pid, signal.SIGKILL)
+    process.communicate(timeout=60)
 
 
 def kill_at_first_checkpoint(command: list[str], run_dir: Path, env: dict | None = None) -> None:

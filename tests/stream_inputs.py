@@ -1,10 +1,12 @@
 """Input functions for `--input=tests/stream_inputs.py:NAME` (tests/test_streams.py): the bundled
-digits as a stream, and the ways an input function goes wrong."""
+digits as a stream, and the ways an input function goes wrong; and tasks of dict examples, one
+bringing its own data (tests/test_stream_workers.py)."""
 
 from __future__ import annotations
 
 import os
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -70,3 +72,28 @@ def no_nines_in_test(split: str, context: tf.distribute.InputContext) -> tf.data
         return None
     dataset = _split(split)
     return dataset.filter(lambda image, label: label < 9) if split == "test" else dataset
+
+
+def digits_dicts(split: str, context: tf.distribute.InputContext) -> tf.data.Dataset | None:
+    """The digits as dicts {"image", "label"}: examples that are no (inputs, label) pair."""
+    return None if split == "validation" else _split(split).map(lambda image, label: {"image": image, "label": label})
+
+
+class DictDigits:
+    """A task of dict examples (`digits_dicts`): its split reads them by key."""
+
+    def model(self) -> keras.Model:
+        return keras.Sequential([keras.layers.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(10)])
+
+    def split(self, batch: dict) -> tuple[tf.Tensor, tf.Tensor]:
+        return batch["image"], batch["label"]
+
+    def loss_terms(self, batch: dict, outputs: tf.Tensor) -> dict[str, tf.Tensor]:
+        return {"cross_entropy": tf.nn.sparse_softmax_cross_entropy_with_logits(labels=batch["label"], logits=outputs)}
+
+
+class DictDigitsWithData(DictDigits):
+    """The same task bringing its own data: its input_fn is the run's stream, without --input."""
+
+    def input_fn(self, split: str, context: tf.distribute.InputContext) -> tf.data.Dataset | None:
+        return digits_dicts(split, context)

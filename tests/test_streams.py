@@ -110,7 +110,6 @@ def test_sharding_by_file_needs_a_file_for_each_worker(tmp_path):
 @pytest.mark.parametrize(
     ("settings", "words"),
     [
-        ({"dataset": "tfrecord:shards", "strategy": "multi_worker"}, "--strategy=multi_worker: streamed data runs"),
         ({"input": "x.py:f", "strategy": "tpu"}, "--strategy=tpu: streamed data runs"),
         ({"steps_per_epoch": 10}, "--steps_per_epoch=10 applies to streamed data"),
         ({"shuffle_buffer": 5}, "--shuffle_buffer=5 applies to streamed data"),

@@ -291,19 +291,31 @@ def _check_stream_settings(config: Config) -> None:
         raise UsageError(
             f"--input={config.input} gives the data, and so does --dataset={config.dataset}: pass one of them."
         )
-    if is_stream(config) and config.strategy in ("multi_worker", "tpu"):
+    if is_stream(config) and config.strategy == "tpu":
         raise UsageError(
-            f"--strategy={config.strategy}: streamed data runs on one machine's devices for now (its position in "
-            "the checkpoint is one iterator's); use --strategy=mirrored or one_device, or arrays."
+            f"--strategy={config.strategy}: streamed data runs on CPUs and GPUs for now (its position in the "
+            "checkpoint is a host iterator's); use --strategy=mirrored, one_device or multi_worker, or arrays."
         )
     for name in ("shuffle_buffer", "steps_per_epoch"):
         if getattr(config, name) < 0:
             raise UsageError(f"--{name}={getattr(config, name)} must be 0 or more.")
+    # A task's input_fn streams too, which is known once the task is loaded (`check_stream_only`).
+    if not is_stream(config) and not config.task:
+        check_stream_only(config)
+
+
+def check_stream_only(config: Config) -> None:
+    """Refuses `--shuffle_buffer` and `--steps_per_epoch` for a run of arrays: they are a stream's.
+
+    Raises:
+      UsageError: one of them is given.
+    """
     for name in ("shuffle_buffer", "steps_per_epoch"):
-        if getattr(config, name) != getattr(type(config), name) and not is_stream(config):
+        if getattr(config, name) != getattr(type(config), name):
             raise UsageError(
                 f"--{name}={getattr(config, name)} applies to streamed data (--input, "
-                f"--dataset={TFRECORD_PREFIX}FOLDER); arrays are shuffled whole, one pass an epoch: leave it out."
+                f"--dataset={TFRECORD_PREFIX}FOLDER, a task's input_fn); arrays are shuffled whole, one pass an "
+                "epoch: leave it out."
             )
 
 

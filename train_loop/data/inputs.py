@@ -208,7 +208,10 @@ class ReplicaInput:
 
     With `checkpointable`, the host iterator serves every single-host strategy, GPUs too: the
     strategy's distributed iterator cannot join a `tf.train.Checkpoint` (TensorFlow 2.21 raises
-    ValueError: not a trackable object), and a stream's position must.
+    ValueError: not a trackable object), and a stream's position must. Under several workers
+    (MultiWorkerMirroredStrategy) each worker reads its own input pipeline through its own host
+    iterator (`worker_input_context`), whose batch is its replicas' share of the global batch, and
+    saves that iterator beside the run's checkpoint (`outputs.positions`).
     """
 
     def __init__(
@@ -219,14 +222,21 @@ class ReplicaInput:
         checkpointable: bool = False,
     ):
         self._strategy = strategy
-        self._on_host = _is_single_host(strategy) if checkpointable else _is_single_host_cpu(strategy)
+        per_worker = checkpointable and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+        self._on_host = per_worker or (_is_single_host(strategy) if checkpointable else _is_single_host_cpu(strategy))
         if checkpointable and not self._on_host:
             raise UsageError(
-                "streamed data (--input, --dataset=tfrecord:FOLDER) runs on one machine's devices: its position in "
-                "the checkpoint needs an iterator that several workers' strategies cannot save yet; use "
-                "--strategy=mirrored or one_device."
+                f"streamed data (--input, --dataset=tfrecord:FOLDER) cannot run under {type(strategy).__name__}: "
+                "its position in the checkpoint needs a host iterator; use --strategy=mirrored, one_device or "
+                "multi_worker."
             )
-        if self._on_host:
+        # The global replica id of this worker's first replica: its replicas take its batch's parts in order.
+        self._first_replica = 0
+        if per_worker:
+            context = worker_input_context(strategy)
+            self._first_replica = context.input_pipeline_id * len(strategy.extended.worker_devices)
+            self._dataset = dataset_fn(context)
+        elif self._on_host:
             # One pipeline of global batches: each is its replicas' batches, consecutive, in order.
             self._dataset = dataset_fn(tf.distribute.InputContext(num_replicas_in_sync=1))
         else:
@@ -242,14 +252,32 @@ class ReplicaInput:
         strategy's inputs (the evaluation pass serves every split).
         """
         batch = next(iterator)
-        num_replicas = self._strategy.num_replicas_in_sync
-        if not self._on_host or num_replicas == 1:
-            return batch
+        local_replicas = len(self._strategy.extended.worker_devices)
+        if not self._on_host or local_replicas == 1:
+            return batch  # A worker's one replica takes its batch as a local value.
         # Splitting along the first axis shares the batch's memory where each part is aligned.
-        parts = [tf.split(tensor, num_replicas) for tensor in tf.nest.flatten(batch)]
+        parts = [tf.split(tensor, local_replicas) for tensor in tf.nest.flatten(batch)]
         return self._strategy.experimental_distribute_values_from_function(
-            lambda context: tf.nest.pack_sequence_as(batch, [part[context.replica_id_in_sync_group] for part in parts])
+            lambda context: tf.nest.pack_sequence_as(
+                batch, [part[context.replica_id_in_sync_group - self._first_replica] for part in parts]
+            )
         )
+
+
+def worker_input_context(strategy: tf.distribute.Strategy) -> tf.distribute.InputContext:
+    """This worker's input pipeline under several workers, numbered as the strategy numbers them
+    (the chief first, then the workers), sized as one replica: its batch is the global batch's
+    share of this worker's replicas, which `ReplicaInput.next_batch` splits among them.
+
+    The same pipelines, batch for batch, as `distribute_datasets_from_function` would give: each
+    worker's replicas take consecutive per-replica batches of its pipeline in order.
+    """
+    resolver = strategy.cluster_resolver
+    cluster = resolver.cluster_spec().as_dict()
+    has_chief = "chief" in cluster
+    index = 0 if resolver.task_type == "chief" else resolver.task_id + int(has_chief)
+    num_workers = len(cluster.get("worker", [])) + int(has_chief)
+    return tf.distribute.InputContext(num_workers, index, num_replicas_in_sync=num_workers)
 
 
 def _is_single_host_cpu(strategy: tf.distribute.Strategy) -> bool:

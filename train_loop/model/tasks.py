@@ -35,7 +35,8 @@ class UserTask(Protocol):
     """What `--task` names: `model()` returns an uncompiled `keras.Model`; `loss_terms(batch,
     outputs)` gives each data term per example, shape (B,), by name; optional `metrics(batch,
     outputs)` likewise; optional `split(batch) -> (inputs, targets)` (default: `batch[0]`,
-    `batch[1]`; targets may be None, for an autoencoder). `outputs` are the model's, float32."""
+    `batch[1]`; targets may be None, for an autoencoder); optional `input_fn(split, context)`, its
+    data as a stream (as `--input`'s). `outputs` are the model's, float32."""
 
     def model(self) -> keras.Model: ...
 
@@ -53,6 +54,8 @@ class Task:
     # What the data's labels must be: "classes" (indices), "values" (floats) or "any" (a user task's).
     targets: str = "classes"
     model_fn: ModelFunction | None = None  # The task's own model; None: --model's.
+    # The task's own data, `input_fn(split, context)` (see `streams.InputFunction`); None: the flags'.
+    input_fn: Callable[[str, Any], Any] | None = None
     classifier: bool = False  # It has the confusion matrix.
     user_object: object = None  # A user's task object, checked to hold no state (`checked_names`).
 
@@ -157,6 +160,7 @@ def user_task(task: UserTask | str, metric_names: tuple[str, ...] = ()) -> Task:
         targets="any",
         model_fn=task.model,
         user_object=task,
+        input_fn=getattr(task, "input_fn", None),
     )
 
 

@@ -67,19 +67,40 @@ def save_directory(run_dir: str, chief: bool) -> Iterator[str]:
             lock.release()
 
 
-def make_manager(checkpoint: tf.train.Checkpoint, checkpoint_dir: str) -> tf.train.CheckpointManager:
-    """A manager saving `checkpoint` (model, optimizer, counters) into `checkpoint_dir`; made after
-    `restore_latest`, which may have rewritten the index the manager reads."""
-    return tf.train.CheckpointManager(checkpoint, checkpoint_dir, max_to_keep=MAX_TO_KEEP)
+class Manager(tf.train.CheckpointManager):
+    """The run's checkpoint manager, with the manager of this worker's data position (`beside`,
+    see `positions`) when it has one, which `save` writes first."""
+
+    def __init__(
+        self, checkpoint: tf.train.Checkpoint, directory: str, *, beside: tf.train.CheckpointManager | None = None
+    ):
+        super().__init__(checkpoint, directory, max_to_keep=MAX_TO_KEEP)
+        self.beside = beside
+
+
+def make_manager(
+    checkpoint: tf.train.Checkpoint, checkpoint_dir: str, *, beside: tf.train.CheckpointManager | None = None
+) -> Manager:
+    """A manager saving `checkpoint` (model, optimizer, counters) into `checkpoint_dir`, and this
+    worker's data position with `beside`; made after `restore_latest`, which may have rewritten
+    the index the manager reads."""
+    return Manager(checkpoint, checkpoint_dir, beside=beside)
 
 
 def restore_latest(
-    checkpoint: tf.train.Checkpoint, checkpoint_dir: str, *, repair: bool, positional: tf.train.Checkpoint | None = None
+    checkpoint: tf.train.Checkpoint,
+    checkpoint_dir: str,
+    *,
+    repair: bool,
+    positional: tf.train.Checkpoint | None = None,
+    steps: set[int] | None = None,
 ) -> bool:
     """Restores the newest checkpoint in `checkpoint_dir` that restores; says whether there was one.
 
     A checkpoint written before the measurements had names is restored into `positional`, the
-    same objects under the names it used (`TrainState.positional_trackables`).
+    same objects under the names it used (`TrainState.positional_trackables`). With `steps`, only
+    a checkpoint of one of them is restored: the steps at which every worker saved its data
+    position (`positions`).
 
     `checkpoint_dir` is the run's: a worker that saves its copies elsewhere restores the chief's.
     When the index file was unreadable or the newest checkpoint damaged, one line says which
@@ -96,6 +117,9 @@ def restore_latest(
         return False
     failures = []
     for prefix in saved:
+        if steps is not None and int(prefix.rpartition("-")[2]) not in steps:
+            failures.append(f"{os.path.basename(prefix)}: not every worker's data position was saved with it")
+            continue
         failure = _restore(checkpoint, prefix, positional=positional)
         if failure:
             failures.append(f"{os.path.basename(prefix)}: {failure}")
@@ -173,6 +197,8 @@ def remove_temporaries(checkpoint_dir: str) -> None:
 def save(manager: tf.train.CheckpointManager, step: int) -> str:
     """Saves under the global step's number, so file names say where training stood; a step
     already saved (a stop requested right after a periodic checkpoint) is not written twice.
+    This worker's data position (a `Manager`'s `beside`) is written first: a kill between the two
+    leaves a position without weights, which a resume skips (`positions`).
 
     Raises:
       NoSpace: the disk is full; the half-written checkpoint is removed first.
@@ -185,6 +211,9 @@ def save(manager: tf.train.CheckpointManager, step: int) -> str:
         no_space_left(manager.directory, temporary=os.path.join(manager.directory, f"ckpt-{step}_temp")),
         quiet_stderr(),
     ):
+        beside = getattr(manager, "beside", None)
+        if beside is not None:
+            beside.save(checkpoint_number=step)
         return manager.save(checkpoint_number=step)
 
 

@@ -56,10 +56,11 @@ def owned(config: Config, run_dir: str, *, chief: bool) -> Iterator[str]:
     chosen `run_dir`, or the next free one if it changed meanwhile.
 
     A folder another process holds is refused, unless the run name was chosen by default: then
-    the next free `-N` is taken, as for a finished run. A worker that is not the chief writes
-    nothing into the folder and takes no lock. A folder made here and left empty is removed, and so
-    is one made here for a run that bad input ended (a `UsageError` met while training, such as a
-    streamed example that changed shape): bad input leaves nothing written.
+    the next free `-N` is taken, as for a finished run. A worker that is not the chief takes no
+    lock and writes nothing into the folder but its streamed data's position (`positions`). A
+    folder made here and left empty is removed, and so is one made here for a run that bad input
+    ended (a `UsageError` met while training, such as a streamed example that changed shape): bad
+    input leaves nothing written.
 
     Raises:
       UsageError: the run folder is held by another process, or became unfit meanwhile.

@@ -17,9 +17,9 @@ from train_loop.data.streams import InputFunction
 from train_loop.model import tasks
 from train_loop.model.state import TrainState, build_state
 from train_loop.model.user_models import ModelFunction, load_model_function
-from train_loop.outputs import checkpoints, runs
+from train_loop.outputs import checkpoints, positions, runs
 from train_loop.outputs.run_outputs import RunOutputs
-from train_loop.settings import MODELS
+from train_loop.settings import MODELS, is_stream
 from train_loop.training import actions, distribute, divergence, xla_choice
 from train_loop.training.console import Console
 from train_loop.training.controller import make_controller
@@ -56,20 +56,31 @@ def train(
     started, stopwatch = time.perf_counter(), Stopwatch()
     # The task and the data first, so that every user error comes before a single file is written.
     run_task = tasks.task_for(config.loss, config.metrics, task or config.task)
+    # A task's own data streams, unless the flags name other data.
+    task_input = run_task.input_fn if not (is_stream(config) or arrays or config.dataset != Config.dataset) else None
+    # Reading a stream runs TensorFlow's ops, and a cluster's strategy must connect before the first one.
+    strategy = distribute.make_strategy(config) if is_stream(config) or task_input else None
     with stopwatch.phase("data"):
-        data = RunData.read(config, arrays=arrays, input_fn=input_fn, targets=run_task.targets)
+        data = RunData.read(
+            config,
+            arrays=arrays,
+            input_fn=input_fn or task_input,
+            input_name=f"{run_task.flag}'s input_fn" if task_input else "",
+            targets=run_task.targets,
+        )
     steps_per_epoch = data.steps_per_epoch(config)
     config = config.with_run_length(steps_per_epoch)
     model_fn = model_fn or (None if config.model in MODELS else load_model_function(config.model))
     run_dir = runs.choose_run_dir(config)
     if data.fingerprint:
         runs.check_same_source(run_dir, data.fingerprint, data.summary.source)
-    strategy = distribute.make_strategy(config)
+    strategy = strategy or distribute.make_strategy(config)
     distribute.check_global_batch(strategy, config.batch_size, config.accumulation_steps)
     divergence.check_strategy(config, strategy)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     chief = distribute.is_chief(strategy)
+    position = data.position(config, strategy)
     with (
         data.quiet_failed_reads(),
         runs.owned(config, run_dir, chief=chief) as run_dir,
@@ -86,7 +97,8 @@ def train(
             task=run_task,
             sample=data.sample_batch(),
         )
-        checkpoint, restored_step = _restore(state, run_dir, chief=chief, position=data.position(config, strategy))
+        worker = data.worker_position(run_dir, strategy)
+        checkpoint, restored_step = _restore(state, run_dir, chief=chief, position=position, worker=worker)
         # Under launch every worker trains; the chief alone shows the progress, once.
         console = Console(steps_per_epoch=steps_per_epoch, num_epochs=config.epochs, show_progress=chief)
         console.say_start(
@@ -97,7 +109,7 @@ def train(
             decision = xla_choice.decide_jit_compile(
                 config,
                 strategy,
-                data.timing_splits(config),
+                data.timing_data(config),
                 runs.read_settings(run_dir),
                 model_fn=model_fn,
                 task=run_task,
@@ -135,7 +147,10 @@ def train(
         validation = validate and _validation(
             config, state, validate, outputs=outputs, console=console, steps_per_epoch=steps_per_epoch
         )
-        signals, manager = SignalStop(strategy), checkpoints.make_manager(checkpoint, save_dir)
+        signals, manager = (
+            SignalStop(strategy),
+            checkpoints.make_manager(checkpoint, save_dir, beside=worker and worker.manager()),
+        )
         controller = make_controller(
             config,
             loop_call,
@@ -183,17 +198,31 @@ def train(
 
 
 def _restore(
-    state: TrainState, run_dir: str, *, chief: bool, position: dict[str, object]
+    state: TrainState,
+    run_dir: str,
+    *,
+    chief: bool,
+    position: dict[str, object],
+    worker: positions.WorkerPosition | None,
 ) -> tuple[tf.train.Checkpoint, int | None]:
     """The checkpoint of `state` and the data's `position` (a stream's iterator), restored from the
     run's newest checkpoint that restores (one written before the measurements had names too), and
-    the step it restored; None: a fresh start."""
-    checkpoint = tf.train.Checkpoint(**state.trackables(), **position)
+    the step it restored; None: a fresh start. Under several workers, the iterator is each
+    `worker`'s, restored from its own checkpoint at the step every worker saved."""
+    if position:
+        positions.check_saved_alike(run_dir, worker.count if worker else 0)
+    checkpoint = tf.train.Checkpoint(**state.trackables(), **({} if worker else position))
     positional = tf.train.Checkpoint(**state.positional_trackables())
     restored = checkpoints.restore_latest(
-        checkpoint, checkpoints.directory(run_dir), repair=chief, positional=positional
+        checkpoint,
+        checkpoints.directory(run_dir),
+        repair=chief,
+        positional=positional,
+        steps=worker and worker.common_steps(),
     )
     state.counters.take_positional()
+    if restored and worker:
+        worker.restore(state.counters.step)
     return checkpoint, state.counters.step if restored else None
 
 

@@ -15,10 +15,12 @@ from train_loop.data import inputs, sources, streams, tfrecords
 from train_loop.data.arrays import Splits, given_indices, hold_out
 from train_loop.model import loop_calls
 from train_loop.model.state import TrainState
+from train_loop.outputs.positions import WorkerPosition
 from train_loop.outputs.stderr import filtered_stderr, quiet_stderr
-from train_loop.settings import TFRECORD_PREFIX, is_stream
+from train_loop.settings import TFRECORD_PREFIX, check_stream_only, is_stream
 from train_loop.training.console import DataSummary
 from train_loop.training.evaluation import Evaluation, Evaluator, Weights
+from train_loop.training.xla_choice import TimingBatch
 from train_loop.user_code import load_function
 
 Evaluate = Callable[[Weights], Evaluation]
@@ -42,15 +44,18 @@ class RunData:
         *,
         arrays: Mapping[str, np.ndarray] | None = None,
         input_fn: streams.InputFunction | None = None,
+        input_name: str = "",
         targets: str = "classes",
     ) -> RunData:
-        """Reads and checks the data `config` names, or the user's `arrays` or `input_fn`; arrays'
-        labels as the task's `targets` (see `tasks.Task`).
+        """Reads and checks the data `config` names, or the user's `arrays` or `input_fn` (named
+        `input_name` in messages: "--input=..." when not given); arrays' labels as the task's
+        `targets` (see `tasks.Task`).
 
         Raises:
           UsageError: the data is missing, corrupt or unfit (one line naming what and where).
         """
-        if not is_stream(config):
+        if input_fn is None and not is_stream(config):
+            check_stream_only(config)
             loaded = sources.load_splits(config, arrays, targets=targets)
             return cls(hold_out(loaded, config.validation_split, seed=config.seed), None)
         if config.dataset.startswith(TFRECORD_PREFIX):
@@ -64,7 +69,7 @@ class RunData:
                 )
         else:
             function = input_fn or load_function("input", config.input, role="an input file")
-            stream = streams.open_input(f"--input={config.input}", function, targets=targets)
+            stream = streams.open_input(input_name or f"--input={config.input}", function, targets=targets)
         return cls(None, stream)
 
     @property
@@ -107,23 +112,35 @@ class RunData:
         with streams.read_errors(self.stream):
             return next(iter(fn(tf.distribute.InputContext())))
 
-    def timing_splits(self, config: Config) -> Splits:
-        """Arrays for the XLA timing (`xla_choice`): the splits, or a stream's first global batch."""
+    def timing_data(self, config: Config) -> Splits | TimingBatch:
+        """What the XLA timing (`xla_choice`) feeds the step: the splits, or a stream's first
+        global batch, of its own structure."""
         if self.stream is None:
             return self.splits
         fn = streams.train_dataset_fn(self.stream, global_batch_size=config.batch_size, seed=0, shuffle_buffer=0)
         with streams.read_errors(self.stream):
-            images, labels = (np.asarray(part) for part in next(iter(fn(tf.distribute.InputContext()))))
-        return Splits(images, labels, images, labels, self.stream.name, self.stream.num_classes)
+            batch = tf.nest.map_structure(np.asarray, next(iter(fn(tf.distribute.InputContext()))))
+        return TimingBatch(batch, self.stream.input_shape, self.stream.num_classes)
 
     def position(self, config: Config, strategy: tf.distribute.Strategy) -> dict[str, object]:
         """The checkpoint's trackables of the data's position: a stream's training iterator, made
-        here before the checkpoint is restored; none for arrays, whose position is the step."""
+        here before the checkpoint is restored (and before the run folder is taken: a source
+        that cannot feed the workers is refused first); none for arrays, whose position is the step."""
         if self.stream is None:
             return {}
         replica_input = self._stream_replica_input(config, strategy)
         self._stream_input = (replica_input, replica_input.iterator())
         return {"data_position": self._stream_input[1]}
+
+    def worker_position(self, run_dir: str, strategy: tf.distribute.Strategy) -> WorkerPosition | None:
+        """Under several workers, this worker's data position (made by `position` first), which
+        the run's checkpoint cannot hold: it is saved beside it. None otherwise."""
+        if self._stream_input is None or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            return None
+        context = inputs.worker_input_context(strategy)
+        return WorkerPosition(
+            run_dir, self._stream_input[1], index=context.input_pipeline_id, count=context.num_input_pipelines
+        )
 
     def loop_call(
         self, config: Config, strategy: tf.distribute.Strategy, state: TrainState, *, jit_compile: bool

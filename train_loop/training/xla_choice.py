@@ -62,10 +62,28 @@ class Decision:
         return f"{choice}, {where}: {evidence} (--jit_compile or --nojit_compile forces it)"
 
 
+@dataclasses.dataclass(frozen=True)
+class TimingBatch:
+    """What the timing feeds the step: one global batch of the run's own structure (a tuple, a
+    dict, a single array: a stream's, whatever its function yields), as NumPy arrays, and what
+    the throwaway model is built for."""
+
+    batch: Any
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+    @classmethod
+    def of(cls, data: arrays.Splits | TimingBatch, batch_size: int) -> TimingBatch:
+        """`data` as it is, or arrays' first global batch, `(inputs, labels)`."""
+        if isinstance(data, TimingBatch):
+            return data
+        return cls((data.x_train[:batch_size], data.y_train[:batch_size]), data.x_train.shape[1:], data.num_classes)
+
+
 def decide_jit_compile(
     config: Config,
     strategy: tf.distribute.Strategy,
-    splits: arrays.Splits,
+    splits: arrays.Splits | TimingBatch,
     saved_settings: dict[str, Any] | None,
     *,
     model_fn: ModelFunction | None = None,
@@ -84,7 +102,7 @@ def decide_jit_compile(
     if isinstance(strategy, tf.distribute.TPUStrategy):
         return Decision(True, "tpu")
     cache = None if is_multi_worker(strategy) else SpeedCache.open()
-    key = step_key(config, strategy, splits.x_train.shape[1:])
+    key = step_key(config, strategy, TimingBatch.of(splits, config.batch_size).input_shape)
     cached = cache.get(key) if cache else None
     if cached is not None:
         return Decision(cached["jit_compile"], "cached", cached["examples_per_second"])
@@ -139,7 +157,7 @@ def step_key(config: Config, strategy: tf.distribute.Strategy, input_shape: tupl
 def measure_jit_compile(
     config: Config,
     strategy: tf.distribute.Strategy,
-    splits: arrays.Splits,
+    splits: arrays.Splits | TimingBatch,
     *,
     model_fn: ModelFunction | None = None,
     task: Task | None = None,
@@ -166,29 +184,30 @@ def measure_jit_compile(
 def cached_batch_loop_call(
     config: Config,
     strategy: tf.distribute.Strategy,
-    splits: arrays.Splits,
+    splits: arrays.Splits | TimingBatch,
     *,
     jit_compile: bool,
     model_fn: ModelFunction | None = None,
     task: Task | None = None,
 ) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
     """`loop_call(num_steps)`: the run's loop call on a model and optimizer of its own, fed the first
-    global batch over and over (the input pipeline taken away); what `auto` and the bench time."""
+    global batch over and over (the input pipeline taken away), of the data's own structure; what
+    `auto` and the bench time."""
+    timing = TimingBatch.of(splits, config.batch_size)
     state = build_state(
         config,
         strategy,
-        splits.x_train.shape[1:],
-        num_classes=splits.num_classes,
+        timing.input_shape,
+        num_classes=timing.num_classes,
         model_fn=model_fn,
         task=task,
-        sample=inputs.sample_batch(splits),
+        sample=tf.nest.map_structure(lambda array: tf.constant(array[:2]), timing.batch),
     )
-    batch = (splits.x_train[: config.batch_size], splits.y_train[: config.batch_size])
 
     def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
         size = context.get_per_replica_batch_size(config.batch_size)
         start = context.input_pipeline_id * size
-        replica_batch = tuple(array[start : start + size] for array in batch)
+        replica_batch = tf.nest.map_structure(lambda array: array[start : start + size], timing.batch)
         return inputs.with_options(tf.data.Dataset.from_tensors(replica_batch).repeat())
 
     replica_input = inputs.ReplicaInput(strategy, dataset_fn)
