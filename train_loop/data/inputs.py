@@ -252,8 +252,10 @@ class ReplicaInput:
         strategy's inputs (the evaluation pass serves every split).
         """
         batch = next(iterator)
+        if not self._on_host:
+            return batch  # Already distributed (the default strategy has no worker devices to count).
         local_replicas = len(self._strategy.extended.worker_devices)
-        if not self._on_host or local_replicas == 1:
+        if local_replicas == 1:
             return batch  # A worker's one replica takes its batch as a local value.
         # Splitting along the first axis shares the batch's memory where each part is aligned.
         parts = [tf.split(tensor, local_replicas) for tensor in tf.nest.flatten(batch)]
