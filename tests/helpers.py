@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -78,6 +80,22 @@ def sigkill_after_first_checkpoint(
     for pid in pids() if pids else [process.pid]:
         os.kill(pid, signal.SIGKILL)
     process.communicate(timeout=60)
+
+
+def sigkill_at_a_seeded_moment(
+    process: subprocess.Popen, run_dir: Path, *, training_seconds: float, seed: str
+) -> float:
+    """SIGKILLs `process` within the first half of `training_seconds` (an uninterrupted run's training
+    time, so however fast this CPU) after its first checkpoint, at a share seeded by `seed`, so that
+    a failing case can be run again at the same moment; asserts it died unfinished. Returns the
+    delay, in seconds after the first checkpoint, for the caller's messages."""
+    share = random.Random(zlib.crc32(seed.encode())).uniform(0.0, 0.5)
+    delay = share * training_seconds
+    sigkill_after_first_checkpoint(process, run_dir, delay)
+    assert process.returncode == -signal.SIGKILL and not (run_dir / "result.json").exists(), (
+        f"the run ended before the kill {delay:.2f} s ({share:.3f} of the training time) after its first checkpoint"
+    )
+    return delay
 
 
 def kill_at_first_checkpoint(command: list[str], run_dir: Path, env: dict | None = None) -> None:

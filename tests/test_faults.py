@@ -8,14 +8,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-import zlib
 from pathlib import Path
 
 import keras
@@ -23,7 +21,7 @@ import numpy as np
 import pytest
 import user_models  # noqa: F401  (registers its layer, so that its model.keras loads)
 from conftest import REPO
-from helpers import events, sigkill_after_first_checkpoint
+from helpers import events, sigkill_at_a_seeded_moment
 from test_data import make_arrays, write_npz
 
 from train_loop import Config, files, train
@@ -326,14 +324,11 @@ def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_numbers(tm
     code, _, stderr = finish(start(*flags, "--run_name=whole"))
     assert code == 0, stderr
 
-    # Within the first half of the training time after the first checkpoint, however fast this CPU;
-    # the share is seeded by the case, so that a failure can be run again at the same moment.
-    share = random.Random(zlib.crc32(repr(model_flags).encode())).uniform(0.0, 0.5)
-    delay = share * read_result(tmp_path / "whole")["seconds"]["training"]
-    killed = start(*flags, "--run_name=killed")
-    sigkill_after_first_checkpoint(killed, tmp_path / "killed", delay)
-    assert killed.returncode == -signal.SIGKILL and not (tmp_path / "killed" / "result.json").exists(), (
-        f"the run ended before the kill {delay:.2f} s ({share:.3f} of the training time) after its first checkpoint"
+    delay = sigkill_at_a_seeded_moment(
+        start(*flags, "--run_name=killed"),
+        tmp_path / "killed",
+        training_seconds=read_result(tmp_path / "whole")["seconds"]["training"],
+        seed=repr(model_flags),
     )
 
     code, stdout, stderr = finish(start(*flags, "--run_name=killed"))
@@ -342,7 +337,7 @@ def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_numbers(tm
     whole, resumed = read_result(tmp_path / "whole"), read_result(tmp_path / "killed")
     for split in ("train", "validation", "test"):
         for name, value in whole[split].items():
-            assert abs(resumed[split][name] - value) <= 1e-6, (split, name, share, delay)
+            assert abs(resumed[split][name] - value) <= 1e-6, (split, name, delay)
     assert resumed["confusion_matrix"] == whole["confusion_matrix"]
     assert (resumed["best_step"], resumed["stopped_early"]) == (whole["best_step"], whole["stopped_early"])
     weights = [keras.models.load_model(tmp_path / name / "model.keras").get_weights() for name in ("whole", "killed")]

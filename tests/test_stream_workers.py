@@ -20,23 +20,11 @@ import pytest
 from conftest import REPO
 from helpers import sigkill_after_first_checkpoint, snapshot
 from test_faults import consecutive_free_ports, finish, read_result, start, worker_pids
-from test_streams import ids, write_digits, write_numbered
+from test_streams import RESUMABLE, ids, write_digits, write_numbered
 
 from train_loop import Config
 from train_loop.errors import UsageError
 from train_loop.training.run_data import RunData
-
-# Batch 32 over 1,294 training records (digits less the validation split): 40 steps an epoch.
-COMMON = (
-    "--model=linear",
-    "--batch_size=32",
-    "--shuffle_buffer=500",
-    "--deterministic",
-    "--jit_compile=false",
-    "--checkpoint_every=10",
-    "--steps_per_loop=5",
-    "--summary_every=10",
-)
 
 
 def launch(*flags: str) -> subprocess.Popen:
@@ -65,7 +53,7 @@ def data_flags(source: str, tmp_path: Path) -> tuple[str, ...]:
 @pytest.mark.parametrize("source", ["tfrecord", "input-function"])
 def test_two_workers_train_one_devices_global_batches(tmp_path, source):
     """With --deterministic both shard by example: the two workers' batches make up one device's."""
-    flags = (*data_flags(source, tmp_path), *COMMON, f"--logdir={tmp_path}")
+    flags = (*data_flags(source, tmp_path), *RESUMABLE, f"--logdir={tmp_path}")
     status, stdout, stderr = finish(launch(*flags, "--run_name=two"))
     assert status == 0, stdout[-3000:] + stderr[-3000:]
     two = read_result(tmp_path / "two")
@@ -86,7 +74,7 @@ def test_two_workers_train_one_devices_global_batches(tmp_path, source):
 def test_sigkill_of_the_workers_at_a_random_moment_then_resume_gives_the_uninterrupted_numbers(tmp_path):
     """A shuffle buffer larger than a checkpoint interval's examples, sharded by example: each
     worker's buffer is part of its position."""
-    flags = (*data_flags("tfrecord", tmp_path), *COMMON, "--epochs=3", f"--logdir={tmp_path}")
+    flags = (*data_flags("tfrecord", tmp_path), *RESUMABLE, "--epochs=3", f"--logdir={tmp_path}")
     status, _, stderr = finish(start(*flags, "--run_name=whole"))
     assert status == 0, stderr[-3000:]
     share = random.Random(zlib.crc32(b"two workers")).uniform(0.0, 0.5)
@@ -106,7 +94,7 @@ def test_a_position_one_worker_did_not_save_is_skipped_for_the_step_all_saved(tm
     """A kill between a worker's position and the chief's checkpoint of a step (here: the newest
     step's position of worker 1 removed): the resume takes the step before, and still ends where
     an uninterrupted run ends."""
-    flags = (*data_flags("tfrecord", tmp_path), *COMMON, f"--logdir={tmp_path}")
+    flags = (*data_flags("tfrecord", tmp_path), *RESUMABLE, f"--logdir={tmp_path}")
     status, _, stderr = finish(start(*flags, "--run_name=whole"))
     assert status == 0, stderr[-3000:]
     status, stdout, stderr = finish(launch(*flags, "--run_name=r"))
@@ -124,7 +112,7 @@ def test_a_position_one_worker_did_not_save_is_skipped_for_the_step_all_saved(tm
 
 @pytest.mark.slow
 def test_a_resume_on_another_number_of_workers_is_refused_and_changes_nothing(tmp_path):
-    flags = (*data_flags("tfrecord", tmp_path), *COMMON, "--epochs=1", f"--logdir={tmp_path}", "--run_name=r")
+    flags = (*data_flags("tfrecord", tmp_path), *RESUMABLE, "--epochs=1", f"--logdir={tmp_path}", "--run_name=r")
     status, stdout, stderr = finish(launch(*flags))
     assert status == 0, stdout[-3000:] + stderr[-3000:]
     (tmp_path / "r" / "result.json").unlink()

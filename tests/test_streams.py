@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
-import signal
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import keras
@@ -18,13 +15,26 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import REPO
-from helpers import assert_one_line_error, kill_at_first_checkpoint, peak_rss, sigkill_after_first_checkpoint, snapshot
+from helpers import assert_one_line_error, kill_at_first_checkpoint, peak_rss, sigkill_at_a_seeded_moment, snapshot
 
 from train_loop import Config
 from train_loop.data import streams, tfrecords
 from train_loop.errors import UsageError
 
 DIGITS = np.load(os.path.join(REPO, "train_loop", "data", "digits.npz"))
+# A resumable stream's run: a shuffle buffer larger than a checkpoint interval's examples (its
+# content is part of the position), checkpoints every 10 steps, deterministic. Batch 32 over the
+# digits' 1,294 training records (less the validation split): 40 steps an epoch.
+RESUMABLE = (
+    "--model=linear",
+    "--batch_size=32",
+    "--shuffle_buffer=500",
+    "--deterministic",
+    "--jit_compile=false",
+    "--checkpoint_every=10",
+    "--steps_per_loop=5",
+    "--summary_every=10",
+)
 
 
 def write_digits(folder: Path, *, train_shards: int = 4, repeat: int = 1) -> Path:
@@ -275,33 +285,20 @@ def test_sigkill_at_a_random_moment_then_resume_gives_the_uninterrupted_numbers(
         data = (f"--dataset=tfrecord:{write_digits(tmp_path / 'shards')}",)
     else:
         data = ("--input=tests/stream_inputs.py:endless", "--steps_per_epoch=30")
-    flags = (
-        *data,
-        "--model=linear",
-        "--epochs=3",
-        "--batch_size=32",
-        "--shuffle_buffer=500",
-        "--deterministic",
-        "--jit_compile=false",
-        "--checkpoint_every=10",
-        "--steps_per_loop=5",
-        "--summary_every=10",
-        f"--logdir={tmp_path}",
-    )
+    flags = (*data, *RESUMABLE, "--epochs=3", f"--logdir={tmp_path}")
     finish(start(*flags, "--run_name=whole"))
-    share = random.Random(zlib.crc32(repr((source, replicas)).encode())).uniform(0.0, 0.5)
-    delay = share * read_result(tmp_path / "whole")["seconds"]["training"]
-    killed = start(*flags, *replicas, "--run_name=killed")
-    sigkill_after_first_checkpoint(killed, tmp_path / "killed", delay)
-    assert killed.returncode == -signal.SIGKILL and not (tmp_path / "killed" / "result.json").exists(), (
-        f"the run ended before the kill, {delay:.2f} s after its first checkpoint"
+    delay = sigkill_at_a_seeded_moment(
+        start(*flags, *replicas, "--run_name=killed"),
+        tmp_path / "killed",
+        training_seconds=read_result(tmp_path / "whole")["seconds"]["training"],
+        seed=repr((source, replicas)),
     )
     assert finish(start(*flags, *replicas, "--run_name=killed")).startswith(f"resuming {tmp_path / 'killed'}")
     whole, resumed = read_result(tmp_path / "whole"), read_result(tmp_path / "killed")
     for split in ("train", "validation", "test"):
         assert (resumed[split] is None) == (whole[split] is None), split  # The function has no validation split.
         for name, value in (whole[split] or {}).items():
-            assert abs(resumed[split][name] - value) <= 1e-6, (split, name, share)
+            assert abs(resumed[split][name] - value) <= 1e-6, (split, name, delay)
     weights = [keras.models.load_model(tmp_path / name / "model.keras").get_weights() for name in ("whole", "killed")]
     for expected, got in zip(*weights):
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)

@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import signal
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import keras
@@ -24,7 +21,7 @@ import numpy as np
 import pytest
 import user_tasks
 from conftest import REPO
-from helpers import assert_one_line_error, sigkill_after_first_checkpoint
+from helpers import assert_one_line_error, sigkill_at_a_seeded_moment
 from sklearn.datasets import load_digits
 from test_dropout_masks import logged
 from test_faults import finish, read_result, start
@@ -124,12 +121,11 @@ def test_sigkill_then_resume_gives_the_uninterrupted_run(tmp_path, case):
     status, _, stderr = finish(start(*flags, "--run_name=whole"))
     assert status == 0, stderr[-3000:]
 
-    share = random.Random(zlib.crc32(case.encode())).uniform(0.0, 0.5)
-    delay = share * read_result(tmp_path / "whole")["seconds"]["training"]
-    killed = start(*flags, "--run_name=killed")
-    sigkill_after_first_checkpoint(killed, tmp_path / "killed", delay)
-    assert killed.returncode == -signal.SIGKILL and not (tmp_path / "killed" / "result.json").exists(), (
-        f"the run ended before the kill {delay:.2f} s ({share:.3f} of the training time) after its first checkpoint"
+    sigkill_at_a_seeded_moment(
+        start(*flags, "--run_name=killed"),
+        tmp_path / "killed",
+        training_seconds=read_result(tmp_path / "whole")["seconds"]["training"],
+        seed=case,
     )
     status, stdout, stderr = finish(start(*flags, "--run_name=killed"))
     assert status == 0, stderr[-3000:]
