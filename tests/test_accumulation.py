@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -221,3 +222,27 @@ def test_four_micro_batches_hold_a_quarter_of_the_activations(tmp_path):
     }
     print(f"peak RSS at batch {batch}: K=1 {peaks[1] / 2**20:.0f} MiB, K=4 {peaks[4] / 2**20:.0f} MiB")
     assert peaks[1] - peaks[4] >= (1 - 1 / 4) * batch * outputs
+
+
+@pytest.mark.slow
+def test_the_accumulation_example_trains_the_whole_batchs_model(tmp_path):
+    """examples/accumulation.sh, as CI runs it: the convnet at K=4 ends where K=1 ends, and compare
+    shows the two runs side by side."""
+    finished = subprocess.run(
+        ["sh", "examples/accumulation.sh", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    whole, accumulated = (
+        json.loads((tmp_path / f"accumulation_steps={k}" / "result.json").read_text()) for k in (1, 4)
+    )
+    for split in ("train", "validation", "test"):
+        assert set(accumulated[split]) == set(whole[split]), split
+        for name, value in whole[split].items():
+            assert accumulated[split][name] == pytest.approx(value, rel=1e-5), (split, name)
+    rows = [line for line in finished.stdout.splitlines() if line.startswith("| accumulation_steps=")]
+    assert [row.split("|")[1].strip() for row in rows] == ["accumulation_steps=1", "accumulation_steps=4"]
