@@ -24,6 +24,7 @@ from test_streams import RESUMABLE, ids, write_digits, write_numbered
 
 from train_loop import Config
 from train_loop.errors import UsageError
+from train_loop.launch import free_ports
 from train_loop.training.run_data import RunData
 
 
@@ -108,6 +109,30 @@ def test_a_position_one_worker_did_not_save_is_skipped_for_the_step_all_saved(tm
     assert f"[worker 1] resuming {run_dir} from step 70" in stdout
     assert "ckpt-80: not every worker's data position was saved with it; resuming from ckpt-70." in stdout + stderr
     assert_same_results(run_dir, tmp_path / "whole")
+
+
+@pytest.mark.slow
+def test_a_damaged_position_of_one_worker_stops_every_worker_started_by_hand(tmp_path):
+    """Worker 1's position at the restored step is damaged, and the workers are started by hand with
+    their TF_CONFIG (no launcher to stop the rest): each ends with status 2 and one line, none waits."""
+    flags = (*data_flags("tfrecord", tmp_path), *RESUMABLE, "--epochs=1", f"--logdir={tmp_path}", "--run_name=r")
+    status, stdout, stderr = finish(launch(*flags))
+    assert status == 0, stdout[-3000:] + stderr[-3000:]
+    run_dir = tmp_path / "r"
+    (run_dir / "result.json").unlink()  # As if killed after its last checkpoint, of step 40.
+    (data_file,) = (run_dir / "checkpoints" / "positions" / "worker-1-of-2").glob("ckpt-40.data-*")
+    data_file.write_bytes(b"damaged" * 100)
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
+    workers = [
+        start(*flags, env={"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})})
+        for index in range(2)
+    ]
+    ended = [finish(worker, timeout=300) for worker in workers]
+    assert [status for status, _, _ in ended] == [2, 2], [stderr[-2000:] for _, _, stderr in ended]
+    lines = [[line for line in stderr.splitlines() if line.startswith("train_loop:")] for _, _, stderr in ended]
+    assert len(lines[0]) == len(lines[1]) == 1, lines
+    assert "another worker's data position at step 40 does not restore" in lines[0][0]
+    assert f"{data_file.parent / 'ckpt-40'}: worker 1's data position at step 40 does not restore" in lines[1][0]
 
 
 @pytest.mark.slow

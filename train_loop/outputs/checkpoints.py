@@ -32,7 +32,7 @@ _SAVED = re.compile(r"ckpt-(\d+)\.index")
 _TEMPORARY = re.compile(r"ckpt-\d+_temp")  # What a save writes before renaming (see functional_saver).
 # What a damaged or foreign checkpoint raises while it restores: TensorFlow's read and checksum
 # errors, Python's when a file is cut short, and the checks that every variable found its value.
-_RESTORE_ERRORS = (tf.errors.OpError, ValueError, AssertionError, IndexError)
+RESTORE_ERRORS = (tf.errors.OpError, ValueError, AssertionError, IndexError)
 _REASON_CHARACTERS = 200  # A mismatch lists every unmatched variable; the start says enough.
 # The epoch's sums as one vector: how a checkpoint written before the measurements had names is told.
 _POSITIONAL_KEY = "epoch_sums/.ATTRIBUTES/VARIABLE_VALUE"
@@ -148,7 +148,7 @@ def _restore(checkpoint: tf.train.Checkpoint, prefix: str, *, positional: tf.tra
             if positional is not None and _POSITIONAL_KEY in dict(tf.train.list_variables(prefix)):
                 checkpoint = positional
             checkpoint.restore(prefix).assert_existing_objects_matched()
-    except _RESTORE_ERRORS as error:
+    except RESTORE_ERRORS as error:
         # The failed attempt's values stay pending on the model and optimizer, which list them
         # when they are deleted (at exit, after the one line that says the same).
         logging.getLogger("tensorflow").addFilter(_unrestored_values)

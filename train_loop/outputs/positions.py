@@ -53,7 +53,7 @@ class WorkerPosition:
         prefix = os.path.join(self.folder, f"ckpt-{step}")
         try:
             self.checkpoint.restore(prefix).assert_existing_objects_matched()
-        except (tf.errors.OpError, ValueError, AssertionError) as error:
+        except checkpoints.RESTORE_ERRORS as error:
             raise UsageError(
                 f"{prefix}: worker {self.index}'s data position at step {step} does not restore "
                 f"({str(error).splitlines()[0][:200]}); pass a new --run_name to start over."

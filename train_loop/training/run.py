@@ -14,6 +14,7 @@ from train_loop.checks import equivalence
 from train_loop.checks.regularizers import check_regularizers
 from train_loop.configs import Config
 from train_loop.data.streams import InputFunction
+from train_loop.errors import UsageError
 from train_loop.model import tasks
 from train_loop.model.state import TrainState, build_state
 from train_loop.model.user_models import ModelFunction, load_model_function
@@ -98,7 +99,9 @@ def train(
             sample=data.sample_batch(),
         )
         worker = data.worker_position(run_dir, strategy)
-        checkpoint, restored_step = _restore(state, run_dir, chief=chief, position=position, worker=worker)
+        checkpoint, restored_step = _restore(
+            state, run_dir, chief=chief, position=position, worker=worker, strategy=strategy
+        )
         # Under launch every worker trains; the chief alone shows the progress, once.
         console = Console(steps_per_epoch=steps_per_epoch, num_epochs=config.epochs, show_progress=chief)
         console.say_start(
@@ -204,6 +207,7 @@ def _restore(
     chief: bool,
     position: dict[str, object],
     worker: positions.WorkerPosition | None,
+    strategy: tf.distribute.Strategy,
 ) -> tuple[tf.train.Checkpoint, int | None]:
     """The checkpoint of `state` and the data's `position` (a stream's iterator), restored from the
     run's newest checkpoint that restores (one written before the measurements had names too), and
@@ -222,8 +226,24 @@ def _restore(
     )
     state.counters.take_positional()
     if restored and worker:
-        worker.restore(state.counters.step)
+        _restore_position(worker, state.counters.step, strategy)
     return checkpoint, state.counters.step if restored else None
+
+
+def _restore_position(worker: positions.WorkerPosition, step: int, strategy: tf.distribute.Strategy) -> None:
+    """This worker's data position at `step`. One that does not restore, on any worker, stops every
+    worker with one line: the others would otherwise wait for it in their first collective."""
+    try:
+        worker.restore(step)
+    except UsageError:
+        distribute.mean_over_workers(strategy, [1.0])
+        raise
+    (failed,) = distribute.mean_over_workers(strategy, [0.0])
+    if failed:
+        raise UsageError(
+            f"another worker's data position at step {step} does not restore (that worker's own line names its "
+            "file); pass a new --run_name to start over."
+        )
 
 
 def _check_equivalence(
