@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -108,6 +109,19 @@ def kill_at_first_checkpoint(command: list[str], run_dir: Path, env: dict | None
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
     assert not (run_dir / "result.json").exists(), "the run finished before it could be interrupted"
+
+
+def run_example(command: list[str], *, quiet: bool = True) -> subprocess.CompletedProcess:
+    """An example run as CI runs it, from the repository root with this interpreter as `$PYTHON`;
+    asserts it succeeded and, when `quiet` (its every process is one of the tools), that TensorFlow
+    started as the tools start it: none of its start-up lines (`E0000 ... cuInit` without a GPU)."""
+    finished = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable}
+    )
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    if quiet:
+        assert not re.search(r"cuInit|^[IWE]\d{4} ", finished.stderr, re.MULTILINE), finished.stderr[-3000:]
+    return finished
 
 
 def peak_rss(log: Path, *flags: str) -> int:

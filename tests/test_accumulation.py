@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import REPO
-from helpers import assert_one_line_error, peak_rss
+from helpers import assert_one_line_error, peak_rss, run_example
 
 import train_loop
 from train_loop import Config
@@ -228,15 +227,7 @@ def test_four_micro_batches_hold_a_quarter_of_the_activations(tmp_path):
 def test_the_accumulation_example_trains_the_whole_batchs_model(tmp_path):
     """examples/accumulation.sh, as CI runs it: the convnet at K=4 ends where K=1 ends, and compare
     shows the two runs side by side."""
-    finished = subprocess.run(
-        ["sh", "examples/accumulation.sh", str(tmp_path)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "PYTHON": sys.executable},
-    )
-    assert finished.returncode == 0, finished.stderr[-3000:]
+    finished = run_example(["sh", "examples/accumulation.sh", str(tmp_path)])
     whole, accumulated = (
         json.loads((tmp_path / f"accumulation_steps={k}" / "result.json").read_text()) for k in (1, 4)
     )

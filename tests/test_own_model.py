@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import subprocess
 import sys
 
 import keras
@@ -17,7 +15,7 @@ import pytest
 import tensorflow as tf
 import user_models
 from conftest import REPO
-from helpers import events
+from helpers import events, run_example
 
 import train_loop
 from train_loop import Config, UsageError
@@ -138,17 +136,7 @@ def test_python_api_refuses_a_bad_model_function_and_writes_nothing(tmp_path):
 )
 def test_examples_run_and_learn(tmp_path, command):
     """Both examples train from the repository root and end far above chance on their test split."""
-    finished = subprocess.run(
-        [part.format(logdir=tmp_path) for part in command],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "PYTHON": sys.executable},
-    )
-    assert finished.returncode == 0, finished.stderr[-3000:]
-    # TensorFlow started as the tools start it: none of its start-up lines (`E0000 ... cuInit` without a GPU).
-    assert not re.search(r"cuInit|^[IWE]\d{4} ", finished.stderr, re.MULTILINE), finished.stderr[-3000:]
+    run_example([part.format(logdir=tmp_path) for part in command])
     (result_file,) = tmp_path.glob("*/result.json")
     result = json.loads(result_file.read_text())
     chance = 1 / len(result["confusion_matrix"])

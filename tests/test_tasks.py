@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,8 +19,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import user_tasks
-from conftest import REPO
-from helpers import assert_one_line_error, events, numpy_regularization
+from helpers import assert_one_line_error, events, numpy_regularization, run_example
 from sklearn.datasets import load_diabetes
 
 import train_loop
@@ -250,20 +247,15 @@ def test_two_replicas_train_what_one_device_trains(tmp_path, settings):
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 
-def run_example(command: list[str], tmp_path: Path) -> dict:
-    finished = subprocess.run(
-        command, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable}
-    )
-    assert finished.returncode == 0, finished.stderr[-3000:]
-    # TensorFlow started as the tools start it: none of its start-up lines (`E0000 ... cuInit` without a GPU).
-    assert not re.search(r"cuInit|^[IWE]\d{4} ", finished.stderr, re.MULTILINE), finished.stderr[-3000:]
+def example_result(command: list[str], tmp_path: Path) -> dict:
+    run_example(command)
     (result_file,) = tmp_path.glob("*/result.json")
     return json.loads(result_file.read_text())
 
 
 @pytest.mark.slow
 def test_the_diabetes_example_regresses_better_than_the_mean(tmp_path):
-    result = run_example(["sh", "examples/diabetes.sh", str(tmp_path)], tmp_path)
+    result = example_result(["sh", "examples/diabetes.sh", str(tmp_path)], tmp_path)
     targets = np.load(tmp_path / "diabetes.npz")["y_test"]
     # The targets are standardized by the training split: predicting its mean (0) errs by |y| on average.
     assert result["test"]["mean_absolute_error"] < 0.85 * np.abs(targets).mean()
@@ -274,7 +266,7 @@ def test_the_diabetes_example_regresses_better_than_the_mean(tmp_path):
 @pytest.mark.skipif(not os.path.isdir(FASHION_MNIST), reason="Debian's dataset-fashion-mnist is not installed")
 def test_the_vae_example_logs_reconstruction_and_kl_apart(tmp_path):
     command = [sys.executable, "-m", "train_loop", "--task=examples/vae.py:VAE", "--dataset=fashion_mnist"]
-    result = run_example([*command, "--epochs=1", "--batch_size=128", f"--logdir={tmp_path}"], tmp_path)
+    result = example_result([*command, "--epochs=1", "--batch_size=128", f"--logdir={tmp_path}"], tmp_path)
     assert set(result["train"]) == {"reconstruction", "kl", "regularization", "total"}
     assert set(result["test"]) == {"reconstruction", "kl", "data_total"}
     # A decoder that has learnt nothing (logits 0) costs 784 ln 2 = 543 nats an image.
