@@ -24,11 +24,11 @@ from train_loop.data import sources
 from train_loop.errors import UsageError
 
 BATCH, REPLICAS = 32, 2
+MIRRORED = ("--strategy=mirrored", f"--cpu_replicas={REPLICAS}")
 FLAGS = (
     "--dataset=digits",
     "--task=tests/user_tasks.py:InfOnExample",
-    "--strategy=mirrored",
-    f"--cpu_replicas={REPLICAS}",
+    *MIRRORED,
     f"--batch_size={BATCH}",
     "--steps_per_loop=5",
     "--nojit_compile",

@@ -126,7 +126,9 @@ class InfOnExample(TwoTerms):
         from train_loop import Config
         from train_loop.data import sources
 
-        self._image = tf.constant(sources.load_splits(Config(dataset="digits")).x_train[INF_EXAMPLE])
+        # A NumPy array, a constant of the traced step: a tensor made here would start TensorFlow
+        # before a cluster's strategy, which must configure it first.
+        self._image = sources.load_splits(Config(dataset="digits")).x_train[INF_EXAMPLE]
 
     def loss_terms(self, batch, outputs):
         hit = tf.reduce_all(tf.equal(batch[0], self._image), axis=[1, 2, 3])

@@ -231,10 +231,10 @@ class ReplicaInput:
                 "multi_worker."
             )
         # The global replica id of this worker's first replica: its replicas take its batch's parts in order.
-        self._first_replica = 0
+        self.first_replica = 0
         if per_worker:
             context = worker_input_context(strategy)
-            self._first_replica = context.input_pipeline_id * len(strategy.extended.worker_devices)
+            self.first_replica = context.input_pipeline_id * len(strategy.extended.worker_devices)
             self._dataset = dataset_fn(context)
         elif self._on_host:
             # One pipeline of global batches: each is its replicas' batches, consecutive, in order.
@@ -261,7 +261,7 @@ class ReplicaInput:
         parts = [tf.split(tensor, local_replicas) for tensor in tf.nest.flatten(batch)]
         return self._strategy.experimental_distribute_values_from_function(
             lambda context: tf.nest.pack_sequence_as(
-                batch, [part[context.replica_id_in_sync_group - self._first_replica] for part in parts]
+                batch, [part[context.replica_id_in_sync_group - self.first_replica] for part in parts]
             )
         )
 

@@ -7,6 +7,10 @@ the steps up to that loop call are trained again, then its steps one at a time t
 that is not finite; before that step, each replica's loss terms and per-variable gradients are
 computed on its share of the batch. Exact resume makes the replay the run's own steps (with
 `--deterministic`, bit for bit), and a batch's examples knowable from the seed and the step.
+
+On several workers each sees the same all-reduced measurements, so all handle the divergence at
+the same loop call and replay in lockstep (the same loop calls, whose collectives must match),
+from the same checkpoint of the run's; the replicas' findings are gathered, so each names the same.
 """
 
 from __future__ import annotations
@@ -22,29 +26,35 @@ import tensorflow as tf
 from train_loop.configs import Config
 from train_loop.errors import DivergedError, UsageError
 from train_loop.model.state import TrainState
-from train_loop.outputs import checkpoints
+from train_loop.outputs import checkpoints, positions
 from train_loop.outputs.run_outputs import DIVERGENCE_FILE, RunOutputs
+from train_loop.training import distribute
 from train_loop.training.console import Console
 from train_loop.training.divergence_report import Report, first_non_finite, listed, replica_measurements
-from train_loop.training.run_data import RunData
+from train_loop.training.run_data import RunData, restore_worker_position
 
 LoopCall = Callable[[int, bool], dict[str, tf.Tensor]]
 ROLLBACKS_TAG = "divergence/rollbacks"
 
 
 def check_strategy(config: Config, strategy: tf.distribute.Strategy) -> None:
-    """Raises UsageError when `--on_divergence=rollback` meets a strategy of several machines,
-    whose workers would each have to replay and restore in step: not done yet."""
+    """Raises UsageError when `--on_divergence=rollback` meets a TPU's strategy, on which its replay
+    and restore have never run."""
     if config.on_divergence == "rollback" and not replays_here(strategy):
         raise UsageError(
-            "--on_divergence=rollback runs on one machine's devices for now (its replay and restore are not "
-            "collective across workers); use --on_divergence=stop, or --strategy=mirrored or one_device."
+            "--on_divergence=rollback does not run under --strategy=tpu: its replay and restore have never run "
+            "on a TPU (train_loop's tests have none), and a rollback that went wrong there would go on training "
+            "unseen; use --on_divergence=stop, or a CPU or GPU strategy (one_device, mirrored or multi_worker)."
         )
 
 
 def replays_here(strategy: tf.distribute.Strategy) -> bool:
-    """Whether this process alone can replay steps: one machine's devices, not a cluster's or a TPU's."""
-    return isinstance(strategy, (tf.distribute.OneDeviceStrategy, tf.distribute.MirroredStrategy))
+    """Whether the run can replay its steps: on one machine's devices, or on a cluster's workers, which
+    replay in lockstep (the same loop calls, so their collectives match); not on a TPU."""
+    return isinstance(
+        strategy,
+        (tf.distribute.OneDeviceStrategy, tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy),
+    )
 
 
 @dataclasses.dataclass
@@ -60,10 +70,17 @@ class Divergence:
     outputs: RunOutputs
     console: Console
     jit_compile: bool
+    # Under several workers, this worker's data position, saved beside the run's checkpoints.
+    worker: positions.WorkerPosition | None = None
 
     def begin(self) -> None:
-        """With rollback, a fresh run saves its start: there is always a checkpoint to go back to."""
-        if self.state.rollbacks is not None and self.manager.latest_checkpoint is None:
+        """With rollback, a fresh run saves its start: there is always a checkpoint to go back to.
+        Under several workers the chief's manager alone knows the run's checkpoints, and every
+        worker saves (a collective): they decide together."""
+        if self.state.rollbacks is None:
+            return
+        (saved,) = distribute.mean_over_workers(self.strategy, [float(self.manager.latest_checkpoint is not None)])
+        if not saved:
             checkpoints.save(self.manager, 0)
 
     @property
@@ -106,10 +123,10 @@ class Divergence:
         self._restore_finite()
         loop_call = self.data.loop_call(self.config, self.strategy, self.state, jit_compile=self.jit_compile)
         self._train(loop_call, back_to, step - 1)
-        batch, examples = self.data.step_batch(self.config, step)
-        replicas = replica_measurements(self.strategy, self.state, batch, global_batch_size=self.config.batch_size)
+        step_batch = self.data.step_batch(self.config, step)
+        replicas = replica_measurements(self.strategy, self.state, step_batch, global_batch_size=self.config.batch_size)
         found = first_non_finite(replicas, self.state)
-        return Report(steps, back_to, step=step, examples=listed(examples), **found)
+        return Report(steps, back_to, step=step, examples=listed(step_batch.examples), **found)
 
     def _roll_back(self, report: Report) -> LoopCall:
         """Back to the checkpoint the report replayed from, counted (with the rate's factor and
@@ -152,9 +169,23 @@ class Divergence:
         self.outputs.summaries.flush()
 
     def _restore_finite(self) -> int | None:
-        """Restores the newest checkpoint whose weights are finite; its step, or None when none is."""
-        for prefix in checkpoints.saved_checkpoints(self.manager.directory):
-            if not checkpoints.restore(self.checkpoint, prefix) and _finite(self.state.model.variables):
+        """Restores the newest checkpoint whose weights are finite; its step, or None when none is.
+
+        The run's checkpoints, on every worker: a worker other than the chief saves into a folder
+        of its own, which holds only what it saved since it started (`checkpoints.save_directory`).
+        Under several workers, of the steps at which every worker saved its data position, which
+        is restored too; the workers agree on each checkpoint, so that all take the same one.
+        """
+        saved_alike = self.worker.common_steps() if self.worker else None
+        for prefix in checkpoints.saved_checkpoints(checkpoints.directory(self.outputs.run_dir)):
+            step = int(prefix.rpartition("-")[2])
+            if saved_alike is not None and step not in saved_alike:
+                continue
+            restored = not checkpoints.restore(self.checkpoint, prefix) and _finite(self.state.model.variables)
+            (failed,) = distribute.mean_over_workers(self.strategy, [float(not restored)])
+            if not failed:
+                if self.worker:
+                    restore_worker_position(self.worker, step, self.strategy)
                 return self.state.counters.step
         return None
 

@@ -14,6 +14,7 @@ from train_loop.model.models import named_layers
 from train_loop.model.state import TrainState
 from train_loop.model.steps import make_replica_gradients
 from train_loop.outputs.run_outputs import DIVERGENCE_FILE
+from train_loop.training.run_data import StepBatch
 
 _EXAMPLES_SHOWN = 8  # Indices on the console line; divergence.json holds them all.
 
@@ -25,12 +26,12 @@ class Report:
 
     steps: tuple[int, int]  # The loop call that diverged, its first and last step.
     replayed_from: int | None  # The checkpoint's step; None: not replayed.
-    replayable: bool = True  # False: a cluster's or a TPU's strategy, which this process cannot replay alone.
+    replayable: bool = True  # False: a TPU's strategy, whose replay is not done (`divergence.replays_here`).
     step: int | None = None  # The first step that is not finite; None: not found.
     term: str = ""  # Its first non-finite term's tag, or "gradient" when the terms are finite.
     value: float = math.nan
     layer: str = ""  # "": every gradient was finite.
-    replica: int = 0
+    replica: int = 0  # Its global id: on several workers, the worker's first replica's id + the local one's.
     replicas: int = 1
     examples: list[int] | None = None  # The global batch's, in the training arrays as given; None: a stream.
     replica_terms: list[dict[str, float]] = dataclasses.field(default_factory=list)
@@ -39,7 +40,7 @@ class Report:
         """The report as the console says it."""
         first, last = self.steps
         if self.replayed_from is None:
-            why = "no checkpoint before it to replay it from" if self.replayable else "not replayed on several machines"
+            why = "no checkpoint before it to replay it from" if self.replayable else "not replayed on a TPU"
             return [f"divergence between steps {first} and {last}: {why}."]
         if self.step is None:
             return [
@@ -74,29 +75,37 @@ class Report:
 
 
 def replica_measurements(
-    strategy: tf.distribute.Strategy, state: TrainState, batch: object, *, global_batch_size: int
+    strategy: tf.distribute.Strategy, state: TrainState, step_batch: StepBatch, *, global_batch_size: int
 ) -> list[tuple[dict[str, float], list[bool]]]:
     """Each replica's loss terms (its share of the batch's, as the step takes them) and whether
-    each trainable variable's gradient is finite, on its consecutive share of the global `batch`,
-    as the run's replicas get them (`inputs.ReplicaInput`). Eager: nothing is traced to keep."""
+    each trainable variable's gradient is finite, on its consecutive share of `step_batch`, as the
+    run's replicas get them (`inputs.ReplicaInput`); every replica's, in the order of their global
+    ids, on every worker: gathered across workers, a collective every worker calls alike. Eager:
+    nothing is traced to keep."""
     replica_gradients = make_replica_gradients(state.model, global_batch_size, task=state.task)
+    terms = (*state.table.terms, "regularization")
 
-    def replica(part: object) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
+    def replica(part: object) -> tf.Tensor:
         measured, gradients = replica_gradients(part)
         finite = [tf.reduce_all(tf.math.is_finite(g)) if g is not None else tf.constant(True) for g in gradients]
-        return measured, tf.stack(finite)
+        # One row a replica, so that one gather collects them all: the terms, then the gradients' finiteness.
+        row = [tf.cast(measured[name], tf.float64) for name in terms] + [tf.cast(ok, tf.float64) for ok in finite]
+        return tf.stack(row)[tf.newaxis]
 
-    num_replicas = strategy.num_replicas_in_sync
-    parts = [tf.split(tf.convert_to_tensor(tensor), num_replicas) for tensor in tf.nest.flatten(batch)]
+    batch, first_replica = step_batch.batch, step_batch.first_replica
+    per_replica = global_batch_size // strategy.num_replicas_in_sync
+    flat = [tf.convert_to_tensor(tensor) for tensor in tf.nest.flatten(batch)]
+    parts = [tf.split(tensor, tensor.shape[0] // per_replica) for tensor in flat]
     distributed = strategy.experimental_distribute_values_from_function(
-        lambda context: tf.nest.pack_sequence_as(batch, [part[context.replica_id_in_sync_group] for part in parts])
+        lambda context: tf.nest.pack_sequence_as(
+            batch, [part[context.replica_id_in_sync_group - first_replica] for part in parts]
+        )
     )
     # Traced: MirroredStrategy's eager `run` warns of its cost on stderr.
-    measured, finite = tf.function(lambda part: strategy.run(replica, args=(part,)), autograph=False)(distributed)
-    local = zip(strategy.experimental_local_results(measured), strategy.experimental_local_results(finite))
-    return [
-        ({name: float(value) for name, value in values.items()}, finite.numpy().tolist()) for values, finite in local
-    ]
+    rows = tf.function(lambda part: strategy.gather(strategy.run(replica, args=(part,)), axis=0), autograph=False)(
+        distributed
+    ).numpy()
+    return [(dict(zip(terms, row[: len(terms)].tolist())), [bool(ok) for ok in row[len(terms) :]]) for row in rows]
 
 
 def first_non_finite(replicas: list[tuple[dict[str, float], list[bool]]], state: TrainState) -> dict[str, Any]:

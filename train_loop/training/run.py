@@ -14,7 +14,6 @@ from train_loop.checks import equivalence
 from train_loop.checks.regularizers import check_regularizers
 from train_loop.configs import Config
 from train_loop.data.streams import InputFunction
-from train_loop.errors import UsageError
 from train_loop.model import tasks
 from train_loop.model.state import TrainState, build_state
 from train_loop.model.user_models import ModelFunction, load_model_function
@@ -27,7 +26,7 @@ from train_loop.training.controller import make_controller
 from train_loop.training.evaluation import Evaluation, Weights, make_evaluator
 from train_loop.training.finish import finish
 from train_loop.training.preemption import SignalStop
-from train_loop.training.run_data import RunData
+from train_loop.training.run_data import RunData, restore_worker_position
 from train_loop.training.timing import Stopwatch
 from train_loop.user_actions import PeriodicAction
 
@@ -177,6 +176,7 @@ def train(
                 outputs,
                 console,
                 jit_compile=decision.jit_compile,
+                worker=worker,
             ),
         )
         # Leaving by a stop or an error ends the bar's line first: its message starts a line.
@@ -226,24 +226,8 @@ def _restore(
     )
     state.counters.take_positional()
     if restored and worker:
-        _restore_position(worker, state.counters.step, strategy)
+        restore_worker_position(worker, state.counters.step, strategy)
     return checkpoint, state.counters.step if restored else None
-
-
-def _restore_position(worker: positions.WorkerPosition, step: int, strategy: tf.distribute.Strategy) -> None:
-    """This worker's data position at `step`. One that does not restore, on any worker, stops every
-    worker with one line: the others would otherwise wait for it in their first collective."""
-    try:
-        worker.restore(step)
-    except UsageError:
-        distribute.mean_over_workers(strategy, [1.0])
-        raise
-    (failed,) = distribute.mean_over_workers(strategy, [0.0])
-    if failed:
-        raise UsageError(
-            f"another worker's data position at step {step} does not restore (that worker's own line names its "
-            "file); pass a new --run_name to start over."
-        )
 
 
 def _check_equivalence(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
@@ -13,17 +14,28 @@ import tensorflow as tf
 from train_loop.configs import Config
 from train_loop.data import inputs, sources, streams, tfrecords
 from train_loop.data.arrays import Splits, given_indices, hold_out
+from train_loop.errors import UsageError
 from train_loop.model import loop_calls
 from train_loop.model.state import TrainState
 from train_loop.outputs.positions import WorkerPosition
 from train_loop.outputs.stderr import filtered_stderr, quiet_stderr
 from train_loop.settings import TFRECORD_PREFIX, check_stream_only, is_stream
+from train_loop.training import distribute
 from train_loop.training.console import DataSummary
 from train_loop.training.evaluation import Evaluation, Evaluator, Weights
 from train_loop.training.xla_choice import TimingBatch
 from train_loop.user_code import load_function
 
 Evaluate = Callable[[Weights], Evaluation]
+
+
+class StepBatch(NamedTuple):
+    """A step's batch, as consecutive per-replica parts from replica `first_replica` on (the
+    global replica id), and its examples' indices in the training arrays as given (None: a stream)."""
+
+    batch: object
+    first_replica: int
+    examples: np.ndarray | None
 
 
 @dataclasses.dataclass
@@ -201,18 +213,19 @@ class RunData:
         with streams.read_errors(self.stream) if self.stream else contextlib.nullcontext():
             next(self._iterator)
 
-    def step_batch(self, config: Config, step: int) -> tuple[object, np.ndarray | None]:
-        """The global batch of `step` (counted from 1), and its examples' indices in the training
-        arrays as given (None for a stream, whose examples have no index: its batch is the next one
-        of the latest loop call's input, which must stand right before `step`)."""
+    def step_batch(self, config: Config, step: int) -> StepBatch:
+        """The batch of `step` (counted from 1) as this process's replicas take it (`StepBatch`).
+        For arrays, the global batch, with its examples' indices in the training arrays as given;
+        for a stream, whose examples have no index, the next batch of the latest loop call's input,
+        which must stand right before `step`: under several workers, this worker's share."""
         if self.stream is not None:
             with streams.read_errors(self.stream):
-                return next(self._iterator), None
+                return StepBatch(next(self._iterator), self._stream_input[0].first_replica, None)
         epoch, position = divmod(step - 1, self.steps_per_epoch(config))
         order = inputs.epoch_order(len(self.splits.x_train), config.seed, epoch).numpy()
         rows = order[position * config.batch_size : (position + 1) * config.batch_size]
         batch = (self.splits.x_train[rows], self.splits.y_train[rows])
-        return batch, given_indices(self.splits, config.seed)[rows]
+        return StepBatch(batch, 0, given_indices(self.splits, config.seed)[rows])
 
     def evaluations(self, evaluator: Evaluator, batch_size: int) -> tuple[Evaluate | None, Evaluate]:
         """The validation split's evaluation (None without one) and the test split's."""
@@ -233,3 +246,24 @@ class RunData:
                 return evaluate(weights)
 
         return evaluate_read
+
+
+def restore_worker_position(worker: WorkerPosition, step: int, strategy: tf.distribute.Strategy) -> None:
+    """This worker's data position at `step` (a resume's, or a divergence's restore). One that does
+    not restore, on any worker, stops every worker with one line: the others would otherwise wait
+    for it in their next collective. A collective: every worker calls it.
+
+    Raises:
+      UsageError: this worker's position, or another's, does not restore.
+    """
+    try:
+        worker.restore(step)
+    except UsageError:
+        distribute.mean_over_workers(strategy, [1.0])
+        raise
+    (failed,) = distribute.mean_over_workers(strategy, [0.0])
+    if failed:
+        raise UsageError(
+            f"another worker's data position at step {step} does not restore (that worker's own line names its "
+            "file); pass a new --run_name to start over."
+        )

@@ -1,0 +1,87 @@
+"""--on_divergence on two workers (MultiWorkerMirroredStrategy over 127.0.0.1, one replica each):
+every worker replays in lockstep from the run's checkpoint, and the report and a rollback's result
+are those of two mirrored replicas in one process (tests/test_divergence.py's setup: digits and a
+task term that is inf on one known example)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_divergence import FLAGS, MIRRORED, REPLICAS, ROLLBACK, expected_batch
+from test_faults import assert_same_numbers, finish, read_result, start
+
+from train_loop.launch import free_ports
+
+WORKER_FLAGS = (*(flag for flag in FLAGS if flag not in MIRRORED), "--strategy=multi_worker")
+NAMED = ("step", "term", "layer", "replica", "replicas", "examples")  # What the report names.
+
+
+def two_workers(*flags: str) -> list[tuple[int, str, str]]:
+    """Each worker's exit status, stdout and stderr, both started by hand with their TF_CONFIG (no
+    launcher to stop the other: a worker that waits for its peer runs into the timeout)."""
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
+    workers = [
+        start(*flags, env={"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})})
+        for index in range(2)
+    ]
+    return [finish(worker, timeout=300) for worker in workers]
+
+
+@pytest.fixture(scope="module")
+def mirrored(tmp_path_factory) -> Path:
+    """Two mirrored replicas in one process, rolled back once an epoch: the reference run."""
+    logdir = tmp_path_factory.mktemp("mirrored")
+    status, _, stderr = finish(start(*FLAGS, *ROLLBACK, f"--logdir={logdir}", "--run_name=r"), timeout=300)
+    assert status == 0, stderr[-3000:]
+    return logdir / "r"
+
+
+def first_report(run_dir: Path) -> dict:
+    """The report of the run's first divergence, as its first rollback logged it in metrics.jsonl."""
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return next(line["divergence"] for line in lines if line.get("rollback") == 1)
+
+
+@pytest.mark.slow
+def test_stop_on_two_workers_reports_what_two_mirrored_replicas_report(mirrored, tmp_path):
+    ended = two_workers(*WORKER_FLAGS, "--checkpoint_every=5", f"--logdir={tmp_path}", "--run_name=r")
+    assert [status for status, _, _ in ended] == [3, 3], [stderr[-2000:] for _, _, stderr in ended]
+    for _, _, stderr in ended:
+        # Ours, that is: TensorFlow's C++ side logs a W line of its own on every worker's input (not ours).
+        lines = [line for line in stderr.splitlines() if not line.startswith("W0000 ")]
+        assert len(lines) == 1 and lines[0].startswith("train_loop: error: training diverged"), stderr[-2000:]
+    report = json.loads((tmp_path / "r" / "divergence.json").read_text())
+    expected = first_report(mirrored)
+    assert {name: report[name] for name in NAMED} == {name: expected[name] for name in NAMED}
+    step, replica, examples = expected_batch(0)
+    assert (report["step"], report["replica"], report["replicas"], report["examples"]) == (
+        step,
+        replica,
+        REPLICAS,
+        examples,
+    )
+    assert report["replayed_from"] == (step - 1) // 5 * 5 and report["term"] == "loss/spike"
+    # Every worker replayed and named the same; the chief alone wrote.
+    for _, stdout, _ in ended:
+        assert f"divergence at step {step} " in stdout and f"on replica {replica} of {REPLICAS}" in stdout
+    last = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["divergence"] == report
+
+
+@pytest.mark.slow
+def test_rollback_on_two_workers_ends_where_two_mirrored_replicas_end(mirrored, tmp_path):
+    """The same rollbacks, at the same steps, and the same numbers within 1e-5, as two workers train
+    without a divergence (tests/test_faults.py): their collectives add in another order than one
+    process's (measured: 4e-8 apart here)."""
+    ended = two_workers(*WORKER_FLAGS, *ROLLBACK, f"--logdir={tmp_path}", "--run_name=r")
+    assert [status for status, _, _ in ended] == [0, 0], [stderr[-2000:] for _, _, stderr in ended]
+    result, expected = read_result(tmp_path / "r"), read_result(mirrored)
+    assert (result["strategy"], result["replicas"]) == ("multi_worker", REPLICAS)
+    assert len(result["rollbacks"]) == 2
+    assert (result["steps"], result["rollbacks"]) == (expected["steps"], expected["rollbacks"])
+    assert_same_numbers(result, expected, rel=1e-5)
+    report, expected_report = first_report(tmp_path / "r"), first_report(mirrored)
+    named = (*NAMED, "steps", "replayed_from")
+    assert {name: report[name] for name in named} == {name: expected_report[name] for name in named}
