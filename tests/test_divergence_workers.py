@@ -44,30 +44,42 @@ def first_report(run_dir: Path) -> dict:
     return next(line["divergence"] for line in lines if line.get("rollback") == 1)
 
 
-@pytest.mark.slow
-def test_stop_on_two_workers_reports_what_two_mirrored_replicas_report(mirrored, tmp_path):
-    ended = two_workers(*WORKER_FLAGS, "--checkpoint_every=5", f"--logdir={tmp_path}", "--run_name=r")
+def named(report: dict, *also: str) -> dict:
+    """What a report names (and the fields `also`): what two workers and two replicas must agree on."""
+    return {name: report[name] for name in (*NAMED, *also)}
+
+
+def stopped(*flags: str) -> list[str]:
+    """Two workers' stdouts, each asserted to have stopped at a divergence with its one line."""
+    ended = two_workers(*flags)
     assert [status for status, _, _ in ended] == [3, 3], [stderr[-2000:] for _, _, stderr in ended]
     for _, _, stderr in ended:
         # Ours, that is: TensorFlow's C++ side logs a W line of its own on every worker's input (not ours).
         lines = [line for line in stderr.splitlines() if not line.startswith("W0000 ")]
         assert len(lines) == 1 and lines[0].startswith("train_loop: error: training diverged"), stderr[-2000:]
+    return [stdout for _, stdout, _ in ended]
+
+
+@pytest.mark.slow
+def test_stop_on_two_workers_reports_what_two_mirrored_replicas_report(mirrored, tmp_path):
+    """Then the same command again: it resumes from the checkpoint before the divergence, which the
+    other worker's own folder (fresh at each start) does not hold: it replays from the chief's."""
+    flags = (*WORKER_FLAGS, "--checkpoint_every=5", f"--logdir={tmp_path}", "--run_name=r")
+    stdouts = stopped(*flags)
     report = json.loads((tmp_path / "r" / "divergence.json").read_text())
-    expected = first_report(mirrored)
-    assert {name: report[name] for name in NAMED} == {name: expected[name] for name in NAMED}
+    assert named(report) == named(first_report(mirrored))
     step, replica, examples = expected_batch(0)
-    assert (report["step"], report["replica"], report["replicas"], report["examples"]) == (
-        step,
-        replica,
-        REPLICAS,
-        examples,
-    )
+    assert (report["step"], report["replica"], report["examples"]) == (step, replica, examples)
     assert report["replayed_from"] == (step - 1) // 5 * 5 and report["term"] == "loss/spike"
-    # Every worker replayed and named the same; the chief alone wrote.
-    for _, stdout, _ in ended:
+    for stdout in stdouts:  # Every worker replayed, and named the same.
         assert f"divergence at step {step} " in stdout and f"on replica {replica} of {REPLICAS}" in stdout
-    last = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert last["divergence"] == report
+    # The chief alone wrote: one line of it.
+    lines = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["divergence"] for line in lines if "divergence" in line] == [report]
+    for stdout in stopped(*flags):
+        assert f"resuming {tmp_path / 'r'} from step {report['replayed_from']}" in stdout, stdout
+    again = json.loads((tmp_path / "r" / "divergence.json").read_text())
+    assert named(again, "replayed_from") == named(report, "replayed_from")
 
 
 @pytest.mark.slow
@@ -82,6 +94,5 @@ def test_rollback_on_two_workers_ends_where_two_mirrored_replicas_end(mirrored, 
     assert len(result["rollbacks"]) == 2
     assert (result["steps"], result["rollbacks"]) == (expected["steps"], expected["rollbacks"])
     assert_same_numbers(result, expected, rel=1e-5)
-    report, expected_report = first_report(tmp_path / "r"), first_report(mirrored)
-    named = (*NAMED, "steps", "replayed_from")
-    assert {name: report[name] for name in named} == {name: expected_report[name] for name in named}
+    also = ("steps", "replayed_from")
+    assert named(first_report(tmp_path / "r"), *also) == named(first_report(mirrored), *also)
