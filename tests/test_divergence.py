@@ -83,7 +83,13 @@ def test_stop_reports_the_step_term_layer_replica_and_examples(run_cli, tmp_path
     step, replica, examples = expected_batch(0)
     finished = run_cli(*FLAGS, "--run_name=r", "--checkpoint_every=5")
     assert finished.returncode == 3, finished.stderr
-    assert finished.stderr.count("\n") == 1 and "training diverged" in finished.stderr, finished.stderr
+    assert finished.stderr.count("\n") == 1, finished.stderr
+    # The replay's step and term, not the loop call's (whose summed data term is nan), and the fixes.
+    assert finished.stderr.startswith(
+        f"train_loop: error: training diverged at step {step}: loss/spike became inf on replica {replica} of "
+        f"{REPLICAS}; nothing past step {(step - 1) // 5 * 5} was saved; lower --learning_rate, or pass "
+        "--on_divergence=rollback"
+    ), finished.stderr
     run_dir = tmp_path / "logs" / "r"
     report = json.loads((run_dir / "divergence.json").read_text())
     assert report["step"] == step and report["replayed_from"] == (step - 1) // 5 * 5
@@ -143,7 +149,8 @@ def test_past_max_rollbacks_the_run_stops(run_cli, tmp_path):
     assert finished.returncode == 3, finished.stderr
     assert finished.stdout.count(f"divergence at step {step} ") == 2
     assert "rollback 1 of at most 1" in finished.stdout
-    assert finished.stderr.count("\n") == 1 and "training diverged" in finished.stderr
+    assert finished.stderr.count("\n") == 1 and f"training diverged at step {step}: " in finished.stderr
+    assert "the rollbacks --max_rollbacks=1 allows are used up: lower --learning_rate, or raise" in finished.stderr
 
 
 @pytest.mark.slow

@@ -103,8 +103,24 @@ class Divergence:
         rollbacks = self.state.rollbacks
         if rollbacks is None or int(rollbacks.count) >= self.config.max_rollbacks or report.replayed_from is None:
             self.outputs.metrics_file.append({"step": error.steps[1], "divergence": report.to_dict()})
-            raise DivergedError(f"{error} (report: {self.outputs.run_dir}/{DIVERGENCE_FILE})", steps=error.steps)
+            raise self._stopped(error, report)
         return self._roll_back(report)
+
+    def _stopped(self, error: DivergedError, report: Report) -> DivergedError:
+        """The run's last line: the report's step, term and replica where the replay found them (the
+        loop call's sums may name another term: an inf data term minus an inf is nan), and the fix."""
+        where = f"(report: {self.outputs.run_dir}/{DIVERGENCE_FILE})"
+        if report.step is None:
+            return DivergedError(f"{error} {where}", steps=error.steps)
+        fix = "lower --learning_rate, or pass --on_divergence=rollback to go back to the last finite checkpoint and on"
+        if self.state.rollbacks is not None:
+            fix = f"the rollbacks --max_rollbacks={self.config.max_rollbacks} allows are used up: lower --learning_rate"
+            fix += ", or raise --max_rollbacks"
+        return DivergedError(
+            f"training diverged at step {report.step}: {report.term} became {report.value} on replica {report.replica} "
+            f"of {report.replicas}; nothing past step {error.steps[0] - 1} was saved; {fix}. {where}",
+            steps=error.steps,
+        )
 
     def report(self, steps: tuple[int, int]) -> Report:
         """The divergence of the loop call over `steps`, replayed from the newest finite checkpoint."""
