@@ -211,7 +211,9 @@ class ReplicaInput:
     ValueError: not a trackable object), and a stream's position must. Under several workers
     (MultiWorkerMirroredStrategy) each worker reads its own input pipeline through its own host
     iterator (`worker_input_context`), whose batch is its replicas' share of the global batch, and
-    saves that iterator beside the run's checkpoint (`outputs.positions`).
+    saves that iterator beside the run's checkpoint (`outputs.positions`). So does a worker on CPUs
+    with any data: the strategy's distributed iterator logs TensorFlow's "Input of
+    GeneratorDatasetOp::Dataset will not be optimized" warning on every worker's stderr.
     """
 
     def __init__(
@@ -222,7 +224,9 @@ class ReplicaInput:
         checkpointable: bool = False,
     ):
         self._strategy = strategy
-        per_worker = checkpointable and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+        per_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and (
+            checkpointable or _on_cpus(strategy)
+        )
         self._on_host = per_worker or (_is_single_host(strategy) if checkpointable else _is_single_host_cpu(strategy))
         if checkpointable and not self._on_host:
             raise UsageError(
@@ -283,7 +287,11 @@ def worker_input_context(strategy: tf.distribute.Strategy) -> tf.distribute.Inpu
 
 
 def _is_single_host_cpu(strategy: tf.distribute.Strategy) -> bool:
-    return _is_single_host(strategy) and all("CPU" in device.upper() for device in strategy.extended.worker_devices)
+    return _is_single_host(strategy) and _on_cpus(strategy)
+
+
+def _on_cpus(strategy: tf.distribute.Strategy) -> bool:
+    return all("CPU" in device.upper() for device in strategy.extended.worker_devices)
 
 
 def _is_single_host(strategy: tf.distribute.Strategy) -> bool:
