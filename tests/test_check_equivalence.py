@@ -143,9 +143,7 @@ FIX_SCALED = "leave what a layer adds unscaled: the step divides it by the repli
 def test_a_scaling_bug_fails_naming_the_term_and_the_factor(setup, line):
     verdict = check(**setup)
     assert without_numbers(verdict.failure) == f"--check_equivalence: {line}"
-    with pytest.raises(train_loop.errors.CheckFailed) as raised:
-        verdict.raise_if_failed()
-    assert raised.value.exit_status == 70
+    assert not verdict.to_dict()["passed"]
 
 
 def test_a_regularizer_added_twice_is_twice_on_one_device_too():

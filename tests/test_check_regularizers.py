@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
 
 import check_models
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import assert_one_line_error
+from helpers import assert_one_line_error, snapshot
 
 from train_loop.checks.regularizers import check_regularizers
 from train_loop.configs import Config
@@ -98,17 +100,48 @@ def test_a_float16_loss_scaled_mirrored_run_with_accumulation_passes_and_trains_
     }
 
 
+DETACHED_LINE = re.compile(
+    r"check_regularizers: layer detached: a loss term of value [0-9.e+-]+ \(a regularizer or add_loss\) has no "
+    r"gradient with respect to any trainable weight, so it regularizes nothing: compute it from the weight itself, "
+    r"not tf\.stop_gradient\(w\) or a copy of its value\."
+)
+
+
 @pytest.mark.slow
-def test_a_detached_regularizer_fails_with_its_layer_named_and_nothing_written(run_cli, tmp_path):
+def test_a_detached_regularizer_fails_in_one_line_and_leaves_only_its_verdict(run_cli, tmp_path):
+    """As a failed --check_equivalence: no step is taken, and the run folder holds settings.json
+    alone, with the verdict under "decided"; the same command would take the folder and start it."""
     finished = run_cli(f"--model={DETACHED}", "--check_regularizers", "--run_name=r", *QUICK)
     assert finished.returncode == CheckFailed.EXIT_STATUS, finished.stderr
-    assert finished.stderr.splitlines() == [
-        f"train_loop: error: check_regularizers: layer detached: a loss term of value "
-        f"{float(finished.stderr.split('value ')[1].split(' ')[0]):.6g} (a regularizer or add_loss) has no gradient "
-        "with respect to any trainable weight, so it regularizes nothing: compute it from the weight itself, not "
-        "tf.stop_gradient(w) or a copy of its value."
-    ]
-    assert not (tmp_path / "logs").exists()
+    [line] = finished.stderr.splitlines()
+    assert DETACHED_LINE.fullmatch(line.removeprefix("train_loop: error: ")), line
+    assert "check_regularizers: FAILED (" in finished.stdout
+    run_dir = tmp_path / "logs" / "r"
+    assert os.listdir(run_dir) == ["settings.json"]
+    verdict = json.loads((run_dir / "settings.json").read_text())["decided"]["check_regularizers"]
+    assert (verdict["passed"], verdict["failure"]) == (False, line.removeprefix("train_loop: error: "))
+    assert [row["weight"] for row in verdict["weights"]] == ["detached/kernel"]
+
+
+@pytest.mark.slow
+def test_a_failed_check_on_a_resumed_run_records_its_verdict_and_leaves_every_other_file(run_cli, tmp_path):
+    """A run stopped after its last checkpoint (its result.json removed: not finished), resumed with
+    the check: settings.json gets the failed verdict, what else it held stays, no other file changes."""
+    trained = run_cli(f"--model={DETACHED}", "--epochs=1", "--run_name=r", *QUICK)
+    assert trained.returncode == 0, trained.stderr
+    run_dir = tmp_path / "logs" / "r"
+    (run_dir / "result.json").unlink()
+    settings = json.loads((run_dir / "settings.json").read_text())
+    before = snapshot(run_dir, folder_times=False)
+    finished = run_cli(f"--model={DETACHED}", "--epochs=1", "--check_regularizers", "--run_name=r", *QUICK)
+    assert finished.returncode == CheckFailed.EXIT_STATUS, finished.stderr
+    after = snapshot(run_dir, folder_times=False)
+    assert {path: entry for path, entry in after.items() if path != "settings.json"} == {
+        path: entry for path, entry in before.items() if path != "settings.json"
+    }
+    recorded = json.loads((run_dir / "settings.json").read_text())
+    verdict = recorded["decided"].pop("check_regularizers")
+    assert recorded == settings and not verdict["passed"] and DETACHED_LINE.fullmatch(verdict["failure"])
 
 
 def test_a_regularizer_counted_once_per_micro_batch_is_caught():
@@ -117,9 +150,10 @@ def test_a_regularizer_counted_once_per_micro_batch_is_caught():
     strategy = distribute.mirrored_strategy(["/cpu:0", "/cpu:1"])
     config, state, sample = digits_state(strategy, model="linear", l2=1e-3, accumulation_steps=2)
     before = [variable.numpy() for variable in state.model.variables + state.optimizer.variables]
-    check_regularizers(config, strategy, state, sample, say=lambda line: None)
-    with pytest.raises(CheckFailed, match=r"dense/kernel \(L2\(0.001\)\).*counted 2 times per update"):
-        check_regularizers(config, strategy, state, sample, say=lambda line: None, regularization_share=1.0)
+    assert check_regularizers(config, strategy, state, sample, say=lambda line: None)["passed"]
+    verdict = check_regularizers(config, strategy, state, sample, say=lambda line: None, regularization_share=1.0)
+    assert not verdict["passed"]
+    assert re.search(r"dense/kernel \(L2\(0.001\)\).*counted 2 times per update", verdict["failure"])
     after = [variable.numpy() for variable in state.model.variables + state.optimizer.variables]
     assert all(np.array_equal(old, new) for old, new in zip(before, after))
 
@@ -132,8 +166,8 @@ def test_a_regularization_not_divided_by_the_replicas_is_caught(monkeypatch):
     monkeypatch.setattr(
         losses, "regularization", lambda model: tf.add_n(model.losses) if model.losses else tf.constant(0.0)
     )
-    with pytest.raises(CheckFailed, match=r"dense/kernel \(L2\(0.001\)\).*counted once per replica \(2 times\)"):
-        check_regularizers(config, strategy, state, sample, say=lambda line: None)
+    verdict = check_regularizers(config, strategy, state, sample, say=lambda line: None)
+    assert re.search(r"dense/kernel \(L2\(0.001\)\).*counted once per replica \(2 times\)", verdict["failure"])
 
 
 def test_a_user_model_with_every_kind_of_term_passes_on_two_replicas_with_accumulation():
@@ -143,6 +177,7 @@ def test_a_user_model_with_every_kind_of_term_passes_on_two_replicas_with_accumu
     strategy = distribute.mirrored_strategy(["/cpu:0", "/cpu:1"])
     config, state, sample = digits_state(strategy, model="tests/user_models.py:build", accumulation_steps=2)
     verdict = check_regularizers(config, strategy, state, sample, say=lambda line: None)
+    assert verdict["passed"], verdict["failure"]
     assert {row["weight"]: row["regularizer"] for row in verdict["weights"] if row["regularizer"] != "-"} == {
         "encoder/hidden/kernel": "L2(0.002)",
         "encoder/hidden/bias": "L1(0.001)",
@@ -157,6 +192,7 @@ def test_a_task_without_targets_passes_in_float16():
         strategy, task="tests/user_tasks.py:Autoencoder", l1=1e-4, l2=1e-3, precision="mixed_float16"
     )
     verdict = check_regularizers(config, strategy, state, sample, say=lambda line: None)
+    assert verdict["passed"], verdict["failure"]
     assert [row["regularizer"] for row in verdict["weights"] if row["weight"].endswith("kernel")] == [
         "L1L2(l1=0.0001, l2=0.001)"
     ] * 2
@@ -165,11 +201,10 @@ def test_a_task_without_targets_passes_in_float16():
 def test_global_flags_that_reach_no_weight_fail_the_check():
     strategy = tf.distribute.get_strategy()
     config, state, sample = digits_state(strategy, model="notebook:embedding_only", l2=1e-3)
-    with pytest.raises(
-        CheckFailed,
-        match=r"^check_regularizers: --l2=0.001 regularizes none of the model's weights \(embed/embeddings\)",
-    ):
-        check_regularizers(config, strategy, state, sample, say=lambda line: None)
+    verdict = check_regularizers(config, strategy, state, sample, say=lambda line: None)
+    assert verdict["failure"].startswith(
+        "check_regularizers: --l2=0.001 regularizes none of the model's weights (embed/embeddings)"
+    )
 
 
 def test_l2_exclude_takes_the_global_terms_off_the_weights_it_matches():

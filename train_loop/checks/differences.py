@@ -8,8 +8,6 @@ import dataclasses
 
 import numpy as np
 
-from train_loop.errors import CheckFailed
-
 # The largest relative difference from one device's value that passes. N replicas add the same
 # products in another order (per-replica sums, then an all-reduce), so a value rounds apart by
 # a few units of its precision's rounding, more where many values are summed in 16 bits: float32's
@@ -76,10 +74,6 @@ class Verdict:
             },
             "seconds": round(self.seconds, 2),
         }
-
-    def raise_if_failed(self) -> None:
-        if self.failure:
-            raise CheckFailed(self.failure)
 
 
 def difference(

@@ -36,11 +36,10 @@ def check_regularizers(
     the run's 1/K); another share is the bug the proof catches.
 
     Returns:
-      The verdict for settings.json and result.json: "passed", the seconds it took, the rows.
-
-    Raises:
-      CheckFailed: a loss term reaches no weight, the global flags reach no weight, or a weight's
-        regularization gradient is not its closed form once in the update, or does not move it.
+      The verdict for settings.json and result.json: "passed", "failure" (its one line, "" when it
+      passed: a loss term reaches no weight, the global flags reach no weight, or a weight's
+      regularization gradient is not its closed form once in the update, or does not move it), the
+      seconds it took, the rows. The caller records it, then raises `CheckFailed` with the failure.
     """
     started = time.perf_counter()
     rows = coverage(state.model, state.optimizer, config)
@@ -48,15 +47,25 @@ def check_regularizers(
     say(f"check_regularizers: {_count(len(rows), 'trainable weight')}, {regularized} regularized:")
     for line in table(rows):
         say(line)
-    _check_flags_reach_something(config, rows)
-    with restored(state), nonzero_weights(state.model):
-        _check_terms_attached(state, sample)
-        prove_gradients(
-            config, strategy, state, sample, jit_compile=jit_compile, regularization_share=regularization_share
-        )
+    try:
+        _check_flags_reach_something(config, rows)
+        with restored(state), nonzero_weights(state.model):
+            _check_terms_attached(state, sample)
+            prove_gradients(
+                config, strategy, state, sample, jit_compile=jit_compile, regularization_share=regularization_share
+            )
+        failure = ""
+    except CheckFailed as failed:
+        failure = str(failed)
     seconds = time.perf_counter() - started
-    say(f"check_regularizers: passed in {seconds:.1f} s (relative tolerance {RELATIVE_TOLERANCE:g}).")
-    return {"passed": True, "seconds": round(seconds, 2), "weights": [row.to_dict() for row in rows]}
+    verdict = f"FAILED ({seconds:.1f} s)" if failure else f"passed in {seconds:.1f} s"
+    say(f"check_regularizers: {verdict} (relative tolerance {RELATIVE_TOLERANCE:g}).")
+    return {
+        "passed": not failure,
+        "failure": failure,
+        "seconds": round(seconds, 2),
+        "weights": [row.to_dict() for row in rows],
+    }
 
 
 def _count(number: int, noun: str) -> str:
