@@ -5,6 +5,6 @@ each weight) and `gradients` (their gradients reach the update, once, as their c
 with `differences` (each value's difference, the factor that explains one, the verdict).
 
 Rules: a check runs the model layer's own math (the replica step, the optimizer) and writes no
-files, so it imports nothing from `outputs`, `training` or `study`; `training.run` calls it and
+files, so it imports nothing from `outputs`, `training` or `study`; `training.preflight` calls it and
 records its verdict.
 """

@@ -10,18 +10,16 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from train_loop.checks import equivalence
-from train_loop.checks.regularizers import check_regularizers
 from train_loop.configs import Config
 from train_loop.data.streams import InputFunction
-from train_loop.errors import CheckFailed, UsageError
+from train_loop.errors import UsageError
 from train_loop.model import tasks
 from train_loop.model.state import TrainState, build_state
 from train_loop.model.user_models import ModelFunction, load_model_function
 from train_loop.outputs import checkpoints, positions, runs
 from train_loop.outputs.run_outputs import RunOutputs
 from train_loop.settings import MODELS, is_stream
-from train_loop.training import actions, distribute, divergence, xla_choice
+from train_loop.training import actions, distribute, divergence, preflight, xla_choice
 from train_loop.training.console import Console
 from train_loop.training.controller import make_controller
 from train_loop.training.evaluation import Evaluation, Weights, make_evaluator
@@ -120,25 +118,16 @@ def train(
         console.say(decision.describe())
         if state.best:
             console.say(state.best.describe())
-        decided, settings = decision.to_dict(), _hparams(config, strategy)
-        if config.check_regularizers:  # Its verdict in settings.json even when it fails: see `_record_check`.
-            verdict = check_regularizers(
-                config, strategy, state, data.sample_batch(), say=console.say, jit_compile=decision.jit_compile
-            )
-            decided["check_regularizers"] = _record_check(
-                config, strategy, verdict, name="check_regularizers", run_dir=run_dir, decided=decided, data=data
-            )
-        if config.check_equivalence:
-            decided["check_equivalence"] = _check_equivalence(
-                config, strategy, state, data, run_dir=run_dir, decided=decided, console=console
-            )
+        decided = preflight.run_checks(
+            config, strategy, state, data, run_dir=run_dir, decided=decision.to_dict(), console=console
+        )
         outputs = RunOutputs.open(
             config,
             run_dir,
             chief=chief,
             restored_step=restored_step,
             decided=decided,
-            settings=settings,
+            settings=_hparams(config, strategy),
             table=state.table,
             source=data.fingerprint,
         )
@@ -247,53 +236,6 @@ def _restore_position(worker: positions.WorkerPosition, step: int, strategy: tf.
             f"another worker's data position at step {step} does not restore (that worker's own line names its "
             "file); pass a new --run_name to start over."
         )
-
-
-def _check_equivalence(
-    config: Config,
-    strategy: tf.distribute.Strategy,
-    state: TrainState,
-    data: RunData,
-    *,
-    run_dir: str,
-    decided: dict[str, Any],
-    console: Console,
-) -> dict[str, object]:
-    """`--check_equivalence` on the next update's batch: its lines, and its verdict, recorded
-    (`_record_check`); no training when it failed (`CheckFailed`, on every worker)."""
-    next_batch, iterator = data.first_update_input(config, strategy, state)
-    verdict = equivalence.check(
-        config, strategy, state, next_batch=next_batch, iterator=iterator, jit_compile=decided["jit_compile"]
-    )
-    for line in verdict.lines():
-        console.say(line)
-    return _record_check(
-        config, strategy, verdict.to_dict(), name="check_equivalence", run_dir=run_dir, decided=decided, data=data
-    )
-
-
-def _record_check(
-    config: Config,
-    strategy: tf.distribute.Strategy,
-    verdict: dict[str, Any],
-    *,
-    name: str,
-    run_dir: str,
-    decided: dict[str, Any],
-    data: RunData,
-) -> dict[str, Any]:
-    """A check's `verdict`, which the chief records in settings.json (`runs.record_check`: a failed
-    check's is then the one file of a new run folder, and an existing run's other files stay as
-    they were) and which is returned for result.json.
-
-    Raises:
-      CheckFailed: the check failed (on every worker: each check agrees on its verdict).
-    """
-    if distribute.is_chief(strategy):
-        runs.record_check(run_dir, config, {**decided, name: verdict}, name, source=data.fingerprint)
-    if not verdict["passed"]:
-        raise CheckFailed(verdict["failure"])
-    return verdict
 
 
 def _validation(
