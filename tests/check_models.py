@@ -50,3 +50,29 @@ def embedding_only() -> keras.Model:
             keras.layers.GlobalAveragePooling1D(name="mean"),
         ]
     )
+
+
+@keras.saving.register_keras_serializable(package="train_loop_check_tests")
+class ScaledLogits(keras.Model):
+    """A subclassed model that makes a weight on itself in `build`, in no layer: a scale per class
+    of its Dense layer's logits (with `regularizer`, if given)."""
+
+    def __init__(self, regularizer=None, **kwargs):
+        super().__init__(**kwargs)
+        self.regularizer = regularizer
+        self.flatten = keras.layers.Flatten(name="flatten")
+        self.dense = keras.layers.Dense(10, name="dense")
+
+    def build(self, input_shape):
+        self.scale = self.add_weight(shape=(10,), initializer="ones", regularizer=self.regularizer, name="scale")
+
+    def call(self, inputs):
+        return self.dense(self.flatten(inputs)) * self.scale
+
+
+def own_weight() -> keras.Model:
+    return ScaledLogits(name="scaled")
+
+
+def own_regularized_weight() -> keras.Model:
+    return ScaledLogits(keras.regularizers.L2(0.01), name="scaled")

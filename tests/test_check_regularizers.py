@@ -186,6 +186,25 @@ def test_a_user_model_with_every_kind_of_term_passes_on_two_replicas_with_accumu
     assert {row["weight"]: row["activity"] for row in verdict["weights"]}["encoder/hidden/kernel"] == "L2(0.001)"
 
 
+def test_a_weight_a_subclassed_model_makes_on_itself_is_in_the_table_and_the_proof():
+    """`self.add_weight` in a keras.Model's build, in no layer: --l2 misses it (warned of, under the
+    model's name); given its own regularizer, its gradient is proved, and a share of 1 at K=2 caught."""
+    strategy = tf.distribute.get_strategy()
+    config, state, sample = digits_state(strategy, model="notebook:own_weight", l2=1e-3)
+    verdict = check_regularizers(config, strategy, state, sample, say=lambda line: None)
+    assert verdict["passed"], verdict["failure"]
+    assert [(row["weight"], row["regularizer"]) for row in verdict["weights"]] == [
+        ("dense/kernel", "L2(0.001)"),
+        ("dense/bias", "-"),
+        ("scaled/scale", "-"),
+    ]
+    assert verdict["weights"][2]["flag"].startswith("--l2 misses the ScaledLogits model's own scale: the flags reach")
+    config, state, sample = digits_state(strategy, model="notebook:own_regularized_weight", accumulation_steps=2)
+    assert check_regularizers(config, strategy, state, sample, say=lambda line: None)["passed"]
+    verdict = check_regularizers(config, strategy, state, sample, say=lambda line: None, regularization_share=1.0)
+    assert re.match(r"check_regularizers: scaled/scale \(L2\(0.01\)\): .* counted 2 times", verdict["failure"])
+
+
 def test_a_task_without_targets_passes_in_float16():
     strategy = tf.distribute.get_strategy()
     config, state, sample = digits_state(

@@ -17,7 +17,7 @@ from train_loop.data.inputs import global_positions
 from train_loop.model import dropout
 from train_loop.model.loop_calls import make_update_gradients
 from train_loop.model.measurements import LAYER_REGULARIZATION
-from train_loop.model.models import named_layers
+from train_loop.model.models import held_weights
 from train_loop.model.state import TrainState
 from train_loop.model.steps import make_replica_gradients, run_and_sum
 from train_loop.model.tasks import Batch
@@ -138,7 +138,7 @@ def _gradient_differences(state: TrainState, run: list, one_device: list) -> lis
     """Each layer's worst variable: the distance between its two gradients, relative to one
     device's norm; its ratio is the run's gradient's projection on one device's where the run's
     is that one scaled (a gradient scaled by N gives N), else NaN (no factor explains it)."""
-    owner = {id(weight): path for path, layer in named_layers(state.model) for weight in layer.trainable_weights}
+    owner = {id(weight): path for path, _, weight in held_weights(state.model, trainable=True)}
     worst: dict[str, Difference] = {}
     for variable, got, want in zip(state.model.trainable_variables, run, one_device, strict=True):
         norm, layer = float(tf.norm(want)), owner.get(id(variable), "model")
