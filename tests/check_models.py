@@ -3,6 +3,9 @@ weights the global --l2 does not reach, and a regularization that does not reach
 
 from __future__ import annotations
 
+import json
+import os
+
 import keras
 import tensorflow as tf
 
@@ -28,11 +31,13 @@ class DetachedDense(keras.layers.Layer):
     """A dense layer whose L2 term is computed on `tf.stop_gradient` of its kernel: it adds to the
     loss and never moves the kernel."""
 
+    factor = 1.0  # Times the penalty: 0 makes a term of value 0, which is not flagged.
+
     def build(self, input_shape):
         self.kernel = self.add_weight(shape=(input_shape[-1], 10), initializer="glorot_uniform", name="kernel")
 
     def call(self, inputs):
-        self.add_loss(DETACHED_L2 * tf.reduce_sum(tf.square(tf.stop_gradient(self.kernel))))
+        self.add_loss(self.factor * DETACHED_L2 * tf.reduce_sum(tf.square(tf.stop_gradient(self.kernel))))
         return inputs @ self.kernel
 
 
@@ -76,3 +81,15 @@ def own_weight() -> keras.Model:
 
 def own_regularized_weight() -> keras.Model:
     return ScaledLogits(keras.regularizers.L2(0.01), name="scaled")
+
+
+def detached_on_worker_1() -> keras.Model:
+    """A Dense layer --l2 reaches after a detached penalty that is non-zero on worker 1 only (read
+    from TF_CONFIG): a term that depends on each worker's own data, so the chief passes where
+    worker 1 fails."""
+    task = json.loads(os.environ.get("TF_CONFIG", "{}")).get("task", {})
+    detached = DetachedDense(name="detached")
+    detached.factor = float(task.get("index") == 1)
+    return keras.Sequential(
+        [keras.Input((8, 8, 1)), keras.layers.Flatten(), detached, keras.layers.Dense(10, name="dense")]
+    )

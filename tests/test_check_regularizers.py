@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from helpers import assert_one_line_error, snapshot
+from test_faults import finish, start
 
 from train_loop.checks.regularizers import check_regularizers
 from train_loop.configs import Config
 from train_loop.data import inputs, sources
 from train_loop.errors import CheckFailed, UsageError
+from train_loop.launch import free_ports
 from train_loop.model import losses, models, optimizers, tasks
 from train_loop.model.state import build_state
 from train_loop.outputs import runs
@@ -142,6 +144,52 @@ def test_a_failed_check_on_a_resumed_run_records_its_verdict_and_leaves_every_ot
     recorded = json.loads((run_dir / "settings.json").read_text())
     verdict = recorded["decided"].pop("check_regularizers")
     assert recorded == settings and not verdict["passed"] and DETACHED_LINE.fullmatch(verdict["failure"])
+
+
+def two_workers(tmp_path, *flags: str) -> list[tuple[int, str, str]]:
+    """Two workers on 127.0.0.1, each started by hand with its TF_CONFIG: their status and output."""
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
+    workers = [
+        start(
+            *flags,
+            "--check_regularizers",
+            f"--logdir={tmp_path}",
+            "--run_name=r",
+            *QUICK,
+            env={"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})},
+        )
+        for index in range(2)
+    ]
+    return [finish(worker, timeout=300) for worker in workers]
+
+
+@pytest.mark.slow
+def test_two_workers_pass_with_l2_and_the_chief_alone_prints_the_table(tmp_path):
+    ended = two_workers(tmp_path, "--l2=0.001", "--epochs=1")
+    assert [status for status, _, _ in ended] == [0, 0], [stderr[-2000:] for _, _, stderr in ended]
+    (_, chief, _), (_, other, _) = ended
+    assert chief.count("check_regularizers: 6 trainable weights, 3 regularized:") == 1
+    assert chief.count("check_regularizers: passed in") == 1
+    assert "check_regularizers" not in other
+    verdict = json.loads((tmp_path / "r" / "result.json").read_text())["decided"]["check_regularizers"]
+    assert verdict["passed"] and [row["regularizer"] for row in verdict["weights"]].count("L2(0.001)") == 3
+
+
+@pytest.mark.slow
+def test_a_check_failed_on_one_worker_stops_both_with_status_70(tmp_path):
+    """Worker 1's detached penalty (tests/check_models.py:detached_on_worker_1) fails there alone:
+    the chief, which passed that part, stops too instead of waiting for worker 1 in the proof."""
+    ended = two_workers(tmp_path, "--l2=0.001", f"--model={DETACHED}_on_worker_1")
+    assert [status for status, _, _ in ended] == [70, 70], [stderr[-2000:] for _, _, stderr in ended]
+    lines = [[line for line in stderr.splitlines() if line.startswith("train_loop:")] for _, _, stderr in ended]
+    assert lines[0] == [
+        "train_loop: error: check_regularizers: failed on another worker of the cluster (its line names the layer)."
+    ]
+    [line] = lines[1]
+    assert DETACHED_LINE.fullmatch(line.removeprefix("train_loop: error: ")), line
+    assert os.listdir(tmp_path / "r") == ["settings.json"]  # The chief's alone.
+    verdict = json.loads((tmp_path / "r" / "settings.json").read_text())["decided"]["check_regularizers"]
+    assert (verdict["passed"], verdict["failure"]) == (False, lines[0][0].removeprefix("train_loop: error: "))
 
 
 def test_a_regularizer_counted_once_per_micro_batch_is_caught():

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import tensorflow as tf
 
-from train_loop.checks import differences
+from train_loop.checks import agreement, differences
 from train_loop.checks.differences import Difference, Verdict
 from train_loop.configs import Config
 from train_loop.data.inputs import global_positions
@@ -80,7 +80,7 @@ def check(
         *_gradient_differences(state, run_gradients, gradients),
     ]
     failure = differences.failure(found, strategy.num_replicas_in_sync, accumulation_steps, config.precision)
-    if _failed_anywhere(strategy, bool(failure)) and not failure:
+    if agreement.failed_anywhere(strategy, bool(failure)) and not failure:
         failure = "--check_equivalence: failed on another worker of the cluster (its line names the term)."
     return Verdict(
         found,
@@ -156,14 +156,3 @@ def _gradient_differences(state: TrainState, run: list, one_device: list) -> lis
         if layer not in worst or item.relative > worst[layer].relative:
             worst[layer] = item
     return list(worst.values())
-
-
-def _failed_anywhere(strategy: tf.distribute.Strategy, failed: bool) -> bool:
-    """Whether the check failed on any worker: one all-reduce, so that every worker stops or none."""
-    flag = tf.constant(float(failed))
-
-    @tf.function(autograph=False)
-    def any_failed() -> tf.Tensor:
-        return strategy.reduce(_SUM, strategy.run(lambda: tf.identity(flag)), axis=None)
-
-    return bool(any_failed() > 0)

@@ -39,9 +39,10 @@ def run_checks(
       CheckFailed: a check failed (on every worker), with its verdict recorded.
     """
     decided = dict(decided)
-    if config.check_regularizers:
+    if config.check_regularizers:  # Its table once, from the chief: the same on every worker.
+        say = console.say if distribute.is_chief(strategy) else _silent
         verdict = check_regularizers(
-            config, strategy, state, data.sample_batch(), say=console.say, jit_compile=decided["jit_compile"]
+            config, strategy, state, data.sample_batch(), say=say, jit_compile=decided["jit_compile"]
         )
         decided["check_regularizers"] = _record(
             config, strategy, verdict, name="check_regularizers", run_dir=run_dir, decided=decided, data=data
@@ -95,3 +96,7 @@ def _record(
     if not verdict["passed"]:
         raise CheckFailed(verdict["failure"])
     return verdict
+
+
+def _silent(line: str) -> None:
+    """A worker that is not the chief says nothing of the check but its failure's line."""
