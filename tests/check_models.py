@@ -93,3 +93,15 @@ def detached_on_worker_1() -> keras.Model:
     return keras.Sequential(
         [keras.Input((8, 8, 1)), keras.layers.Flatten(), detached, keras.layers.Dense(10, name="dense")]
     )
+
+
+def unit_norm() -> keras.Model:
+    """A Dense kernel with its own L2 under a UnitNorm constraint, which scales each column back to
+    norm 1 after every update: the L2's pull towards 0 is undone, whatever its size."""
+    dense = keras.layers.Dense(
+        10,
+        kernel_regularizer=keras.regularizers.L2(0.01),
+        kernel_constraint=keras.constraints.UnitNorm(axis=0),
+        name="dense",
+    )
+    return keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(name="flatten"), dense])

@@ -253,6 +253,37 @@ def test_a_weight_a_subclassed_model_makes_on_itself_is_in_the_table_and_the_pro
     assert re.match(r"check_regularizers: scaled/scale \(L2\(0.01\)\): .* counted 2 times", verdict["failure"])
 
 
+@pytest.mark.parametrize(
+    "settings",
+    [dict(l2=1e-3, warmup_steps=5), dict(l2=1e-3, warmup_steps=5, optimizer="adam"), dict(l2=1e-5, optimizer="sgd")],
+    ids=["warmup-rmsprop", "warmup-adam", "sgd-small-l2"],
+)
+def test_an_update_that_moves_the_weight_too_little_to_see_passes(settings):
+    """A warm-up's first rate is 0: the update judged is the next step's, the first that moves a
+    weight. SGD at the rate 1e-3 moves a weight by 2e-8 of itself with an L2 of 1e-5, under
+    float32's rounding: the update is judged with the regularization's gradient scaled up. Both
+    failed as "does not move it"; the optimizer's step is put back."""
+    strategy = tf.distribute.get_strategy()
+    config, state, sample = digits_state(strategy, model="linear", **settings)
+    verdict = check_regularizers(config, strategy, state, sample, say=lambda line: None)
+    assert verdict["passed"], verdict["failure"]
+    assert int(state.optimizer.iterations) == 0
+
+
+def test_an_l2_a_unit_norm_constraint_undoes_fails():
+    """tests/check_models.py:unit_norm with SGD: each update scales the kernel's columns back to
+    norm 1, so its L2's step towards 0 moves it by rounding alone: the L2 does nothing."""
+    strategy = tf.distribute.get_strategy()
+    config, state, sample = digits_state(strategy, model="notebook:unit_norm", optimizer="sgd", learning_rate=0.1)
+    failure = check_regularizers(config, strategy, state, sample, say=lambda line: None)["failure"]
+    assert re.fullmatch(
+        r"check_regularizers: dense/kernel \(L2\(0.01\)\): one update with its regularizer moves it \S+ against "
+        r"its closed form, within float32's rounding of its values \(\S+\): the optimizer does not apply the "
+        r"regularizer's gradient or its constraint \(UnitNorm\) undoes it\.",
+        failure,
+    ), failure
+
+
 def test_a_task_without_targets_passes_in_float16():
     strategy = tf.distribute.get_strategy()
     config, state, sample = digits_state(

@@ -6,8 +6,10 @@ multiplied by 0, twice: with the weights' regularizers and without them. The dif
 two summed gradients is what the regularizers put into an update, scaled as the step scales it
 (1/N a replica, 1/K a micro-batch, the float16 loss scale and its removal); it must equal 2λw
 (L2), λ·sign(w) (L1) or their sum (L1L2) within `RELATIVE_TOLERANCE`. The two gradients then go
-through one optimizer update each. Run it inside `restored`: the weights, the optimizer's slots
-and step, the loss scale and every other variable are put back afterwards.
+through one optimizer update each, at the first step whose learning rate is not 0, with the
+regularizers' part scaled to move the weights by more than float32's rounding: the update with
+them must move each weight against its closed form. Run it inside `restored`: the weights, the
+optimizer's slots and step, the loss scale and every other variable are put back afterwards.
 """
 
 from __future__ import annotations
@@ -32,6 +34,11 @@ from train_loop.model.tasks import Batch, Task
 # master weights make the step's scalings (1/N, 1/K, a power-of-2 loss scale) exact to ~1e-6,
 # and a factor of N, K or 0 misses it by far.
 RELATIVE_TOLERANCE = 1e-3
+# The update judged moves a weight by this share of its norm (`_resolvable_scale`), and must move
+# it by more than this many units of float32's rounding of its values: an update rounds each
+# value once, a constraint a few times more.
+_JUDGED_MOVE = 1e-3
+_ROUNDING_UNITS = 8
 _SUM = tf.distribute.ReduceOp.SUM
 _KERAS_REGULARIZERS = (keras.regularizers.L1, keras.regularizers.L2, keras.regularizers.L1L2)
 
@@ -62,24 +69,96 @@ def prove_gradients(
     with _without_regularizers([weight for _, weight in regularized]):
         without_terms = gradients(batch)
     index = {id(variable): position for position, variable in enumerate(state.model.trainable_variables)}
-    updates = [_updated(strategy, state, per_replica) for per_replica in (with_terms, without_terms)]
+    # Every reduction before any verdict: on a cluster no worker stops while another still reduces.
+    summed = [
+        {
+            path: float_array(strategy.reduce(_SUM, per_replica[index[id(weight)]], axis=None))
+            for path, weight in regularized
+        }
+        for per_replica in (with_terms, without_terms)
+    ]
+    differences = {path: summed[0][path] - summed[1][path] for path, _ in regularized}
+    expected = {path: closed_form(weight.regularizer, float_array(weight)) for path, weight in regularized}
+    for path, weight in regularized:
+        _compare(
+            path, weight, differences[path], expected[path], config.accumulation_steps, strategy.num_replicas_in_sync
+        )
+    if not _to_a_step_that_moves(state.optimizer):
+        return
+    scales = [1.0] * len(index)
+    for path, weight in regularized:
+        scales[index[id(weight)]] = _resolvable_scale(state.optimizer, weight, differences[path])
+    rescaled = _rescaled(strategy, with_terms, without_terms, scales)
+    updates = [_updated(strategy, state, per_replica) for per_replica in (rescaled, without_terms)]
     for path, weight in regularized:
         position = index[id(weight)]
-        summed = [
-            float_array(strategy.reduce(_SUM, per_replica[position], axis=None))
-            for per_replica in (with_terms, without_terms)
-        ]
-        expected = closed_form(weight.regularizer, float_array(weight))
-        _compare(
-            path, weight, summed[0] - summed[1], expected, config.accumulation_steps, strategy.num_replicas_in_sync
+        _check_moved(path, weight, updates[0][position] - updates[1][position], updates[1][position], expected[path])
+
+
+def _resolvable_scale(optimizer: keras.optimizers.Optimizer, weight: keras.Variable, difference: np.ndarray) -> float:
+    """What the regularization's gradient of `weight` is multiplied by in the update judged: one
+    plain SGD step then moves the weight by `_JUDGED_MOVE` of its norm. Its size is the first
+    proof's; the second judges only whether the update applies it, which scaling does not change
+    (nor whether a constraint undoes it), and a small λ times the rate moves a float32 weight by
+    less than its rounding: SGD at the rate 1e-3 with an L2 of 1e-5, 2e-8 of each value, under
+    float32's 6e-8."""
+    rate = float(tf.convert_to_tensor(optimizer.learning_rate))
+    size = np.linalg.norm(difference)
+    return _JUDGED_MOVE * float(np.linalg.norm(float_array(weight))) / (rate * size) if size else 1.0
+
+
+def _rescaled(strategy: tf.distribute.Strategy, with_terms: list, without_terms: list, scales: list[float]) -> list:
+    """Each replica's gradients without the regularizers, plus their regularizers' times `scales`."""
+
+    @tf.function(autograph=False)
+    def rescale() -> list:
+        return strategy.run(
+            lambda with_, without: [
+                plain + scale * (regularized - plain) for regularized, plain, scale in zip(with_, without, scales)
+            ],
+            args=(with_terms, without_terms),
         )
-        moved = updates[0][position] - updates[1][position]
-        if not np.sum(moved * expected) < 0:
-            raise CheckFailed(
-                f"check_regularizers: {path} ({describe(weight.regularizer)}): one update with its regularizer "
-                f"does not move it against its closed form (the difference is {np.linalg.norm(moved):.3g}): "
-                "the optimizer does not apply the regularizer's gradient."
-            )
+
+    return rescale()
+
+
+def _check_moved(
+    path: str, weight: keras.Variable, moved: np.ndarray, without: np.ndarray, expected: np.ndarray
+) -> None:
+    """The update with the regularizer moves the weight against its closed form (`expected`) by
+    more than a few units of float32's rounding of its values (`_ROUNDING_UNITS`), which two
+    updates that the regularizer does not reach differ by: `moved` from the update `without` it.
+
+    Raises:
+      CheckFailed: it does not; a constraint that renormalizes the weight (`UnitNorm`) undoes a
+        plain SGD step of an L2 whatever its size.
+    """
+    direction = expected / np.linalg.norm(expected)
+    against = -float(np.sum(moved * direction))
+    rounding = _ROUNDING_UNITS * float(np.sum(np.spacing(np.abs(without).astype(np.float32)) * np.abs(direction)))
+    if against > rounding:
+        return
+    constraint = f" or its constraint ({type(weight.constraint).__name__}) undoes it" if weight.constraint else ""
+    raise CheckFailed(
+        f"check_regularizers: {path} ({describe(weight.regularizer)}): one update with its regularizer moves it "
+        f"{against:.3g} against its closed form, within float32's rounding of its values ({rounding:.3g}): the "
+        f"optimizer does not apply the regularizer's gradient{constraint}."
+    )
+
+
+def _to_a_step_that_moves(optimizer: keras.optimizers.Optimizer) -> bool:
+    """The optimizer's step set to the next one whose learning rate is not 0, and whether there is
+    one: a warm-up starts at a rate of 0 (--warmup_steps), where no update moves a weight, with
+    its regularizer or without, and rises from the step after, the first update that applies the
+    regularizer's gradient. A cosine decayed to its end stays at 0: no update is left to judge.
+    `restored` puts the step back."""
+    step = int(tf.convert_to_tensor(optimizer.iterations))
+    for candidate in (step, step + 1):
+        optimizer.iterations.assign(candidate)
+        if float(tf.convert_to_tensor(optimizer.learning_rate)) > 0:
+            return True
+    optimizer.iterations.assign(step)
+    return False
 
 
 def _replicated(strategy: tf.distribute.Strategy, sample: Batch, accumulation_steps: int) -> object:
