@@ -23,6 +23,8 @@ import numpy as np
 import tensorflow as tf
 
 from train_loop.checks.coverage import describe
+from train_loop.checks.kept import float_array
+from train_loop.checks.moves import prove_moves
 from train_loop.configs import Config
 from train_loop.errors import CheckFailed
 from train_loop.model.loop_calls import make_update_gradients
@@ -34,11 +36,6 @@ from train_loop.model.tasks import Batch, Task
 # master weights make the step's scalings (1/N, 1/K, a power-of-2 loss scale) exact to ~1e-6,
 # and a factor of N, K or 0 misses it by far.
 RELATIVE_TOLERANCE = 1e-3
-# The update judged moves a weight by this share of its norm (`_resolvable_scale`), and must move
-# it by more than this many units of float32's rounding of its values: an update rounds each
-# value once, a constraint a few times more.
-_JUDGED_MOVE = 1e-3
-_ROUNDING_UNITS = 8
 _SUM = tf.distribute.ReduceOp.SUM
 _KERAS_REGULARIZERS = (keras.regularizers.L1, keras.regularizers.L2, keras.regularizers.L1L2)
 
@@ -83,82 +80,9 @@ def prove_gradients(
         _compare(
             path, weight, differences[path], expected[path], config.accumulation_steps, strategy.num_replicas_in_sync
         )
-    if not _to_a_step_that_moves(state.optimizer):
-        return
-    scales = [1.0] * len(index)
-    for path, weight in regularized:
-        scales[index[id(weight)]] = _resolvable_scale(state.optimizer, weight, differences[path])
-    rescaled = _rescaled(strategy, with_terms, without_terms, scales)
-    updates = [_updated(strategy, state, per_replica) for per_replica in (rescaled, without_terms)]
-    for path, weight in regularized:
-        position = index[id(weight)]
-        _check_moved(path, weight, updates[0][position] - updates[1][position], updates[1][position], expected[path])
-
-
-def _resolvable_scale(optimizer: keras.optimizers.Optimizer, weight: keras.Variable, difference: np.ndarray) -> float:
-    """What the regularization's gradient of `weight` is multiplied by in the update judged: one
-    plain SGD step then moves the weight by `_JUDGED_MOVE` of its norm. Its size is the first
-    proof's; the second judges only whether the update applies it, which scaling does not change
-    (nor whether a constraint undoes it), and a small λ times the rate moves a float32 weight by
-    less than its rounding: SGD at the rate 1e-3 with an L2 of 1e-5, 2e-8 of each value, under
-    float32's 6e-8."""
-    rate = float(tf.convert_to_tensor(optimizer.learning_rate))
-    size = np.linalg.norm(difference)
-    return _JUDGED_MOVE * float(np.linalg.norm(float_array(weight))) / (rate * size) if size else 1.0
-
-
-def _rescaled(strategy: tf.distribute.Strategy, with_terms: list, without_terms: list, scales: list[float]) -> list:
-    """Each replica's gradients without the regularizers, plus their regularizers' times `scales`."""
-
-    @tf.function(autograph=False)
-    def rescale() -> list:
-        return strategy.run(
-            lambda with_, without: [
-                plain + scale * (regularized - plain) for regularized, plain, scale in zip(with_, without, scales)
-            ],
-            args=(with_terms, without_terms),
-        )
-
-    return rescale()
-
-
-def _check_moved(
-    path: str, weight: keras.Variable, moved: np.ndarray, without: np.ndarray, expected: np.ndarray
-) -> None:
-    """The update with the regularizer moves the weight against its closed form (`expected`) by
-    more than a few units of float32's rounding of its values (`_ROUNDING_UNITS`), which two
-    updates that the regularizer does not reach differ by: `moved` from the update `without` it.
-
-    Raises:
-      CheckFailed: it does not; a constraint that renormalizes the weight (`UnitNorm`) undoes a
-        plain SGD step of an L2 whatever its size.
-    """
-    direction = expected / np.linalg.norm(expected)
-    against = -float(np.sum(moved * direction))
-    rounding = _ROUNDING_UNITS * float(np.sum(np.spacing(np.abs(without).astype(np.float32)) * np.abs(direction)))
-    if against > rounding:
-        return
-    constraint = f" or its constraint ({type(weight.constraint).__name__}) undoes it" if weight.constraint else ""
-    raise CheckFailed(
-        f"check_regularizers: {path} ({describe(weight.regularizer)}): one update with its regularizer moves it "
-        f"{against:.3g} against its closed form, within float32's rounding of its values ({rounding:.3g}): the "
-        f"optimizer does not apply the regularizer's gradient{constraint}."
+    prove_moves(
+        strategy, state, regularized, gradients=(with_terms, without_terms), differences=differences, expected=expected
     )
-
-
-def _to_a_step_that_moves(optimizer: keras.optimizers.Optimizer) -> bool:
-    """The optimizer's step set to the next one whose learning rate is not 0, and whether there is
-    one: a warm-up starts at a rate of 0 (--warmup_steps), where no update moves a weight, with
-    its regularizer or without, and rises from the step after, the first update that applies the
-    regularizer's gradient. A cosine decayed to its end stays at 0: no update is left to judge.
-    `restored` puts the step back."""
-    step = int(tf.convert_to_tensor(optimizer.iterations))
-    for candidate in (step, step + 1):
-        optimizer.iterations.assign(candidate)
-        if float(tf.convert_to_tensor(optimizer.learning_rate)) > 0:
-            return True
-    optimizer.iterations.assign(step)
-    return False
 
 
 def _replicated(strategy: tf.distribute.Strategy, sample: Batch, accumulation_steps: int) -> object:
@@ -207,22 +131,6 @@ def _zero_terms(task: Task) -> Callable:
     return loss_terms
 
 
-def _updated(strategy: tf.distribute.Strategy, state: TrainState, per_replica: list) -> list[np.ndarray]:
-    """The trainable weights after one update with these gradients, as the step applies them;
-    the weights and the optimizer are put back after."""
-    variables = state.model.trainable_variables
-    with restored(state):
-
-        @tf.function(autograph=False)
-        def apply() -> None:
-            strategy.run(
-                lambda gradients: state.optimizer.apply_gradients(zip(gradients, variables)), args=(per_replica,)
-            )
-
-        apply()
-        return [float_array(variable) for variable in variables]
-
-
 def _compare(
     path: str, weight: keras.Variable, gradient: np.ndarray, expected: np.ndarray, steps: int, replicas: int
 ) -> None:
@@ -260,10 +168,6 @@ def closed_form(regularizer: object, weight: np.ndarray) -> np.ndarray:
     return float_array(tape.gradient(term, value, unconnected_gradients=tf.UnconnectedGradients.ZERO))
 
 
-def float_array(value: object) -> np.ndarray:
-    return np.asarray(tf.convert_to_tensor(value), np.float64)
-
-
 @contextlib.contextmanager
 def _without_regularizers(weights: list[keras.Variable]) -> Iterator[None]:
     saved = [weight.regularizer for weight in weights]
@@ -274,30 +178,3 @@ def _without_regularizers(weights: list[keras.Variable]) -> Iterator[None]:
     finally:
         for weight, regularizer in zip(weights, saved):
             weight.regularizer = regularizer
-
-
-@contextlib.contextmanager
-def restored(state: TrainState) -> Iterator[None]:
-    """Every variable of the model, the optimizer and the loss scale holds its value again outside."""
-    variables = [
-        *state.model.variables,
-        *state.optimizer.variables,
-        *(state.loss_scale.variables if state.loss_scale else ()),
-    ]
-    saved = [tf.identity(tf.convert_to_tensor(variable)) for variable in variables]
-    try:
-        yield
-    finally:
-        for variable, value in zip(variables, saved):
-            variable.assign(value)
-
-
-@contextlib.contextmanager
-def nonzero_weights(model: keras.Model) -> Iterator[None]:
-    """A regularized weight that is all zeros (a bias at its start) holds seeded values inside: its
-    closed form would be 0, which proves nothing (and L1's sign(0) is 0). `restored` puts it back."""
-    random = np.random.default_rng(0)
-    for _, weight in named_weights(model):
-        if weight.regularizer is not None and not np.any(float_array(weight)):
-            weight.assign(random.uniform(0.05, 0.5, weight.shape) * random.choice([-1.0, 1.0], weight.shape))
-    yield

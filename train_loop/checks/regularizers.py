@@ -13,7 +13,8 @@ import tensorflow as tf
 
 from train_loop.checks import agreement
 from train_loop.checks.coverage import Row, coverage, table
-from train_loop.checks.gradients import RELATIVE_TOLERANCE, nonzero_weights, prove_gradients, restored
+from train_loop.checks.gradients import RELATIVE_TOLERANCE, prove_gradients
+from train_loop.checks.kept import nonzero_weights, restored
 from train_loop.configs import Config
 from train_loop.errors import CheckFailed
 from train_loop.model.models import named_layers
