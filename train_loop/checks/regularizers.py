@@ -51,7 +51,13 @@ def check_regularizers(
         say(line)
     with restored(state), nonzero_weights(state.model):
         failure = _failure(
-            config, strategy, state, sample, rows, jit_compile=jit_compile, regularization_share=regularization_share
+            config,
+            strategy,
+            state,
+            sample,
+            rows=rows,
+            jit_compile=jit_compile,
+            regularization_share=regularization_share,
         )
     seconds = time.perf_counter() - started
     passed = f"passed in {seconds:.1f} s (relative tolerance {RELATIVE_TOLERANCE:g})"
@@ -69,8 +75,8 @@ def _failure(
     strategy: tf.distribute.Strategy,
     state: TrainState,
     sample: Batch,
-    rows: list[Row],
     *,
+    rows: list[Row],
     jit_compile: bool,
     regularization_share: float | None,
 ) -> str:
