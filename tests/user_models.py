@@ -98,3 +98,17 @@ def build_own_l2_twice() -> keras.Model:
 
 def build_replica_scaled_l2() -> keras.Model:
     return _small(ReplicaScaledL2Dense(16, activation="relu", name="hidden"))
+
+
+def build_overflowing() -> keras.Model:
+    """digits to 10 logits through a hidden layer whose outputs are scaled by 1000: in float16 its
+    first gradients overflow at the loss scale's start (2**15), and are finite from 2**6 down."""
+    return keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Flatten(name="flatten"),
+            keras.layers.Dense(16, activation="relu", name="hidden"),
+            keras.layers.Rescaling(1000.0, name="amplify"),
+            keras.layers.Dense(10, name="logits"),
+        ]
+    )

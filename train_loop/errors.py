@@ -67,7 +67,7 @@ class ActionFailed(RunStopped):
 class CheckFailed(RunStopped):
     """A check asked for before training (`--check_regularizers`, `--check_equivalence`) found the
     setup computing something other than it claims: nothing was trained, and nothing written but
-    `--check_equivalence`'s verdict (in settings.json). Exit status 70,
+    the check's verdict (in settings.json). Exit status 70,
     sysexits' EX_SOFTWARE: no flag is wrong (that is 2), the model's code or the loop's math is."""
 
     EXIT_STATUS = 70

@@ -7,7 +7,7 @@ import dataclasses
 import keras
 
 from train_loop.configs import Config
-from train_loop.model.models import excluded_weights, named_layers
+from train_loop.model.models import excluded_weights, held_weights
 from train_loop.model.optimizers import decayed
 
 # A weight by these names is an offset, the --bias_l1/--bias_l2 flags' to regularize, not --l1/--l2's.
@@ -35,7 +35,8 @@ class Row:
 
 
 def coverage(model: keras.Model, optimizer: keras.optimizers.Optimizer, config: Config) -> list[Row]:
-    """A row for every trainable weight, in the model's order of layers."""
+    """A row for every trainable weight, in the model's order of layers, then the weights a
+    subclassed model made on itself."""
     excluded = excluded_weights(model, config.l2_exclude)
     return [
         Row(
@@ -46,8 +47,7 @@ def coverage(model: keras.Model, optimizer: keras.optimizers.Optimizer, config: 
             decayed(optimizer, weight),
             "" if weight.regularizer or f"{path}/{weight.name}" in excluded else _missed(config, layer, weight.name),
         )
-        for path, layer in named_layers(model)
-        for weight in layer.trainable_weights
+        for path, layer, weight in held_weights(model, trainable=True)
     ]
 
 
@@ -62,6 +62,8 @@ def _missed(config: Config, layer: keras.layers.Layer, name: str) -> str:
         what = "an Embedding table"
     elif isinstance(layer, _NORMALIZATIONS):
         what = f"a normalization layer's {name}"
+    elif isinstance(layer, keras.Model):  # A weight the model made on itself, in no layer.
+        what = f"the {type(layer).__name__} model's own {name}"
     else:  # The flags reach every KERNEL_LAYERS weight: a layer of the user's own.
         what = f"a {type(layer).__name__} layer's {name}"
     verb = "misses" if len(asked) == 1 else "miss"

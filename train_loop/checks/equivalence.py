@@ -10,14 +10,14 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import tensorflow as tf
 
-from train_loop.checks import differences
+from train_loop.checks import agreement, differences
 from train_loop.checks.differences import Difference, Verdict
 from train_loop.configs import Config
 from train_loop.data.inputs import global_positions
 from train_loop.model import dropout
 from train_loop.model.loop_calls import make_update_gradients
 from train_loop.model.measurements import LAYER_REGULARIZATION
-from train_loop.model.models import named_layers
+from train_loop.model.models import held_weights
 from train_loop.model.state import TrainState
 from train_loop.model.steps import make_replica_gradients, run_and_sum
 from train_loop.model.tasks import Batch
@@ -61,7 +61,6 @@ def check(
         accumulation_steps=accumulation_steps,
         layer_terms=True,
     )
-    run_terms, run_gradients, batch = _on_the_strategy(strategy, replica_update, next_batch, iterator)
     # Compiled as the run's step is: XLA's Philox draws other dropout masks than TensorFlow's kernels.
     one_device = make_replica_gradients(
         state.model,
@@ -71,16 +70,17 @@ def check(
         jit_compile=jit_compile,
         layer_terms=True,
     )
-    with dropout.whole_batches(state.model):
-        terms, gradients = one_device(_in_one_devices_order(strategy, batch))
-    for variable, value in zip(state.model.non_trainable_variables, kept, strict=True):
-        variable.assign(value)
+    batch = tf.function(next_batch, autograph=False)(iterator)
+    run, one, loss_scales = _at_a_finite_loss_scale(
+        state, _on_the_strategy(strategy, replica_update), one_device, batch, strategy=strategy, kept=kept
+    )
+    (run_terms, run_gradients), (terms, gradients) = run, one
     found = [
         *_term_differences(state, run_terms, terms),
         *_gradient_differences(state, run_gradients, gradients),
     ]
     failure = differences.failure(found, strategy.num_replicas_in_sync, accumulation_steps, config.precision)
-    if _failed_anywhere(strategy, bool(failure)) and not failure:
+    if agreement.failed_anywhere(strategy, bool(failure)) and not failure:
         failure = "--check_equivalence: failed on another worker of the cluster (its line names the term)."
     return Verdict(
         found,
@@ -89,23 +89,65 @@ def check(
         strategy.num_replicas_in_sync,
         accumulation_steps,
         config.precision,
+        loss_scales,
     )
 
 
-def _on_the_strategy(
-    strategy: tf.distribute.Strategy, replica_update: Callable, next_batch: Callable, iterator: Iterator
-) -> tuple[dict[str, tf.Tensor], list[tf.Tensor], Batch]:
-    """The update's terms and gradients summed over the replicas, as the step sums them, and the
-    replicas' batches gathered in replica order (every worker gets them all)."""
+def _at_a_finite_loss_scale(
+    state: TrainState,
+    update: Callable,
+    one_device: Callable,
+    batch: Batch,
+    *,
+    strategy: tf.distribute.Strategy,
+    kept: list[np.ndarray],
+) -> tuple[tuple, tuple, tuple[float, float] | None]:
+    """The terms and gradients of `batch` on the strategy (`update`) and on one device, each call
+    followed by the non-trainable variables put back (`kept`); with float16, at the first loss
+    scale from the run's down at which neither's gradients overflow, the update the run's step
+    applies: it skips one that overflows and halves the scale. The loss scale is put back.
+
+    Returns:
+      The strategy's (terms, gradients), one device's, and (the run's loss scale, the one
+      compared at), or None without a loss scale.
+    """
+    loss_scale = state.loss_scale
+    start = _value(loss_scale.scale) if loss_scale else None
+    try:
+        while True:
+            run_terms, run_gradients, gathered = update(batch)
+            with dropout.whole_batches(state.model):
+                terms, gradients = one_device(_in_one_devices_order(strategy, gathered))
+            for variable, value in zip(state.model.non_trainable_variables, kept, strict=True):
+                variable.assign(value)
+            overflowed = _value(run_terms["non_finite_gradients"]) > 0 or _value(terms["non_finite_gradients"]) > 0
+            # Below a scale of 1, a gradient still not finite is the model's own: the comparison shows it.
+            if not (loss_scale and overflowed and _value(loss_scale.scale) > 1.0):
+                scales = (start, _value(loss_scale.scale)) if loss_scale else None
+                return (run_terms, run_gradients), (terms, gradients), scales
+            loss_scale.scale.assign(_value(loss_scale.scale) / 2)
+    finally:
+        if loss_scale:
+            loss_scale.scale.assign(start)
+
+
+def _value(tensor: object) -> float:
+    """A scalar, a mirrored variable's too (it reads as its first replica's copy outside its scope)."""
+    return float(tf.convert_to_tensor(tensor))
+
+
+def _on_the_strategy(strategy: tf.distribute.Strategy, replica_update: Callable) -> Callable:
+    """A function of every replica's batch: the update's terms and gradients summed over the
+    replicas, as the step sums them, and the batches gathered in replica order (every worker gets
+    them all); traced once, the loss scale read from its variable at each call."""
 
     @tf.function(autograph=False)
-    def first_update(iterator: Iterator) -> tuple:
-        batch = next_batch(iterator)
+    def first_update(batch: Batch) -> tuple:
         terms, gradients = run_and_sum(strategy, replica_update, batch)
         summed = [strategy.reduce(_SUM, gradient, axis=None) for gradient in gradients]
         return terms, summed, tf.nest.map_structure(lambda tensor: strategy.gather(tensor, axis=0), batch)
 
-    return first_update(iterator)
+    return first_update
 
 
 def _in_one_devices_order(strategy: tf.distribute.Strategy, gathered: Batch) -> Batch:
@@ -138,7 +180,7 @@ def _gradient_differences(state: TrainState, run: list, one_device: list) -> lis
     """Each layer's worst variable: the distance between its two gradients, relative to one
     device's norm; its ratio is the run's gradient's projection on one device's where the run's
     is that one scaled (a gradient scaled by N gives N), else NaN (no factor explains it)."""
-    owner = {id(weight): path for path, layer in named_layers(state.model) for weight in layer.trainable_weights}
+    owner = {id(weight): path for path, _, weight in held_weights(state.model, trainable=True)}
     worst: dict[str, Difference] = {}
     for variable, got, want in zip(state.model.trainable_variables, run, one_device, strict=True):
         norm, layer = float(tf.norm(want)), owner.get(id(variable), "model")
@@ -156,14 +198,3 @@ def _gradient_differences(state: TrainState, run: list, one_device: list) -> lis
         if layer not in worst or item.relative > worst[layer].relative:
             worst[layer] = item
     return list(worst.values())
-
-
-def _failed_anywhere(strategy: tf.distribute.Strategy, failed: bool) -> bool:
-    """Whether the check failed on any worker: one all-reduce, so that every worker stops or none."""
-    flag = tf.constant(float(failed))
-
-    @tf.function(autograph=False)
-    def any_failed() -> tf.Tensor:
-        return strategy.reduce(_SUM, strategy.run(lambda: tf.identity(flag)), axis=None)
-
-    return bool(any_failed() > 0)

@@ -6,8 +6,10 @@ multiplied by 0, twice: with the weights' regularizers and without them. The dif
 two summed gradients is what the regularizers put into an update, scaled as the step scales it
 (1/N a replica, 1/K a micro-batch, the float16 loss scale and its removal); it must equal 2λw
 (L2), λ·sign(w) (L1) or their sum (L1L2) within `RELATIVE_TOLERANCE`. The two gradients then go
-through one optimizer update each. Run it inside `restored`: the weights, the optimizer's slots
-and step, the loss scale and every other variable are put back afterwards.
+through one optimizer update each, at the first step whose learning rate is not 0, with the
+regularizers' part scaled to move the weights by more than float32's rounding: the update with
+them must move each weight against its closed form. Run it inside `restored`: the weights, the
+optimizer's slots and step, the loss scale and every other variable are put back afterwards.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import numpy as np
 import tensorflow as tf
 
 from train_loop.checks.coverage import describe
+from train_loop.checks.kept import float_array
+from train_loop.checks.moves import prove_moves
 from train_loop.configs import Config
 from train_loop.errors import CheckFailed
 from train_loop.model.loop_calls import make_update_gradients
@@ -62,24 +66,23 @@ def prove_gradients(
     with _without_regularizers([weight for _, weight in regularized]):
         without_terms = gradients(batch)
     index = {id(variable): position for position, variable in enumerate(state.model.trainable_variables)}
-    updates = [_updated(strategy, state, per_replica) for per_replica in (with_terms, without_terms)]
+    # Every reduction before any verdict: on a cluster no worker stops while another still reduces.
+    summed = [
+        {
+            path: float_array(strategy.reduce(_SUM, per_replica[index[id(weight)]], axis=None))
+            for path, weight in regularized
+        }
+        for per_replica in (with_terms, without_terms)
+    ]
+    differences = {path: summed[0][path] - summed[1][path] for path, _ in regularized}
+    expected = {path: closed_form(weight.regularizer, float_array(weight)) for path, weight in regularized}
     for path, weight in regularized:
-        position = index[id(weight)]
-        summed = [
-            float_array(strategy.reduce(_SUM, per_replica[position], axis=None))
-            for per_replica in (with_terms, without_terms)
-        ]
-        expected = closed_form(weight.regularizer, float_array(weight))
         _compare(
-            path, weight, summed[0] - summed[1], expected, config.accumulation_steps, strategy.num_replicas_in_sync
+            path, weight, differences[path], expected[path], config.accumulation_steps, strategy.num_replicas_in_sync
         )
-        moved = updates[0][position] - updates[1][position]
-        if not np.sum(moved * expected) < 0:
-            raise CheckFailed(
-                f"check_regularizers: {path} ({describe(weight.regularizer)}): one update with its regularizer "
-                f"does not move it against its closed form (the difference is {np.linalg.norm(moved):.3g}): "
-                "the optimizer does not apply the regularizer's gradient."
-            )
+    prove_moves(
+        strategy, state, regularized, gradients=(with_terms, without_terms), differences=differences, expected=expected
+    )
 
 
 def _replicated(strategy: tf.distribute.Strategy, sample: Batch, accumulation_steps: int) -> object:
@@ -128,22 +131,6 @@ def _zero_terms(task: Task) -> Callable:
     return loss_terms
 
 
-def _updated(strategy: tf.distribute.Strategy, state: TrainState, per_replica: list) -> list[np.ndarray]:
-    """The trainable weights after one update with these gradients, as the step applies them;
-    the weights and the optimizer are put back after."""
-    variables = state.model.trainable_variables
-    with restored(state):
-
-        @tf.function(autograph=False)
-        def apply() -> None:
-            strategy.run(
-                lambda gradients: state.optimizer.apply_gradients(zip(gradients, variables)), args=(per_replica,)
-            )
-
-        apply()
-        return [float_array(variable) for variable in variables]
-
-
 def _compare(
     path: str, weight: keras.Variable, gradient: np.ndarray, expected: np.ndarray, steps: int, replicas: int
 ) -> None:
@@ -181,10 +168,6 @@ def closed_form(regularizer: object, weight: np.ndarray) -> np.ndarray:
     return float_array(tape.gradient(term, value, unconnected_gradients=tf.UnconnectedGradients.ZERO))
 
 
-def float_array(value: object) -> np.ndarray:
-    return np.asarray(tf.convert_to_tensor(value), np.float64)
-
-
 @contextlib.contextmanager
 def _without_regularizers(weights: list[keras.Variable]) -> Iterator[None]:
     saved = [weight.regularizer for weight in weights]
@@ -195,30 +178,3 @@ def _without_regularizers(weights: list[keras.Variable]) -> Iterator[None]:
     finally:
         for weight, regularizer in zip(weights, saved):
             weight.regularizer = regularizer
-
-
-@contextlib.contextmanager
-def restored(state: TrainState) -> Iterator[None]:
-    """Every variable of the model, the optimizer and the loss scale holds its value again outside."""
-    variables = [
-        *state.model.variables,
-        *state.optimizer.variables,
-        *(state.loss_scale.variables if state.loss_scale else ()),
-    ]
-    saved = [tf.identity(tf.convert_to_tensor(variable)) for variable in variables]
-    try:
-        yield
-    finally:
-        for variable, value in zip(variables, saved):
-            variable.assign(value)
-
-
-@contextlib.contextmanager
-def nonzero_weights(model: keras.Model) -> Iterator[None]:
-    """A regularized weight that is all zeros (a bias at its start) holds seeded values inside: its
-    closed form would be 0, which proves nothing (and L1's sign(0) is 0). `restored` puts it back."""
-    random = np.random.default_rng(0)
-    for _, weight in named_weights(model):
-        if weight.regularizer is not None and not np.any(float_array(weight)):
-            weight.assign(random.uniform(0.05, 0.5, weight.shape) * random.choice([-1.0, 1.0], weight.shape))
-    yield

@@ -11,8 +11,10 @@ from collections.abc import Callable
 
 import tensorflow as tf
 
+from train_loop.checks import agreement
 from train_loop.checks.coverage import Row, coverage, table
-from train_loop.checks.gradients import RELATIVE_TOLERANCE, nonzero_weights, prove_gradients, restored
+from train_loop.checks.gradients import RELATIVE_TOLERANCE, prove_gradients
+from train_loop.checks.kept import nonzero_weights, restored
 from train_loop.configs import Config
 from train_loop.errors import CheckFailed
 from train_loop.model.models import named_layers
@@ -36,11 +38,10 @@ def check_regularizers(
     the run's 1/K); another share is the bug the proof catches.
 
     Returns:
-      The verdict for settings.json and result.json: "passed", the seconds it took, the rows.
-
-    Raises:
-      CheckFailed: a loss term reaches no weight, the global flags reach no weight, or a weight's
-        regularization gradient is not its closed form once in the update, or does not move it.
+      The verdict for settings.json and result.json: "passed", "failure" (its one line, "" when it
+      passed: a loss term reaches no weight, the global flags reach no weight, or a weight's
+      regularization gradient is not its closed form once in the update, or does not move it), the
+      seconds it took, the rows. The caller records it, then raises `CheckFailed` with the failure.
     """
     started = time.perf_counter()
     rows = coverage(state.model, state.optimizer, config)
@@ -48,15 +49,56 @@ def check_regularizers(
     say(f"check_regularizers: {_count(len(rows), 'trainable weight')}, {regularized} regularized:")
     for line in table(rows):
         say(line)
-    _check_flags_reach_something(config, rows)
     with restored(state), nonzero_weights(state.model):
+        failure = _failure(
+            config,
+            strategy,
+            state,
+            sample,
+            rows=rows,
+            jit_compile=jit_compile,
+            regularization_share=regularization_share,
+        )
+    seconds = time.perf_counter() - started
+    passed = f"passed in {seconds:.1f} s (relative tolerance {RELATIVE_TOLERANCE:g})"
+    say(f"check_regularizers: {f'FAILED ({seconds:.1f} s)' if failure else passed}.")
+    return {
+        "passed": not failure,
+        "failure": failure,
+        "seconds": round(seconds, 2),
+        "weights": [row.to_dict() for row in rows],
+    }
+
+
+def _failure(
+    config: Config,
+    strategy: tf.distribute.Strategy,
+    state: TrainState,
+    sample: Batch,
+    *,
+    rows: list[Row],
+    jit_compile: bool,
+    regularization_share: float | None,
+) -> str:
+    """The check's one line of failure, "" when it passed, the same on every worker."""
+    try:
+        _check_flags_reach_something(config, rows)
         _check_terms_attached(state, sample)
+        failure = ""
+    except CheckFailed as failed:
+        failure = str(failed)
+    # A term's value depends on each worker's own sample (a user's input function may read other
+    # data on each): the workers agree before the proof, whose collectives a worker that stopped
+    # here would leave the others waiting in. The proof's values are all-reduced: the same on each.
+    if agreement.failed_anywhere(strategy, bool(failure)):
+        return failure or "check_regularizers: failed on another worker of the cluster (its line names the layer)."
+    try:
         prove_gradients(
             config, strategy, state, sample, jit_compile=jit_compile, regularization_share=regularization_share
         )
-    seconds = time.perf_counter() - started
-    say(f"check_regularizers: passed in {seconds:.1f} s (relative tolerance {RELATIVE_TOLERANCE:g}).")
-    return {"passed": True, "seconds": round(seconds, 2), "weights": [row.to_dict() for row in rows]}
+    except CheckFailed as failed:
+        return str(failed)
+    return ""
 
 
 def _count(number: int, noun: str) -> str:

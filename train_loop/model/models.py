@@ -94,8 +94,38 @@ def excluded_weights(model: keras.Model, pattern: str) -> dict[str, keras.Variab
 
 
 def named_weights(model: keras.Model) -> list[tuple[str, keras.Variable]]:
-    """Every layer's weights (a frozen layer's too) by `<layer path>/<weight name>` (`conv1/kernel`)."""
-    return [(f"{path}/{weight.name}", weight) for path, layer in named_layers(model) for weight in layer.weights]
+    """Every weight (a frozen layer's too) by `<layer path>/<weight name>` (`conv1/kernel`)."""
+    return [(f"{path}/{weight.name}", weight) for path, _, weight in held_weights(model)]
+
+
+def held_weights(
+    model: keras.Model, *, trainable: bool = False
+) -> list[tuple[str, keras.layers.Layer, keras.Variable]]:
+    """Every weight with the layer that holds it and that layer's path: each layer's, in the order
+    of `named_layers`, then the ones a model made on itself (`self.add_weight` in a subclassed
+    model's `build`), which no layer holds: that model holds them, under its path (its name at the
+    top). `trainable`: the weights training moves alone (a frozen layer's are not)."""
+    found = [
+        (path, layer, weight)
+        for path, layer in named_layers(model)
+        for weight in (layer.trainable_weights if trainable else layer.weights)
+    ]
+    for path, inner in _models(model):
+        held = {id(weight) for layer in inner.layers for weight in layer.weights}
+        owned = inner.trainable_weights if trainable else inner.weights
+        found += [(path, inner, weight) for weight in owned if id(weight) not in held]
+    return found
+
+
+def _models(model: keras.Model, path: str = "") -> list[tuple[str, keras.Model]]:
+    """`model` (by its name at the top) and every model nested in it, by path."""
+    nested = [
+        entry
+        for layer in model.layers
+        if isinstance(layer, keras.Model)
+        for entry in _models(layer, f"{path}/{layer.name}" if path else layer.name)
+    ]
+    return [(path or model.name, model), *nested]
 
 
 def _apply_weight_regularizers(model: keras.Model, config: Config) -> None:

@@ -10,8 +10,6 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from train_loop.checks import equivalence
-from train_loop.checks.regularizers import check_regularizers
 from train_loop.configs import Config
 from train_loop.data.streams import InputFunction
 from train_loop.model import tasks
@@ -20,7 +18,7 @@ from train_loop.model.user_models import ModelFunction, load_model_function
 from train_loop.outputs import checkpoints, positions, runs
 from train_loop.outputs.run_outputs import RunOutputs
 from train_loop.settings import MODELS, is_stream
-from train_loop.training import actions, distribute, divergence, xla_choice
+from train_loop.training import actions, distribute, divergence, preflight, xla_choice
 from train_loop.training.console import Console
 from train_loop.training.controller import make_controller
 from train_loop.training.evaluation import Evaluation, Weights, make_evaluator
@@ -119,22 +117,16 @@ def train(
         console.say(decision.describe())
         if state.best:
             console.say(state.best.describe())
-        decided, settings = decision.to_dict(), _hparams(config, strategy)
-        if config.check_regularizers:  # Before the run folder is written: a failed check leaves it as it was.
-            decided["check_regularizers"] = check_regularizers(
-                config, strategy, state, data.sample_batch(), say=console.say, jit_compile=decision.jit_compile
-            )
-        if config.check_equivalence:  # Its verdict in settings.json even when it fails: see `_check_equivalence`.
-            decided["check_equivalence"] = _check_equivalence(
-                config, strategy, state, data, run_dir=run_dir, decided=decided, console=console
-            )
+        decided = preflight.run_checks(
+            config, strategy, state, data, run_dir=run_dir, decided=decision.to_dict(), console=console
+        )
         outputs = RunOutputs.open(
             config,
             run_dir,
             chief=chief,
             restored_step=restored_step,
             decided=decided,
-            settings=settings,
+            settings=_hparams(config, strategy),
             table=state.table,
             source=data.fingerprint,
         )
@@ -228,32 +220,6 @@ def _restore(
     if restored and worker:
         restore_worker_position(worker, state.counters.step, strategy)
     return checkpoint, state.counters.step if restored else None
-
-
-def _check_equivalence(
-    config: Config,
-    strategy: tf.distribute.Strategy,
-    state: TrainState,
-    data: RunData,
-    *,
-    run_dir: str,
-    decided: dict[str, Any],
-    console: Console,
-) -> dict[str, object]:
-    """`--check_equivalence` on the next update's batch: its lines, and its verdict, which the chief
-    records in settings.json (`runs.record_check`) and returns for result.json; no training when
-    it failed (`CheckFailed`, on every worker)."""
-    next_batch, iterator = data.first_update_input(config, strategy, state)
-    verdict = equivalence.check(
-        config, strategy, state, next_batch=next_batch, iterator=iterator, jit_compile=decided["jit_compile"]
-    )
-    for line in verdict.lines():
-        console.say(line)
-    if distribute.is_chief(strategy):
-        recorded = {**decided, "check_equivalence": verdict.to_dict()}
-        runs.record_check(run_dir, config, recorded, "check_equivalence", source=data.fingerprint)
-    verdict.raise_if_failed()
-    return verdict.to_dict()
 
 
 def _validation(
