@@ -19,13 +19,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from typing import Any
 
 from absl import flags
 
 from train_loop import apps
-from train_loop.bench import contenders, roofline, table
+from train_loop.bench import contenders, roofline, rounds, table
 from train_loop.bench.contenders import CONTENDERS, QUICK
 
 _STARTED = time.perf_counter()  # As near the process's start as this module gets.
@@ -105,34 +104,19 @@ def main(argv: list[str]) -> None:
             "steps": steps,
             "skipped": skipped,
         }
-        rounds = _ROUNDS.value or (1 if _QUICK.value else 3)
-        figures["rounds"] = rounds
-        figures.update(_fastest_rounds(lambda: {name: _spawn(name, folder) for name in timed}, rounds))
+        repeats = _ROUNDS.value or (1 if _QUICK.value else 3)
+        figures["rounds"] = repeats
+        figures.update(rounds.fastest_rounds(lambda: {name: _spawn(name, folder) for name in timed}, repeats))
         if _WHOLE_RUN.value and not _QUICK.value and dataset == "fashion_mnist":
             times = [
                 {name: contenders.time_whole_run(name, folder) for name in ("keras", "train_loop")}
-                for _ in range(rounds)
+                for _ in range(repeats)
             ]
             figures["whole_run_seconds"] = {name: min(each[name] for each in times) for name in times[0]}
     config = contenders.bench_config("", batch_size=_BATCH_SIZE.value, precision=_PRECISION.value)
     figures.update(roofline.roofline(figures, config=config, quick=_QUICK.value))
     table.print_table(figures)
     print(json.dumps(figures))
-
-
-def _fastest_rounds(one_round: Callable[[], dict[str, dict[str, Any]]], rounds: int) -> dict[str, dict[str, Any]]:
-    """Each contender's fastest of `rounds` interleaved rounds, with every round's speed under "rounds".
-
-    On a shared virtual machine a process can run a quarter slower than the one before it for no
-    reason of its own (BENCHMARKS.md); interleaving spreads such spells over the contenders, and
-    the fastest round, as `timeit` takes the fastest repeat, is the one least disturbed.
-    """
-    runs = [one_round() for _ in range(rounds)]
-    fastest = {}
-    for name in runs[0]:
-        speeds = [each[name]["examples_per_second"] for each in runs]
-        fastest[name] = {**runs[speeds.index(max(speeds))][name], "rounds": speeds}
-    return fastest
 
 
 def _skipped(chosen: list[str], dataset: str) -> dict[str, str]:
