@@ -5,10 +5,12 @@ and the XLA timing on a stream of dicts."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import zlib
@@ -44,85 +46,101 @@ def assert_same_results(got: Path, expected: Path) -> None:
         np.testing.assert_allclose(second, first, rtol=0, atol=1e-6)
 
 
-def data_flags(source: str, tmp_path: Path) -> tuple[str, ...]:
-    if source == "tfrecord":
-        return (f"--dataset=tfrecord:{write_digits(tmp_path / 'shards')}", "--epochs=2")
-    return ("--input=tests/stream_inputs.py:digits", "--epochs=2")
+@dataclasses.dataclass(frozen=True)
+class Runs:
+    """The same stream trained by one process and by two workers, for the tests to compare with or
+    copy and resume: training them once for the whole file keeps CI short."""
+
+    flags: tuple[str, ...]  # Every flag but --logdir and --run_name.
+    whole: Path  # One process, uninterrupted.
+    two: Path  # Two workers (launch --workers=2).
+
+
+def trained(flags: tuple[str, ...], root: Path) -> Runs:
+    status, _, stderr = finish(start(*flags, f"--logdir={root}", "--run_name=whole"))
+    assert status == 0, stderr[-3000:]
+    status, stdout, stderr = finish(launch(*flags, f"--logdir={root}", "--run_name=two"))
+    assert status == 0, stdout[-3000:] + stderr[-3000:]
+    return Runs(flags, root / "whole", root / "two")
+
+
+@pytest.fixture(scope="module")
+def tfrecord_runs(tmp_path_factory) -> Runs:
+    """Two epochs of digits from TFRecord shards: 80 steps, checkpoints every 10."""
+    root = tmp_path_factory.mktemp("tfrecord")
+    return trained((f"--dataset=tfrecord:{write_digits(root / 'shards')}", "--epochs=2", *RESUMABLE), root)
+
+
+def killed_copy(run: Path, tmp_path: Path) -> Path:
+    """A copy of a finished run less its result.json: as if killed after its last checkpoint, and
+    the same command (with --logdir={tmp_path}) resumes it."""
+    copy = tmp_path / run.name
+    shutil.copytree(run, copy, symlinks=True)
+    (copy / "result.json").unlink()
+    return copy
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("source", ["tfrecord", "input-function"])
-def test_two_workers_train_one_devices_global_batches(tmp_path, source):
+def test_two_workers_train_one_devices_global_batches(request, tmp_path, source):
     """With --deterministic both shard by example: the two workers' batches make up one device's."""
-    flags = (*data_flags(source, tmp_path), *RESUMABLE, f"--logdir={tmp_path}")
-    status, stdout, stderr = finish(launch(*flags, "--run_name=two"))
-    assert status == 0, stdout[-3000:] + stderr[-3000:]
-    two = read_result(tmp_path / "two")
+    if source == "tfrecord":
+        runs = request.getfixturevalue("tfrecord_runs")
+    else:
+        runs = trained(("--input=tests/stream_inputs.py:digits", "--epochs=2", *RESUMABLE), tmp_path)
+    two = read_result(runs.two)
     assert (two["strategy"], two["replicas"]) == ("multi_worker", 2)
-    status, stdout, stderr = finish(start(*flags, "--run_name=one"))
-    assert status == 0, stderr[-3000:]
-    assert two["steps"] == read_result(tmp_path / "one")["steps"] > 0
-    assert_same_results(tmp_path / "two", tmp_path / "one")
+    assert two["steps"] == read_result(runs.whole)["steps"] > 0
+    assert_same_results(runs.two, runs.whole)
     # Each worker saved its own position beside the chief's checkpoints, at the same steps.
-    positions = tmp_path / "two" / "checkpoints" / "positions"
+    positions = runs.two / "checkpoints" / "positions"
     assert sorted(os.listdir(positions)) == ["worker-0-of-2", "worker-1-of-2"]
-    main_steps = {path.name for path in (tmp_path / "two" / "checkpoints").glob("ckpt-*.index")}
+    main_steps = {path.name for path in (runs.two / "checkpoints").glob("ckpt-*.index")}
     for worker in ("worker-0-of-2", "worker-1-of-2"):
         assert main_steps <= {path.name for path in (positions / worker).glob("ckpt-*.index")}
 
 
 @pytest.mark.slow
-def test_sigkill_of_the_workers_at_a_random_moment_then_resume_gives_the_uninterrupted_numbers(tmp_path):
+def test_sigkill_of_the_workers_at_a_random_moment_then_resume_gives_the_uninterrupted_numbers(tfrecord_runs, tmp_path):
     """A shuffle buffer larger than a checkpoint interval's examples, sharded by example: each
     worker's buffer is part of its position."""
-    flags = (*data_flags("tfrecord", tmp_path), *RESUMABLE, "--epochs=3", f"--logdir={tmp_path}")
-    status, _, stderr = finish(start(*flags, "--run_name=whole"))
-    assert status == 0, stderr[-3000:]
+    flags = (*tfrecord_runs.flags, f"--logdir={tmp_path}", "--run_name=killed")
     share = random.Random(zlib.crc32(b"two workers")).uniform(0.0, 0.5)
-    delay = share * read_result(tmp_path / "whole")["seconds"]["training"]
-    killed = launch(*flags, "--run_name=killed")
+    delay = share * read_result(tfrecord_runs.whole)["seconds"]["training"]
+    killed = launch(*flags)
     sigkill_after_first_checkpoint(killed, tmp_path / "killed", delay, pids=lambda: worker_pids(killed).values())
     assert not (tmp_path / "killed" / "result.json").exists(), f"the run ended before the kill, {delay:.2f} s in"
-    status, stdout, stderr = finish(launch(*flags, "--run_name=killed"))
+    status, stdout, stderr = finish(launch(*flags))
     assert status == 0, stdout[-3000:] + stderr[-3000:]
     for worker in (0, 1):
         assert f"[worker {worker}] resuming {tmp_path / 'killed'} from step " in stdout
-    assert_same_results(tmp_path / "killed", tmp_path / "whole")
+    assert_same_results(tmp_path / "killed", tfrecord_runs.whole)
 
 
 @pytest.mark.slow
-def test_a_position_one_worker_did_not_save_is_skipped_for_the_step_all_saved(tmp_path):
+def test_a_position_one_worker_did_not_save_is_skipped_for_the_step_all_saved(tfrecord_runs, tmp_path):
     """A kill between a worker's position and the chief's checkpoint of a step (here: the newest
     step's position of worker 1 removed): the resume takes the step before, and still ends where
     an uninterrupted run ends."""
-    flags = (*data_flags("tfrecord", tmp_path), *RESUMABLE, f"--logdir={tmp_path}")
-    status, _, stderr = finish(start(*flags, "--run_name=whole"))
-    assert status == 0, stderr[-3000:]
-    status, stdout, stderr = finish(launch(*flags, "--run_name=r"))
-    assert status == 0, stdout[-3000:] + stderr[-3000:]
-    run_dir = tmp_path / "r"
-    (run_dir / "result.json").unlink()  # As if killed after the last checkpoint of 80.
+    run_dir = killed_copy(tfrecord_runs.two, tmp_path)
     for path in (run_dir / "checkpoints" / "positions" / "worker-1-of-2").glob("ckpt-80.*"):
         path.unlink()
-    status, stdout, stderr = finish(launch(*flags, "--run_name=r"))
+    status, stdout, stderr = finish(launch(*tfrecord_runs.flags, f"--logdir={tmp_path}", "--run_name=two"))
     assert status == 0, stdout[-3000:] + stderr[-3000:]
     assert f"[worker 1] resuming {run_dir} from step 70" in stdout
     assert "ckpt-80: not every worker's data position was saved with it; resuming from ckpt-70." in stdout + stderr
-    assert_same_results(run_dir, tmp_path / "whole")
+    assert_same_results(run_dir, tfrecord_runs.whole)
 
 
 @pytest.mark.slow
-def test_a_damaged_position_of_one_worker_stops_every_worker_started_by_hand(tmp_path):
+def test_a_damaged_position_of_one_worker_stops_every_worker_started_by_hand(tfrecord_runs, tmp_path):
     """Worker 1's position at the restored step is damaged, and the workers are started by hand with
     their TF_CONFIG (no launcher to stop the rest): each ends with status 2 and one line, none waits."""
-    flags = (*data_flags("tfrecord", tmp_path), *RESUMABLE, "--epochs=1", f"--logdir={tmp_path}", "--run_name=r")
-    status, stdout, stderr = finish(launch(*flags))
-    assert status == 0, stdout[-3000:] + stderr[-3000:]
-    run_dir = tmp_path / "r"
-    (run_dir / "result.json").unlink()  # As if killed after its last checkpoint, of step 40.
-    (data_file,) = (run_dir / "checkpoints" / "positions" / "worker-1-of-2").glob("ckpt-40.data-*")
+    run_dir = killed_copy(tfrecord_runs.two, tmp_path)
+    (data_file,) = (run_dir / "checkpoints" / "positions" / "worker-1-of-2").glob("ckpt-80.data-*")
     data_file.write_bytes(b"damaged" * 100)
     cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
+    flags = (*tfrecord_runs.flags, f"--logdir={tmp_path}", "--run_name=two")
     workers = [
         start(*flags, env={"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})})
         for index in range(2)
@@ -131,18 +149,15 @@ def test_a_damaged_position_of_one_worker_stops_every_worker_started_by_hand(tmp
     assert [status for status, _, _ in ended] == [2, 2], [stderr[-2000:] for _, _, stderr in ended]
     lines = [[line for line in stderr.splitlines() if line.startswith("train_loop:")] for _, _, stderr in ended]
     assert len(lines[0]) == len(lines[1]) == 1, lines
-    assert "another worker's data position at step 40 does not restore" in lines[0][0]
-    assert f"{data_file.parent / 'ckpt-40'}: worker 1's data position at step 40 does not restore" in lines[1][0]
+    assert "another worker's data position at step 80 does not restore" in lines[0][0]
+    assert f"{data_file.parent / 'ckpt-80'}: worker 1's data position at step 80 does not restore" in lines[1][0]
 
 
 @pytest.mark.slow
-def test_a_resume_on_another_number_of_workers_is_refused_and_changes_nothing(tmp_path):
-    flags = (*data_flags("tfrecord", tmp_path), *RESUMABLE, "--epochs=1", f"--logdir={tmp_path}", "--run_name=r")
-    status, stdout, stderr = finish(launch(*flags))
-    assert status == 0, stdout[-3000:] + stderr[-3000:]
-    (tmp_path / "r" / "result.json").unlink()
+def test_a_resume_on_another_number_of_workers_is_refused_and_changes_nothing(tfrecord_runs, tmp_path):
+    killed_copy(tfrecord_runs.two, tmp_path)
     before = snapshot(tmp_path, folder_times=False)
-    status, stdout, stderr = finish(start(*flags))
+    status, stdout, stderr = finish(start(*tfrecord_runs.flags, f"--logdir={tmp_path}", "--run_name=two"))
     assert (status, stdout) == (2, ""), stderr[-3000:]
     assert stderr.count("\n") == 1 and "data position was saved by 2 workers, and this run has one machine's" in stderr
     assert snapshot(tmp_path, folder_times=False) == before
