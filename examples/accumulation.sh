@@ -5,13 +5,16 @@
 # counts once per update, and dropout keeps each example's mask. train-loop-compare prints them side
 # by side. Run from the repository root (the digits ship with train_loop):
 #
-#     sh examples/accumulation.sh [LOGDIR]
+#     sh examples/accumulation.sh [LOGDIR [FLAG...]]
+#
+# FLAGs go to both trainings, after the ones here: `--epochs=1` for a shorter look.
 set -e
 logdir=${1:-logdir}
+[ $# -gt 0 ] && shift
 python=${PYTHON:-python}
 for steps in 1 4; do
     "$python" -m train_loop --dataset=digits --batch_size=128 --accumulation_steps=$steps \
         --l2=0.001 --dropout=0.25 --lr_schedule=cosine --lr_decay_steps=40 --epochs=4 \
-        --deterministic --jit_compile=false --logdir="$logdir" --run_name=accumulation_steps=$steps
+        --deterministic --jit_compile=false --logdir="$logdir" --run_name=accumulation_steps=$steps "$@"
 done
 "$python" -m train_loop.compare "$logdir"

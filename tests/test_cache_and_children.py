@@ -123,7 +123,7 @@ def test_a_fifo_as_the_decoded_data_cache_is_decoded_around(tmp_path, monkeypatc
 STUDY = (
     "--experiments=baseline,l1",
     "--dataset=digits",
-    "--epochs=5",
+    "--epochs=2",
     "--steps_per_loop=5",
     "--checkpoint_every=10",
     "--study_name=mine",
