@@ -137,3 +137,18 @@ def test_table_compares_the_forced_xla_runs_and_says_why_a_row_was_skipped(capsy
         "streamed from TFRecord shards: skipped, it streams Fashion-MNIST, and --dataset=synthetic was given" in printed
     )
     assert "--accumulation_steps=4: skipped, --batch_size=30 does not split into 4 micro-batches" in printed
+
+
+def test_contenders_without_a_baseline_are_one_line():
+    """Refused while the flags are parsed, before TensorFlow starts: one line, exit 2."""
+    finished = subprocess.run(
+        [sys.executable, "-m", "train_loop.bench", "--contenders=train_loop"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert (finished.returncode, finished.stdout) == (2, ""), finished.stderr
+    [line] = finished.stderr.splitlines()
+    assert line.startswith("train_loop: error: flag --contenders=")
+    assert line.endswith("keras_fit and train_loop among them. Run with --helpfull to see every flag.")

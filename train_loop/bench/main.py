@@ -58,7 +58,7 @@ _CONTENDERS = flags.DEFINE_list(
 flags.register_validator(
     "contenders",
     lambda names: names is None or (set(names) <= set(CONTENDERS) and {"keras_fit", "train_loop"} <= set(names)),
-    message=f"--contenders takes names of {', '.join(CONTENDERS)}, keras_fit and train_loop among them.",
+    message=f"--contenders takes names of {', '.join(CONTENDERS)}, keras_fit and train_loop among them",
 )
 _WHOLE_RUN = flags.DEFINE_bool("whole_run", True, "Also time the study's whole one-epoch L2 run both ways.")
 # The bench's own child processes take these; under a module name of their own, --helpshort leaves them out.
