@@ -116,7 +116,7 @@ def test_two_workers_train_what_one_process_trains(tmp_path, case):
 def test_sigkill_then_resume_gives_the_uninterrupted_run(tmp_path, case):
     """--deterministic: within 1e-6, killed within the first half of the training time after the
     first checkpoint (a share seeded by the case, so that a failure can be run again)."""
-    settings = dict(case_settings(tmp_path, case, 1797), epochs=8, checkpoint_every=20, summary_every=10)
+    settings = dict(case_settings(tmp_path, case, 1797), epochs=4, checkpoint_every=20, summary_every=10)
     flags = [*as_flags(settings), "--deterministic", "--steps_per_loop=5", f"--logdir={tmp_path}"]
     status, _, stderr = finish(start(*flags, "--run_name=whole"))
     assert status == 0, stderr[-3000:]
