@@ -150,7 +150,7 @@ def test_a_scaling_bug_fails_naming_the_term_and_the_factor(setup, line):
 def test_a_regularizer_added_twice_is_twice_on_one_device_too():
     """A layer that adds its kernel's L2 itself on top of its kernel_regularizer counts it twice on
     one device as on two replicas: the check passes (it compares the two), and shows the layer's
-    term, twice its regularizer's (`--check_regularizers` is what counts regularizers)."""
+    term, twice its regularizer's (`--check_regularizers` names it: test_check_regularizers)."""
     verdict = check(model="build_own_l2_twice", **TWO_REPLICAS)
     assert verdict.failure == ""
     [hidden] = [item for item in verdict.differences if item.name == "regularization/hidden"]

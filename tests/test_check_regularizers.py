@@ -218,6 +218,21 @@ def test_a_regularization_not_divided_by_the_replicas_is_caught(monkeypatch):
     assert re.search(r"dense/kernel \(L2\(0.001\)\).*counted once per replica \(2 times\)", verdict["failure"])
 
 
+def test_a_regularization_a_layer_adds_again_itself_is_caught():
+    """tests/user_models.py:build_own_l2_twice adds its kernel's L2 with add_loss on top of its
+    kernel_regularizer: twice on one device too, so the equivalence check passes it
+    (test_check_equivalence), and the proof with and without the regularizers sees one; this names it."""
+    strategy = distribute.mirrored_strategy(["/cpu:0", "/cpu:1"])
+    config, state, sample = digits_state(strategy, model="tests/user_models.py:build_own_l2_twice")
+    verdict = check_regularizers(config, strategy, state, sample, say=lambda line: None)
+    assert re.fullmatch(
+        r"check_regularizers: hidden/kernel \(L2\(0\.01\)\): its regularization \(\S+\) is counted 2 times per "
+        r"update: layer hidden adds it itself \(add_loss\) on top of the term Keras adds for its regularizer; keep "
+        r"one of the two\.",
+        verdict["failure"],
+    ), verdict["failure"]
+
+
 def test_a_user_model_with_every_kind_of_term_passes_on_two_replicas_with_accumulation():
     """tests/user_models.py: kernel L2, bias L1, an activity regularizer and an add_loss term in a
     nested encoder; the activity and add_loss gradients, the same with and without the weights'

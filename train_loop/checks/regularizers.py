@@ -1,23 +1,26 @@
 """`--check_regularizers`: before training, the table of which regularizer covers each weight
-(`coverage`), a check that every loss term reaches a weight, and the proof that every weight
+(`coverage`), a check that every loss term reaches a weight and that no layer adds a weight's
+regularization a second time, and the proof that every weight
 regularizer's gradient reaches the update once, as its closed form (`gradients`); the run then
 starts from the state as it was.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
+import keras
 import tensorflow as tf
 
 from train_loop.checks import agreement
-from train_loop.checks.coverage import Row, coverage, table
+from train_loop.checks.coverage import Row, coverage, describe, table
 from train_loop.checks.gradients import RELATIVE_TOLERANCE, prove_gradients
 from train_loop.checks.kept import nonzero_weights, restored
 from train_loop.configs import Config
 from train_loop.errors import CheckFailed
-from train_loop.model.models import named_layers
+from train_loop.model.models import held_weights, named_layers
 from train_loop.model.state import TrainState
 from train_loop.model.tasks import Batch
 
@@ -84,6 +87,7 @@ def _failure(
     try:
         _check_flags_reach_something(config, rows)
         _check_terms_attached(state, sample)
+        _check_counted_once(state.model)
         failure = ""
     except CheckFailed as failed:
         failure = str(failed)
@@ -136,4 +140,21 @@ def _check_terms_attached(state: TrainState, sample: Batch) -> None:
                 f"check_regularizers: layer {path}: a loss term of value {float(term):.6g} (a regularizer or "
                 "add_loss) has no gradient with respect to any trainable weight, so it regularizes nothing: "
                 "compute it from the weight itself, not tf.stop_gradient(w) or a copy of its value."
+            )
+
+
+def _check_counted_once(model: keras.Model) -> None:
+    """No layer adds a weight's regularization itself (`add_loss`) on top of the term Keras adds for
+    the weight's regularizer: that counts twice on one device as on N replicas, so the equivalence
+    check cannot see it, and the gradient proof (with and without the weights' regularizers) takes
+    the copy for a term of the layer's own. Told by value, after `_check_terms_attached`'s call of
+    the model: a second term of the layer equal to the weight's regularization."""
+    for path, layer, weight in held_weights(model, trainable=True):
+        value = float(weight.regularizer(weight)) if weight.regularizer else 0.0
+        copies = sum(math.isclose(float(term), value, rel_tol=1e-6) for term in layer.losses) if value else 0
+        if copies > 1:
+            raise CheckFailed(
+                f"check_regularizers: {path}/{weight.name} ({describe(weight.regularizer)}): its regularization "
+                f"({value:.6g}) is counted {copies} times per update: layer {path} adds it itself (add_loss) on top "
+                "of the term Keras adds for its regularizer; keep one of the two."
             )
