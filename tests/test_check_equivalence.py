@@ -200,6 +200,29 @@ def test_a_passing_check_trains_the_run_it_would_have_trained(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_stream_passes_both_checks_on_two_replicas(run_cli, tmp_path):
+    """Streamed input (an input function): the equivalence check takes the stream's first batch, on
+    an iterator of its own, and the run then trains from the stream's start."""
+    result = run_cli(
+        "--input=tests/stream_inputs.py:digits",
+        "--strategy=mirrored",
+        "--cpu_replicas=2",
+        "--jit_compile=false",
+        "--l2=0.001",
+        "--epochs=1",
+        "--check_equivalence",
+        "--check_regularizers",
+        "--run_name=s",
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "check_equivalence: passed" in result.stdout and "check_regularizers: passed" in result.stdout
+    decided = json.loads((tmp_path / "logs" / "s" / "result.json").read_text())["decided"]
+    assert decided["check_equivalence"]["passed"] and decided["check_equivalence"]["replicas"] == 2
+    assert decided["check_regularizers"]["passed"]
+
+
+@pytest.mark.slow
 def test_two_workers_pass_with_a_correct_model(tmp_path):
     """`launch`: the reference is one device's on the batch gathered from both workers."""
     launched = start(
