@@ -261,13 +261,20 @@ class ReplicaInput:
         local_replicas = len(self._strategy.extended.worker_devices)
         if local_replicas == 1:
             return batch  # A worker's one replica takes its batch as a local value.
-        # Splitting along the first axis shares the batch's memory where each part is aligned.
-        parts = [tf.split(tensor, local_replicas) for tensor in tf.nest.flatten(batch)]
-        return self._strategy.experimental_distribute_values_from_function(
-            lambda context: tf.nest.pack_sequence_as(
-                batch, [part[context.replica_id_in_sync_group - self.first_replica] for part in parts]
-            )
+        return deal_to_replicas(self._strategy, batch, parts=local_replicas, first_replica=self.first_replica)
+
+
+def deal_to_replicas(strategy: tf.distribute.Strategy, batch: object, *, parts: int, first_replica: int = 0) -> object:
+    """`batch` cut along its first axis into `parts` consecutive equal parts, dealt to the strategy's
+    replicas in order of their global ids from `first_replica` on (a worker's first replica), as
+    the run's replicas take their batches. Splitting shares the batch's memory where each part is
+    aligned."""
+    pieces = [tf.split(tensor, parts) for tensor in tf.nest.flatten(batch)]
+    return strategy.experimental_distribute_values_from_function(
+        lambda context: tf.nest.pack_sequence_as(
+            batch, [piece[context.replica_id_in_sync_group - first_replica] for piece in pieces]
         )
+    )
 
 
 def worker_input_context(strategy: tf.distribute.Strategy) -> tf.distribute.InputContext:

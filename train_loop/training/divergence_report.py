@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from train_loop.data import inputs
 from train_loop.model.models import named_layers
 from train_loop.model.state import TrainState
 from train_loop.model.steps import make_replica_gradients
@@ -92,14 +93,13 @@ def replica_measurements(
         row = [tf.cast(measured[name], tf.float64) for name in terms] + [tf.cast(ok, tf.float64) for ok in finite]
         return tf.stack(row)[tf.newaxis]
 
-    batch, first_replica = step_batch.batch, step_batch.first_replica
+    batch = step_batch.batch
     per_replica = global_batch_size // strategy.num_replicas_in_sync
-    flat = [tf.convert_to_tensor(tensor) for tensor in tf.nest.flatten(batch)]
-    parts = [tf.split(tensor, tensor.shape[0] // per_replica) for tensor in flat]
-    distributed = strategy.experimental_distribute_values_from_function(
-        lambda context: tf.nest.pack_sequence_as(
-            batch, [part[context.replica_id_in_sync_group - first_replica] for part in parts]
-        )
+    distributed = inputs.deal_to_replicas(
+        strategy,
+        batch,
+        parts=len(tf.nest.flatten(batch)[0]) // per_replica,
+        first_replica=step_batch.first_replica,
     )
     # Traced: MirroredStrategy's eager `run` warns of its cost on stderr.
     rows = tf.function(lambda part: strategy.gather(strategy.run(replica, args=(part,)), axis=0), autograph=False)(
